@@ -1,0 +1,52 @@
+# MarrowScope: `make demo` runs the pipeline on embedded defaults, `make test` runs the tests.
+# Both bootstrap .venv on a machine that has only Python 3.11 and pip.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export OMP_NUM_THREADS ?= 2
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup test demo lint bench protos lock mlflow loadtest clean
+
+$(STAMP): requirements.in constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" wheel setuptools
+	$(PIP) install -r requirements.in -c constraints.txt
+	$(PIP) install --no-deps -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) protos
+
+# OIP and gateway stubs are generated, not committed (grpcio-tools pins protobuf codegen).
+protos: $(STAMP)
+	$(PY) -m services.runtime.codegen
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m training.demo
+
+lint: setup
+	$(VENV)/bin/ruff check marrowscope services training tests
+
+bench: setup
+	$(PY) -m bench.run
+
+loadtest: setup
+	$(PY) -m loadtests.run
+
+mlflow: setup
+	bash mlflow/run-local.sh
+
+# Re-pin every transitive dependency after changing requirements.in.
+lock: $(STAMP)
+	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

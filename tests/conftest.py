@@ -1,0 +1,54 @@
+"""Shared fixtures: keep torch on one thread (CI has 2 cores), locate real data."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from marrowscope.paths import shared_data_dir
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # torch-free subsets of the suite still run
+        pass
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (see ../shared/data/README.md)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port_factory():
+    return free_port
+
+
+POSTGRES_URL = os.environ.get("MARROWSCOPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """URL of the real PostgreSQL test database; skips with a reason when unreachable."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            pass
+    except OSError:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    return POSTGRES_URL
