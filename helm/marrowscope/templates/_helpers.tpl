@@ -1,0 +1,128 @@
+{{/* Names, labels and the pieces every workload shares. */}}
+
+{{- define "marrowscope.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "marrowscope.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every object. Call with (dict "root" $ "component" "npm1"). */}}
+{{- define "marrowscope.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{ include "marrowscope.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: marrowscope
+{{- end }}
+
+{{- define "marrowscope.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "marrowscope.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "marrowscope.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "marrowscope.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image reference; GPU workloads get the CUDA variant tag. (dict "root" $ "gpu" 1) */}}
+{{- define "marrowscope.image" -}}
+{{- $img := .root.Values.image }}
+{{- $tag := default .root.Chart.AppVersion $img.tag }}
+{{- if gt (int .gpu) 0 }}{{ $tag = printf "%s%s" $tag $img.cudaTagSuffix }}{{ end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "marrowscope.mlflowTrackingUri" -}}
+{{- if .Values.mlflow.server.enabled }}
+{{- printf "http://%s-mlflow:%d" (include "marrowscope.fullname" .) (int .Values.mlflow.server.port) }}
+{{- else }}
+{{- required "set mlflow.trackingUri or enable mlflow.server" .Values.mlflow.trackingUri }}
+{{- end }}
+{{- end }}
+
+{{/* Resources with the GPU limit merged in. (dict "resources" ... "gpu" N) */}}
+{{- define "marrowscope.resources" -}}
+{{- $res := deepCopy (default dict .resources) }}
+{{- if gt (int .gpu) 0 }}
+{{- $limits := merge (dict "nvidia.com/gpu" (int .gpu)) (default dict $res.limits) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* Pod-level scheduling and security shared by every workload. (dict "root" $ "spec" $svc "component" "npm1") */}}
+{{- define "marrowscope.podCommon" -}}
+serviceAccountName: {{ include "marrowscope.serviceAccountName" .root }}
+automountServiceAccountToken: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .spec.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range . }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "labelSelector") }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (include "marrowscope.selectorLabels" (dict "root" $.root "component" $.component) | fromYaml)) }}
+{{- end }}
+  - {{ toYaml $c | nindent 4 | trim }}
+{{- end }}
+{{- end }}
+{{- with .spec.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The writable scratch volume every read-only-root container mounts at /tmp. */}}
+{{- define "marrowscope.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .root.Values.tmpSizeLimit }}
+{{- end }}
+
+{{- define "marrowscope.containerSecurityContext" -}}
+securityContext:
+  {{- toYaml .Values.containerSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* Env entries: a name -> value map rendered as a list (sorted, values quoted). */}}
+{{- define "marrowscope.envMap" -}}
+{{- range $k, $v := . }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- end }}
