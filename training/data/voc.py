@@ -107,10 +107,8 @@ def read_voc(root: str | Path, split: str | None = None, *,
             for tag in ("difficult", "truncated"):
                 node = obj.find(tag)
                 flags[tag] = node is not None and (node.text or "0").strip() == "1"
-            if x2 <= x1 or y2 <= y1:
-                corners = (x1, y1, x1, y1)  # degenerate: dropped as empty below
-            else:
-                corners = (x1 - 1, y1 - 1, x2, y2)
+            # a degenerate box is dropped as empty below
+            corners = (x1, y1, x1, y1) if x2 <= x1 or y2 <= y1 else (x1 - 1, y1 - 1, x2, y2)
             raw.append((image_id, _text(obj, "name", owhere), corners, flags))
 
     mapped = [(class_map or {}).get(n, n) for _, n, _, _ in raw]
