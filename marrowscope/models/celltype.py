@@ -1,0 +1,133 @@
+"""Cell-type classifier: one backbone, one logistic head per cell type and per attribute.
+
+Paper: Xception with transfer learning (timm `xception41` / `legacy_xception` here);
+CPU-sized configs use torchvision `resnet18` or a tiny CNN. Output order is the config's
+`outputs`: cell codes first, then attribute codes. A single `Linear(F, K)` is K
+independent logistic heads sharing the backbone.
+
+Loss choice (documented in `celltype_loss`): attributes always use binary cross-entropy
+(they co-occur, e.g. a blast with Auer rods and nucleoli). Cell types use BCE on one-hot
+targets with `cell_head="sigmoid"` (default; the paper trained per-type classifiers) or
+softmax cross-entropy with `cell_head="softmax"` (types are mutually exclusive, and
+probabilities then sum to one, which keeps the differential count calibrated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marrowscope.errors import InvalidInput
+from marrowscope.models.common import Normalize, images_to_tensor
+from marrowscope.models.config import cell_outputs
+
+
+def _tiny_cnn() -> tuple[nn.Module, int]:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+
+    body = nn.Sequential(
+        block(3, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    return body, 64
+
+
+def build_backbone(arch: str) -> tuple[nn.Module, int]:
+    """(feature extractor returning FloatTensor[B, F], F) for a celltype arch."""
+    if arch == "tiny_cnn":
+        return _tiny_cnn()
+    if arch == "resnet18":
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None)
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, features
+    import timm
+
+    net = timm.create_model(arch, pretrained=False, num_classes=0)
+    return net, net.num_features
+
+
+class CellTypeClassifier(nn.Module):
+    """Multi-label cell classifier.
+
+    `forward(x)`: x FloatTensor[B, 3, S, S] RGB in [0, 1] (S = `crop_size`; other sizes
+    work but differ from training) -> logits FloatTensor[B, K], K = len(outputs).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.outputs: list[str] = list(config["outputs"])
+        cells, attrs = cell_outputs(config)
+        self.n_cells, self.n_attributes = len(cells), len(attrs)
+        self.cell_head = config["cell_head"]
+        self.crop_size = config["crop_size"]
+        self.normalize = Normalize(config["mean"], config["std"])
+        self.backbone, features = build_backbone(config["arch"])
+        self.dropout = nn.Dropout(config.get("hyperparameters", {}).get("head_dropout", 0.0))
+        self.head = nn.Linear(features, len(self.outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(self.normalize(x))))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] -> probabilities [B, K] (cell part per `cell_head`, attributes sigmoid)."""
+        cells = logits[:, : self.n_cells]
+        cells = cells.softmax(dim=1) if self.cell_head == "softmax" else cells.sigmoid()
+        return torch.cat([cells, logits[:, self.n_cells :].sigmoid()], dim=1)
+
+    @torch.inference_mode()
+    def predict_proba(self, crops: Any) -> torch.Tensor:
+        """crops uint8[B, S, S, 3] or float[B, 3, S, S] in [0, 1] -> FloatTensor[B, K] on CPU.
+
+        Column order is `self.outputs`. Call `eval()` first; this does not change modes.
+        """
+        device = next(self.parameters()).device
+        x = images_to_tensor(crops, device)
+        if x.shape[0] == 0:
+            return torch.zeros((0, len(self.outputs)))
+        return self.probabilities(self(x)).float().cpu()
+
+
+def celltype_loss(
+    logits: torch.Tensor,
+    cell_targets: torch.Tensor,
+    attribute_targets: torch.Tensor | None,
+    *,
+    cell_head: str,
+) -> torch.Tensor:
+    """Mean training loss.
+
+    logits FloatTensor[B, C + A]; cell_targets Int64Tensor[B] index into the cell codes of
+    `outputs`; attribute_targets FloatTensor[B, A] of 0/1 (None when A == 0).
+    Cell part: softmax CE (`cell_head="softmax"`) or BCE against one-hot (`"sigmoid"`);
+    attribute part: BCE. The two parts are added with equal weight.
+    """
+    n_attr = 0 if attribute_targets is None else attribute_targets.shape[1]
+    n_cells = logits.shape[1] - n_attr
+    if cell_targets.shape != (logits.shape[0],):
+        raise InvalidInput(f"cell_targets must be [B]={logits.shape[0]}, got {tuple(cell_targets.shape)}")
+    if cell_targets.numel() and (cell_targets.min() < 0 or cell_targets.max() >= n_cells):
+        raise InvalidInput(f"cell_targets must be in [0, {n_cells}), got {cell_targets.tolist()}")
+    cell_logits = logits[:, :n_cells]
+    if cell_head == "softmax":
+        loss = F.cross_entropy(cell_logits, cell_targets)
+    elif cell_head == "sigmoid":
+        one_hot = F.one_hot(cell_targets, n_cells).to(cell_logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(cell_logits, one_hot)
+    else:
+        raise InvalidInput(f"cell_head must be 'sigmoid' or 'softmax', got {cell_head!r}")
+    if n_attr:
+        loss = loss + F.binary_cross_entropy_with_logits(
+            logits[:, n_cells:], attribute_targets.to(logits.dtype)
+        )
+    return loss

@@ -1,0 +1,196 @@
+"""Model configs: the JSON that travels with every weights file (see docs/CONTRACTS.md).
+
+A config fully determines the architecture, so `build_model(config)` followed by loading
+the safetensors weights reproduces the trained module without unpickling anything.
+
+Common keys: `kind` (`detector|celltype|ensemble|npm1`), `arch`, `schema_version`,
+`hyperparameters` (dict), `training` (dict: data hash, seeds, ...). Per-kind keys are listed
+in `REQUIRED_KEYS`; `make_config` fills paper/CPU defaults for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from marrowscope.errors import MarrowScopeError
+from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
+
+SCHEMA_VERSION = 1
+KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1")
+
+ARCHS: dict[str, tuple[str, ...]] = {
+    # Paper: Faster R-CNN with a ResNet50-FPN backbone; MobileNetV3 for CPU-sized configs.
+    "detector": (
+        "fasterrcnn_resnet50_fpn_v2",
+        "fasterrcnn_resnet50_fpn",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+    ),
+    # Paper: Xception (timm names); resnet18 / tiny_cnn for CPU-sized configs.
+    "celltype": ("xception41", "legacy_xception", "xception65", "resnet18", "tiny_cnn"),
+    "ensemble": ("mlp",),
+    # Paper: ResNet50 on the whole 2000x1500 image; resnet18 for CPU-sized configs.
+    "npm1": ("resnet50", "resnet18"),
+}
+
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "detector": ("classes", "min_size", "max_size"),
+    "celltype": ("outputs", "crop_size", "mean", "std", "cell_head"),
+    "ensemble": ("feature_names", "hidden", "dropout"),
+    "npm1": ("input_size", "mean", "std"),
+}
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "detector": {"classes": list(CODES), "min_size": 1920, "max_size": 2560},
+    "celltype": {
+        "outputs": list(COUNTED_CODES) + list(ATTRIBUTE_CODES),
+        "crop_size": 128,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        # "sigmoid": one independent head per cell type (as the paper's per-type
+        # classifiers); "softmax": cell types are mutually exclusive (CE loss).
+        "cell_head": "sigmoid",
+    },
+    "ensemble": {"hidden": [32, 16], "dropout": 0.2},
+    "npm1": {"input_size": [1500, 2000], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+}
+
+
+class ModelConfigError(MarrowScopeError, ValueError):
+    """A model config is missing keys or holds values no architecture accepts."""
+
+
+def make_config(kind: str, arch: str, **fields: Any) -> dict[str, Any]:
+    """A complete, validated config for `kind`/`arch` with defaults for unset fields.
+
+    Example: `make_config("ensemble", "mlp", feature_names=names, hidden=[16])`.
+    """
+    if kind not in _DEFAULTS:
+        raise ModelConfigError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+    config: dict[str, Any] = {"kind": kind, "arch": arch, "schema_version": SCHEMA_VERSION}
+    config.update(copy.deepcopy(_DEFAULTS[kind]))
+    config.update({"hyperparameters": {}, "training": {}})
+    config.update(copy.deepcopy(fields))
+    validate_config(config)
+    return config
+
+
+def _fail(config: dict[str, Any], message: str) -> None:
+    raise ModelConfigError(f"{config.get('kind', '?')}/{config.get('arch', '?')} config: {message}")
+
+
+def _check_mean_std(config: dict[str, Any]) -> None:
+    for key in ("mean", "std"):
+        value = config[key]
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
+        ):
+            _fail(config, f"{key} must be a list of 3 finite numbers, got {value!r}")
+    if any(v <= 0 for v in config["std"]):
+        _fail(config, f"std must be positive, got {config['std']!r}")
+
+
+def _positive_int(config: dict[str, Any], key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(config, f"{key} must be a positive integer, got {value!r}")
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Raise `ModelConfigError` naming the first problem; return None when usable."""
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"config must be a JSON object, got {type(config).__name__}")
+    for key in ("kind", "arch", "schema_version"):
+        if key not in config:
+            _fail(config, f"missing key {key!r}")
+    kind, arch = config["kind"], config["arch"]
+    if kind not in ARCHS:
+        _fail(config, f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
+    if arch not in ARCHS[kind]:
+        _fail(config, f"unknown arch {arch!r} for {kind}; known: {', '.join(ARCHS[kind])}")
+    if config["schema_version"] != SCHEMA_VERSION:
+        _fail(config, f"schema_version {config['schema_version']!r} is not {SCHEMA_VERSION}")
+    missing = [k for k in REQUIRED_KEYS[kind] if k not in config]
+    if missing:
+        _fail(config, f"missing key(s) {', '.join(map(repr, missing))}")
+    for key in ("hyperparameters", "training"):
+        if not isinstance(config.get(key, {}), dict):
+            _fail(config, f"{key} must be an object")
+    _VALIDATORS[kind](config)
+
+
+def _validate_detector(config: dict[str, Any]) -> None:
+    classes = config["classes"]
+    if not isinstance(classes, list) or not classes:
+        _fail(config, "classes must be a non-empty list of codes (background excluded)")
+    if len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
+        _fail(config, f"classes must be distinct non-empty strings, got {classes!r}")
+    _positive_int(config, "min_size", config["min_size"])
+    _positive_int(config, "max_size", config["max_size"])
+    if config["max_size"] < config["min_size"]:
+        _fail(config, "max_size must be >= min_size")
+
+
+def _validate_celltype(config: dict[str, Any]) -> None:
+    outputs = config["outputs"]
+    if not isinstance(outputs, list) or not outputs or len(set(outputs)) != len(outputs):
+        _fail(config, f"outputs must be a non-empty list of distinct codes, got {outputs!r}")
+    unknown = [o for o in outputs if o not in CODES and o not in ATTRIBUTE_CODES]
+    if unknown:
+        _fail(config, f"outputs {unknown!r} are neither cell codes nor attribute codes")
+    kinds = ["attr" if o in ATTRIBUTE_CODES else "cell" for o in outputs]
+    if "cell" not in kinds:
+        _fail(config, "outputs must contain at least one cell code")
+    if "attr" in kinds and "cell" in kinds[kinds.index("attr") :]:
+        _fail(config, "outputs must list cell codes first, then attribute codes")
+    _positive_int(config, "crop_size", config["crop_size"])
+    if config["crop_size"] < 16:
+        _fail(config, f"crop_size must be >= 16 px, got {config['crop_size']}")
+    if config["cell_head"] not in ("sigmoid", "softmax"):
+        _fail(config, f"cell_head must be 'sigmoid' or 'softmax', got {config['cell_head']!r}")
+    _check_mean_std(config)
+
+
+def _validate_ensemble(config: dict[str, Any]) -> None:
+    names = config["feature_names"]
+    if not isinstance(names, list) or not names or len(set(names)) != len(names):
+        _fail(config, "feature_names must be a non-empty list of distinct names")
+    hidden = config["hidden"]
+    if not isinstance(hidden, list):
+        _fail(config, f"hidden must be a list of layer widths, got {hidden!r}")
+    for width in hidden:
+        _positive_int(config, "hidden[]", width)
+    dropout = config["dropout"]
+    if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def _validate_npm1(config: dict[str, Any]) -> None:
+    size = config["input_size"]
+    if not isinstance(size, list) or len(size) != 2:
+        _fail(config, f"input_size must be [H, W], got {size!r}")
+    for v in size:
+        _positive_int(config, "input_size[]", v)
+    if min(size) < 32:
+        _fail(config, f"input_size must be at least 32x32, got {size!r}")
+    _check_mean_std(config)
+
+
+_VALIDATORS = {
+    "detector": _validate_detector,
+    "celltype": _validate_celltype,
+    "ensemble": _validate_ensemble,
+    "npm1": _validate_npm1,
+}
+
+
+def cell_outputs(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Split a celltype config's `outputs` into (cell codes, attribute codes)."""
+    outputs = config["outputs"]
+    cells = [o for o in outputs if o not in ATTRIBUTE_CODES]
+    return cells, outputs[len(cells) :]
