@@ -1,0 +1,170 @@
+"""The model handler every MarrowScope model service implements (no gRPC in here).
+
+Lifecycle (KServe ``BaseKServeModel`` shape): the runtime builds a handler, sets ``name``
+and ``version``, calls ``load()`` then ``warmup()`` in a worker thread, serves it once both
+returned, and calls ``stop()`` after the version was replaced (or on shutdown) and its
+in-flight requests finished. All methods are synchronous and run in the handler's own
+single worker thread, so a handler never sees two calls at once.
+
+One request (or one dynamic batch) runs ``postprocess(predict(preprocess(inputs, params)),
+params)``:
+
+- ``inputs``: ``dict[str, np.ndarray]`` already validated against ``inputs`` specs
+  (name, datatype, rank, fixed dimensions). BYTES tensors are ``np.ndarray`` of dtype
+  ``object`` holding ``bytes``.
+- ``params``: request parameters, ``dict[str, bool | int | float | str]``.
+- returns ``dict[str, np.ndarray]`` keyed by output names declared in ``outputs``; each
+  array's dtype must match the spec datatype (BYTES: object array of ``bytes``/``str``).
+
+When ``batchable`` is true the runtime concatenates same-shaped requests along axis 0
+(see ``batching.py``) and splits every output whose spec has ``batch_axis=True`` back per
+request; outputs with ``batch_axis=False`` (e.g. class names) are copied to each request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from marrowscope.errors import InvalidInput, ModelNotReady
+
+Parameters = dict[str, bool | int | float | str]
+Tensors = dict[str, np.ndarray]
+
+# OIP datatype <-> numpy dtype. BF16 has no numpy dtype and is not supported.
+DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype name of a numpy array (object and bytes/str arrays are BYTES)."""
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    for name, dtype in DATATYPE_TO_NUMPY.items():
+        if dtype == array.dtype:
+            return name
+    raise TypeError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, OIP datatype and shape of one input or output; ``-1`` is a variable dimension.
+
+    ``optional`` inputs may be left out of a request. ``batch_axis`` (batchable handlers only)
+    says that dimension 0 indexes requests, so outputs are split back per request along it.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    optional: bool = False
+    batch_axis: bool = True
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPE_TO_NUMPY:
+            raise ValueError(f"{self.name}: unsupported datatype {self.datatype!r}")
+        if any(d < -1 for d in self.shape):
+            raise ValueError(f"{self.name}: dimensions must be >= -1, got {self.shape}")
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise InvalidInput unless ``array`` has this spec's datatype, rank and fixed dims."""
+        got = datatype_of(array)
+        if got != self.datatype:
+            raise InvalidInput(f"input {self.name}: expected datatype {self.datatype}, got {got}")
+        if len(array.shape) != len(self.shape) or any(
+            want not in (-1, have) for want, have in zip(self.shape, array.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input {self.name}: expected shape {list(self.shape)} (-1 = any), "
+                f"got {list(array.shape)}"
+            )
+
+
+class ModelHandler:
+    """Base class of a served model. Subclass, set the class attributes, override methods.
+
+    Class attributes: ``inputs``/``outputs`` (TensorSpec tuples), ``batchable``,
+    ``platform`` (free text for ModelMetadata, e.g. ``"pytorch"``). ``name`` and ``version``
+    are set by the runtime before ``load()``.
+    """
+
+    inputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    outputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    batchable: ClassVar[bool] = False
+    platform: ClassVar[str] = "python"
+
+    name: str = ""
+    version: str = ""
+    _ready: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """True between a successful ``load()`` and ``stop()``."""
+        return self._ready
+
+    def load(self) -> None:
+        """Read weights and move them to the device. Override and call ``super().load()``."""
+        self._ready = True
+
+    def warmup(self) -> None:
+        """Run representative inputs once (kernel selection, allocator); default: nothing."""
+
+    def preprocess(self, inputs: Tensors, parameters: Parameters) -> Any:
+        """Turn validated request tensors into model input; default: pass through."""
+        return inputs
+
+    def predict(self, batch: Any) -> Any:
+        """Run the model. Must be overridden."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any, parameters: Parameters) -> Tensors:
+        """Turn model output into ``{output name: np.ndarray}``; default: pass through."""
+        return outputs
+
+    def stop(self) -> None:
+        """Release the model (GPU memory, files). Override and call ``super().stop()``."""
+        self._ready = False
+
+    # -- used by the runtime -------------------------------------------------------------
+    def validate(self, inputs: Tensors) -> None:
+        """Raise InvalidInput for unknown, missing or mis-typed/mis-shaped inputs."""
+        specs = {s.name: s for s in self.inputs}
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise InvalidInput(f"unknown input(s) {unknown}; expected {sorted(specs)}")
+        missing = sorted(n for n, s in specs.items() if not s.optional and n not in inputs)
+        if missing:
+            raise InvalidInput(f"missing input(s) {missing}")
+        for name, array in inputs.items():
+            specs[name].check(array)
+
+    def infer(self, inputs: Tensors, parameters: Parameters) -> Tensors:
+        """One full pass; checks the outputs against ``outputs`` so handler bugs surface."""
+        if not self.ready:
+            raise ModelNotReady(f"model {self.name} version {self.version} is not loaded")
+        result = self.postprocess(self.predict(self.preprocess(inputs, parameters)), parameters)
+        specs = {s.name: s for s in self.outputs}
+        for key, array in result.items():
+            if key not in specs:
+                raise TypeError(f"{type(self).__name__} returned undeclared output {key!r}")
+            if not isinstance(array, np.ndarray) or datatype_of(array) != specs[key].datatype:
+                raise TypeError(
+                    f"{type(self).__name__} output {key!r} must be a numpy {specs[key].datatype}"
+                    f" array, got {type(array).__name__} {getattr(array, 'dtype', '')}"
+                )
+        return result

@@ -1,0 +1,188 @@
+"""Wiring of one model service: grpc.aio server, OIP servicer, health, reflection, metrics,
+signals. A service's ``__main__`` is::
+
+    from services.runtime.server import run_service
+
+    def build(resolved) -> ModelHandler:      # resolved: marrowscope.registry.ResolvedModel
+        return Npm1Handler(resolved.local_dir, device=settings.device)
+
+    settings = Npm1Settings()
+    raise SystemExit(run_service(build, settings))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from services.runtime.errors import ErrorInterceptor
+from services.runtime.handler import ModelHandler
+from services.runtime.logging import configure_logging
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.protocol import SERVICE_NAME, pb, pb_grpc
+from services.runtime.repository import ModelRepository, ResolvedVersion, Resolver
+from services.runtime.servicer import InferenceServicer
+from services.runtime.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+HandlerFactory = Callable[[Any], ModelHandler]
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def registry_resolver(model_uri: str, handler_factory: HandlerFactory) -> Resolver:
+    """Resolver over ``marrowscope.registry.resolve(model_uri)`` (alias, version or folder).
+
+    ``handler_factory`` receives the registry's ``ResolvedModel`` (``name``, ``version``,
+    ``local_dir``, ``tags``) and returns an unloaded handler.
+    """
+
+    def resolve_now() -> ResolvedVersion:
+        from marrowscope.registry import resolve
+
+        resolved = resolve(model_uri)
+        return ResolvedVersion(resolved.version, lambda: handler_factory(resolved))
+
+    return resolve_now
+
+
+def _reflection_pool():
+    """Our private descriptor pool (see codegen) plus the health and reflection protos, so
+    that reflection can describe every service this server offers."""
+    pool = pb.DESCRIPTOR.pool
+    for module in (health_pb2, reflection_pb2):
+        try:
+            pool.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
+
+
+class ModelServer:
+    """One model name served over OIP gRPC; ``start()``, load, then ``shutdown()``."""
+
+    def __init__(self, settings: ServiceSettings, *, metrics: RuntimeMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or RuntimeMetrics()
+        self.health = HealthServicer()
+        self.repository = ModelRepository(
+            settings.model_name,
+            metrics=self.metrics,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+            version_grace_s=settings.version_grace_s,
+            on_change=self._update_health,
+        )
+        self.servicer = InferenceServicer({settings.model_name: self.repository}, metrics=self.metrics)
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen (gRPC + metrics); health stays NOT_SERVING until a version is loaded."""
+        s = self.settings
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+            pool=_reflection_pool(),
+        )
+        address = f"{s.grpc_host}:{s.grpc_port}"
+        self.grpc_port = server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        await self._update_health()
+        await server.start()
+        self._server = server
+        self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        log.info("listening", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                                     "model": s.model_name})
+
+    async def _update_health(self) -> None:
+        status = _SERVING if self.repository.ready else _NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(self.settings.model_name, status)
+
+    async def load(self, resolver: Resolver) -> None:
+        """Load the resolver's version and keep polling (``poll_interval_s``)."""
+        await self.repository.start(resolver, self.settings.poll_interval_s)
+
+    async def load_local(self, handler: ModelHandler, version: str) -> None:
+        """Serve a fixed handler (no registry, no polling)."""
+        await self.repository.load_local(handler, version)
+
+    async def shutdown(self) -> None:
+        """Graceful stop: NOT_SERVING, refuse new RPCs, finish in-flight within the grace
+        period, then stop every loaded version and the metrics endpoint."""
+        grace = self.settings.grace_period_s
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.repository.close(timeout_s=grace)
+        self.metrics.close()
+        log.info("stopped")
+
+
+async def serve(settings: ServiceSettings, resolver: Resolver) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a graceful stop, 1 when the first load failed."""
+    server = ModelServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        loading = asyncio.create_task(server.load(resolver))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            log.error("loading %s failed", settings.model_name, exc_info=loading.exception())
+            code = 1
+        else:
+            await stopping
+            log.info("signal received, draining", extra={"grace_period_s": settings.grace_period_s})
+        for task in (loading, stopping):
+            task.cancel()
+        await asyncio.gather(loading, stopping, return_exceptions=True)
+    finally:
+        await server.shutdown()
+    return code
+
+
+def run_service(
+    handler_factory: HandlerFactory,
+    settings: ServiceSettings,
+    *,
+    resolver: Resolver | None = None,
+) -> int:
+    """Entry point of a model service; returns the process exit code.
+
+    Without ``resolver`` the model comes from ``settings.model_uri`` through
+    ``marrowscope.registry.resolve`` and ``handler_factory(resolved_model)``.
+    """
+    configure_logging(settings.log_level)
+    if resolver is None:
+        if not settings.model_uri:
+            log.error("no model URI: set MODEL_URI in the service's env prefix")
+            return 2
+        resolver = registry_resolver(settings.model_uri, handler_factory)
+    return asyncio.run(serve(settings, resolver))
