@@ -145,7 +145,9 @@ def ensure_generated(proto_root: Path = PROTO_ROOT, gen_dir: Path = GEN_DIR, *, 
     if not force and stamp.is_file() and stamp.read_text() == fingerprint:
         return False
     gen_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = gen_dir.parent / f".{gen_dir.name}.lock"
+    # The lock lives outside the tree so it never shows up in git.
+    tag = hashlib.sha256(str(gen_dir.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"marrowscope-codegen-{tag}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and stamp.is_file() and stamp.read_text() == fingerprint:
