@@ -212,6 +212,9 @@ def _shape(mask: np.ndarray) -> tuple[float, float, float, float]:
     area = float(mask.sum())
     if area == 0:
         return 0.0, 0.0, 0.0, 0.0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    # pad by one so the boundary is measured as in the full crop; smaller grid for the hull
+    mask = np.pad(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
     perimeter = float(measure.perimeter(mask))
     yy, xx = np.nonzero(mask)
     cov = np.cov(np.stack([yy, xx]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
