@@ -94,7 +94,7 @@ def _render_case(job: tuple[CaseSpec, int, SynthConfig, str]) -> dict:
         name = f"images/{spec.case_id}_{k}.{ext}"
         pil = Image.fromarray(image)
         if config.jpeg_quality is None:
-            pil.save(Path(out_dir) / name, format="PNG", compress_level=3)
+            pil.save(Path(out_dir) / name, format="PNG", compress_level=1)
         else:
             pil.save(Path(out_dir) / name, format="JPEG", quality=config.jpeg_quality,
                      subsampling=0, optimize=False)
