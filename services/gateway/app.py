@@ -1,0 +1,122 @@
+"""App factory: `create_app(settings)` wires the job store, blob store, model clients,
+metrics, routers and (when `EMBEDDED_WORKER`) a worker loop into one FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+
+from services.gateway.auth import RateLimiter
+from services.gateway.blobs import BlobStore
+from services.gateway.clients import ModelClients, load_clients
+from services.gateway.config import GatewaySettings
+from services.gateway.db import make_engine, make_sessionmaker
+from services.gateway.errors import ApiError
+from services.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+API_DESCRIPTION = """The MarrowScope gateway: submit bone-marrow smear images of a case, poll or
+receive a signed webhook, and fetch JSON / FHIR R4B reports and explanation images.
+
+Authentication: `Authorization: Bearer <key>` or `X-API-Key: <key>`; scopes `submit`,
+`read`, `admin`. 401 = missing or invalid key, 403 = the key lacks the scope, 429 = the
+key's rate limit (see `Retry-After`). Errors are JSON `{"error": code, "detail": text}`.
+AI-generated decision support; not a diagnosis."""
+
+
+@dataclass
+class Services:
+    """Everything the routes and workers share; built once per app / worker process."""
+
+    settings: GatewaySettings
+    engine: Engine
+    sessions: sessionmaker
+    blobs: BlobStore
+    metrics: GatewayMetrics
+    limiter: RateLimiter
+    clients: ModelClients | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def make_clients(self) -> ModelClients:
+        self.clients = load_clients(self.settings)
+        return self.clients
+
+
+def build_services(settings: GatewaySettings) -> Services:
+    """Create the folders, run the migrations and build the shared objects."""
+    from services.gateway.migrations import upgrade_head
+    from services.gateway.store import status_counts
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.image_root.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    upgrade_head(engine)
+    sessions = make_sessionmaker(engine)
+    metrics = GatewayMetrics()
+
+    def counts() -> dict[str, int]:
+        with sessions() as session:
+            return status_counts(session)
+
+    metrics.watch_jobs(counts)
+    return Services(settings=settings, engine=engine, sessions=sessions,
+                    blobs=BlobStore(settings.image_root), metrics=metrics,
+                    limiter=RateLimiter(settings.rate_limit_per_min))
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    services = build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients = services.make_clients()
+        stop = asyncio.Event()
+        if settings.embedded_worker:
+            from services.gateway.worker import Worker
+
+            worker = Worker(settings=settings, sessions=services.sessions,
+                            blobs=services.blobs, clients=clients, metrics=services.metrics)
+            services.tasks.append(asyncio.create_task(worker.run(stop)))
+        try:
+            yield
+        finally:
+            stop.set()
+            for task in services.tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await clients.close()
+            services.engine.dispose()
+
+    app = FastAPI(title="MarrowScope gateway", version="1.0.0", description=API_DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.services = services
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "detail": exc.detail},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg"))
+                 for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": "; ".join(parts)},
+                            status_code=422)
+
+    from services.gateway.routers import analyses, health, reports
+
+    app.include_router(health.router)
+    app.include_router(analyses.router)
+    app.include_router(reports.router)
+    return app

@@ -1,0 +1,156 @@
+"""The `ModelClients` protocol the pipeline calls, its data types, and plugin loading.
+
+The production implementation is `oip.OipModelClients` (tritonclient.grpc.aio, Open
+Inference Protocol v2). `MS_GATEWAY_CLIENTS_FACTORY=module:function` replaces it: the
+function receives the `GatewaySettings` and returns any object satisfying the protocol
+(tests inject slow or failing clients into a real gateway process this way).
+
+Errors: implementations raise `ServiceCallError(service, code, message)` with `code` a gRPC
+status name (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INVALID_ARGUMENT`, ...). The pipeline
+retries `UNAVAILABLE` and `DEADLINE_EXCEEDED` only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from services.gateway.config import GatewaySettings
+
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+class ServiceCallError(Exception):
+    """A model service call failed; `code` is the gRPC status name."""
+
+    def __init__(self, service: str, code: str, message: str = "") -> None:
+        super().__init__(f"{service}: {code}: {message}")
+        self.service = service
+        self.code = code
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT_CODES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a variable dimension."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ModelMetadata says: the version to pin and the tensor specs."""
+
+    name: str
+    version: str
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Cells found on one image.
+
+    boxes float32[N, 4] x1, y1, x2, y2 in pixels of the submitted image; scores float32[N];
+    labels list[str] of N detector codes (taxonomy, incl. RBC); features float32[N, F]
+    morphometrics named by feature_names (F); model_version as answered.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+    features: np.ndarray
+    feature_names: list[str]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Classification:
+    """probs float32[B, K] named by names (K: cell codes, then attribute codes)."""
+
+    probs: np.ndarray
+    names: list[str]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class EnsembleOutput:
+    """P(AML) and the upstream versions the ensemble was trained on (its lineage)."""
+
+    p_aml: float
+    lineage: dict[str, str]
+    """Response parameters `lineage_<upstream>` without the prefix, e.g. {"segmentation": "3"}."""
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """heatmap float32[h, w] over the explained image; cell_importance float32[N]."""
+
+    heatmap: np.ndarray
+    cell_importance: np.ndarray
+    model_version: str
+
+
+@runtime_checkable
+class ModelClients(Protocol):
+    """Calls to the five model services. `timeout` is the remaining deadline in seconds;
+    `version` the pinned model version (sent as ModelInferRequest.model_version)."""
+
+    async def metadata(self, service: str, *, timeout: float) -> ModelInfo: ...
+
+    async def segment(self, image: bytes, *, version: str, timeout: float,
+                      um_per_px: float | None = None) -> Segmentation:
+        """image: the encoded file as uploaded (PNG/JPEG/TIFF)."""
+        ...
+
+    async def classify(self, crops: np.ndarray, *, version: str,
+                       timeout: float) -> Classification:
+        """crops: uint8[B, S, S, 3] RGB at the celltype model's crop size."""
+        ...
+
+    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
+                       timeout: float) -> EnsembleOutput:
+        """features: float32[F] case vector named by names."""
+        ...
+
+    async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
+        """image: uint8[H, W, 3] RGB already at the npm1 model's input size."""
+        ...
+
+    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
+                      target_model: str, target_version: str, timeout: float) -> Explanation:
+        """image uint8[H, W, 3] (npm1 input size); boxes float32[N, 4] x1,y1,x2,y2 px in it;
+        mode `cells`."""
+        ...
+
+    async def ready(self, *, timeout: float) -> dict[str, bool]:
+        """Service name -> server ready and its model ready."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def load_clients(settings: GatewaySettings) -> ModelClients:
+    """The configured implementation: the plugin factory when set, else OIP over gRPC."""
+    if settings.clients_factory:
+        module_name, _, func_name = settings.clients_factory.partition(":")
+        if not func_name:
+            raise ValueError("MS_GATEWAY_CLIENTS_FACTORY must read module:function")
+        factory = getattr(importlib.import_module(module_name), func_name)
+        clients = factory(settings)
+    else:
+        from services.gateway.oip import OipModelClients
+
+        clients = OipModelClients.from_settings(settings)
+    if not isinstance(clients, ModelClients):
+        raise TypeError(f"{settings.clients_factory} did not return a ModelClients")
+    return clients

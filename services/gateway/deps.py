@@ -1,0 +1,73 @@
+"""FastAPI dependencies and their `Annotated` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from services.gateway.app import Services
+from services.gateway.auth import Principal, verify_key
+from services.gateway.config import GatewaySettings
+from services.gateway.errors import ApiError
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings(services: ServicesDep) -> GatewaySettings:
+    return services.settings
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+
+
+def require(scope: str):
+    """Dependency: the caller's `Principal` when its key is valid and has `scope`."""
+
+    def dependency(
+        services: ServicesDep,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        header: Annotated[str | None, Depends(_header)],
+    ) -> Principal:
+        presented = header or (bearer.credentials if bearer else None)
+        if not presented:
+            raise ApiError(401, "unauthenticated", "an API key is required",
+                           {"WWW-Authenticate": "Bearer"})
+        with services.sessions() as session:
+            principal = verify_key(session, presented)
+        if principal is None:
+            raise ApiError(401, "unauthenticated", "invalid or revoked API key",
+                           {"WWW-Authenticate": "Bearer"})
+        if scope not in principal.scopes and "admin" not in principal.scopes:
+            raise ApiError(403, "forbidden", f"this key lacks the {scope!r} scope")
+        wait = services.limiter.acquire(principal.key_id)
+        if wait:
+            raise ApiError(429, "rate_limited", "rate limit exceeded for this key",
+                           {"Retry-After": str(int(wait))})
+        return principal
+
+    return dependency
+
+
+SubmitKey = Annotated[Principal, Depends(require("submit"))]
+ReadKey = Annotated[Principal, Depends(require("read"))]
+AdminKey = Annotated[Principal, Depends(require("admin"))]

@@ -1,0 +1,156 @@
+"""FHIR R4B DiagnosticReport Bundle (type `collection`) of one finished analysis.
+
+Coding: every measurement uses the local CodeSystem `LOCAL_SYSTEM`. No LOINC code is used:
+the LOINC blast/differential codes we could confirm specify a manual-count method or another
+specimen, and a code must mean exactly the measurement (an AI count over submitted images).
+Mapping to site LOINC codes is left to the LIS. HL7 "AI Transparency on FHIR": every
+resource carries `meta.security` AIAST (v3-ObservationValue, "artificial intelligence
+asserted"); a Device carries the pinned model versions and is referenced by every
+Observation and by a Provenance whose targets are all generated resources. Heatmaps and
+overlays are Media with `content.url` pointing at the gateway's PNG endpoints.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
+UCUM = "http://unitsofmeasure.org"
+AIAST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+         "code": "AIAST", "display": "Artificial Intelligence asserted"}
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def _code(code: str, display: str) -> dict:
+    return {"coding": [{"system": LOCAL_SYSTEM, "code": code, "display": display}],
+            "text": display}
+
+
+def _prob(value: float) -> dict:
+    return {"value": round(float(value), 6), "unit": "probability", "system": UCUM, "code": "1"}
+
+
+def _pct(value: float) -> dict:
+    return {"value": round(float(value), 4), "unit": "%", "system": UCUM, "code": "%"}
+
+
+def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
+    """analysis: {id, accession_id, finished_at (datetime|None)}; result: AnalysisResult
+    dict. Returns the Bundle as a JSON-ready dict, validated by fhir.resources R4B."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    meta = {"security": [AIAST]}
+    issued = (analysis.get("finished_at") or datetime.now(UTC)).isoformat()
+    urn = {name: f"urn:uuid:{uuid.uuid4()}" for name in ("report", "device", "provenance")}
+    entries: list[tuple[str, dict]] = []
+    dev_ref = {"reference": urn["device"], "display": "MarrowScope"}
+
+    device = {
+        "resourceType": "Device", "meta": meta, "status": "active",
+        "deviceName": [{"name": "MarrowScope", "type": "user-friendly-name"}],
+        "type": {"text": "AI software for bone-marrow smear analysis (decision support)"},
+        "version": [{"type": {"text": stage}, "value": v["version"]}
+                    for stage, v in sorted(result["model_versions"].items())],
+        "note": [{"text": result["disclaimer"]}],
+    }
+
+    def observation(code: str, display: str, **value) -> str:
+        ref = f"urn:uuid:{uuid.uuid4()}"
+        obs = {"resourceType": "Observation", "meta": meta, "status": "final",
+               "category": [{"coding": [{
+                   "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                   "code": "laboratory"}]}],
+               "code": _code(code, display), "issued": issued, "device": dev_ref, **value}
+        entries.append((ref, obs))
+        return ref
+
+    results: list[str] = []
+    if result.get("p_aml") is not None:
+        interp = "POS" if result["aml_positive"] else "NEG"
+        results.append(observation(
+            "p-aml", "Probability of acute myeloid leukemia (AI)",
+            valueQuantity=_prob(result["p_aml"]),
+            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+            note=[{"text": f"threshold {result['aml_threshold']}"}]))
+    if result.get("p_npm1") is not None:
+        interp = "POS" if result["npm1_positive"] else "NEG"
+        results.append(observation(
+            "p-npm1-mutated", "Probability of NPM1 mutation (AI, mean over images)",
+            valueQuantity=_prob(result["p_npm1"]),
+            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+            note=[{"text": f"threshold {result['npm1_threshold']}"}]))
+    by_code = {d["code"]: d for d in result["differential"]}
+    if result.get("blast_percent") is not None and "BLA" in by_code:
+        b = by_code["BLA"]
+        results.append(observation(
+            "blast-percent", "Blasts per 100 counted nucleated cells (AI count)",
+            valueQuantity=_pct(result["blast_percent"]),
+            component=[{"code": _code("ci95-low", "Wilson 95% CI lower bound"),
+                        "valueQuantity": _pct(100 * b["ci_low"])},
+                       {"code": _code("ci95-high", "Wilson 95% CI upper bound"),
+                        "valueQuantity": _pct(100 * b["ci_high"])}]))
+    results.append(observation("counted-cells", "Nucleated cells counted (AI)",
+                               valueInteger=int(result["n_cells_counted"])))
+    for d in result["differential"]:
+        results.append(observation(
+            f"count-{d['code']}", f"{d['name']} count (AI)", valueInteger=int(d["count"]),
+            component=[{"code": _code("fraction", "fraction of counted cells"),
+                        "valueQuantity": _pct(100 * d["fraction"])},
+                       {"code": _code("ci95-low", "Wilson 95% CI lower bound"),
+                        "valueQuantity": _pct(100 * d["ci_low"])},
+                       {"code": _code("ci95-high", "Wilson 95% CI upper bound"),
+                        "valueQuantity": _pct(100 * d["ci_high"])}]))
+
+    media_links = []
+    for im in result["images"]:
+        kinds = [("overlay", "cell boxes coloured by type")]
+        if im.get("heatmap_sha256"):
+            kinds.append(("heatmap", "occlusion heatmap (NPM1 model)"))
+        for kind, what in kinds:
+            ref = f"urn:uuid:{uuid.uuid4()}"
+            url = f"{base_url}/v1/analyses/{analysis['id']}/images/{im['index']}/{kind}.png"
+            entries.append((ref, {
+                "resourceType": "Media", "meta": meta, "status": "completed",
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type",
+                                     "code": "image"}]},
+                "device": dev_ref, "width": im["width"], "height": im["height"],
+                "content": {"contentType": "image/png", "url": url,
+                            "title": f"image {im['index']}: {what}"}}))
+            media_links.append({"comment": f"image {im['index']} {kind}",
+                                "link": {"reference": ref}})
+
+    if result["outcome"] == "abstained":
+        conclusion = f"No AI call: {result['abstain_reason']}"
+    else:
+        conclusion = (f"P(AML) {result['p_aml']:.3f}; P(NPM1 mutated) {result['p_npm1']:.3f}; "
+                      f"blasts {result['blast_percent']:.1f}% of "
+                      f"{result['n_cells_counted']} counted cells. {result['disclaimer']}")
+    report = {
+        "resourceType": "DiagnosticReport", "meta": meta, "status": "final",
+        "identifier": [{"type": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "value": analysis["accession_id"]},
+            {"system": "https://marrowscope.org/fhir/analysis-id", "value": analysis["id"]}],
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                  "code": "HM", "display": "Hematology"}]}],
+        "code": _code("marrowscope-analysis", "AI analysis of bone-marrow smear images"),
+        "effectiveDateTime": issued, "issued": issued,
+        "result": [{"reference": r} for r in results],
+        "conclusion": conclusion,
+    }
+    if media_links:
+        report["media"] = media_links
+    provenance = {
+        "resourceType": "Provenance", "meta": meta, "recorded": issued,
+        "target": [{"reference": urn["report"]}] + [{"reference": r} for r, _ in entries],
+        "agent": [{"type": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+            "code": "author"}]}, "who": dev_ref}],
+    }
+    bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": issued,
+              "entry": [{"fullUrl": urn["report"], "resource": report},
+                        {"fullUrl": urn["device"], "resource": device},
+                        *({"fullUrl": r, "resource": res} for r, res in entries),
+                        {"fullUrl": urn["provenance"], "resource": provenance}]}
+    return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the gateway; labels never carry accession ids or patient data."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from services.gateway.db import STATUSES
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pin", "segmentation", "celltype", "aggregate", "ensemble", "npm1", "explain",
+          "report")
+
+
+class _JobsCollector:
+    """Jobs by status and queue depth, read from the job store at scrape time (so every
+    replica and worker process reports the same truth)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self):
+        try:
+            counts = self._counts()
+        except Exception as exc:  # a scrape must not fail because the database is away
+            log.warning("job store unavailable for metrics: %s", exc)
+            return
+        jobs = GaugeMetricFamily("marrowscope_gateway_analyses", "Analyses by status",
+                                 labels=["status"])
+        for s in STATUSES:
+            jobs.add_metric([s], counts.get(s, 0))
+        yield jobs
+        yield GaugeMetricFamily("marrowscope_gateway_queue_depth",
+                                "Analyses waiting for a worker", value=counts.get("queued", 0))
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.stage_seconds = Histogram(
+            "marrowscope_gateway_stage_seconds", "Wall time of one pipeline stage",
+            ["stage"], registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.finished = Counter("marrowscope_gateway_analyses_finished_total",
+                                "Analyses finished by this process", ["status"],
+                                registry=self.registry)
+        self.call_retries = Counter("marrowscope_gateway_model_call_retries_total",
+                                    "Retried model calls", ["service", "code"],
+                                    registry=self.registry)
+        self.webhooks = Counter("marrowscope_gateway_webhook_deliveries_total",
+                                "Webhook delivery attempts", ["outcome"],
+                                registry=self.registry)
+        self.requests = Counter("marrowscope_gateway_http_requests_total", "HTTP requests",
+                                ["route", "method", "code"], registry=self.registry)
+
+    def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_JobsCollector(counts))

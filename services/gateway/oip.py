@@ -1,0 +1,169 @@
+"""`ModelClients` over the Open Inference Protocol v2 (gRPC) with tritonclient.grpc.aio.
+
+Tensor contract: docs/CONTRACTS.md. Every ModelInfer sends the pinned `model_version`; the
+answered version is read from the response (`model_version`, else its parameter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from services.gateway.clients import (
+    Classification,
+    EnsembleOutput,
+    Explanation,
+    ModelInfo,
+    Segmentation,
+    ServiceCallError,
+    TensorSpec,
+)
+from services.gateway.config import SERVICES
+
+if TYPE_CHECKING:
+    from services.gateway.config import GatewaySettings
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def _code(exc: Exception) -> str:
+    status = getattr(exc, "status", lambda: None)()
+    if status:
+        return str(status).removeprefix("StatusCode.")
+    return "UNKNOWN"
+
+
+def _strings(arr: np.ndarray | None) -> list[str]:
+    if arr is None:
+        return []
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(arr).reshape(-1)]
+
+
+class OipModelClients:
+    """One `tritonclient.grpc.aio.InferenceServerClient` per service address."""
+
+    def __init__(self, addrs: dict[str, str]) -> None:
+        from tritonclient.grpc import aio as grpcclient
+
+        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self._clients = {s: grpcclient.InferenceServerClient(url=a, channel_args=opts)
+                         for s, a in addrs.items()}
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> OipModelClients:
+        return cls({s: settings.service_addr(s) for s in SERVICES})
+
+    async def _call(self, service: str, coro) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await coro
+        except InferenceServerException as exc:
+            raise ServiceCallError(service, _code(exc), exc.message() or str(exc)) from exc
+
+    async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
+        md = await self._call(service, self._clients[service].get_model_metadata(
+            service, client_timeout=timeout))
+        if not md.versions:
+            raise ServiceCallError(service, "FAILED_PRECONDITION", "model reports no version")
+
+        def specs(tensors) -> dict[str, TensorSpec]:
+            return {t.name: TensorSpec(t.datatype, tuple(int(d) for d in t.shape))
+                    for t in tensors}
+
+        # The runtime lists the version it serves now first (CONTRACTS: response version).
+        return ModelInfo(md.name, md.versions[0], specs(md.inputs), specs(md.outputs))
+
+    async def _infer(self, service: str, inputs: list, *, version: str, timeout: float,
+                     parameters: dict | None = None):
+        return await self._call(service, self._clients[service].infer(
+            service, inputs, model_version=version, client_timeout=timeout,
+            parameters=parameters))
+
+    @staticmethod
+    def _version(result) -> str:
+        resp = result.get_response()
+        if resp.model_version:
+            return resp.model_version
+        p = resp.parameters.get("model_version")
+        return p.string_param if p is not None else ""
+
+    @staticmethod
+    def _input(name: str, array: np.ndarray, datatype: str):
+        from tritonclient.grpc import InferInput
+
+        inp = InferInput(name, list(array.shape), datatype)
+        inp.set_data_from_numpy(array)
+        return inp
+
+    async def segment(self, image: bytes, *, version: str, timeout: float,
+                      um_per_px: float | None = None) -> Segmentation:
+        inputs = [self._input("IMAGE", np.array([image], dtype=np.object_), "BYTES")]
+        if um_per_px is not None:
+            inputs.append(self._input("UM_PER_PX", np.array([um_per_px], np.float32), "FP32"))
+        r = await self._infer("segmentation", inputs, version=version, timeout=timeout)
+        boxes = np.asarray(r.as_numpy("BOXES"), np.float32).reshape(-1, 4)
+        names = _strings(r.as_numpy("FEATURE_NAMES"))
+        feats = r.as_numpy("FEATURES")
+        feats = (np.zeros((len(boxes), len(names)), np.float32) if feats is None
+                 else np.asarray(feats, np.float32).reshape(len(boxes), len(names)))
+        return Segmentation(boxes, np.asarray(r.as_numpy("SCORES"), np.float32).reshape(-1),
+                            _strings(r.as_numpy("LABELS")), feats, names, self._version(r))
+
+    async def classify(self, crops: np.ndarray, *, version: str,
+                       timeout: float) -> Classification:
+        r = await self._infer("celltype", [self._input("CROPS", crops, "UINT8")],
+                              version=version, timeout=timeout)
+        names = _strings(r.as_numpy("NAMES"))
+        probs = np.asarray(r.as_numpy("PROBS"), np.float32).reshape(len(crops), len(names))
+        return Classification(probs, names, self._version(r))
+
+    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
+                       timeout: float) -> EnsembleOutput:
+        inputs = [self._input("FEATURES", features.reshape(1, -1).astype(np.float32), "FP32"),
+                  self._input("FEATURE_NAMES", np.array([n.encode() for n in names],
+                                                        dtype=np.object_), "BYTES")]
+        r = await self._infer("ensemble", inputs, version=version, timeout=timeout)
+        params = r.get_response().parameters
+        lineage = {k.removeprefix("lineage_"): v.string_param
+                   for k, v in params.items() if k.startswith("lineage_")}
+        return EnsembleOutput(float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]), lineage,
+                              self._version(r))
+
+    async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
+        r = await self._infer("npm1", [self._input("IMAGE", image[None].astype(np.uint8),
+                                                   "UINT8")], version=version, timeout=timeout)
+        return float(np.asarray(r.as_numpy("P_NPM1")).reshape(-1)[0])
+
+    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
+                      target_model: str, target_version: str, timeout: float) -> Explanation:
+        inputs = [self._input("IMAGE", image[None].astype(np.uint8), "UINT8"),
+                  self._input("BOXES", boxes.reshape(-1, 4).astype(np.float32), "FP32")]
+        params = {"target_model": target_model, "target_version": target_version,
+                  "mode": "cells"}
+        r = await self._infer("explain", inputs, version=version, timeout=timeout,
+                              parameters=params)
+        return Explanation(np.asarray(r.as_numpy("HEATMAP"), np.float32),
+                           np.asarray(r.as_numpy("CELL_IMPORTANCE"), np.float32).reshape(-1),
+                           self._version(r))
+
+    async def ready(self, *, timeout: float) -> dict[str, bool]:
+        async def one(service: str) -> bool:
+            client = self._clients[service]
+            try:
+                return bool(await client.is_server_ready(client_timeout=timeout)
+                            and await client.is_model_ready(service, client_timeout=timeout))
+            except Exception as exc:  # any transport failure means "not ready", logged
+                log.info("readiness of %s failed: %s", service, exc)
+                return False
+
+        names = list(self._clients)
+        return dict(zip(names, await asyncio.gather(*(one(s) for s in names)), strict=True))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._clients.values()))

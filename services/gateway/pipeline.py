@@ -1,0 +1,392 @@
+"""Orchestration of one case over the model services (behind the `ModelClients` protocol).
+
+Order: pin versions (ModelMetadata of every needed service) -> per image: segmentation,
+crops of the counted (non-RBC) cells at the celltype crop size, celltype in batches ->
+quality control (fewer than MIN_CELLS counted cells: abstain, no probability) -> per case:
+differential with Wilson CIs and the case feature vector (`marrowscope.features`) ->
+concurrently: ensemble P(AML) (+ lineage check), npm1 per image (P(NPM1) of the case = mean
+of the per-image probabilities), explanations when asked (explain, mode cells, target npm1
+at its pinned version).
+
+One deadline per run; every call gets the remaining time as its gRPC timeout and is
+retried with exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED. `checkpoint(stage)` is
+awaited at every stage boundary: it records the stage and raises `Cancelled` when the
+analysis was cancelled (or the worker lost its lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from services.gateway.clients import ModelClients, ModelInfo, ServiceCallError
+from services.gateway.config import GatewaySettings
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.result import RESULT_SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+class PipelineFailure(Exception):
+    """The analysis fails with this reason (shown to the LIS)."""
+
+
+class Cancelled(Exception):
+    """The analysis was cancelled (or this worker no longer owns it)."""
+
+
+@dataclass(frozen=True)
+class CaseImage:
+    index: int
+    sha256: str
+    data: bytes
+    um_per_px: float | None = None
+
+
+@dataclass
+class Outcome:
+    status: str  # succeeded | abstained | failed
+    reason: str | None
+    result: dict | None
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    """sha256 -> bytes the worker stores in the blob store (heatmaps as .npy)."""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _input_hw(info: ModelInfo, name: str, *, square: bool = False) -> tuple[int, int]:
+    spec = info.inputs.get(name)
+    if spec is None or len(spec.shape) != 4 or min(spec.shape[1:3]) <= 0:
+        raise PipelineFailure(f"{info.name} model metadata lacks a fixed {name} input "
+                              f"[B, H, W, 3] (got {spec})")
+    h, w = int(spec.shape[1]), int(spec.shape[2])
+    if square and h != w:
+        raise PipelineFailure(f"{info.name} crops must be square, metadata says {h}x{w}")
+    return h, w
+
+
+def _finalize(result: dict) -> dict:
+    """Drop working fields and validate against the published result schema."""
+    from services.gateway.result import AnalysisResult
+
+    for entry in result["images"]:
+        entry.pop("_boxes", None)
+    return AnalysisResult.model_validate(result).model_dump(mode="json")
+
+
+class Pipeline:
+    def __init__(self, *, clients: ModelClients, settings: GatewaySettings,
+                 metrics: GatewayMetrics | None = None,
+                 checkpoint: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.clients = clients
+        self.s = settings
+        self.metrics = metrics
+        self._checkpoint = checkpoint
+        from marrowscope.imaging import ImageLimits
+
+        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes,
+                                  max_pixels=settings.max_pixels)
+        self.stage_seconds: dict[str, float] = {}
+
+    async def checkpoint(self, stage: str) -> None:
+        if self._checkpoint is not None:
+            await self._checkpoint(stage)
+
+    def _timed(self, stage: str, started: float) -> None:
+        dt = time.monotonic() - started
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + dt
+        if self.metrics is not None:
+            self.metrics.stage_seconds.labels(stage).observe(dt)
+
+    async def call(self, service: str, make: Callable[[float], Awaitable]):
+        """Run `make(timeout)` with the remaining deadline, retrying transient failures."""
+        from tenacity import (
+            AsyncRetrying,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_exponential,
+        )
+
+        attempts = 0
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, ServiceCallError) and exc.transient
+
+        def out_of_time(_state) -> bool:
+            return self.deadline.remaining() <= 0.05
+
+        def before_sleep(state) -> None:
+            exc = state.outcome.exception()
+            log.warning("%s call failed (%s), attempt %d; retrying", service,
+                        getattr(exc, "code", exc), state.attempt_number)
+            if self.metrics is not None:
+                self.metrics.call_retries.labels(service, getattr(exc, "code", "?")).inc()
+
+        try:
+            async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(self.s.call_attempts) | out_of_time,
+                    wait=wait_exponential(multiplier=self.s.retry_initial_s,
+                                          max=self.s.retry_max_s),
+                    retry=retry_if_exception(transient), before_sleep=before_sleep,
+                    reraise=True):
+                with attempt:
+                    remaining = self.deadline.remaining()
+                    if remaining <= 0:
+                        raise PipelineFailure(self._deadline_reason(service))
+                    attempts += 1
+                    try:
+                        # wait_for guards against a client that ignores its timeout
+                        return await asyncio.wait_for(make(remaining), remaining + 1.0)
+                    except TimeoutError:
+                        raise ServiceCallError(service, "DEADLINE_EXCEEDED",
+                                               "no answer within the deadline") from None
+        except ServiceCallError as exc:
+            if self.deadline.remaining() <= 0.05:
+                raise PipelineFailure(self._deadline_reason(service)) from exc
+            if exc.transient:
+                raise PipelineFailure(f"{service} service unavailable after {attempts} "
+                                      f"attempts ({exc.code})") from exc
+            raise PipelineFailure(f"{service} service error {exc.code}: {exc.message}") from exc
+
+    def _deadline_reason(self, service: str) -> str:
+        return (f"deadline of {self.s.deadline_s:g} s exceeded while calling the {service} "
+                "service")
+
+    async def run(self, *, analysis_id: str, images: list[CaseImage],
+                  explain: bool = False) -> Outcome:
+        """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
+        self.deadline = Deadline(self.s.deadline_s)
+        try:
+            return await self._run(analysis_id, images, explain)
+        except PipelineFailure as exc:
+            return Outcome("failed", str(exc), None)
+
+    def _check_version(self, service: str, pinned: str, answered: str) -> None:
+        if answered and answered != pinned:
+            raise PipelineFailure(f"{service} answered with model version {answered} but "
+                                  f"{pinned} was pinned for this analysis")
+
+    async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
+        from marrowscope.errors import InvalidInput
+        from marrowscope.features import CellCall, case_features, differential
+        from marrowscope.imaging import crop_cells, decode_image
+        from marrowscope.taxonomy import COUNTED_CODES
+
+        t0 = time.monotonic()
+        needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain
+                                                                      else [])
+        infos = await asyncio.gather(*(self.call(s, lambda t, s=s: self.clients.metadata(
+            s, timeout=t)) for s in needed))
+        pinned = dict(zip(needed, infos, strict=True))
+        versions = {s: i.version for s, i in pinned.items()}
+        crop = _input_hw(pinned["celltype"], "CROPS", square=True)[0]
+        npm1_hw = _input_hw(pinned["npm1"], "IMAGE")
+        self._timed("pin", t0)
+        await self.checkpoint("pinned")
+
+        per_image: list[dict] = []
+        cells: list = []
+        pixels: dict[int, np.ndarray] = {}
+        for im in images:
+            t = time.monotonic()
+            seg = await self.call("segmentation", lambda tm, im=im: self.clients.segment(
+                im.data, version=versions["segmentation"], timeout=tm, um_per_px=im.um_per_px))
+            self._check_version("segmentation", versions["segmentation"], seg.model_version)
+            self._timed("segmentation", t)
+            await self.checkpoint("segmentation")
+
+            t = time.monotonic()
+            rgb = decode_image(im.data, limits=self.limits)
+            pixels[im.index] = rgb
+            to_classify = [i for i, lab in enumerate(seg.labels) if lab != "RBC"]
+            img_cells = [{"box": [float(v) for v in seg.boxes[i]], "detector_label": lab,
+                          "score": float(seg.scores[i]), "cell_type": None, "confidence": None}
+                         for i, lab in enumerate(seg.labels)]
+            if to_classify:
+                crops = crop_cells(rgb, seg.boxes[to_classify], crop, self.s.crop_pad_fraction)
+                for start in range(0, len(to_classify), self.s.celltype_batch):
+                    batch = crops[start:start + self.s.celltype_batch]
+                    cls = await self.call("celltype", lambda tm, b=batch: self.clients.classify(
+                        b, version=versions["celltype"], timeout=tm))
+                    self._check_version("celltype", versions["celltype"], cls.model_version)
+                    for row, i in zip(cls.probs, to_classify[start:start + len(batch)], strict=True):
+                        probs = {n: float(p) for n, p in zip(cls.names, row, strict=True)}
+                        morph = {n: float(v) for n, v in zip(seg.feature_names, seg.features[i],
+                                                             strict=True)}
+                        call = CellCall(probs=probs, morph=morph)
+                        try:
+                            code = call.cell_type
+                        except KeyError as exc:
+                            raise PipelineFailure(f"celltype output lacks class {exc}") from None
+                        cells.append(call)
+                        img_cells[i]["cell_type"] = code
+                        img_cells[i]["confidence"] = probs[code]
+            per_image.append({"index": im.index, "sha256": im.sha256, "width": rgb.shape[1],
+                              "height": rgb.shape[0], "n_detected": len(seg.labels),
+                              "n_counted": sum(c["cell_type"] in COUNTED_CODES
+                                               for c in img_cells), "cells": img_cells,
+                              "_boxes": seg.boxes})
+            self._timed("celltype", t)
+            await self.checkpoint("celltype")
+
+        t = time.monotonic()
+        n_counted = sum(c.cell_type in COUNTED_CODES for c in cells)
+        try:
+            diff = differential(cells)
+            names, vector = case_features(cells)
+        except InvalidInput as exc:
+            raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
+        base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
+        if n_counted < self.s.min_cells:
+            reason = (f"too few cells for a reliable call: {n_counted} counted (non-RBC) cells, "
+                      f"at least {self.s.min_cells} needed")
+            self._timed("aggregate", t)
+            base.update(outcome="abstained", abstain_reason=reason,
+                        stage_seconds=dict(self.stage_seconds))
+            return Outcome("abstained", reason, _finalize(base))
+        named = dict(zip(names, (float(v) for v in vector), strict=True))
+        base["attribute_fractions"] = {k.removeprefix("frac_attr_"): v
+                                       for k, v in named.items() if k.startswith("frac_attr_")}
+        base["morphometrics"] = {k.removeprefix("mean_"): {"mean": v,
+                                                           "std": named.get("std_" + k[5:], 0.0)}
+                                 for k, v in named.items() if k.startswith("mean_")}
+        self._timed("aggregate", t)
+        await self.checkpoint("aggregate")
+
+        artifacts: dict[str, bytes] = {}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ens_task = tg.create_task(self._ensemble(vector, list(names), versions))
+                npm1_task = tg.create_task(self._npm1(images, pixels, npm1_hw,
+                                                      versions["npm1"]))
+                expl_task = (tg.create_task(self._explain(per_image, pixels, npm1_hw, versions,
+                                                          artifacts)) if explain else None)
+        except BaseExceptionGroup as group:
+            # surface the first domain error (siblings were cancelled by the TaskGroup)
+            for exc in group.exceptions:
+                if isinstance(exc, PipelineFailure | Cancelled):
+                    raise exc from group
+            raise
+        p_aml, lineage = ens_task.result()
+        p_npm1_each = npm1_task.result()
+        self._check_lineage(lineage, versions)
+        await self.checkpoint("report")
+
+        p_npm1 = float(np.mean(list(p_npm1_each.values())))
+        for entry in per_image:
+            entry["p_npm1"] = p_npm1_each[entry["index"]]
+        if expl_task is not None:
+            expl_task.result()
+        base.update(outcome="succeeded", p_aml=p_aml, aml_positive=p_aml >= self.s.aml_threshold,
+                    p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
+                    lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
+        return Outcome("succeeded", None, _finalize(base), artifacts)
+
+    def _base_result(self, analysis_id, images, per_image, diff, versions, n_counted) -> dict:
+        from marrowscope.taxonomy import BLAST, cell_type
+
+        entries = [{"code": code, "name": cell_type(code).name, "count": d.count,
+                    "fraction": d.fraction, "ci_low": d.ci_low, "ci_high": d.ci_high}
+                   for code, d in diff.items()]
+        blasts = next((e for e in entries if e["code"] == BLAST), None)
+        for entry in per_image:
+            entry.setdefault("p_npm1", None)
+            entry.setdefault("heatmap_sha256", None)
+        return {
+            "schema_version": RESULT_SCHEMA_VERSION, "analysis_id": analysis_id,
+            "outcome": "abstained", "abstain_reason": None, "p_aml": None,
+            "aml_threshold": self.s.aml_threshold, "aml_positive": None, "p_npm1": None,
+            "npm1_threshold": self.s.npm1_threshold, "npm1_positive": None,
+            "n_images": len(images), "n_cells_detected": sum(e["n_detected"] for e in per_image),
+            "n_cells_counted": n_counted,
+            "blast_percent": None if blasts is None or not n_counted else 100 * blasts["fraction"],
+            "differential": entries,
+            "model_versions": {s: {"model": s, "version": v} for s, v in versions.items()},
+            "images": per_image,
+            "generated_at": datetime.now(UTC).isoformat(),
+        }
+
+    async def _ensemble(self, vector: np.ndarray, names: list[str],
+                        versions: dict[str, str]) -> tuple[float, dict[str, str]]:
+        t = time.monotonic()
+        out = await self.call("ensemble", lambda tm: self.clients.ensemble(
+            np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm))
+        self._check_version("ensemble", versions["ensemble"], out.model_version)
+        self._timed("ensemble", t)
+        if not 0.0 <= out.p_aml <= 1.0 or not np.isfinite(out.p_aml):
+            raise PipelineFailure(f"ensemble returned an invalid probability {out.p_aml!r}")
+        return float(out.p_aml), dict(out.lineage)
+
+    def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
+        """The ensemble must have been trained on the pinned segmentation/celltype versions."""
+        problems = []
+        for upstream in ("segmentation", "celltype"):
+            want = lineage.get(upstream)
+            if want != versions[upstream]:
+                local = versions[upstream].startswith("local-")
+                if self.s.allow_local_lineage and local:
+                    log.warning("lineage of %s not verified (local model, allowed)", upstream)
+                    continue
+                problems.append(f"ensemble {versions['ensemble']} was built on {upstream} "
+                                f"{want or '(not reported)'}, pinned {upstream} is "
+                                f"{versions[upstream]}")
+        if problems:
+            raise PipelineFailure("incompatible pipeline: " + "; ".join(problems))
+
+    async def _npm1(self, images, pixels, hw, version) -> dict[int, float]:
+        from marrowscope.imaging import resize_for_model
+
+        t = time.monotonic()
+
+        async def one(im: CaseImage) -> float:
+            x = resize_for_model(pixels[im.index], hw)
+            p = await self.call("npm1", lambda tm: self.clients.npm1(x, version=version,
+                                                                      timeout=tm))
+            if not 0.0 <= p <= 1.0 or not np.isfinite(p):
+                raise PipelineFailure(f"npm1 returned an invalid probability {p!r}")
+            return float(p)
+
+        probs = await asyncio.gather(*(one(im) for im in images))
+        self._timed("npm1", t)
+        return {im.index: p for im, p in zip(images, probs, strict=True)}
+
+    async def _explain(self, per_image, pixels, hw, versions, artifacts) -> None:
+        from marrowscope.imaging import resize_for_model
+
+        t = time.monotonic()
+        for entry in per_image:
+            rgb = pixels[entry["index"]]
+            sy, sx = hw[0] / rgb.shape[0], hw[1] / rgb.shape[1]
+            boxes = np.asarray(entry["_boxes"], np.float32).reshape(-1, 4)
+            scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
+            x = resize_for_model(rgb, hw)
+            out = await self.call("explain", lambda tm, x=x, b=scaled: self.clients.explain(
+                x, b, version=versions["explain"], target_model="npm1",
+                target_version=versions["npm1"], timeout=tm))
+            if len(out.cell_importance) != len(boxes):
+                raise PipelineFailure(f"explain returned {len(out.cell_importance)} importances "
+                                      f"for {len(boxes)} cells")
+            for cell, imp in zip(entry["cells"], out.cell_importance, strict=True):
+                cell["importance"] = float(imp)
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(out.heatmap, np.float32), allow_pickle=False)
+            data = buf.getvalue()
+            sha = hashlib.sha256(data).hexdigest()
+            artifacts[sha] = data
+            entry["heatmap_sha256"] = sha
+        self._timed("explain", t)

@@ -1,0 +1,114 @@
+"""Reports of finished analyses (JSON, FHIR), explanation images, the result schema and
+the audit trail."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from services.gateway import store
+from services.gateway.db import AuditLog
+from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep
+from services.gateway.errors import ApiError, error_responses
+from services.gateway.result import AnalysisResult
+from services.gateway.routers.analyses import get_analysis
+from services.gateway.schemas import ts
+
+router = APIRouter(tags=["reports"])
+FHIR_JSON = "application/fhir+json"
+
+
+def _finished_result(session, analysis_id: str) -> tuple[object, dict]:
+    a = get_analysis(session, analysis_id)
+    result = store.result_of(session, analysis_id=analysis_id)
+    if result is None:
+        raise ApiError(409, "no_result", f"analysis is {a.status}"
+                       + (f": {a.reason}" if a.reason else "") + "; no report available")
+    return a, result
+
+
+@router.get("/v1/analyses/{analysis_id}/report",
+            responses={200: {"content": {"application/json": {}, FHIR_JSON: {}},
+                             "description": "AnalysisResult JSON or a FHIR R4B Bundle"},
+                       **error_responses(401, 403, 404, 409, 429)})
+def get_report(principal: ReadKey, session: SessionDep, request: Request, analysis_id: str,
+               format: Annotated[Literal["json", "fhir"], Query()] = "json") -> Response:
+    """The result as JSON (`AnalysisResult`) or as a FHIR R4B DiagnosticReport Bundle."""
+    a, result = _finished_result(session, analysis_id)
+    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="report",
+                resource=a.id, detail=format)
+    session.commit()
+    if format == "json":
+        return JSONResponse(result)
+    from services.gateway.fhir import build_bundle
+
+    bundle = build_bundle(analysis={"id": a.id, "accession_id": a.accession,
+                                    "finished_at": ts(a.finished_at)}, result=result,
+                          base_url=str(request.base_url).rstrip("/"))
+    return JSONResponse(bundle, media_type=FHIR_JSON)
+
+
+def _image(services, session, analysis_id: str, k: int) -> tuple[np.ndarray, dict]:
+    from marrowscope.imaging import decode_image
+
+    _, result = _finished_result(session, analysis_id)
+    images = {im["index"]: im for im in result["images"]}
+    if k not in images:
+        raise ApiError(404, "not_found", f"analysis has no image {k}")
+    entry = images[k]
+    return decode_image(services.blobs.get(entry["sha256"])), entry
+
+
+PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+@router.get("/v1/analyses/{analysis_id}/images/{k}/heatmap.png", response_class=Response,
+            responses={**PNG, **error_responses(401, 403, 404, 409, 429)})
+def heatmap(principal: ReadKey, services: ServicesDep, session: SessionDep,
+            analysis_id: str, k: int) -> Response:
+    """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
+    from services.gateway.render import heatmap_png
+
+    rgb, entry = _image(services, session, analysis_id, k)
+    if not entry.get("heatmap_sha256"):
+        raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
+    hm = np.load(io.BytesIO(services.blobs.get(entry["heatmap_sha256"])), allow_pickle=False)
+    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="heatmap",
+                resource=analysis_id, detail=str(k))
+    session.commit()
+    return Response(heatmap_png(rgb, hm), media_type="image/png")
+
+
+@router.get("/v1/analyses/{analysis_id}/images/{k}/overlay.png", response_class=Response,
+            responses={**PNG, **error_responses(401, 403, 404, 409, 429)})
+def overlay(principal: ReadKey, services: ServicesDep, session: SessionDep,
+            analysis_id: str, k: int) -> Response:
+    """Cell boxes coloured by type on image k; with explanations, line width and opacity
+    grow with each cell's importance."""
+    from services.gateway.render import overlay_png
+
+    rgb, entry = _image(services, session, analysis_id, k)
+    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="overlay",
+                resource=analysis_id, detail=str(k))
+    session.commit()
+    return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
+
+
+@router.get("/v1/schemas/result")
+def result_schema() -> dict:
+    """JSON Schema of the versioned analysis result (`schema_version`)."""
+    return AnalysisResult.model_json_schema()
+
+
+@router.get("/v1/audit", responses=error_responses(401, 403, 429))
+def audit_log(_admin: AdminKey, session: SessionDep,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+    """Who submitted or read what, and when (newest first). Admin scope."""
+    rows = session.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit))
+    return [{"at": ts(r.at), "key_id": r.api_key_id, "key_name": r.key_name,
+             "action": r.action, "resource": r.resource, "detail": r.detail} for r in rows]

@@ -1,0 +1,271 @@
+"""Workers: claim analyses from the job store, run the pipeline, deliver webhooks.
+
+`python -m services.gateway.worker` runs workers alone (several processes may share one
+PostgreSQL job store); the API process runs the same loop when `EMBEDDED_WORKER` is true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.orm import sessionmaker
+
+from services.gateway import store
+from services.gateway.blobs import BlobStore
+from services.gateway.clients import ModelClients
+from services.gateway.config import GatewaySettings
+from services.gateway.db import Analysis, now
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
+from services.gateway.result import RESULT_SCHEMA_VERSION
+from services.gateway.webhooks import backoff_s, deliver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Claimed:
+    id: str
+    metadata: dict
+    attempts: int
+
+
+class Worker:
+    def __init__(self, *, settings: GatewaySettings, sessions: sessionmaker, blobs: BlobStore,
+                 clients: ModelClients, metrics: GatewayMetrics) -> None:
+        self.s = settings
+        self.sessions = sessions
+        self.blobs = blobs
+        self.clients = clients
+        self.metrics = metrics
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # -- loops ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run job loops, the outbox dispatcher and housekeeping until `stop` is set."""
+        log.info("worker %s started (%d slots)", self.owner, self.s.workers)
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(self.s.workers):
+                tg.create_task(self._job_loop(stop))
+            tg.create_task(self._outbox_loop(stop))
+        log.info("worker %s stopped", self.owner)
+
+    @staticmethod
+    async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    async def _job_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                claimed = await asyncio.to_thread(self._claim)
+            except Exception:
+                log.exception("claiming a job failed; retrying")
+                await self._sleep(stop, self.s.poll_interval_s * 4)
+                continue
+            if claimed is None:
+                await self._sleep(stop, self.s.poll_interval_s)
+                continue
+            job = asyncio.create_task(self.process(claimed))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():  # shutting down: hand the analysis back to the queue
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
+                await asyncio.to_thread(self._release, claimed.id)
+            stopper.cancel()
+
+    def _claim(self) -> _Claimed | None:
+        with self.sessions.begin() as session:
+            for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
+                log.error("analysis %s failed: its workers kept dying", analysis_id)
+        with self.sessions.begin() as session:
+            a = store.claim_next(session, owner=self.owner, lease_s=self.s.lease_s)
+            if a is None:
+                return None
+            log.info("claimed analysis %s (attempt %d)", a.id, a.attempts)
+            return _Claimed(a.id, json.loads(a.metadata_json), a.attempts)
+
+    def _release(self, analysis_id: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Analysis).where(
+                Analysis.id == analysis_id, Analysis.lease_owner == self.owner,
+                Analysis.status == "running").values(
+                status="queued", lease_owner=None, lease_until=None, updated_at=now(),
+                attempts=Analysis.attempts - 1))
+        log.info("released analysis %s back to the queue", analysis_id)
+
+    def _heartbeat(self, analysis_id: str, stage: str | None) -> tuple[bool, bool]:
+        with self.sessions.begin() as session:
+            return store.heartbeat(session, analysis_id=analysis_id, owner=self.owner,
+                                   lease_s=self.s.lease_s, stage=stage)
+
+    def _finish(self, analysis_id: str, **kw) -> bool:
+        with self.sessions.begin() as session:
+            return store.finish(session, analysis_id=analysis_id, owner=self.owner, **kw)
+
+    # -- one analysis ---------------------------------------------------------------------
+    async def process(self, claimed: _Claimed) -> None:
+        analysis_id = claimed.id
+        with self.sessions() as session:
+            rows = store.images_of(session, analysis_id=analysis_id)
+        images = [CaseImage(r.idx, r.sha256, self.blobs.get(r.sha256), r.um_per_px)
+                  for r in rows]
+
+        async def checkpoint(stage: str) -> None:
+            owned, cancel = await asyncio.to_thread(self._heartbeat, analysis_id, stage)
+            if not owned:
+                raise Cancelled("lease lost")
+            if cancel:
+                raise Cancelled("cancelled by request")
+
+        pipeline = Pipeline(clients=self.clients, settings=self.s, metrics=self.metrics,
+                            checkpoint=checkpoint)
+        run = asyncio.create_task(pipeline.run(
+            analysis_id=analysis_id, images=images,
+            explain=bool(claimed.metadata.get("options", {}).get("explain"))))
+        lost = asyncio.Event()
+        beat = asyncio.create_task(self._beat(analysis_id, run, lost))
+        try:
+            outcome = await run
+        except Cancelled as exc:
+            if str(exc) == "lease lost":
+                log.warning("analysis %s: lease lost, another worker owns it", analysis_id)
+                return
+            if await asyncio.to_thread(self._finish, analysis_id, status="cancelled",
+                                       reason="cancelled by request"):
+                self.metrics.finished.labels("cancelled").inc()
+            return
+        except asyncio.CancelledError:
+            if lost.is_set():  # our heartbeat stopped the run: someone else owns it now
+                log.warning("analysis %s: lease lost during a stage", analysis_id)
+                return
+            raise
+        except Exception:
+            log.exception("analysis %s: internal error", analysis_id)
+            await asyncio.to_thread(self._finish, analysis_id, status="failed",
+                                    reason="internal gateway error (see the gateway log)")
+            self.metrics.finished.labels("failed").inc()
+            return
+        finally:
+            beat.cancel()
+        try:
+            for data in outcome.artifacts.values():
+                await asyncio.to_thread(self.blobs.put, data)
+            finished = await asyncio.to_thread(
+                self._finish, analysis_id, status=outcome.status, reason=outcome.reason,
+                result=outcome.result, schema_version=RESULT_SCHEMA_VERSION)
+        except Exception:
+            log.exception("analysis %s: storing the outcome failed", analysis_id)
+            outcome.status = "failed"
+            finished = await asyncio.to_thread(
+                self._finish, analysis_id, status="failed",
+                reason="internal gateway error while storing the result (see the gateway log)")
+        if finished:
+            self.metrics.finished.labels(outcome.status).inc()
+            log.info("analysis %s %s", analysis_id, outcome.status)
+        else:
+            log.warning("analysis %s: outcome discarded, lease lost", analysis_id)
+
+    async def _beat(self, analysis_id: str, run: asyncio.Task, lost: asyncio.Event) -> None:
+        """Renew the lease during long stages; stop the run when the lease is lost."""
+        while not run.done():
+            await asyncio.sleep(self.s.heartbeat_s)
+            try:
+                owned, _ = await asyncio.to_thread(self._heartbeat, analysis_id, None)
+            except Exception:
+                log.exception("heartbeat of %s failed; retrying", analysis_id)
+                continue
+            if not owned:
+                lost.set()
+                run.cancel()
+                return
+
+    # -- webhooks -------------------------------------------------------------------------
+    async def _outbox_loop(self, stop: asyncio.Event) -> None:
+        import httpx
+
+        secret = self.s.webhook_secret.get_secret_value() if self.s.webhook_secret else None
+        async with httpx.AsyncClient(follow_redirects=False) as client:
+            while not stop.is_set():
+                try:
+                    sent = await self._deliver_due(client, secret)
+                except Exception:
+                    log.exception("outbox delivery round failed")
+                    sent = 0
+                if not sent:
+                    await self._sleep(stop, self.s.poll_interval_s)
+
+    async def _deliver_due(self, client, secret: str | None) -> int:
+        def claim():
+            with self.sessions.begin() as session:
+                rows = store.claim_outbox(session, lease_s=self.s.webhook_timeout_s * 3)
+                return [(r.id, r.url, r.payload, r.attempts) for r in rows]
+
+        rows = await asyncio.to_thread(claim)
+        for outbox_id, url, payload, attempts in rows:
+            if secret is None:
+                ok, err = False, "MS_GATEWAY_WEBHOOK_SECRET is not set; refusing to send unsigned"
+            else:
+                ok, err = await deliver(client, url=url, body=payload.encode(),
+                                        event_id=outbox_id, secret=secret,
+                                        timeout=self.s.webhook_timeout_s)
+            done = attempts + 1
+            nxt = (None if done >= self.s.webhook_max_attempts else
+                   now() + backoff_s(done, base=self.s.webhook_backoff_s,
+                                     cap=self.s.webhook_backoff_max_s))
+            self.metrics.webhooks.labels("delivered" if ok else "failed").inc()
+            if not ok:
+                log.warning("webhook %s attempt %d failed: %s", outbox_id, done, err)
+
+            def record(oid=outbox_id, ok=ok, err=err, nxt=nxt):
+                with self.sessions.begin() as session:
+                    store.outbox_result(session, outbox_id=oid, ok=ok, error=err,
+                                        next_attempt_at=nxt)
+
+            await asyncio.to_thread(record)
+        return len(rows)
+
+
+async def serve_workers(settings: GatewaySettings) -> None:
+    """Standalone worker process: migrate, then run until SIGTERM/SIGINT."""
+    from services.gateway.app import build_services
+
+    services = build_services(settings)
+    clients = services.make_clients()
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=services.metrics.registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = Worker(settings=settings, sessions=services.sessions, blobs=services.blobs,
+                    clients=clients, metrics=services.metrics)
+    try:
+        await worker.run(stop)
+    finally:
+        await clients.close()
+        services.engine.dispose()
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve_workers(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Test `ModelClients` returning plausible tensors, loaded by a real gateway through
+`MS_GATEWAY_CLIENTS_FACTORY=tests.gateway.fakes:make_clients`.
+
+Knobs (environment, read when the factory is called):
+  MS_TEST_FAKE_CELLS      cells per image (default 40; every 8th is an RBC)
+  MS_TEST_FAKE_SEG_DELAY_S  seconds each segmentation call sleeps (default 0)
+  MS_TEST_FAKE_DOWN       comma list of services that always answer UNAVAILABLE
+  MS_TEST_FAKE_LINEAGE    match (default) | mismatch | none
+Outputs are computed from the pixels (blast fraction from crop brightness, P(AML) from the
+case's blast fraction), so they are functions of the input, not constants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import numpy as np
+
+from marrowscope.features import MORPH_SUMMARY_FEATURES
+from marrowscope.imaging import decode_image
+from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
+from services.gateway.clients import (
+    Classification,
+    EnsembleOutput,
+    Explanation,
+    ModelInfo,
+    Segmentation,
+    ServiceCallError,
+    TensorSpec,
+)
+
+VERSIONS = {"segmentation": "3", "celltype": "5", "ensemble": "2", "npm1": "7", "explain": "1"}
+CROP = 16
+NPM1_HW = (48, 64)
+
+
+class FakeModelClients:
+    def __init__(self, *, cells: int = 40, seg_delay_s: float = 0.0,
+                 down: frozenset[str] = frozenset(), lineage: str = "match") -> None:
+        self.cells = cells
+        self.seg_delay_s = seg_delay_s
+        self.down = down
+        self.lineage = lineage
+        self.calls: dict[str, int] = {}
+        self.seen_versions: dict[str, set[str]] = {}
+
+    def _enter(self, service: str, version: str | None = None) -> None:
+        """Count inference calls (metadata calls pass version None and are not counted)."""
+        if version is not None:
+            self.calls[service] = self.calls.get(service, 0) + 1
+            self.seen_versions.setdefault(service, set()).add(version)
+        if service in self.down:
+            raise ServiceCallError(service, "UNAVAILABLE", "connection refused (test)")
+
+    async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
+        self._enter(service)
+        inputs = {"celltype": {"CROPS": TensorSpec("UINT8", (-1, CROP, CROP, 3))},
+                  "npm1": {"IMAGE": TensorSpec("UINT8", (1, *NPM1_HW, 3))},
+                  "explain": {"IMAGE": TensorSpec("UINT8", (1, -1, -1, 3))},
+                  "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
+                  "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))}}[service]
+        return ModelInfo(service, VERSIONS[service], inputs, {})
+
+    async def segment(self, image: bytes, *, version: str, timeout: float,
+                      um_per_px: float | None = None) -> Segmentation:
+        self._enter("segmentation", version)
+        if self.seg_delay_s:
+            await asyncio.sleep(min(self.seg_delay_s, timeout))
+        rgb = decode_image(image)
+        h, w = rgb.shape[:2]
+        rng = np.random.default_rng(int(hashlib.sha256(image).hexdigest()[:8], 16))
+        side = max(4.0, min(h, w) / 8)
+        x1 = rng.uniform(0, w - side, self.cells)
+        y1 = rng.uniform(0, h - side, self.cells)
+        boxes = np.stack([x1, y1, x1 + side, y1 + side], 1).astype(np.float32)
+        labels = ["RBC" if i % 8 == 7 else COUNTED_CODES[i % len(COUNTED_CODES)]
+                  for i in range(self.cells)]
+        names = [*MORPH_SUMMARY_FEATURES, "segmentation_ok"]
+        feats = rng.uniform(0.1, 1.0, (self.cells, len(names))).astype(np.float32)
+        feats[:, -1] = 1.0
+        return Segmentation(boxes, rng.uniform(0.5, 1, self.cells).astype(np.float32), labels,
+                            feats, names, version)
+
+    async def classify(self, crops: np.ndarray, *, version: str,
+                       timeout: float) -> Classification:
+        self._enter("celltype", version)
+        assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP, CROP, 3), crops.shape
+        names = [*CODES, *ATTRIBUTE_CODES]
+        bright = crops.reshape(len(crops), -1).mean(1) / 255.0
+        probs = np.full((len(crops), len(names)), 0.02, np.float32)
+        # darker crops read as blasts, brighter ones as segmented neutrophils
+        probs[:, CODES.index("BLA")] = 1.0 - bright
+        probs[:, CODES.index("NGS")] = bright
+        probs[:, len(CODES):] = 0.3
+        return Classification(probs, names, version)
+
+    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
+                       timeout: float) -> EnsembleOutput:
+        self._enter("ensemble", version)
+        frac_bla = float(features[names.index("frac_BLA")])
+        lineage = {"match": {"segmentation": VERSIONS["segmentation"],
+                             "celltype": VERSIONS["celltype"]},
+                   "mismatch": {"segmentation": "1", "celltype": VERSIONS["celltype"]},
+                   "none": {}}[self.lineage]
+        return EnsembleOutput(float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))), lineage, version)
+
+    async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
+        self._enter("npm1", version)
+        assert image.shape == (*NPM1_HW, 3) and image.dtype == np.uint8
+        return float(image[..., 0].mean() / 255.0)
+
+    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
+                      target_model: str, target_version: str, timeout: float) -> Explanation:
+        self._enter("explain", version)
+        assert target_model == "npm1" and target_version == VERSIONS["npm1"]
+        heat = 1.0 - image.mean(2).astype(np.float32) / 255.0
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        imp = np.array([heat[int(b[1]):int(b[3]) + 1, int(b[0]):int(b[2]) + 1].mean()
+                        for b in boxes], np.float32) if len(boxes) else np.zeros(0, np.float32)
+        return Explanation(heat[::4, ::4], imp * (area > 0), version)
+
+    async def ready(self, *, timeout: float) -> dict[str, bool]:
+        return {s: s not in self.down for s in VERSIONS}
+
+    async def close(self) -> None:
+        return None
+
+
+def make_clients(settings) -> FakeModelClients:
+    env = os.environ
+    return FakeModelClients(
+        cells=int(env.get("MS_TEST_FAKE_CELLS", "40")),
+        seg_delay_s=float(env.get("MS_TEST_FAKE_SEG_DELAY_S", "0")),
+        down=frozenset(s for s in env.get("MS_TEST_FAKE_DOWN", "").split(",") if s),
+        lineage=env.get("MS_TEST_FAKE_LINEAGE", "match"))
