@@ -42,6 +42,8 @@ class ImageRecord:
     case_id: str | None = None
     patient_id: str | None = None
     um_per_px: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other keys of the COCO image entry, written back unchanged."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,14 @@ class Annotation:
     score: float | None = None
     """Model confidence for proposals; None for human annotations."""
     iscrowd: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other keys of the COCO annotation (e.g. the generator's `true_category_id`), written
+    back unchanged by `write_coco`; not carried by VIA."""
+
+
+_IMAGE_KEYS = {"id", "file_name", "width", "height", "case_id", "patient_id", "um_per_px"}
+_ANN_KEYS = {"id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation",
+             "nucleus_segmentation", "attributes", "score"}
 
 
 @dataclass
@@ -255,7 +265,8 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
             id=_int(im, "id", where), file_name=str(im["file_name"]),
             width=_int(im, "width", where), height=_int(im, "height", where),
             case_id=im.get("case_id"), patient_id=im.get("patient_id"),
-            um_per_px=None if im.get("um_per_px") is None else float(im["um_per_px"]))
+            um_per_px=None if im.get("um_per_px") is None else float(im["um_per_px"]),
+            extra={k: v for k, v in im.items() if k not in _IMAGE_KEYS})
         if check_images and not (path.parent / rec.file_name).is_file():
             report.missing_images += 1
             continue
@@ -296,7 +307,8 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
             nucleus_segmentation=normalise_segmentation(a.get("nucleus_segmentation"), where),
             attributes={str(k): bool(v) for k, v in (a.get("attributes") or {}).items()},
             score=None if a.get("score") is None else float(a["score"]),
-            iscrowd=bool(a.get("iscrowd", 0))))
+            iscrowd=bool(a.get("iscrowd", 0)),
+            extra={k: v for k, v in a.items() if k not in _ANN_KEYS}))
     report.images, report.annotations = len(images), len(annotations)
     report.log()
     return Dataset(images=images, annotations=annotations, categories=tuple(categories),
@@ -313,6 +325,7 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
         for key in ("case_id", "patient_id", "um_per_px"):
             if getattr(im, key) is not None:
                 entry[key] = getattr(im, key)
+        entry.update(im.extra)
         images.append(entry)
     annotations = []
     for a in dataset.annotations:
@@ -330,6 +343,7 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
         entry["attributes"] = dict(a.attributes)
         if a.score is not None:
             entry["score"] = a.score
+        entry.update(a.extra)
         annotations.append(entry)
     return {"info": dict(dataset.info), "images": images, "annotations": annotations,
             "categories": coco_categories_for(dataset)}

@@ -133,3 +133,15 @@ def test_annotation_of_unknown_image_is_an_error(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(raw))
     with pytest.raises(DatasetFormatError, match="image_id 7"):
         read_coco(tmp_path / "a.json")
+
+
+def test_extra_keys_survive_read_and_write(tmp_path):
+    ds = make_dataset(tmp_path)
+    raw = json.loads(write_coco(ds, tmp_path / "a.json").read_text())
+    raw["annotations"][0]["true_category_id"] = taxonomy.CATEGORY_IDS["PMO"]
+    raw["images"][0]["stain"] = "MGG"
+    (tmp_path / "a.json").write_text(json.dumps(raw))
+    back = read_coco(tmp_path / "a.json")
+    assert back.annotations[0].extra == {"true_category_id": taxonomy.CATEGORY_IDS["PMO"]}
+    again = json.loads(write_coco(back, tmp_path / "b.json").read_text())
+    assert again["annotations"] == raw["annotations"] and again["images"] == raw["images"]

@@ -160,3 +160,23 @@ def test_predictions_to_via_and_back(tmp_path):
         predictions_to_via(images, {1: (boxes[:1], ["XYZ"], [0.9])}, tmp_path / "p.json")
     with pytest.raises(ValueError, match="unknown image ids"):
         predictions_to_via(images, {5: (boxes[:1], ["BLA"], [0.9])}, tmp_path / "p.json")
+
+
+def test_rle_annotations_export_as_polygons_with_the_mask_box(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros((30, 40), dtype=np.uint8, order="F")
+    m[5:20, 8:30] = 1
+    m[5:9, 8:12] = 0  # a notch so the outline is not a rectangle
+    rle = mask_utils.encode(m)
+    seg = {"size": [30, 40], "counts": rle["counts"].decode("ascii")}
+    box = tuple(float(v) for v in mask_utils.toBbox(rle))
+    ds = Dataset([ImageRecord(1, "m.png", 40, 30)],
+                 [Annotation(1, 1, "MYB", box, seg, seg, FLAGS)], taxonomy.CODES, tmp_path)
+    back = read_via(write_via(ds, tmp_path / "p.json")).annotations[0]
+    assert back.bbox == box
+    poly = back.segmentation[0]
+    assert len(poly) == 2 * 12  # six corners, each cut by a half-pixel diagonal
+    rast = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([poly], 30, 40)))
+    assert np.array_equal(rast, m)
+    assert back.nucleus_segmentation is None  # VIA holds one shape per region
