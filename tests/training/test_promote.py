@@ -1,0 +1,183 @@
+"""Promotion gates against a real `mlflow server` (metrics are synthetic tag values)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from marrowscope.registry import (
+    CHAMPION,
+    alias_version,
+    get_client,
+    register_model_dir,
+    registered_name,
+)
+from tests import fixtures_mlflow
+from tests.fixtures_mlflow import make_tiny_model_dir
+from training.promote import get_args_parser, main, promote
+
+mlflow_server = fixtures_mlflow.mlflow_server  # the session's real server (fixture)
+
+GOOD = {"segmentation": {"map50": 0.9}, "celltype": {"macro_f1": 0.9},
+        "ensemble": {"auroc": 0.9}, "npm1": {"auroc": 0.9}}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: make_tiny_model_dir(kind, root / kind) for kind in GOOD}
+
+
+@pytest.fixture(scope="module")
+def reg(mlflow_server, model_dirs):
+    def register(kind: str, metrics: dict | None = None, lineage: dict | None = None, model_dir=None) -> str:
+        return register_model_dir(
+            kind, model_dir or model_dirs[kind], metrics=GOOD[kind] if metrics is None else metrics,
+            params={}, data_hash="synthetic", lineage=lineage or {}, tracking_uri=mlflow_server,
+        )
+    return register
+
+
+@pytest.fixture(scope="module")
+def good_set(mlflow_server, reg, tmp_path_factory):
+    """A consistent champion set with primary metrics 0.9 (any later good set equals it)."""
+    seg, cel = reg("segmentation"), reg("celltype")
+    versions = {"segmentation": seg, "celltype": cel,
+                "ensemble": reg("ensemble", lineage={"segmentation": seg, "celltype": cel}),
+                "npm1": reg("npm1")}
+    log_file = tmp_path_factory.mktemp("log") / "promotions.jsonl"
+    ok, decisions = promote(versions, tracking_uri=mlflow_server, actor="tester", log_file=log_file)
+    assert ok, [d for d in decisions if not d.passed]
+    return versions, log_file
+
+
+def champions(uri: str) -> dict[str, str]:
+    return {k: alias_version(registered_name(k), CHAMPION, tracking_uri=uri) for k in GOOD}
+
+
+def cli(uri: str, *argv: str, log_file=None) -> int:
+    extra = ["--log-file", str(log_file)] if log_file else []
+    return main(get_args_parser().parse_args([*argv, "--tracking-uri", uri, "--actor", "tester", *extra]))
+
+
+def test_good_set_promoted_together_and_recorded(mlflow_server, good_set):
+    versions, log_file = good_set
+    assert champions(mlflow_server) == versions
+    client = get_client(mlflow_server)
+    tags = client.get_model_version("marrowscope-ensemble", versions["ensemble"]).tags
+    assert tags["marrowscope.promoted_by"] == "tester"
+    assert tags["marrowscope.promoted_at"].startswith("20")
+    assert "marrowscope.previous_champion" in tags
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert records[-1]["outcome"] == "promoted"
+    assert {k: v["version"] for k, v in records[-1]["moved"].items()} == versions
+    exp = client.get_experiment_by_name("marrowscope-promotions")
+    assert exp is not None and client.search_runs([exp.experiment_id])
+
+
+def test_dry_run_changes_nothing(mlflow_server, good_set, reg, tmp_path, capsys):
+    before = champions(mlflow_server)
+    better = reg("npm1", {"auroc": 0.95})
+    log_file = tmp_path / "p.jsonl"
+    assert cli(mlflow_server, "--model", "npm1", "--version", better, "--dry-run", log_file=log_file) == 0
+    out = capsys.readouterr().out
+    assert "non_inferiority" in out and "would promote: npm1 v" + better in out
+    assert champions(mlflow_server) == before
+    assert not log_file.exists()
+
+
+def test_worse_model_is_refused_by_non_inferiority(mlflow_server, good_set, reg, tmp_path, capsys):
+    before = champions(mlflow_server)
+    worse = reg("npm1", {"auroc": 0.8})  # above the 0.65 floor, below 0.9 - 0.01
+    log_file = tmp_path / "p.jsonl"
+    assert cli(mlflow_server, "--model", "npm1", "--version", worse, log_file=log_file) == 1
+    err = capsys.readouterr().err
+    assert f"gate 'non_inferiority' failed for npm1 v{worse}" in err
+    assert champions(mlflow_server) == before
+    assert json.loads(log_file.read_text().splitlines()[-1])["outcome"] == "refused"
+    # within the margin it passes
+    assert cli(mlflow_server, "--model", "npm1", "--version", worse, "--margin", "0.2", "--dry-run") == 0
+
+
+def test_lineage_is_checked_against_what_will_serve(mlflow_server, good_set, reg, tmp_path, capsys):
+    current = champions(mlflow_server)
+    seg2 = reg("segmentation")
+    log_file = tmp_path / "p.jsonl"
+    # A new detector alone would leave the ensemble on features from the old one.
+    assert cli(mlflow_server, "--model", "segmentation", "--version", seg2, log_file=log_file) == 1
+    err = capsys.readouterr().err
+    assert "gate 'lineage' failed for segmentation" in err
+    assert f"built on segmentation v{current['segmentation']}" in err
+    # An ensemble built on a celltype version that is not (and will not be) champion.
+    stray = reg("ensemble", lineage={"segmentation": current["segmentation"], "celltype": "999"})
+    assert cli(mlflow_server, "--model", "ensemble", "--version", stray, log_file=log_file) == 1
+    assert "gate 'lineage' failed for ensemble" in capsys.readouterr().err
+    # Promoted together with a matching ensemble, the new detector is fine.
+    ens2 = reg("ensemble", lineage={"segmentation": seg2, "celltype": current["celltype"]})
+    assert cli(mlflow_server, "--pipeline", f"segmentation={seg2}", f"ensemble={ens2}",
+               log_file=log_file) == 0
+    assert champions(mlflow_server) == {**current, "segmentation": seg2, "ensemble": ens2}
+
+
+def test_set_is_all_or_nothing(mlflow_server, good_set, reg, tmp_path, capsys):
+    current = champions(mlflow_server)
+    seg, cel = reg("segmentation"), reg("celltype", {"macro_f1": 0.3})  # below the floor
+    ens = reg("ensemble", lineage={"segmentation": seg, "celltype": cel})
+    code = cli(mlflow_server, "--pipeline", f"segmentation={seg}", f"celltype={cel}", f"ensemble={ens}",
+               log_file=tmp_path / "p.jsonl")
+    assert code == 1
+    assert f"gate 'metrics' failed for celltype v{cel}: macro_f1=0.3 < floor 0.5" in capsys.readouterr().err
+    assert champions(mlflow_server) == current
+
+
+def test_floors_missing_metrics_and_flags(mlflow_server, good_set, reg, tmp_path, capsys):
+    no_metric = reg("npm1", {})
+    assert cli(mlflow_server, "--model", "npm1", "--version", no_metric, "--dry-run") == 1
+    assert "gate 'metrics' failed for npm1" in capsys.readouterr().err
+    fine = reg("npm1", {"auroc": 0.95})
+    assert cli(mlflow_server, "--model", "npm1", "--version", fine, "--floor", "npm1.auroc=0.99",
+               "--dry-run") == 1
+    assert "auroc=0.95 < floor 0.99" in capsys.readouterr().err
+    assert cli(mlflow_server, "--model", "npm1", "--version", "9999", "--dry-run") == 1
+    assert "gate 'exists' failed" in capsys.readouterr().err
+
+
+def test_config_gate(mlflow_server, good_set, reg, tmp_path, capsys):
+    current = champions(mlflow_server)
+    odd = make_tiny_model_dir("ensemble", tmp_path / "odd", feature_names=["frac_BLA", "n_cells_log"])
+    bad_ens = reg("ensemble", lineage={"segmentation": current["segmentation"],
+                                       "celltype": current["celltype"]}, model_dir=odd)
+    assert cli(mlflow_server, "--model", "ensemble", "--version", bad_ens, "--dry-run") == 1
+    assert "gate 'config' failed for ensemble" in capsys.readouterr().err
+    narrow = make_tiny_model_dir("celltype", tmp_path / "narrow", outputs=["BLA", "LYT"])
+    bad_cel = reg("celltype", model_dir=narrow)
+    assert cli(mlflow_server, "--model", "celltype", "--version", bad_cel, "--dry-run") == 1
+    assert "outputs lack" in capsys.readouterr().err
+
+
+def test_usage_errors(mlflow_server, capsys):
+    assert cli(mlflow_server, "--model", "npm1") == 2
+    assert cli(mlflow_server, "--pipeline", "npm1") == 2
+    assert cli(mlflow_server, "--pipeline", "detector=3") == 2
+    assert cli(mlflow_server, "--model", "npm1", "--version", "v3") == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_rollout_is_called_with_promoted_versions(mlflow_server, good_set, reg, monkeypatch, capsys):
+    import training.rollout
+
+    calls = []
+
+    def fake_rollout(versions, *, namespace, dry_run):
+        calls.append((versions, namespace, dry_run))
+        return []
+
+    monkeypatch.setattr(training.rollout, "rollout_model_services", fake_rollout)
+    fine = reg("npm1", {"auroc": 0.95})
+    assert cli(mlflow_server, "--model", "npm1", "--version", fine, "--dry-run",
+               "--rollout", "k8s", "--namespace", "ms-test") == 0
+    assert calls == [({"npm1": fine}, "ms-test", True)]
+    worse = reg("npm1", {"auroc": 0.1})
+    assert cli(mlflow_server, "--model", "npm1", "--version", worse, "--dry-run", "--rollout", "k8s") == 1
+    assert len(calls) == 1  # a refusal never rolls out

@@ -1,0 +1,414 @@
+"""Move the `champion` alias to new model versions after gates pass (aliases, never stages).
+
+    python -m training.promote --model npm1 --version 7
+    python -m training.promote --pipeline segmentation=3 celltype=5 ensemble=4 --dry-run
+
+Gates, evaluated on every candidate before anything moves (a set is all or nothing):
+- `exists`: the version is registered.
+- `metrics`: `marrowscope.metric.<m>` tags present and >= the floors (`DEFAULT_FLOORS`,
+  overridden with `--floor [kind.]metric=value`).
+- `non_inferiority`: primary metric (`PRIMARY_METRIC`) >= champion's - `--margin`.
+- `lineage`: the ensemble that will serve (candidate or current champion) was built on the
+  segmentation and celltype versions that will serve with it (champions after promotion).
+- `config`: the config is valid for its kind; celltype outputs cover the taxonomy the case
+  features need; ensemble `feature_names` equal `marrowscope.features.case_feature_names()`
+  and only use cell types/attributes the serving celltype model outputs.
+Each promotion tags the version (`marrowscope.promoted_by|promoted_at|previous_champion`),
+appends a JSON line to the promotion log and records an MLflow run in `marrowscope-promotions`.
+Exit codes: 0 promoted (or dry run passed), 1 refused, 2 usage error, 3 rollout failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from marrowscope import registry
+from marrowscope.errors import ModelNotFound
+from marrowscope.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+PRIMARY_METRIC = {"segmentation": "map50", "celltype": "macro_f1", "ensemble": "auroc", "npm1": "auroc"}
+DEFAULT_FLOORS: dict[str, dict[str, float]] = {
+    "segmentation": {"map50": 0.5},
+    "celltype": {"macro_f1": 0.5},
+    "ensemble": {"auroc": 0.75},
+    "npm1": {"auroc": 0.65},
+}
+DEFAULT_MARGIN = 0.01
+PROMOTIONS_EXPERIMENT = "marrowscope-promotions"
+
+
+@dataclass(frozen=True)
+class Decision:
+    gate: str
+    kind: str
+    version: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Version:
+    kind: str
+    version: str
+    tags: dict[str, str]
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.tags[registry.TAG_CONFIG])
+        except (KeyError, json.JSONDecodeError):
+            return None
+
+    def metric(self, name: str) -> float | None:
+        value = self.tags.get(f"{registry.METRIC_PREFIX}{name}")
+        try:
+            return None if value is None else float(value)
+        except ValueError:
+            return None
+
+
+def _fetch(client: Any, kind: str, version: str | None = None) -> _Version | None:
+    """A version, or the champion when `version` is None (None when there is no champion)."""
+    name = registry.registered_name(kind)
+    try:
+        mv = registry.get_version(name, version or "", client=client,
+                                  alias=None if version else registry.CHAMPION)
+    except ModelNotFound:
+        if version:
+            raise
+        return None
+    return _Version(kind, str(mv.version), dict(mv.tags))
+
+
+def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
+    problems, seen = [], []
+    for metric, floor in sorted(floors.items()):
+        value = c.metric(metric)
+        if value is None:
+            problems.append(f"{metric} missing")
+        elif value < floor:
+            problems.append(f"{metric}={value:.4g} < floor {floor:g}")
+        else:
+            seen.append(f"{metric}={value:.4g} >= {floor:g}")
+    return (not problems, "; ".join(problems or seen) or "no floors configured")
+
+
+def _non_inferiority_gate(c: _Version, champion: _Version | None, margin: float) -> tuple[bool, str]:
+    metric = PRIMARY_METRIC[c.kind]
+    if champion is None:
+        return True, "no current champion"
+    if champion.version == c.version:
+        return True, f"v{c.version} is already the champion"
+    mine, theirs = c.metric(metric), champion.metric(metric)
+    if mine is None:
+        return False, f"{metric} missing on the candidate"
+    if theirs is None:
+        return True, f"champion v{champion.version} has no {metric}; nothing to compare"
+    ok = mine >= theirs - margin
+    sign = ">=" if ok else "<"
+    return ok, f"{metric} {mine:.4g} {sign} champion v{champion.version} {theirs:.4g} - margin {margin:g}"
+
+
+def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
+    ensemble = serving["ensemble"]
+    if c.kind == "npm1":
+        return True, "no upstream models"
+    if ensemble is None:
+        return True, "no ensemble serves; nothing depends on upstream versions"
+    lineage = {k[len(registry.LINEAGE_PREFIX):]: v for k, v in ensemble.tags.items()
+               if k.startswith(registry.LINEAGE_PREFIX)}
+    problems = []
+    for upstream in ("segmentation", "celltype"):
+        want, have = lineage.get(upstream), serving[upstream]
+        if want is None:
+            problems.append(f"ensemble v{ensemble.version} records no {upstream} lineage")
+        elif have is None:
+            problems.append(f"ensemble v{ensemble.version} needs {upstream} v{want}, but no {upstream} would serve")
+        elif have.version != want:
+            problems.append(f"ensemble v{ensemble.version} was built on {upstream} v{want}, "
+                            f"but {upstream} v{have.version} would serve")
+    if problems:
+        return False, "; ".join(problems) + " (promote a consistent set with --pipeline)"
+    return True, (f"ensemble v{ensemble.version} built on segmentation v{lineage['segmentation']}, "
+                  f"celltype v{lineage['celltype']}")
+
+
+def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
+    from marrowscope.models import ModelConfigError, validate_config
+    from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
+
+    config = c.config
+    if config is None:
+        return False, f"tag {registry.TAG_CONFIG} missing or not JSON"
+    try:
+        validate_config(config)
+    except ModelConfigError as exc:
+        return False, str(exc)
+    if config["kind"] != registry.MODEL_KIND[c.kind]:
+        return False, f"config kind {config['kind']!r} is not {registry.MODEL_KIND[c.kind]!r}"
+    if c.kind == "segmentation":
+        unknown = [x for x in config["classes"] if x not in CODES]
+        return (not unknown, f"unknown classes {unknown}" if unknown else f"{len(config['classes'])} classes")
+    if c.kind == "celltype":
+        missing = [x for x in (*COUNTED_CODES, *ATTRIBUTE_CODES) if x not in config["outputs"]]
+        if missing:
+            return False, f"outputs lack {missing} needed by the case features"
+        return True, f"{len(config['outputs'])} outputs, crop {config['crop_size']} px"
+    if c.kind == "ensemble":
+        names = list(config["feature_names"])
+        try:
+            from marrowscope.features import case_feature_names
+        except ImportError:
+            log.warning("marrowscope.features is absent; feature-name check skipped")
+        else:
+            expected = list(case_feature_names())
+            if names != expected:
+                missing = sorted(set(expected) - set(names))[:5]
+                extra = sorted(set(names) - set(expected))[:5]
+                return False, (f"feature_names differ from case_feature_names() "
+                               f"(missing {missing}, unexpected {extra}, or order)")
+        celltype = serving["celltype"]
+        outputs = (celltype.config or {}).get("outputs") if celltype else None
+        if outputs is not None:
+            needed = [n.removeprefix("frac_attr_") if n.startswith("frac_attr_") else n.removeprefix("frac_")
+                      for n in names if n.startswith("frac_")]
+            lacking = sorted({x for x in needed if x not in outputs})
+            if lacking:
+                return False, f"features use {lacking}, which celltype v{celltype.version} does not output"
+        return True, f"{len(names)} features match"
+    return True, f"input {config['input_size']}"
+
+
+def evaluate(
+    candidates: dict[str, str], *, client: Any, floors: dict[str, dict[str, float]], margin: float
+) -> list[Decision]:
+    """Every gate for every candidate (`kind -> version`), nothing changed."""
+    decisions: list[Decision] = []
+    found: dict[str, _Version] = {}
+    for kind, version in candidates.items():
+        try:
+            found[kind] = _fetch(client, kind, version)
+            decisions.append(Decision("exists", kind, version, True, "registered"))
+        except ModelNotFound as exc:
+            decisions.append(Decision("exists", kind, version, False, str(exc)))
+    champions = {kind: _fetch(client, kind) for kind in registry.KINDS}
+    serving = {**champions, **found}
+    for kind, c in found.items():
+        for gate, (ok, detail) in (
+            ("metrics", _metrics_gate(c, floors.get(kind, {}))),
+            ("non_inferiority", _non_inferiority_gate(c, champions[kind], margin)),
+            ("lineage", _lineage_gate(c, serving)),
+            ("config", _config_gate(c, serving)),
+        ):
+            decisions.append(Decision(gate, kind, c.version, ok, detail))
+    return decisions
+
+
+def default_log_file(tracking_uri: str) -> Path:
+    """`MARROWSCOPE_PROMOTION_LOG`, else next to a SQLite store, else `<project>/runs/`."""
+    if env := os.environ.get("MARROWSCOPE_PROMOTION_LOG"):
+        return Path(env)
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "promotions.jsonl"
+    return PROJECT_ROOT / "runs" / "promotions.jsonl"
+
+
+def _move_aliases(client: Any, moves: dict[str, tuple[str, str | None]], actor: str, at: str) -> None:
+    """Set `champion` for every kind; on failure put back those already moved, then raise."""
+    done: list[str] = []
+    try:
+        for kind, (version, previous) in moves.items():
+            name = registry.registered_name(kind)
+            client.set_registered_model_alias(name, registry.CHAMPION, version)
+            done.append(kind)
+            for key, value in (("promoted_by", actor), ("promoted_at", at),
+                               ("previous_champion", previous or "none")):
+                client.set_model_version_tag(name, version, f"marrowscope.{key}", value)
+    except Exception:
+        for kind in done:
+            name, previous = registry.registered_name(kind), moves[kind][1]
+            if previous is None:
+                client.delete_registered_model_alias(name, registry.CHAMPION)
+            else:
+                client.set_registered_model_alias(name, registry.CHAMPION, previous)
+        log.error("promotion failed part-way; champion aliases restored for %s", done)
+        raise
+
+
+def _record(client: Any, tracking_uri: str, record: dict[str, Any], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    exp = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        PROMOTIONS_EXPERIMENT, artifact_location=registry._local_artifact_location(tracking_uri))
+    run = client.create_run(exp_id, run_name=f"{record['outcome']}-{record['at']}",
+                            tags={"marrowscope.promotion.outcome": record["outcome"],
+                                  "marrowscope.promotion.by": record["by"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "promotion.json"
+        path.write_text(json.dumps(record, indent=2, sort_keys=True))
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+
+
+def promote(
+    candidates: dict[str, str],
+    *,
+    tracking_uri: str | None = None,
+    floors: dict[str, dict[str, float]] | None = None,
+    margin: float = DEFAULT_MARGIN,
+    dry_run: bool = False,
+    actor: str | None = None,
+    log_file: Path | None = None,
+) -> tuple[bool, list[Decision]]:
+    """Evaluate the gates and, when all pass and not `dry_run`, move every alias together.
+
+    Returns (promoted-or-would-promote, decisions). Refusals and promotions are recorded;
+    a dry run records nothing.
+    """
+    uri = tracking_uri or registry.default_tracking_uri()
+    client = registry.get_client(uri)
+    decisions = evaluate(candidates, client=client, floors=DEFAULT_FLOORS if floors is None else floors,
+                         margin=margin)
+    ok = all(d.passed for d in decisions)
+    if dry_run:
+        return ok, decisions
+    actor = actor or getpass.getuser()
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    moves: dict[str, tuple[str, str | None]] = {}
+    if ok:
+        for kind, version in candidates.items():
+            champion = _fetch(client, kind)
+            if champion is None or champion.version != version:
+                moves[kind] = (version, champion.version if champion else None)
+        _move_aliases(client, moves, actor, at)
+    record = {
+        "at": at, "by": actor, "tracking_uri": uri, "outcome": "promoted" if ok else "refused",
+        "candidates": candidates,
+        "moved": {k: {"version": v, "previous": p} for k, (v, p) in moves.items()},
+        "decisions": [asdict(d) for d in decisions],
+    }
+    _record(client, uri, record, log_file or default_log_file(uri))
+    return ok, decisions
+
+
+def _parse_pairs(pairs: list[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{what} {pair!r} is not KEY=VALUE")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _floors(pairs: list[str], kinds: list[str]) -> dict[str, dict[str, float]]:
+    floors = {k: dict(v) for k, v in DEFAULT_FLOORS.items()}
+    for key, value in _parse_pairs(pairs, "--floor"):
+        kind, dot, metric = key.rpartition(".")
+        targets = [kind] if dot else kinds
+        if dot and kind not in registry.KINDS:
+            raise ValueError(f"--floor {key}: unknown kind {kind!r}")
+        for k in targets:
+            floors[k][metric] = float(value)
+    return floors
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Move the champion alias after promotion gates pass.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", choices=registry.KINDS, help="promote one model kind")
+    what.add_argument("--pipeline", nargs="+", metavar="KIND=VERSION",
+                      help="promote a consistent set together (all or nothing)")
+    p.add_argument("--version", help="registry version for --model")
+    p.add_argument("--floor", action="append", default=[], metavar="[KIND.]METRIC=VALUE",
+                   help="metric floor (adds to/overrides the per-kind defaults)")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help="non-inferiority margin on the primary metric (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the decision table, change nothing")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the local store")
+    p.add_argument("--actor", default=None, help="recorded as promoted_by (default: login name)")
+    p.add_argument("--log-file", type=Path, default=None, help="append-only JSONL promotion log")
+    p.add_argument("--rollout", choices=("none", "k8s"), default="none",
+                   help="k8s: pin the promoted versions on the model-service Deployments")
+    p.add_argument("--namespace", default="marrowscope", help="Kubernetes namespace for --rollout k8s")
+    return p
+
+
+def _print_table(decisions: list[Decision]) -> None:
+    rows = [("gate", "kind", "version", "passed", "detail")]
+    rows += [(d.gate, d.kind, d.version, "yes" if d.passed else "NO", d.detail) for d in decisions]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.model:
+            if not args.version:
+                raise ValueError("--model needs --version")
+            candidates = {args.model: args.version}
+        else:
+            if args.version:
+                raise ValueError("--version goes with --model, not --pipeline")
+            candidates = {}
+            for kind, version in _parse_pairs(args.pipeline, "--pipeline"):
+                if kind not in registry.KINDS or kind in candidates:
+                    raise ValueError(f"--pipeline: unknown or repeated kind {kind!r}")
+                candidates[kind] = version
+        for kind, version in candidates.items():
+            if not version.isdigit():
+                raise ValueError(f"{kind} version {version!r} is not a version number")
+        floors = _floors(args.floor, list(candidates))
+        if args.margin < 0:
+            raise ValueError("--margin must be >= 0")
+        rollout = None
+        if args.rollout == "k8s":
+            try:
+                from training.rollout import rollout_model_services as rollout
+            except ImportError as exc:
+                raise ValueError(f"--rollout k8s needs training/rollout.py ({exc})") from None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    ok, decisions = promote(candidates, tracking_uri=args.tracking_uri, floors=floors,
+                            margin=args.margin, dry_run=args.dry_run, actor=args.actor,
+                            log_file=args.log_file)
+    _print_table(decisions)
+    if not ok:
+        for d in decisions:
+            if not d.passed:
+                print(f"refused: gate '{d.gate}' failed for {d.kind} v{d.version}: {d.detail}",
+                      file=sys.stderr)
+        return 1
+    verb = "would promote" if args.dry_run else "promoted"
+    print(f"{verb}: " + ", ".join(f"{k} v{v}" for k, v in candidates.items()))
+    if rollout is not None:
+        try:
+            results = rollout(candidates, namespace=args.namespace, dry_run=args.dry_run)
+        except Exception as exc:  # aliases moved already; report, the services also poll
+            print(f"rollout failed (champion alias already moved): {exc}", file=sys.stderr)
+            return 3
+        for r in results:
+            print(f"rollout {r.service}: {r.status} {r.model_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
