@@ -55,19 +55,19 @@ class ServerThread:
 
 
 def start_toy(port_factory, version: str = "1", **overrides) -> ServerThread:
-    settings = ToySettings(
-        grpc_host="127.0.0.1",
-        grpc_port=port_factory(),
-        metrics_host="127.0.0.1",
-        metrics_port=port_factory(),
-        max_batch_size=8,
-        max_queue_delay_ms=20,
-        max_message_bytes=1 << 20,
-        grace_period_s=5,
-        version_grace_s=30,
-        poll_interval_s=0,
-        **overrides,
-    )
+    values = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": port_factory(),
+        "metrics_host": "127.0.0.1",
+        "metrics_port": port_factory(),
+        "max_batch_size": 8,
+        "max_queue_delay_ms": 20,
+        "max_message_bytes": 1 << 20,
+        "grace_period_s": 5,
+        "version_grace_s": 30,
+        "poll_interval_s": 0,
+    }
+    settings = ToySettings(**{**values, **overrides})
     return ServerThread(settings, {"version": version}).start()
 
 

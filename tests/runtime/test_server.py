@@ -110,6 +110,13 @@ def test_health_serving_and_reflection(toy_server):
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection"} <= names
+        # reflection can describe the service (what grpcurl needs)
+        described = list(reflect.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="inference.GRPCInferenceService")
+        ])))
+        files = described[0].file_descriptor_response.file_descriptor_proto
+        assert files and b"ModelInfer" in files[0]
 
 
 def test_metrics_follow_traffic_and_batches(toy_server):
