@@ -104,7 +104,7 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def _local_artifact_location(uri: str) -> str | None:
+def local_artifact_location(uri: str) -> str | None:
     """Artifacts next to a local SQLite store (`<db dir>/mlruns`); servers choose their own."""
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
@@ -118,7 +118,7 @@ def _experiment_id(client: MlflowClient, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=_local_artifact_location(uri))
+        return client.create_experiment(EXPERIMENT, artifact_location=local_artifact_location(uri))
     except MlflowException as exc:  # created concurrently by another process
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:

@@ -253,7 +253,7 @@ def _record(client: Any, tracking_uri: str, record: dict[str, Any], log_file: Pa
         f.write(json.dumps(record, sort_keys=True) + "\n")
     exp = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        PROMOTIONS_EXPERIMENT, artifact_location=registry._local_artifact_location(tracking_uri))
+        PROMOTIONS_EXPERIMENT, artifact_location=registry.local_artifact_location(tracking_uri))
     run = client.create_run(exp_id, run_name=f"{record['outcome']}-{record['at']}",
                             tags={"marrowscope.promotion.outcome": record["outcome"],
                                   "marrowscope.promotion.by": record["by"]})
