@@ -48,7 +48,12 @@ def require(scope: str):
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         header: Annotated[str | None, Depends(_header)],
     ) -> Principal:
-        presented = header or (bearer.credentials if bearer else None)
+        given = {c for c in (header, bearer.credentials if bearer else None) if c}
+        if len(given) > 1:  # never let a valid key mask an invalid one sent alongside it
+            raise ApiError(401, "unauthenticated", "send one API key: Authorization: Bearer "
+                           "or X-API-Key, not two different ones",
+                           {"WWW-Authenticate": "Bearer"})
+        presented = given.pop() if given else None
         if not presented:
             raise ApiError(401, "unauthenticated", "an API key is required",
                            {"WWW-Authenticate": "Bearer"})

@@ -68,6 +68,8 @@ class FakeModelClients:
         self._enter("segmentation", version)
         if self.seg_delay_s:
             await asyncio.sleep(min(self.seg_delay_s, timeout))
+            if self.seg_delay_s > timeout:  # what a gRPC call does when its timeout passes
+                raise ServiceCallError("segmentation", "DEADLINE_EXCEEDED", "deadline passed")
         rgb = decode_image(image)
         h, w = rgb.shape[:2]
         rng = np.random.default_rng(int(hashlib.sha256(image).hexdigest()[:8], 16))

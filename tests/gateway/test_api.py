@@ -196,3 +196,13 @@ def test_metadata_round_trip(gateway):
         body = client.get(f"/v1/analyses/{aid}", headers=keys["lis"]).json()
         assert (body["specimen_type"], body["stain"]) == ("peripheral_blood", "Wright")
         assert json.loads(meta())["accession_id"] == body["accession_id"]
+
+
+def test_deadline_fails_with_reason(gateway, monkeypatch):
+    monkeypatch.setenv("MS_TEST_FAKE_SEG_DELAY_S", "5")
+    client, _, keys = gateway(deadline_s="1")
+    with client:
+        aid = _submit(client, keys, png()).json()["id"]
+        body = wait_status(client.get, aid, keys["lis"], timeout=10)
+    assert body["status"] == "failed"
+    assert body["reason"] == "deadline of 1 s exceeded while calling the segmentation service"
