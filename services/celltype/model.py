@@ -1,0 +1,50 @@
+"""Celltype handler: cell-type and attribute probabilities for square cell crops.
+
+Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
+- in  ``CROPS`` UINT8 [B, S, S, 3] RGB crops, S = the loaded model's ``crop_size`` (fixed in
+  ModelMetadata, so clients read S from there); cut them like training did
+  (`marrowscope.inference.CellTyper.crops`: square around the box with the config's
+  ``crop_pad_fraction`` of context).
+- out ``PROBS`` FP32 [B, K] in [0, 1]; ``NAMES`` BYTES [K]: cell codes, then attribute codes
+  (the model config's ``outputs``).
+
+Batchable: concurrent requests are joined along B (dynamic batching by the runtime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from marrowscope.inference import CellTyper
+from services.celltype.config import CelltypeSettings
+from services.common import PredictorHandler, bytes_tensor
+from services.runtime.handler import Parameters, Tensors, TensorSpec
+
+
+class CelltypeHandler(PredictorHandler):
+    batchable = True
+    predictor_cls = CellTyper
+    settings: CelltypeSettings
+
+    def __init__(self, local_dir: str | Path, settings: CelltypeSettings) -> None:
+        super().__init__(local_dir, settings)
+        size = int(self.config["crop_size"])
+        self.names: tuple[str, ...] = tuple(self.config["outputs"])
+        # per loaded model: ModelMetadata must show this version's crop size
+        self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)
+        self.outputs = (
+            TensorSpec("PROBS", "FP32", (-1, len(self.names))),
+            TensorSpec("NAMES", "BYTES", (len(self.names),), batch_axis=False),
+        )
+
+    def warmup(self) -> None:
+        size = self.inputs[0].shape[1]
+        self.infer({"CROPS": np.full((2, size, size, 3), 200, np.uint8)}, {})
+
+    def predict(self, inputs: Tensors) -> np.ndarray:
+        return self.predictor.predict(inputs["CROPS"], batch_size=self.settings.chunk_size)
+
+    def postprocess(self, probs: np.ndarray, parameters: Parameters) -> Tensors:
+        return {"PROBS": probs.astype(np.float32, copy=False), "NAMES": bytes_tensor(self.names)}

@@ -1,0 +1,79 @@
+"""Ensemble handler: P(AML) from one case feature vector, plus the model's lineage.
+
+Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
+- in  ``FEATURES`` FP32 [1, F], finite, in ``FEATURE_NAMES`` order; ``FEATURE_NAMES`` BYTES
+  [F]: must equal the model config's ``feature_names`` (same names, same order), else
+  INVALID_ARGUMENT naming what is missing or unexpected (`marrowscope.features`).
+- out ``P_AML`` FP32 [1] in [0, 1].
+- response parameters (string) ``lineage_segmentation`` / ``lineage_celltype``: the upstream
+  versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
+  local directory the config's ``training.lineage``; "" when unknown). They are offered as
+  ``response_parameters``; the runtime has to copy them into every response.
+
+Not batchable: the names travel with every vector, and the model is a tiny MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from marrowscope.errors import InvalidInput
+from marrowscope.inference import EnsemblePredictor
+from services.common import PredictorHandler, bytes_tensor, decode_names
+from services.ensemble.config import EnsembleSettings
+from services.runtime.handler import Parameters, Tensors, TensorSpec
+
+UPSTREAMS: tuple[str, ...] = ("segmentation", "celltype")
+LINEAGE_TAG_PREFIX = "marrowscope.lineage."
+
+
+def lineage_of(tags: Mapping[str, str], config: Mapping) -> dict[str, str]:
+    """``{upstream: version}`` for every ``UPSTREAMS`` entry ("" when not recorded).
+
+    Registry tags win; a plain directory has no tags, so its config's ``training.lineage``
+    (``{"segmentation": "3", ...}``) is used when present.
+    """
+    recorded = config.get("training", {}).get("lineage", {})
+    if not isinstance(recorded, Mapping):
+        recorded = {}
+    return {u: str(tags.get(f"{LINEAGE_TAG_PREFIX}{u}", recorded.get(u, ""))) for u in UPSTREAMS}
+
+
+class EnsembleHandler(PredictorHandler):
+    inputs = (
+        TensorSpec("FEATURES", "FP32", (1, -1)),
+        TensorSpec("FEATURE_NAMES", "BYTES", (-1,)),
+    )
+    outputs = (TensorSpec("P_AML", "FP32", (1,)),)
+    batchable = False
+    predictor_cls = EnsemblePredictor
+
+    def __init__(self, local_dir: str | Path, settings: EnsembleSettings, *,
+                 tags: Mapping[str, str] | None = None) -> None:
+        super().__init__(local_dir, settings)
+        self.feature_names: tuple[str, ...] = tuple(self.config["feature_names"])
+        self.lineage = lineage_of(tags or {}, self.config)
+        self.response_parameters: dict[str, str] = {
+            f"lineage_{u}": v for u, v in self.lineage.items()}
+
+    def warmup(self) -> None:
+        self.infer({"FEATURES": np.zeros((1, len(self.feature_names)), np.float32),
+                    "FEATURE_NAMES": bytes_tensor(self.feature_names)}, {})
+
+    def preprocess(self, inputs: Tensors, parameters: Parameters) -> tuple[list[str], np.ndarray]:
+        names = decode_names(inputs["FEATURE_NAMES"], "FEATURE_NAMES")
+        vector = inputs["FEATURES"]
+        if vector.shape[1] != len(names):
+            raise InvalidInput(f"FEATURES has {vector.shape[1]} values but FEATURE_NAMES "
+                               f"{len(names)} names")
+        return names, vector
+
+    def predict(self, batch: tuple[list[str], np.ndarray]) -> np.ndarray:
+        names, vector = batch
+        return self.predictor.predict_batch(names, vector)
+
+    def postprocess(self, p: np.ndarray, parameters: Parameters) -> Tensors:
+        return {"P_AML": p.astype(np.float32, copy=False).reshape(1)}

@@ -1,0 +1,1 @@
+"""Segmentation model service: cell detection (Faster R-CNN) + morphometrics over OIP gRPC."""

@@ -1,0 +1,84 @@
+"""Segmentation handler: detect cells on an encoded image and measure each one.
+
+Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
+- in  ``IMAGE`` BYTES [1]: one encoded PNG/JPEG/TIFF (decoded with
+  `marrowscope.imaging.decode_image` under the service's size/pixel limits);
+  optional ``UM_PER_PX`` FP32 [1]: micrometres per pixel (areas in um^2, else px^2).
+- out ``BOXES`` FP32 [N, 4] x1, y1, x2, y2 pixels of the decoded image; ``SCORES`` FP32 [N]
+  in [0, 1], descending; ``LABELS`` BYTES [N] detector class names (taxonomy codes, e.g.
+  ``BLA``, ``RBC``); ``FEATURES`` FP32 [N, F] `marrowscope.morphometrics.measure_cells` rows;
+  ``FEATURE_NAMES`` BYTES [F] (`morphometrics.FEATURE_NAMES` order).
+
+Not batchable: N differs per image, so one request is one predict call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from marrowscope.errors import InvalidInput
+from marrowscope.inference import Detections, Detector
+from services.common import PredictorHandler, bytes_tensor, positive_scale
+from services.runtime.handler import Parameters, Tensors, TensorSpec
+from services.segmentation.config import SegmentationSettings
+
+
+@dataclass(frozen=True)
+class _Request:
+    image: np.ndarray  # uint8[H, W, 3]
+    um_per_px: float | None
+
+
+class SegmentationHandler(PredictorHandler):
+    inputs = (
+        TensorSpec("IMAGE", "BYTES", (1,)),
+        TensorSpec("UM_PER_PX", "FP32", (1,), optional=True),
+    )
+    outputs = (
+        TensorSpec("BOXES", "FP32", (-1, 4)),
+        TensorSpec("SCORES", "FP32", (-1,)),
+        TensorSpec("LABELS", "BYTES", (-1,)),
+        TensorSpec("FEATURES", "FP32", (-1, -1)),
+        TensorSpec("FEATURE_NAMES", "BYTES", (-1,)),
+    )
+    batchable = False
+    predictor_cls = Detector
+    settings: SegmentationSettings
+
+    def warmup(self) -> None:
+        from marrowscope.imaging import encode_png
+
+        side = max(64, self.settings.min_image_side)
+        image = np.full((side, side, 3), 235, np.uint8)
+        image[side // 4: side // 2, side // 4: side // 2] = (120, 60, 160)
+        self.infer({"IMAGE": bytes_tensor([encode_png(image)])}, {})
+
+    def preprocess(self, inputs: Tensors, parameters: Parameters) -> _Request:
+        from marrowscope.imaging import decode_image
+
+        data = inputs["IMAGE"][0]
+        if not isinstance(data, bytes):
+            raise InvalidInput("IMAGE must hold the encoded image bytes")
+        image = decode_image(data, limits=self.settings.image_limits())
+        um = inputs.get("UM_PER_PX")
+        return _Request(image, None if um is None else positive_scale(um[0], "UM_PER_PX"))
+
+    def predict(self, request: _Request) -> tuple[_Request, Detections]:
+        return request, self.predictor.predict(request.image, self.settings.score_threshold)
+
+    def postprocess(self, outputs: tuple[_Request, Detections], parameters: Parameters) -> Tensors:
+        from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
+
+        request, det = outputs
+        features = measure_cells(request.image, det.boxes, request.um_per_px,
+                                 margin=self.settings.morphometrics_margin)
+        return {
+            "BOXES": det.boxes.astype(np.float32).reshape(-1, 4),
+            "SCORES": det.scores.astype(np.float32).reshape(-1),
+            "LABELS": bytes_tensor(det.labels),
+            "FEATURES": features.astype(np.float32).reshape(len(det), len(FEATURE_NAMES)),
+            "FEATURE_NAMES": bytes_tensor(FEATURE_NAMES),
+        }
+
