@@ -1,0 +1,119 @@
+"""Segmentation service as a real process: detection + morphometrics over OIP gRPC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from marrowscope.imaging import encode_png
+from marrowscope.morphometrics import FEATURE_NAMES
+from tests.fixtures_mlflow import make_tiny_model_dir
+from tests.services.helpers import (
+    check_server_and_metadata,
+    check_still_healthy,
+    infer_input,
+    metric,
+    register,
+    status_of,
+)
+
+ALIAS = "test-services-segmentation"
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def service(mlflow_server, start_service, tmp_path_factory):
+    model_dir = make_tiny_model_dir("segmentation", tmp_path_factory.mktemp("seg") / "m")
+    version = register(mlflow_server, "segmentation", model_dir, ALIAS)
+    # an untrained detector scores low: threshold 0 so that N > 0 and morphometrics run
+    svc = start_service("segmentation", model_uri=f"models:/marrowscope-segmentation@{ALIAS}",
+                        score_threshold=0.0, max_message_bytes=MAX_MESSAGE_BYTES,
+                        max_image_pixels=200_000)
+    svc.version = version
+    return svc
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    c = tc.InferenceServerClient(url=service.address)
+    yield c
+    c.close()
+
+
+def _image_bytes(data: bytes) -> list:
+    return [infer_input("IMAGE", np.array([data], dtype=object), "BYTES")]
+
+
+def _smear(h: int = 96, w: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = np.full((h, w, 3), 235, np.uint8)
+    for _ in range(6):
+        y, x = rng.integers(12, h - 12), rng.integers(12, w - 12)
+        yy, xx = np.ogrid[:h, :w]
+        image[(yy - y) ** 2 + (xx - x) ** 2 < 64] = (110, 60, 150)
+    return image
+
+
+def test_metadata_and_infer_with_scale(client, service):
+    check_server_and_metadata(client, "segmentation", service.version,
+                              {"IMAGE": ("BYTES", [1]), "UM_PER_PX": ("FP32", [1])})
+    inputs = _image_bytes(encode_png(_smear())) + [
+        infer_input("UM_PER_PX", np.array([0.3], np.float32), "FP32")]
+    before = metric(service.metrics_url, "marrowscope_requests_total",
+                    {"model": "segmentation", "status": "ok"})
+    r = client.infer("segmentation", inputs)
+    assert r.get_response().model_version == service.version
+    boxes, scores = r.as_numpy("BOXES"), r.as_numpy("SCORES")
+    n = len(boxes)
+    assert n > 0 and boxes.shape == (n, 4) and boxes.dtype == np.float32
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert scores.shape == (n,) and (np.diff(scores) <= 0).all()
+    assert {x.decode() for x in r.as_numpy("LABELS")} <= {"BLA", "LYT", "RBC"}
+    assert [x.decode() for x in r.as_numpy("FEATURE_NAMES")] == list(FEATURE_NAMES)
+    features = r.as_numpy("FEATURES")
+    assert features.shape == (n, len(FEATURE_NAMES)) and np.isfinite(features).all()
+    assert metric(service.metrics_url, "marrowscope_requests_total",
+                  {"model": "segmentation", "status": "ok"}) == before + 1
+
+
+def test_scale_changes_areas_in_um2(client):
+    data = encode_png(_smear())
+    px = client.infer("segmentation", _image_bytes(data))
+    um = client.infer("segmentation", _image_bytes(data) + [
+        infer_input("UM_PER_PX", np.array([0.5], np.float32), "FP32")])
+    col = list(FEATURE_NAMES).index("cell_area")
+    a_px, a_um = px.as_numpy("FEATURES")[:, col], um.as_numpy("FEATURES")[:, col]
+    ok = a_px > 0
+    assert ok.any()
+    np.testing.assert_allclose(a_um[ok], a_px[ok] * 0.25, rtol=1e-4)
+
+
+def test_blank_image_gives_empty_tensors(client, service):
+    # a blank slide: threshold from the model config (0 here) may still box nothing or
+    # something; the tensors must agree on N either way
+    r = client.infer("segmentation", _image_bytes(encode_png(np.full((64, 64, 3), 235, np.uint8))))
+    n = len(r.as_numpy("SCORES"))
+    assert r.as_numpy("BOXES").shape == (n, 4)
+    assert r.as_numpy("FEATURES").shape == (n, len(FEATURE_NAMES))
+
+
+@pytest.mark.parametrize(("inputs", "code"), [
+    (lambda: _image_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200)), "INVALID_ARGUMENT"),
+    (lambda: _image_bytes(encode_png(_smear())[:300]), "INVALID_ARGUMENT"),
+    (lambda: _image_bytes(b"GIF89a" + bytes(64)), "INVALID_ARGUMENT"),
+    (lambda: _image_bytes(encode_png(np.zeros((600, 600, 3), np.uint8))), "INVALID_ARGUMENT"),
+    (lambda: [infer_input("IMAGE", np.zeros((1, 8, 8, 3), np.uint8), "UINT8")],
+     "INVALID_ARGUMENT"),
+    (lambda: _image_bytes(encode_png(_smear())) + [
+        infer_input("UM_PER_PX", np.array([-1.0], np.float32), "FP32")], "INVALID_ARGUMENT"),
+    (lambda: _image_bytes(bytes(2 * MAX_MESSAGE_BYTES)), "RESOURCE_EXHAUSTED"),
+], ids=["corrupt-png", "truncated-png", "gif", "too-many-pixels", "wrong-dtype",
+        "negative-scale", "oversized-message"])
+def test_bad_inputs_get_status_and_service_stays_healthy(client, service, inputs, code):
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("segmentation", inputs())
+    assert status_of(info.value) == code, info.value.message()
+    check_still_healthy(service)
+    assert client.infer("segmentation", _image_bytes(encode_png(_smear()))).as_numpy("BOXES") is not None
