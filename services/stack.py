@@ -1,0 +1,199 @@
+"""Run the whole serving stack as local processes: five model services and the gateway.
+
+Used by `make demo`, the end-to-end tests, the load tests and the benchmarks, so that all of
+them start the stack the same way an operator would (one process per service, settings only
+from the environment, readiness from gRPC health and `/readyz`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marrowscope.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+MODEL_SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
+REGISTRY_KIND = {"segmentation": "segmentation", "celltype": "celltype", "ensemble": "ensemble",
+                 "npm1": "npm1", "explain": "npm1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start or become ready; the message names it."""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    """Starts the services with `models:/marrowscope-<kind>@<alias>` (or explicit URIs).
+
+    Args:
+        workdir: logs and the gateway's data folder go here.
+        tracking_uri: MLflow tracking URI the services resolve models from.
+        model_uris: optional per-service MODEL_URI overrides (e.g. a local directory).
+        alias: registry alias the services follow (default `champion`).
+        env: extra environment for every process (e.g. `MS_GATEWAY_MIN_CELLS`).
+    """
+
+    workdir: Path
+    tracking_uri: str
+    model_uris: Mapping[str, str] = field(default_factory=dict)
+    alias: str = "champion"
+    env: Mapping[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = MODEL_SERVICES
+    with_gateway: bool = True
+    procs: dict[str, Proc] = field(default_factory=dict)
+    gateway_url: str = ""
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONPATH": str(PROJECT_ROOT),
+                    "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+        env.update(self.env)
+        return env
+
+    def _spawn(self, name: str, module: str, env: dict[str, str], ports: dict[str, int]) -> Proc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        fh = log_path.open("ab")
+        popen = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=PROJECT_ROOT,
+                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        fh.close()
+        proc = Proc(name, popen, log_path, ports)
+        self.procs[name] = proc
+        log.info("started %s (pid %d, ports %s)", name, popen.pid, ports)
+        return proc
+
+    def start(self, timeout_s: float = 180.0) -> LocalStack:
+        base = self._base_env()
+        for name in self.services:
+            prefix = f"MS_{name.upper()}_"
+            grpc_port, metrics_port = free_port(), free_port()
+            env = dict(base)
+            env.update({
+                prefix + "GRPC_PORT": str(grpc_port),
+                prefix + "METRICS_PORT": str(metrics_port),
+                prefix + "MODEL_URI": self.model_uris.get(
+                    name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"),
+            })
+            env.update({k: v for k, v in self.env.items() if k.startswith(prefix)})
+            self._spawn(name, f"services.{name}", env, {"grpc": grpc_port, "metrics": metrics_port})
+        for name in self.services:
+            self.wait_grpc_ready(name, timeout_s)
+        if self.with_gateway:
+            self.start_gateway(timeout_s)
+        return self
+
+    def grpc_addr(self, name: str) -> str:
+        return f"127.0.0.1:{self.procs[name].ports['grpc']}"
+
+    def gateway_env(self) -> dict[str, str]:
+        env = self._base_env()
+        env.update({f"MS_GATEWAY_{n.upper()}_ADDR": self.grpc_addr(n) for n in self.services})
+        env.setdefault("MS_GATEWAY_DATA_DIR", str(self.workdir / "gateway"))
+        return env
+
+    def start_gateway(self, timeout_s: float = 120.0) -> Proc:
+        port = free_port()
+        env = self.gateway_env()
+        env["MS_GATEWAY_PORT"] = str(port)
+        proc = self._spawn("gateway", "services.gateway", env, {"http": port})
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        self.wait_http_ready(proc, f"{self.gateway_url}/readyz", timeout_s)
+        return proc
+
+    def _check_alive(self, proc: Proc) -> None:
+        if proc.popen.poll() is not None:
+            raise StackError(f"{proc.name} exited with code {proc.popen.returncode}; "
+                             f"last log lines ({proc.log_path}):\n{proc.tail()}")
+
+    def wait_grpc_ready(self, name: str, timeout_s: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        proc = self.procs[name]
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.grpc_addr(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                self._check_alive(proc)
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        raise StackError(f"{name} not SERVING after {timeout_s:.0f} s; log:\n{proc.tail()}")
+
+    def wait_http_ready(self, proc: Proc, url: str, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                response = httpx.get(url, timeout=2.0)
+                if response.status_code == 200:
+                    return
+                last = response.text[:300]
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        raise StackError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last}); "
+                         f"log:\n{proc.tail()}")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every process (gateway first), then SIGKILL what outlives the grace."""
+        order = sorted(self.procs.values(), key=lambda p: p.name != "gateway")
+        for proc in order:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in order:
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killing", proc.name, grace_s)
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
