@@ -1,0 +1,363 @@
+"""In-process inference: the pure tensor code behind the model services, training and benchmarks.
+
+Every predictor wraps a `marrowscope.models.LoadedModel` (from `load_model` or
+`registry.resolve`) and takes numpy uint8 RGB input, as it arrives over the wire:
+
+- `Detector.predict(image uint8[H, W, 3]) -> Detections` (boxes float32[N, 4] x1, y1, x2, y2
+  pixels of the input image, scores float32[N], labels: class names of the config);
+  `predict_batch(list of images) -> list[Detections]`.
+- `CellTyper.predict(crops uint8[B, S, S, 3]) -> float32[B, K]`, columns `.names`
+  (cell codes, then attribute codes); `.crop_size`, `.crop_pad_fraction`, `.crops(image,
+  boxes)` cuts crops exactly as training did.
+- `EnsemblePredictor.predict(names, vector float32[F]) -> float` P(AML); refuses a vector
+  whose names differ from the model's (`InvalidInput`).
+- `Npm1Predictor.predict(images uint8[B, H, W, 3] at .input_size) -> float32[B]`;
+  `.prepare(image)` resizes any image to the input size; `predict_case(images)` = mean.
+- `analyse_case(images, detector, celltyper, ...) -> CaseAnalysis`: detection,
+  morphometrics, cell typing and the case feature vector, in the order the gateway uses.
+
+No grpc here; device (`cpu` default, `cuda`, `auto`) and autocast (`none|fp16|bf16`, CUDA
+only) are constructor arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from marrowscope.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+
+    from marrowscope.features import CellCall, DifferentialEntry
+    from marrowscope.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CROP_PAD_FRACTION = 0.1
+"""Context around each box in a cell crop (see `imaging.crop_cells`); celltype training
+records the value it used in the config's `hyperparameters.crop_pad_fraction`."""
+DEFAULT_SCORE_THRESHOLD = 0.5
+"""Detector score threshold when its config records none (`hyperparameters.score_threshold`)."""
+NON_COUNTED_DETECTOR_LABELS = frozenset({"RBC", "Platelets"})
+"""Detector labels that are never sent to the cell typer (red cells, platelets)."""
+
+
+def select_device(setting: str = "cpu") -> torch.device:
+    """torch.device for `auto|cpu|cuda`; `cuda` without a GPU raises instead of falling back."""
+    import torch
+
+    if setting not in ("auto", "cpu", "cuda"):
+        raise InvalidInput(f"device must be auto, cpu or cuda, got {setting!r}")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device cuda requested but no CUDA device is available")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_context(device: torch.device, mode: str = "none") -> contextlib.AbstractContextManager:
+    """`torch.autocast` for `fp16|bf16` on CUDA; a no-op for `none` or on CPU."""
+    import torch
+
+    if mode not in ("none", "fp16", "bf16"):
+        raise InvalidInput(f"autocast must be none, fp16 or bf16, got {mode!r}")
+    if mode == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+
+
+def _check_image(image: Any, what: str = "image") -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        got = f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InvalidInput(f"{what} must be uint8[H, W, 3] RGB, got {got}")
+    return image
+
+
+class _Predictor:
+    kind = ""
+
+    def __init__(self, loaded: LoadedModel, *, device: str = "cpu", autocast: str = "none",
+                 version: str | None = None) -> None:
+        if loaded.config["kind"] != self.kind:
+            raise InvalidInput(f"{type(self).__name__} needs a {self.kind} model, got {loaded.config['kind']}")
+        self.device = select_device(device)
+        self.autocast = autocast
+        autocast_context(self.device, autocast)  # validates the mode now, not at first call
+        self.config = loaded.config
+        self.module = loaded.module.to(self.device).eval()
+        self.digest = loaded.digest
+        self.version = version or f"local-{loaded.digest[:12]}"
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.autocast)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image: boxes float32[N, 4] (x1, y1, x2, y2 pixels), scores
+    float32[N] in [0, 1] (descending), labels: N class names from the detector config."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep: np.ndarray | Sequence[int]) -> Detections:
+        keep = np.asarray(keep, dtype=np.int64)
+        return Detections(self.boxes[keep], self.scores[keep], tuple(self.labels[i] for i in keep))
+
+
+class Detector(_Predictor):
+    """Faster R-CNN cell detector. `classes` = config classes (label i+1 -> classes[i])."""
+
+    kind = "detector"
+
+    def __init__(self, loaded: LoadedModel, **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
+        self.classes: tuple[str, ...] = tuple(self.config["classes"])
+        hp = self.config.get("hyperparameters", {})
+        self.score_threshold = float(hp.get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+
+    def predict(self, image: np.ndarray, score_threshold: float | None = None) -> Detections:
+        """Detections with score >= `score_threshold` (default: the config's) for one image."""
+        return self.predict_batch([image], score_threshold)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray], score_threshold: float | None = None
+                      ) -> list[Detections]:
+        """One `Detections` per image; images may differ in size (each uint8[H, W, 3])."""
+        import torch
+
+        threshold = self.score_threshold if score_threshold is None else float(score_threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidInput(f"score_threshold must be in [0, 1], got {threshold}")
+        tensors = [torch.from_numpy(np.ascontiguousarray(_check_image(im, f"images[{i}]")))
+                   .to(self.device).permute(2, 0, 1).float().div_(255.0) for i, im in enumerate(images)]
+        if not tensors:
+            return []
+        with torch.inference_mode(), self._amp():
+            outputs = self.module(tensors)
+        result = []
+        for out in outputs:
+            scores = out["scores"].float().cpu().numpy()
+            keep = scores >= threshold
+            labels = out["labels"].cpu().numpy()[keep]
+            if labels.size and (labels.min() < 1 or labels.max() > len(self.classes)):
+                raise InvalidInput(f"detector produced label outside 1..{len(self.classes)}")
+            result.append(Detections(
+                boxes=out["boxes"].float().cpu().numpy()[keep].astype(np.float32).reshape(-1, 4),
+                scores=scores[keep].astype(np.float32),
+                labels=tuple(self.classes[int(v) - 1] for v in labels)))
+        return result
+
+
+class CellTyper(_Predictor):
+    """Cell-type and attribute probabilities for square cell crops."""
+
+    kind = "celltype"
+
+    def __init__(self, loaded: LoadedModel, **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
+        self.names: tuple[str, ...] = tuple(self.config["outputs"])
+        self.crop_size: int = int(self.config["crop_size"])
+        hp = self.config.get("hyperparameters", {})
+        self.crop_pad_fraction = float(hp.get("crop_pad_fraction", CROP_PAD_FRACTION))
+
+    def crops(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """uint8[N, S, S, 3] crops of `boxes` (float[N, 4] x1, y1, x2, y2) as in training."""
+        from marrowscope.imaging import crop_cells
+
+        return crop_cells(_check_image(image), boxes, self.crop_size, self.crop_pad_fraction)
+
+    def predict(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """crops uint8[B, S, S, 3] (S = `crop_size`) -> probabilities float32[B, K]."""
+        import torch
+
+        crops = np.asarray(crops)
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
+            raise InvalidInput(f"crops must be uint8[B, S, S, 3], got {crops.dtype}{list(crops.shape)}")
+        if crops.shape[0] and crops.shape[1:3] != (self.crop_size, self.crop_size):
+            raise InvalidInput(f"crops are {crops.shape[1]}x{crops.shape[2]}; the model takes "
+                               f"{self.crop_size}x{self.crop_size}")
+        out = np.zeros((crops.shape[0], len(self.names)), dtype=np.float32)
+        for start in range(0, crops.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
+            with torch.inference_mode(), self._amp():
+                x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+                probs = self.module.probabilities(self.module(x))
+            out[start:start + len(x)] = probs.float().cpu().numpy()
+        return out
+
+
+class EnsemblePredictor(_Predictor):
+    """P(AML) from the case feature vector (`marrowscope.features.case_features`)."""
+
+    kind = "ensemble"
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.config["feature_names"])
+
+    def predict_batch(self, names: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """vectors float[B, F] in `names` order (must equal `feature_names`) -> float32[B]."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
+        return self.module.predict_proba(vectors, list(names)).numpy().astype(np.float32)
+
+    def predict(self, names: Sequence[str], vector: np.ndarray) -> float:
+        """vector float[F] (or [1, F]) in `names` order -> P(AML)."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        return float(self.predict_batch(names, vector)[0])
+
+
+class Npm1Predictor(_Predictor):
+    """P(NPM1 mutated) from whole images at the model's `input_size` (H, W)."""
+
+    kind = "npm1"
+
+    def __init__(self, loaded: LoadedModel, **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
+        self.input_size: tuple[int, int] = tuple(int(v) for v in self.config["input_size"])
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Any uint8[H, W, 3] image -> uint8[h, w, 3] at `input_size` (as in evaluation)."""
+        from marrowscope.imaging import resize_for_model
+
+        return resize_for_model(_check_image(image), self.input_size)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """images uint8[B, H, W, 3] with (H, W) == `input_size` -> float32[B]."""
+        import torch
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise InvalidInput(f"images must be uint8[B, H, W, 3], got {images.dtype}{list(images.shape)}")
+        if tuple(images.shape[1:3]) != self.input_size:
+            raise InvalidInput(f"images are {images.shape[1]}x{images.shape[2]} (H x W); the model "
+                               f"takes {self.input_size[0]}x{self.input_size[1]}")
+        if images.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        with torch.inference_mode(), self._amp():
+            x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            p = self.module(x).float().sigmoid()
+        return p.cpu().numpy().astype(np.float32)
+
+    def predict_case(self, images: Sequence[np.ndarray]) -> float:
+        """P(NPM1) of a case: mean of per-image probabilities (images of any size)."""
+        if not images:
+            raise InvalidInput("a case needs at least one image")
+        return float(np.mean([self.predict(self.prepare(im)[None])[0] for im in images]))
+
+
+_PREDICTORS: dict[str, type[_Predictor]] = {
+    "detector": Detector, "celltype": CellTyper, "ensemble": EnsemblePredictor, "npm1": Npm1Predictor,
+}
+
+
+def load_predictor(uri: str, *, device: str = "cpu", autocast: str = "none",
+                   tracking_uri: str | None = None) -> _Predictor:
+    """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a model directory and wrap it
+    in the predictor of its kind; `.version` is the registry version (or `local-<digest>`)."""
+    from marrowscope import registry
+    from marrowscope.models import load_model
+
+    resolved = registry.resolve(uri, tracking_uri=tracking_uri)
+    loaded = load_model(resolved.local_dir)
+    cls = _PREDICTORS[loaded.config["kind"]]
+    return cls(loaded, device=device, autocast=autocast, version=resolved.version)
+
+
+@dataclass(frozen=True)
+class ImageAnalysis:
+    """One image of a case: every detection, the morphometrics of each (float32[N, F] in
+    `morphometrics.FEATURE_NAMES` order), and `cell_types` (code per detection, None for
+    detections not sent to the cell typer, e.g. red cells)."""
+
+    detections: Detections
+    morphometrics: np.ndarray
+    cell_types: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class CaseAnalysis:
+    images: list[ImageAnalysis]
+    cells: list[CellCall]
+    """Every classified cell (RBC-typed ones included; `case_features` leaves them out)."""
+    feature_names: tuple[str, ...]
+    features: np.ndarray
+    """float32[F], `marrowscope.features.case_features` of `cells`."""
+    differential: dict[str, DifferentialEntry] = field(repr=False)
+
+    @property
+    def n_detected(self) -> int:
+        return sum(len(im.detections) for im in self.images)
+
+    @property
+    def n_counted(self) -> int:
+        from marrowscope.taxonomy import COUNTED_CODES
+
+        return sum(c.cell_type in COUNTED_CODES for c in self.cells)
+
+
+def cell_calls(probs: np.ndarray, names: Sequence[str], morph: np.ndarray,
+               morph_names: Sequence[str]) -> list[CellCall]:
+    """`CellCall`s from celltype probabilities float[N, K] (`names`) and morphometrics
+    float[N, F] (`morph_names`). Raises InvalidInput when the cell typer lacks a taxonomy
+    code or attribute the case features need (as the gateway does)."""
+    from marrowscope.features import CellCall
+    from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES
+
+    missing = [c for c in (*CODES, *ATTRIBUTE_CODES) if c not in names]
+    if missing:
+        raise InvalidInput(f"celltype outputs lack {missing}, which the case features need")
+    if len(probs) != len(morph):
+        raise InvalidInput(f"{len(probs)} probability rows but {len(morph)} morphometric rows")
+    return [CellCall(probs={n: float(p) for n, p in zip(names, row, strict=True)},
+                     morph={n: float(v) for n, v in zip(morph_names, m, strict=True)})
+            for row, m in zip(probs, morph, strict=True)]
+
+
+def analyse_case(images: Sequence[np.ndarray], detector: Detector, celltyper: CellTyper, *,
+                 um_per_px: float | Sequence[float | None] | None = None,
+                 score_threshold: float | None = None) -> CaseAnalysis:
+    """Run detection, morphometrics and cell typing over the images of one case.
+
+    images: uint8[H, W, 3] RGB each. um_per_px: one value, one per image, or None (areas in
+    px^2). Detections labelled RBC or Platelets are measured but not typed; every other
+    detection is cropped (`celltyper.crops`) and typed. Returns the cells, the case feature
+    vector and the differential.
+    """
+    from marrowscope.features import case_features, differential
+    from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
+
+    if not images:
+        raise InvalidInput("a case needs at least one image")
+    scales = list(um_per_px) if isinstance(um_per_px, Sequence) else [um_per_px] * len(images)
+    if len(scales) != len(images):
+        raise InvalidInput(f"{len(scales)} um_per_px values for {len(images)} images")
+    per_image, cells = [], []
+    for image, scale in zip(images, scales, strict=True):
+        det = detector.predict(_check_image(image), score_threshold)
+        morph = measure_cells(image, det.boxes, scale)
+        typed = [i for i, lab in enumerate(det.labels) if lab not in NON_COUNTED_DETECTOR_LABELS]
+        types: list[str | None] = [None] * len(det)
+        if typed:
+            probs = celltyper.predict(celltyper.crops(image, det.boxes[typed]))
+            calls = cell_calls(probs, celltyper.names, morph[typed], FEATURE_NAMES)
+            for i, call in zip(typed, calls, strict=True):
+                types[i] = call.cell_type
+            cells.extend(calls)
+        per_image.append(ImageAnalysis(det, morph, tuple(types)))
+    names, vector = case_features(cells)
+    return CaseAnalysis(per_image, cells, names, vector, differential(cells))

@@ -1,0 +1,86 @@
+"""Cell-type training: loss on a fixed batch, crops as served, exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.training.conftest import job_args
+from training import celltype
+from training.common import JobConfig, load_job_config
+
+
+def _config(**over) -> JobConfig:
+    return JobConfig.of("celltype", {**load_job_config("celltype", "cpu-tiny"), **over})
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_cohort):
+    from marrowscope.models import build_model, make_config
+
+    torch.manual_seed(0)
+    data = celltype.coco_crops(tiny_cohort, "train", _config(), rbc_ratio=1.0)
+    model = build_model(make_config("celltype", "tiny_cnn", outputs=celltype.outputs(), crop_size=32,
+                                    cell_head="softmax"))
+    x = torch.from_numpy(data.crops[:16]).permute(0, 3, 1, 2).float() / 255
+    y, a = torch.from_numpy(data.cells[:16]), torch.from_numpy(data.attributes[:16])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = celltype.batch_loss(model, x, y, a, "softmax")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_training_crops_equal_serving_crops(tiny_cohort):
+    """The celltype service/gateway path (`CellTyper.crops`) cuts the same pixels."""
+    from marrowscope.inference import CellTyper
+    from marrowscope.models import build_model, make_config
+    from marrowscope.models.io import LoadedModel
+    from training.common_data import detection_items, read_rgb
+
+    config = _config()
+    data = celltype.coco_crops(tiny_cohort, "test", config, rbc_ratio=None)
+    items, _ = detection_items(tiny_cohort, "test", config, "dataset")
+    mc = make_config("celltype", "tiny_cnn", outputs=celltype.outputs(), crop_size=32,
+                     hyperparameters={"crop_pad_fraction": 0.1})
+    typer = CellTyper(LoadedModel(build_model(mc), mc, "0" * 64, tiny_cohort))
+    served = np.concatenate([typer.crops(read_rgb(i.path), i.boxes) for i in items if len(i.boxes)])
+    np.testing.assert_array_equal(served, data.crops)
+
+
+def test_resume_continues_at_the_right_epoch_with_identical_result(tiny_cohort, tmp_path, sqlite_tracking):
+    from marrowscope.models import load_model
+
+    def run(out, epochs, *extra):
+        return celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", out, "--config", "cpu-tiny",
+                                      "--epochs", epochs, "--no-register", "--tracking-uri", sqlite_tracking,
+                                      *extra))
+
+    straight = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0
+    resumed = run(tmp_path / "b", 2, "--resume")
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]
+    a = load_model(tmp_path / "a" / "model").module.state_dict()
+    b = load_model(tmp_path / "b" / "model").module.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert straight["macro_f1"] == resumed["macro_f1"]
+
+
+def test_resume_refuses_a_changed_config(tiny_cohort, tmp_path, sqlite_tracking):
+    import pytest
+
+    from training.common import UsageError
+
+    celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", tmp_path, "--config", "cpu-tiny",
+                           "--no-register", "--tracking-uri", sqlite_tracking))
+    with pytest.raises(UsageError, match="lr"):
+        celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", tmp_path, "--config", "cpu-tiny",
+                               "--epochs", "2", "--set", "lr=0.1", "--resume", "--no-register",
+                               "--tracking-uri", sqlite_tracking))

@@ -1,0 +1,115 @@
+"""Dataset access shared by the training jobs: case splits, detection sets, image reading.
+
+Splits are made once per dataset with a fixed `split_seed` (config `common.split_seed`),
+grouped by patient and stratified by control / NPM1-mutated / wild-type AML, so every job
+(segmentation, celltype, ensemble, npm1) sees the same held-out test cases. A manifest
+whose `split` column is filled is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.common import UsageError
+
+log = logging.getLogger(__name__)
+
+SYNTH_DETECTOR_CLASSES = ("cell", "RBC")
+"""Detector classes on taxonomy data: the paper's Faster R-CNN finds cells, the celltype
+model types them; red cells are a class of their own so they are never typed or counted."""
+
+
+def is_voc(data_dir: Path) -> bool:
+    return (Path(data_dir) / "Annotations").is_dir() and not (Path(data_dir) / "annotations.json").is_file()
+
+
+def load_cases(data_dir: Path, config) -> list:
+    """Case records with `split` set (train / val / test)."""
+    from training.data.manifest import read_manifest
+    from training.data.splits import split_cases
+
+    path = Path(data_dir) / "cases.csv"
+    if not path.is_file():
+        raise UsageError(f"{data_dir} has no cases.csv (case manifest); case-level jobs need one")
+    records = read_manifest(path)
+    if all(r.split for r in records):
+        return records
+    return split_cases(records, test_fraction=config["test_fraction"], val_fraction=config["val_fraction"],
+                       seed=config["split_seed"], stratify="aml_npm1")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8[H, W, 3] RGB of an image file (same decoder as the services)."""
+    from marrowscope.imaging import ImageLimits, decode_image
+
+    return decode_image(Path(path).read_bytes(), limits=ImageLimits(min_side=1))
+
+
+@dataclass(frozen=True)
+class DetectionItem:
+    path: Path
+    boxes: np.ndarray
+    """float32[N, 4] x1, y1, x2, y2 pixels."""
+    labels: tuple[str, ...]
+    """Detector class name per box."""
+    attributes: tuple[dict, ...] = ()
+    codes: tuple[str, ...] = ()
+    """Original dataset category per box (taxonomy code on synthetic data)."""
+    case_id: str | None = None
+    um_per_px: float | None = None
+
+
+def detection_items(data_dir: Path, split: str, config, classes_mode: str = "auto"
+                    ) -> tuple[list[DetectionItem], tuple[str, ...]]:
+    """Images of one split with boxes mapped to detector classes, and the class list.
+
+    VOC: ImageSets/Main/<split>.txt (`test` falls back to `val` when the folder has no test
+    list; BCCD's own test split is not distributed). COCO: the images of the split's cases.
+    classes_mode `auto`: taxonomy data -> ("cell", "RBC"); other data -> its own classes.
+    """
+    from training.data.coco import read_coco
+    from training.data.voc import read_voc
+
+    data_dir = Path(data_dir)
+    if is_voc(data_dir):
+        name = split
+        if not (data_dir / "ImageSets" / "Main" / f"{split}.txt").is_file() and split == "test":
+            log.warning("%s has no test list; the held-out split is val", data_dir)
+            name = "val"
+        dataset = read_voc(data_dir, name)
+        keep = {im.id for im in dataset.images}
+    else:
+        dataset = read_coco(data_dir / "annotations.json")
+        wanted = {r.case_id for r in load_cases(data_dir, config) if r.split == split}
+        keep = {im.id for im in dataset.images if im.case_id in wanted}
+    taxonomy = dataset.is_taxonomy
+    if classes_mode == "auto":
+        classes = SYNTH_DETECTOR_CLASSES if taxonomy else tuple(dataset.categories)
+    elif classes_mode == "dataset":
+        classes = tuple(dataset.categories)
+    else:
+        raise UsageError(f"classes_mode must be auto or dataset, got {classes_mode!r}")
+
+    def mapped(category: str) -> str:
+        if classes == SYNTH_DETECTOR_CLASSES and taxonomy:
+            return "RBC" if category == "RBC" else "cell"
+        return category
+
+    by_image = dataset.annotations_by_image()
+    items = []
+    for im in dataset.images:
+        if im.id not in keep:
+            continue
+        anns = [a for a in by_image[im.id] if not a.iscrowd]
+        boxes = np.array([[a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]]
+                          for a in anns], dtype=np.float32).reshape(-1, 4)
+        items.append(DetectionItem(dataset.image_path(im), boxes, tuple(mapped(a.category) for a in anns),
+                                   tuple(a.attributes for a in anns), tuple(a.category for a in anns),
+                                   im.case_id, im.um_per_px))
+    if not items:
+        raise UsageError(f"{data_dir}: split {split!r} has no images")
+    return items, tuple(classes)

@@ -1,0 +1,231 @@
+"""Train the ensemble net (the paper's ENN): case features -> P(AML).
+
+    python -m training.ensemble --data data/synth --output runs/ensemble --config cpu-demo \
+        --segmentation models:/marrowscope-segmentation/3 --celltype models:/marrowscope-celltype/5
+
+Features come from running the *registered* segmentation and celltype versions over every
+case (`marrowscope.inference.analyse_case`, the same code path as serving), so the
+ensemble sees in training what it will see in production; those versions are recorded as
+lineage (`marrowscope.lineage.segmentation|celltype`). Features are cached per
+(data hash, upstream versions) in the output folder. Evaluation: case-grouped k-fold CV on
+the train+val cases (config `cv_folds`, 3 as in the paper) and the held-out test cases:
+`auroc` (+ bootstrap 95 % CI), `pr_auc`, `brier`, `accuracy`, ROC/PR/calibration/confusion
+plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.common import (
+    MODEL_SUBDIR,
+    JobConfig,
+    UsageError,
+    add_common_args,
+    build_job_config,
+    check_args,
+    data_hash,
+    finish,
+    fit,
+    mlflow_run,
+    progress,
+    run_main,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+JOB = "ensemble"
+
+
+def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache: Path | None = None
+                       ) -> tuple[tuple[str, ...], np.ndarray]:
+    """(feature names, float32[n_cases, F]) in `records` order via `analyse_case`."""
+    from marrowscope.features import case_feature_names
+    from marrowscope.inference import analyse_case
+    from training.common_data import read_rgb
+    from training.data.coco import load_json
+
+    names = case_feature_names()
+    if cache is not None and cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        ids = [str(v) for v in data["case_ids"]]
+        if ids == [r.case_id for r in records] and tuple(str(v) for v in data["names"]) == names:
+            log.info("features from cache %s", cache)
+            return names, data["features"]
+    scale: dict[str, float | None] = {}
+    coco = Path(data_dir) / "annotations.json"
+    if coco.is_file():
+        scale = {im["file_name"]: im.get("um_per_px") for im in load_json(coco)["images"]}
+    rows = []
+    for r in progress(records, desc="case features"):
+        images = [read_rgb(Path(data_dir) / p) for p in r.image_paths]
+        analysis = analyse_case(images, detector, celltyper, um_per_px=[scale.get(p) for p in r.image_paths])
+        rows.append(analysis.features)
+    table = np.stack(rows).astype(np.float32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, case_ids=np.array([r.case_id for r in records]), names=np.array(names), features=table)
+    return names, table
+
+
+def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_train: np.ndarray,
+              x_val: np.ndarray | None, y_val: np.ndarray | None, *, output: Path, resume: bool = False,
+              trial: Any = None, checkpoint: bool = True) -> tuple[Any, dict[str, Any]]:
+    """An `EnsembleNet` fitted with AdamW + BCE; standardisation fitted on `x_train`."""
+    import torch
+    import torch.nn.functional as F
+
+    from marrowscope.models import build_model, make_config
+
+    seed_everything(config["seed"])
+    model_config = make_config("ensemble", "mlp", feature_names=list(names), hidden=list(config["hidden"]),
+                               dropout=float(config["dropout"]),
+                               hyperparameters={k: config[k] for k in ("lr", "weight_decay", "lr_gamma",
+                                                                       "epochs", "batch_size")},
+                               training={"seed": config["seed"], "config_name": config["config_name"]})
+    model = build_model(model_config)
+    model.fit_standardisation(x_train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
+    x = torch.from_numpy(x_train)
+    y = torch.from_numpy(y_train.astype(np.float32))
+
+    def train_epoch(epoch: int) -> float:
+        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
+        total, n = 0.0, 0
+        for idx in torch.randperm(len(y), generator=g).split(config["batch_size"]):
+            loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        return total / n
+
+    validate = None
+    if x_val is not None and len(np.unique(y_val)) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        def validate(epoch: int) -> dict[str, float]:
+            return {"val_auroc": float(roc_auc_score(y_val, model.predict_proba(x_val).numpy()))}
+
+    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"], train_epoch=train_epoch,
+        validate=validate, output=output, config=config.as_dict(), resume=resume, trial=trial,
+        monitor="val_auroc", checkpoint=checkpoint)
+    model.eval()
+    return model, model_config
+
+
+def cross_validate(config: JobConfig, names, table: np.ndarray, records: list, output: Path) -> dict[str, float]:
+    """Case-grouped k-fold CV (k = config `cv_folds`) on `records`: per-fold AUROC mean/std."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.data.splits import grouped_kfold
+
+    k = config["cv_folds"]
+    if not k:
+        return {}
+    index = {r.case_id: i for i, r in enumerate(records)}
+    y = np.array([r.aml_label for r in records])
+    aurocs = []
+    for f, (tr, va) in enumerate(grouped_kfold(records, k, seed=config["split_seed"], stratify_by="aml_label")):
+        ti, vi = [index[c] for c in tr], [index[c] for c in va]
+        model, _ = train_mlp(config, names, table[ti], y[ti], None, None, output=output / f"cv-{f}",
+                             checkpoint=False)
+        if len(np.unique(y[vi])) == 2:
+            aurocs.append(roc_auc_score(y[vi], model.predict_proba(table[vi]).numpy()))
+    log.info("%d-fold grouped CV AUROC: %s", k, [round(a, 4) for a in aurocs])
+    return {"cv_auroc_mean": float(np.mean(aurocs)), "cv_auroc_std": float(np.std(aurocs)),
+            "cv_folds": float(k)} if aurocs else {}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.ensemble", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--segmentation", default="models:/marrowscope-segmentation@champion",
+                   help="registered segmentation version the features come from (models:/... URI)")
+    p.add_argument("--celltype", default="models:/marrowscope-celltype@champion",
+                   help="registered celltype version the features come from (models:/... URI)")
+    return p
+
+
+def _upstream(args: argparse.Namespace):
+    from marrowscope.inference import load_predictor
+    from training.common import tracking_uri
+
+    seg = load_predictor(args.segmentation, device=args.device if args.device != "auto" else "cpu",
+                         tracking_uri=tracking_uri(args))
+    cel = load_predictor(args.celltype, device=args.device if args.device != "auto" else "cpu",
+                         tracking_uri=tracking_uri(args))
+    if seg.kind != "detector" or cel.kind != "celltype":
+        raise UsageError(f"--segmentation must be a detector and --celltype a celltype model, got "
+                         f"{seg.kind} and {cel.kind}")
+    return seg, cel
+
+
+def main(args: argparse.Namespace) -> dict[str, float] | None:
+    check_args(args)
+    if not args.no_register:
+        for flag, uri in (("--segmentation", args.segmentation), ("--celltype", args.celltype)):
+            if not uri.startswith("models:/"):
+                raise UsageError(f"{flag} {uri!r}: lineage needs a registered version (models:/NAME/VERSION "
+                                 "or @ALIAS); use --no-register to train on a local model directory")
+    config = build_job_config(JOB, args)
+    from training.common_data import load_cases
+
+    records = load_cases(args.data, config)
+    seg, cel = _upstream(args)
+    digest = data_hash(args.data)
+    lineage = {"segmentation": seg.version, "celltype": cel.version}
+    log.info("features from segmentation %s and celltype %s", seg.version, cel.version)
+    cache = args.output / f"features-{digest[:12]}-seg{seg.version}-cel{cel.version}.npz"
+    names, table = case_feature_table(args.data, records, seg, cel, cache)
+    y = np.array([r.aml_label for r in records])
+    split = np.array([r.split for r in records])
+    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+
+    if args.hpo_trials:
+        from training.hpo import run_hpo
+
+        def trial_fn(cfg: JobConfig, trial) -> dict[str, float]:
+            model, _ = train_mlp(cfg, names, table[tr], y[tr], table[va], y[va],
+                                 output=args.output / f"trial-{trial.number}", trial=trial, checkpoint=False)
+            from sklearn.metrics import roc_auc_score
+
+            return {"auroc": float(roc_auc_score(y[va], model.predict_proba(table[va]).numpy()))}
+
+        run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
+        return None
+
+    from marrowscope.models import save_model
+    from training.evaluate_metrics import binary_plots, binary_report, log_plots
+
+    with mlflow_run(args, JOB, config) as run:
+        import mlflow
+
+        mlflow.set_tags({f"marrowscope.lineage.{k}": v for k, v in lineage.items()})
+        cv = cross_validate(config, names, table, [records[i] for i in np.concatenate([tr, va])],
+                            args.output)
+        model, model_config = train_mlp(config, names, table[tr], y[tr], table[va], y[va],
+                                        output=args.output, resume=args.resume)
+        model_config["training"].update({"data_hash": digest, "lineage": lineage})
+        scores = model.predict_proba(table[te], list(names)).numpy()
+        threshold = config["score_threshold"] if config["score_threshold"] is not None else 0.5
+        metrics = binary_report(y[te], scores, threshold=threshold, n_boot=config["n_boot"], seed=config["seed"])
+        metrics.update(cv)
+        log_plots(binary_plots(y[te], scores, args.output / "plots", prefix="aml_", threshold=threshold,
+                               title="AML (test)"))
+        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
+        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
+               data_digest=digest, lineage=lineage if not args.no_register else None)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,232 @@
+"""Train the cell detector (Faster R-CNN) on a COCO dataset folder or a Pascal VOC folder.
+
+    python -m training.segmentation --data data/synth --output runs/seg --config cpu-demo
+    python -m training.segmentation --data ../shared/data/bccd --output runs/bccd --config cpu-demo
+
+Classes: on taxonomy (synthetic) data the detector learns `cell` vs `RBC` (the paper's
+detector only finds cells; the celltype model types them); on other data (BCCD) the
+dataset's own classes (`Platelets`, `RBC`, `WBC`). Splits: VOC `train` / `val`
+(ImageSets/Main); COCO: the patient-grouped case split (training.common_data). The final
+model is evaluated on the held-out split (`test`, or `val` for VOC sets without a test list)
+with pycocotools: `map50`, `ap50_<class>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from training.common import (
+    MODEL_SUBDIR,
+    JobConfig,
+    add_common_args,
+    amp_context,
+    build_job_config,
+    check_args,
+    data_hash,
+    device_and_amp,
+    finish,
+    fit,
+    mlflow_run,
+    progress,
+    run_main,
+    seed_everything,
+)
+from training.common_data import DetectionItem, detection_items, is_voc, read_rgb
+
+log = logging.getLogger(__name__)
+JOB = "segmentation"
+
+
+class DetectionDataset:
+    """torch-style dataset: (FloatTensor[3, H, W] in [0, 1], target dict with `boxes`
+    FloatTensor[N, 4] x1, y1, x2, y2 and `labels` Int64Tensor[N], 1-based class index).
+    `augment`: random horizontal/vertical flips (torch global RNG), training split only."""
+
+    def __init__(self, items: list[DetectionItem], classes: tuple[str, ...], *, augment: bool) -> None:
+        self.items, self.classes, self.augment = items, classes, augment
+        self.index = {c: i + 1 for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        item = self.items[i]
+        image = torch.from_numpy(read_rgb(item.path)).permute(2, 0, 1).float().div_(255.0)
+        boxes = torch.from_numpy(item.boxes.copy()).reshape(-1, 4)
+        labels = torch.tensor([self.index[lab] for lab in item.labels], dtype=torch.int64)
+        if self.augment:
+            h, w = image.shape[1:]
+            if torch.rand(()) < 0.5:
+                image = image.flip(2)
+                boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+            if torch.rand(()) < 0.5:
+                image = image.flip(1)
+                boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
+        return image, {"boxes": boxes, "labels": labels}
+
+
+def detector_config(config: JobConfig, classes: tuple[str, ...], digest: str) -> dict[str, Any]:
+    from marrowscope.models import make_config
+
+    hp = {"box_detections_per_img": config["box_detections_per_img"],
+          "score_threshold": config["score_threshold"], "lr": config["lr"],
+          "momentum": config["momentum"], "weight_decay": config["weight_decay"],
+          "lr_gamma": config["lr_gamma"], "epochs": config["epochs"], "batch_size": config["batch_size"]}
+    return make_config("detector", config["arch"], classes=list(classes), min_size=config["min_size"],
+                       max_size=config["max_size"], hyperparameters=hp,
+                       training={"data_hash": digest, "seed": config["seed"],
+                                 "config_name": config["config_name"]})
+
+
+def detection_loss(model, images, targets) -> Any:
+    """Sum of the Faster R-CNN losses for a batch (model in train mode)."""
+    losses = model(images, targets)
+    return sum(losses.values())
+
+
+def predict_items(model, items: list[DetectionItem], score_threshold: float = 0.0):
+    """(boxes, scores, labels) per item with a `marrowscope.inference.Detector`."""
+    out = []
+    for item in progress(items, desc="predict"):
+        det = model.predict(read_rgb(item.path), score_threshold)
+        out.append((det.boxes, det.scores, det.labels))
+    return out
+
+
+def evaluate_detector(detector, items: list[DetectionItem], classes: tuple[str, ...]) -> dict[str, float]:
+    """`map50` and `ap50_<class>` of `detector` (a `Detector`) on `items` (all scores kept)."""
+    from training.evaluate_detection import detection_map
+
+    preds = predict_items(detector, items, 0.0)
+    return detection_map([(it.boxes, it.labels) for it in items], preds, classes)
+
+
+def _subset(items: list, n: int) -> list:
+    return items if not n or n >= len(items) else items[:: max(1, len(items) // n)][:n]
+
+
+def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> tuple[Any, dict, dict, tuple]:
+    """Train; returns (module, detector config, held-out or validation metrics, classes)."""
+    import torch
+
+    from marrowscope.inference import Detector
+    from marrowscope.models import LoadedModel, build_model
+
+    seed_everything(config["seed"])
+    device, amp = device_and_amp(args.device, config["amp"])
+    train_items, classes = detection_items(args.data, "train", config, config["classes_mode"])
+    eval_split = "val" if trial is not None else "test"
+    eval_items, eval_classes = detection_items(args.data, eval_split, config, config["classes_mode"])
+    if eval_classes != classes:
+        raise ValueError(f"split classes differ: {classes} vs {eval_classes}")
+    digest = data_hash(args.data)
+    model_config = detector_config(config, classes, digest)
+    model = build_model(model_config)
+    if config.get("init_weights"):
+        from marrowscope.models.weights import load_initial_weights
+
+        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config["lr"], momentum=config["momentum"],
+                                weight_decay=config["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    data = DetectionDataset(train_items, classes, augment=config["flips"])
+    log.info("detector %s, classes %s, %d train / %d %s images, device %s%s", config["arch"], classes,
+             len(train_items), len(eval_items), eval_split, device, " (AMP)" if amp else "")
+    step = {"n": 0}
+
+    def train_epoch(epoch: int) -> float:
+        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
+        loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True, generator=g,
+                                             collate_fn=lambda b: tuple(zip(*b, strict=True)),
+                                             num_workers=config["num_workers"])
+        limit = config["max_steps_per_epoch"] or len(loader)
+        total, n = 0.0, 0
+        for images, targets in progress(loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))):
+            if n >= limit:
+                break
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            warm = config["warmup_steps"]
+            if warm and step["n"] < warm:  # linear warm-up from lr/10 (detectors diverge otherwise)
+                for g_ in optimizer.param_groups:
+                    g_["lr"] = config["lr"] * (config["lr_gamma"] ** epoch) * (0.1 + 0.9 * step["n"] / warm)
+            with amp_context(amp):
+                loss = detection_loss(model, images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            total += loss.item()
+            n += 1
+            step["n"] += 1
+        return total / max(n, 1)
+
+    def wrap() -> Detector:
+        loaded = LoadedModel(module=model, config=model_config, digest="0" * 64, directory=Path("."))
+        return Detector(loaded, device=device.type, autocast="fp16" if amp else "none")
+
+    validate = None
+    every = config["eval_every"] or (1 if trial is not None else 0)
+    if every:
+        val_items = _subset(detection_items(args.data, "val", config, config["classes_mode"])[0],
+                            config["max_eval_images"])
+
+        def validate(epoch: int) -> dict[str, float]:
+            if (epoch + 1) % every and epoch + 1 != config["epochs"]:
+                return {}
+            result = {f"val_{k}": v for k, v in evaluate_detector(wrap(), val_items, classes).items()}
+            model.train()
+            return result
+
+    out = args.output / (f"trial-{trial.number}" if trial is not None else "")
+    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"],
+        train_epoch=train_epoch, validate=validate, output=out, config=config.as_dict(),
+        resume=args.resume, scaler=scaler, trial=trial, monitor="val_map50", checkpoint=trial is None)
+    model.eval()
+    metrics = evaluate_detector(wrap(), _subset(eval_items, config["max_eval_images"] if trial else 0), classes)
+    log.info("%s %s", eval_split, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return model, model_config, metrics, classes
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.segmentation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_args(p)
+
+
+def main(args: argparse.Namespace) -> dict[str, float] | None:
+    check_args(args)
+    config = build_job_config(JOB, args)
+    if args.hpo_trials:
+        from training.hpo import run_hpo
+
+        run_hpo(args, config, job=JOB, monitor="map50",
+                train_trial=lambda cfg, trial: train(cfg, args, trial=trial)[2])
+        return None
+    from marrowscope.models import save_model
+
+    with mlflow_run(args, JOB, config) as run:
+        model, model_config, metrics, _ = train(config, args)
+        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
+        import mlflow
+
+        mlflow.set_tag("marrowscope.data_format", "voc" if is_voc(args.data) else "coco")
+        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
+               data_digest=model_config["training"]["data_hash"])
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
