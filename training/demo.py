@@ -1,0 +1,254 @@
+"""`make demo`: the whole MarrowScope pipeline on one machine, from nothing.
+
+1. generates a small synthetic cohort (training/data/synth.py),
+2. trains CPU-sized segmentation, celltype, ensemble and npm1 models, registers them in a
+   local MLflow (SQLite + local artifacts under the work folder) and promotes them together
+   through the promotion gates,
+3. starts the five model services and the gateway as local processes,
+4. submits held-out cases (AML NPM1-mutated, AML wild type, control) through the REST API the
+   LIS uses, polls them, prints a summary per case and writes JSON/FHIR reports, overlays and
+   heatmaps to the output folder,
+5. stops every process it started.
+
+A second run reuses the cohort and the promoted models when they are still the champions for
+the same data, so it only serves and analyses. All figures are on SYNTHETIC data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from marrowscope.paths import PROJECT_ROOT
+
+JOBS = ("segmentation", "celltype", "ensemble", "npm1")
+TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=PROJECT_ROOT / ".demo",
+                   help="data, MLflow store, models and service logs (reused by later runs)")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "demo-out",
+                   help="reports, overlays and heatmaps of the analysed cases")
+    p.add_argument("--cases", type=int, default=60, help="synthetic cases to generate")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--size", default="640x480", help="image size WxH")
+    p.add_argument("--config", default="cpu-demo", help="training config (training/configs)")
+    p.add_argument("--retrain", action="store_true", help="train again even if champions exist")
+    p.add_argument("--no-explain", action="store_true", help="skip occlusion heatmaps")
+    p.add_argument("--min-cells", type=int, default=30,
+                   help="gateway quality floor: fewer counted cells -> abstain")
+    return p
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    say("$ " + " ".join(cmd))
+    subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, check=True)
+
+
+def ensure_cohort(args: argparse.Namespace, env: dict[str, str]) -> Path:
+    data = args.workdir / "data"
+    stamp = data / "demo-args.json"
+    wanted = {"cases": args.cases, "seed": args.seed, "size": args.size}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        say(f"reusing synthetic cohort {data}")
+        return data
+    run([sys.executable, "-m", "training.data.synth", "--out", str(data), "--cases",
+         str(args.cases), "--seed", str(args.seed), "--size", args.size, "--workers", "2",
+         "--preview"], env)
+    stamp.write_text(json.dumps(wanted))
+    return data
+
+
+def champions(tracking_uri: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    from marrowscope.registry import CHAMPION, get_client, registered_name
+
+    client = get_client(tracking_uri)
+    found = {}
+    for kind in JOBS:
+        try:
+            found[kind] = client.get_model_version_by_alias(registered_name(kind), CHAMPION).version
+        except MlflowException:  # no champion yet for this kind: it will be trained
+            continue
+    return found
+
+
+def latest_version(tracking_uri: str, kind: str) -> str:
+    from marrowscope.registry import get_client, registered_name
+
+    versions = get_client(tracking_uri).search_model_versions(f"name='{registered_name(kind)}'")
+    return str(max(int(v.version) for v in versions))
+
+
+def ensure_models(args: argparse.Namespace, data: Path, env: dict[str, str],
+                  tracking_uri: str) -> dict[str, str]:
+    current = champions(tracking_uri)
+    stamp = args.workdir / "models.json"
+    if (not args.retrain and len(current) == len(JOBS) and stamp.is_file()
+            and json.loads(stamp.read_text()) == {"data": str(data), "config": args.config,
+                                                  "versions": current}):
+        say(f"reusing promoted models {current}")
+        return current
+    common = ["--data", str(data), "--config", args.config, "--tracking-uri", tracking_uri]
+    versions: dict[str, str] = {}
+    for kind in ("segmentation", "celltype"):
+        run([sys.executable, "-m", f"training.{kind}", *common,
+             "--output", str(args.workdir / "runs" / kind)], env)
+        versions[kind] = latest_version(tracking_uri, kind)
+    # The ensemble learns from features made by exactly these upstream versions (lineage).
+    run([sys.executable, "-m", "training.ensemble", *common,
+         "--output", str(args.workdir / "runs" / "ensemble"),
+         "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
+         "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}"], env)
+    versions["ensemble"] = latest_version(tracking_uri, "ensemble")
+    run([sys.executable, "-m", "training.npm1", *common,
+         "--output", str(args.workdir / "runs" / "npm1")], env)
+    versions["npm1"] = latest_version(tracking_uri, "npm1")
+    # Demo models train for minutes on synthetic data: floors are lowered so the gates judge
+    # lineage and configuration; a real promotion keeps the default floors.
+    run([sys.executable, "-m", "training.promote", "--tracking-uri", tracking_uri,
+         "--pipeline", *[f"{k}={v}" for k, v in versions.items()],
+         "--floor", "segmentation.map50=0.3", "--floor", "celltype.macro_f1=0.3",
+         "--floor", "ensemble.auroc=0.6", "--floor", "npm1.auroc=0.0"], env)
+    stamp.write_text(json.dumps({"data": str(data), "config": args.config,
+                                 "versions": champions(tracking_uri)}))
+    return versions
+
+
+def pick_cases(data: Path) -> list:
+    from training.data.manifest import read_manifest
+
+    records = read_manifest(data / "cases.csv")
+    test = [r for r in records if r.split == "test"] or records
+    wanted = [("AML, NPM1 mutated", lambda r: r.aml_label == 1 and r.npm1_status == "mutated"),
+              ("AML, NPM1 wild type", lambda r: r.aml_label == 1 and r.npm1_status == "wild_type"),
+              ("control", lambda r: r.aml_label == 0)]
+    chosen = []
+    for label, predicate in wanted:
+        match = next((r for r in test if predicate(r)), None) or next(
+            (r for r in records if predicate(r)), None)
+        if match is not None:
+            chosen.append((label, match))
+    return chosen
+
+
+def create_key(env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-m", "services.gateway.keys", "create", "--name",
+                          "demo-lis", "--scopes", "submit,read"], env=env, cwd=PROJECT_ROOT,
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def analyse(client, data: Path, label: str, record, explain: bool, out: Path) -> dict:
+    files = [("images", (Path(p).name, (data / p).read_bytes(), "image/png"))
+             for p in record.image_paths]
+    metadata = {"accession_id": f"DEMO-{record.case_id}", "specimen_type": "bone_marrow_smear",
+                "stain": "MGG", "options": {"explain": explain}}
+    response = client.post("/v1/analyses", files=files,
+                           data={"metadata": json.dumps(metadata)},
+                           headers={"Idempotency-Key": f"demo-{record.case_id}"})
+    response.raise_for_status()
+    analysis_id = response.json()["id"]
+    t0 = time.monotonic()
+    while True:
+        body = client.get(f"/v1/analyses/{analysis_id}").raise_for_status().json()
+        if body["status"] in TERMINAL:
+            break
+        if time.monotonic() - t0 > 600:
+            raise TimeoutError(f"analysis {analysis_id} still {body['status']} after 600 s")
+        time.sleep(0.5)
+    body["_wall_s"] = time.monotonic() - t0
+    case_dir = out / record.case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    (case_dir / "analysis.json").write_text(json.dumps(body, indent=2))
+    if body["status"] in ("succeeded", "abstained"):
+        for fmt in ("json", "fhir"):
+            report = client.get(f"/v1/analyses/{analysis_id}/report", params={"format": fmt})
+            if report.status_code == 200:
+                (case_dir / f"report.{fmt}.json").write_text(report.text)
+        for k in range(len(record.image_paths)):
+            for kind in ("overlay", "heatmap"):
+                png = client.get(f"/v1/analyses/{analysis_id}/images/{k}/{kind}.png")
+                if png.status_code == 200:
+                    (case_dir / f"image{k}_{kind}.png").write_bytes(png.content)
+    return body
+
+
+def summary_lines(label: str, record, body: dict) -> list[str]:
+    truth = (f"truth: AML={record.aml_label} NPM1={record.npm1_status} "
+             f"blasts={record.blast_pct:.1f}%" if record.blast_pct is not None else "")
+    lines = [f"== {record.case_id} ({label}; {truth}) -> {body['status']} "
+             f"in {body['_wall_s']:.1f} s"]
+    result = body.get("result") or {}
+    if body.get("reason"):
+        lines.append(f"   reason: {body['reason']}")
+    if result:
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.1f}%"
+        lines.append(f"   P(AML) {pct(result.get('p_aml'))}   P(NPM1 mutated) "
+                     f"{pct(result.get('p_npm1'))}   blasts {result.get('blast_percent') or 0:.1f} "
+                     f"per 100 counted cells ({result.get('n_cells_counted')} counted)")
+        diff = [d for d in result.get("differential", []) if d["count"]]
+        lines.append("   differential: " + ", ".join(
+            f"{d['code']} {100 * d['fraction']:.0f}% [{100 * d['ci_low']:.0f}-{100 * d['ci_high']:.0f}]"
+            for d in sorted(diff, key=lambda d: -d["count"])))
+        versions = result.get("model_versions", {})
+        lines.append("   models: " + ", ".join(f"{k} v{v['version']}" for k, v in versions.items()))
+        stages = result.get("stage_seconds", {})
+        lines.append("   stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    from services.stack import LocalStack
+
+    started = time.monotonic()
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{args.workdir / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(PROJECT_ROOT))
+    data = ensure_cohort(args, env)
+    versions = ensure_models(args, data, env, tracking_uri)
+    say(f"champions: {versions} (trained and promoted in {time.monotonic() - started:.0f} s)")
+    import httpx
+
+    stack = LocalStack(workdir=args.workdir / "stack", tracking_uri=tracking_uri, env={
+        "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
+        "MS_GATEWAY_DATA_DIR": str(args.workdir / "gateway")})
+    lines: list[str] = []
+    failures = 0
+    say("starting the five model services and the gateway")
+    with stack:
+        say(f"gateway ready at {stack.gateway_url}")
+        key = create_key(stack.gateway_env())
+        args.out.mkdir(parents=True, exist_ok=True)
+        with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
+                          timeout=60) as client:
+            for label, record in pick_cases(data):
+                say(f"submitting {record.case_id} ({label}, {len(record.image_paths)} images)")
+                body = analyse(client, data, label, record, not args.no_explain, args.out)
+                failures += body["status"] == "failed"
+                lines += summary_lines(label, record, body)
+    lines.append(f"(all figures on SYNTHETIC data; reports, overlays and heatmaps in {args.out})")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (args.out / "summary.txt").write_text(text + "\n")
+    say(f"done in {time.monotonic() - started:.0f} s; every process stopped")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
