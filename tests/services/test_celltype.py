@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from marrowscope.inference import CellTyper
@@ -14,7 +13,6 @@ from tests.services.helpers import (
     check_server_and_metadata,
     check_still_healthy,
     infer_input,
-    register,
     status_of,
 )
 
@@ -28,18 +26,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(mlflow_server, start_service, model_dir):
-    version = register(mlflow_server, "celltype", model_dir, ALIAS)
-    svc = start_service("celltype", model_uri=f"models:/marrowscope-celltype@{ALIAS}")
-    svc.version = version
-    return svc
+def service(serve_registered, model_dir):
+    return serve_registered("celltype", model_dir, ALIAS)
 
-
-@pytest.fixture(scope="module")
-def client(service):
-    c = tc.InferenceServerClient(url=service.address)
-    yield c
-    c.close()
 
 
 def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, service,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from marrowscope.features import case_feature_names
@@ -17,7 +16,6 @@ from tests.services.helpers import (
     check_server_and_metadata,
     check_still_healthy,
     infer_input,
-    register,
     status_of,
 )
 
@@ -32,18 +30,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(mlflow_server, start_service, model_dir):
-    version = register(mlflow_server, "ensemble", model_dir, ALIAS, lineage=LINEAGE)
-    svc = start_service("ensemble", model_uri=f"models:/marrowscope-ensemble@{ALIAS}")
-    svc.version = version
-    return svc
+def service(serve_registered, model_dir):
+    return serve_registered("ensemble", model_dir, ALIAS, lineage=LINEAGE)
 
-
-@pytest.fixture(scope="module")
-def client(service):
-    c = tc.InferenceServerClient(url=service.address)
-    yield c
-    c.close()
 
 
 def _inputs(vector: np.ndarray, names: list[str]) -> list:

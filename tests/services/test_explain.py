@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from marrowscope.explain import pointing_game_ratio
@@ -45,12 +44,6 @@ def service(start_service, versions):
     return start_service("explain", model_uri=f"models:/marrowscope-npm1@{ALIAS}",
                          target_cache_size=1)
 
-
-@pytest.fixture(scope="module")
-def client(service):
-    c = tc.InferenceServerClient(url=service.address)
-    yield c
-    c.close()
 
 
 def _explain(client, image: np.ndarray, boxes: np.ndarray, **params):

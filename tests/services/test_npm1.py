@@ -49,12 +49,6 @@ def service(start_service, versions):
                          version_grace_s=5)
 
 
-@pytest.fixture(scope="module")
-def client(service):
-    c = tc.InferenceServerClient(url=service.address)
-    yield c
-    c.close()
-
 
 def _image(seed: int, n: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, H, W, 3), dtype=np.uint8)
