@@ -154,7 +154,14 @@ def resize_for_model(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8).copy()
 
 
-def crop_cells(image: np.ndarray, boxes: np.ndarray, size: int, pad_fraction: float = 0.15,
+CELL_CROP_PAD_FRACTION = 0.1
+"""Context around each box in a cell crop. Training and serving must cut crops alike: the
+celltype trainer records this value in the model config and the celltype service refuses a
+model that recorded another, because the gateway cuts crops with this constant."""
+
+
+def crop_cells(image: np.ndarray, boxes: np.ndarray, size: int,
+               pad_fraction: float = CELL_CROP_PAD_FRACTION,
                *, fill: tuple[int, int, int] = BACKGROUND_RGB) -> np.ndarray:
     """Square crops centred on each box, resized to `size` x `size`.
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from marrowscope.errors import InvalidInput
+from marrowscope.imaging import CELL_CROP_PAD_FRACTION
+from marrowscope.taxonomy import NON_NUCLEATED_DETECTOR_LABELS
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CROP_PAD_FRACTION = 0.1
+CROP_PAD_FRACTION = CELL_CROP_PAD_FRACTION
 """Context around each box in a cell crop (see `imaging.crop_cells`); celltype training
 records the value it used in the config's `hyperparameters.crop_pad_fraction`."""
 DEFAULT_SCORE_THRESHOLD = 0.5
 """Detector score threshold when its config records none (`hyperparameters.score_threshold`)."""
-NON_COUNTED_DETECTOR_LABELS = frozenset({"RBC", "Platelets"})
+NON_COUNTED_DETECTOR_LABELS = NON_NUCLEATED_DETECTOR_LABELS
 """Detector labels that are never sent to the cell typer (red cells, platelets)."""
 
 

@@ -58,6 +58,10 @@ COUNTED_CODES: tuple[str, ...] = tuple(c.code for c in CELL_TYPES if c.counted)
 ATTRIBUTE_CODES: tuple[str, ...] = tuple(a.code for a in ATTRIBUTES)
 BLAST = "BLA"
 
+NON_NUCLEATED_DETECTOR_LABELS = frozenset({"RBC", "Platelets"})
+"""Detector labels (our `cell`/`RBC` detectors, BCCD's `WBC`/`RBC`/`Platelets`) that are
+measured but never sent to the cell typer or counted."""
+
 _BY_CODE = {c.code: c for c in CELL_TYPES}
 
 # COCO category ids are 1-based positions in CELL_TYPES; 0 is background for detectors.

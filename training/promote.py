@@ -147,7 +147,11 @@ def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[boo
 
 def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
     from marrowscope.models import ModelConfigError, validate_config
-    from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
+    from marrowscope.taxonomy import (
+        ATTRIBUTE_CODES,
+        COUNTED_CODES,
+        NON_NUCLEATED_DETECTOR_LABELS,
+    )
 
     config = c.config
     if config is None:
@@ -159,8 +163,13 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
     if config["kind"] != registry.MODEL_KIND[c.kind]:
         return False, f"config kind {config['kind']!r} is not {registry.MODEL_KIND[c.kind]!r}"
     if c.kind == "segmentation":
-        unknown = [x for x in config["classes"] if x not in CODES]
-        return (not unknown, f"unknown classes {unknown}" if unknown else f"{len(config['classes'])} classes")
+        # A detector only finds cells; the celltype model types them. It must find nucleated
+        # cells (any class but red cells/platelets, e.g. `cell`, `WBC`, or taxonomy codes).
+        classes = list(config["classes"])
+        nucleated = [x for x in classes if x not in NON_NUCLEATED_DETECTOR_LABELS]
+        if len(set(classes)) != len(classes) or not nucleated:
+            return False, f"classes {classes} must be unique and include a nucleated-cell class"
+        return True, f"{len(classes)} classes, nucleated: {nucleated}"
     if c.kind == "celltype":
         missing = [x for x in (*COUNTED_CODES, *ATTRIBUTE_CODES) if x not in config["outputs"]]
         if missing:

@@ -44,7 +44,6 @@ class GatewaySettings(BaseSettings):
     npm1_threshold: float = Field(0.5, ge=0, le=1)
     aml_threshold: float = Field(0.5, ge=0, le=1)
     celltype_batch: int = Field(64, ge=1)
-    crop_pad_fraction: float = Field(0.1, ge=0)
     allow_local_lineage: bool = False
     """Accept a missing/mismatching ensemble lineage when the upstream pinned versions are
     local directories (`local-...`); never for registry versions."""

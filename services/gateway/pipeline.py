@@ -184,8 +184,8 @@ class Pipeline:
     async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
         from marrowscope.errors import InvalidInput
         from marrowscope.features import CellCall, case_features, differential
-        from marrowscope.imaging import crop_cells, decode_image
-        from marrowscope.taxonomy import COUNTED_CODES
+        from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells, decode_image
+        from marrowscope.taxonomy import COUNTED_CODES, NON_NUCLEATED_DETECTOR_LABELS
 
         t0 = time.monotonic()
         needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain
@@ -213,12 +213,13 @@ class Pipeline:
             t = time.monotonic()
             rgb = decode_image(im.data, limits=self.limits)
             pixels[im.index] = rgb
-            to_classify = [i for i, lab in enumerate(seg.labels) if lab != "RBC"]
+            to_classify = [i for i, lab in enumerate(seg.labels)
+                               if lab not in NON_NUCLEATED_DETECTOR_LABELS]
             img_cells = [{"box": [float(v) for v in seg.boxes[i]], "detector_label": lab,
                           "score": float(seg.scores[i]), "cell_type": None, "confidence": None}
                          for i, lab in enumerate(seg.labels)]
             if to_classify:
-                crops = crop_cells(rgb, seg.boxes[to_classify], crop, self.s.crop_pad_fraction)
+                crops = crop_cells(rgb, seg.boxes[to_classify], crop, CELL_CROP_PAD_FRACTION)
                 for start in range(0, len(to_classify), self.s.celltype_batch):
                     batch = crops[start:start + self.s.celltype_batch]
                     cls = await self.call("celltype", lambda tm, b=batch: self.clients.classify(

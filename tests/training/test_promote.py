@@ -181,3 +181,20 @@ def test_rollout_is_called_with_promoted_versions(mlflow_server, good_set, reg, 
     worse = reg("npm1", {"auroc": 0.1})
     assert cli(mlflow_server, "--model", "npm1", "--version", worse, "--dry-run", "--rollout", "k8s") == 1
     assert len(calls) == 1  # a refusal never rolls out
+
+
+def test_config_gate_accepts_cell_detectors_and_refuses_ones_without_nucleated_class():
+    import json
+
+    from marrowscope.models import make_config
+    from training.promote import _config_gate, _Version
+
+    def version(classes):
+        config = make_config("detector", "fasterrcnn_mobilenet_v3_large_fpn", classes=classes,
+                             min_size=240, max_size=320)
+        return _Version("segmentation", "1", {"marrowscope.config": json.dumps(config)})
+
+    for ok_classes in (["cell", "RBC"], ["WBC", "RBC", "Platelets"]):
+        assert _config_gate(version(ok_classes), {})[0], ok_classes
+    passed, detail = _config_gate(version(["RBC", "Platelets"]), {})
+    assert not passed and "nucleated" in detail
