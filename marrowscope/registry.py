@@ -256,6 +256,12 @@ def get_version(
         raise
 
 
+def parse_alias_uri(uri: str) -> tuple[str, str] | None:
+    """`models:/NAME@ALIAS` -> (NAME, ALIAS); None for versions and directories."""
+    m = _URI_ALIAS.match(uri)
+    return (m["name"], m["alias"]) if m else None
+
+
 def alias_version(name: str, alias: str = CHAMPION, *, tracking_uri: str | None = None) -> str:
     """The version `name@alias` points to now (one cheap registry call, for polling)."""
     return str(get_version(name, "", client=get_client(tracking_uri), alias=alias).version)

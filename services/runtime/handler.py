@@ -23,7 +23,9 @@ request; outputs with ``batch_axis=False`` (e.g. class names) are copied to each
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -110,6 +112,9 @@ class ModelHandler:
 
     name: str = ""
     version: str = ""
+    response_parameters: Mapping[str, str] = MappingProxyType({})
+    """String parameters copied into every response of this version (e.g. the ensemble's
+    lineage, which the gateway checks against the versions it pinned)."""
     _ready: bool = False
 
     @property

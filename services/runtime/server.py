@@ -46,11 +46,25 @@ def registry_resolver(model_uri: str, handler_factory: HandlerFactory) -> Resolv
     ``local_dir``, ``tags``) and returns an unloaded handler.
     """
 
-    def resolve_now() -> ResolvedVersion:
-        from marrowscope.registry import resolve
+    from marrowscope.registry import parse_alias_uri
 
+    last: ResolvedVersion | None = None
+    alias = parse_alias_uri(model_uri)
+
+    def resolve_now() -> ResolvedVersion:
+        nonlocal last
+        from marrowscope.registry import alias_version, resolve
+
+        # Polling an alias costs one registry call; the full resolve (download, digest
+        # check of the weights) runs only when the alias moved.
+        if last is not None:
+            if not alias:
+                return last
+            if alias_version(*alias) == last.version:
+                return last
         resolved = resolve(model_uri)
-        return ResolvedVersion(resolved.version, lambda: handler_factory(resolved))
+        last = ResolvedVersion(resolved.version, lambda: handler_factory(resolved))
+        return last
 
     return resolve_now
 

@@ -149,9 +149,12 @@ def tensor_to_raw(array: np.ndarray) -> bytes:
 
 
 def encode_response(
-    request: pb.ModelInferRequest, model: str, version: str, outputs: Tensors
+    request: pb.ModelInferRequest, model: str, version: str, outputs: Tensors,
+    parameters: Mapping[str, str] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
+    for key, value in (parameters or {}).items():
+        response.parameters[key].string_param = str(value)
     response.parameters["model_version"].string_param = version
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
@@ -241,6 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             parameters = decode_parameters(request.parameters)
             async with repo.acquire(request.model_version or None) as entry:
                 version = entry.version
+                extra = dict(entry.handler.response_parameters)
                 entry.handler.validate(inputs)
                 wanted = _requested(request, entry.handler.outputs)
                 result = await entry.worker.submit(inputs, parameters)
@@ -249,7 +253,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = result.outputs
             if wanted is not None:
                 outputs = {k: v for k, v in outputs.items() if k in wanted}
-            return encode_response(request, repo.name, version, outputs)
+            return encode_response(request, repo.name, version, outputs, extra)
         except asyncio.CancelledError as exc:
             error = exc
             raise

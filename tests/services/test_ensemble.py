@@ -10,7 +10,6 @@ from marrowscope.features import case_feature_names
 from marrowscope.inference import EnsemblePredictor
 from marrowscope.models import load_model
 from services.ensemble.model import EnsembleHandler, lineage_of
-from services.runtime.handler import ModelHandler
 from tests.fixtures_mlflow import make_tiny_model_dir
 from tests.services.helpers import (
     check_server_and_metadata,
@@ -53,9 +52,6 @@ def test_infer_matches_in_process(client, service, model_dir):
     assert p[0] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.xfail(not hasattr(ModelHandler, "response_parameters"), strict=True,
-                   reason="the runtime does not yet copy a handler's response_parameters into "
-                          "responses (services/runtime/servicer.py encode_response)")
 def test_every_response_carries_the_lineage(client):
     vector = np.zeros(len(NAMES), np.float32)
     params = client.infer("ensemble", _inputs(vector, NAMES)).get_response().parameters
