@@ -3,8 +3,8 @@
 Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - in  ``CROPS`` UINT8 [B, S, S, 3] RGB crops, S = the loaded model's ``crop_size`` (fixed in
   ModelMetadata, so clients read S from there); cut them like training did
-  (`marrowscope.inference.CellTyper.crops`: square around the box with the config's
-  ``crop_pad_fraction`` of context).
+  (`marrowscope.imaging.crop_cells` with ``CELL_CROP_PAD_FRACTION`` of context; a model
+  trained with another padding is refused at load, since clients cannot see it).
 - out ``PROBS`` FP32 [B, K] in [0, 1]; ``NAMES`` BYTES [K]: cell codes, then attribute codes
   (the model config's ``outputs``).
 
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from marrowscope.errors import ModelNotReady
+from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.inference import CellTyper
 from services.celltype.config import CelltypeSettings
 from services.common import PredictorHandler, bytes_tensor
@@ -31,6 +33,13 @@ class CelltypeHandler(PredictorHandler):
     def __init__(self, local_dir: str | Path, settings: CelltypeSettings) -> None:
         super().__init__(local_dir, settings)
         size = int(self.config["crop_size"])
+        pad = float(self.config.get("hyperparameters", {}).get("crop_pad_fraction",
+                                                               CELL_CROP_PAD_FRACTION))
+        if abs(pad - CELL_CROP_PAD_FRACTION) > 1e-9:
+            raise ModelNotReady(
+                f"celltype model {local_dir} was trained on crops with padding {pad}, but "
+                f"clients cut crops with {CELL_CROP_PAD_FRACTION} (marrowscope.imaging); "
+                "retrain it with the serving padding")
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         # per loaded model: ModelMetadata must show this version's crop size
         self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)
