@@ -1,0 +1,1 @@
+"""Locust load tests: the gateway's REST flow and direct OIP gRPC calls (`make loadtest`)."""
