@@ -63,8 +63,15 @@ class CellCall:
 
     @property
     def cell_type(self) -> str:
-        """Argmax code over all `CODES` (may be `RBC`, which is then not counted)."""
-        return CODES[int(np.argmax([self.probs[c] for c in CODES]))]
+        """Argmax code over the `CODES` present (may be `RBC`, which is then not counted).
+
+        Every counted code must be present (KeyError names the first missing one); `RBC` is
+        optional, since a typer trained on nucleated cells only never answers RBC."""
+        for code in COUNTED_CODES:
+            if code not in self.probs:
+                raise KeyError(code)
+        codes = [c for c in CODES if c in self.probs]
+        return codes[int(np.argmax([self.probs[c] for c in codes]))]
 
 
 class DifferentialEntry(NamedTuple):
@@ -86,7 +93,7 @@ def case_feature_names() -> tuple[str, ...]:
 
 
 def _check(cell: CellCall, i: int) -> None:
-    for key in (*CODES, *ATTRIBUTE_CODES):
+    for key in (*COUNTED_CODES, *ATTRIBUTE_CODES):  # RBC is optional (see CellCall)
         p = cell.probs.get(key)
         if p is None:
             raise InvalidInput(f"cell {i}: probability for {key!r} is missing")

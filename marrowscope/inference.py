@@ -318,9 +318,9 @@ def cell_calls(probs: np.ndarray, names: Sequence[str], morph: np.ndarray,
     float[N, F] (`morph_names`). Raises InvalidInput when the cell typer lacks a taxonomy
     code or attribute the case features need (as the gateway does)."""
     from marrowscope.features import CellCall
-    from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES
+    from marrowscope.taxonomy import ATTRIBUTE_CODES, COUNTED_CODES
 
-    missing = [c for c in (*CODES, *ATTRIBUTE_CODES) if c not in names]
+    missing = [c for c in (*COUNTED_CODES, *ATTRIBUTE_CODES) if c not in names]
     if missing:
         raise InvalidInput(f"celltype outputs lack {missing}, which the case features need")
     if len(probs) != len(morph):
