@@ -8,7 +8,7 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - response parameters (string) ``lineage_segmentation`` / ``lineage_celltype``: the upstream
   versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
   local directory the config's ``training.lineage``; "" when unknown). They are offered as
-  ``response_parameters``; the runtime has to copy them into every response.
+  ``response_parameters``; the runtime copies them into every response.
 
 Not batchable: the names travel with every vector, and the model is a tiny MLP.
 """
