@@ -74,7 +74,11 @@ def build_model_dirs(root: Path, sizes: Sizes, seed: int = 0) -> dict[str, Path]
     dirs = {}
     for kind, config in model_configs(sizes).items():
         torch.manual_seed(seed)
-        dirs[kind] = save_model(build_model(config), config, root / kind)
+        module = build_model(config)
+        if kind == "celltype":  # an untrained typer may call every cell RBC: the gateway
+            with torch.no_grad():  # would then abstain (no counted cells) before ensemble/npm1
+                module.head.bias[config["outputs"].index("RBC")] = -20.0
+        dirs[kind] = save_model(module, config, root / kind)
     return dirs
 
 
