@@ -63,10 +63,10 @@ def paired(a: Factory, b: Factory, *, concurrency: int, per_thread: int, repeats
 
 
 def sweep(a: Factory, b: Factory, *, concurrencies: list[int], repeats: int, target_s: float,
-          names: tuple[str, str], calibrate: Callable[[], object]) -> list[dict]:
-    """`paired` at each concurrency; requests per repeat sized from one serial call of
-    `calibrate` so that a repeat lasts about `target_s` (at least one request per thread)."""
-    latency = time_one(calibrate, n=1)
+          names: tuple[str, str]) -> list[dict]:
+    """`paired` at each concurrency; requests per repeat sized from one serial call of the
+    slower side so that its repeat lasts about `target_s` (at least one request per thread)."""
+    latency = max(time_one(a(), n=1), time_one(b(), n=1))
     return [paired(a, b, concurrency=c, per_thread=per_thread_for(target_s, latency, c),
                    repeats=repeats, names=names) for c in concurrencies]
 

@@ -89,7 +89,7 @@ def per_model(stack, predictors, inputs, args) -> list[dict]:
         served = workloads.served_worker(model, stack.grpc_addr(model), inputs)
         for row in measure.sweep(served, inproc, concurrencies=args.concurrency,
                                  repeats=args.repeats, target_s=args.target_s,
-                                 names=("served", "in_process"), calibrate=inproc()):
+                                 names=("served", "in_process")):
             rows.append({"model": model, **row})
     return rows
 
@@ -110,7 +110,7 @@ def pipeline(stack, api_key, predictors, inputs, args) -> list[dict]:
     inproc = workloads.inprocess_pipeline(predictors, inputs)
     return measure.sweep(served, inproc, concurrencies=args.pipeline_concurrency,
                          repeats=args.repeats, target_s=2 * args.target_s,
-                         names=("gateway", "in_process"), calibrate=inproc())
+                         names=("gateway", "in_process"))
 
 
 def peer(stack, model_dir: Path, inputs, args, workdir: Path) -> dict:

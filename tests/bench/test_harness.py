@@ -75,3 +75,16 @@ def test_report_renders_a_peer_that_did_not_run():
               "generator_images_per_s": {"128x96": 12.5}, "elapsed_s": 1.0}
     text = report.render(result)
     assert "Not run: ray is not installed" in text and "| 128x96 | 12.5 |" in text
+
+
+def test_sweep_sizes_repeats_from_the_slower_side():
+    import time
+
+    def sleeper(seconds):
+        return lambda: (lambda: time.sleep(seconds))
+
+    rows = measure.sweep(sleeper(0.001), sleeper(0.02), concurrencies=[1, 2], repeats=1,
+                         target_s=0.1, names=("a", "b"))
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    # sized from the 20 ms side: ~5 requests at concurrency 1, not ~100
+    assert rows[0]["requests_per_repeat"] <= 10 and rows[1]["requests_per_repeat"] <= 10
