@@ -188,7 +188,10 @@ def gateway_pipeline(url: str, api_key: str, x: Inputs, images_per_case: Sequenc
             location = r.json()["location"]
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                body = client.get(location).json()
+                g = client.get(location)
+                if g.status_code != 200:
+                    raise CaseFailed(f"GET {location} answered {g.status_code}: {g.text[:300]}")
+                body = g.json()
                 if body["status"] == "succeeded":
                     return body
                 if body["status"] in ("failed", "abstained", "cancelled"):
