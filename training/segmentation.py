@@ -72,13 +72,18 @@ class DetectionDataset:
 
 def detector_config(config: JobConfig, classes: tuple[str, ...], digest: str) -> dict[str, Any]:
     from marrowscope.models import make_config
+    from marrowscope.models.config import DETECTOR_INT_HYPERPARAMETERS
 
     hp = {"box_detections_per_img": config["box_detections_per_img"],
           "score_threshold": config["score_threshold"], "lr": config["lr"],
           "momentum": config["momentum"], "weight_decay": config["weight_decay"],
           "lr_gamma": config["lr_gamma"], "epochs": config["epochs"], "batch_size": config["batch_size"]}
+    # Optional RPN / RoI sampling settings (job configs without them get torchvision defaults).
+    hp.update({k: config[k] for k in DETECTOR_INT_HYPERPARAMETERS if config.get(k) is not None})
     return make_config("detector", config["arch"], classes=list(classes), min_size=config["min_size"],
                        max_size=config["max_size"], hyperparameters=hp,
+                       anchor_sizes=config.get("anchor_sizes"),
+                       anchor_aspect_ratios=config.get("anchor_aspect_ratios"),
                        training={"data_hash": digest, "seed": config["seed"],
                                  "config_name": config["config_name"]})
 

@@ -41,11 +41,31 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "npm1": ("input_size", "mean", "std"),
 }
 
+DETECTOR_FPN_LEVELS: dict[str, int] = {
+    "fasterrcnn_resnet50_fpn_v2": 5,
+    "fasterrcnn_resnet50_fpn": 5,
+    "fasterrcnn_mobilenet_v3_large_fpn": 3,
+}
+"""Feature-map levels the RPN sees (length of a detector's `anchor_sizes`)."""
+
+DETECTOR_INT_HYPERPARAMETERS: tuple[str, ...] = (
+    "box_detections_per_img",
+    "box_batch_size_per_image",
+    "rpn_pre_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image",
+)
+"""Detector hyperparameters that must be positive integers when present."""
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "detector": {"classes": list(CODES), "min_size": 1920, "max_size": 2560},
+    # anchor_* null: torchvision defaults (see marrowscope.models.detector).
+    "detector": {"classes": list(CODES), "min_size": 1920, "max_size": 2560,
+                 "anchor_sizes": None, "anchor_aspect_ratios": None},
     "celltype": {
         "outputs": list(COUNTED_CODES) + list(ATTRIBUTE_CODES),
         "crop_size": 128,
@@ -134,6 +154,33 @@ def _validate_detector(config: dict[str, Any]) -> None:
     _positive_int(config, "max_size", config["max_size"])
     if config["max_size"] < config["min_size"]:
         _fail(config, "max_size must be >= min_size")
+    _validate_anchors(config)
+    hp = config.get("hyperparameters", {})
+    for key in DETECTOR_INT_HYPERPARAMETERS:
+        if key in hp:
+            _positive_int(config, f"hyperparameters.{key}", hp[key])
+
+
+def _validate_anchors(config: dict[str, Any]) -> None:
+    """Optional `anchor_sizes` (per FPN level, px) and `anchor_aspect_ratios`; null = default."""
+    sizes = config.get("anchor_sizes")
+    if sizes is not None:
+        levels = DETECTOR_FPN_LEVELS[config["arch"]]
+        if not isinstance(sizes, list) or len(sizes) != levels:
+            _fail(config, f"anchor_sizes must be a list of {levels} lists (one per FPN level), got {sizes!r}")
+        for level in sizes:
+            if not isinstance(level, list) or not level or len({len(x) for x in sizes}) != 1:
+                _fail(config, f"anchor_sizes levels must be non-empty lists of equal length, got {sizes!r}")
+            for size in level:
+                _positive_int(config, "anchor_sizes[][]", size)
+    ratios = config.get("anchor_aspect_ratios")
+    if ratios is not None and (
+        not isinstance(ratios, list)
+        or not ratios
+        or not all(isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+                   for r in ratios)
+    ):
+        _fail(config, f"anchor_aspect_ratios must be a non-empty list of positive numbers, got {ratios!r}")
 
 
 def _validate_celltype(config: dict[str, Any]) -> None:

@@ -2,6 +2,11 @@
 
 Never downloads anything: `weights=None, weights_backbone=None` always; pretrained
 weights come only from a local file (see `marrowscope.models.weights`).
+
+Optional config keys (absent or null: torchvision's defaults, so older configs build the
+same model): `anchor_sizes` (one list of anchor side lengths in pixels of the resized image
+per FPN level) and `anchor_aspect_ratios` (height / width ratios used on every level).
+Hyperparameters passed to `FasterRCNN` when present: see `RPN_ROI_KEYS`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ _BUILDERS = {
     "fasterrcnn_mobilenet_v3_large_fpn": detection.fasterrcnn_mobilenet_v3_large_fpn,
 }
 
+RPN_ROI_KEYS: tuple[str, ...] = (
+    "box_detections_per_img",
+    "box_score_thresh",
+    "box_nms_thresh",
+    "box_batch_size_per_image",
+    "rpn_pre_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image",
+)
+"""`hyperparameters` keys forwarded as `FasterRCNN` keyword arguments."""
+
+_DEFAULT_RATIOS = (0.5, 1.0, 2.0)
+
 
 def build_detector(config: dict[str, Any]) -> detection.FasterRCNN:
     """Faster R-CNN with `len(config["classes"]) + 1` classes (label 0 = background).
@@ -30,17 +50,8 @@ def build_detector(config: dict[str, Any]) -> detection.FasterRCNN:
     targets (`boxes`, `labels`) and returns a dict of losses.
     """
     hp = config.get("hyperparameters", {})
-    extra = {
-        key: hp[key]
-        for key in (
-            "box_detections_per_img",
-            "box_score_thresh",
-            "box_nms_thresh",
-            "rpn_post_nms_top_n_test",
-        )
-        if key in hp
-    }
-    return _BUILDERS[config["arch"]](
+    extra = {key: hp[key] for key in RPN_ROI_KEYS if key in hp}
+    model = _BUILDERS[config["arch"]](
         weights=None,
         weights_backbone=None,
         num_classes=len(config["classes"]) + 1,
@@ -48,6 +59,35 @@ def build_detector(config: dict[str, Any]) -> detection.FasterRCNN:
         max_size=config["max_size"],
         **extra,
     )
+    sizes, ratios = config.get("anchor_sizes"), config.get("anchor_aspect_ratios")
+    if sizes is not None or ratios is not None:
+        _set_anchors(model, sizes, ratios)
+    return model
+
+
+def _set_anchors(model: detection.FasterRCNN, sizes: list[list[int]] | None,
+                 ratios: list[float] | None) -> None:
+    """Replace the RPN anchor generator; rebuild the RPN head when the anchor count changes."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RPNHead
+
+    old = model.rpn.anchor_generator
+    levels = len(old.sizes)
+    size_t = tuple(tuple(int(s) for s in level) for level in sizes) if sizes is not None else old.sizes
+    if len(size_t) != levels:
+        raise ValueError(f"anchor_sizes has {len(size_t)} levels, the backbone has {levels} FPN levels")
+    ratio_t = tuple(float(r) for r in ratios) if ratios is not None else _DEFAULT_RATIOS
+    generator = AnchorGenerator(size_t, (ratio_t,) * levels)
+    counts = set(generator.num_anchors_per_location())
+    if len(counts) != 1:
+        raise ValueError(f"every FPN level needs the same number of anchors, got {sorted(counts)}")
+    model.rpn.anchor_generator = generator
+    n = counts.pop()
+    if n != old.num_anchors_per_location()[0]:
+        head = model.rpn.head
+        conv_depth = len(head.conv)
+        channels = head.cls_logits.in_channels
+        model.rpn.head = RPNHead(channels, n, conv_depth=conv_depth)
 
 
 def detector_backbone(model: detection.FasterRCNN) -> torch.nn.Module:
