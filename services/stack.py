@@ -172,7 +172,7 @@ class LocalStack:
         raise StackError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last}); "
                          f"log:\n{proc.tail()}")
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM every process (gateway first), then SIGKILL what outlives the grace."""
         order = sorted(self.procs.values(), key=lambda p: p.name != "gateway")
         for proc in order:

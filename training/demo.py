@@ -28,6 +28,8 @@ from marrowscope.paths import PROJECT_ROOT
 
 JOBS = ("segmentation", "celltype", "ensemble", "npm1")
 TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
+DEMO_FLOORS = ("segmentation.map50=0.3", "celltype.macro_f1=0.3", "ensemble.auroc=0.6",
+               "npm1.auroc=0.0")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,7 @@ def champions(tracking_uri: str) -> dict[str, str]:
     found = {}
     for kind in JOBS:
         try:
-            found[kind] = client.get_model_version_by_alias(registered_name(kind), CHAMPION).version
+            found[kind] = str(client.get_model_version_by_alias(registered_name(kind), CHAMPION).version)
         except MlflowException:  # no champion yet for this kind: it will be trained
             continue
     return found
@@ -93,6 +95,24 @@ def latest_version(tracking_uri: str, kind: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
+def _trained(args: argparse.Namespace, kind: str, data: Path, tracking_uri: str,
+             extra: list[str], env: dict[str, str]) -> str:
+    """Train and register one job, or reuse its version from an earlier (interrupted) run
+    with the same data, config and upstream flags."""
+    marker = args.workdir / "runs" / kind / "registered.json"
+    wanted = {"data": str(data), "config": args.config, "extra": extra}
+    if not args.retrain and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("inputs") == wanted:
+            say(f"reusing {kind} version {done['version']} (trained by an earlier run)")
+            return done["version"]
+    run([sys.executable, "-m", f"training.{kind}", "--data", str(data), "--config", args.config,
+         "--tracking-uri", tracking_uri, "--output", str(marker.parent), *extra], env)
+    version = latest_version(tracking_uri, kind)
+    marker.write_text(json.dumps({"inputs": wanted, "version": version}))
+    return version
+
+
 def ensure_models(args: argparse.Namespace, data: Path, env: dict[str, str],
                   tracking_uri: str) -> dict[str, str]:
     current = champions(tracking_uri)
@@ -102,27 +122,19 @@ def ensure_models(args: argparse.Namespace, data: Path, env: dict[str, str],
                                                   "versions": current}):
         say(f"reusing promoted models {current}")
         return current
-    common = ["--data", str(data), "--config", args.config, "--tracking-uri", tracking_uri]
-    versions: dict[str, str] = {}
-    for kind in ("segmentation", "celltype"):
-        run([sys.executable, "-m", f"training.{kind}", *common,
-             "--output", str(args.workdir / "runs" / kind)], env)
-        versions[kind] = latest_version(tracking_uri, kind)
+    versions = {kind: _trained(args, kind, data, tracking_uri, [], env)
+                for kind in ("segmentation", "celltype")}
     # The ensemble learns from features made by exactly these upstream versions (lineage).
-    run([sys.executable, "-m", "training.ensemble", *common,
-         "--output", str(args.workdir / "runs" / "ensemble"),
-         "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
-         "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}"], env)
-    versions["ensemble"] = latest_version(tracking_uri, "ensemble")
-    run([sys.executable, "-m", "training.npm1", *common,
-         "--output", str(args.workdir / "runs" / "npm1")], env)
-    versions["npm1"] = latest_version(tracking_uri, "npm1")
-    # Demo models train for minutes on synthetic data: floors are lowered so the gates judge
-    # lineage and configuration; a real promotion keeps the default floors.
+    versions["ensemble"] = _trained(args, "ensemble", data, tracking_uri, [
+        "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
+        "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}"], env)
+    versions["npm1"] = _trained(args, "npm1", data, tracking_uri, [], env)
+    # Demo models train for minutes on a small synthetic cohort, so the floors are lowered;
+    # the gates still judge lineage, configuration and non-inferiority. Real promotions keep
+    # the default floors (training/promote.py).
     run([sys.executable, "-m", "training.promote", "--tracking-uri", tracking_uri,
          "--pipeline", *[f"{k}={v}" for k, v in versions.items()],
-         "--floor", "segmentation.map50=0.3", "--floor", "celltype.macro_f1=0.3",
-         "--floor", "ensemble.auroc=0.6", "--floor", "npm1.auroc=0.0"], env)
+         *[flag for floor in DEMO_FLOORS for flag in ("--floor", floor)]], env)
     stamp.write_text(json.dumps({"data": str(data), "config": args.config,
                                  "versions": champions(tracking_uri)}))
     return versions
