@@ -16,6 +16,8 @@ import argparse
 import json
 import logging
 import math
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -137,6 +139,15 @@ def peer(stack, model_dir: Path, inputs, args, workdir: Path) -> dict:
             "rows": rows}
 
 
+def save(result: dict, out: Path) -> str:
+    """Write bench.json and bench.md (after every section, so a killed run leaves what it
+    measured); returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = _finite(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return write_markdown(result, out / "bench.md")
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
@@ -151,6 +162,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                               "npm1_hw": sizes.npm1, "cells_per_image": sizes.detections}}
     log.info("machine %s", result["machine"])
     result["generator_images_per_s"] = generator_speed(args.quick, args.repeats)
+    save(result, args.out)
 
     tracking_uri, versions = fixtures.setup_registry(workdir, sizes)
     result["model_versions"] = versions
@@ -161,6 +173,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "MS_CELLTYPE_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms)})
     result["cold_start"] = [measure.cold_start(name, tracking_uri, workdir, env, args.cold_repeats)
                             for name in args.cold_services]
+    save(result, args.out)
 
     images = fixtures.synth_images(2, sizes.image)
     inputs = workloads.make_inputs(images, sizes.crop, sizes.npm1)
@@ -172,14 +185,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         stack.start(timeout_s=300)
         api_key = fixtures.create_api_key(stack.gateway_env())
         result["per_model"] = per_model(stack, predictors, inputs, args)
+        save(result, args.out)
         result["pipeline"] = pipeline(stack, api_key, predictors, inputs, args)
+        save(result, args.out)
         nobatch.start(timeout_s=300)
         result["batching"] = batching(stack, nobatch, inputs, args)
+        result["peak_rss_bytes"] = {name: fixtures.peak_rss_bytes(p.popen.pid)
+                                    for name, p in stack.procs.items()}
+        save(result, args.out)
         result["peer"] = ({"peer": "ray_serve", "ran": False, "why": "skipped (--no-peer)"}
                           if args.no_peer else peer(stack, workdir / "models" / "npm1", inputs,
                                                     args, workdir))
-        result["peak_rss_bytes"] = {name: fixtures.peak_rss_bytes(p.popen.pid)
-                                    for name, p in stack.procs.items()}
     finally:
         nobatch.stop()
         stack.stop()
@@ -201,15 +217,14 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> dict:
     args = _defaults(get_args_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the stack's processes are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for noisy in ("httpx", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="marrowscope-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         result = _finite(run(args, workdir))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = write_markdown(result, args.out / "bench.md")
-    print(markdown)
+    print(save(result, args.out))
     return result
 
 

@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown scenarios {sorted(unknown)}; known: gateway, oip")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the stack's processes are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="marrowscope-loadtest-") as tmp:
         report = run(args, args.workdir or Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
