@@ -54,11 +54,12 @@ def test_paired_reports_ratio_of_pairs():
     def sleeper(seconds):
         return lambda: (lambda: time.sleep(seconds))
 
-    row = measure.paired(sleeper(0.001), sleeper(0.004), concurrency=1, per_thread=5, repeats=2,
+    # 0 s vs 50 ms per call: a 50 ms margin survives a heavily loaded machine
+    row = measure.paired(sleeper(0.0), sleeper(0.05), concurrency=1, per_thread=3, repeats=2,
                          names=("fast", "slow"))
     assert row["fast"]["throughput_per_s"] > row["slow"]["throughput_per_s"]
-    assert 1.0 < row["throughput_ratio"] < 10.0 and row["p99_ratio"] < 1.0
-    assert row["requests_per_repeat"] == 5 and row["repeats"] == 2
+    assert row["throughput_ratio"] > 1.0 and row["p99_ratio"] < 1.0
+    assert row["requests_per_repeat"] == 3 and row["repeats"] == 2
 
 
 def test_machine_describes_the_host():
