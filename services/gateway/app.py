@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -113,6 +114,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                  for e in exc.errors()]
         return JSONResponse({"error": "invalid_request", "detail": "; ".join(parts)},
                             status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # The LIS always gets JSON; details stay in our log under an id it can quote.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("unhandled error %s", error_id, exc_info=exc)
+        return JSONResponse({"error": "internal_error",
+                             "detail": f"internal error, quote id {error_id}"}, status_code=500)
 
     from services.gateway.routers import analyses, health, reports
 

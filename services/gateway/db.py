@@ -156,8 +156,11 @@ def make_engine(url: str) -> Engine:
         def _sqlite_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Switching the journal mode takes a lock that busy_timeout does not cover, so
+            # new connections failed with "database is locked" under concurrent writers.
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
