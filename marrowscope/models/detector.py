@@ -16,23 +16,16 @@ from typing import Any
 import torch
 from torchvision.models import detection
 
+from marrowscope.models.config import DETECTOR_INT_HYPERPARAMETERS
+
 _BUILDERS = {
     "fasterrcnn_resnet50_fpn_v2": detection.fasterrcnn_resnet50_fpn_v2,
     "fasterrcnn_resnet50_fpn": detection.fasterrcnn_resnet50_fpn,
     "fasterrcnn_mobilenet_v3_large_fpn": detection.fasterrcnn_mobilenet_v3_large_fpn,
 }
 
-RPN_ROI_KEYS: tuple[str, ...] = (
-    "box_detections_per_img",
-    "box_score_thresh",
-    "box_nms_thresh",
-    "box_batch_size_per_image",
-    "rpn_pre_nms_top_n_train",
-    "rpn_pre_nms_top_n_test",
-    "rpn_post_nms_top_n_train",
-    "rpn_post_nms_top_n_test",
-    "rpn_batch_size_per_image",
-)
+RPN_ROI_KEYS: tuple[str, ...] = (*DETECTOR_INT_HYPERPARAMETERS, "box_score_thresh",
+                                  "box_nms_thresh")
 """`hyperparameters` keys forwarded as `FasterRCNN` keyword arguments."""
 
 _DEFAULT_RATIOS = (0.5, 1.0, 2.0)
