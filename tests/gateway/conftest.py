@@ -89,7 +89,7 @@ def gateway(make_settings, monkeypatch):
 
 
 def wait_status(get, analysis_id: str, headers: dict, *, final: bool = True,
-                timeout: float = 30.0, want: set[str] | None = None) -> dict:
+                timeout: float = 90.0, want: set[str] | None = None) -> dict:
     end = time.monotonic() + timeout
     body = {}
     while time.monotonic() < end:
@@ -118,7 +118,7 @@ class GatewayProcess:
                                      cwd=PROJECT_ROOT, stdout=self.log, stderr=self.log)
         self.url = f"http://127.0.0.1:{port}" if port else None
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
+    def wait_healthy(self, timeout: float = 90.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
