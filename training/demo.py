@@ -45,8 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="cpu-demo", help="training config (training/configs)")
     p.add_argument("--retrain", action="store_true", help="train again even if champions exist")
     p.add_argument("--no-explain", action="store_true", help="skip occlusion heatmaps")
-    p.add_argument("--min-cells", type=int, default=30,
-                   help="gateway quality floor: fewer counted cells -> abstain")
+    p.add_argument("--min-cells", type=int, default=10,
+                   help="gateway quality floor: fewer counted cells -> abstain (the gateway's "
+                        "production default is 50; a demo image holds ~10-20 nucleated cells)")
     return p
 
 

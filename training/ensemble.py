@@ -209,8 +209,9 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         import mlflow
 
         mlflow.set_tags({f"marrowscope.lineage.{k}": v for k, v in lineage.items()})
-        cv = cross_validate(config, names, table, [records[i] for i in np.concatenate([tr, va])],
-                            args.output)
+        # CV on train+val only: rows of `table` and records must be the same subset, in order.
+        rows = np.concatenate([tr, va])
+        cv = cross_validate(config, names, table[rows], [records[i] for i in rows], args.output)
         model, model_config = train_mlp(config, names, table[tr], y[tr], table[va], y[va],
                                         output=args.output, resume=args.resume)
         model_config["training"].update({"data_hash": digest, "lineage": lineage})
