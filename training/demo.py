@@ -168,8 +168,12 @@ def create_key(env: dict[str, str]) -> str:
 def analyse(client, data: Path, label: str, record, explain: bool, out: Path) -> dict:
     files = [("images", (Path(p).name, (data / p).read_bytes(), "image/png"))
              for p in record.image_paths]
+    # The pixel size matters: the ensemble learned morphometrics in um and um^2, and areas
+    # in px^2 would be a training/serving skew. A LIS sends what the scanner reports.
+    scales = json.loads((data / "annotations.json").read_text())["images"]
+    um_per_px = next(im["um_per_px"] for im in scales if im["file_name"] == record.image_paths[0])
     metadata = {"accession_id": f"DEMO-{record.case_id}", "specimen_type": "bone_marrow_smear",
-                "stain": "MGG", "options": {"explain": explain}}
+                "stain": "MGG", "options": {"explain": explain, "um_per_px": um_per_px}}
     response = client.post("/v1/analyses", files=files,
                            data={"metadata": json.dumps(metadata)},
                            headers={"Idempotency-Key": f"demo-{record.case_id}"})
