@@ -42,13 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CROP_PAD_FRACTION = CELL_CROP_PAD_FRACTION
-"""Context around each box in a cell crop (see `imaging.crop_cells`); celltype training
-records the value it used in the config's `hyperparameters.crop_pad_fraction`."""
 DEFAULT_SCORE_THRESHOLD = 0.5
 """Detector score threshold when its config records none (`hyperparameters.score_threshold`)."""
-NON_COUNTED_DETECTOR_LABELS = NON_NUCLEATED_DETECTOR_LABELS
-"""Detector labels that are never sent to the cell typer (red cells, platelets)."""
 
 
 def select_device(setting: str = "cpu") -> torch.device:
@@ -172,7 +167,7 @@ class CellTyper(_Predictor):
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         self.crop_size: int = int(self.config["crop_size"])
         hp = self.config.get("hyperparameters", {})
-        self.crop_pad_fraction = float(hp.get("crop_pad_fraction", CROP_PAD_FRACTION))
+        self.crop_pad_fraction = float(hp.get("crop_pad_fraction", CELL_CROP_PAD_FRACTION))
 
     def crops(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """uint8[N, S, S, 3] crops of `boxes` (float[N, 4] x1, y1, x2, y2) as in training."""
@@ -352,7 +347,7 @@ def analyse_case(images: Sequence[np.ndarray], detector: Detector, celltyper: Ce
     for image, scale in zip(images, scales, strict=True):
         det = detector.predict(_check_image(image), score_threshold)
         morph = measure_cells(image, det.boxes, scale)
-        typed = [i for i, lab in enumerate(det.labels) if lab not in NON_COUNTED_DETECTOR_LABELS]
+        typed = [i for i, lab in enumerate(det.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS]
         types: list[str | None] = [None] * len(det)
         if typed:
             probs = celltyper.predict(celltyper.crops(image, det.boxes[typed]))

@@ -4,7 +4,7 @@ single-cell ImageFolder set (ROOT/<CODE>/*.png, e.g. Matek et al.'s layout).
     python -m training.celltype --data data/synth --output runs/celltype --config cpu-demo
 
 Crops: `marrowscope.imaging.crop_cells` with the serving crop size and padding
-(`marrowscope.inference.CROP_PAD_FRACTION`, recorded in the config), so training and
+(`marrowscope.imaging.CELL_CROP_PAD_FRACTION`, recorded in the config), so training and
 serving cut cells identically. Outputs: every taxonomy code (RBC included, so a detector
 false positive on a red cell is typed RBC and not counted) then every attribute.
 ImageFolder sets carry no patients: they are split at random, stratified by class, and the
@@ -62,8 +62,7 @@ def outputs() -> list[str]:
 def coco_crops(data_dir, split: str, config: JobConfig, *, rbc_ratio: float | None) -> CropSet:
     """Crops of every annotated cell of the split's images (RBCs capped at `rbc_ratio` x
     the nucleated count when given, chosen with the seed)."""
-    from marrowscope.imaging import crop_cells
-    from marrowscope.inference import CROP_PAD_FRACTION
+    from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells
     from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES
     from training.common_data import detection_items, read_rgb
 
@@ -75,7 +74,7 @@ def coco_crops(data_dir, split: str, config: JobConfig, *, rbc_ratio: float | No
         unknown = sorted({c for c in item.codes if c not in CODES})
         if unknown:
             raise UsageError(f"{item.path}: categories {unknown} are not taxonomy codes")
-        crops.append(crop_cells(read_rgb(item.path), item.boxes, config["crop_size"], CROP_PAD_FRACTION))
+        crops.append(crop_cells(read_rgb(item.path), item.boxes, config["crop_size"], CELL_CROP_PAD_FRACTION))
         cells += [CODES.index(c) for c in item.codes]
         attrs += [[float(a.get(k, False)) for k in ATTRIBUTE_CODES] for a in item.attributes]
     if not cells:
@@ -165,13 +164,14 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
           splits: dict[str, CropSet] | None = None) -> tuple[Any, dict, dict]:
     import torch
 
-    from marrowscope.inference import CROP_PAD_FRACTION, CellTyper
+    from marrowscope.imaging import CELL_CROP_PAD_FRACTION
+    from marrowscope.inference import CellTyper
     from marrowscope.models import LoadedModel, build_model, make_config
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
     splits = splits or load_splits(args.data, config)
-    hp = {"head_dropout": config["dropout"], "crop_pad_fraction": CROP_PAD_FRACTION, "lr": config["lr"],
+    hp = {"head_dropout": config["dropout"], "crop_pad_fraction": CELL_CROP_PAD_FRACTION, "lr": config["lr"],
           "weight_decay": config["weight_decay"], "lr_gamma": config["lr_gamma"], "epochs": config["epochs"]}
     model_config = make_config("celltype", config["arch"], outputs=outputs(), crop_size=config["crop_size"],
                                cell_head=config["cell_head"], hyperparameters=hp,

@@ -139,10 +139,10 @@ def test_settings_env_prefix(monkeypatch):
 
 def test_device_selection_on_cpu():
     torch = pytest.importorskip("torch")
-    from services.runtime.device import autocast, select_device
+    from marrowscope.inference import autocast_context, select_device
 
     assert select_device("cpu").type == "cpu"
-    with autocast(torch.device("cpu"), "fp16"):
+    with autocast_context(torch.device("cpu"), "fp16"):
         assert not torch.is_autocast_enabled()
     if not torch.cuda.is_available():
         assert select_device("auto").type == "cpu"
