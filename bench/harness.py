@@ -5,6 +5,9 @@ its own worker (`make_worker()` -> a no-argument callable that performs one requ
 with its own gRPC client), makes one untimed warm-up call, waits for the others, then makes
 `per_thread` timed calls back to back. Throughput = completed requests / wall time from the
 common start to the last completion.
+
+`run_concurrently(fn, n_threads, timeout)` is the bare start-N-threads-and-wait underneath it,
+also used by the tests that check servers batch concurrent requests.
 """
 
 from __future__ import annotations
@@ -57,6 +60,34 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def run_concurrently(fn: Callable[[int], object], n_threads: int,
+                     timeout: float | None = None) -> list[BaseException]:
+    """Call `fn(i)` for i in 0..n_threads-1, each in its own thread, and wait for them all.
+
+    Returns what the calls raised (empty when every call returned), plus a `TimeoutError` for
+    each thread still running `timeout` seconds after the start (None waits for ever), so a
+    hung call is a failure rather than a silent pass. Threads are daemons: a hung one cannot
+    keep the interpreter alive.
+    """
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:  # handed to the caller, who decides what a failure is
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n_threads)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in threads:
+        t.start()
+    for i, t in enumerate(threads):
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            errors.append(TimeoutError(f"thread {i} still running after {timeout} s"))
+    return errors
+
+
 def closed_loop(make_worker: Callable[[], Worker], concurrency: int, per_thread: int,
                 *, warmup: int = 1) -> LoadResult:
     """Run `concurrency` threads x `per_thread` timed requests (see module docstring).
@@ -66,13 +97,14 @@ def closed_loop(make_worker: Callable[[], Worker], concurrency: int, per_thread:
     """
     if concurrency < 1 or per_thread < 1:
         raise ValueError(f"concurrency and per_thread must be >= 1, got {concurrency}, {per_thread}")
-    barrier = threading.Barrier(concurrency + 1)
+    starts: list[float] = []
+    barrier = threading.Barrier(concurrency, action=lambda: starts.append(time.perf_counter()))
     lock = threading.Lock()
     latencies: list[float] = []
     errors: list[str] = []
     ends: list[float] = []
 
-    def run() -> None:
+    def run(_: int) -> None:
         try:
             worker = make_worker()
             for _ in range(warmup):
@@ -97,14 +129,10 @@ def closed_loop(make_worker: Callable[[], Worker], concurrency: int, per_thread:
             latencies.extend(mine)
             ends.append(time.perf_counter())
 
-    threads = [threading.Thread(target=run, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = (max(ends) if ends else time.perf_counter()) - start
+    faults = run_concurrently(run, concurrency)
+    if faults:  # request errors are counted above; anything else is a fault of the harness
+        raise faults[0]
+    seconds = (max(ends) if ends else time.perf_counter()) - starts[0]
     done = len(latencies)
     return LoadResult(concurrency, done + len(errors), len(errors), seconds,
                       done / seconds if seconds > 0 else math.nan,

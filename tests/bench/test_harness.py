@@ -37,6 +37,26 @@ def test_closed_loop_counts_requests_and_errors():
     assert result.throughput > 0 and result.p50_s <= result.p99_s
 
 
+def test_run_concurrently_returns_what_calls_raised_and_hung_threads():
+    seen, release = [], threading.Event()
+
+    def fn(i):
+        seen.append(i)
+        if i == 1:
+            raise ValueError("one")
+        if i == 2:
+            release.wait(10)
+
+    try:
+        errors = harness.run_concurrently(fn, 3, timeout=0.2)
+    finally:
+        release.set()
+    assert sorted(seen) == [0, 1, 2]
+    assert [type(e) for e in errors] == [ValueError, TimeoutError]
+    assert "thread 2" in str(errors[1])
+    assert harness.run_concurrently(lambda i: None, 4, timeout=5) == []
+
+
 def test_closed_loop_rejects_bad_arguments():
     with pytest.raises(ValueError, match="concurrency"):
         harness.closed_loop(lambda: (lambda: None), concurrency=0, per_thread=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 
 import grpc
 import httpx
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from bench.harness import run_concurrently
 from services.runtime.protocol import pb, pb_grpc
 
 
@@ -129,7 +129,6 @@ def test_metrics_follow_traffic_and_batches(toy_server):
     total_before = _sample(before, "marrowscope_batch_size_count", {"model": "toy", "version": "1"})
 
     n_threads, per_thread = 8, 3
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         c = tc.InferenceServerClient(url=toy_server.address)
@@ -138,16 +137,10 @@ def test_metrics_follow_traffic_and_batches(toy_server):
                 x = np.full((1, 4), seed * 10 + k, np.float32)
                 out = c.infer("toy", [_input("X", x, "FP32")], parameters={"delay_ms": 30})
                 np.testing.assert_array_equal(out.as_numpy("Y"), x)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
         finally:
             c.close()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    errors = run_concurrently(work, n_threads, timeout=30)
     assert not errors, errors
 
     after = httpx.get(toy_server.metrics_url).text

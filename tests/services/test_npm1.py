@@ -10,6 +10,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from bench.harness import run_concurrently
 from marrowscope.inference import Npm1Predictor
 from marrowscope.models import load_model
 from tests.fixtures_mlflow import make_tiny_model_dir
@@ -69,7 +70,6 @@ def test_concurrent_requests_are_batched(client, service, versions):
     labels = {"model": "npm1", "version": versions[0]}
     count0 = metric(service.metrics_url, "marrowscope_batch_size_count", labels)
     singles0 = metric(service.metrics_url, "marrowscope_batch_size_bucket", {**labels, "le": "1.0"})
-    errors: list[BaseException] = []
     n_threads, per_thread = 8, 3
 
     def work(seed: int) -> None:
@@ -77,16 +77,10 @@ def test_concurrent_requests_are_batched(client, service, versions):
         try:
             for k in range(per_thread):
                 c.infer("npm1", [infer_input("IMAGE", _image(seed * 10 + k), "UINT8")])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
         finally:
             c.close()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = run_concurrently(work, n_threads, timeout=60)
     assert not errors, errors
     batches = metric(service.metrics_url, "marrowscope_batch_size_count", labels) - count0
     singles = metric(service.metrics_url, "marrowscope_batch_size_bucket",
