@@ -165,13 +165,21 @@ def create_key(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def analyse(client, data: Path, label: str, record, explain: bool, out: Path) -> dict:
+def pixel_sizes(data: Path) -> dict[str, float]:
+    """`um_per_px` of every cohort image, by its path relative to `data` (COCO `file_name`)."""
+    return {im["file_name"]: im["um_per_px"]
+            for im in json.loads((data / "annotations.json").read_text())["images"]}
+
+
+def analyse(client, data: Path, label: str, record, um_per_px: float, explain: bool,
+            out: Path) -> dict:
+    """Submit one case with the pixel size of its images and wait for the outcome.
+
+    The pixel size matters: the ensemble learned morphometrics in um and um^2, and areas in
+    px^2 would be a training/serving skew. A LIS sends what the scanner reports.
+    """
     files = [("images", (Path(p).name, (data / p).read_bytes(), "image/png"))
              for p in record.image_paths]
-    # The pixel size matters: the ensemble learned morphometrics in um and um^2, and areas
-    # in px^2 would be a training/serving skew. A LIS sends what the scanner reports.
-    scales = json.loads((data / "annotations.json").read_text())["images"]
-    um_per_px = next(im["um_per_px"] for im in scales if im["file_name"] == record.image_paths[0])
     metadata = {"accession_id": f"DEMO-{record.case_id}", "specimen_type": "bone_marrow_smear",
                 "stain": "MGG", "options": {"explain": explain, "um_per_px": um_per_px}}
     response = client.post("/v1/analyses", files=files,
@@ -254,9 +262,11 @@ def main(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
                           timeout=60) as client:
+            scales = pixel_sizes(data)
             for label, record in pick_cases(data):
                 say(f"submitting {record.case_id} ({label}, {len(record.image_paths)} images)")
-                body = analyse(client, data, label, record, not args.no_explain, args.out)
+                body = analyse(client, data, label, record, scales[record.image_paths[0]],
+                               not args.no_explain, args.out)
                 failures += body["status"] == "failed"
                 lines += summary_lines(label, record, body)
     lines.append(f"(all figures on SYNTHETIC data; reports, overlays and heatmaps in {args.out})")
