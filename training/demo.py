@@ -11,7 +11,8 @@
 5. stops every process it started.
 
 A second run reuses the cohort and the promoted models when they are still the champions for
-the same data, so it only serves and analyses. All figures are on SYNTHETIC data.
+the same data, so it only serves and analyses; it also reuses its gateway API key (stored
+next to the gateway's database) instead of creating another. All figures are on SYNTHETIC data.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from marrowscope.paths import PROJECT_ROOT
 
 JOBS = ("segmentation", "celltype", "ensemble", "npm1")
 TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
+DEMO_KEY_NAME = "demo-lis"
 DEMO_FLOORS = ("segmentation.map50=0.3", "celltype.macro_f1=0.3", "ensemble.auroc=0.6",
                "npm1.auroc=0.0")
 
@@ -158,11 +160,47 @@ def pick_cases(data: Path) -> list:
     return chosen
 
 
-def create_key(env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-m", "services.gateway.keys", "create", "--name",
-                          "demo-lis", "--scopes", "submit,read"], env=env, cwd=PROJECT_ROOT,
-                         check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+def keys_cli(argv: list[str], env: dict[str, str]) -> str:
+    """stdout of `python -m services.gateway.keys ARGV` against the gateway of `env`."""
+    return subprocess.run([sys.executable, "-m", "services.gateway.keys", *argv], env=env,
+                          cwd=PROJECT_ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def gateway_accepts(http, key: str) -> bool:
+    """Whether the gateway behind `http` (an httpx.Client with its base_url) takes `key` for
+    reading; 401/403 -> False, any other failure raises."""
+    response = http.get("/v1/analyses", params={"limit": 1}, headers={"X-API-Key": key})
+    if response.status_code in (401, 403):
+        return False
+    response.raise_for_status()
+    return True
+
+
+def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
+    """The demo LIS's key: the one stored in `key_file` while `accepted(key)` holds, else a
+    new one, stored there (mode 0600).
+
+    Replacing the key revokes every active `demo-lis` key first: their secrets are lost, so
+    each run leaves exactly one active demo key instead of adding another.
+    """
+    if key_file.is_file():
+        key = key_file.read_text().strip()
+        if accepted(key):
+            say(f"reusing the {DEMO_KEY_NAME} API key in {key_file}")
+            return key
+        say(f"the gateway rejects the key in {key_file}; replacing it")
+    for line in keys_cli(["list"], env).splitlines():
+        key_id, name, *_, state = line.split("\t")
+        if name == DEMO_KEY_NAME and state == "active":
+            keys_cli(["revoke", key_id], env)
+    key = keys_cli(["create", "--name", DEMO_KEY_NAME, "--scopes", "submit,read"],
+                   env).strip().splitlines()[-1]
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+        fh.write(key + "\n")
+    return key
 
 
 def pixel_sizes(data: Path) -> dict[str, float]:
@@ -250,15 +288,19 @@ def main(args: argparse.Namespace) -> int:
     say(f"champions: {versions} (trained and promoted in {time.monotonic() - started:.0f} s)")
     import httpx
 
+    gateway_dir = args.workdir / "gateway"
     stack = LocalStack(workdir=args.workdir / "stack", tracking_uri=tracking_uri, env={
         "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
-        "MS_GATEWAY_DATA_DIR": str(args.workdir / "gateway")})
+        "MS_GATEWAY_DATA_DIR": str(gateway_dir)})
     lines: list[str] = []
     failures = 0
     say("starting the five model services and the gateway")
     with stack:
         say(f"gateway ready at {stack.gateway_url}")
-        key = create_key(stack.gateway_env())
+        with httpx.Client(base_url=stack.gateway_url, timeout=60) as http:
+            # Next to the gateway's database, so the two are deleted together.
+            key = ensure_key(stack.gateway_env(), gateway_dir / f"{DEMO_KEY_NAME}.key",
+                             lambda k: gateway_accepts(http, k))
         args.out.mkdir(parents=True, exist_ok=True)
         with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
                           timeout=60) as client:

@@ -1,0 +1,56 @@
+"""The demo's gateway API key: kept across runs, replaced (old ones revoked) when rejected.
+
+Runs `ensure_key` against a real gateway database and the real keys CLI, with the in-process
+gateway app answering the acceptance check; the demo itself is not run.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from marrowscope.paths import PROJECT_ROOT
+from training.demo import DEMO_KEY_NAME, ensure_key, gateway_accepts, keys_cli
+
+
+def _active_demo_ids(env) -> list[str]:
+    rows = [line.split("\t") for line in keys_cli(["list"], env).splitlines()]
+    return [r[0] for r in rows if r[1] == DEMO_KEY_NAME and r[-1] == "active"]
+
+
+def test_demo_key_is_reused_and_a_rejected_one_is_replaced(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.gateway.auth import create_key, revoke_key
+    from services.gateway.config import GatewaySettings
+
+    data_dir = tmp_path / "gateway"
+    env = {**os.environ, "MS_GATEWAY_DATA_DIR": str(data_dir), "PYTHONPATH": str(PROJECT_ROOT)}
+    app = create_app(GatewaySettings(data_dir=data_dir))
+    sessions = app.state.services.sessions
+    http = TestClient(app)
+    key_file = data_dir / "demo-lis.key"
+
+    def accepted(key: str) -> bool:
+        return gateway_accepts(http, key)
+
+    with sessions.begin() as session:  # one left behind by a run before keys were kept
+        stale = create_key(session, name=DEMO_KEY_NAME, scopes=["submit", "read"])[1].id
+
+    first = ensure_key(env, key_file, accepted)
+    assert accepted(first)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key_file.read_text().strip() == first
+    assert _active_demo_ids(env) == [first.split("_")[1]]  # the stale one was revoked
+    assert stale != first.split("_")[1]
+
+    assert ensure_key(env, key_file, accepted) == first  # second run: same key, none added
+    assert _active_demo_ids(env) == [first.split("_")[1]]
+
+    with sessions.begin() as session:  # e.g. an operator revoked it
+        assert revoke_key(session, key_id=first.split("_")[1])
+    second = ensure_key(env, key_file, accepted)
+    assert second != first and accepted(second) and not accepted(first)
+    assert key_file.read_text().strip() == second
+    assert _active_demo_ids(env) == [second.split("_")[1]]
