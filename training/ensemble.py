@@ -10,7 +10,8 @@ lineage (`marrowscope.lineage.segmentation|celltype`). Features are cached per
 (data hash, upstream versions) in the output folder. Evaluation: case-grouped k-fold CV on
 the train+val cases (config `cv_folds`, 3 as in the paper) and the held-out test cases:
 `auroc` (+ bootstrap 95 % CI), `pr_auc`, `brier`, `accuracy`, ROC/PR/calibration/confusion
-plots.
+plots. The model config records `feature_units` (um with the training pixel-size range when
+the images have `um_per_px`, else px) so that serving can refuse features in another unit.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache
     from marrowscope.features import case_feature_names
     from marrowscope.inference import analyse_case
     from training.common_data import read_rgb
-    from training.data.coco import load_json
 
     names = case_feature_names()
     if cache is not None and cache.is_file():
@@ -57,10 +57,7 @@ def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache
         if ids == [r.case_id for r in records] and tuple(str(v) for v in data["names"]) == names:
             log.info("features from cache %s", cache)
             return names, data["features"]
-    scale: dict[str, float | None] = {}
-    coco = Path(data_dir) / "annotations.json"
-    if coco.is_file():
-        scale = {im["file_name"]: im.get("um_per_px") for im in load_json(coco)["images"]}
+    scale = pixel_sizes(data_dir)
     rows = []
     for r in progress(records, desc="case features"):
         images = [read_rgb(Path(data_dir) / p) for p in r.image_paths]
@@ -73,10 +70,40 @@ def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache
     return names, table
 
 
+def pixel_sizes(data_dir: Path) -> dict[str, float | None]:
+    """COCO `file_name` -> `um_per_px` (None when absent); {} without annotations.json."""
+    from training.data.coco import load_json
+
+    coco = Path(data_dir) / "annotations.json"
+    if not coco.is_file():
+        return {}
+    return {im["file_name"]: im.get("um_per_px") for im in load_json(coco)["images"]}
+
+
+def training_feature_units(data_dir: Path, records: list) -> dict[str, Any]:
+    """The `feature_units` of the case features of `records` (all their images).
+
+    Raises UsageError when some images have a pixel size and others not: morphometrics in
+    um and px would be mixed in one feature column.
+    """
+    from marrowscope.models import ModelConfigError, units_from_pixel_sizes
+
+    scale = pixel_sizes(data_dir)
+    try:
+        return units_from_pixel_sizes(scale.get(p) for r in records for p in r.image_paths)
+    except ModelConfigError as exc:
+        raise UsageError(f"{data_dir}: {exc}") from None
+
+
 def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_train: np.ndarray,
               x_val: np.ndarray | None, y_val: np.ndarray | None, *, output: Path, resume: bool = False,
-              trial: Any = None, checkpoint: bool = True) -> tuple[Any, dict[str, Any]]:
-    """An `EnsembleNet` fitted with AdamW + BCE; standardisation fitted on `x_train`."""
+              trial: Any = None, checkpoint: bool = True, feature_units: dict[str, Any] | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """An `EnsembleNet` fitted with AdamW + BCE; standardisation fitted on `x_train`.
+
+    `feature_units` (`training_feature_units`) goes into the returned config; None leaves
+    the config default ("unknown"), which is fine for models that are never saved (CV, HPO).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -87,7 +114,8 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
                                dropout=float(config["dropout"]),
                                hyperparameters={k: config[k] for k in ("lr", "weight_decay", "lr_gamma",
                                                                        "epochs", "batch_size")},
-                               training={"seed": config["seed"], "config_name": config["config_name"]})
+                               training={"seed": config["seed"], "config_name": config["config_name"]},
+                               **({"feature_units": feature_units} if feature_units is not None else {}))
     model = build_model(model_config)
     model.fit_standardisation(x_train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
@@ -179,6 +207,8 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     from training.common_data import load_cases
 
     records = load_cases(args.data, config)
+    units = training_feature_units(args.data, records)  # before the slow feature pass
+    log.info("morphometric features in %s", units)
     seg, cel = _upstream(args)
     digest = data_hash(args.data)
     lineage = {"segmentation": seg.version, "celltype": cel.version}
@@ -213,7 +243,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         rows = np.concatenate([tr, va])
         cv = cross_validate(config, names, table[rows], [records[i] for i in rows], args.output)
         model, model_config = train_mlp(config, names, table[tr], y[tr], table[va], y[va],
-                                        output=args.output, resume=args.resume)
+                                        output=args.output, resume=args.resume, feature_units=units)
         model_config["training"].update({"data_hash": digest, "lineage": lineage})
         scores = model.predict_proba(table[te], list(names)).numpy()
         threshold = config["score_threshold"] if config["score_threshold"] is not None else 0.5

@@ -2,7 +2,8 @@
 
 Public API (heavy imports happen on first use of a builder):
 `make_config`, `validate_config`, `build_model`, `save_model`, `load_model`,
-`model_digest`, `read_config`, `LoadedModel`, `ModelConfigError`, `ModelFormatError`.
+`model_digest`, `read_config`, `LoadedModel`, `ModelConfigError`, `ModelFormatError`,
+`feature_units`, `units_from_pixel_sizes` (ensemble feature units).
 """
 
 from marrowscope.models.config import (
@@ -10,7 +11,9 @@ from marrowscope.models.config import (
     KINDS,
     ModelConfigError,
     cell_outputs,
+    feature_units,
     make_config,
+    units_from_pixel_sizes,
     validate_config,
 )
 from marrowscope.models.io import (
@@ -35,10 +38,12 @@ __all__ = [
     "ModelFormatError",
     "build_model",
     "cell_outputs",
+    "feature_units",
     "load_model",
     "make_config",
     "model_digest",
     "read_config",
     "save_model",
+    "units_from_pixel_sizes",
     "validate_config",
 ]

@@ -6,16 +6,26 @@ the safetensors weights reproduces the trained module without unpickling anythin
 Common keys: `kind` (`detector|celltype|ensemble|npm1`), `arch`, `schema_version`,
 `hyperparameters` (dict), `training` (dict: data hash, seeds, ...). Per-kind keys are listed
 in `REQUIRED_KEYS`; `make_config` fills paper/CPU defaults for them.
+
+Ensemble configs also record `feature_units`: the length unit the morphometric case
+features were learned in (`{"length": "um", "um_per_px": [min, max]}` when the training
+images had a pixel size, `{"length": "px", "um_per_px": null}` when not, `"unknown"` for
+configs written before the field existed). Serving compares it with the unit of a case's
+features (`feature_units`, `units_from_pixel_sizes`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from marrowscope.errors import MarrowScopeError
 from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1")
@@ -59,6 +69,11 @@ DETECTOR_INT_HYPERPARAMETERS: tuple[str, ...] = (
 )
 """Detector hyperparameters that must be positive integers when present."""
 
+LENGTH_UNITS: tuple[str, ...] = ("um", "px", "unknown")
+"""Length unit of an ensemble's morphometric features (areas in unit^2); "unknown" only for
+configs that predate `feature_units`."""
+UNKNOWN_UNITS: dict[str, Any] = {"length": "unknown", "um_per_px": None}
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -75,7 +90,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         # classifiers); "softmax": cell types are mutually exclusive (CE loss).
         "cell_head": "sigmoid",
     },
-    "ensemble": {"hidden": [32, 16], "dropout": 0.2},
+    # Training fills feature_units from its data (`units_from_pixel_sizes`).
+    "ensemble": {"hidden": [32, 16], "dropout": 0.2,
+                 "feature_units": {"length": "unknown", "um_per_px": None}},
     "npm1": {"input_size": [1500, 2000], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
 
@@ -215,6 +232,65 @@ def _validate_ensemble(config: dict[str, Any]) -> None:
     dropout = config["dropout"]
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
+    if "feature_units" in config:
+        _validate_feature_units(config)
+
+
+def _validate_feature_units(config: dict[str, Any]) -> None:
+    units = config["feature_units"]
+    if not isinstance(units, dict) or set(units) != {"length", "um_per_px"}:
+        _fail(config, f"feature_units must be {{'length': ..., 'um_per_px': ...}}, got {units!r}")
+    if units["length"] not in LENGTH_UNITS:
+        _fail(config, f"feature_units.length must be one of {list(LENGTH_UNITS)}, got {units['length']!r}")
+    scale = units["um_per_px"]
+    if units["length"] != "um":
+        if scale is not None:
+            _fail(config, f"feature_units.um_per_px must be null unless length is 'um', got {scale!r}")
+        return
+    if (not isinstance(scale, list) or len(scale) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                       for v in scale)
+            or scale[0] > scale[1]):
+        _fail(config, f"feature_units.um_per_px must be [min, max] positive pixel sizes, got {scale!r}")
+
+
+def units_from_pixel_sizes(um_per_px: Iterable[float | None]) -> dict[str, Any]:
+    """`feature_units` of features measured on images with these pixel sizes (None: none).
+
+    All given -> `{"length": "um", "um_per_px": [min, max]}`; none given -> `{"length": "px",
+    "um_per_px": None}`. A mix (or no image at all) raises `ModelConfigError`: such features
+    mix um and px and no model should learn from them.
+    """
+    sizes = list(um_per_px)
+    known = [float(v) for v in sizes if v is not None]
+    if not sizes:
+        raise ModelConfigError("no images: the feature units are undefined")
+    if not known:
+        return {"length": "px", "um_per_px": None}
+    if len(known) != len(sizes):
+        raise ModelConfigError(f"{len(sizes) - len(known)} of {len(sizes)} images have no pixel size "
+                               "(um_per_px): their morphometrics would be in px, the others' in um")
+    if not all(math.isfinite(v) and v > 0 for v in known):
+        raise ModelConfigError(f"pixel sizes must be finite and positive, got {sorted(set(known))[:5]}")
+    return {"length": "um", "um_per_px": [min(known), max(known)]}
+
+
+def feature_units(config: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble config's `feature_units`; configs without it read as unknown (logged).
+
+    Unknown units keep a model usable (nothing to compare against), so they are a warning,
+    not an error: retrain to record them.
+    """
+    units = config.get("feature_units")
+    if units is None:
+        log.warning("ensemble config has no feature_units (written before they were recorded): "
+                    "the unit of its morphometric features is unknown and cannot be checked; "
+                    "retrain to record it")
+        return dict(UNKNOWN_UNITS)
+    if units["length"] == "unknown":
+        log.warning("ensemble config records feature_units 'unknown': the unit of its "
+                    "morphometric features cannot be checked")
+    return dict(units)
 
 
 def _validate_npm1(config: dict[str, Any]) -> None:

@@ -3,6 +3,12 @@
 The input order is the config's `feature_names` (built by `marrowscope.features`).
 Standardisation statistics are fitted on training data and stored as persistent buffers,
 so they travel inside `model.safetensors` with the weights they were trained with.
+
+Morphometric features (areas, perimeters) depend on the pixel size: um^2 when the images
+had one, px^2 when not. The config's `feature_units` records which unit the net learned
+(`marrowscope.models.config.feature_units`); serving refuses to report a P(AML) from
+features in another unit (docs/CONTRACTS.md), since standardisation would turn a px^2 area
+into an extreme z-score.
 """
 
 from __future__ import annotations

@@ -196,6 +196,59 @@ def test_ensemble_standardisation_travels_with_weights(saved_ensemble):
         loaded.predict_proba(torch.full((1, len(FEATURES)), float("nan")))
 
 
+def test_ensemble_feature_units_round_trip(tmp_path):
+    from marrowscope.models import feature_units, read_config, units_from_pixel_sizes
+
+    units = units_from_pixel_sizes([0.3, 0.25, 0.3])
+    assert units == {"length": "um", "um_per_px": [0.25, 0.3]}
+    config = make_config("ensemble", "mlp", feature_names=FEATURES, hidden=[4], feature_units=units)
+    path = save_model(build_model(config), config, tmp_path / "um")
+    assert json.loads((path / "config.json").read_text())["feature_units"] == units
+    assert feature_units(load_model(path).config) == units
+    px = make_config("ensemble", "mlp", feature_names=FEATURES, feature_units=units_from_pixel_sizes([None]))
+    assert feature_units(read_config(save_model(build_model(px), px, tmp_path / "px"))) == {
+        "length": "px", "um_per_px": None}
+    # a config made without units says so explicitly
+    assert make_config("ensemble", "mlp", feature_names=FEATURES)["feature_units"]["length"] == "unknown"
+
+
+def test_ensemble_config_without_feature_units_still_loads(saved_ensemble, caplog):
+    """Configs written before `feature_units` existed load as unknown, with a warning."""
+    from marrowscope.models import feature_units
+
+    path, module = saved_ensemble
+    config = json.loads((path / "config.json").read_text())
+    del config["feature_units"]
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = load_model(path)
+    assert "feature_units" not in loaded.config
+    torch.testing.assert_close(loaded.module.feature_mean, module.feature_mean)
+    with caplog.at_level("WARNING", logger="marrowscope.models.config"):
+        assert feature_units(loaded.config) == {"length": "unknown", "um_per_px": None}
+    assert "no feature_units" in caplog.text
+
+
+@pytest.mark.parametrize(("units", "message"), [
+    ({"length": "mm", "um_per_px": None}, "length must be one of"),
+    ({"length": "px", "um_per_px": [0.3, 0.3]}, "must be null"),
+    ({"length": "um", "um_per_px": None}, r"\[min, max\]"),
+    ({"length": "um", "um_per_px": [0.4, 0.3]}, r"\[min, max\]"),
+    ({"length": "um"}, "feature_units must be"),
+])
+def test_bad_feature_units_are_rejected(units, message):
+    with pytest.raises(ModelConfigError, match=message):
+        make_config("ensemble", "mlp", feature_names=FEATURES, feature_units=units)
+
+
+def test_mixed_pixel_sizes_have_no_units():
+    from marrowscope.models import units_from_pixel_sizes
+
+    with pytest.raises(ModelConfigError, match="1 of 2 images have no pixel size"):
+        units_from_pixel_sizes([0.3, None])
+    with pytest.raises(ModelConfigError, match="no images"):
+        units_from_pixel_sizes([])
+
+
 def test_npm1_refuses_wrong_input_size():
     model = build_model(tiny_config("npm1", "resnet18")).eval()
     ok = model.predict_proba(torch.randint(0, 256, (1, 64, 80, 3), dtype=torch.uint8))

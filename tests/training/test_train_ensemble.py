@@ -51,6 +51,36 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     assert {"plots/aml_roc.png", "plots/aml_pr.png", "plots/aml_calibration.png"} <= artifacts
     # features are cached per upstream versions and reused
     assert list((tmp_path / "ens").glob(f"features-*-seg{seg_v.version}-cel{cel_v.version}.npz"))
+    # the config records the unit its morphometric features were learned in
+    from marrowscope.models import read_config
+    from training.data.synth_cohort import SynthConfig
+
+    scale = SynthConfig().um_per_px
+    units = read_config(tmp_path / "ens" / "model")["feature_units"]
+    assert units == {"length": "um", "um_per_px": [pytest.approx(scale), pytest.approx(scale)]}
+
+
+def test_training_feature_units_follow_the_pixel_sizes(tiny_cohort, tmp_path):
+    """um when every image has a pixel size, px when none has, refused when mixed."""
+    import json
+    import shutil
+
+    from training.data.manifest import read_manifest
+
+    records = read_manifest(tiny_cohort / "cases.csv")
+    assert ensemble.training_feature_units(tiny_cohort, records)["length"] == "um"
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data, ignore=shutil.ignore_patterns("images"))
+    coco = json.loads((data / "annotations.json").read_text())
+    for im in coco["images"]:
+        im.pop("um_per_px", None)
+    (data / "annotations.json").write_text(json.dumps(coco))
+    assert ensemble.training_feature_units(data, records) == {"length": "px", "um_per_px": None}
+    coco["images"][0]["um_per_px"] = 0.3
+    (data / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(UsageError, match="have no pixel size"):
+        ensemble.training_feature_units(data, records)
 
 
 def test_local_upstream_needs_no_register(tiny_cohort, tmp_path):
