@@ -9,6 +9,11 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
   local directory the config's ``training.lineage``; "" when unknown). They are offered as
   ``response_parameters``; the runtime copies them into every response.
+- response parameters (string) ``feature_length_unit`` (``um`` | ``px`` | ``unknown``) and
+  ``feature_um_per_px_min`` / ``feature_um_per_px_max`` (training pixel sizes, "" unless
+  um): the unit the model's morphometric features were learned in (config
+  ``feature_units``; configs without it read as ``unknown``, logged at load). The gateway
+  withholds P(AML) when a case's features are in another unit.
 
 Not batchable: the names travel with every vector, and the model is a tiny MLP.
 """
@@ -22,6 +27,7 @@ import numpy as np
 
 from marrowscope.errors import InvalidInput
 from marrowscope.inference import EnsemblePredictor
+from marrowscope.models import feature_units
 from services.common import PredictorHandler, bytes_tensor, decode_names
 from services.ensemble.config import EnsembleSettings
 from services.runtime.handler import Parameters, Tensors, TensorSpec
@@ -42,6 +48,14 @@ def lineage_of(tags: Mapping[str, str], config: Mapping) -> dict[str, str]:
     return {u: str(tags.get(f"{LINEAGE_TAG_PREFIX}{u}", recorded.get(u, ""))) for u in UPSTREAMS}
 
 
+def units_parameters(config: Mapping) -> dict[str, str]:
+    """Response parameters naming the unit of the model's morphometric features."""
+    units = feature_units(dict(config))
+    lo, hi = units["um_per_px"] or ("", "")
+    return {"feature_length_unit": units["length"], "feature_um_per_px_min": str(lo),
+            "feature_um_per_px_max": str(hi)}
+
+
 class EnsembleHandler(PredictorHandler):
     inputs = (
         TensorSpec("FEATURES", "FP32", (1, -1)),
@@ -57,7 +71,8 @@ class EnsembleHandler(PredictorHandler):
         self.feature_names: tuple[str, ...] = tuple(self.config["feature_names"])
         self.lineage = lineage_of(tags or {}, self.config)
         self.response_parameters: dict[str, str] = {
-            f"lineage_{u}": v for u, v in self.lineage.items()}
+            **{f"lineage_{u}": v for u, v in self.lineage.items()},
+            **units_parameters(self.config)}
 
     def warmup(self) -> None:
         self.infer({"FEATURES": np.zeros((1, len(self.feature_names)), np.float32),

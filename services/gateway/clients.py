@@ -61,7 +61,9 @@ class Segmentation:
 
     boxes float32[N, 4] x1, y1, x2, y2 in pixels of the submitted image; scores float32[N];
     labels list[str] of N detector codes (taxonomy, incl. RBC); features float32[N, F]
-    morphometrics named by feature_names (F); model_version as answered.
+    morphometrics named by feature_names (F); model_version as answered; length_unit the
+    unit of the morphometrics as the service reported it (`um` | `px`; None when the
+    service does not report it).
     """
 
     boxes: np.ndarray
@@ -70,6 +72,7 @@ class Segmentation:
     features: np.ndarray
     feature_names: list[str]
     model_version: str
+    length_unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,27 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class FeatureUnits:
+    """The unit the ensemble's morphometric features were learned in (its config's
+    `feature_units`): `length` um | px | unknown; training pixel sizes when um."""
+
+    length: str = "unknown"
+    um_per_px_min: float | None = None
+    um_per_px_max: float | None = None
+
+
+@dataclass(frozen=True)
 class EnsembleOutput:
-    """P(AML) and the upstream versions the ensemble was trained on (its lineage)."""
+    """P(AML), the upstream versions the ensemble was trained on (its lineage) and the unit
+    of its morphometric features."""
 
     p_aml: float
     lineage: dict[str, str]
     """Response parameters `lineage_<upstream>` without the prefix, e.g. {"segmentation": "3"}."""
     model_version: str
+    feature_units: FeatureUnits = field(default_factory=FeatureUnits)
+    """Response parameters `feature_length_unit`, `feature_um_per_px_min|max`; unknown when
+    the service does not send them (an older ensemble service)."""
 
 
 @dataclass(frozen=True)

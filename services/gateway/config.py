@@ -39,6 +39,10 @@ class GatewaySettings(BaseSettings):
     retry_max_s: float = Field(5.0, ge=0)
     ready_timeout_s: float = Field(2.0, gt=0)
 
+    default_um_per_px: float | None = Field(None, gt=0, le=10)
+    """Pixel size (um) for images submitted without `options.um_per_px`, for deployments
+    whose scanner is fixed; unset: such images are measured in px and, when the ensemble
+    learned um, the report withholds P(AML) (`aml.reason` `pixel_size_required`)."""
     min_cells: int = Field(50, ge=1)
     """Fewer counted (non-RBC) cells over the case -> status `abstained`, no probability."""
     npm1_threshold: float = Field(0.5, ge=0, le=1)

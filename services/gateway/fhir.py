@@ -7,7 +7,10 @@ Mapping to site LOINC codes is left to the LIS. HL7 "AI Transparency on FHIR": e
 resource carries `meta.security` AIAST (v3-ObservationValue, "artificial intelligence
 asserted"); a Device carries the pinned model versions and is referenced by every
 Observation and by a Provenance whose targets are all generated resources. Heatmaps and
-overlays are Media with `content.url` pointing at the gateway's PNG endpoints.
+overlays are Media with `content.url` pointing at the gateway's PNG endpoints. A withheld
+P(AML) on a succeeded case (result `aml.status` abstained) is a `p-aml` Observation without a
+value: `dataAbsentReason` not-performed plus the local abstention code (e.g.
+`pixel_size_required`) and the detail as text.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ UCUM = "http://unitsofmeasure.org"
 AIAST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
          "code": "AIAST", "display": "Artificial Intelligence asserted"}
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 
 
 def _code(code: str, display: str) -> dict:
@@ -73,6 +77,13 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
             valueQuantity=_prob(result["p_aml"]),
             interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
             note=[{"text": f"threshold {result['aml_threshold']}"}]))
+    aml = result.get("aml") or {}
+    if result["outcome"] == "succeeded" and aml.get("status") == "abstained":
+        results.append(observation(
+            "p-aml", "Probability of acute myeloid leukemia (AI)",
+            dataAbsentReason={"coding": [{"system": DATA_ABSENT, "code": "not-performed"},
+                                         {"system": LOCAL_SYSTEM, "code": aml["reason"]}],
+                              "text": aml["detail"]}))
     if result.get("p_npm1") is not None:
         interp = "POS" if result["npm1_positive"] else "NEG"
         results.append(observation(
@@ -123,7 +134,9 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     if result["outcome"] == "abstained":
         conclusion = f"No AI call: {result['abstain_reason']}"
     else:
-        conclusion = (f"P(AML) {result['p_aml']:.3f}; P(NPM1 mutated) {result['p_npm1']:.3f}; "
+        aml_text = (f"P(AML) {result['p_aml']:.3f}" if result["p_aml"] is not None
+                    else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})")
+        conclusion = (f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}; "
                       f"blasts {result['blast_percent']:.1f}% of "
                       f"{result['n_cells_counted']} counted cells. {result['disclaimer']}")
     report = {

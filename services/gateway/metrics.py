@@ -48,6 +48,11 @@ class GatewayMetrics:
         self.finished = Counter("marrowscope_gateway_analyses_finished_total",
                                 "Analyses finished by this process", ["status"],
                                 registry=self.registry)
+        self.aml_abstained = Counter(
+            "marrowscope_gateway_aml_abstained_total",
+            "Analyses whose P(AML) was withheld, by reason (pixel_size_required: a LIS that "
+            "sends no options.um_per_px to an ensemble that learned um)", ["reason"],
+            registry=self.registry)
         self.call_retries = Counter("marrowscope_gateway_model_call_retries_total",
                                     "Retried model calls", ["service", "code"],
                                     registry=self.registry)

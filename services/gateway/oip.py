@@ -16,6 +16,7 @@ from services.gateway.clients import (
     Classification,
     EnsembleOutput,
     Explanation,
+    FeatureUnits,
     ModelInfo,
     Segmentation,
     ServiceCallError,
@@ -41,6 +42,24 @@ def _strings(arr: np.ndarray | None) -> list[str]:
     if arr is None:
         return []
     return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(arr).reshape(-1)]
+
+
+def _feature_units(params) -> FeatureUnits:
+    """The ensemble's `feature_*` response parameters; unknown when absent or malformed."""
+    def text(key: str) -> str:
+        p = params.get(key)
+        return p.string_param if p is not None else ""
+
+    def number(key: str) -> float | None:
+        try:
+            return float(text(key))
+        except ValueError:
+            return None
+
+    length = text("feature_length_unit")
+    if length not in ("um", "px"):
+        return FeatureUnits()
+    return FeatureUnits(length, number("feature_um_per_px_min"), number("feature_um_per_px_max"))
 
 
 class OipModelClients:
@@ -112,8 +131,10 @@ class OipModelClients:
         feats = r.as_numpy("FEATURES")
         feats = (np.zeros((len(boxes), len(names)), np.float32) if feats is None
                  else np.asarray(feats, np.float32).reshape(len(boxes), len(names)))
+        unit = _strings(r.as_numpy("LENGTH_UNIT"))
         return Segmentation(boxes, np.asarray(r.as_numpy("SCORES"), np.float32).reshape(-1),
-                            _strings(r.as_numpy("LABELS")), feats, names, self._version(r))
+                            _strings(r.as_numpy("LABELS")), feats, names, self._version(r),
+                            unit[0] if unit else None)
 
     async def classify(self, crops: np.ndarray, *, version: str,
                        timeout: float) -> Classification:
@@ -133,7 +154,7 @@ class OipModelClients:
         lineage = {k.removeprefix("lineage_"): v.string_param
                    for k, v in params.items() if k.startswith("lineage_")}
         return EnsembleOutput(float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]), lineage,
-                              self._version(r))
+                              self._version(r), _feature_units(params))
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         r = await self._infer("npm1", [self._input("IMAGE", image[None].astype(np.uint8),

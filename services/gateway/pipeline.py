@@ -8,6 +8,11 @@ concurrently: ensemble P(AML) (+ lineage check), npm1 per image (P(NPM1) of the 
 of the per-image probabilities), explanations when asked (explain, mode cells, target npm1
 at its pinned version).
 
+Pixel size: each image is measured with the request's `um_per_px`, else the deployment's
+`default_um_per_px`, else none (px). When the unit of the case's morphometric features
+differs from the one the ensemble reports it learned, P(AML) is withheld (`aml` abstained
+with a machine-readable reason, `services.gateway.units`); the rest of the report stands.
+
 One deadline per run; every call gets the remaining time as its gRPC timeout and is
 retried with exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED. `checkpoint(stage)` is
 awaited at every stage boundary: it records the stage and raises `Cancelled` when the
@@ -27,10 +32,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from services.gateway.clients import ModelClients, ModelInfo, ServiceCallError
+from services.gateway.clients import FeatureUnits, ModelClients, ModelInfo, ServiceCallError
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.result import RESULT_SCHEMA_VERSION
+from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +208,18 @@ class Pipeline:
         per_image: list[dict] = []
         cells: list = []
         pixels: dict[int, np.ndarray] = {}
+        units: list[str] = []
         for im in images:
             t = time.monotonic()
-            seg = await self.call("segmentation", lambda tm, im=im: self.clients.segment(
-                im.data, version=versions["segmentation"], timeout=tm, um_per_px=im.um_per_px))
+            um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
+            seg = await self.call("segmentation", lambda tm, im=im, um=um: self.clients.segment(
+                im.data, version=versions["segmentation"], timeout=tm, um_per_px=um))
             self._check_version("segmentation", versions["segmentation"], seg.model_version)
+            # a service that does not say its unit measured in um exactly when given a size
+            unit = seg.length_unit or ("px" if um is None else "um")
+            if unit not in ("um", "px"):
+                raise PipelineFailure(f"segmentation reported an unknown length unit {unit!r}")
+            units.append(unit)
             self._timed("segmentation", t)
             await self.checkpoint("segmentation")
 
@@ -238,7 +251,8 @@ class Pipeline:
                         img_cells[i]["cell_type"] = code
                         img_cells[i]["confidence"] = probs[code]
             per_image.append({"index": im.index, "sha256": im.sha256, "width": rgb.shape[1],
-                              "height": rgb.shape[0], "n_detected": len(seg.labels),
+                              "height": rgb.shape[0], "um_per_px": um,
+                              "um_per_px_source": um_source, "n_detected": len(seg.labels),
                               "n_counted": sum(c["cell_type"] in COUNTED_CODES
                                                for c in img_cells), "cells": img_cells,
                               "_boxes": seg.boxes})
@@ -253,11 +267,14 @@ class Pipeline:
         except InvalidInput as exc:
             raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
         base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
+        base["morphometrics_unit"] = features_unit = case_unit(units)
         if n_counted < self.s.min_cells:
             reason = (f"too few cells for a reliable call: {n_counted} counted (non-RBC) cells, "
                       f"at least {self.s.min_cells} needed")
             self._timed("aggregate", t)
+            self._count_aml_abstention("too_few_cells")
             base.update(outcome="abstained", abstain_reason=reason,
+                        aml={"status": "abstained", "reason": "too_few_cells", "detail": reason},
                         stage_seconds=dict(self.stage_seconds))
             return Outcome("abstained", reason, _finalize(base))
         named = dict(zip(names, (float(v) for v in vector), strict=True))
@@ -283,7 +300,7 @@ class Pipeline:
                 if isinstance(exc, PipelineFailure | Cancelled):
                     raise exc from group
             raise
-        p_aml, lineage = ens_task.result()
+        p_aml, lineage, model_units = ens_task.result()
         p_npm1_each = npm1_task.result()
         self._check_lineage(lineage, versions)
         await self.checkpoint("report")
@@ -293,10 +310,26 @@ class Pipeline:
             entry["p_npm1"] = p_npm1_each[entry["index"]]
         if expl_task is not None:
             expl_task.result()
-        base.update(outcome="succeeded", p_aml=p_aml, aml_positive=p_aml >= self.s.aml_threshold,
+        abstention = aml_abstention(features_unit, model_units,
+                                    ensemble_version=versions["ensemble"])
+        aml = {"status": "predicted", "model_length_unit": model_units.length}
+        reason = None
+        if abstention is not None:
+            # features in another unit than the model learned: the number means nothing
+            p_aml = None
+            aml.update(status="abstained", **abstention)
+            reason = f"P(AML) withheld ({abstention['reason']}): {abstention['detail']}"
+            self._count_aml_abstention(abstention["reason"])
+            log.warning("analysis %s: P(AML) withheld: %s", analysis_id, abstention["reason"])
+        base.update(outcome="succeeded", p_aml=p_aml, aml=aml,
+                    aml_positive=None if p_aml is None else p_aml >= self.s.aml_threshold,
                     p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
                     lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
-        return Outcome("succeeded", None, _finalize(base), artifacts)
+        return Outcome("succeeded", reason, _finalize(base), artifacts)
+
+    def _count_aml_abstention(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.aml_abstained.labels(reason).inc()
 
     def _base_result(self, analysis_id, images, per_image, diff, versions, n_counted) -> dict:
         from marrowscope.taxonomy import BLAST, cell_type
@@ -322,8 +355,8 @@ class Pipeline:
             "generated_at": datetime.now(UTC).isoformat(),
         }
 
-    async def _ensemble(self, vector: np.ndarray, names: list[str],
-                        versions: dict[str, str]) -> tuple[float, dict[str, str]]:
+    async def _ensemble(self, vector: np.ndarray, names: list[str], versions: dict[str, str]
+                        ) -> tuple[float, dict[str, str], FeatureUnits]:
         t = time.monotonic()
         out = await self.call("ensemble", lambda tm: self.clients.ensemble(
             np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm))
@@ -331,7 +364,7 @@ class Pipeline:
         self._timed("ensemble", t)
         if not 0.0 <= out.p_aml <= 1.0 or not np.isfinite(out.p_aml):
             raise PipelineFailure(f"ensemble returned an invalid probability {out.p_aml!r}")
-        return float(out.p_aml), dict(out.lineage)
+        return float(out.p_aml), dict(out.lineage), out.feature_units
 
     def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
         """The ensemble must have been trained on the pinned segmentation/celltype versions."""

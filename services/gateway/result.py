@@ -1,7 +1,11 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.0").
+"""The versioned JSON result of an analysis (`schema_version` "1.1").
 
 Exported as JSON Schema at `GET /v1/schemas/result`. Compatible additions (new optional
-fields) bump the minor version; anything else bumps the major version.
+fields) bump the minor version; anything else bumps the major version. Results stored under
+an older minor version still validate (their new fields are absent / None).
+
+1.1: `aml` (whether P(AML) was reported and, if not, why), `morphometrics_unit`, per image
+`um_per_px` and `um_per_px_source`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.0"
+RESULT_SCHEMA_VERSION = "1.1"
 
 
 class _Model(BaseModel):
@@ -36,6 +40,23 @@ class MorphometricSummary(_Model):
     std: float
 
 
+class AmlCall(_Model):
+    """Whether the AML prediction was made; an abstention withholds `p_aml` only."""
+
+    status: Literal["predicted", "abstained"]
+    reason: Literal["too_few_cells", "pixel_size_required", "pixel_size_unexpected",
+                    "pixel_size_mixed"] | None = Field(
+        None, description="machine-readable abstention reason: too_few_cells (the whole case "
+        "abstained); pixel_size_required (the ensemble learned morphometrics in um, the case "
+        "was measured in px: send options.um_per_px); pixel_size_unexpected (the ensemble "
+        "learned px, the case is in um); pixel_size_mixed (images with and without a pixel "
+        "size)")
+    detail: str | None = Field(None, description="the abstention reason for people")
+    model_length_unit: Literal["um", "px", "unknown"] | None = Field(
+        None, description="unit the ensemble learned its morphometric features in; unknown for "
+        "models trained before it was recorded (not checked); None when not called")
+
+
 class Cell(_Model):
     box: list[float] = Field(min_length=4, max_length=4,
                              description="x1, y1, x2, y2 in pixels of the submitted image")
@@ -53,18 +74,24 @@ class ImageResult(_Model):
     height: int
     n_detected: int
     n_counted: int
+    um_per_px: float | None = Field(None, description="pixel size the image was measured with")
+    um_per_px_source: Literal["request", "deployment_default", "none"] | None = Field(
+        None, description="where um_per_px came from: options.um_per_px, the deployment's "
+        "MS_GATEWAY_DEFAULT_UM_PER_PX, or none (morphometrics in px)")
     p_npm1: float | None = None
     heatmap_sha256: str | None = Field(None, description="float32 heatmap artifact (explain)")
     cells: list[Cell]
 
 
 class AnalysisResult(_Model):
-    """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained."""
+    """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
+    `p_aml` alone is None when `aml.status` is abstained on a succeeded case."""
 
-    schema_version: Literal["1.0"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     outcome: Literal["succeeded", "abstained"]
     abstain_reason: str | None = None
+    aml: AmlCall | None = Field(None, description="whether P(AML) was computed (None before 1.1)")
     p_aml: float | None = Field(None, ge=0, le=1)
     aml_threshold: float
     aml_positive: bool | None = None
@@ -80,6 +107,9 @@ class AnalysisResult(_Model):
     differential: list[DifferentialEntry]
     attribute_fractions: dict[str, float] = Field(default_factory=dict)
     morphometrics: dict[str, MorphometricSummary] = Field(default_factory=dict)
+    morphometrics_unit: Literal["um", "px", "mixed"] | None = Field(
+        None, description="length unit of `morphometrics` and of the ensemble's morphometric "
+        "features (areas in unit^2); mixed when some images had a pixel size and others not")
     model_versions: dict[str, StageVersion]
     lineage: dict[str, str] = Field(default_factory=dict,
                                     description="upstream versions the ensemble reported")

@@ -16,8 +16,13 @@ class AnalysisOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     explain: bool = Field(False, description="compute occlusion heatmaps (npm1, cells mode)")
-    um_per_px: float | None = Field(None, gt=0, le=10,
-                                    description="pixel size, forwarded to segmentation")
+    um_per_px: float | None = Field(
+        None, gt=0, le=10,
+        description="pixel size in micrometres, forwarded to segmentation (morphometrics in "
+        "um/um^2; without it px/px^2, or the deployment's MS_GATEWAY_DEFAULT_UM_PER_PX). When "
+        "the ensemble learned its morphometric features in um and no pixel size is known, the "
+        "result withholds P(AML): result.aml = {status: abstained, reason: "
+        "pixel_size_required}; counts, NPM1 and images are still reported")
 
 
 class AnalysisCreate(BaseModel):
@@ -55,7 +60,8 @@ class AnalysisPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     stage: str | None = Field(None, description="current or last pipeline stage")
-    reason: str | None = Field(None, description="why it failed, abstained or was cancelled")
+    reason: str | None = Field(None, description="why it failed, abstained or was cancelled; "
+                               "on a succeeded analysis, why P(AML) was withheld (result.aml)")
     cancel_requested: bool = False
     images: list[ImagePublic]
     result: AnalysisResult | None = None

@@ -7,7 +7,9 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - out ``BOXES`` FP32 [N, 4] x1, y1, x2, y2 pixels of the decoded image; ``SCORES`` FP32 [N]
   in [0, 1], descending; ``LABELS`` BYTES [N] detector class names (taxonomy codes, e.g.
   ``BLA``, ``RBC``); ``FEATURES`` FP32 [N, F] `marrowscope.morphometrics.measure_cells` rows;
-  ``FEATURE_NAMES`` BYTES [F] (`morphometrics.FEATURE_NAMES` order).
+  ``FEATURE_NAMES`` BYTES [F] (`morphometrics.FEATURE_NAMES` order); ``LENGTH_UNIT`` BYTES
+  [1] ``um`` (UM_PER_PX was given: lengths in um, areas in um^2) or ``px`` (px, px^2), so a
+  consumer never has to guess the unit of FEATURES.
 
 Not batchable: N differs per image, so one request is one predict call.
 """
@@ -42,6 +44,7 @@ class SegmentationHandler(PredictorHandler):
         TensorSpec("LABELS", "BYTES", (-1,)),
         TensorSpec("FEATURES", "FP32", (-1, -1)),
         TensorSpec("FEATURE_NAMES", "BYTES", (-1,)),
+        TensorSpec("LENGTH_UNIT", "BYTES", (1,)),
     )
     batchable = False
     predictor_cls = Detector
@@ -80,5 +83,6 @@ class SegmentationHandler(PredictorHandler):
             "LABELS": bytes_tensor(det.labels),
             "FEATURES": features.astype(np.float32).reshape(len(det), len(FEATURE_NAMES)),
             "FEATURE_NAMES": bytes_tensor(FEATURE_NAMES),
+            "LENGTH_UNIT": bytes_tensor(["px" if request.um_per_px is None else "um"]),
         }
 

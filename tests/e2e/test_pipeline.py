@@ -27,6 +27,8 @@ from tests.services.helpers import register
 mlflow_server = fixtures_mlflow.mlflow_server
 ALIAS = "e2e"
 TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
+UM_PER_PX = 0.27
+UNITS = {"length": "um", "um_per_px": [UM_PER_PX, UM_PER_PX]}  # the ensemble learned um
 
 
 def _png(seed: int, size=(160, 120)) -> bytes:
@@ -48,7 +50,8 @@ def stack(mlflow_server, tmp_path_factory):
     for kind in ("segmentation", "celltype", "npm1"):
         model_dir = fixtures_mlflow.make_tiny_model_dir(kind, root / kind)
         versions[kind] = register(mlflow_server, kind, model_dir, ALIAS)
-    ensemble_dir = fixtures_mlflow.make_tiny_model_dir("ensemble", root / "ensemble")
+    ensemble_dir = fixtures_mlflow.make_tiny_model_dir("ensemble", root / "ensemble",
+                                                       feature_units=UNITS)
     versions["ensemble"] = register(mlflow_server, "ensemble", ensemble_dir, ALIAS,
                                     {"segmentation": versions["segmentation"],
                                      "celltype": versions["celltype"]})
@@ -75,12 +78,14 @@ def api(stack):
         yield client
 
 
-def _submit(api, accession: str, images: list[bytes], explain: bool = False) -> httpx.Response:
+def _submit(api, accession: str, images: list[bytes], explain: bool = False,
+            um_per_px: float | None = UM_PER_PX) -> httpx.Response:
+    options = {"explain": explain, **({"um_per_px": um_per_px} if um_per_px else {})}
     return api.post("/v1/analyses",
                     files=[("images", (f"{i}.png", data, "image/png"))
                            for i, data in enumerate(images)],
                     data={"metadata": json.dumps({"accession_id": accession,
-                                                  "options": {"explain": explain}})})
+                                                  "options": options})})
 
 
 def _wait(api, analysis_id: str, timeout_s: float = 180) -> dict:
@@ -104,6 +109,7 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     assert result["lineage"] == {"segmentation": stack.versions["segmentation"],
                                  "celltype": stack.versions["celltype"]}
     assert 0.0 <= result["p_aml"] <= 1.0 and 0.0 <= result["p_npm1"] <= 1.0
+    assert result["aml"]["status"] == "predicted" and result["morphometrics_unit"] == "um"
     assert result["n_images"] == 2 and result["n_cells_counted"] >= 1
     fractions = sum(d["fraction"] for d in result["differential"])
     assert fractions == pytest.approx(1.0, abs=1e-6)
@@ -120,6 +126,25 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
         png = api.get(f"/v1/analyses/{body['id']}/images/0/{kind}.png")
         assert png.status_code == 200
         assert Image.open(io.BytesIO(png.content)).size == (160, 120)
+
+
+def test_without_pixel_size_p_aml_is_withheld_and_the_rest_reported(api):
+    """Segmentation measures in px, the ensemble says it learned um: no P(AML) from skewed
+    features, everything else as usual (the units cross both real gRPC hops)."""
+    response = _submit(api, "E2E-NOPX", [_png(4)], um_per_px=None)
+    assert response.status_code == 202, response.text
+    body = _wait(api, response.json()["id"])
+    assert body["status"] == "succeeded", (body["status"], body.get("reason"))
+    result = body["result"]
+    assert result["p_aml"] is None and result["morphometrics_unit"] == "px"
+    assert result["aml"]["reason"] == "pixel_size_required"
+    assert result["aml"]["model_length_unit"] == "um"
+    assert 0.0 <= result["p_npm1"] <= 1.0 and result["n_cells_counted"] >= 1
+    fhir = api.get(f"/v1/analyses/{body['id']}/report", params={"format": "fhir"}).json()
+    (aml,) = [e["resource"] for e in fhir["entry"]
+              if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "p-aml"]
+    assert "valueQuantity" not in aml and aml["dataAbsentReason"]["coding"][0]["code"] == \
+        "not-performed"
 
 
 def test_bad_upload_is_refused_and_nothing_is_stored(api):

@@ -6,6 +6,8 @@ Knobs (environment, read when the factory is called):
   MS_TEST_FAKE_SEG_DELAY_S  seconds each segmentation call sleeps (default 0)
   MS_TEST_FAKE_DOWN       comma list of services that always answer UNAVAILABLE
   MS_TEST_FAKE_LINEAGE    match (default) | mismatch | none
+  MS_TEST_FAKE_FEATURE_UNITS  unit the ensemble reports it learned: unknown (default, an old
+                          config) | um | px
 Outputs are computed from the pixels (blast fraction from crop brightness, P(AML) from the
 case's blast fraction), so they are functions of the input, not constants.
 """
@@ -25,6 +27,7 @@ from services.gateway.clients import (
     Classification,
     EnsembleOutput,
     Explanation,
+    FeatureUnits,
     ModelInfo,
     Segmentation,
     ServiceCallError,
@@ -38,13 +41,16 @@ NPM1_HW = (48, 64)
 
 class FakeModelClients:
     def __init__(self, *, cells: int = 40, seg_delay_s: float = 0.0,
-                 down: frozenset[str] = frozenset(), lineage: str = "match") -> None:
+                 down: frozenset[str] = frozenset(), lineage: str = "match",
+                 feature_units: str = "unknown") -> None:
         self.cells = cells
+        self.feature_units = feature_units
         self.seg_delay_s = seg_delay_s
         self.down = down
         self.lineage = lineage
         self.calls: dict[str, int] = {}
         self.seen_versions: dict[str, set[str]] = {}
+        self.seen_um_per_px: list[float | None] = []
 
     def _enter(self, service: str, version: str | None = None) -> None:
         """Count inference calls (metadata calls pass version None and are not counted)."""
@@ -82,8 +88,9 @@ class FakeModelClients:
         names = [*MORPH_SUMMARY_FEATURES, "segmentation_ok"]
         feats = rng.uniform(0.1, 1.0, (self.cells, len(names))).astype(np.float32)
         feats[:, -1] = 1.0
+        self.seen_um_per_px.append(um_per_px)
         return Segmentation(boxes, rng.uniform(0.5, 1, self.cells).astype(np.float32), labels,
-                            feats, names, version)
+                            feats, names, version, "px" if um_per_px is None else "um")
 
     async def classify(self, crops: np.ndarray, *, version: str,
                        timeout: float) -> Classification:
@@ -106,7 +113,10 @@ class FakeModelClients:
                              "celltype": VERSIONS["celltype"]},
                    "mismatch": {"segmentation": "1", "celltype": VERSIONS["celltype"]},
                    "none": {}}[self.lineage]
-        return EnsembleOutput(float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))), lineage, version)
+        units = FeatureUnits(self.feature_units, *((0.25, 0.3) if self.feature_units == "um"
+                                                   else (None, None)))
+        return EnsembleOutput(float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))), lineage, version,
+                              units)
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         self._enter("npm1", version)
@@ -136,4 +146,5 @@ def make_clients(settings) -> FakeModelClients:
         cells=int(env.get("MS_TEST_FAKE_CELLS", "40")),
         seg_delay_s=float(env.get("MS_TEST_FAKE_SEG_DELAY_S", "0")),
         down=frozenset(s for s in env.get("MS_TEST_FAKE_DOWN", "").split(",") if s),
-        lineage=env.get("MS_TEST_FAKE_LINEAGE", "match"))
+        lineage=env.get("MS_TEST_FAKE_LINEAGE", "match"),
+        feature_units=env.get("MS_TEST_FAKE_FEATURE_UNITS", "unknown"))

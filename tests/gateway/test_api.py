@@ -24,7 +24,7 @@ def test_submit_poll_report_images(gateway):
         body = wait_status(client.get, aid, keys["lis"])
         assert body["status"] == "succeeded", body
         res = body["result"]
-        assert res["schema_version"] == "1.0" and res["n_images"] == 2
+        assert res["schema_version"] == "1.1" and res["n_images"] == 2
         assert 0 <= res["p_aml"] <= 1 and 0 <= res["p_npm1"] <= 1
         # P(NPM1) of the case is the mean of the per-image probabilities
         per = [im["p_npm1"] for im in res["images"]]
@@ -131,6 +131,7 @@ def test_abstain_on_too_few_cells(gateway, monkeypatch):
         assert "too few cells" in body["reason"]
         res = body["result"]
         assert res["p_aml"] is None and res["p_npm1"] is None and res["aml_positive"] is None
+        assert res["aml"]["status"] == "abstained" and res["aml"]["reason"] == "too_few_cells"
         assert "ensemble" not in services.clients.calls
         fhir = client.get(f"/v1/analyses/{aid}/report?format=fhir", headers=keys["lis"]).json()
         codes = {e["resource"].get("code", {}).get("coding", [{}])[0].get("code")

@@ -72,11 +72,14 @@ def _servicer(fake: FakeModelClients, seen: dict):
             seen.setdefault(name, []).append(v)
             x = tensors(request)
             if name == "segmentation":
-                s = await fake.segment(bytes(x["IMAGE"].reshape(-1)[0]), version=v, timeout=5)
+                um = float(x["UM_PER_PX"].reshape(-1)[0]) if "UM_PER_PX" in x else None
+                s = await fake.segment(bytes(x["IMAGE"].reshape(-1)[0]), version=v, timeout=5,
+                                       um_per_px=um)
                 return respond(request, v, {
                     "BOXES": ("FP32", s.boxes), "SCORES": ("FP32", s.scores),
                     "LABELS": ("BYTES", strings(s.labels)), "FEATURES": ("FP32", s.features),
-                    "FEATURE_NAMES": ("BYTES", strings(s.feature_names))})
+                    "FEATURE_NAMES": ("BYTES", strings(s.feature_names)),
+                    "LENGTH_UNIT": ("BYTES", strings([s.length_unit]))})
             if name == "celltype":
                 c = await fake.classify(x["CROPS"], version=v, timeout=5)
                 return respond(request, v, {"PROBS": ("FP32", c.probs),
@@ -84,8 +87,12 @@ def _servicer(fake: FakeModelClients, seen: dict):
             if name == "ensemble":
                 names = [b.decode() for b in x["FEATURE_NAMES"].reshape(-1)]
                 e = await fake.ensemble(x["FEATURES"].reshape(-1), names, version=v, timeout=5)
+                u = e.feature_units
                 return respond(request, v, {"P_AML": ("FP32", np.array([e.p_aml], np.float32))},
-                               {f"lineage_{k}": val for k, val in e.lineage.items()})
+                               {**{f"lineage_{k}": val for k, val in e.lineage.items()},
+                                "feature_length_unit": u.length,
+                                "feature_um_per_px_min": str(u.um_per_px_min or ""),
+                                "feature_um_per_px_max": str(u.um_per_px_max or "")})
             if name == "npm1":
                 p = await fake.npm1(x["IMAGE"][0], version=v, timeout=5)
                 return respond(request, v, {"P_NPM1": ("FP32", np.array([p], np.float32))})
@@ -109,7 +116,7 @@ def test_pipeline_over_the_wire(make_settings, port_factory):
         seen: dict = {}
         server = grpc.aio.server()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _servicer(FakeModelClients(), seen), server)
+            _servicer(FakeModelClients(feature_units="um"), seen), server)
         port = server.add_insecure_port(f"127.0.0.1:{port_factory()}")
         await server.start()
         addr = f"127.0.0.1:{port}"
@@ -119,18 +126,25 @@ def test_pipeline_over_the_wire(make_settings, port_factory):
             assert all((await clients.ready(timeout=2)).values())
             pipe = Pipeline(clients=clients, settings=make_settings())
             out = await pipe.run(analysis_id="a1", explain=True,
-                                 images=[CaseImage(0, "0" * 64, png(seed=7))])
+                                 images=[CaseImage(0, "0" * 64, png(seed=7), um_per_px=0.27)])
+            bare = await Pipeline(clients=clients, settings=make_settings()).run(
+                analysis_id="a2", images=[CaseImage(0, "0" * 64, png(seed=7))])
         finally:
             await clients.close()
             await server.stop(0)
-        return out, seen
+        return out, bare, seen
 
-    out, seen = asyncio.run(main())
+    out, bare, seen = asyncio.run(main())
     assert out.status == "succeeded", out.reason
     res = out.result
+    # the units travel over the wire both ways: LENGTH_UNIT and the ensemble's parameters
+    assert res["morphometrics_unit"] == "um" and 0 <= res["p_aml"] <= 1
+    assert res["aml"]["model_length_unit"] == "um"
+    assert bare.result["morphometrics_unit"] == "px" and bare.result["p_aml"] is None
+    assert "0.25-0.3 um/px" in bare.result["aml"]["detail"]
     assert res["lineage"] == {"segmentation": "3", "celltype": "5"}
-    assert seen["segmentation"] == ["3"] and set(seen["celltype"]) == {"5"}
-    assert seen["npm1"] == ["7"] and seen["ensemble"] == ["2"]
+    assert seen["segmentation"] == ["3", "3"] and set(seen["celltype"]) == {"5"}
+    assert seen["npm1"] == ["7", "7"] and seen["ensemble"] == ["2", "2"]
     assert seen["explain_params"] == {"target_model": "npm1", "target_version": "7",
                                       "mode": "cells"}
     assert res["images"][0]["n_detected"] == 40 and len(out.artifacts) == 1

@@ -1,4 +1,5 @@
-"""Ensemble service as a real process: P(AML), feature-name checks, lineage parameters."""
+"""Ensemble service as a real process: P(AML), feature-name checks, lineage and feature-unit
+parameters."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from tests.services.helpers import (
 ALIAS = "test-services-ensemble"
 LINEAGE = {"segmentation": "7", "celltype": "9"}
 NAMES = list(case_feature_names())
+UNITS = {"length": "um", "um_per_px": [0.25, 0.3]}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_model_dir("ensemble", tmp_path_factory.mktemp("ens") / "m")
+    return make_tiny_model_dir("ensemble", tmp_path_factory.mktemp("ens") / "m",
+                               feature_units=UNITS)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,10 @@ def test_every_response_carries_the_lineage(client):
     params = client.infer("ensemble", _inputs(vector, NAMES)).get_response().parameters
     assert {k: params[k].string_param for k in ("lineage_segmentation", "lineage_celltype")} \
         == {"lineage_segmentation": "7", "lineage_celltype": "9"}
+    assert {k: params[k].string_param for k in ("feature_length_unit", "feature_um_per_px_min",
+                                                 "feature_um_per_px_max")} \
+        == {"feature_length_unit": "um", "feature_um_per_px_min": "0.25",
+            "feature_um_per_px_max": "0.3"}
 
 
 def test_lineage_sources(tmp_path):
@@ -71,7 +78,29 @@ def test_lineage_sources(tmp_path):
     local = make_tiny_model_dir("ensemble", tmp_path / "m", training={"lineage": {"celltype": "5"}})
     assert read_config(local)["training"]["lineage"] == {"celltype": "5"}
     handler = EnsembleHandler(local, EnsembleSettings())
-    assert handler.response_parameters == {"lineage_segmentation": "", "lineage_celltype": "5"}
+    assert handler.response_parameters == {
+        "lineage_segmentation": "", "lineage_celltype": "5", "feature_length_unit": "unknown",
+        "feature_um_per_px_min": "", "feature_um_per_px_max": ""}
+
+
+def test_config_without_feature_units_serves_as_unknown(tmp_path, caplog):
+    """A model saved before configs recorded `feature_units` still loads and answers."""
+    import json
+
+    from services.ensemble.config import EnsembleSettings
+
+    local = make_tiny_model_dir("ensemble", tmp_path / "old")
+    config = json.loads((local / "config.json").read_text())
+    del config["feature_units"]
+    (local / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        handler = EnsembleHandler(local, EnsembleSettings())
+    assert handler.response_parameters["feature_length_unit"] == "unknown"
+    assert "no feature_units" in caplog.text
+    handler.load()
+    p = handler.infer({"FEATURES": np.zeros((1, len(NAMES)), np.float32),
+                       "FEATURE_NAMES": np.array([n.encode() for n in NAMES], dtype=object)}, {})
+    assert 0.0 <= float(p["P_AML"][0]) <= 1.0
 
 
 @pytest.mark.parametrize(("vector", "names"), [

@@ -72,6 +72,8 @@ def test_scale_changes_areas_in_um2(client):
     um = client.infer("segmentation", _image_bytes(data) + [
         infer_input("UM_PER_PX", np.array([0.5], np.float32), "FP32")])
     col = list(FEATURE_NAMES).index("cell_area")
+    assert [x.decode() for x in px.as_numpy("LENGTH_UNIT")] == ["px"]
+    assert [x.decode() for x in um.as_numpy("LENGTH_UNIT")] == ["um"]
     a_px, a_um = px.as_numpy("FEATURES")[:, col], um.as_numpy("FEATURES")[:, col]
     ok = a_px > 0
     assert ok.any()
