@@ -211,6 +211,18 @@ class EnsemblePredictor(_Predictor):
             raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
         return self.module.predict_proba(vectors, list(names)).numpy().astype(np.float32)
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Outputs in order: ("aml",) or ("aml", "npm1") (`marrowscope.models.ensemble`)."""
+        return tuple(self.module.targets)
+
+    def predict_targets(self, names: Sequence[str], vectors: np.ndarray) -> dict[str, np.ndarray]:
+        """vectors float[B, F] in `names` order -> {target: float32[B]} for every target."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
+        return {t: p.numpy().astype(np.float32) for t, p in self.module.predict_targets(vectors, list(names)).items()}
+
     def predict(self, names: Sequence[str], vector: np.ndarray) -> float:
         """vector float[F] (or [1, F]) in `names` order -> P(AML)."""
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)

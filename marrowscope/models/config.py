@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1")
+ENSEMBLE_TARGETS: tuple[str, ...] = ("aml", "npm1")
+"""Outputs an ensemble net may have: `aml` = P(AML) over all cases (the paper's ENN, always
+first); `npm1` = P(NPM1 mutated | AML) from the same case features (cup-like nuclei,
+nucleoli, chromatin among blasts), learned on AML cases with a known NPM1 status only."""
 
 ARCHS: dict[str, tuple[str, ...]] = {
     # Paper: Faster R-CNN with a ResNet50-FPN backbone; MobileNetV3 for CPU-sized configs.
@@ -91,7 +95,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "cell_head": "sigmoid",
     },
     # Training fills feature_units from its data (`units_from_pixel_sizes`).
-    "ensemble": {"hidden": [32, 16], "dropout": 0.2,
+    "ensemble": {"hidden": [32, 16], "dropout": 0.2, "targets": ["aml"],
                  "feature_units": {"length": "unknown", "um_per_px": None}},
     "npm1": {"input_size": [1500, 2000], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
@@ -232,8 +236,19 @@ def _validate_ensemble(config: dict[str, Any]) -> None:
     dropout = config["dropout"]
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
+    targets = config.get("targets", ["aml"])
+    if not isinstance(targets, list) or not targets or targets[0] != "aml" or len(set(targets)) != len(targets) \
+            or not set(targets) <= set(ENSEMBLE_TARGETS):
+        _fail(config, f"targets must start with 'aml' and name distinct outputs of {list(ENSEMBLE_TARGETS)}, "
+                      f"got {targets!r}")
     if "feature_units" in config:
         _validate_feature_units(config)
+
+
+def ensemble_targets(config: dict[str, Any]) -> list[str]:
+    """Outputs of an ensemble config in column order; configs written before `targets`
+    existed have the single AML output."""
+    return list(config.get("targets", ["aml"]))
 
 
 def _validate_feature_units(config: dict[str, Any]) -> None:

@@ -1,5 +1,10 @@
 """Ensemble net (the paper's "ENN"): an MLP from the case feature vector to P(AML).
 
+An ensemble may have a second output (config `targets: ["aml", "npm1"]`): P(NPM1 mutated |
+AML) from the same features. The blast attribute fractions in the vector (cup-like nuclei,
+nucleoli, condensed chromatin) are the morphology hematologists read for NPM1; the head
+shares the hidden layers and is trained on AML cases with a known NPM1 status only.
+
 The input order is the config's `feature_names` (built by `marrowscope.features`).
 Standardisation statistics are fitted on training data and stored as persistent buffers,
 so they travel inside `model.safetensors` with the weights they were trained with.
@@ -23,10 +28,14 @@ from marrowscope.errors import InvalidInput
 
 
 class EnsembleNet(nn.Module):
-    """`forward(x FloatTensor[B, F])` -> logits FloatTensor[B] (P(AML) = sigmoid)."""
+    """`forward(x FloatTensor[B, F])` -> logits FloatTensor[B] (P(AML) = sigmoid) for a
+    single-target net, FloatTensor[B, T] (columns in `targets` order) for several."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
+        from marrowscope.models.config import ensemble_targets
+
+        self.targets: list[str] = ensemble_targets(config)
         self.feature_names: list[str] = list(config["feature_names"])
         n = len(self.feature_names)
         self.register_buffer("feature_mean", torch.zeros(n))
@@ -36,7 +45,7 @@ class EnsembleNet(nn.Module):
         for hidden in config["hidden"]:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config["dropout"])]
             width = hidden
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, len(self.targets)))
         self.mlp = nn.Sequential(*layers)
 
     @torch.no_grad()
@@ -53,11 +62,17 @@ class EnsembleNet(nn.Module):
         self.feature_std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp((x - self.feature_mean) / self.feature_std).squeeze(-1)
+        logits = self.mlp((x - self.feature_mean) / self.feature_std)
+        return logits.squeeze(-1) if len(self.targets) == 1 else logits
 
     @torch.inference_mode()
     def predict_proba(self, features: Any, names: list[str] | None = None) -> torch.Tensor:
-        """features float[B, F] -> P(AML) FloatTensor[B] on CPU.
+        """features float[B, F] -> P(AML) FloatTensor[B] on CPU (see `predict_targets`)."""
+        return self.predict_targets(features, names)["aml"]
+
+    @torch.inference_mode()
+    def predict_targets(self, features: Any, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """features float[B, F] -> {target: probability FloatTensor[B] on CPU} for every target.
 
         When `names` is given it must equal `feature_names` exactly (same order); a case
         vector built by another feature version is refused rather than silently misread.
@@ -75,4 +90,5 @@ class EnsembleNet(nn.Module):
         if not torch.isfinite(x).all():
             raise InvalidInput("features contain NaN or infinite values")
         device = self.feature_mean.device
-        return self(x.to(device)).sigmoid().float().cpu()
+        p = self(x.to(device)).sigmoid().float().cpu().reshape(x.shape[0], len(self.targets))
+        return {t: p[:, i] for i, t in enumerate(self.targets)}

@@ -272,3 +272,36 @@ def test_local_pretrained_backbone_weights(tmp_path):
     with pytest.raises(ModelFormatError, match="no tensor"):
         load_initial_weights(build_model(tiny_config("celltype", "tiny_cnn")),
                              tiny_config("celltype", "tiny_cnn"), tmp_path / "resnet18.pth")
+
+
+def test_two_target_ensemble_round_trips_and_keeps_the_aml_api(tmp_path):
+    """targets ["aml", "npm1"]: one hidden stack, two outputs; predict_proba stays P(AML)."""
+    config = make_config("ensemble", "mlp", feature_names=FEATURES, hidden=[6], targets=["aml", "npm1"])
+    module = build_model(config).eval()
+    module.fit_standardisation(torch.randn(5, len(FEATURES)).numpy())
+    loaded = load_model(save_model(module, config, tmp_path / "two")).module.eval()
+    x = torch.randn(3, len(FEATURES))
+    assert loaded(x).shape == (3, 2)
+    out = loaded.predict_targets(x, names=FEATURES)
+    assert list(out) == ["aml", "npm1"] and all(p.shape == (3,) for p in out.values())
+    assert not torch.allclose(out["aml"], out["npm1"])
+    torch.testing.assert_close(loaded.predict_proba(x, names=FEATURES), out["aml"])
+    torch.testing.assert_close(out["npm1"], torch.sigmoid(loaded(x)[:, 1]))
+
+
+def test_ensemble_config_without_targets_is_aml_only(saved_ensemble):
+    from marrowscope.models.config import ensemble_targets
+
+    path, _ = saved_ensemble
+    config = json.loads((path / "config.json").read_text())
+    config.pop("targets", None)
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = load_model(path)
+    assert ensemble_targets(loaded.config) == ["aml"] and loaded.module(torch.randn(2, len(FEATURES))).shape == (2,)
+    assert list(loaded.module.predict_targets(torch.randn(2, len(FEATURES)))) == ["aml"]
+
+
+@pytest.mark.parametrize("targets", [["npm1"], ["aml", "aml"], ["aml", "flt3"], []])
+def test_bad_ensemble_targets_are_rejected(targets):
+    with pytest.raises(ModelConfigError, match="targets must start with 'aml'"):
+        make_config("ensemble", "mlp", feature_names=FEATURES, targets=targets)
