@@ -121,7 +121,10 @@ def test_webhook_signed_and_retried_from_outbox_after_restart(tmp_path, spawn, p
                 break
             time.sleep(0.1)
         eng.dispose()
-        assert status == "delivered" and attempts == n_failed + 1
+        # Attempts are recorded after each send returns, so kill -9 can land between the
+        # receiver seeing a refused try and its row update: that one try goes uncounted
+        # (delivery is at-least-once; the count is a lower bound, never an over-count).
+        assert status == "delivered" and n_failed <= attempts <= n_failed + 1, (attempts, n_failed)
     finally:
         server.shutdown()
         server.server_close()
