@@ -1,10 +1,17 @@
-"""Ensemble handler: P(AML) from one case feature vector, plus the model's lineage.
+"""Ensemble handler: P(AML) (and, when the model has that head, P(NPM1 mutated | AML)) from
+one case feature vector, plus the model's lineage.
 
 Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - in  ``FEATURES`` FP32 [1, F], finite, in ``FEATURE_NAMES`` order; ``FEATURE_NAMES`` BYTES
   [F]: must equal the model config's ``feature_names`` (same names, same order), else
   INVALID_ARGUMENT naming what is missing or unexpected (`marrowscope.features`).
-- out ``P_AML`` FP32 [1] in [0, 1].
+- out ``P_AML`` FP32 [1] in [0, 1]; for a model whose config has ``targets: ["aml", "npm1"]``
+  also ``P_NPM1`` FP32 [1] in [0, 1] = P(NPM1 mutated | AML) from the same features. The
+  outputs are per loaded version (ModelMetadata of a version lists exactly its outputs), so
+  a hot reload to a model with or without the head changes them.
+- response parameter (string) ``npm1_threshold``, only for a model with the NPM1 head and a
+  recorded decision threshold (config ``hyperparameters.npm1_threshold``, in [0, 1]);
+  clients use their own threshold otherwise.
 - response parameters (string) ``lineage_segmentation`` / ``lineage_celltype``: the upstream
   versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
   local directory the config's ``training.lineage``; "" when unknown). They are offered as
@@ -25,15 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowscope.errors import InvalidInput
+from marrowscope.errors import InvalidInput, ModelNotReady
 from marrowscope.inference import EnsemblePredictor
 from marrowscope.models import feature_units
+from marrowscope.models.config import ensemble_targets
 from services.common import PredictorHandler, bytes_tensor, decode_names
 from services.ensemble.config import EnsembleSettings
 from services.runtime.handler import Parameters, Tensors, TensorSpec
 
 UPSTREAMS: tuple[str, ...] = ("segmentation", "celltype")
 LINEAGE_TAG_PREFIX = "marrowscope.lineage."
+OUTPUT_OF_TARGET: dict[str, str] = {"aml": "P_AML", "npm1": "P_NPM1"}
+"""Wire output name of each ensemble target (`marrowscope.models.config.ENSEMBLE_TARGETS`)."""
 
 
 def lineage_of(tags: Mapping[str, str], config: Mapping) -> dict[str, str]:
@@ -56,12 +66,27 @@ def units_parameters(config: Mapping) -> dict[str, str]:
             "feature_um_per_px_max": str(hi)}
 
 
+def npm1_threshold_parameters(config: Mapping) -> dict[str, str]:
+    """``{"npm1_threshold": "<t>"}`` when the model has the NPM1 head and its config records
+    a decision threshold (``hyperparameters.npm1_threshold``), else ``{}``."""
+    if "npm1" not in ensemble_targets(dict(config)):
+        return {}
+    value = config.get("hyperparameters", {}).get("npm1_threshold")
+    if value is None:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ModelNotReady(f"ensemble config hyperparameters.npm1_threshold must be a number in "
+                            f"[0, 1], got {value!r}")
+    return {"npm1_threshold": str(float(value))}
+
+
 class EnsembleHandler(PredictorHandler):
     inputs = (
         TensorSpec("FEATURES", "FP32", (1, -1)),
         TensorSpec("FEATURE_NAMES", "BYTES", (-1,)),
     )
     outputs = (TensorSpec("P_AML", "FP32", (1,)),)
+    """AML-only default; ``__init__`` sets the loaded version's outputs (one per target)."""
     batchable = False
     predictor_cls = EnsemblePredictor
 
@@ -69,10 +94,13 @@ class EnsembleHandler(PredictorHandler):
                  tags: Mapping[str, str] | None = None) -> None:
         super().__init__(local_dir, settings)
         self.feature_names: tuple[str, ...] = tuple(self.config["feature_names"])
+        self.targets: tuple[str, ...] = tuple(ensemble_targets(self.config))
+        # per loaded version: ModelMetadata must show whether this one answers P_NPM1
+        self.outputs = tuple(TensorSpec(OUTPUT_OF_TARGET[t], "FP32", (1,)) for t in self.targets)
         self.lineage = lineage_of(tags or {}, self.config)
         self.response_parameters: dict[str, str] = {
             **{f"lineage_{u}": v for u, v in self.lineage.items()},
-            **units_parameters(self.config)}
+            **units_parameters(self.config), **npm1_threshold_parameters(self.config)}
 
     def warmup(self) -> None:
         self.infer({"FEATURES": np.zeros((1, len(self.feature_names)), np.float32),
@@ -86,9 +114,10 @@ class EnsembleHandler(PredictorHandler):
                                f"{len(names)} names")
         return names, vector
 
-    def predict(self, batch: tuple[list[str], np.ndarray]) -> np.ndarray:
+    def predict(self, batch: tuple[list[str], np.ndarray]) -> dict[str, np.ndarray]:
         names, vector = batch
-        return self.predictor.predict_batch(names, vector)
+        return self.predictor.predict_targets(names, vector)
 
-    def postprocess(self, p: np.ndarray, parameters: Parameters) -> Tensors:
-        return {"P_AML": p.astype(np.float32, copy=False).reshape(1)}
+    def postprocess(self, p: dict[str, np.ndarray], parameters: Parameters) -> Tensors:
+        return {OUTPUT_OF_TARGET[t]: p[t].astype(np.float32, copy=False).reshape(1)
+                for t in self.targets}

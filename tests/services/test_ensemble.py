@@ -1,10 +1,13 @@
 """Ensemble service as a real process: P(AML), feature-name checks, lineage and feature-unit
-parameters."""
+parameters, and the optional P_NPM1 output of a two-target model (per version, hot reload)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from marrowscope.features import case_feature_names
@@ -16,6 +19,8 @@ from tests.services.helpers import (
     check_server_and_metadata,
     check_still_healthy,
     infer_input,
+    register,
+    set_alias,
     status_of,
 )
 
@@ -23,6 +28,8 @@ ALIAS = "test-services-ensemble"
 LINEAGE = {"segmentation": "7", "celltype": "9"}
 NAMES = list(case_feature_names())
 UNITS = {"length": "um", "um_per_px": [0.25, 0.3]}
+TWO_ALIAS = "test-services-ensemble-two"
+NPM1_THRESHOLD = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +56,104 @@ def test_infer_matches_in_process(client, service, model_dir):
     vector = np.random.default_rng(2).random(len(NAMES)).astype(np.float32)
     r = client.infer("ensemble", _inputs(vector, NAMES))
     assert r.get_response().model_version == service.version
+    # an AML-only model: one output, in the metadata and in the answer, and no NPM1 parameter
+    assert _outputs(client.get_model_metadata("ensemble")) == {"P_AML": ("FP32", [1])}
+    assert [o.name for o in r.get_response().outputs] == ["P_AML"]
+    assert "npm1_threshold" not in r.get_response().parameters
     p = r.as_numpy("P_AML")
     assert p.shape == (1,) and 0.0 <= p[0] <= 1.0
     expected = EnsemblePredictor(load_model(model_dir)).predict(NAMES, vector)
     assert p[0] == pytest.approx(expected, abs=1e-6)
+
+
+def _outputs(metadata) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (t.datatype, list(t.shape)) for t in metadata.outputs}
+
+
+@pytest.fixture(scope="module")
+def two_target(mlflow_server, start_service, tmp_path_factory):
+    """A service on an alias that starts at a two-target (P(AML), P(NPM1 | AML)) version; an
+    AML-only version is registered beside it for the hot-reload test."""
+    root = tmp_path_factory.mktemp("ens-two")
+    two_dir = make_tiny_model_dir("ensemble", root / "two", seed=3, targets=["aml", "npm1"],
+                                  feature_units=UNITS,
+                                  hyperparameters={"npm1_threshold": NPM1_THRESHOLD})
+    aml_only = register(mlflow_server, "ensemble",
+                        make_tiny_model_dir("ensemble", root / "aml", seed=4), f"{TWO_ALIAS}-aml")
+    two = register(mlflow_server, "ensemble", two_dir, TWO_ALIAS, LINEAGE)
+    service = start_service("ensemble", model_uri=f"models:/marrowscope-ensemble@{TWO_ALIAS}",
+                            poll_interval_s=0.5, version_grace_s=60)
+    c = tc.InferenceServerClient(url=service.address)
+    yield {"service": service, "client": c, "two": two, "aml_only": aml_only, "dir": two_dir}
+    c.close()
+
+
+def test_two_target_model_answers_p_npm1_beside_p_aml(two_target):
+    client, two = two_target["client"], two_target["two"]
+    md = client.get_model_metadata("ensemble")
+    assert md.versions[0] == two
+    assert _outputs(md) == {"P_AML": ("FP32", [1]), "P_NPM1": ("FP32", [1])}
+    vectors = np.random.default_rng(5).random((2, len(NAMES))).astype(np.float32)
+    expected = EnsemblePredictor(load_model(two_target["dir"])).predict_targets(NAMES, vectors)
+    for k, vector in enumerate(vectors):
+        r = client.infer("ensemble", _inputs(vector, NAMES))
+        assert r.get_response().model_version == two
+        p_aml, p_npm1 = r.as_numpy("P_AML"), r.as_numpy("P_NPM1")
+        assert p_aml.shape == p_npm1.shape == (1,) and 0 <= p_npm1[0] <= 1
+        assert p_aml[0] == pytest.approx(expected["aml"][k], abs=1e-6)
+        assert p_npm1[0] == pytest.approx(expected["npm1"][k], abs=1e-6)
+    assert not np.allclose(expected["aml"], expected["npm1"])  # two heads, not one copied
+    params = r.get_response().parameters
+    assert params["npm1_threshold"].string_param == str(NPM1_THRESHOLD)
+    assert params["feature_length_unit"].string_param == "um"
+    assert params["lineage_celltype"].string_param == "9"
+    # a client may ask for one output only
+    r = client.infer("ensemble", _inputs(vectors[0], NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")])
+    assert [o.name for o in r.get_response().outputs] == ["P_NPM1"]
+
+
+def test_hot_reload_to_an_aml_only_version_drops_p_npm1(two_target, mlflow_server):
+    """Metadata and answers follow the version: after the alias moves to an AML-only model,
+    the current version has no P_NPM1, while the replaced one (named explicitly, within its
+    grace period) still answers and describes both outputs."""
+    client, two, aml_only = two_target["client"], two_target["two"], two_target["aml_only"]
+    set_alias(mlflow_server, "ensemble", TWO_ALIAS, aml_only)
+    deadline = time.monotonic() + 60
+    while client.get_model_metadata("ensemble").versions[0] != aml_only:
+        assert time.monotonic() < deadline, two_target["service"].log_tail()
+        time.sleep(0.2)
+    assert _outputs(client.get_model_metadata("ensemble")) == {"P_AML": ("FP32", [1])}
+    vector = np.zeros(len(NAMES), np.float32)
+    r = client.infer("ensemble", _inputs(vector, NAMES))
+    assert r.get_response().model_version == aml_only
+    assert [o.name for o in r.get_response().outputs] == ["P_AML"]
+    assert "npm1_threshold" not in r.get_response().parameters
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("ensemble", _inputs(vector, NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")])
+    assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()
+
+    old = client.get_model_metadata("ensemble", model_version=two)
+    assert _outputs(old) == {"P_AML": ("FP32", [1]), "P_NPM1": ("FP32", [1])}
+    r = client.infer("ensemble", _inputs(vector, NAMES), model_version=two)
+    assert {o.name for o in r.get_response().outputs} == {"P_AML", "P_NPM1"}
+    check_still_healthy(two_target["service"])
+
+
+def test_npm1_threshold_parameter_rules(tmp_path):
+    from services.ensemble.model import npm1_threshold_parameters
+
+    assert npm1_threshold_parameters({"targets": ["aml", "npm1"],
+                                      "hyperparameters": {"npm1_threshold": 0.4}}) \
+        == {"npm1_threshold": "0.4"}
+    # no head, or no recorded threshold: the client keeps its own
+    assert npm1_threshold_parameters({"hyperparameters": {"npm1_threshold": 0.4}}) == {}
+    assert npm1_threshold_parameters({"targets": ["aml", "npm1"], "hyperparameters": {}}) == {}
+    from marrowscope.errors import ModelNotReady
+
+    for bad in (1.5, "0.4", True):
+        with pytest.raises(ModelNotReady, match="npm1_threshold"):
+            npm1_threshold_parameters({"targets": ["aml", "npm1"],
+                                       "hyperparameters": {"npm1_threshold": bad}})
 
 
 def test_every_response_carries_the_lineage(client):
