@@ -1,4 +1,4 @@
-"""Train the ensemble net (the paper's ENN): case features -> P(AML).
+"""Train the ensemble net (the paper's ENN): case features -> P(AML), and P(NPM1 | AML).
 
     python -m training.ensemble --data data/synth --output runs/ensemble --config cpu-demo \
         --segmentation models:/marrowscope-segmentation/3 --celltype models:/marrowscope-celltype/5
@@ -12,6 +12,18 @@ the train+val cases (config `cv_folds`, 3 as in the paper) and the held-out test
 `auroc` (+ bootstrap 95 % CI), `pr_auc`, `brier`, `accuracy`, ROC/PR/calibration/confusion
 plots. The model config records `feature_units` (um with the training pixel-size range when
 the images have `um_per_px`, else px) so that serving can refuse features in another unit.
+
+Config `targets` (`["aml", "npm1"]` in the shipped configs; a config file without the key
+trains AML only) adds a second output, P(NPM1 mutated | AML), on the same hidden layers:
+the blast attribute fractions in the case vector (cup-like nuclei, nucleoli, condensed
+chromatin) are the morphology hematologists read for NPM1, and unlike the whole-image CNN
+(training/npm1.py) it learns on CPU-sized data. Loss = BCE(AML) + masked BCE(NPM1): the NPM1
+term is averaged over the batch's AML cases with a known NPM1 status only (`ensemble_loss`;
+controls and unknown status add nothing to it), the two terms summed unweighted. Its metrics
+are the AML names prefixed `npm1_` on the held-out AML cases with a known status
+(`npm1_auroc`, ..., `npm1_cv_auroc_mean`), its decision threshold config
+`npm1_score_threshold` (null = 0.5, like `score_threshold` for AML). HPO still maximises the
+AML validation AUROC; the NPM1 head is trained in every trial but does not steer the search.
 """
 
 from __future__ import annotations
@@ -95,23 +107,93 @@ def training_feature_units(data_dir: Path, records: list) -> dict[str, Any]:
         raise UsageError(f"{data_dir}: {exc}") from None
 
 
+def job_targets(config: JobConfig) -> list[str]:
+    """The config's `targets` (absent: `["aml"]`), checked as the model config will check it."""
+    from marrowscope.models import ModelConfigError, make_config
+
+    targets = config.get("targets", ["aml"])
+    try:
+        make_config("ensemble", "mlp", feature_names=["probe"], targets=targets)
+    except ModelConfigError as exc:
+        raise UsageError(f"config targets: {exc}") from None
+    return list(targets)
+
+
+def target_labels(records: list, targets: list[str]) -> np.ndarray:
+    """float32[N, T] labels in `targets` column order; NaN where a target does not apply:
+    `npm1` is known for AML cases with NPM1 status mutated (1) or wild_type (0) only, never
+    for controls (whatever their manifest row says) or an unknown status."""
+    columns = {"aml": [float(r.aml_label) for r in records],
+               "npm1": [float(r.npm1_label) if r.aml_label == 1 and r.npm1_label is not None else np.nan
+                        for r in records]}
+    return np.array([columns[t] for t in targets], dtype=np.float32).reshape(len(targets), -1).T
+
+
+def check_npm1_labels(records: list, targets: list[str], data_dir: Path) -> None:
+    """Refuse the npm1 target unless the training AML cases hold both NPM1 states: without
+    them the head would learn a constant (or nothing) and still be served."""
+    if "npm1" not in targets:
+        return
+    y = target_labels([r for r in records if r.split == "train"], ["npm1"])[:, 0]
+    states = set(y[~np.isnan(y)].astype(int).tolist())
+    if len(states) < 2:
+        found = ("no AML case with a known NPM1 status" if not states
+                 else f"only {'mutated' if 1 in states else 'wild-type'} NPM1")
+        raise UsageError(f"{data_dir}: target npm1 needs training AML cases of both NPM1 states "
+                         f"(cases.csv npm1_status mutated and wild_type), found {found}; train the "
+                         "AML output alone with --set 'targets=[\"aml\"]'")
+
+
+def ensemble_loss(logits, labels):
+    """Sum over targets of the BCE-with-logits averaged over the rows whose label is known.
+
+    logits FloatTensor[B] or [B, T]; labels FloatTensor of the same shape, NaN = not known
+    (the npm1 column of controls and unknown status), such rows add neither loss nor
+    gradient. A target with no known row in the batch adds 0. AML labels are always known,
+    so a single-target net gets the plain mean BCE.
+    """
+    import torch.nn.functional as F
+
+    logits, labels = logits.reshape(len(labels), -1), labels.reshape(len(labels), -1)
+    total = logits.new_zeros(())
+    for t in range(labels.shape[1]):
+        known = ~labels[:, t].isnan()
+        if known.any():
+            total = total + F.binary_cross_entropy_with_logits(logits[known, t], labels[known, t])
+    return total
+
+
+def known_auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
+    """AUROC over the rows with a known label (not NaN); None unless both classes occur."""
+    from sklearn.metrics import roc_auc_score
+
+    known = ~np.isnan(y)
+    if len(np.unique(y[known])) < 2:
+        return None
+    return float(roc_auc_score(y[known], scores[known]))
+
+
 def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_train: np.ndarray,
               x_val: np.ndarray | None, y_val: np.ndarray | None, *, output: Path, resume: bool = False,
               trial: Any = None, checkpoint: bool = True, feature_units: dict[str, Any] | None = None
               ) -> tuple[Any, dict[str, Any]]:
-    """An `EnsembleNet` fitted with AdamW + BCE; standardisation fitted on `x_train`.
+    """An `EnsembleNet` fitted with AdamW + `ensemble_loss`; standardisation fitted on `x_train`.
 
-    `feature_units` (`training_feature_units`) goes into the returned config; None leaves
+    y_train, y_val: float[N, T] (`target_labels`, T = len(config targets)), or float[N] for
+    an AML-only config. `feature_units` (`training_feature_units`) goes into the returned config; None leaves
     the config default ("unknown"), which is fine for models that are never saved (CV, HPO).
     """
     import torch
-    import torch.nn.functional as F
 
     from marrowscope.models import build_model, make_config
 
+    targets = job_targets(config)
+    y_train = np.asarray(y_train, dtype=np.float32).reshape(len(y_train), -1)
+    if y_train.shape[1] != len(targets):
+        raise ValueError(f"labels have {y_train.shape[1]} columns for targets {targets}")
     seed_everything(config["seed"])
     model_config = make_config("ensemble", "mlp", feature_names=list(names), hidden=list(config["hidden"]),
-                               dropout=float(config["dropout"]),
+                               dropout=float(config["dropout"]), targets=targets,
                                hyperparameters={k: config[k] for k in ("lr", "weight_decay", "lr_gamma",
                                                                        "epochs", "batch_size")},
                                training={"seed": config["seed"], "config_name": config["config_name"]},
@@ -121,13 +203,13 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     x = torch.from_numpy(x_train)
-    y = torch.from_numpy(y_train.astype(np.float32))
+    y = torch.from_numpy(y_train)
 
     def train_epoch(epoch: int) -> float:
         g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
         total, n = 0.0, 0
         for idx in torch.randperm(len(y), generator=g).split(config["batch_size"]):
-            loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+            loss = ensemble_loss(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -135,11 +217,14 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
         return total / n
 
     validate = None
-    if x_val is not None and len(np.unique(y_val)) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        def validate(epoch: int) -> dict[str, float]:
-            return {"val_auroc": float(roc_auc_score(y_val, model.predict_proba(x_val).numpy()))}
+    if x_val is not None:
+        y_val = np.asarray(y_val, dtype=np.float32).reshape(len(y_val), -1)
+        scored = [j for j in range(len(targets)) if len(np.unique(y_val[~np.isnan(y_val[:, j]), j])) == 2]
+        if scored:
+            def validate(epoch: int) -> dict[str, float]:
+                probs = model.predict_targets(x_val)
+                return {"val_auroc" if targets[j] == "aml" else f"val_{targets[j]}_auroc":
+                        known_auroc(y_val[:, j], probs[targets[j]].numpy()) for j in scored}
 
     fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"], train_epoch=train_epoch,
         validate=validate, output=output, config=config.as_dict(), resume=resume, trial=trial,
@@ -149,26 +234,57 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
 
 
 def cross_validate(config: JobConfig, names, table: np.ndarray, records: list, output: Path) -> dict[str, float]:
-    """Case-grouped k-fold CV (k = config `cv_folds`) on `records`: per-fold AUROC mean/std."""
-    from sklearn.metrics import roc_auc_score
-
+    """Case-grouped k-fold CV (k = config `cv_folds`) on `records`: per-fold AUROC mean/std
+    (`cv_auroc_*`), and with the npm1 target `npm1_cv_auroc_*` over each fold's AML cases of
+    known status. Folds are stratified by control / NPM1-mutated / wild-type AML when npm1 is
+    a target (so mutated cases land in every fold), else by the AML label."""
     from training.data.splits import grouped_kfold
 
     k = config["cv_folds"]
     if not k:
         return {}
+    targets = job_targets(config)
     index = {r.case_id: i for i, r in enumerate(records)}
-    y = np.array([r.aml_label for r in records])
-    aurocs = []
-    for f, (tr, va) in enumerate(grouped_kfold(records, k, seed=config["split_seed"], stratify_by="aml_label")):
+    y = target_labels(records, targets)
+    stratify = "aml_npm1" if "npm1" in targets else "aml_label"
+    aurocs: dict[str, list[float]] = {t: [] for t in targets}
+    for f, (tr, va) in enumerate(grouped_kfold(records, k, seed=config["split_seed"], stratify_by=stratify)):
         ti, vi = [index[c] for c in tr], [index[c] for c in va]
         model, _ = train_mlp(config, names, table[ti], y[ti], None, None, output=output / f"cv-{f}",
                              checkpoint=False)
-        if len(np.unique(y[vi])) == 2:
-            aurocs.append(roc_auc_score(y[vi], model.predict_proba(table[vi]).numpy()))
-    log.info("%d-fold grouped CV AUROC: %s", k, [round(a, 4) for a in aurocs])
-    return {"cv_auroc_mean": float(np.mean(aurocs)), "cv_auroc_std": float(np.std(aurocs)),
-            "cv_folds": float(k)} if aurocs else {}
+        probs = model.predict_targets(table[vi])
+        for j, t in enumerate(targets):
+            if (auroc := known_auroc(y[vi, j], probs[t].numpy())) is not None:
+                aurocs[t].append(auroc)
+    log.info("%d-fold grouped CV AUROC: %s", k, {t: [round(a, 4) for a in v] for t, v in aurocs.items()})
+    out = {"cv_auroc_mean": float(np.mean(aurocs["aml"])), "cv_auroc_std": float(np.std(aurocs["aml"])),
+           "cv_folds": float(k)} if aurocs["aml"] else {}
+    if aurocs.get("npm1"):
+        out.update({"npm1_cv_auroc_mean": float(np.mean(aurocs["npm1"])),
+                    "npm1_cv_auroc_std": float(np.std(aurocs["npm1"])),
+                    "npm1_cv_folds": float(len(aurocs["npm1"]))})
+    return out
+
+
+def npm1_test_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots: Path
+                     ) -> tuple[dict[str, float], list[Path]]:
+    """`binary_report` + `binary_plots` of the NPM1 output over the cases with a known
+    status (y NaN elsewhere), names prefixed `npm1_`; ({}, []) unless both states occur."""
+    from training.evaluate_metrics import binary_plots, binary_report
+
+    known = ~np.isnan(y)
+    if len(np.unique(y[known])) < 2:
+        log.warning("NPM1 test metrics left out: the test AML cases hold NPM1 states %s only "
+                    "(promotion refuses a version without npm1_auroc)",
+                    sorted(int(v) for v in np.unique(y[known])))
+        return {}, []
+    threshold = config.get("npm1_score_threshold")
+    threshold = 0.5 if threshold is None else threshold
+    report = binary_report(y[known], scores[known], threshold=threshold, n_boot=config["n_boot"],
+                           seed=config["seed"])
+    paths = binary_plots(y[known], scores[known], plots, prefix="npm1_", threshold=threshold,
+                         title="NPM1 | AML (test)")
+    return {f"npm1_{k}": v for k, v in report.items()}, paths
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -207,7 +323,9 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     from training.common_data import load_cases
 
     records = load_cases(args.data, config)
-    units = training_feature_units(args.data, records)  # before the slow feature pass
+    targets = job_targets(config)
+    check_npm1_labels(records, targets, args.data)  # these before the slow feature pass
+    units = training_feature_units(args.data, records)
     log.info("morphometric features in %s", units)
     seg, cel = _upstream(args)
     digest = data_hash(args.data)
@@ -215,7 +333,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     log.info("features from segmentation %s and celltype %s", seg.version, cel.version)
     cache = args.output / f"features-{digest[:12]}-seg{seg.version}-cel{cel.version}.npz"
     names, table = case_feature_table(args.data, records, seg, cel, cache)
-    y = np.array([r.aml_label for r in records])
+    y = target_labels(records, targets)  # [N, T]; column 0 is AML
     split = np.array([r.split for r in records])
     tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
 
@@ -227,7 +345,8 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
                                  output=args.output / f"trial-{trial.number}", trial=trial, checkpoint=False)
             from sklearn.metrics import roc_auc_score
 
-            return {"auroc": float(roc_auc_score(y[va], model.predict_proba(table[va]).numpy()))}
+            # the objective is the AML output's (README: HPO); the NPM1 head trains alongside
+            return {"auroc": float(roc_auc_score(y[va, 0], model.predict_proba(table[va]).numpy()))}
 
         run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
         return None
@@ -245,12 +364,18 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         model, model_config = train_mlp(config, names, table[tr], y[tr], table[va], y[va],
                                         output=args.output, resume=args.resume, feature_units=units)
         model_config["training"].update({"data_hash": digest, "lineage": lineage})
-        scores = model.predict_proba(table[te], list(names)).numpy()
+        probs = {t: p.numpy() for t, p in model.predict_targets(table[te], list(names)).items()}
+        scores = probs["aml"]
         threshold = config["score_threshold"] if config["score_threshold"] is not None else 0.5
-        metrics = binary_report(y[te], scores, threshold=threshold, n_boot=config["n_boot"], seed=config["seed"])
+        metrics = binary_report(y[te, 0], scores, threshold=threshold, n_boot=config["n_boot"], seed=config["seed"])
         metrics.update(cv)
-        log_plots(binary_plots(y[te], scores, args.output / "plots", prefix="aml_", threshold=threshold,
+        log_plots(binary_plots(y[te, 0], scores, args.output / "plots", prefix="aml_", threshold=threshold,
                                title="AML (test)"))
+        if "npm1" in targets:
+            npm1_metrics, npm1_plots = npm1_test_report(y[te, targets.index("npm1")], probs["npm1"], config,
+                                                        args.output / "plots")
+            metrics.update(npm1_metrics)
+            log_plots(npm1_plots)
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,

@@ -46,9 +46,30 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     for name in ("auroc", "auroc_ci_low", "auroc_ci_high", "pr_auc", "brier", "accuracy"):
         assert float(ens_v.tags[f"marrowscope.metric.{name}"]) == pytest.approx(metrics[name])
     assert metrics["auroc_ci_low"] <= metrics["auroc"] <= metrics["auroc_ci_high"]
+    # cpu-tiny's targets ["aml", "npm1"]: the NPM1 head is scored on the test AML cases of
+    # known status under every AML metric name prefixed npm1_
+    from training.evaluate_metrics import binary_report
+
+    aml_names = set(binary_report([0, 1], [0.2, 0.8], n_boot=2))
+    assert {f"npm1_{k}" for k in aml_names} <= set(metrics)
+    assert set(metrics) - aml_names == {f"npm1_{k}" for k in aml_names}  # cv_folds 0: no CV names
+    for name in ("npm1_auroc", "npm1_auroc_ci_low", "npm1_pr_auc", "npm1_brier", "npm1_accuracy"):
+        assert float(ens_v.tags[f"marrowscope.metric.{name}"]) == pytest.approx(metrics[name])
+    assert metrics["npm1_auroc_ci_low"] <= metrics["npm1_auroc"] <= metrics["npm1_auroc_ci_high"]
+    assert metrics["npm1_threshold"] == 0.5 and metrics["threshold"] == 0.0
+    from training.common import JobConfig, load_job_config
+    from training.common_data import load_cases
+
+    test = [r for r in load_cases(tiny_cohort, JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny")))
+            if r.split == "test"]
+    assert metrics["npm1_n_pos"] == sum(r.aml_label == 1 and r.npm1_status == "mutated" for r in test)
+    assert metrics["npm1_n_neg"] == sum(r.aml_label == 1 and r.npm1_status == "wild_type" for r in test)
+    assert metrics["n_pos"] + metrics["n_neg"] == len(test)
     run = client.get_run(ens_v.run_id)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/aml_roc.png", "plots/aml_pr.png", "plots/aml_calibration.png"} <= artifacts
+    assert {"plots/npm1_roc.png", "plots/npm1_pr.png", "plots/npm1_calibration.png",
+            "plots/npm1_confusion.png"} <= artifacts
     # features are cached per upstream versions and reused
     assert list((tmp_path / "ens").glob(f"features-*-seg{seg_v.version}-cel{cel_v.version}.npz"))
     # the config records the unit its morphometric features were learned in
@@ -58,6 +79,38 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     scale = SynthConfig().um_per_px
     units = read_config(tmp_path / "ens" / "model")["feature_units"]
     assert units == {"length": "um", "um_per_px": [pytest.approx(scale), pytest.approx(scale)]}
+    # the config records its outputs and serves both
+    from marrowscope.models import load_model
+
+    loaded = load_model(tmp_path / "ens" / "model")
+    assert loaded.config["targets"] == ["aml", "npm1"] and list(loaded.module.predict_targets(
+        loaded.module.feature_mean[None])) == ["aml", "npm1"]
+    import json
+
+    assert json.loads(ens_v.tags["marrowscope.config"])["targets"] == ["aml", "npm1"]
+
+
+def test_npm1_target_on_data_without_npm1_status_names_the_fix(tiny_cohort, tmp_path):
+    """A cohort whose manifest has no NPM1 status: refused before any model is loaded."""
+    import csv
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data, ignore=shutil.ignore_patterns("images"))
+    with (data / "cases.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["npm1_status"] == "mutated" for r in rows)
+    for r in rows:
+        r["npm1_status"] = "na"
+    with (data / "cases.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = job_args(ensemble, "--data", data, "--output", tmp_path / "o", "--config", "cpu-tiny",
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(UsageError, match=r"no AML case with a known NPM1 status.*--set 'targets=\[\"aml\"\]'"):
+        ensemble.main(args)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "none.db").exists()
 
 
 def test_training_feature_units_follow_the_pixel_sizes(tiny_cohort, tmp_path):
