@@ -6,8 +6,15 @@
 Gates, evaluated on every candidate before anything moves (a set is all or nothing):
 - `exists`: the version is registered.
 - `metrics`: `marrowscope.metric.<m>` tags present and >= the floors (`DEFAULT_FLOORS`,
-  overridden with `--floor [kind.]metric=value`).
-- `non_inferiority`: primary metric (`PRIMARY_METRIC`) >= champion's - `--margin`.
+  overridden with `--floor [kind.]metric=value`). An ensemble's `npm1_*` floors apply when
+  its config `targets` include `npm1` (the P(NPM1 | AML) output) and are skipped otherwise;
+  the default `npm1_auroc` floor is 0.80 (the paper's CNN reached 0.92; a morphology call
+  below 0.8 would mislead more than help).
+- `non_inferiority`: primary metric (`PRIMARY_METRIC`) >= champion's - `--margin`; for an
+  ensemble with the npm1 output also `npm1_auroc`, when the champion has it.
+- `targets` (ensembles): the outputs of the champion and the candidate, shown in the table.
+  Adding an output passes; dropping one the champion serves (e.g. npm1) is refused unless
+  `--allow-drop-target`, since the reports would silently lose that call.
 - `lineage`: the ensemble that will serve (candidate or current champion) was built on the
   segmentation and celltype versions that will serve with it (champions after promotion).
 - `config`: the config is valid for its kind; celltype outputs cover the taxonomy the case
@@ -42,7 +49,7 @@ PRIMARY_METRIC = {"segmentation": "map50", "celltype": "macro_f1", "ensemble": "
 DEFAULT_FLOORS: dict[str, dict[str, float]] = {
     "segmentation": {"map50": 0.5},
     "celltype": {"macro_f1": 0.5},
-    "ensemble": {"auroc": 0.75},
+    "ensemble": {"auroc": 0.75, "npm1_auroc": 0.80},
     "npm1": {"auroc": 0.65},
 }
 DEFAULT_MARGIN = 0.01
@@ -71,6 +78,13 @@ class _Version:
         except (KeyError, json.JSONDecodeError):
             return None
 
+    @property
+    def targets(self) -> list[str]:
+        """An ensemble's outputs (`aml`, optionally `npm1`); [] for other kinds."""
+        from marrowscope.models.config import ensemble_targets
+
+        return ensemble_targets(self.config or {}) if self.kind == "ensemble" else []
+
     def metric(self, name: str) -> float | None:
         value = self.tags.get(f"{registry.METRIC_PREFIX}{name}")
         try:
@@ -92,9 +106,23 @@ def _fetch(client: Any, kind: str, version: str | None = None) -> _Version | Non
     return _Version(kind, str(mv.version), dict(mv.tags))
 
 
+def _metric_target(c: _Version, metric: str) -> str | None:
+    """The ensemble output a metric belongs to when it is not the AML one (`npm1_auroc` ->
+    `npm1`), else None."""
+    from marrowscope.models.config import ENSEMBLE_TARGETS
+
+    if c.kind != "ensemble":
+        return None
+    return next((t for t in ENSEMBLE_TARGETS if t != "aml" and metric.startswith(f"{t}_")), None)
+
+
 def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
     problems, seen = [], []
     for metric, floor in sorted(floors.items()):
+        target = _metric_target(c, metric)
+        if target is not None and target not in c.targets:
+            seen.append(f"{metric} not applicable (no {target} output)")
+            continue
         value = c.metric(metric)
         if value is None:
             problems.append(f"{metric} missing")
@@ -106,11 +134,17 @@ def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
 
 
 def _non_inferiority_gate(c: _Version, champion: _Version | None, margin: float) -> tuple[bool, str]:
-    metric = PRIMARY_METRIC[c.kind]
+    """The primary metric, and `<target>_auroc` of every further ensemble output."""
     if champion is None:
         return True, "no current champion"
     if champion.version == c.version:
         return True, f"v{c.version} is already the champion"
+    results = [_compare(metric, c, champion, margin)
+               for metric in (PRIMARY_METRIC[c.kind], *(f"{t}_auroc" for t in c.targets if t != "aml"))]
+    return all(ok for ok, _ in results), "; ".join(detail for _, detail in results)
+
+
+def _compare(metric: str, c: _Version, champion: _Version, margin: float) -> tuple[bool, str]:
     mine, theirs = c.metric(metric), champion.metric(metric)
     if mine is None:
         return False, f"{metric} missing on the candidate"
@@ -119,6 +153,20 @@ def _non_inferiority_gate(c: _Version, champion: _Version | None, margin: float)
     ok = mine >= theirs - margin
     sign = ">=" if ok else "<"
     return ok, f"{metric} {mine:.4g} {sign} champion v{champion.version} {theirs:.4g} - margin {margin:g}"
+
+
+def _targets_gate(c: _Version, champion: _Version | None, allow_drop: bool) -> tuple[bool, str]:
+    if champion is None or champion.version == c.version:
+        return True, f"targets {c.targets}"
+    theirs, mine = champion.targets, c.targets
+    if theirs == mine:
+        return True, f"targets {mine}, as champion v{champion.version}"
+    added, dropped = [t for t in mine if t not in theirs], [t for t in theirs if t not in mine]
+    change = (f"targets {theirs} (champion v{champion.version}) -> {mine}"
+              + (f", adds {added}" if added else "") + (f", drops {dropped}" if dropped else ""))
+    if dropped and not allow_drop:
+        return False, f"{change}: reports would lose that call; pass --allow-drop-target to accept"
+    return True, change + (" (--allow-drop-target)" if dropped else "")
 
 
 def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
@@ -201,7 +249,8 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
 
 
 def evaluate(
-    candidates: dict[str, str], *, client: Any, floors: dict[str, dict[str, float]], margin: float
+    candidates: dict[str, str], *, client: Any, floors: dict[str, dict[str, float]], margin: float,
+    allow_drop_target: bool = False,
 ) -> list[Decision]:
     """Every gate for every candidate (`kind -> version`), nothing changed."""
     decisions: list[Decision] = []
@@ -222,6 +271,9 @@ def evaluate(
             ("config", _config_gate(c, serving)),
         ):
             decisions.append(Decision(gate, kind, c.version, ok, detail))
+        if kind == "ensemble":
+            ok, detail = _targets_gate(c, champions[kind], allow_drop_target)
+            decisions.append(Decision("targets", kind, c.version, ok, detail))
     return decisions
 
 
@@ -282,6 +334,7 @@ def promote(
     dry_run: bool = False,
     actor: str | None = None,
     log_file: Path | None = None,
+    allow_drop_target: bool = False,
 ) -> tuple[bool, list[Decision]]:
     """Evaluate the gates and, when all pass and not `dry_run`, move every alias together.
 
@@ -291,7 +344,7 @@ def promote(
     uri = tracking_uri or registry.default_tracking_uri()
     client = registry.get_client(uri)
     decisions = evaluate(candidates, client=client, floors=DEFAULT_FLOORS if floors is None else floors,
-                         margin=margin)
+                         margin=margin, allow_drop_target=allow_drop_target)
     ok = all(d.passed for d in decisions)
     if dry_run:
         return ok, decisions
@@ -306,7 +359,7 @@ def promote(
         _move_aliases(client, moves, actor, at)
     record = {
         "at": at, "by": actor, "tracking_uri": uri, "outcome": "promoted" if ok else "refused",
-        "candidates": candidates,
+        "candidates": candidates, "allow_drop_target": allow_drop_target,
         "moved": {k: {"version": v, "previous": p} for k, (v, p) in moves.items()},
         "decisions": [asdict(d) for d in decisions],
     }
@@ -347,6 +400,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="metric floor (adds to/overrides the per-kind defaults)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help="non-inferiority margin on the primary metric (default %(default)s)")
+    p.add_argument("--allow-drop-target", action="store_true",
+                   help="accept an ensemble without an output its champion has (e.g. npm1)")
     p.add_argument("--dry-run", action="store_true", help="print the decision table, change nothing")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the local store")
     p.add_argument("--actor", default=None, help="recorded as promoted_by (default: login name)")
@@ -398,7 +453,7 @@ def main(args: argparse.Namespace) -> int:
 
     ok, decisions = promote(candidates, tracking_uri=args.tracking_uri, floors=floors,
                             margin=args.margin, dry_run=args.dry_run, actor=args.actor,
-                            log_file=args.log_file)
+                            log_file=args.log_file, allow_drop_target=args.allow_drop_target)
     _print_table(decisions)
     if not ok:
         for d in decisions:

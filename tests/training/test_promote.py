@@ -198,3 +198,57 @@ def test_config_gate_accepts_cell_detectors_and_refuses_ones_without_nucleated_c
         assert _config_gate(version(ok_classes), {})[0], ok_classes
     passed, detail = _config_gate(version(["RBC", "Platelets"]), {})
     assert not passed and "nucleated" in detail
+
+
+def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(mlflow_server, good_set, reg, tmp_path,
+                                                                      capsys):
+    """npm1_auroc floor (default 0.80) and non-inferiority for ensembles with the npm1 output;
+    an AML-only ensemble may not replace one with it unless --allow-drop-target."""
+    from training.promote import DEFAULT_FLOORS
+
+    assert DEFAULT_FLOORS["ensemble"]["npm1_auroc"] == 0.80
+    current = champions(mlflow_server)
+    lineage = {"segmentation": current["segmentation"], "celltype": current["celltype"]}
+    two = make_tiny_model_dir("ensemble", tmp_path / "two", targets=["aml", "npm1"])
+    low = reg("ensemble", {"auroc": 0.9, "npm1_auroc": 0.7}, lineage=lineage, model_dir=two)
+    assert cli(mlflow_server, "--model", "ensemble", "--version", low, "--dry-run") == 1
+    captured = capsys.readouterr()
+    assert f"gate 'metrics' failed for ensemble v{low}: npm1_auroc=0.7 < floor 0.8" in captured.err
+    assert "adds ['npm1']" in captured.out  # the targets row of the table
+    missing = reg("ensemble", {"auroc": 0.9}, lineage=lineage, model_dir=two)
+    assert cli(mlflow_server, "--model", "ensemble", "--version", missing, "--dry-run") == 1
+    assert "npm1_auroc missing" in capsys.readouterr().err
+    # the AML-only champion has no npm1_auroc: floor and AML non-inferiority decide
+    good = reg("ensemble", {"auroc": 0.9, "npm1_auroc": 0.9}, lineage=lineage, model_dir=two)
+    ok, decisions = promote({"ensemble": good}, tracking_uri=mlflow_server, dry_run=True)
+    assert ok, [d for d in decisions if not d.passed]
+    by_gate = {d.gate: d.detail for d in decisions}
+    assert "npm1_auroc=0.9 >= 0.8" in by_gate["metrics"]
+    assert "has no npm1_auroc; nothing to compare" in by_gate["non_inferiority"]
+    assert by_gate["targets"].endswith("-> ['aml', 'npm1'], adds ['npm1']")
+    # an AML-only candidate is not held to the npm1 floor
+    aml_only = reg("ensemble", {"auroc": 0.9}, lineage=lineage)
+    ok, decisions = promote({"ensemble": aml_only}, tracking_uri=mlflow_server, dry_run=True)
+    assert ok and "npm1_auroc not applicable" in {d.gate: d.detail for d in decisions}["metrics"]
+
+    log_file = tmp_path / "p.jsonl"
+    try:
+        assert cli(mlflow_server, "--model", "ensemble", "--version", good, log_file=log_file) == 0
+        capsys.readouterr()
+        # above the floor but worse than the champion's NPM1 head
+        worse = reg("ensemble", {"auroc": 0.9, "npm1_auroc": 0.85}, lineage=lineage, model_dir=two)
+        assert cli(mlflow_server, "--model", "ensemble", "--version", worse, "--dry-run") == 1
+        assert (f"gate 'non_inferiority' failed for ensemble v{worse}: auroc 0.9 >= champion v{good} 0.9 - "
+                f"margin 0.01; npm1_auroc 0.85 < champion v{good} 0.9") in capsys.readouterr().err
+        # dropping the npm1 output: refused, shown, and accepted only on request
+        assert cli(mlflow_server, "--model", "ensemble", "--version", aml_only, log_file=log_file) == 1
+        err = capsys.readouterr().err
+        assert f"gate 'targets' failed for ensemble v{aml_only}" in err and "drops ['npm1']" in err
+        assert "--allow-drop-target" in err
+        assert champions(mlflow_server)["ensemble"] == good
+        assert cli(mlflow_server, "--model", "ensemble", "--version", aml_only, "--allow-drop-target",
+                   "--dry-run") == 0
+        assert "drops ['npm1'] (--allow-drop-target)" in capsys.readouterr().out
+    finally:  # later tests expect the AML-only champion set
+        get_client(mlflow_server).set_registered_model_alias(registered_name("ensemble"), CHAMPION,
+                                                              current["ensemble"])
