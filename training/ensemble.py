@@ -266,15 +266,16 @@ def cross_validate(config: JobConfig, names, table: np.ndarray, records: list, o
     return out
 
 
-def npm1_test_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots: Path
-                     ) -> tuple[dict[str, float], list[Path]]:
-    """`binary_report` + `binary_plots` of the NPM1 output over the cases with a known
-    status (y NaN elsewhere), names prefixed `npm1_`; ({}, []) unless both states occur."""
+def npm1_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots: Path | None,
+                title: str = "NPM1 | AML (test)") -> tuple[dict[str, float], list[Path]]:
+    """`binary_report` (+ `binary_plots` into `plots` unless None) of the NPM1 output over
+    the cases with a known status (y NaN elsewhere, `target_labels`), names prefixed
+    `npm1_`, threshold config `npm1_score_threshold`; ({}, []) unless both states occur."""
     from training.evaluate_metrics import binary_plots, binary_report
 
     known = ~np.isnan(y)
     if len(np.unique(y[known])) < 2:
-        log.warning("NPM1 test metrics left out: the test AML cases hold NPM1 states %s only "
+        log.warning("NPM1 metrics left out: the evaluated AML cases hold NPM1 states %s only "
                     "(promotion refuses a version without npm1_auroc)",
                     sorted(int(v) for v in np.unique(y[known])))
         return {}, []
@@ -282,8 +283,8 @@ def npm1_test_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots
     threshold = 0.5 if threshold is None else threshold
     report = binary_report(y[known], scores[known], threshold=threshold, n_boot=config["n_boot"],
                            seed=config["seed"])
-    paths = binary_plots(y[known], scores[known], plots, prefix="npm1_", threshold=threshold,
-                         title="NPM1 | AML (test)")
+    paths = [] if plots is None else binary_plots(y[known], scores[known], plots, prefix="npm1_",
+                                                  threshold=threshold, title=title)
     return {f"npm1_{k}": v for k, v in report.items()}, paths
 
 
@@ -372,7 +373,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         log_plots(binary_plots(y[te, 0], scores, args.output / "plots", prefix="aml_", threshold=threshold,
                                title="AML (test)"))
         if "npm1" in targets:
-            npm1_metrics, npm1_plots = npm1_test_report(y[te, targets.index("npm1")], probs["npm1"], config,
+            npm1_metrics, npm1_plots = npm1_report(y[te, targets.index("npm1")], probs["npm1"], config,
                                                         args.output / "plots")
             metrics.update(npm1_metrics)
             log_plots(npm1_plots)

@@ -9,8 +9,10 @@ The last line of stdout is one JSON object with the metrics under their fixed na
 (training/README.md): detection `map50` + `ap50_<class>` (pycocotools, IoU 0.5, also as an
 `ap50` object); celltype `macro_f1`, `accuracy`, `f1_<code>`, `auroc_<attr>`; npm1 and
 ensemble `auroc`, `auroc_ci_low`, `auroc_ci_high`, `pr_auc`, `brier`, `accuracy`, ... with
-bootstrap 95 % CIs. `--split auto` is VOC `val` (BCCD ships no test list) or the held-out
-`test` cases of a COCO folder (patient-grouped split of `--config`). The ensemble is fed by
+bootstrap 95 % CIs. An ensemble with the npm1 output (config `targets`) also reports it on
+the AML cases of known NPM1 status: every binary name prefixed `npm1_` (`npm1_auroc`, ...).
+`--split auto` is VOC `val` (BCCD ships no test list) or the held-out `test` cases of a COCO
+folder (patient-grouped split of `--config`). The ensemble is fed by
 the segmentation/celltype versions recorded in its lineage unless given. `--mlflow` logs
 the metrics and the ROC/PR/calibration/confusion PNGs to a run in `marrowscope-evaluate`.
 """
@@ -84,7 +86,8 @@ def _binary(y, scores, args, config, prefix: str, title: str) -> dict[str, Any]:
 
     metrics = binary_report(y, scores, n_boot=config.get("n_boot", 1000), seed=config.get("seed", 0))
     if args.plots or args.mlflow:
-        args._plot_paths = binary_plots(y, scores, args.plots or Path("plots"), prefix=prefix, title=title)
+        args._plot_paths = [*getattr(args, "_plot_paths", []),
+                            *binary_plots(y, scores, args.plots or Path("plots"), prefix=prefix, title=title)]
     return metrics
 
 
@@ -112,8 +115,18 @@ def evaluate_ensemble(predictor, args, split: str, config: JobConfig, lineage: d
     cel = load_predictor(uris["celltype"], tracking_uri=args.tracking_uri)
     records = [r for r in load_cases(args.data, config) if r.split == split]
     names, table = case_feature_table(args.data, records, seg, cel)
-    scores = predictor.predict_batch(names, table)
-    return _binary(np.array([r.aml_label for r in records]), scores, args, config, "aml_", f"AML ({split})")
+    probs = predictor.predict_targets(names, table)
+    metrics = _binary(np.array([r.aml_label for r in records]), probs["aml"], args, config, "aml_",
+                      f"AML ({split})")
+    if "npm1" in probs:  # the P(NPM1 | AML) output, on the AML cases of known status
+        from training.ensemble import npm1_report, target_labels
+
+        npm1, paths = npm1_report(target_labels(records, ["npm1"])[:, 0], probs["npm1"], config,
+                                  (args.plots or Path("plots")) if args.plots or args.mlflow else None,
+                                  title=f"NPM1 | AML ({split})")
+        metrics.update(npm1)
+        args._plot_paths = [*getattr(args, "_plot_paths", []), *paths]
+    return metrics
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -96,3 +96,34 @@ def test_detection_cli_refuses_mismatched_classes(tmp_path, tiny_cohort):
                           "--data", str(tiny_cohort), "--config", "cpu-tiny"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "do not match the detector" in out.stderr
+
+
+def test_ensemble_evaluation_reports_the_npm1_output(tmp_path, tiny_cohort):
+    """An ensemble with targets ["aml", "npm1"]: AML names as before, the NPM1 head under
+    npm1_* on the split's AML cases of known status, plots for both."""
+    import argparse
+
+    from marrowscope.inference import load_predictor
+    from tests.fixtures_mlflow import make_tiny_model_dir
+    from training.common import JobConfig, load_job_config
+    from training.common_data import load_cases
+    from training.evaluate import evaluate_ensemble
+
+    seg = make_tiny_model_dir("segmentation", tmp_path / "seg", classes=["cell", "RBC"], min_size=120,
+                              max_size=160)
+    cel = make_tiny_model_dir("celltype", tmp_path / "cel")
+    ens = make_tiny_model_dir("ensemble", tmp_path / "ens", targets=["aml", "npm1"])
+    config = JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny"))
+    args = argparse.Namespace(data=tiny_cohort, segmentation=str(seg), celltype=str(cel), tracking_uri=None,
+                              plots=tmp_path / "plots", mlflow=False)
+    metrics = evaluate_ensemble(load_predictor(str(ens)), args, "test", config, {})
+    aml_names = set(binary_report([0, 1], [0.2, 0.8], n_boot=2))
+    assert set(metrics) == aml_names | {f"npm1_{k}" for k in aml_names}
+    test = [r for r in load_cases(tiny_cohort, config) if r.split == "test"]
+    assert metrics["n_pos"] + metrics["n_neg"] == len(test)
+    assert metrics["npm1_n_pos"] == sum(r.aml_label == 1 and r.npm1_status == "mutated" for r in test)
+    assert metrics["npm1_n_neg"] == sum(r.aml_label == 1 and r.npm1_status == "wild_type" for r in test)
+    assert {"aml_roc.png", "npm1_roc.png", "npm1_confusion.png"} <= {p.name for p in args._plot_paths}
+    # an AML-only ensemble reports no npm1_* names
+    aml_only = make_tiny_model_dir("ensemble", tmp_path / "aml")
+    assert set(evaluate_ensemble(load_predictor(str(aml_only)), args, "test", config, {})) == aml_names
