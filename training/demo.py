@@ -30,8 +30,11 @@ from marrowscope.paths import PROJECT_ROOT
 JOBS = ("segmentation", "celltype", "ensemble", "npm1")
 TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
 DEMO_KEY_NAME = "demo-lis"
+# The demo's test split holds ~6 AML cases: too few for an NPM1 floor to mean anything, so
+# its NPM1 figures (both the ensemble's morphology output and the whole-image CNN) are shown
+# but not gated; production floors are in training/promote.py.
 DEMO_FLOORS = ("segmentation.map50=0.3", "celltype.macro_f1=0.3", "ensemble.auroc=0.6",
-               "npm1.auroc=0.0")
+               "ensemble.npm1_auroc=0.0", "npm1.auroc=0.0")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
