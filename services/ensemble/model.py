@@ -10,8 +10,8 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   outputs are per loaded version (ModelMetadata of a version lists exactly its outputs), so
   a hot reload to a model with or without the head changes them.
 - response parameter (string) ``npm1_threshold``, only for a model with the NPM1 head and a
-  recorded decision threshold (config ``hyperparameters.npm1_threshold``, in [0, 1]);
-  clients use their own threshold otherwise.
+  recorded decision threshold (config ``hyperparameters.npm1_score_threshold``, in [0, 1];
+  null or absent = none recorded); clients use their own threshold otherwise.
 - response parameters (string) ``lineage_segmentation`` / ``lineage_celltype``: the upstream
   versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
   local directory the config's ``training.lineage``; "" when unknown). They are offered as
@@ -68,15 +68,15 @@ def units_parameters(config: Mapping) -> dict[str, str]:
 
 def npm1_threshold_parameters(config: Mapping) -> dict[str, str]:
     """``{"npm1_threshold": "<t>"}`` when the model has the NPM1 head and its config records
-    a decision threshold (``hyperparameters.npm1_threshold``), else ``{}``."""
+    a decision threshold (``hyperparameters.npm1_score_threshold``), else ``{}``."""
     if "npm1" not in ensemble_targets(dict(config)):
         return {}
-    value = config.get("hyperparameters", {}).get("npm1_threshold")
+    value = config.get("hyperparameters", {}).get("npm1_score_threshold")
     if value is None:
         return {}
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ModelNotReady(f"ensemble config hyperparameters.npm1_threshold must be a number in "
-                            f"[0, 1], got {value!r}")
+        raise ModelNotReady("ensemble config hyperparameters.npm1_score_threshold must be a "
+                            f"number in [0, 1], got {value!r}")
     return {"npm1_threshold": str(float(value))}
 
 

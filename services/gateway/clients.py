@@ -96,8 +96,8 @@ class FeatureUnits:
 
 @dataclass(frozen=True)
 class EnsembleOutput:
-    """P(AML), the upstream versions the ensemble was trained on (its lineage) and the unit
-    of its morphometric features."""
+    """P(AML), the upstream versions the ensemble was trained on (its lineage), the unit of
+    its morphometric features and, for a version with the NPM1 head, P(NPM1 mutated | AML)."""
 
     p_aml: float
     lineage: dict[str, str]
@@ -106,6 +106,12 @@ class EnsembleOutput:
     feature_units: FeatureUnits = field(default_factory=FeatureUnits)
     """Response parameters `feature_length_unit`, `feature_um_per_px_min|max`; unknown when
     the service does not send them (an older ensemble service)."""
+    p_npm1: float | None = None
+    """Output `P_NPM1`: P(NPM1 mutated | AML) from the same features; None when the version
+    has no NPM1 head (it answers `P_AML` only)."""
+    npm1_threshold: float | None = None
+    """Response parameter `npm1_threshold`: the decision threshold the model records for
+    `p_npm1`; None when it records none (the gateway's `npm1_threshold` applies)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,8 @@ class ModelClients(Protocol):
 
     async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
                        timeout: float) -> EnsembleOutput:
-        """features: float32[F] case vector named by names."""
+        """features: float32[F] case vector named by names; `p_npm1` only when the pinned
+        version has the NPM1 head."""
         ...
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:

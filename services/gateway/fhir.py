@@ -10,7 +10,10 @@ Observation and by a Provenance whose targets are all generated resources. Heatm
 overlays are Media with `content.url` pointing at the gateway's PNG endpoints. A withheld
 P(AML) on a succeeded case (result `aml.status` abstained) is a `p-aml` Observation without a
 value: `dataAbsentReason` not-performed plus the local abstention code (e.g.
-`pixel_size_required`) and the detail as text.
+`pixel_size_required`) and the detail as text. NPM1 by morphology (result `npm1_morphology`,
+the ensemble's P(NPM1 mutated | AML)) is a `p-npm1-morphology` Observation beside the
+whole-image `p-npm1-mutated`; withheld with P(AML), it carries the same dataAbsentReason; an
+ensemble without that output adds no Observation.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def _prob(value: float) -> dict:
 
 def _pct(value: float) -> dict:
     return {"value": round(float(value), 4), "unit": "%", "system": UCUM, "code": "%"}
+
+
+def _withheld(reason: str, detail: str | None) -> dict:
+    """dataAbsentReason of a value the gateway withheld (not-performed + local reason code)."""
+    return {"coding": [{"system": DATA_ABSENT, "code": "not-performed"},
+                       {"system": LOCAL_SYSTEM, "code": reason}], "text": detail}
 
 
 def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
@@ -81,9 +90,7 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     if result["outcome"] == "succeeded" and aml.get("status") == "abstained":
         results.append(observation(
             "p-aml", "Probability of acute myeloid leukemia (AI)",
-            dataAbsentReason={"coding": [{"system": DATA_ABSENT, "code": "not-performed"},
-                                         {"system": LOCAL_SYSTEM, "code": aml["reason"]}],
-                              "text": aml["detail"]}))
+            dataAbsentReason=_withheld(aml["reason"], aml["detail"])))
     if result.get("p_npm1") is not None:
         interp = "POS" if result["npm1_positive"] else "NEG"
         results.append(observation(
@@ -91,6 +98,18 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
             valueQuantity=_prob(result["p_npm1"]),
             interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
             note=[{"text": f"threshold {result['npm1_threshold']}"}]))
+    morph = result.get("npm1_morphology") or {}
+    morph_display = "Probability of NPM1 mutation given AML, from blast morphology (AI)"
+    if morph.get("status") == "predicted":
+        interp = "POS" if morph["positive"] else "NEG"
+        results.append(observation(
+            "p-npm1-morphology", morph_display, valueQuantity=_prob(morph["p"]),
+            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+            note=[{"text": f"conditional on AML; threshold {morph['threshold']} "
+                           f"({morph['threshold_source']})"}]))
+    elif result["outcome"] == "succeeded" and morph.get("status") == "abstained":
+        results.append(observation("p-npm1-morphology", morph_display,
+                                   dataAbsentReason=_withheld(morph["reason"], morph["detail"])))
     by_code = {d["code"]: d for d in result["differential"]}
     if result.get("blast_percent") is not None and "BLA" in by_code:
         b = by_code["BLA"]
@@ -136,7 +155,12 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     else:
         aml_text = (f"P(AML) {result['p_aml']:.3f}" if result["p_aml"] is not None
                     else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})")
-        conclusion = (f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}; "
+        morph_text = ""
+        if morph.get("status") == "predicted":
+            morph_text = f"; P(NPM1 mutated | AML) by morphology {morph['p']:.3f}"
+        elif morph.get("status") == "abstained":
+            morph_text = "; NPM1 by morphology withheld"
+        conclusion = (f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{morph_text}; "
                       f"blasts {result['blast_percent']:.1f}% of "
                       f"{result['n_cells_counted']} counted cells. {result['disclaimer']}")
     report = {

@@ -53,6 +53,11 @@ class GatewayMetrics:
             "Analyses whose P(AML) was withheld, by reason (pixel_size_required: a LIS that "
             "sends no options.um_per_px to an ensemble that learned um)", ["reason"],
             registry=self.registry)
+        self.npm1_morphology = Counter(
+            "marrowscope_gateway_npm1_morphology_total",
+            "NPM1-by-morphology calls (the ensemble's P(NPM1 | AML)) by status: predicted, "
+            "abstained (with P(AML)), not_available (the ensemble version has no NPM1 head)",
+            ["status"], registry=self.registry)
         self.call_retries = Counter("marrowscope_gateway_model_call_retries_total",
                                     "Retried model calls", ["service", "code"],
                                     registry=self.registry)

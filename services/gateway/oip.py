@@ -62,6 +62,18 @@ def _feature_units(params) -> FeatureUnits:
     return FeatureUnits(length, number("feature_um_per_px_min"), number("feature_um_per_px_max"))
 
 
+def _optional_float(params, key: str) -> float | None:
+    """A numeric string parameter; None when absent or empty, NaN when malformed (so the
+    pipeline's range check refuses it instead of silently using a default)."""
+    p = params.get(key)
+    if p is None or not p.string_param:
+        return None
+    try:
+        return float(p.string_param)
+    except ValueError:
+        return float("nan")
+
+
 class OipModelClients:
     """One `tritonclient.grpc.aio.InferenceServerClient` per service address."""
 
@@ -153,8 +165,11 @@ class OipModelClients:
         params = r.get_response().parameters
         lineage = {k.removeprefix("lineage_"): v.string_param
                    for k, v in params.items() if k.startswith("lineage_")}
+        p_npm1 = r.as_numpy("P_NPM1")  # None: this version has no NPM1 head
         return EnsembleOutput(float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]), lineage,
-                              self._version(r), _feature_units(params))
+                              self._version(r), _feature_units(params),
+                              None if p_npm1 is None else float(np.asarray(p_npm1).reshape(-1)[0]),
+                              _optional_float(params, "npm1_threshold"))
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         r = await self._infer("npm1", [self._input("IMAGE", image[None].astype(np.uint8),

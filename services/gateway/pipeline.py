@@ -4,14 +4,15 @@ Order: pin versions (ModelMetadata of every needed service) -> per image: segmen
 crops of the counted (non-RBC) cells at the celltype crop size, celltype in batches ->
 quality control (fewer than MIN_CELLS counted cells: abstain, no probability) -> per case:
 differential with Wilson CIs and the case feature vector (`marrowscope.features`) ->
-concurrently: ensemble P(AML) (+ lineage check), npm1 per image (P(NPM1) of the case = mean
-of the per-image probabilities), explanations when asked (explain, mode cells, target npm1
-at its pinned version).
+concurrently: ensemble P(AML) (+ lineage check, + `morphology` P(NPM1 | AML)), npm1 per image
+(P(NPM1) of the case = mean of the per-image probabilities), explanations when asked
+(explain, mode cells, target npm1 at its pinned version).
 
 Pixel size: each image is measured with the request's `um_per_px`, else the deployment's
 `default_um_per_px`, else none (px). When the unit of the case's morphometric features
 differs from the one the ensemble reports it learned, P(AML) is withheld (`aml` abstained
-with a machine-readable reason, `services.gateway.units`); the rest of the report stands.
+with a machine-readable reason, `services.gateway.units`), as is the NPM1-by-morphology call
+from the same features; the rest of the report stands.
 
 One deadline per run; every call gets the remaining time as its gRPC timeout and is
 retried with exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED. `checkpoint(stage)` is
@@ -32,9 +33,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from services.gateway.clients import FeatureUnits, ModelClients, ModelInfo, ServiceCallError
+from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.morphology import npm1_morphology
 from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
@@ -273,8 +275,10 @@ class Pipeline:
                       f"at least {self.s.min_cells} needed")
             self._timed("aggregate", t)
             self._count_aml_abstention("too_few_cells")
-            base.update(outcome="abstained", abstain_reason=reason,
-                        aml={"status": "abstained", "reason": "too_few_cells", "detail": reason},
+            aml = {"status": "abstained", "reason": "too_few_cells", "detail": reason}
+            base.update(outcome="abstained", abstain_reason=reason, aml=aml,
+                        npm1_morphology=npm1_morphology(aml, None, ensemble=pinned["ensemble"],
+                                                        settings=self.s, metrics=self.metrics),
                         stage_seconds=dict(self.stage_seconds))
             return Outcome("abstained", reason, _finalize(base))
         named = dict(zip(names, (float(v) for v in vector), strict=True))
@@ -300,8 +304,8 @@ class Pipeline:
                 if isinstance(exc, PipelineFailure | Cancelled):
                     raise exc from group
             raise
-        p_aml, lineage, model_units = ens_task.result()
-        p_npm1_each = npm1_task.result()
+        ens, p_npm1_each = ens_task.result(), npm1_task.result()
+        p_aml, lineage = ens.p_aml, ens.lineage
         self._check_lineage(lineage, versions)
         await self.checkpoint("report")
 
@@ -310,9 +314,9 @@ class Pipeline:
             entry["p_npm1"] = p_npm1_each[entry["index"]]
         if expl_task is not None:
             expl_task.result()
-        abstention = aml_abstention(features_unit, model_units,
+        abstention = aml_abstention(features_unit, ens.feature_units,
                                     ensemble_version=versions["ensemble"])
-        aml = {"status": "predicted", "model_length_unit": model_units.length}
+        aml = {"status": "predicted", "model_length_unit": ens.feature_units.length}
         reason = None
         if abstention is not None:
             # features in another unit than the model learned: the number means nothing
@@ -324,6 +328,8 @@ class Pipeline:
         base.update(outcome="succeeded", p_aml=p_aml, aml=aml,
                     aml_positive=None if p_aml is None else p_aml >= self.s.aml_threshold,
                     p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
+                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"],
+                                                    settings=self.s, metrics=self.metrics),
                     lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
         return Outcome("succeeded", reason, _finalize(base), artifacts)
 
@@ -356,15 +362,17 @@ class Pipeline:
         }
 
     async def _ensemble(self, vector: np.ndarray, names: list[str], versions: dict[str, str]
-                        ) -> tuple[float, dict[str, str], FeatureUnits]:
+                        ) -> EnsembleOutput:
         t = time.monotonic()
         out = await self.call("ensemble", lambda tm: self.clients.ensemble(
             np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm))
         self._check_version("ensemble", versions["ensemble"], out.model_version)
         self._timed("ensemble", t)
-        if not 0.0 <= out.p_aml <= 1.0 or not np.isfinite(out.p_aml):
-            raise PipelineFailure(f"ensemble returned an invalid probability {out.p_aml!r}")
-        return float(out.p_aml), dict(out.lineage), out.feature_units
+        for what, v in (("probability", out.p_aml), ("P(NPM1)", out.p_npm1),
+                        ("NPM1 threshold", out.npm1_threshold)):
+            if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
+                raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
+        return out
 
     def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
         """The ensemble must have been trained on the pinned segmentation/celltype versions."""

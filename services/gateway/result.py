@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.1").
+"""The versioned JSON result of an analysis (`schema_version` "1.2").
 
 Exported as JSON Schema at `GET /v1/schemas/result`. Compatible additions (new optional
 fields) bump the minor version; anything else bumps the major version. Results stored under
@@ -6,6 +6,8 @@ an older minor version still validate (their new fields are absent / None).
 
 1.1: `aml` (whether P(AML) was reported and, if not, why), `morphometrics_unit`, per image
 `um_per_px` and `um_per_px_source`.
+1.2: `npm1_morphology` (P(NPM1 mutated | AML) from the ensemble's NPM1 head, beside the
+whole-image `p_npm1`, whose fields keep their meaning).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.1"
+RESULT_SCHEMA_VERSION = "1.2"
 
 
 class _Model(BaseModel):
@@ -40,12 +42,15 @@ class MorphometricSummary(_Model):
     std: float
 
 
+AmlAbstentionReason = Literal["too_few_cells", "pixel_size_required", "pixel_size_unexpected",
+                              "pixel_size_mixed"]
+
+
 class AmlCall(_Model):
     """Whether the AML prediction was made; an abstention withholds `p_aml` only."""
 
     status: Literal["predicted", "abstained"]
-    reason: Literal["too_few_cells", "pixel_size_required", "pixel_size_unexpected",
-                    "pixel_size_mixed"] | None = Field(
+    reason: AmlAbstentionReason | None = Field(
         None, description="machine-readable abstention reason: too_few_cells (the whole case "
         "abstained); pixel_size_required (the ensemble learned morphometrics in um, the case "
         "was measured in px: send options.um_per_px); pixel_size_unexpected (the ensemble "
@@ -55,6 +60,28 @@ class AmlCall(_Model):
     model_length_unit: Literal["um", "px", "unknown"] | None = Field(
         None, description="unit the ensemble learned its morphometric features in; unknown for "
         "models trained before it was recorded (not checked); None when not called")
+
+
+class Npm1MorphologyCall(_Model):
+    """NPM1 by morphology: P(NPM1 mutated | AML) from the ensemble's NPM1 head, read from the
+    same case features as P(AML) (blast cup-like nuclei, nucleoli, chromatin). Independent of
+    the whole-image `p_npm1`; withheld whenever P(AML) is (`aml.status` abstained)."""
+
+    status: Literal["predicted", "abstained", "not_available"] = Field(
+        description="predicted: `p` is set; abstained: withheld for the reason P(AML) was "
+        "(same features); not_available: the pinned ensemble version has no NPM1 output")
+    p: float | None = Field(None, ge=0, le=1, description="P(NPM1 mutated | AML); "
+                            "conditional on AML, so read it together with `p_aml`")
+    positive: bool | None = Field(None, description="p >= threshold; None unless predicted")
+    threshold: float = Field(ge=0, le=1)
+    threshold_source: Literal["model", "deployment"] = Field(
+        description="model: recorded with the ensemble version; deployment: the gateway's "
+        "MS_GATEWAY_NPM1_THRESHOLD (the model records none, or was not called)")
+    reason: AmlAbstentionReason | Literal["no_npm1_output"] | None = Field(
+        None, description="machine-readable: the `aml.reason` when abstained; no_npm1_output "
+        "when not_available")
+    detail: str | None = Field(None, description="the reason for people")
+    model_version: str = Field(description="the pinned ensemble version")
 
 
 class Cell(_Model):
@@ -85,9 +112,10 @@ class ImageResult(_Model):
 
 class AnalysisResult(_Model):
     """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
-    `p_aml` alone is None when `aml.status` is abstained on a succeeded case."""
+    `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
+    `npm1_morphology` is abstained too."""
 
-    schema_version: Literal["1.0", "1.1"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     outcome: Literal["succeeded", "abstained"]
     abstain_reason: str | None = None
@@ -100,6 +128,9 @@ class AnalysisResult(_Model):
         description="mean of the per-image P(NPM1 mutated) over the case's images")
     npm1_threshold: float
     npm1_positive: bool | None = None
+    npm1_morphology: Npm1MorphologyCall | None = Field(
+        None, description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None "
+        "before 1.2")
     n_images: int
     n_cells_detected: int
     n_cells_counted: int = Field(description="nucleated cells (RBC excluded)")

@@ -22,7 +22,8 @@ class AnalysisOptions(BaseModel):
         "um/um^2; without it px/px^2, or the deployment's MS_GATEWAY_DEFAULT_UM_PER_PX). When "
         "the ensemble learned its morphometric features in um and no pixel size is known, the "
         "result withholds P(AML): result.aml = {status: abstained, reason: "
-        "pixel_size_required}; counts, NPM1 and images are still reported")
+        "pixel_size_required}, and NPM1 by morphology (result.npm1_morphology) with it; "
+        "counts, the whole-image p_npm1 and images are still reported")
 
 
 class AnalysisCreate(BaseModel):

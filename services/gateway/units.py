@@ -5,7 +5,8 @@ in its `LENGTH_UNIT` output). The ensemble standardises its inputs with statisti
 training features, so a px^2 area fed to a model that learned um^2 becomes an extreme
 z-score and P(AML) is meaningless (a control case came back at 100 %). The ensemble reports
 the unit it learned (`FeatureUnits`); `aml_abstention` compares the two. A mismatch withholds
-P(AML) only: cell counts, NPM1, overlays and heatmaps are reported as usual.
+P(AML) and the ensemble's NPM1-by-morphology call (same features, `morphology`) only: cell
+counts, the whole-image NPM1, overlays and heatmaps are reported as usual.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ MLflow server, the LIS flow over real HTTP.
 
 Models are tiny and untrained: the segmentation score threshold is 0 so the detector still
 proposes cells, which is enough to exercise every hop (decode, detect, crop, type, aggregate,
-ensemble with lineage, npm1, explain, reports). Accuracy is measured elsewhere.
+ensemble with lineage and its NPM1-by-morphology head, npm1, explain, reports). Accuracy is
+measured elsewhere.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def stack(mlflow_server, tmp_path_factory):
         model_dir = fixtures_mlflow.make_tiny_model_dir(kind, root / kind)
         versions[kind] = register(mlflow_server, kind, model_dir, ALIAS)
     ensemble_dir = fixtures_mlflow.make_tiny_model_dir("ensemble", root / "ensemble",
-                                                       feature_units=UNITS)
+                                                       feature_units=UNITS,
+                                                       targets=["aml", "npm1"])
     versions["ensemble"] = register(mlflow_server, "ensemble", ensemble_dir, ALIAS,
                                     {"segmentation": versions["segmentation"],
                                      "celltype": versions["celltype"]})
@@ -110,6 +112,11 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
                                  "celltype": stack.versions["celltype"]}
     assert 0.0 <= result["p_aml"] <= 1.0 and 0.0 <= result["p_npm1"] <= 1.0
     assert result["aml"]["status"] == "predicted" and result["morphometrics_unit"] == "um"
+    # the ensemble's second output, P(NPM1 | AML), beside the whole-image p_npm1
+    morph = result["npm1_morphology"]
+    assert morph["status"] == "predicted" and 0.0 <= morph["p"] <= 1.0
+    assert morph["model_version"] == stack.versions["ensemble"]
+    assert morph["threshold_source"] == "deployment"  # the tiny model records no threshold
     assert result["n_images"] == 2 and result["n_cells_counted"] >= 1
     fractions = sum(d["fraction"] for d in result["differential"])
     assert fractions == pytest.approx(1.0, abs=1e-6)
@@ -122,6 +129,9 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     bundle = Bundle.model_validate_json(fhir.text)
     kinds = {e.resource.__resource_type__ for e in bundle.entry}
     assert {"DiagnosticReport", "Observation", "Device"} <= kinds
+    (obs,) = [e.resource for e in bundle.entry if e.resource.__resource_type__ == "Observation"
+              and e.resource.code.coding[0].code == "p-npm1-morphology"]
+    assert float(obs.valueQuantity.value) == round(morph["p"], 6)
     for kind in ("overlay", "heatmap"):
         png = api.get(f"/v1/analyses/{body['id']}/images/0/{kind}.png")
         assert png.status_code == 200
@@ -140,6 +150,9 @@ def test_without_pixel_size_p_aml_is_withheld_and_the_rest_reported(api):
     assert result["aml"]["reason"] == "pixel_size_required"
     assert result["aml"]["model_length_unit"] == "um"
     assert 0.0 <= result["p_npm1"] <= 1.0 and result["n_cells_counted"] >= 1
+    morph = result["npm1_morphology"]  # same features as P(AML): withheld with it
+    assert (morph["status"], morph["reason"], morph["p"]) == ("abstained",
+                                                             "pixel_size_required", None)
     fhir = api.get(f"/v1/analyses/{body['id']}/report", params={"format": "fhir"}).json()
     (aml,) = [e["resource"] for e in fhir["entry"]
               if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "p-aml"]

@@ -8,6 +8,8 @@ Knobs (environment, read when the factory is called):
   MS_TEST_FAKE_LINEAGE    match (default) | mismatch | none
   MS_TEST_FAKE_FEATURE_UNITS  unit the ensemble reports it learned: unknown (default, an old
                           config) | um | px
+  MS_TEST_FAKE_ENSEMBLE_TARGETS  aml (default: no NPM1 head) | aml,npm1 (also P(NPM1 | AML))
+  MS_TEST_FAKE_NPM1_THRESHOLD    threshold the two-target ensemble reports (default: none)
 Outputs are computed from the pixels (blast fraction from crop brightness, P(AML) from the
 case's blast fraction), so they are functions of the input, not constants.
 """
@@ -42,8 +44,11 @@ NPM1_HW = (48, 64)
 class FakeModelClients:
     def __init__(self, *, cells: int = 40, seg_delay_s: float = 0.0,
                  down: frozenset[str] = frozenset(), lineage: str = "match",
-                 feature_units: str = "unknown") -> None:
+                 feature_units: str = "unknown", targets: tuple[str, ...] = ("aml",),
+                 npm1_threshold: float | None = None) -> None:
         self.cells = cells
+        self.targets = targets
+        self.npm1_threshold = npm1_threshold
         self.feature_units = feature_units
         self.seg_delay_s = seg_delay_s
         self.down = down
@@ -67,7 +72,9 @@ class FakeModelClients:
                   "explain": {"IMAGE": TensorSpec("UINT8", (1, -1, -1, 3))},
                   "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
                   "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))}}[service]
-        return ModelInfo(service, VERSIONS[service], inputs, {})
+        outputs = {"ensemble": {n: TensorSpec("FP32", (1,)) for n, t in
+                                (("P_AML", "aml"), ("P_NPM1", "npm1")) if t in self.targets}}
+        return ModelInfo(service, VERSIONS[service], inputs, outputs.get(service, {}))
 
     async def segment(self, image: bytes, *, version: str, timeout: float,
                       um_per_px: float | None = None) -> Segmentation:
@@ -115,8 +122,11 @@ class FakeModelClients:
                    "none": {}}[self.lineage]
         units = FeatureUnits(self.feature_units, *((0.25, 0.3) if self.feature_units == "um"
                                                    else (None, None)))
+        # P(NPM1 | AML) from another function of the features than P(AML)
+        p_npm1 = (float(1 / (1 + np.exp(-8 * (frac_bla - 0.35)))) if "npm1" in self.targets
+                  else None)
         return EnsembleOutput(float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))), lineage, version,
-                              units)
+                              units, p_npm1, self.npm1_threshold if p_npm1 is not None else None)
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         self._enter("npm1", version)
@@ -147,4 +157,7 @@ def make_clients(settings) -> FakeModelClients:
         seg_delay_s=float(env.get("MS_TEST_FAKE_SEG_DELAY_S", "0")),
         down=frozenset(s for s in env.get("MS_TEST_FAKE_DOWN", "").split(",") if s),
         lineage=env.get("MS_TEST_FAKE_LINEAGE", "match"),
-        feature_units=env.get("MS_TEST_FAKE_FEATURE_UNITS", "unknown"))
+        feature_units=env.get("MS_TEST_FAKE_FEATURE_UNITS", "unknown"),
+        targets=tuple(env.get("MS_TEST_FAKE_ENSEMBLE_TARGETS", "aml").split(",")),
+        npm1_threshold=(float(env["MS_TEST_FAKE_NPM1_THRESHOLD"])
+                        if env.get("MS_TEST_FAKE_NPM1_THRESHOLD") else None))

@@ -1,7 +1,7 @@
 """`OipModelClients` over the wire: a real grpc.aio server on a loopback port speaking the
 OIP v2 `inference.GRPCInferenceService` (tritonclient's generated stubs), answering with
-the test models. Checks tensor encoding, pinned versions, lineage parameters, and that a
-dead address maps to UNAVAILABLE."""
+the test models. Checks tensor encoding, pinned versions, lineage parameters, the optional
+P_NPM1 output and npm1_threshold parameter, and that a dead address maps to UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def _servicer(fake: FakeModelClients, seen: dict):
                                                      platform="marrowscope")
             for n, spec in info.inputs.items():
                 resp.inputs.add(name=n, datatype=spec.datatype, shape=list(spec.shape))
+            for n, spec in info.outputs.items():
+                resp.outputs.add(name=n, datatype=spec.datatype, shape=list(spec.shape))
             return resp
 
         async def ModelInfer(self, request, context):  # noqa: N802
@@ -88,11 +90,15 @@ def _servicer(fake: FakeModelClients, seen: dict):
                 names = [b.decode() for b in x["FEATURE_NAMES"].reshape(-1)]
                 e = await fake.ensemble(x["FEATURES"].reshape(-1), names, version=v, timeout=5)
                 u = e.feature_units
-                return respond(request, v, {"P_AML": ("FP32", np.array([e.p_aml], np.float32))},
-                               {**{f"lineage_{k}": val for k, val in e.lineage.items()},
-                                "feature_length_unit": u.length,
-                                "feature_um_per_px_min": str(u.um_per_px_min or ""),
-                                "feature_um_per_px_max": str(u.um_per_px_max or "")})
+                outputs = {"P_AML": ("FP32", np.array([e.p_aml], np.float32))}
+                params = {**{f"lineage_{k}": val for k, val in e.lineage.items()},
+                          "feature_length_unit": u.length,
+                          "feature_um_per_px_min": str(u.um_per_px_min or ""),
+                          "feature_um_per_px_max": str(u.um_per_px_max or "")}
+                if e.p_npm1 is not None:  # as the ensemble service: only a two-target model
+                    outputs["P_NPM1"] = ("FP32", np.array([e.p_npm1], np.float32))
+                    params["npm1_threshold"] = str(e.npm1_threshold)
+                return respond(request, v, outputs, params)
             if name == "npm1":
                 p = await fake.npm1(x["IMAGE"][0], version=v, timeout=5)
                 return respond(request, v, {"P_NPM1": ("FP32", np.array([p], np.float32))})
@@ -107,7 +113,8 @@ def _servicer(fake: FakeModelClients, seen: dict):
     return Servicer()
 
 
-def test_pipeline_over_the_wire(make_settings, port_factory):
+@pytest.mark.parametrize("targets", [("aml",), ("aml", "npm1")])
+def test_pipeline_over_the_wire(make_settings, port_factory, targets):
     from tritonclient.grpc import service_pb2_grpc
 
     from services.gateway.pipeline import CaseImage, Pipeline
@@ -116,7 +123,8 @@ def test_pipeline_over_the_wire(make_settings, port_factory):
         seen: dict = {}
         server = grpc.aio.server()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _servicer(FakeModelClients(feature_units="um"), seen), server)
+            _servicer(FakeModelClients(feature_units="um", targets=targets,
+                                       npm1_threshold=0.3), seen), server)
         port = server.add_insecure_port(f"127.0.0.1:{port_factory()}")
         await server.start()
         addr = f"127.0.0.1:{port}"
@@ -148,6 +156,15 @@ def test_pipeline_over_the_wire(make_settings, port_factory):
     assert seen["explain_params"] == {"target_model": "npm1", "target_version": "7",
                                       "mode": "cells"}
     assert res["images"][0]["n_detected"] == 40 and len(out.artifacts) == 1
+    # P_NPM1 and its threshold cross the wire only from a two-target ensemble
+    call, withheld = res["npm1_morphology"], bare.result["npm1_morphology"]
+    if "npm1" in targets:
+        assert call["status"] == "predicted" and 0 <= call["p"] <= 1
+        assert (call["threshold"], call["threshold_source"]) == (0.3, "model")
+        assert (withheld["status"], withheld["reason"]) == ("abstained", "pixel_size_required")
+    else:
+        assert call["status"] == withheld["status"] == "not_available"
+        assert call["threshold_source"] == "deployment" and call["p"] is None
 
 
 def test_dead_address_is_unavailable(port_factory):

@@ -77,7 +77,7 @@ def two_target(mlflow_server, start_service, tmp_path_factory):
     root = tmp_path_factory.mktemp("ens-two")
     two_dir = make_tiny_model_dir("ensemble", root / "two", seed=3, targets=["aml", "npm1"],
                                   feature_units=UNITS,
-                                  hyperparameters={"npm1_threshold": NPM1_THRESHOLD})
+                                  hyperparameters={"npm1_score_threshold": NPM1_THRESHOLD})
     aml_only = register(mlflow_server, "ensemble",
                         make_tiny_model_dir("ensemble", root / "aml", seed=4), f"{TWO_ALIAS}-aml")
     two = register(mlflow_server, "ensemble", two_dir, TWO_ALIAS, LINEAGE)
@@ -143,17 +143,17 @@ def test_npm1_threshold_parameter_rules(tmp_path):
     from services.ensemble.model import npm1_threshold_parameters
 
     assert npm1_threshold_parameters({"targets": ["aml", "npm1"],
-                                      "hyperparameters": {"npm1_threshold": 0.4}}) \
+                                      "hyperparameters": {"npm1_score_threshold": 0.4}}) \
         == {"npm1_threshold": "0.4"}
     # no head, or no recorded threshold: the client keeps its own
-    assert npm1_threshold_parameters({"hyperparameters": {"npm1_threshold": 0.4}}) == {}
+    assert npm1_threshold_parameters({"hyperparameters": {"npm1_score_threshold": 0.4}}) == {}
     assert npm1_threshold_parameters({"targets": ["aml", "npm1"], "hyperparameters": {}}) == {}
     from marrowscope.errors import ModelNotReady
 
     for bad in (1.5, "0.4", True):
-        with pytest.raises(ModelNotReady, match="npm1_threshold"):
+        with pytest.raises(ModelNotReady, match="npm1_score_threshold"):
             npm1_threshold_parameters({"targets": ["aml", "npm1"],
-                                       "hyperparameters": {"npm1_threshold": bad}})
+                                       "hyperparameters": {"npm1_score_threshold": bad}})
 
 
 def test_every_response_carries_the_lineage(client):
