@@ -264,9 +264,12 @@ def summary_lines(label: str, record, body: dict) -> list[str]:
     if result:
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.1f}%"
-        lines.append(f"   P(AML) {pct(result.get('p_aml'))}   P(NPM1 mutated) "
+        lines.append(f"   P(AML) {pct(result.get('p_aml'))}   P(NPM1 mutated, whole image) "
                      f"{pct(result.get('p_npm1'))}   blasts {result.get('blast_percent') or 0:.1f} "
                      f"per 100 counted cells ({result.get('n_cells_counted')} counted)")
+        m = result.get("npm1_morphology") or {}
+        lines.append(f"   P(NPM1 mutated | AML) by blast morphology {pct(m.get('p'))} "
+                     f"({m.get('status', 'n/a')}{': ' + m['reason'] if m.get('reason') else ''})")
         diff = [d for d in result.get("differential", []) if d["count"]]
         lines.append("   differential: " + ", ".join(
             f"{d['code']} {100 * d['fraction']:.0f}% [{100 * d['ci_low']:.0f}-{100 * d['ci_high']:.0f}]"

@@ -194,8 +194,14 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
     seed_everything(config["seed"])
     model_config = make_config("ensemble", "mlp", feature_names=list(names), hidden=list(config["hidden"]),
                                dropout=float(config["dropout"]), targets=targets,
-                               hyperparameters={k: config[k] for k in ("lr", "weight_decay", "lr_gamma",
-                                                                       "epochs", "batch_size")},
+                               hyperparameters={
+                                   **{k: config[k] for k in ("lr", "weight_decay", "lr_gamma", "epochs",
+                                                             "batch_size")},
+                                   # serving reads the NPM1 decision threshold from here (null:
+                                   # the gateway's MS_GATEWAY_NPM1_THRESHOLD applies)
+                                   **({"npm1_score_threshold": config["npm1_score_threshold"]}
+                                      if "npm1" in targets and config.get("npm1_score_threshold") is not None
+                                      else {})},
                                training={"seed": config["seed"], "config_name": config["config_name"]},
                                **({"feature_units": feature_units} if feature_units is not None else {}))
     model = build_model(model_config)
