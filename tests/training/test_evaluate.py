@@ -56,6 +56,18 @@ def test_celltype_report_known_values():
     assert m["auroc_auer_rod"] == 1.0
 
 
+def test_attribute_auroc_is_measured_among_the_cell_types_that_show_it():
+    """A head that only recognises blasts scores well over all cells but 0.5 among blasts."""
+    y = ["BLA"] * 4 + ["LYT"] * 4
+    cup = np.array([1, 0, 1, 0, 0, 0, 0, 0])
+    blast_detector = np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1])
+    m = celltype_report(y, y, {"cup_like_nucleus": cup}, {"cup_like_nucleus": blast_detector})
+    assert m["auroc_all_cup_like_nucleus"] == pytest.approx(10 / 12) and m["auroc_cup_like_nucleus"] == 0.5
+    real = np.array([0.8, 0.3, 0.7, 0.2, 0.1, 0.1, 0.1, 0.1])
+    m = celltype_report(y, y, {"cup_like_nucleus": cup}, {"cup_like_nucleus": real})
+    assert m["auroc_cup_like_nucleus"] == 1.0
+
+
 def test_detection_map_is_one_for_ground_truth_and_zero_for_misses():
     gt = [(np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 5, 70, 30]], float), ["cell", "RBC", "RBC"]),
           (np.array([[5, 5, 25, 25]], float), ["cell"])]
