@@ -16,6 +16,7 @@ bootstrap 95 % CIs on the held-out test cases. Figures from
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shlex
@@ -51,15 +52,22 @@ SYNTH_FLAGS: dict[str, list[str]] = {
 def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any]:
     """Run `training.<module>` in-process; the result is kept in `<--output>/result.json`.
 
-    With `reuse`, a stage whose result.json records exactly this command is not rerun (its
+    With `reuse`, a stage whose result.json records exactly this command and config section
+    is not rerun (its
     registered model version is still the newest one: stages run in order)."""
     import importlib
 
+    from training.common import load_job_config
+
     command = f"python -m training.{module} " + shlex.join(flags)
+    # the same command with an edited config section is a different run
+    name = flags[flags.index("--config") + 1] if "--config" in flags else "auto"
+    section = json.dumps(load_job_config(module, name), sort_keys=True).encode()
+    config_sha = hashlib.sha256(section).hexdigest()
     saved = Path(flags[flags.index("--output") + 1]) / "result.json" if "--output" in flags else None
     if reuse and saved is not None and saved.is_file():
         previous = json.loads(saved.read_text())
-        if previous.get("command") == command:
+        if previous.get("command") == command and previous.get("config_sha256") == config_sha:
             log.info("%s: reusing %s", module, saved)
             return previous
     mod = importlib.import_module(f"training.{module}")
@@ -68,7 +76,7 @@ def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any
     metrics = mod.main(args)
     seconds = time.perf_counter() - t0
     log.info("%s finished in %.0f s: %s", module, seconds, metrics)
-    result = {"command": command, "metrics": metrics, "seconds": round(seconds, 1)}
+    result = {"command": command, "metrics": metrics, "seconds": round(seconds, 1), "config_sha256": config_sha}
     if saved is not None:
         saved.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
