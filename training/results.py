@@ -53,7 +53,7 @@ def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any
     """Run `training.<module>` in-process; the result is kept in `<--output>/result.json`.
 
     With `reuse`, a stage whose result.json records exactly this command and config section
-    is not rerun (its
+    is not rerun (the ensemble's command names its upstream versions; its
     registered model version is still the newest one: stages run in order)."""
     import importlib
 
@@ -139,8 +139,9 @@ def synthetic(workdir: Path, tracking: str, cases: int, reuse: bool = False) -> 
     out["ensemble"] = _run("ensemble", [
         *common, "--output", str(workdir / "ensemble"),
         "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
-        "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}", *SYNTH_FLAGS["ensemble"]])
-    out["npm1"] = _run("npm1", [*common, "--output", str(workdir / "npm1"), *SYNTH_FLAGS["npm1"]])
+        "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}", *SYNTH_FLAGS["ensemble"]],
+        reuse=reuse)
+    out["npm1"] = _run("npm1", [*common, "--output", str(workdir / "npm1"), *SYNTH_FLAGS["npm1"]], reuse=reuse)
     out["machine"] = _machine()
 
     def ci(m: dict, key: str) -> str:
@@ -153,6 +154,8 @@ def synthetic(workdir: Path, tracking: str, cases: int, reuse: bool = False) -> 
           f"| figure | value (synthetic) | paper (real data) |\n|---|---|---|\n"
           f"| detection mAP@0.5 (cell, RBC) | {seg['map50']:.3f} | 0.97 |\n"
           f"| celltype macro-F1 | {cel['macro_f1']:.3f} | - |\n"
+          f"| cup-like nucleus AUROC among true blasts (cell level) | "
+          f"{cel.get('auroc_cup_like_nucleus', float('nan')):.3f} | - |\n"
           f"| AML AUROC (ensemble) | {ci(ens, 'auroc')} | 0.9699 |\n"
           f"| NPM1 AUROC, morphology head of the ensemble (AML test cases) | {ci(ens, 'npm1_auroc')} | 0.92 |\n"
           f"| NPM1 AUROC, whole-image ResNet18 at 144x192 (paper's method, CPU-scaled) | {ci(npm, 'auroc')} "
@@ -177,7 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=SYNTH["cases"])
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="bccd: CPU-feasible or GPU settings")
     p.add_argument("--reuse", action="store_true",
-                   help="synthetic: keep segmentation/celltype stages already run with the same command")
+                   help="synthetic: keep stages already run with the same command and config section")
     return p
 
 
