@@ -110,6 +110,11 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     elif result["outcome"] == "succeeded" and morph.get("status") == "abstained":
         results.append(observation("p-npm1-morphology", morph_display,
                                    dataAbsentReason=_withheld(morph["reason"], morph["detail"])))
+    elif result["outcome"] == "succeeded" and morph.get("status") == "not_applicable":
+        # called non-AML: the head (trained on AML cases) has nothing to say about the case
+        results.append(observation("p-npm1-morphology", morph_display, dataAbsentReason={
+            "coding": [{"system": DATA_ABSENT, "code": "not-applicable"},
+                       {"system": LOCAL_SYSTEM, "code": morph["reason"]}], "text": morph["detail"]}))
     by_code = {d["code"]: d for d in result["differential"]}
     if result.get("blast_percent") is not None and "BLA" in by_code:
         b = by_code["BLA"]

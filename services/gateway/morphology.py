@@ -22,12 +22,17 @@ OUTPUT = "P_NPM1"
 
 
 def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: ModelInfo,
-                    settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> dict:
+                    settings: GatewaySettings, metrics: GatewayMetrics | None = None,
+                    p_aml: float | None = None) -> dict:
     """The result's `npm1_morphology` block (`result.Npm1MorphologyCall`).
 
     aml: the result's `aml` block (`status`, `reason`, `detail`); answer: what the pinned
     ensemble answered, None when it was not called (too few cells: its metadata then says
-    whether the version has the head). not_available (no head) wins over abstained.
+    whether the version has the head); p_aml: the reported P(AML). not_available (no head)
+    wins over abstained. A case the ensemble calls non-AML (p_aml below the gateway's AML
+    threshold) gets not_applicable: the head was trained on AML cases only, and on a
+    control without blasts its P(NPM1 | AML) is an extrapolation (the demo's control read
+    100 %) that a report must not show as a finding.
     """
     has_head = answer.p_npm1 is not None if answer is not None else OUTPUT in ensemble.outputs
     model_threshold = None if answer is None else answer.npm1_threshold
@@ -42,6 +47,10 @@ def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: Model
     elif aml["status"] == "abstained":
         # the same features as P(AML): the same reasons to distrust them
         call.update(status="abstained", reason=aml["reason"], detail=aml["detail"])
+    elif p_aml is not None and p_aml < settings.aml_threshold:
+        call.update(status="not_applicable", reason="not_aml",
+                    detail=f"P(AML) {p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
+                           "P(NPM1 mutated | AML) is reported only for cases called AML")
     else:
         call.update(p=answer.p_npm1, positive=answer.p_npm1 >= threshold)
     if metrics is not None:

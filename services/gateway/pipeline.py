@@ -328,7 +328,7 @@ class Pipeline:
         base.update(outcome="succeeded", p_aml=p_aml, aml=aml,
                     aml_positive=None if p_aml is None else p_aml >= self.s.aml_threshold,
                     p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
-                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"],
+                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"], p_aml=p_aml,
                                                     settings=self.s, metrics=self.metrics),
                     lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
         return Outcome("succeeded", reason, _finalize(base), artifacts)

@@ -67,9 +67,11 @@ class Npm1MorphologyCall(_Model):
     same case features as P(AML) (blast cup-like nuclei, nucleoli, chromatin). Independent of
     the whole-image `p_npm1`; withheld whenever P(AML) is (`aml.status` abstained)."""
 
-    status: Literal["predicted", "abstained", "not_available"] = Field(
+    status: Literal["predicted", "abstained", "not_available", "not_applicable"] = Field(
         description="predicted: `p` is set; abstained: withheld for the reason P(AML) was "
-        "(same features); not_available: the pinned ensemble version has no NPM1 output")
+        "(same features); not_available: the pinned ensemble version has no NPM1 output; "
+        "not_applicable: the case is called non-AML (p_aml below aml_threshold), and the "
+        "head, trained on AML cases only, says nothing about it")
     p: float | None = Field(None, ge=0, le=1, description="P(NPM1 mutated | AML); "
                             "conditional on AML, so read it together with `p_aml`")
     positive: bool | None = Field(None, description="p >= threshold; None unless predicted")
@@ -77,9 +79,9 @@ class Npm1MorphologyCall(_Model):
     threshold_source: Literal["model", "deployment"] = Field(
         description="model: recorded with the ensemble version; deployment: the gateway's "
         "MS_GATEWAY_NPM1_THRESHOLD (the model records none, or was not called)")
-    reason: AmlAbstentionReason | Literal["no_npm1_output"] | None = Field(
+    reason: AmlAbstentionReason | Literal["no_npm1_output", "not_aml"] | None = Field(
         None, description="machine-readable: the `aml.reason` when abstained; no_npm1_output "
-        "when not_available")
+        "when not_available; not_aml when not_applicable")
     detail: str | None = Field(None, description="the reason for people")
     model_version: str = Field(description="the pinned ensemble version")
 

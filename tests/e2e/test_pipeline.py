@@ -114,7 +114,10 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     assert result["aml"]["status"] == "predicted" and result["morphometrics_unit"] == "um"
     # the ensemble's second output, P(NPM1 | AML), beside the whole-image p_npm1
     morph = result["npm1_morphology"]
-    assert morph["status"] == "predicted" and 0.0 <= morph["p"] <= 1.0
+    if result["aml_positive"]:
+        assert morph["status"] == "predicted" and 0.0 <= morph["p"] <= 1.0
+    else:  # P(NPM1 | AML) is not reported for a case called non-AML
+        assert (morph["status"], morph["reason"], morph["p"]) == ("not_applicable", "not_aml", None)
     assert morph["model_version"] == stack.versions["ensemble"]
     assert morph["threshold_source"] == "deployment"  # the tiny model records no threshold
     assert result["n_images"] == 2 and result["n_cells_counted"] >= 1
@@ -131,7 +134,10 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     assert {"DiagnosticReport", "Observation", "Device"} <= kinds
     (obs,) = [e.resource for e in bundle.entry if e.resource.__resource_type__ == "Observation"
               and e.resource.code.coding[0].code == "p-npm1-morphology"]
-    assert float(obs.valueQuantity.value) == round(morph["p"], 6)
+    if morph["status"] == "predicted":
+        assert float(obs.valueQuantity.value) == round(morph["p"], 6)
+    else:
+        assert obs.valueQuantity is None and obs.dataAbsentReason.coding[0].code == "not-applicable"
     for kind in ("overlay", "heatmap"):
         png = api.get(f"/v1/analyses/{body['id']}/images/0/{kind}.png")
         assert png.status_code == 200

@@ -196,3 +196,25 @@ def test_results_stored_as_schema_1_1_still_validate():
         AnalysisResult.model_validate({**stored, "schema_version": "1.2", "npm1_morphology": {
             "status": "guessed", "threshold": 0.5, "threshold_source": "model",
             "model_version": "2"}})
+
+
+@pytest.mark.parametrize(("p_aml", "status"), [(0.2, "not_applicable"), (0.5, "predicted"), (0.97, "predicted")])
+def test_a_case_called_non_aml_gets_no_npm1_morphology_probability(make_settings, p_aml, status):
+    """The head learned P(NPM1 | AML) on AML cases only; on a control (no blasts) its answer
+    is an extrapolation (the demo's control read 100 %), so it is not reported."""
+    out = _run(_Answering(p_aml=p_aml, p_npm1=0.99), make_settings(aml_threshold=0.5))
+    call = out.result["npm1_morphology"]
+    assert out.status == "succeeded" and out.result["p_aml"] == p_aml and call["status"] == status
+    if status == "not_applicable":
+        assert (call["p"], call["positive"], call["reason"]) == (None, None, "not_aml")
+        assert "below the AML threshold 0.5" in call["detail"]
+        from services.gateway.fhir import build_bundle
+
+        bundle = build_bundle(analysis={"id": "a", "accession_id": "ACC-1", "finished_at": None},
+                              result=out.result)
+        (obs,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+                  and e["resource"]["code"]["coding"][0]["code"] == "p-npm1-morphology"]
+        assert "valueQuantity" not in obs
+        assert [c["code"] for c in obs["dataAbsentReason"]["coding"]] == ["not-applicable", "not_aml"]
+    else:
+        assert (call["p"], call["positive"], call["reason"]) == (0.99, True, None)
