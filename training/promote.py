@@ -15,6 +15,11 @@ Gates, evaluated on every candidate before anything moves (a set is all or nothi
 - `targets` (ensembles): the outputs of the champion and the candidate, shown in the table.
   Adding an output passes; dropping one the champion serves (e.g. npm1) is refused unless
   `--allow-drop-target`, since the reports would silently lose that call.
+- `feature_units` (ensembles): the unit its morphometric features were learned in (um or
+  px, `marrowscope.models.config.feature_units`). A candidate whose unit differs from the
+  champion's is refused unless `--allow-unit-change`: the gateway would start withholding
+  P(AML) for every LIS request that follows the old convention (sending or omitting
+  `um_per_px`). Unknown units (models from before they were recorded) pass, shown.
 - `lineage`: the ensemble that will serve (candidate or current champion) was built on the
   segmentation and celltype versions that will serve with it (champions after promotion).
 - `config`: the config is valid for its kind; celltype outputs cover the taxonomy the case
@@ -169,6 +174,22 @@ def _targets_gate(c: _Version, champion: _Version | None, allow_drop: bool) -> t
     return True, change + (" (--allow-drop-target)" if dropped else "")
 
 
+def _units_gate(c: _Version, champion: _Version | None, allow_change: bool) -> tuple[bool, str]:
+    from marrowscope.models.config import feature_units
+
+    mine = feature_units(c.config or {})
+    if champion is None or champion.version == c.version:
+        return True, f"features in {mine['length']}"
+    theirs = feature_units(champion.config or {})
+    if "unknown" in (mine["length"], theirs["length"]) or mine["length"] == theirs["length"]:
+        return True, f"features in {mine['length']} (champion v{champion.version}: {theirs['length']})"
+    change = f"features in {theirs['length']} (champion v{champion.version}) -> {mine['length']}"
+    if not allow_change:
+        return False, (f"{change}: requests following the old pixel-size convention would have P(AML) "
+                       "withheld; pass --allow-unit-change once the LIS is changed")
+    return True, change + " (--allow-unit-change)"
+
+
 def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
     ensemble = serving["ensemble"]
     if c.kind == "npm1":
@@ -250,7 +271,7 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
 
 def evaluate(
     candidates: dict[str, str], *, client: Any, floors: dict[str, dict[str, float]], margin: float,
-    allow_drop_target: bool = False,
+    allow_drop_target: bool = False, allow_unit_change: bool = False,
 ) -> list[Decision]:
     """Every gate for every candidate (`kind -> version`), nothing changed."""
     decisions: list[Decision] = []
@@ -274,6 +295,8 @@ def evaluate(
         if kind == "ensemble":
             ok, detail = _targets_gate(c, champions[kind], allow_drop_target)
             decisions.append(Decision("targets", kind, c.version, ok, detail))
+            ok, detail = _units_gate(c, champions[kind], allow_unit_change)
+            decisions.append(Decision("feature_units", kind, c.version, ok, detail))
     return decisions
 
 
@@ -335,6 +358,7 @@ def promote(
     actor: str | None = None,
     log_file: Path | None = None,
     allow_drop_target: bool = False,
+    allow_unit_change: bool = False,
 ) -> tuple[bool, list[Decision]]:
     """Evaluate the gates and, when all pass and not `dry_run`, move every alias together.
 
@@ -344,7 +368,8 @@ def promote(
     uri = tracking_uri or registry.default_tracking_uri()
     client = registry.get_client(uri)
     decisions = evaluate(candidates, client=client, floors=DEFAULT_FLOORS if floors is None else floors,
-                         margin=margin, allow_drop_target=allow_drop_target)
+                         margin=margin, allow_drop_target=allow_drop_target,
+                         allow_unit_change=allow_unit_change)
     ok = all(d.passed for d in decisions)
     if dry_run:
         return ok, decisions
@@ -360,6 +385,7 @@ def promote(
     record = {
         "at": at, "by": actor, "tracking_uri": uri, "outcome": "promoted" if ok else "refused",
         "candidates": candidates, "allow_drop_target": allow_drop_target,
+        "allow_unit_change": allow_unit_change,
         "moved": {k: {"version": v, "previous": p} for k, (v, p) in moves.items()},
         "decisions": [asdict(d) for d in decisions],
     }
@@ -402,6 +428,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="non-inferiority margin on the primary metric (default %(default)s)")
     p.add_argument("--allow-drop-target", action="store_true",
                    help="accept an ensemble without an output its champion has (e.g. npm1)")
+    p.add_argument("--allow-unit-change", action="store_true",
+                   help="accept an ensemble whose morphometric feature unit (um/px) differs from its champion's")
     p.add_argument("--dry-run", action="store_true", help="print the decision table, change nothing")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the local store")
     p.add_argument("--actor", default=None, help="recorded as promoted_by (default: login name)")
@@ -453,7 +481,8 @@ def main(args: argparse.Namespace) -> int:
 
     ok, decisions = promote(candidates, tracking_uri=args.tracking_uri, floors=floors,
                             margin=args.margin, dry_run=args.dry_run, actor=args.actor,
-                            log_file=args.log_file, allow_drop_target=args.allow_drop_target)
+                            log_file=args.log_file, allow_drop_target=args.allow_drop_target,
+                            allow_unit_change=args.allow_unit_change)
     _print_table(decisions)
     if not ok:
         for d in decisions:

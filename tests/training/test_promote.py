@@ -252,3 +252,34 @@ def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(mlflow_ser
     finally:  # later tests expect the AML-only champion set
         get_client(mlflow_server).set_registered_model_alias(registered_name("ensemble"), CHAMPION,
                                                               current["ensemble"])
+
+
+def test_ensemble_feature_unit_change_is_refused_unless_allowed(mlflow_server, good_set, reg, tmp_path, capsys):
+    """An um-trained champion replaced by a px-trained ensemble would make the gateway
+    withhold P(AML) for every request that sends um_per_px: refused unless asked for."""
+    from marrowscope.models import units_from_pixel_sizes
+
+    current = champions(mlflow_server)
+    lineage = {"segmentation": current["segmentation"], "celltype": current["celltype"]}
+    metrics = {"auroc": 0.95, "npm1_auroc": 0.95}
+    um = reg("ensemble", metrics, lineage=lineage, model_dir=make_tiny_model_dir(
+        "ensemble", tmp_path / "um", targets=["aml", "npm1"], feature_units=units_from_pixel_sizes([0.27])))
+    px = reg("ensemble", metrics, lineage=lineage, model_dir=make_tiny_model_dir(
+        "ensemble", tmp_path / "px", targets=["aml", "npm1"], feature_units=units_from_pixel_sizes([None])))
+    try:
+        # from a champion of unknown units: shown, not refused
+        ok, decisions = promote({"ensemble": um}, tracking_uri=mlflow_server, log_file=tmp_path / "p.jsonl")
+        assert ok, [d for d in decisions if not d.passed]
+        assert "features in um" in {d.gate: d.detail for d in decisions}["feature_units"]
+        assert cli(mlflow_server, "--model", "ensemble", "--version", px, "--dry-run") == 1
+        err = capsys.readouterr().err
+        assert f"gate 'feature_units' failed for ensemble v{px}: features in um (champion v{um}) -> px" in err
+        assert "--allow-unit-change" in err
+        assert cli(mlflow_server, "--model", "ensemble", "--version", px, "--allow-unit-change", "--dry-run") == 0
+        assert "-> px (--allow-unit-change)" in capsys.readouterr().out
+        same = reg("ensemble", metrics, lineage=lineage, model_dir=tmp_path / "um")
+        ok, decisions = promote({"ensemble": same}, tracking_uri=mlflow_server, dry_run=True)
+        assert ok and "features in um (champion" in {d.gate: d.detail for d in decisions}["feature_units"]
+    finally:  # later tests expect the original champion set
+        get_client(mlflow_server).set_registered_model_alias(registered_name("ensemble"), CHAMPION,
+                                                              current["ensemble"])
