@@ -137,11 +137,12 @@ def list_analyses(
 ) -> AnalysisPage:
     """Analyses, newest first, optionally of one accession id."""
     rows, total = store.list_analyses(session, accession=accession, limit=limit, offset=offset)
+    page = AnalysisPage(items=[to_public(session, a) for a in rows], total=total, limit=limit,
+                        offset=offset)
     store.audit(session, key_id=principal.key_id, key_name=principal.name, action="list",
                 detail=f"{len(rows)} of {total}")
-    session.commit()
-    return AnalysisPage(items=[to_public(session, a) for a in rows], total=total, limit=limit,
-                        offset=offset)
+    session.commit()  # nothing is read after it (see read_analysis)
+    return page
 
 
 @router.get("/{analysis_id}", response_model=AnalysisPublic,
@@ -149,10 +150,15 @@ def list_analyses(
 def read_analysis(principal: ReadKey, session: SessionDep, analysis_id: str) -> AnalysisPublic:
     """Status and, once finished, the result (schema: `GET /v1/schemas/result`)."""
     a = get_analysis(session, analysis_id)
+    public = to_public(session, a)
     store.audit(session, key_id=principal.key_id, key_name=principal.name, action="read",
                 resource=a.id)
+    # Read everything before the commit: a query after it opens a new SQLite transaction
+    # (BEGIN IMMEDIATE: the write lock) that stays open until the session dependency is torn
+    # down, after the response; polls then stalled writers and other readers for up to the
+    # 30 s busy timeout (seen as a 30 s GET in the load-test smoke).
     session.commit()
-    return to_public(session, a)
+    return public
 
 
 @router.delete("/{analysis_id}", response_model=AnalysisPublic, status_code=202,

@@ -110,5 +110,7 @@ def audit_log(_admin: AdminKey, session: SessionDep,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     """Who submitted or read what, and when (newest first). Admin scope."""
     rows = session.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit))
-    return [{"at": ts(r.at), "key_id": r.api_key_id, "key_name": r.key_name,
-             "action": r.action, "resource": r.resource, "detail": r.detail} for r in rows]
+    out = [{"at": ts(r.at), "key_id": r.api_key_id, "key_name": r.key_name,
+            "action": r.action, "resource": r.resource, "detail": r.detail} for r in rows]
+    session.commit()  # end the transaction now, not at dependency teardown (SQLite write lock)
+    return out
