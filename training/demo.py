@@ -206,13 +206,7 @@ def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
     return key
 
 
-def pixel_sizes(data: Path) -> dict[str, float]:
-    """`um_per_px` of every cohort image, by its path relative to `data` (COCO `file_name`)."""
-    return {im["file_name"]: im["um_per_px"]
-            for im in json.loads((data / "annotations.json").read_text())["images"]}
-
-
-def analyse(client, data: Path, label: str, record, um_per_px: float, explain: bool,
+def analyse(client, data: Path, record, um_per_px: float | None, explain: bool,
             out: Path) -> dict:
     """Submit one case with the pixel size of its images and wait for the outcome.
 
@@ -310,10 +304,12 @@ def main(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
                           timeout=60) as client:
+            from training.ensemble import pixel_sizes
+
             scales = pixel_sizes(data)
             for label, record in pick_cases(data):
                 say(f"submitting {record.case_id} ({label}, {len(record.image_paths)} images)")
-                body = analyse(client, data, label, record, scales[record.image_paths[0]],
+                body = analyse(client, data, record, scales[record.image_paths[0]],
                                not args.no_explain, args.out)
                 failures += body["status"] == "failed"
                 lines += summary_lines(label, record, body)

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 JOB = "ensemble"
 
 
-def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache: Path | None = None
+def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache: Path | None = None,
+                       scale: dict[str, float | None] | None = None
                        ) -> tuple[tuple[str, ...], np.ndarray]:
     """(feature names, float32[n_cases, F]) in `records` order via `analyse_case`."""
     from marrowscope.features import case_feature_names
@@ -69,7 +70,7 @@ def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache
         if ids == [r.case_id for r in records] and tuple(str(v) for v in data["names"]) == names:
             log.info("features from cache %s", cache)
             return names, data["features"]
-    scale = pixel_sizes(data_dir)
+    scale = pixel_sizes(data_dir) if scale is None else scale
     rows = []
     for r in progress(records, desc="case features"):
         images = [read_rgb(Path(data_dir) / p) for p in r.image_paths]
@@ -92,15 +93,17 @@ def pixel_sizes(data_dir: Path) -> dict[str, float | None]:
     return {im["file_name"]: im.get("um_per_px") for im in load_json(coco)["images"]}
 
 
-def training_feature_units(data_dir: Path, records: list) -> dict[str, Any]:
-    """The `feature_units` of the case features of `records` (all their images).
+def training_feature_units(data_dir: Path, records: list,
+                           scale: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """The `feature_units` of the case features of `records` (all their images); `scale`:
+    `pixel_sizes(data_dir)` when the caller already has it.
 
     Raises UsageError when some images have a pixel size and others not: morphometrics in
     um and px would be mixed in one feature column.
     """
     from marrowscope.models import ModelConfigError, units_from_pixel_sizes
 
-    scale = pixel_sizes(data_dir)
+    scale = pixel_sizes(data_dir) if scale is None else scale
     try:
         return units_from_pixel_sizes(scale.get(p) for r in records for p in r.image_paths)
     except ModelConfigError as exc:
@@ -332,14 +335,15 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     records = load_cases(args.data, config)
     targets = job_targets(config)
     check_npm1_labels(records, targets, args.data)  # these before the slow feature pass
-    units = training_feature_units(args.data, records)
+    scale = pixel_sizes(args.data)  # annotations.json parsed once for units and features
+    units = training_feature_units(args.data, records, scale)
     log.info("morphometric features in %s", units)
     seg, cel = _upstream(args)
     digest = data_hash(args.data)
     lineage = {"segmentation": seg.version, "celltype": cel.version}
     log.info("features from segmentation %s and celltype %s", seg.version, cel.version)
     cache = args.output / f"features-{digest[:12]}-seg{seg.version}-cel{cel.version}.npz"
-    names, table = case_feature_table(args.data, records, seg, cel, cache)
+    names, table = case_feature_table(args.data, records, seg, cel, cache, scale=scale)
     y = target_labels(records, targets)  # [N, T]; column 0 is AML
     split = np.array([r.split for r in records])
     tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
