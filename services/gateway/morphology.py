@@ -23,14 +23,14 @@ OUTPUT = "P_NPM1"
 
 def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: ModelInfo,
                     settings: GatewaySettings, metrics: GatewayMetrics | None = None,
-                    p_aml: float | None = None) -> dict:
+                    aml_positive: bool | None = None) -> dict:
     """The result's `npm1_morphology` block (`result.Npm1MorphologyCall`).
 
     aml: the result's `aml` block (`status`, `reason`, `detail`); answer: what the pinned
     ensemble answered, None when it was not called (too few cells: its metadata then says
-    whether the version has the head); p_aml: the reported P(AML). not_available (no head)
-    wins over abstained. A case the ensemble calls non-AML (p_aml below the gateway's AML
-    threshold) gets not_applicable: the head was trained on AML cases only, and on a
+    whether the version has the head); aml_positive: the report's AML call (None when not
+    made). not_available (no head) wins over abstained. A case called non-AML gets
+    not_applicable: the head was trained on AML cases only, and on a
     control without blasts its P(NPM1 | AML) is an extrapolation (the demo's control read
     100 %) that a report must not show as a finding.
     """
@@ -47,9 +47,9 @@ def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: Model
     elif aml["status"] == "abstained":
         # the same features as P(AML): the same reasons to distrust them
         call.update(status="abstained", reason=aml["reason"], detail=aml["detail"])
-    elif p_aml is not None and p_aml < settings.aml_threshold:
+    elif aml_positive is False:
         call.update(status="not_applicable", reason="not_aml",
-                    detail=f"P(AML) {p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
+                    detail=f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
                            "P(NPM1 mutated | AML) is reported only for cases called AML")
     else:
         call.update(p=answer.p_npm1, positive=answer.p_npm1 >= threshold)

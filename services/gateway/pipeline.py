@@ -325,10 +325,11 @@ class Pipeline:
             reason = f"P(AML) withheld ({abstention['reason']}): {abstention['detail']}"
             self._count_aml_abstention(abstention["reason"])
             log.warning("analysis %s: P(AML) withheld: %s", analysis_id, abstention["reason"])
-        base.update(outcome="succeeded", p_aml=p_aml, aml=aml,
-                    aml_positive=None if p_aml is None else p_aml >= self.s.aml_threshold,
+        aml_positive = None if p_aml is None else p_aml >= self.s.aml_threshold
+        base.update(outcome="succeeded", p_aml=p_aml, aml=aml, aml_positive=aml_positive,
                     p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
-                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"], p_aml=p_aml,
+                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"],
+                                                    aml_positive=aml_positive,
                                                     settings=self.s, metrics=self.metrics),
                     lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
         return Outcome("succeeded", reason, _finalize(base), artifacts)
