@@ -33,7 +33,8 @@ demo: setup
 	$(PY) -m training.demo
 
 lint: setup
-	$(VENV)/bin/ruff check marrowscope services training tests
+	$(VENV)/bin/ruff check marrowscope services training tests bench loadtests k8s
+	$(VENV)/bin/ruff format --check marrowscope services training tests bench loadtests k8s mlflow
 
 bench: setup
 	$(PY) -m bench.run

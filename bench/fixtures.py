@@ -52,15 +52,24 @@ def model_configs(sizes: Sizes) -> dict[str, dict]:
     w, h = sizes.image
     return {
         "segmentation": make_config(
-            "detector", "fasterrcnn_mobilenet_v3_large_fpn", classes=["BLA", "LYT", "NGS"],
-            min_size=min(w, h), max_size=max(w, h),
-            hyperparameters={"score_threshold": 0.0, "box_score_thresh": 0.0,
-                             "box_detections_per_img": sizes.detections}),
+            "detector",
+            "fasterrcnn_mobilenet_v3_large_fpn",
+            classes=["BLA", "LYT", "NGS"],
+            min_size=min(w, h),
+            max_size=max(w, h),
+            hyperparameters={
+                "score_threshold": 0.0,
+                "box_score_thresh": 0.0,
+                "box_detections_per_img": sizes.detections,
+            },
+        ),
         # every taxonomy code incl. RBC: `inference.analyse_case` (in-process) requires them
-        "celltype": make_config("celltype", "tiny_cnn", crop_size=sizes.crop,
-                                outputs=[*CODES, *ATTRIBUTE_CODES]),
-        "ensemble": make_config("ensemble", "mlp", feature_names=list(case_feature_names()),
-                                hidden=[16], dropout=0.0),
+        "celltype": make_config(
+            "celltype", "tiny_cnn", crop_size=sizes.crop, outputs=[*CODES, *ATTRIBUTE_CODES]
+        ),
+        "ensemble": make_config(
+            "ensemble", "mlp", feature_names=list(case_feature_names()), hidden=[16], dropout=0.0
+        ),
         "npm1": make_config("npm1", "resnet18", input_size=list(sizes.npm1)),
     }
 
@@ -90,11 +99,18 @@ def register_champions(tracking_uri: str, dirs: Mapping[str, Path]) -> dict[str,
     client = get_client(tracking_uri)
     versions: dict[str, str] = {}
     for kind in KINDS:
-        lineage = ({u: versions[u] for u in ("segmentation", "celltype")}
-                   if kind == "ensemble" else {})
-        versions[kind] = register_model_dir(kind, dirs[kind], metrics={}, params={},
-                                            data_hash="bench-untrained", lineage=lineage,
-                                            tracking_uri=tracking_uri)
+        lineage = (
+            {u: versions[u] for u in ("segmentation", "celltype")} if kind == "ensemble" else {}
+        )
+        versions[kind] = register_model_dir(
+            kind,
+            dirs[kind],
+            metrics={},
+            params={},
+            data_hash="bench-untrained",
+            lineage=lineage,
+            tracking_uri=tracking_uri,
+        )
         client.set_registered_model_alias(registered_name(kind), "champion", versions[kind])
     log.info("registered champions %s", versions)
     return versions
@@ -110,7 +126,9 @@ def synth_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarra
     cfg = replace(SynthConfig(), size=size)
     out = []
     for i in range(n):
-        spec = sample_case(case_rng(seed, i), i, "aml", "mutated" if i % 3 == 0 else "wild_type", cfg)
+        spec = sample_case(
+            case_rng(seed, i), i, "aml", "mutated" if i % 3 == 0 else "wild_type", cfg
+        )
         out.append(render_image(case_rng(seed, i, 1), spec, cfg)[0])
     return out
 
@@ -118,9 +136,13 @@ def synth_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarra
 def stack_env(threads: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for `LocalStack`: thread count, no registry polling during measurements,
     a fast gateway worker poll, no rate limit, no minimum cell count (untrained detector)."""
-    env = {"OMP_NUM_THREADS": str(threads), "MS_GATEWAY_MIN_CELLS": "1",
-           "MS_GATEWAY_POLL_INTERVAL_S": "0.05", "MS_GATEWAY_RATE_LIMIT_PER_MIN": "10000000",
-           "MS_GATEWAY_WORKERS": "4"}
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MS_GATEWAY_MIN_CELLS": "1",
+        "MS_GATEWAY_POLL_INTERVAL_S": "0.05",
+        "MS_GATEWAY_RATE_LIMIT_PER_MIN": "10000000",
+        "MS_GATEWAY_WORKERS": "4",
+    }
     for name in ("SEGMENTATION", "CELLTYPE", "ENSEMBLE", "NPM1", "EXPLAIN"):
         env[f"MS_{name}_POLL_INTERVAL_S"] = "0"
         env[f"MS_{name}_DEVICE"] = "cpu"
@@ -132,9 +154,24 @@ def create_api_key(gateway_env: Mapping[str, str], name: str = "bench") -> str:
     """A `submit,read` key made with the gateway's own CLI against its job store."""
     from marrowscope.paths import PROJECT_ROOT
 
-    out = subprocess.run([sys.executable, "-m", "services.gateway.keys", "create", "--name", name,
-                          "--scopes", "submit,read"], env=dict(gateway_env), cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway.keys",
+            "create",
+            "--name",
+            name,
+            "--scopes",
+            "submit,read",
+        ],
+        env=dict(gateway_env),
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"key creation failed ({out.returncode}): {out.stderr[-2000:]}")
     return out.stdout.strip().splitlines()[0]

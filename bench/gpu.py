@@ -30,8 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (CI check)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="skip remaining optional measurements past this wall time")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="skip remaining optional measurements past this wall time",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     return parser
 
@@ -49,8 +53,9 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def measure(self, name: str, mode: str, items: int, fn: Callable[[], object],
-                warmup: int = 2, **extra) -> dict | None:
+    def measure(
+        self, name: str, mode: str, items: int, fn: Callable[[], object], warmup: int = 2, **extra
+    ) -> dict | None:
         """Median seconds per call of `fn` over repeats; items = images (or cells) per call."""
         if self.over_budget():
             print(f"skip {name}/{mode}: over the time budget", flush=True)
@@ -71,8 +76,14 @@ class Bench:
             print(json.dumps(row), flush=True)
             return row
         median = statistics.median(times)
-        row = {"model": name, "mode": mode, "items_per_call": items,
-               "median_s": round(median, 5), "items_per_s": round(items / median, 2), **extra}
+        row = {
+            "model": name,
+            "mode": mode,
+            "items_per_call": items,
+            "median_s": round(median, 5),
+            "items_per_s": round(items / median, 2),
+            **extra,
+        }
         if self.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             torch.cuda.reset_peak_memory_stats()
@@ -97,13 +108,26 @@ def precisions(device: torch.device) -> dict[str, torch.dtype | None]:
 
 def bench_segmentation(b: Bench, sizes: dict) -> None:
     h, w = sizes["segmentation"]
-    model = build_model(make_config("detector", "fasterrcnn_resnet50_fpn_v2", classes=["cell", "RBC"],
-                                    min_size=h, max_size=w)).to(b.device).eval()
+    model = (
+        build_model(
+            make_config(
+                "detector",
+                "fasterrcnn_resnet50_fpn_v2",
+                classes=["cell", "RBC"],
+                min_size=h,
+                max_size=w,
+            )
+        )
+        .to(b.device)
+        .eval()
+    )
     image = torch.rand(3, h, w, device=b.device)
     for prec, dtype in precisions(b.device).items():
+
         def run(dtype=dtype):
             with torch.inference_mode(), autocast(b.device, dtype):
                 model([image])
+
         b.measure("segmentation fasterrcnn_resnet50_fpn_v2", prec, 1, run, resolution=f"{w}x{h}")
 
 
@@ -113,37 +137,65 @@ def bench_npm1(b: Bench, sizes: dict, smoke: bool) -> torch.nn.Module:
     for batch in (1, 8):
         x = torch.rand(batch, 3, h, w, device=b.device)
         for prec, dtype in precisions(b.device).items():
+
             def run(dtype=dtype, x=x):
                 with torch.inference_mode(), autocast(b.device, dtype):
                     model(x)
+
             b.measure("npm1 resnet50", prec, batch, run, resolution=f"{w}x{h}", batch=batch)
     x = torch.rand(8, 3, h, w, device=b.device).contiguous(memory_format=torch.channels_last)
     cl = model.to(memory_format=torch.channels_last)
     cl_dtype = torch.bfloat16 if b.device.type == "cuda" else None
+
     def run_cl():
         with torch.inference_mode(), autocast(b.device, cl_dtype):
             cl(x)
-    b.measure("npm1 resnet50", ("bf16" if cl_dtype else "fp32") + "+channels_last", 8, run_cl, resolution=f"{w}x{h}", batch=8)
+
+    b.measure(
+        "npm1 resnet50",
+        ("bf16" if cl_dtype else "fp32") + "+channels_last",
+        8,
+        run_cl,
+        resolution=f"{w}x{h}",
+        batch=8,
+    )
     if not smoke and b.device.type == "cuda":
         compiled = torch.compile(cl)
+
         def run_compiled():
             with torch.inference_mode(), autocast(b.device, torch.bfloat16):
                 compiled(x)
-        b.measure("npm1 resnet50", "bf16+channels_last+compile", 8, run_compiled, warmup=3,
-                  resolution=f"{w}x{h}", batch=8)
+
+        b.measure(
+            "npm1 resnet50",
+            "bf16+channels_last+compile",
+            8,
+            run_compiled,
+            warmup=3,
+            resolution=f"{w}x{h}",
+            batch=8,
+        )
     # One training step (SGD, as the paper), to size paper-scale training.
     train = build_model(make_config("npm1", "resnet50", input_size=[h, w])).to(b.device).train()
     opt = torch.optim.SGD(train.parameters(), lr=1e-3, momentum=0.9)
     xb = torch.rand(8 if not smoke else 2, 3, h, w, device=b.device)
     yb = torch.randint(0, 2, (xb.shape[0],), device=b.device).float()
+
     def step():
         with autocast(b.device, torch.bfloat16 if b.device.type == "cuda" else None):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(train(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    b.measure("npm1 resnet50 train step", "bf16" if b.device.type == "cuda" else "fp32",
-              xb.shape[0], step, resolution=f"{w}x{h}", batch=xb.shape[0])
+
+    b.measure(
+        "npm1 resnet50 train step",
+        "bf16" if b.device.type == "cuda" else "fp32",
+        xb.shape[0],
+        step,
+        resolution=f"{w}x{h}",
+        batch=xb.shape[0],
+    )
     return model.to(memory_format=torch.contiguous_format)
 
 
@@ -155,9 +207,11 @@ def bench_celltype(b: Bench, sizes: dict) -> None:
     for prec, dtype in precisions(b.device).items():
         if prec == "fp16":
             continue
+
         def run(dtype=dtype):
             with torch.inference_mode(), autocast(b.device, dtype):
                 model(x)
+
         b.measure("celltype xception41", prec, batch, run, resolution=f"{s}x{s}", batch=batch)
 
 
@@ -174,35 +228,63 @@ def bench_explain(b: Bench, sizes: dict, npm1: torch.nn.Module, smoke: bool) -> 
     for prec, dtype in precisions(b.device).items():
         if prec == "fp16":
             continue
+
         def forward(batch, dtype=dtype):
             with autocast(b.device, dtype):
                 return npm1(batch).float().sigmoid()
+
         def grid():
             with torch.inference_mode():
                 occlusion_grid(forward, x, window=window, stride=stride, batch_size=32)
+
         def cells():
             occlusion_cells(forward, x, boxes, batch_size=32)
+
         passes = ((h - window) // stride + 1) * ((w - window) // stride + 1)
-        b.measure("explain grid", prec, 1, grid, warmup=1, resolution=f"{w}x{h}",
-                  window=window, stride=stride, forward_passes=passes)
-        b.measure("explain cells", prec, 1, cells, warmup=1, resolution=f"{w}x{h}",
-                  cells=n_cells, forward_passes=n_cells + 1)
+        b.measure(
+            "explain grid",
+            prec,
+            1,
+            grid,
+            warmup=1,
+            resolution=f"{w}x{h}",
+            window=window,
+            stride=stride,
+            forward_passes=passes,
+        )
+        b.measure(
+            "explain cells",
+            prec,
+            1,
+            cells,
+            warmup=1,
+            resolution=f"{w}x{h}",
+            cells=n_cells,
+            forward_passes=n_cells + 1,
+        )
 
 
 def write(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Device: {meta['device']} · torch {meta['torch']}", "",
-             "| model | mode | resolution | batch | items/s | median s/call | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {meta['device']} · torch {meta['torch']}",
+        "",
+        "| model | mode | resolution | batch | items/s | median s/call | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r.get('resolution','')} | "
-                         f"{r.get('batch','')} | error: {r['error']} | | |")
+            lines.append(
+                f"| {r['model']} | {r['mode']} | {r.get('resolution', '')} | "
+                f"{r.get('batch', '')} | error: {r['error']} | | |"
+            )
             continue
-        lines.append(f"| {r['model']} | {r['mode']} | {r.get('resolution','')} | "
-                     f"{r.get('batch', r.get('cells',''))} | {r['items_per_s']} | "
-                     f"{r['median_s']} | {r.get('peak_mem_gib','')} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r.get('resolution', '')} | "
+            f"{r.get('batch', r.get('cells', ''))} | {r['items_per_s']} | "
+            f"{r['median_s']} | {r.get('peak_mem_gib', '')} |"
+        )
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -214,8 +296,13 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 row means real fp32
     sizes = SMOKE if args.smoke else PAPER
     b = Bench(device, 1 if args.smoke else args.repeats, args.budget_s)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "smoke": args.smoke}
+    meta = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+    }
     bench_npm1_model = bench_npm1(b, sizes, args.smoke)
     bench_explain(b, sizes, bench_npm1_model, args.smoke)
     bench_segmentation(b, sizes)

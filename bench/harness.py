@@ -60,8 +60,9 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def run_concurrently(fn: Callable[[int], object], n_threads: int,
-                     timeout: float | None = None) -> list[BaseException]:
+def run_concurrently(
+    fn: Callable[[int], object], n_threads: int, timeout: float | None = None
+) -> list[BaseException]:
     """Call `fn(i)` for i in 0..n_threads-1, each in its own thread, and wait for them all.
 
     Returns what the calls raised (empty when every call returned), plus a `TimeoutError` for
@@ -88,15 +89,18 @@ def run_concurrently(fn: Callable[[int], object], n_threads: int,
     return errors
 
 
-def closed_loop(make_worker: Callable[[], Worker], concurrency: int, per_thread: int,
-                *, warmup: int = 1) -> LoadResult:
+def closed_loop(
+    make_worker: Callable[[], Worker], concurrency: int, per_thread: int, *, warmup: int = 1
+) -> LoadResult:
     """Run `concurrency` threads x `per_thread` timed requests (see module docstring).
 
     A request that raises counts as an error (its latency is not recorded); the first
     error's message is kept.
     """
     if concurrency < 1 or per_thread < 1:
-        raise ValueError(f"concurrency and per_thread must be >= 1, got {concurrency}, {per_thread}")
+        raise ValueError(
+            f"concurrency and per_thread must be >= 1, got {concurrency}, {per_thread}"
+        )
     starts: list[float] = []
     barrier = threading.Barrier(concurrency, action=lambda: starts.append(time.perf_counter()))
     lock = threading.Lock()
@@ -134,14 +138,23 @@ def closed_loop(make_worker: Callable[[], Worker], concurrency: int, per_thread:
         raise faults[0]
     seconds = (max(ends) if ends else time.perf_counter()) - starts[0]
     done = len(latencies)
-    return LoadResult(concurrency, done + len(errors), len(errors), seconds,
-                      done / seconds if seconds > 0 else math.nan,
-                      quantile(latencies, 0.5), quantile(latencies, 0.95),
-                      quantile(latencies, 0.99), errors[0] if errors else None, latencies)
+    return LoadResult(
+        concurrency,
+        done + len(errors),
+        len(errors),
+        seconds,
+        done / seconds if seconds > 0 else math.nan,
+        quantile(latencies, 0.5),
+        quantile(latencies, 0.95),
+        quantile(latencies, 0.99),
+        errors[0] if errors else None,
+        latencies,
+    )
 
 
-def per_thread_for(target_s: float, single_latency_s: float, concurrency: int,
-                   minimum: int = 1) -> int:
+def per_thread_for(
+    target_s: float, single_latency_s: float, concurrency: int, minimum: int = 1
+) -> int:
     """Requests per thread so that a run lasts about `target_s` if the work is serial."""
     total = target_s / max(single_latency_s, 1e-6)
     return max(minimum, math.ceil(total / concurrency))
@@ -188,11 +201,15 @@ def machine(threads: int) -> dict:
     import torch
 
     info = {
-        "cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "ram_gib": mem_total_gib(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads_per_process": threads, "cuda": torch.cuda.is_available(),
+        "ram_gib": mem_total_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_per_process": threads,
+        "cuda": torch.cuda.is_available(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

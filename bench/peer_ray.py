@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-dir", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -42,8 +44,7 @@ def build_app(model_dir: str, threads: int, max_batch_size: int, max_queue_delay
     import numpy as np
     from ray import serve
 
-    @serve.deployment(num_replicas=1, max_ongoing_requests=256,
-                      ray_actor_options={"num_cpus": 0})
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
     class Npm1Peer:
         def __init__(self) -> None:
             import torch
@@ -55,8 +56,9 @@ def build_app(model_dir: str, threads: int, max_batch_size: int, max_queue_delay
             self.predictor = Npm1Predictor(load_model(model_dir))
             self.shape = (1, *self.predictor.input_size, 3)
 
-        @serve.batch(max_batch_size=max_batch_size,
-                     batch_wait_timeout_s=max_queue_delay_ms / 1000.0)
+        @serve.batch(
+            max_batch_size=max_batch_size, batch_wait_timeout_s=max_queue_delay_ms / 1000.0
+        )
         async def infer(self, images: list[np.ndarray]) -> list[float]:
             batch = np.concatenate(images, axis=0)
             probs = await asyncio.to_thread(self.predictor.predict, batch)
@@ -68,8 +70,10 @@ def build_app(model_dir: str, threads: int, max_batch_size: int, max_queue_delay
             if len(body) != expected:
                 from starlette.responses import JSONResponse
 
-                return JSONResponse({"error": f"body must be {expected} bytes "
-                                              f"(uint8{list(self.shape)})"}, status_code=400)
+                return JSONResponse(
+                    {"error": f"body must be {expected} bytes (uint8{list(self.shape)})"},
+                    status_code=400,
+                )
             image = np.frombuffer(body, np.uint8).reshape(self.shape)
             return {"p_npm1": await self.infer(image)}
 
@@ -83,11 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     env = {"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 2**20, runtime_env={"env_vars": env})
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 2**20,
+        runtime_env={"env_vars": env},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(args.model_dir, args.threads, args.max_batch_size, args.max_queue_delay_ms),
-              route_prefix="/npm1", blocking=False)
+    serve.run(
+        build_app(args.model_dir, args.threads, args.max_batch_size, args.max_queue_delay_ms),
+        route_prefix="/npm1",
+        blocking=False,
+    )
     print(f"READY {args.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,22 +37,35 @@ def _ints(text: str) -> list[int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny models and inputs, one repeat")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--concurrency", type=_ints, default=None, help="default 1,4,16 (quick: 1,4)")
     p.add_argument("--pipeline-concurrency", type=_ints, default=None, help="default 1,4")
-    p.add_argument("--target-s", type=float, default=None,
-                   help="aimed seconds of one serial repeat (default 3; quick 0.3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads in every process, in-process and served alike")
+    p.add_argument(
+        "--target-s",
+        type=float,
+        default=None,
+        help="aimed seconds of one serial repeat (default 3; quick 0.3)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in every process, in-process and served alike",
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--cold-repeats", type=int, default=None, help="default 2 (quick: 1)")
-    p.add_argument("--cold-services", default=None,
-                   help="comma list of services whose cold start is measured (default all; quick: npm1)")
+    p.add_argument(
+        "--cold-services",
+        default=None,
+        help="comma list of services whose cold start is measured (default all; quick: npm1)",
+    )
     p.add_argument("--no-peer", action="store_true", help="skip the Ray Serve comparison")
     return p
 
@@ -66,8 +79,11 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.cold_repeats = args.cold_repeats or (1 if q else 2)
     from services.stack import MODEL_SERVICES
 
-    args.cold_services = ([c.strip() for c in args.cold_services.split(",") if c.strip()]
-                          if args.cold_services else (["npm1"] if q else list(MODEL_SERVICES)))
+    args.cold_services = (
+        [c.strip() for c in args.cold_services.split(",") if c.strip()]
+        if args.cold_services
+        else (["npm1"] if q else list(MODEL_SERVICES))
+    )
     if set(args.cold_services) - set(MODEL_SERVICES):
         raise SystemExit(f"--cold-services must be among {', '.join(MODEL_SERVICES)}")
     if min(args.repeats, args.threads, args.max_batch_size, args.cold_repeats) < 1:
@@ -89,9 +105,14 @@ def per_model(stack, predictors, inputs, args) -> list[dict]:
     for model in MODELS:
         inproc = workloads.inprocess_worker(model, predictors, inputs)
         served = workloads.served_worker(model, stack.grpc_addr(model), inputs)
-        for row in measure.sweep(served, inproc, concurrencies=args.concurrency,
-                                 repeats=args.repeats, target_s=args.target_s,
-                                 names=("served", "in_process")):
+        for row in measure.sweep(
+            served,
+            inproc,
+            concurrencies=args.concurrency,
+            repeats=args.repeats,
+            target_s=args.target_s,
+            names=("served", "in_process"),
+        ):
             rows.append({"model": model, **row})
     return rows
 
@@ -101,42 +122,75 @@ def batching(stack, nobatch_stack, inputs, args) -> dict:
     on = workloads.served_worker("npm1", stack.grpc_addr("npm1"), inputs)
     off = workloads.served_worker("npm1", nobatch_stack.grpc_addr("npm1"), inputs)
     latency = harness.time_one(off(), n=1)
-    row = measure.paired(on, off, concurrency=c, repeats=args.repeats, names=("batched", "unbatched"),
-                         per_thread=harness.per_thread_for(args.target_s, latency, c))
-    return {"model": "npm1", "max_batch_size": args.max_batch_size,
-            "max_queue_delay_ms": args.max_queue_delay_ms, **row}
+    row = measure.paired(
+        on,
+        off,
+        concurrency=c,
+        repeats=args.repeats,
+        names=("batched", "unbatched"),
+        per_thread=harness.per_thread_for(args.target_s, latency, c),
+    )
+    return {
+        "model": "npm1",
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        **row,
+    }
 
 
 def pipeline(stack, api_key, predictors, inputs, args) -> list[dict]:
     served = workloads.gateway_pipeline(stack.gateway_url, api_key, inputs)
     inproc = workloads.inprocess_pipeline(predictors, inputs)
-    return measure.sweep(served, inproc, concurrencies=args.pipeline_concurrency,
-                         repeats=args.repeats, target_s=2 * args.target_s,
-                         names=("gateway", "in_process"))
+    return measure.sweep(
+        served,
+        inproc,
+        concurrencies=args.pipeline_concurrency,
+        repeats=args.repeats,
+        target_s=2 * args.target_s,
+        names=("gateway", "in_process"),
+    )
 
 
 def peer(stack, model_dir: Path, inputs, args, workdir: Path) -> dict:
     from services.stack import free_port
 
-    proc = measure.PeerProcess(model_dir, free_port(), args.threads, args.max_batch_size,
-                               args.max_queue_delay_ms, workdir / "ray-peer.log")
+    proc = measure.PeerProcess(
+        model_dir,
+        free_port(),
+        args.threads,
+        args.max_batch_size,
+        args.max_queue_delay_ms,
+        workdir / "ray-peer.log",
+    )
     try:
         proc.start()
         ours = workloads.served_worker("npm1", stack.grpc_addr("npm1"), inputs)
         ray = measure.ray_worker(proc.url, inputs.npm1_image.tobytes())
         latency = harness.time_one(ray(), n=1)
-        rows = [measure.paired(ours, ray, concurrency=c, repeats=args.repeats, names=("ours", "ray_serve"),
-                               per_thread=harness.per_thread_for(args.target_s, latency, c))
-                for c in sorted({1, max(args.concurrency)})]
+        rows = [
+            measure.paired(
+                ours,
+                ray,
+                concurrency=c,
+                repeats=args.repeats,
+                names=("ours", "ray_serve"),
+                per_thread=harness.per_thread_for(args.target_s, latency, c),
+            )
+            for c in sorted({1, max(args.concurrency)})
+        ]
     except (RuntimeError, OSError) as exc:
         log.error("Ray Serve peer failed: %s", exc)
         return {"peer": "ray_serve", "ran": False, "why": str(exc)[:2000]}
     finally:
         proc.stop()
-    return {"peer": "ray_serve", "ran": True,
-            "ingress": "HTTP POST, raw uint8 body (ours: OIP gRPC, raw uint8 tensor)",
-            "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-            "rows": rows}
+    return {
+        "peer": "ray_serve",
+        "ran": True,
+        "ingress": "HTTP POST, raw uint8 body (ours: OIP gRPC, raw uint8 tensor)",
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "rows": rows,
+    }
 
 
 def save(result: dict, out: Path) -> str:
@@ -156,31 +210,49 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     torch.set_num_threads(args.threads)
     sizes = fixtures.TINY if args.quick else fixtures.DEMO
     t_start = time.perf_counter()
-    result: dict = {"machine": harness.machine(args.threads),
-                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "sizes": {"name": sizes.name, "image_wh": sizes.image, "crop": sizes.crop,
-                              "npm1_hw": sizes.npm1, "cells_per_image": sizes.detections}}
+    result: dict = {
+        "machine": harness.machine(args.threads),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "sizes": {
+            "name": sizes.name,
+            "image_wh": sizes.image,
+            "crop": sizes.crop,
+            "npm1_hw": sizes.npm1,
+            "cells_per_image": sizes.detections,
+        },
+    }
     log.info("machine %s", result["machine"])
     result["generator_images_per_s"] = generator_speed(args.quick, args.repeats)
     save(result, args.out)
 
     tracking_uri, versions = fixtures.setup_registry(workdir, sizes)
     result["model_versions"] = versions
-    env = fixtures.stack_env(args.threads, {
-        "MS_NPM1_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "MS_NPM1_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
-        "MS_CELLTYPE_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "MS_CELLTYPE_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms)})
-    result["cold_start"] = [measure.cold_start(name, tracking_uri, workdir, env, args.cold_repeats)
-                            for name in args.cold_services]
+    env = fixtures.stack_env(
+        args.threads,
+        {
+            "MS_NPM1_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "MS_NPM1_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
+            "MS_CELLTYPE_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "MS_CELLTYPE_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
+        },
+    )
+    result["cold_start"] = [
+        measure.cold_start(name, tracking_uri, workdir, env, args.cold_repeats)
+        for name in args.cold_services
+    ]
     save(result, args.out)
 
     images = fixtures.synth_images(2, sizes.image)
     inputs = workloads.make_inputs(images, sizes.crop, sizes.npm1)
     predictors = workloads.Predictors.load({k: workdir / "models" / k for k in MODELS})
     stack = LocalStack(workdir=workdir / "stack", tracking_uri=tracking_uri, env=env)
-    nobatch = LocalStack(workdir=workdir / "nobatch", tracking_uri=tracking_uri, services=("npm1",),
-                         with_gateway=False, env={**env, "MS_NPM1_MAX_BATCH_SIZE": "1"})
+    nobatch = LocalStack(
+        workdir=workdir / "nobatch",
+        tracking_uri=tracking_uri,
+        services=("npm1",),
+        with_gateway=False,
+        env={**env, "MS_NPM1_MAX_BATCH_SIZE": "1"},
+    )
     try:
         stack.start(timeout_s=300)
         api_key = fixtures.create_api_key(stack.gateway_env())
@@ -190,12 +262,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         save(result, args.out)
         nobatch.start(timeout_s=300)
         result["batching"] = batching(stack, nobatch, inputs, args)
-        result["peak_rss_bytes"] = {name: fixtures.peak_rss_bytes(p.popen.pid)
-                                    for name, p in stack.procs.items()}
+        result["peak_rss_bytes"] = {
+            name: fixtures.peak_rss_bytes(p.popen.pid) for name, p in stack.procs.items()
+        }
         save(result, args.out)
-        result["peer"] = ({"peer": "ray_serve", "ran": False, "why": "skipped (--no-peer)"}
-                          if args.no_peer else peer(stack, workdir / "models" / "npm1", inputs,
-                                                    args, workdir))
+        result["peer"] = (
+            {"peer": "ray_serve", "ran": False, "why": "skipped (--no-peer)"}
+            if args.no_peer
+            else peer(stack, workdir / "models" / "npm1", inputs, args, workdir)
+        )
     finally:
         nobatch.stop()
         stack.stop()

@@ -38,21 +38,34 @@ class Inputs:
 
     def save(self, path: Path) -> Path:
         """One .npz (no pickles) that `Inputs.load` reads, e.g. in a locust process."""
-        np.savez(path, crops=self.crops, features=self.features, npm1_image=self.npm1_image,
-                 feature_names=np.array(self.feature_names, dtype=str),
-                 **{f"png_{i}": np.frombuffer(b, np.uint8) for i, b in enumerate(self.pngs)})
+        np.savez(
+            path,
+            crops=self.crops,
+            features=self.features,
+            npm1_image=self.npm1_image,
+            feature_names=np.array(self.feature_names, dtype=str),
+            **{f"png_{i}": np.frombuffer(b, np.uint8) for i, b in enumerate(self.pngs)},
+        )
         return path
 
     @classmethod
     def load(cls, path: Path | str) -> Inputs:
         with np.load(path, allow_pickle=False) as z:
-            pngs = [z[f"png_{i}"].tobytes() for i in range(sum(k.startswith("png_") for k in z.files))]
-            return cls(pngs=pngs, crops=z["crops"], features=z["features"],
-                       feature_names=[str(n) for n in z["feature_names"]], npm1_image=z["npm1_image"])
+            pngs = [
+                z[f"png_{i}"].tobytes() for i in range(sum(k.startswith("png_") for k in z.files))
+            ]
+            return cls(
+                pngs=pngs,
+                crops=z["crops"],
+                features=z["features"],
+                feature_names=[str(n) for n in z["feature_names"]],
+                npm1_image=z["npm1_image"],
+            )
 
 
-def make_inputs(images: Sequence[np.ndarray], crop: int, npm1_hw: tuple[int, int],
-                seed: int = 0) -> Inputs:
+def make_inputs(
+    images: Sequence[np.ndarray], crop: int, npm1_hw: tuple[int, int], seed: int = 0
+) -> Inputs:
     from marrowscope.features import case_feature_names
     from marrowscope.imaging import crop_cells, encode_png, resize_for_model
 
@@ -61,11 +74,13 @@ def make_inputs(images: Sequence[np.ndarray], crop: int, npm1_hw: tuple[int, int
     x1, y1 = rng.uniform(0, w - 24, CELLTYPE_BATCH), rng.uniform(0, h - 24, CELLTYPE_BATCH)
     boxes = np.stack([x1, y1, x1 + 20, y1 + 20], axis=1).astype(np.float32)
     names = list(case_feature_names())
-    return Inputs(pngs=[encode_png(im) for im in images],
-                  crops=crop_cells(images[0], boxes, crop, 0.1),
-                  feature_names=names,
-                  features=rng.random(len(names), dtype=np.float32),
-                  npm1_image=resize_for_model(images[0], npm1_hw)[None])
+    return Inputs(
+        pngs=[encode_png(im) for im in images],
+        crops=crop_cells(images[0], boxes, crop, 0.1),
+        feature_names=names,
+        features=rng.random(len(names), dtype=np.float32),
+        npm1_image=resize_for_model(images[0], npm1_hw)[None],
+    )
 
 
 @dataclass
@@ -79,8 +94,12 @@ class Predictors:
     def load(cls, dirs: Mapping[str, Path]) -> Predictors:
         from marrowscope.inference import load_predictor
 
-        return cls(*(load_predictor(str(dirs[k]), device="cpu")
-                     for k in ("segmentation", "celltype", "ensemble", "npm1")))
+        return cls(
+            *(
+                load_predictor(str(dirs[k]), device="cpu")
+                for k in ("segmentation", "celltype", "ensemble", "npm1")
+            )
+        )
 
 
 def inprocess_worker(model: str, p: Predictors, x: Inputs) -> Callable[[], Callable[[], object]]:
@@ -128,8 +147,10 @@ def oip_request(model: str, x: Inputs) -> list:
     if model == "celltype":
         return [_tensor_input("CROPS", x.crops, "UINT8")]
     if model == "ensemble":
-        return [_tensor_input("FEATURES", x.features.reshape(1, -1), "FP32"),
-                _bytes_input("FEATURE_NAMES", x.feature_names)]
+        return [
+            _tensor_input("FEATURES", x.features.reshape(1, -1), "FP32"),
+            _bytes_input("FEATURE_NAMES", x.feature_names),
+        ]
     if model == "npm1":
         return [_tensor_input("IMAGE", x.npm1_image, "UINT8")]
     raise ValueError(f"unknown model {model!r}")
@@ -137,16 +158,19 @@ def oip_request(model: str, x: Inputs) -> list:
 
 def served_worker(model: str, addr: str, x: Inputs) -> Callable[[], Callable[[], object]]:
     """Factory of per-thread gRPC workers (one `tritonclient.grpc` client per thread)."""
+
     def make() -> Callable[[], object]:
         import tritonclient.grpc as tc
 
         client = tc.InferenceServerClient(addr)
         return lambda: client.infer(model, oip_request(model, x), client_timeout=600)
+
     return make
 
 
-def inprocess_pipeline(p: Predictors, x: Inputs, images_per_case: Sequence[int] = (1, 2)
-                       ) -> Callable[[], Callable[[], object]]:
+def inprocess_pipeline(
+    p: Predictors, x: Inputs, images_per_case: Sequence[int] = (1, 2)
+) -> Callable[[], Callable[[], object]]:
     """Factory of per-thread in-process pipeline workers (cases cycle through
     `images_per_case`)."""
     from marrowscope.imaging import decode_image
@@ -156,11 +180,13 @@ def inprocess_pipeline(p: Predictors, x: Inputs, images_per_case: Sequence[int] 
         sizes = itertools.cycle(images_per_case)
 
         def case() -> float:
-            images = [decode_image(b) for b in x.pngs[:next(sizes)]]
+            images = [decode_image(b) for b in x.pngs[: next(sizes)]]
             analysis = analyse_case(images, p.detector, p.celltyper)
             p_aml = p.ensemble.predict(analysis.feature_names, analysis.features)
             return p_aml + p.npm1.predict_case(images)
+
         return case
+
     return make
 
 
@@ -168,9 +194,15 @@ class CaseFailed(RuntimeError):
     """An analysis ended in a state other than `succeeded`."""
 
 
-def gateway_pipeline(url: str, api_key: str, x: Inputs, images_per_case: Sequence[int] = (1, 2),
-                     timeout_s: float = 600.0) -> Callable[[], Callable[[], object]]:
+def gateway_pipeline(
+    url: str,
+    api_key: str,
+    x: Inputs,
+    images_per_case: Sequence[int] = (1, 2),
+    timeout_s: float = 600.0,
+) -> Callable[[], Callable[[], object]]:
     """Factory of per-thread REST workers: submit a case and poll until it is finished."""
+
     def make() -> Callable[[], object]:
         import httpx
 
@@ -198,5 +230,7 @@ def gateway_pipeline(url: str, api_key: str, x: Inputs, images_per_case: Sequenc
                     raise CaseFailed(f"analysis {body['status']}: {body.get('reason')}")
                 time.sleep(POLL_S)
             raise CaseFailed(f"analysis not finished after {timeout_s} s")
+
         return case
+
     return make

@@ -28,7 +28,10 @@ HEADER = (
 def _strip(obj: dict) -> dict:
     meta = obj["metadata"]
     meta.pop("namespace", None)
-    for labels in (meta.get("labels"), obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels")):
+    for labels in (
+        meta.get("labels"),
+        obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels"),
+    ):
         if labels:
             labels.pop("helm.sh/chart", None)
             labels["app.kubernetes.io/managed-by"] = "kustomize"

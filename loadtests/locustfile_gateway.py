@@ -49,12 +49,20 @@ class LisUser(HttpUser):
 
     def _case(self, kind: str, n_images: int, explain: bool = False) -> None:
         pngs = _STATE["inputs"].pngs
-        meta = {"accession_id": f"LT-{uuid.uuid4().hex[:12]}-{next(self.counter)}",
-                "options": {"explain": explain}}
-        files = [("images", (f"{k}.png", pngs[k % len(pngs)], "image/png")) for k in range(n_images)]
+        meta = {
+            "accession_id": f"LT-{uuid.uuid4().hex[:12]}-{next(self.counter)}",
+            "options": {"explain": explain},
+        }
+        files = [
+            ("images", (f"{k}.png", pngs[k % len(pngs)], "image/png")) for k in range(n_images)
+        ]
         with self.environment.events.request.measure("case", kind) as case:
-            r = self.client.post("/v1/analyses", files=files, data={"metadata": json.dumps(meta)},
-                                 name="/v1/analyses")
+            r = self.client.post(
+                "/v1/analyses",
+                files=files,
+                data={"metadata": json.dumps(meta)},
+                name="/v1/analyses",
+            )
             if r.status_code != 202:
                 raise CaseFailed(f"submit answered {r.status_code}")
             location = r.json()["location"]

@@ -37,8 +37,12 @@ def _load(environment, **_kwargs) -> None:
     if not targets:
         raise RuntimeError("MS_LOADTEST_OIP_TARGETS names no model service")
     weights = json.loads(os.environ.get("MS_LOADTEST_OIP_WEIGHTS") or "{}")
-    _STATE.update(targets=targets, inputs=Inputs.load(os.environ["MS_LOADTEST_INPUTS"]),
-                  models=list(targets), weights=[float(weights.get(m, 1)) for m in targets])
+    _STATE.update(
+        targets=targets,
+        inputs=Inputs.load(os.environ["MS_LOADTEST_INPUTS"]),
+        models=list(targets),
+        weights=[float(weights.get(m, 1)) for m in targets],
+    )
 
 
 class OipUser(User):

@@ -35,8 +35,9 @@ def _check_image(x: torch.Tensor) -> None:
         raise InvalidInput(f"expected one RGB image FloatTensor[1, 3, H, W], got {tuple(x.shape)}")
 
 
-def occlusion_grid(forward: ForwardFn, x: torch.Tensor, *, window: int, stride: int,
-                   batch_size: int = 16) -> np.ndarray:
+def occlusion_grid(
+    forward: ForwardFn, x: torch.Tensor, *, window: int, stride: int, batch_size: int = 16
+) -> np.ndarray:
     """Dense occlusion map.
 
     Args:
@@ -56,7 +57,8 @@ def occlusion_grid(forward: ForwardFn, x: torch.Tensor, *, window: int, stride: 
     if not 0 < stride <= window <= min(height, width):
         raise InvalidInput(
             f"need 0 < stride <= window <= image side; got window={window}, stride={stride} "
-            f"for a {height}x{width} image")
+            f"for a {height}x{width} image"
+        )
     attribution = Occlusion(forward).attribute(
         x,
         sliding_window_shapes=(3, window, window),
@@ -70,7 +72,9 @@ def occlusion_grid(forward: ForwardFn, x: torch.Tensor, *, window: int, stride: 
 def _clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
-        raise InvalidInput(f"boxes must be finite float32[N, 4] x1,y1,x2,y2; got shape {boxes.shape}")
+        raise InvalidInput(
+            f"boxes must be finite float32[N, 4] x1,y1,x2,y2; got shape {boxes.shape}"
+        )
     out = boxes.copy()
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
@@ -78,8 +82,9 @@ def _clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def occlusion_cells(forward: ForwardFn, x: torch.Tensor, boxes: np.ndarray, *,
-                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def occlusion_cells(
+    forward: ForwardFn, x: torch.Tensor, boxes: np.ndarray, *, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell occlusion.
 
     Args:
@@ -100,21 +105,23 @@ def occlusion_cells(forward: ForwardFn, x: torch.Tensor, boxes: np.ndarray, *,
     reference = forward(x).reshape(-1)[0]
     importance = np.zeros(len(clipped), dtype=np.float32)
     for start in range(0, len(clipped), batch_size):
-        chunk = clipped[start:start + batch_size]
+        chunk = clipped[start : start + batch_size]
         batch = x.repeat(len(chunk), 1, 1, 1)
         for i, (x1, y1, x2, y2) in enumerate(chunk):
             batch[i, :, y1:y2, x1:x2] = base[0]
         scores = forward(batch).reshape(-1)
-        importance[start:start + len(chunk)] = (reference - scores).float().cpu().numpy()
+        importance[start : start + len(chunk)] = (reference - scores).float().cpu().numpy()
     heatmap = np.zeros((height, width), dtype=np.float32)
-    for (x1, y1, x2, y2), value in sorted(zip(clipped, importance, strict=True),
-                                          key=lambda item: abs(item[1])):
+    for (x1, y1, x2, y2), value in sorted(
+        zip(clipped, importance, strict=True), key=lambda item: abs(item[1])
+    ):
         heatmap[y1:y2, x1:x2] = value
     return importance, heatmap
 
 
-def pointing_game_ratio(heatmap: np.ndarray, target_mask: np.ndarray,
-                        top_fraction: float = 0.1) -> float:
+def pointing_game_ratio(
+    heatmap: np.ndarray, target_mask: np.ndarray, top_fraction: float = 0.1
+) -> float:
     """How much more often the top `top_fraction` of importance falls on the target.
 
     Returns (share of top-importance pixels inside `target_mask`) / (share of the image the

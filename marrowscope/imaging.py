@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF")
 # Smear-background grey used where a crop reaches past the image border.
 BACKGROUND_RGB: tuple[int, int, int] = (235, 235, 235)
-_KNOWN_UNSUPPORTED = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
-                      (b"RIFF", "WebP/RIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"))
+_KNOWN_UNSUPPORTED = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WebP/RIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"%PDF", "PDF"),
+)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -72,7 +78,8 @@ def _to_rgb(img) -> np.ndarray:
     if mode == "F" or mode.startswith("F;"):
         raise InvalidInput("floating-point images are not supported; send 8- or 16-bit data")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in img.info)
+        mode == "P" and "transparency" in img.info
+    )
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -96,13 +103,15 @@ def decode_image(data: bytes, *, limits: ImageLimits | None = None) -> np.ndarra
         raise InvalidInput(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     unsupported = _sniff_unsupported(data)
     if unsupported:
-        raise InvalidInput(f"{unsupported} images are not supported; send "
-                           f"{', '.join(ACCEPTED_FORMATS)}")
+        raise InvalidInput(
+            f"{unsupported} images are not supported; send {', '.join(ACCEPTED_FORMATS)}"
+        )
     try:
         img = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))  # header only
     except UnidentifiedImageError:
-        raise InvalidInput("not a recognised image; accepted formats: "
-                           f"{', '.join(ACCEPTED_FORMATS)}") from None
+        raise InvalidInput(
+            f"not a recognised image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise InvalidInput(f"image declares too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
@@ -110,11 +119,14 @@ def decode_image(data: bytes, *, limits: ImageLimits | None = None) -> np.ndarra
     with img:
         width, height = img.size
         if width * height > limits.max_pixels:
-            raise InvalidInput(f"image is {width}x{height} = {width * height} pixels; the "
-                               f"limit is {limits.max_pixels} (refused before decoding)")
+            raise InvalidInput(
+                f"image is {width}x{height} = {width * height} pixels; the "
+                f"limit is {limits.max_pixels} (refused before decoding)"
+            )
         if min(width, height) < limits.min_side:
-            raise InvalidInput(f"image is {width}x{height}; each side must be at least "
-                               f"{limits.min_side} pixels")
+            raise InvalidInput(
+                f"image is {width}x{height}; each side must be at least {limits.min_side} pixels"
+            )
         try:
             if getattr(img, "n_frames", 1) > 1:
                 log.debug("multi-frame %s image: using the first frame", img.format)
@@ -124,16 +136,31 @@ def decode_image(data: bytes, *, limits: ImageLimits | None = None) -> np.ndarra
             return _to_rgb(img)
         except InvalidInput:
             raise
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error,
-                Image.DecompressionBombError) as exc:
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            EOFError,
+            struct.error,
+            Image.DecompressionBombError,
+        ) as exc:
             raise InvalidInput(f"truncated or corrupt {img.format} image: {exc}") from None
 
 
 def _check_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        got = (f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray)
-               else type(image).__name__)
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != 3
+        or image.shape[2] != 3
+        or image.shape[0] == 0
+        or image.shape[1] == 0
+    ):
+        got = (
+            f"{image.dtype}{list(image.shape)}"
+            if isinstance(image, np.ndarray)
+            else type(image).__name__
+        )
         raise InvalidInput(f"{name} must be uint8[H, W, 3] RGB, got {got}")
     return image
 
@@ -160,9 +187,14 @@ celltype trainer records this value in the model config and the celltype service
 model that recorded another, because the gateway cuts crops with this constant."""
 
 
-def crop_cells(image: np.ndarray, boxes: np.ndarray, size: int,
-               pad_fraction: float = CELL_CROP_PAD_FRACTION,
-               *, fill: tuple[int, int, int] = BACKGROUND_RGB) -> np.ndarray:
+def crop_cells(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    pad_fraction: float = CELL_CROP_PAD_FRACTION,
+    *,
+    fill: tuple[int, int, int] = BACKGROUND_RGB,
+) -> np.ndarray:
     """Square crops centred on each box, resized to `size` x `size`.
 
     image: uint8[H, W, 3] RGB. boxes: float[N, 4] x1, y1, x2, y2 pixels (x2 > x1, y2 > y1).
@@ -193,10 +225,11 @@ def crop_cells(image: np.ndarray, boxes: np.ndarray, size: int,
         sx0, sy0 = max(left, 0), max(top, 0)
         sx1, sy1 = min(left + side, width), min(top + side, height)
         if sx1 > sx0 and sy1 > sy0:
-            canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
+            canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
         if side != size:
-            canvas = np.asarray(Image.fromarray(canvas).resize((size, size),
-                                                               Image.Resampling.BILINEAR))
+            canvas = np.asarray(
+                Image.fromarray(canvas).resize((size, size), Image.Resampling.BILINEAR)
+            )
         out[i] = canvas
     return out
 

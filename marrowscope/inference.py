@@ -71,9 +71,18 @@ def autocast_context(device: torch.device, mode: str = "none") -> contextlib.Abs
 
 
 def _check_image(image: Any, what: str = "image") -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        got = f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != 3
+        or image.shape[2] != 3
+        or min(image.shape[:2]) < 1
+    ):
+        got = (
+            f"{image.dtype}{list(image.shape)}"
+            if isinstance(image, np.ndarray)
+            else type(image).__name__
+        )
         raise InvalidInput(f"{what} must be uint8[H, W, 3] RGB, got {got}")
     return image
 
@@ -81,10 +90,18 @@ def _check_image(image: Any, what: str = "image") -> np.ndarray:
 class _Predictor:
     kind = ""
 
-    def __init__(self, loaded: LoadedModel, *, device: str = "cpu", autocast: str = "none",
-                 version: str | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str = "cpu",
+        autocast: str = "none",
+        version: str | None = None,
+    ) -> None:
         if loaded.config["kind"] != self.kind:
-            raise InvalidInput(f"{type(self).__name__} needs a {self.kind} model, got {loaded.config['kind']}")
+            raise InvalidInput(
+                f"{type(self).__name__} needs a {self.kind} model, got {loaded.config['kind']}"
+            )
         self.device = select_device(device)
         self.autocast = autocast
         autocast_context(self.device, autocast)  # validates the mode now, not at first call
@@ -129,16 +146,23 @@ class Detector(_Predictor):
         """Detections with score >= `score_threshold` (default: the config's) for one image."""
         return self.predict_batch([image], score_threshold)[0]
 
-    def predict_batch(self, images: Sequence[np.ndarray], score_threshold: float | None = None
-                      ) -> list[Detections]:
+    def predict_batch(
+        self, images: Sequence[np.ndarray], score_threshold: float | None = None
+    ) -> list[Detections]:
         """One `Detections` per image; images may differ in size (each uint8[H, W, 3])."""
         import torch
 
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
         if not 0.0 <= threshold <= 1.0:
             raise InvalidInput(f"score_threshold must be in [0, 1], got {threshold}")
-        tensors = [torch.from_numpy(np.ascontiguousarray(_check_image(im, f"images[{i}]")))
-                   .to(self.device).permute(2, 0, 1).float().div_(255.0) for i, im in enumerate(images)]
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(_check_image(im, f"images[{i}]")))
+            .to(self.device)
+            .permute(2, 0, 1)
+            .float()
+            .div_(255.0)
+            for i, im in enumerate(images)
+        ]
         if not tensors:
             return []
         with torch.inference_mode(), self._amp():
@@ -150,10 +174,18 @@ class Detector(_Predictor):
             labels = out["labels"].cpu().numpy()[keep]
             if labels.size and (labels.min() < 1 or labels.max() > len(self.classes)):
                 raise InvalidInput(f"detector produced label outside 1..{len(self.classes)}")
-            result.append(Detections(
-                boxes=out["boxes"].float().cpu().numpy()[keep].astype(np.float32).reshape(-1, 4),
-                scores=scores[keep].astype(np.float32),
-                labels=tuple(self.classes[int(v) - 1] for v in labels)))
+            result.append(
+                Detections(
+                    boxes=out["boxes"]
+                    .float()
+                    .cpu()
+                    .numpy()[keep]
+                    .astype(np.float32)
+                    .reshape(-1, 4),
+                    scores=scores[keep].astype(np.float32),
+                    labels=tuple(self.classes[int(v) - 1] for v in labels),
+                )
+            )
         return result
 
 
@@ -181,17 +213,21 @@ class CellTyper(_Predictor):
 
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
-            raise InvalidInput(f"crops must be uint8[B, S, S, 3], got {crops.dtype}{list(crops.shape)}")
+            raise InvalidInput(
+                f"crops must be uint8[B, S, S, 3], got {crops.dtype}{list(crops.shape)}"
+            )
         if crops.shape[0] and crops.shape[1:3] != (self.crop_size, self.crop_size):
-            raise InvalidInput(f"crops are {crops.shape[1]}x{crops.shape[2]}; the model takes "
-                               f"{self.crop_size}x{self.crop_size}")
+            raise InvalidInput(
+                f"crops are {crops.shape[1]}x{crops.shape[2]}; the model takes "
+                f"{self.crop_size}x{self.crop_size}"
+            )
         out = np.zeros((crops.shape[0], len(self.names)), dtype=np.float32)
         for start in range(0, crops.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
+            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
             with torch.inference_mode(), self._amp():
                 x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                 probs = self.module.probabilities(self.module(x))
-            out[start:start + len(x)] = probs.float().cpu().numpy()
+            out[start : start + len(x)] = probs.float().cpu().numpy()
         return out
 
 
@@ -221,7 +257,10 @@ class EnsemblePredictor(_Predictor):
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
-        return {t: p.numpy().astype(np.float32) for t, p in self.module.predict_targets(vectors, list(names)).items()}
+        return {
+            t: p.numpy().astype(np.float32)
+            for t, p in self.module.predict_targets(vectors, list(names)).items()
+        }
 
     def predict(self, names: Sequence[str], vector: np.ndarray) -> float:
         """vector float[F] (or [1, F]) in `names` order -> P(AML)."""
@@ -250,10 +289,14 @@ class Npm1Predictor(_Predictor):
 
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise InvalidInput(f"images must be uint8[B, H, W, 3], got {images.dtype}{list(images.shape)}")
+            raise InvalidInput(
+                f"images must be uint8[B, H, W, 3], got {images.dtype}{list(images.shape)}"
+            )
         if tuple(images.shape[1:3]) != self.input_size:
-            raise InvalidInput(f"images are {images.shape[1]}x{images.shape[2]} (H x W); the model "
-                               f"takes {self.input_size[0]}x{self.input_size[1]}")
+            raise InvalidInput(
+                f"images are {images.shape[1]}x{images.shape[2]} (H x W); the model "
+                f"takes {self.input_size[0]}x{self.input_size[1]}"
+            )
         if images.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
         x = torch.from_numpy(np.ascontiguousarray(images))
@@ -270,12 +313,16 @@ class Npm1Predictor(_Predictor):
 
 
 _PREDICTORS: dict[str, type[_Predictor]] = {
-    "detector": Detector, "celltype": CellTyper, "ensemble": EnsemblePredictor, "npm1": Npm1Predictor,
+    "detector": Detector,
+    "celltype": CellTyper,
+    "ensemble": EnsemblePredictor,
+    "npm1": Npm1Predictor,
 }
 
 
-def load_predictor(uri: str, *, device: str = "cpu", autocast: str = "none",
-                   tracking_uri: str | None = None) -> _Predictor:
+def load_predictor(
+    uri: str, *, device: str = "cpu", autocast: str = "none", tracking_uri: str | None = None
+) -> _Predictor:
     """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a model directory and wrap it
     in the predictor of its kind; `.version` is the registry version (or `local-<digest>`)."""
     from marrowscope import registry
@@ -319,8 +366,9 @@ class CaseAnalysis:
         return sum(c.cell_type in COUNTED_CODES for c in self.cells)
 
 
-def cell_calls(probs: np.ndarray, names: Sequence[str], morph: np.ndarray,
-               morph_names: Sequence[str]) -> list[CellCall]:
+def cell_calls(
+    probs: np.ndarray, names: Sequence[str], morph: np.ndarray, morph_names: Sequence[str]
+) -> list[CellCall]:
     """`CellCall`s from celltype probabilities float[N, K] (`names`) and morphometrics
     float[N, F] (`morph_names`). Raises InvalidInput when the cell typer lacks a taxonomy
     code or attribute the case features need (as the gateway does)."""
@@ -332,14 +380,23 @@ def cell_calls(probs: np.ndarray, names: Sequence[str], morph: np.ndarray,
         raise InvalidInput(f"celltype outputs lack {missing}, which the case features need")
     if len(probs) != len(morph):
         raise InvalidInput(f"{len(probs)} probability rows but {len(morph)} morphometric rows")
-    return [CellCall(probs={n: float(p) for n, p in zip(names, row, strict=True)},
-                     morph={n: float(v) for n, v in zip(morph_names, m, strict=True)})
-            for row, m in zip(probs, morph, strict=True)]
+    return [
+        CellCall(
+            probs={n: float(p) for n, p in zip(names, row, strict=True)},
+            morph={n: float(v) for n, v in zip(morph_names, m, strict=True)},
+        )
+        for row, m in zip(probs, morph, strict=True)
+    ]
 
 
-def analyse_case(images: Sequence[np.ndarray], detector: Detector, celltyper: CellTyper, *,
-                 um_per_px: float | Sequence[float | None] | None = None,
-                 score_threshold: float | None = None) -> CaseAnalysis:
+def analyse_case(
+    images: Sequence[np.ndarray],
+    detector: Detector,
+    celltyper: CellTyper,
+    *,
+    um_per_px: float | Sequence[float | None] | None = None,
+    score_threshold: float | None = None,
+) -> CaseAnalysis:
     """Run detection, morphometrics and cell typing over the images of one case.
 
     images: uint8[H, W, 3] RGB each. um_per_px: one value, one per image, or None (areas in

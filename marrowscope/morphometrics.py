@@ -301,7 +301,9 @@ def _measure(
         cell_mask = cell_mask.astype(bool)
     empty = np.zeros((h, w), dtype=bool)
     if min(h, w) < MIN_SIDE_PX:
-        return CellMeasurement(_default_features(), empty, empty if cell_mask is None else cell_mask)
+        return CellMeasurement(
+            _default_features(), empty, empty if cell_mask is None else cell_mask
+        )
     cell = segment_cell(crop, centre) if cell_mask is None else cell_mask
     nucleus = segment_nucleus(crop, cell)
     if not cell.any() or not nucleus.any():

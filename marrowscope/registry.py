@@ -97,7 +97,11 @@ def git_commit() -> str:
     """`git rev-parse HEAD` of the project, or `unknown` outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -175,7 +179,9 @@ def register_model_dir(
             raise InvalidInput(f"metric {key!r} must be a finite number, got {value!r}")
     for upstream, version in lineage.items():
         if upstream not in KINDS or not str(version).isdigit():
-            raise InvalidInput(f"lineage entry {upstream}={version!r} is not <kind>=<version number>")
+            raise InvalidInput(
+                f"lineage entry {upstream}={version!r} is not <kind>=<version number>"
+            )
 
     uri = tracking_uri or default_tracking_uri()
     client = get_client(uri)
@@ -235,7 +241,11 @@ class ResolvedModel:
         return None if value is None else float(value)
 
     def lineage(self) -> dict[str, str]:
-        return {k[len(LINEAGE_PREFIX) :]: v for k, v in self.tags.items() if k.startswith(LINEAGE_PREFIX)}
+        return {
+            k[len(LINEAGE_PREFIX) :]: v
+            for k, v in self.tags.items()
+            if k.startswith(LINEAGE_PREFIX)
+        }
 
 
 def get_version(
@@ -350,7 +360,9 @@ def resolve(
         else:
             path = Path(uri.removeprefix("file://")).expanduser()
             if not path.is_dir():
-                raise ModelNotFound(f"{uri!r} is neither a models:/ URI nor an existing model directory")
+                raise ModelNotFound(
+                    f"{uri!r} is neither a models:/ URI nor an existing model directory"
+                )
             return _resolve_local(path, uri)
     tracking = tracking_uri or default_tracking_uri()
     client = get_client(tracking)
@@ -359,6 +371,10 @@ def resolve(
     elif m := _URI_VERSION.match(uri):
         mv = get_version(m["name"], m["version"], client=client)
     else:
-        raise InvalidInput(f"malformed model URI {uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise InvalidInput(
+            f"malformed model URI {uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
     local = _download(mv, tracking, Path(cache_dir) if cache_dir else default_cache_dir())
-    return ResolvedModel(name=mv.name, version=str(mv.version), local_dir=local, tags=dict(mv.tags), uri=uri)
+    return ResolvedModel(
+        name=mv.name, version=str(mv.version), local_dir=local, tags=dict(mv.tags), uri=uri
+    )

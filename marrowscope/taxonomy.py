@@ -84,7 +84,12 @@ def cell_type(code: str) -> CellType:
 def coco_categories() -> list[dict]:
     """COCO `categories` entries for the taxonomy (id, name=code, supercategory=lineage)."""
     return [
-        {"id": CATEGORY_IDS[c.code], "name": c.code, "supercategory": c.lineage,
-         "full_name": c.name, "counted": c.counted}
+        {
+            "id": CATEGORY_IDS[c.code],
+            "name": c.code,
+            "supercategory": c.lineage,
+            "full_name": c.name,
+            "counted": c.counted,
+        }
         for c in CELL_TYPES
     ]

@@ -52,8 +52,9 @@ def int_parameter(parameters: Parameters, key: str, default: int, *, minimum: in
     return value
 
 
-def str_parameter(parameters: Parameters, key: str, default: str,
-                  choices: Sequence[str] | None = None) -> str:
+def str_parameter(
+    parameters: Parameters, key: str, default: str, choices: Sequence[str] | None = None
+) -> str:
     """A string request parameter, optionally one of ``choices``; InvalidInput otherwise."""
     value = parameters.get(key, default)
     if not isinstance(value, str):
@@ -80,15 +81,17 @@ def release_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_predictor(predictor_cls: type, local_dir: Path, settings: ServiceSettings,
-                   version: str | None = None) -> Any:
+def load_predictor(
+    predictor_cls: type, local_dir: Path, settings: ServiceSettings, version: str | None = None
+) -> Any:
     """``predictor_cls`` (a `marrowscope.inference` predictor) over the model in
     ``local_dir`` on ``settings.device`` with ``settings.autocast``."""
     from marrowscope.models import load_model
 
     loaded = load_model(local_dir)
-    return predictor_cls(loaded, device=settings.device, autocast=settings.autocast,
-                         version=version)
+    return predictor_cls(
+        loaded, device=settings.device, autocast=settings.autocast, version=version
+    )
 
 
 class PredictorHandler(ModelHandler):
@@ -112,8 +115,9 @@ class PredictorHandler(ModelHandler):
 
     def load(self) -> None:
         # the predictor refuses a model of another kind (InvalidInput)
-        self.predictor = load_predictor(self.predictor_cls, self.local_dir, self.settings,
-                                        self.version or None)
+        self.predictor = load_predictor(
+            self.predictor_cls, self.local_dir, self.settings, self.version or None
+        )
         log.info("loaded %s version %s on %s", self.name, self.version, self.predictor.device)
         super().load()
 

@@ -23,8 +23,13 @@ from marrowscope.paths import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 MODEL_SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
-REGISTRY_KIND = {"segmentation": "segmentation", "celltype": "celltype", "ensemble": "ensemble",
-                 "npm1": "npm1", "explain": "npm1"}
+REGISTRY_KIND = {
+    "segmentation": "segmentation",
+    "celltype": "celltype",
+    "ensemble": "ensemble",
+    "npm1": "npm1",
+    "explain": "npm1",
+}
 
 
 def free_port() -> int:
@@ -75,8 +80,13 @@ class LocalStack:
 
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONPATH": str(PROJECT_ROOT),
-                    "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+        env.update(
+            {
+                "MLFLOW_TRACKING_URI": self.tracking_uri,
+                "PYTHONPATH": str(PROJECT_ROOT),
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            }
+        )
         env.update(self.env)
         return env
 
@@ -84,8 +94,14 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"{name}.log"
         fh = log_path.open("ab")
-        popen = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=PROJECT_ROOT,
-                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         fh.close()
         proc = Proc(name, popen, log_path, ports)
         self.procs[name] = proc
@@ -98,12 +114,15 @@ class LocalStack:
             prefix = f"MS_{name.upper()}_"
             grpc_port, metrics_port = free_port(), free_port()
             env = dict(base)
-            env.update({
-                prefix + "GRPC_PORT": str(grpc_port),
-                prefix + "METRICS_PORT": str(metrics_port),
-                prefix + "MODEL_URI": self.model_uris.get(
-                    name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"),
-            })
+            env.update(
+                {
+                    prefix + "GRPC_PORT": str(grpc_port),
+                    prefix + "METRICS_PORT": str(metrics_port),
+                    prefix + "MODEL_URI": self.model_uris.get(
+                        name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"
+                    ),
+                }
+            )
             env.update({k: v for k, v in self.env.items() if k.startswith(prefix)})
             self._spawn(name, f"services.{name}", env, {"grpc": grpc_port, "metrics": metrics_port})
         for name in self.services:
@@ -132,8 +151,10 @@ class LocalStack:
 
     def _check_alive(self, proc: Proc) -> None:
         if proc.popen.poll() is not None:
-            raise StackError(f"{proc.name} exited with code {proc.popen.returncode}; "
-                             f"last log lines ({proc.log_path}):\n{proc.tail()}")
+            raise StackError(
+                f"{proc.name} exited with code {proc.popen.returncode}; "
+                f"last log lines ({proc.log_path}):\n{proc.tail()}"
+            )
 
     def wait_grpc_ready(self, name: str, timeout_s: float) -> None:
         import grpc
@@ -169,8 +190,9 @@ class LocalStack:
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.5)
-        raise StackError(f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last}); "
-                         f"log:\n{proc.tail()}")
+        raise StackError(
+            f"{proc.name} not ready at {url} after {timeout_s:.0f} s ({last}); log:\n{proc.tail()}"
+        )
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM every process (gateway first), then SIGKILL what outlives the grace."""

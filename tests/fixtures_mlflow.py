@@ -49,13 +49,21 @@ class MlflowServer:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "mlflow", "server",
-                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root / 'mlflow.db'}",
                     "--serve-artifacts",
-                    "--artifacts-destination", str(self.root / "artifacts"),
-                    "--host", "127.0.0.1",
-                    "--port", str(self.port),
-                    "--workers", "1",
+                    "--artifacts-destination",
+                    str(self.root / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -68,7 +76,9 @@ class MlflowServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"mlflow server exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
@@ -77,7 +87,9 @@ class MlflowServer:
                 pass  # not listening yet
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -132,7 +144,12 @@ def make_tiny_model_dir(kind: str, directory: Path, *, seed: int = 0, **fields) 
     elif kind == "ensemble":
         from marrowscope.features import case_feature_names
 
-        fields = {"feature_names": list(case_feature_names()), "hidden": [4], "dropout": 0.0, **fields}
+        fields = {
+            "feature_names": list(case_feature_names()),
+            "hidden": [4],
+            "dropout": 0.0,
+            **fields,
+        }
         config = make_config("ensemble", "mlp", **fields)
     elif kind == "npm1":
         config = make_config("npm1", "resnet18", **{"input_size": [64, 64], **fields})

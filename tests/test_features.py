@@ -53,8 +53,13 @@ def test_empty_case_is_all_zeros():
 
 
 def test_fractions_sum_to_one_and_rbc_is_not_counted():
-    cells = [call("BLA", 2.0, auer_rod=0.8), call("BLA", 4.0, auer_rod=0.4), call("LYT", 6.0),
-             call("NGS", 100.0, ok=0.0), call("RBC", 50.0)]
+    cells = [
+        call("BLA", 2.0, auer_rod=0.8),
+        call("BLA", 4.0, auer_rod=0.4),
+        call("LYT", 6.0),
+        call("NGS", 100.0, ok=0.0),
+        call("RBC", 50.0),
+    ]
     names, vec = case_features(cells)
     v = dict(zip(names, vec.tolist(), strict=True))
     fracs = [v[f"frac_{c}"] for c in COUNTED_CODES]
@@ -73,8 +78,9 @@ def test_fractions_sum_to_one_and_rbc_is_not_counted():
 def test_bad_cells_are_rejected():
     good = call("BLA")
     with pytest.raises(InvalidInput, match="auer_rod"):
-        case_features([CellCall({k: v for k, v in good.probs.items() if k != "auer_rod"},
-                                good.morph)])
+        case_features(
+            [CellCall({k: v for k, v in good.probs.items() if k != "auer_rod"}, good.morph)]
+        )
     with pytest.raises(InvalidInput, match="not in"):
         case_features([CellCall({**good.probs, "BLA": 1.5}, good.morph)])
     with pytest.raises(InvalidInput, match="nc_ratio"):

@@ -34,9 +34,15 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height but that holds no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
@@ -73,8 +79,7 @@ def test_grey_rgba_palette_and_16_bit_become_rgb():
     assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[0, 47]) == (255, 255, 255)
 
     pal = Image.fromarray(_rgb()).convert("P")
-    np.testing.assert_array_equal(decode_image(_encode(pal, "PNG")),
-                                  np.asarray(pal.convert("RGB")))
+    np.testing.assert_array_equal(decode_image(_encode(pal, "PNG")), np.asarray(pal.convert("RGB")))
 
     sixteen = np.linspace(0, 65535, 40 * 48).astype(np.uint16).reshape(40, 48)
     for fmt in ("PNG", "TIFF"):
@@ -97,11 +102,14 @@ def test_unsupported_formats_are_refused(fmt, name):
         decode_image(_encode(Image.fromarray(_rgb()), fmt))
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "empty"),
-    (b"hello, this is not an image at all" * 3, "not a recognised image"),
-    ("a string", "must be bytes"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "empty"),
+        (b"hello, this is not an image at all" * 3, "not a recognised image"),
+        ("a string", "must be bytes"),
+    ],
+)
 def test_non_images_are_refused(data, match):
     with pytest.raises(InvalidInput, match=match):
         decode_image(data)
@@ -140,8 +148,9 @@ def test_byte_and_side_limits():
 def test_crops_are_centred_square_and_padded():
     img = np.zeros((100, 120, 3), dtype=np.uint8)
     img[40:60, 50:70] = (255, 0, 0)  # red square, box 50,40 .. 70,60
-    crops = crop_cells(img, np.array([[50, 40, 70, 60], [0, 0, 20, 10]], np.float32),
-                       size=32, pad_fraction=0.5)
+    crops = crop_cells(
+        img, np.array([[50, 40, 70, 60], [0, 0, 20, 10]], np.float32), size=32, pad_fraction=0.5
+    )
     assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.uint8
     # side 40 px: the 20 px square fills the middle half of the crop
     centre = crops[0]

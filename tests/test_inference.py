@@ -25,11 +25,23 @@ def models(tmp_path_factory):
     from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES
 
     root = tmp_path_factory.mktemp("models")
-    seg = make_tiny_model_dir("segmentation", root / "seg", classes=["cell", "RBC"], min_size=96, max_size=128,
-                              hyperparameters={"score_threshold": 0.0, "box_detections_per_img": 20})
-    cel = make_tiny_model_dir("celltype", root / "cel", outputs=[*CODES, *ATTRIBUTE_CODES], cell_head="softmax")
-    return {"seg": seg, "cel": cel, "ens": make_tiny_model_dir("ensemble", root / "ens"),
-            "npm1": make_tiny_model_dir("npm1", root / "npm1", input_size=[48, 64])}
+    seg = make_tiny_model_dir(
+        "segmentation",
+        root / "seg",
+        classes=["cell", "RBC"],
+        min_size=96,
+        max_size=128,
+        hyperparameters={"score_threshold": 0.0, "box_detections_per_img": 20},
+    )
+    cel = make_tiny_model_dir(
+        "celltype", root / "cel", outputs=[*CODES, *ATTRIBUTE_CODES], cell_head="softmax"
+    )
+    return {
+        "seg": seg,
+        "cel": cel,
+        "ens": make_tiny_model_dir("ensemble", root / "ens"),
+        "npm1": make_tiny_model_dir("npm1", root / "npm1", input_size=[48, 64]),
+    }
 
 
 def _image(seed=0, hw=(96, 128)):
@@ -60,7 +72,7 @@ def test_celltyper_probabilities_and_size_check(models):
     assert probs.shape == (2, len(typer.names)) and probs.dtype == np.float32
     from marrowscope.taxonomy import CODES
 
-    np.testing.assert_allclose(probs[:, :len(CODES)].sum(1), 1.0, rtol=1e-5)  # softmax cell head
+    np.testing.assert_allclose(probs[:, : len(CODES)].sum(1), 1.0, rtol=1e-5)  # softmax cell head
     assert typer.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, len(typer.names))
     with pytest.raises(InvalidInput, match="32x32"):
         typer.predict(np.zeros((1, 16, 16, 3), np.uint8))
@@ -84,7 +96,9 @@ def test_npm1_input_size_and_case_mean(models):
     batch = np.stack([npm.prepare(_image(i)) for i in range(3)])
     p = npm.predict(batch)
     assert p.shape == (3,) and p.dtype == np.float32 and np.all((p >= 0) & (p <= 1))
-    assert npm.predict_case([_image(i) for i in range(3)]) == pytest.approx(float(p.mean()), abs=1e-6)
+    assert npm.predict_case([_image(i) for i in range(3)]) == pytest.approx(
+        float(p.mean()), abs=1e-6
+    )
     with pytest.raises(InvalidInput, match="48x64"):
         npm.predict(np.zeros((1, 64, 64, 3), np.uint8))
 
@@ -105,7 +119,10 @@ def test_analyse_case_builds_the_case_vector(models):
     images = [_image(3), _image(4)]
     result = analyse_case(images, det, typer, um_per_px=0.27, score_threshold=0.0)
     assert result.feature_names == case_feature_names()
-    assert result.features.shape == (len(case_feature_names()),) and result.features.dtype == np.float32
+    assert (
+        result.features.shape == (len(case_feature_names()),)
+        and result.features.dtype == np.float32
+    )
     assert result.n_detected == sum(len(d.detections) for d in result.images) > 0
     for im in result.images:
         assert im.morphometrics.shape == (len(im.detections), len(FEATURE_NAMES))

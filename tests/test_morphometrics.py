@@ -85,8 +85,11 @@ def test_given_cell_mask_is_used_as_is():
 def test_lobulated_nucleus_has_low_solidity():
     size = 120
     crop, cell, _ = drawn_cell(nuc_r=(1, 1))
-    lobes = (ellipse((size, size), 45, 45, 9, 9) | ellipse((size, size), 75, 45, 9, 9)
-             | ellipse((size, size), 60, 78, 9, 9))
+    lobes = (
+        ellipse((size, size), 45, 45, 9, 9)
+        | ellipse((size, size), 75, 45, 9, 9)
+        | ellipse((size, size), 60, 78, 9, 9)
+    )
     img = crop.copy()
     img[lobes] = NUCLEUS
     f = measure_cell(img).features
@@ -143,8 +146,10 @@ def test_measure_cells_on_a_field_with_several_cells():
     b, _, _ = drawn_cell(size=100, cell_r=(25, 25), nuc_r=(15, 15), seed=2)
     field[0:100, 0:100] = a
     field[90:190, 180:280] = b
-    boxes = np.array([[20, 20, 80, 80], [205, 115, 255, 165], [290, 190, 300, 200],
-                      [400, 400, 500, 500]], dtype=np.float32)
+    boxes = np.array(
+        [[20, 20, 80, 80], [205, 115, 255, 165], [290, 190, 300, 200], [400, 400, 500, 500]],
+        dtype=np.float32,
+    )
     out = measure_cells(field, boxes, um_per_px=0.5)
     assert out.shape == (4, len(FEATURE_NAMES)) and out.dtype == np.float32
     ok = FEATURE_NAMES.index("segmentation_ok")

@@ -4,12 +4,29 @@ from marrowscope import taxonomy
 
 
 def test_codes_match_design_and_rbc_not_counted():
-    assert taxonomy.CODES == ("BLA", "PMO", "MYB", "MMZ", "NGB", "NGS", "EOS", "BAS", "MON",
-                              "LYT", "PLM", "EBO", "RBC")
+    assert taxonomy.CODES == (
+        "BLA",
+        "PMO",
+        "MYB",
+        "MMZ",
+        "NGB",
+        "NGS",
+        "EOS",
+        "BAS",
+        "MON",
+        "LYT",
+        "PLM",
+        "EBO",
+        "RBC",
+    )
     assert "RBC" not in taxonomy.COUNTED_CODES
     assert len(taxonomy.COUNTED_CODES) == 12
-    assert set(taxonomy.ATTRIBUTE_CODES) == {"auer_rod", "prominent_nucleoli",
-                                             "cup_like_nucleus", "condensed_chromatin"}
+    assert set(taxonomy.ATTRIBUTE_CODES) == {
+        "auer_rod",
+        "prominent_nucleoli",
+        "cup_like_nucleus",
+        "condensed_chromatin",
+    }
 
 
 def test_category_ids_are_one_based_and_invertible():

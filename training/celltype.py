@@ -74,12 +74,16 @@ def coco_crops(data_dir, split: str, config: JobConfig, *, rbc_ratio: float | No
         unknown = sorted({c for c in item.codes if c not in CODES})
         if unknown:
             raise UsageError(f"{item.path}: categories {unknown} are not taxonomy codes")
-        crops.append(crop_cells(read_rgb(item.path), item.boxes, config["crop_size"], CELL_CROP_PAD_FRACTION))
+        crops.append(
+            crop_cells(read_rgb(item.path), item.boxes, config["crop_size"], CELL_CROP_PAD_FRACTION)
+        )
         cells += [CODES.index(c) for c in item.codes]
         attrs += [[float(a.get(k, False)) for k in ATTRIBUTE_CODES] for a in item.attributes]
     if not cells:
         raise UsageError(f"{data_dir}: no annotated cells in split {split!r}")
-    out = CropSet(np.concatenate(crops), np.array(cells, dtype=np.int64), np.array(attrs, dtype=np.float32))
+    out = CropSet(
+        np.concatenate(crops), np.array(cells, dtype=np.int64), np.array(attrs, dtype=np.float32)
+    )
     if rbc_ratio is not None:
         rbc = CODES.index("RBC")
         is_rbc = out.cells == rbc
@@ -88,8 +92,15 @@ def coco_crops(data_dir, split: str, config: JobConfig, *, rbc_ratio: float | No
         keep_rbc = rng.permutation(np.flatnonzero(is_rbc))[:cap]
         keep = np.sort(np.concatenate([np.flatnonzero(~is_rbc), keep_rbc]))
         out = CropSet(out.crops[keep], out.cells[keep], out.attributes[keep])
-    log.info("%s: %d crops (%s)", split, len(out.cells),
-             ", ".join(f"{CODES[i]} {n}" for i, n in zip(*np.unique(out.cells, return_counts=True), strict=True)))
+    log.info(
+        "%s: %d crops (%s)",
+        split,
+        len(out.cells),
+        ", ".join(
+            f"{CODES[i]} {n}"
+            for i, n in zip(*np.unique(out.cells, return_counts=True), strict=True)
+        ),
+    )
     return out
 
 
@@ -107,20 +118,30 @@ def imagefolder_crops(data_dir, config: JobConfig) -> dict[str, CropSet]:
     cells = np.array([CODES.index(c) for _, c in items], dtype=np.int64)
     idx = np.arange(len(cells))
     strat = cells if np.bincount(cells).max() > 1 and min(np.bincount(cells)[cells]) > 2 else None
-    rest, test = train_test_split(idx, test_size=config["test_fraction"], random_state=config["split_seed"],
-                                  stratify=strat)
+    rest, test = train_test_split(
+        idx, test_size=config["test_fraction"], random_state=config["split_seed"], stratify=strat
+    )
     rel = config["val_fraction"] / (1 - config["test_fraction"])
-    train, val = train_test_split(rest, test_size=rel, random_state=config["split_seed"],
-                                  stratify=None if strat is None else cells[rest])
-    return {name: CropSet(crops[i], cells[i], None) for name, i in (("train", train), ("val", val), ("test", test))}
+    train, val = train_test_split(
+        rest,
+        test_size=rel,
+        random_state=config["split_seed"],
+        stratify=None if strat is None else cells[rest],
+    )
+    return {
+        name: CropSet(crops[i], cells[i], None)
+        for name, i in (("train", train), ("val", val), ("test", test))
+    }
 
 
 def load_splits(data_dir, config: JobConfig) -> dict[str, CropSet]:
     if (data_dir / "annotations.json").is_file():
         ratio = config["max_rbc_ratio"]
-        return {"train": coco_crops(data_dir, "train", config, rbc_ratio=ratio),
-                "val": coco_crops(data_dir, "val", config, rbc_ratio=None),
-                "test": coco_crops(data_dir, "test", config, rbc_ratio=None)}
+        return {
+            "train": coco_crops(data_dir, "train", config, rbc_ratio=ratio),
+            "val": coco_crops(data_dir, "val", config, rbc_ratio=None),
+            "test": coco_crops(data_dir, "test", config, rbc_ratio=None),
+        }
     return imagefolder_crops(data_dir, config)
 
 
@@ -130,7 +151,7 @@ def batch_loss(model, x, cells, attributes, cell_head: str):
 
     logits = model(x)
     if attributes is None:  # no attribute labels: train the cell part only
-        return celltype_loss(logits[:, :model.n_cells], cells, None, cell_head=cell_head)
+        return celltype_loss(logits[:, : model.n_cells], cells, None, cell_head=cell_head)
     return celltype_loss(logits, cells, attributes, cell_head=cell_head)
 
 
@@ -150,7 +171,7 @@ def evaluate_probs(probs: np.ndarray, data: CropSet) -> dict[str, float]:
     from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES
     from training.evaluate_metrics import celltype_report
 
-    pred = probs[:, :len(CODES)].argmax(1)
+    pred = probs[:, : len(CODES)].argmax(1)
     y_true = [CODES[i] for i in data.cells]
     y_pred = [CODES[i] for i in pred]
     attr_true, attr_score = {}, {}
@@ -160,8 +181,13 @@ def evaluate_probs(probs: np.ndarray, data: CropSet) -> dict[str, float]:
     return celltype_report(y_true, y_pred, attr_true, attr_score)
 
 
-def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
-          splits: dict[str, CropSet] | None = None) -> tuple[Any, dict, dict]:
+def train(
+    config: JobConfig,
+    args: argparse.Namespace,
+    *,
+    trial: Any = None,
+    splits: dict[str, CropSet] | None = None,
+) -> tuple[Any, dict, dict]:
     import torch
 
     from marrowscope.imaging import CELL_CROP_PAD_FRACTION
@@ -171,19 +197,36 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
     splits = splits or load_splits(args.data, config)
-    hp = {"head_dropout": config["dropout"], "crop_pad_fraction": CELL_CROP_PAD_FRACTION, "lr": config["lr"],
-          "weight_decay": config["weight_decay"], "lr_gamma": config["lr_gamma"], "epochs": config["epochs"]}
-    model_config = make_config("celltype", config["arch"], outputs=outputs(), crop_size=config["crop_size"],
-                               cell_head=config["cell_head"], hyperparameters=hp,
-                               training={"data_hash": data_hash(args.data), "seed": config["seed"],
-                                         "config_name": config["config_name"]})
+    hp = {
+        "head_dropout": config["dropout"],
+        "crop_pad_fraction": CELL_CROP_PAD_FRACTION,
+        "lr": config["lr"],
+        "weight_decay": config["weight_decay"],
+        "lr_gamma": config["lr_gamma"],
+        "epochs": config["epochs"],
+    }
+    model_config = make_config(
+        "celltype",
+        config["arch"],
+        outputs=outputs(),
+        crop_size=config["crop_size"],
+        cell_head=config["cell_head"],
+        hyperparameters=hp,
+        training={
+            "data_hash": data_hash(args.data),
+            "seed": config["seed"],
+            "config_name": config["config_name"],
+        },
+    )
     model = build_model(model_config)
     if config.get("init_weights"):
         from marrowscope.models.weights import load_initial_weights
 
         load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     scaler = torch.amp.GradScaler("cuda") if amp else None
     tr = splits["train"]
@@ -200,8 +243,13 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
         for idx in progress(batches[:limit], desc=f"epoch {epoch + 1}"):
             x = augment(x_all[idx].permute(0, 3, 1, 2).float().div(255.0)).to(device)
             with amp_context(amp):
-                loss = batch_loss(model, x, y_all[idx].to(device),
-                                  None if a_all is None else a_all[idx].to(device), config["cell_head"])
+                loss = batch_loss(
+                    model,
+                    x,
+                    y_all[idx].to(device),
+                    None if a_all is None else a_all[idx].to(device),
+                    config["cell_head"],
+                )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -216,8 +264,11 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
     def typer() -> CellTyper:
         from pathlib import Path
 
-        return CellTyper(LoadedModel(model, model_config, "0" * 64, Path(".")), device=device.type,
-                         autocast="fp16" if amp else "none")
+        return CellTyper(
+            LoadedModel(model, model_config, "0" * 64, Path(".")),
+            device=device.type,
+            autocast="fp16" if amp else "none",
+        )
 
     def validate(epoch: int) -> dict[str, float]:
         m = evaluate_probs(typer().predict(splits["val"].crops), splits["val"])
@@ -225,20 +276,38 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None,
         return {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
 
     out = args.output / (f"trial-{trial.number}" if trial is not None else "")
-    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"], train_epoch=train_epoch,
-        validate=validate if len(splits["val"].cells) else None, output=out, config=config.as_dict(),
-        resume=args.resume, scaler=scaler, trial=trial, monitor="val_macro_f1", checkpoint=trial is None)
+    fit(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=config["epochs"],
+        train_epoch=train_epoch,
+        validate=validate if len(splits["val"].cells) else None,
+        output=out,
+        config=config.as_dict(),
+        resume=args.resume,
+        scaler=scaler,
+        trial=trial,
+        monitor="val_macro_f1",
+        checkpoint=trial is None,
+    )
     model.eval()
     held_out = splits["val"] if trial is not None else splits["test"]
     metrics = evaluate_probs(typer().predict(held_out.crops), held_out)
-    log.info("%s %s", "val" if trial is not None else "test",
-             " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log.info(
+        "%s %s",
+        "val" if trial is not None else "test",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+    )
     return model, model_config, metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.celltype", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.celltype",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return add_common_args(p)
 
 
@@ -249,16 +318,28 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         from training.hpo import run_hpo
 
         splits = load_splits(args.data, config)
-        run_hpo(args, config, job=JOB, monitor="macro_f1",
-                train_trial=lambda cfg, trial: train(cfg, args, trial=trial, splits=splits)[2])
+        run_hpo(
+            args,
+            config,
+            job=JOB,
+            monitor="macro_f1",
+            train_trial=lambda cfg, trial: train(cfg, args, trial=trial, splits=splits)[2],
+        )
         return None
     from marrowscope.models import save_model
 
     with mlflow_run(args, JOB, config) as run:
         model, model_config, metrics = train(config, args)
         model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
-        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
-               data_digest=model_config["training"]["data_hash"])
+        finish(
+            kind=JOB,
+            args=args,
+            run=run,
+            model_dir=model_dir,
+            metrics=metrics,
+            config=config,
+            data_digest=model_config["training"]["data_hash"],
+        )
     return metrics
 
 

@@ -41,27 +41,55 @@ class UsageError(ValueError):
 
 # ---------------------------------------------------------------- flags and configs
 
+
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--data", type=Path, help="dataset folder (COCO folder of docs/CONTRACTS.md, or VOC)")
-    p.add_argument("--output", type=Path, help="output folder (model/, checkpoint.pt, metrics.json)")
-    p.add_argument("--config", default="auto",
-                   help="cpu-tiny | cpu-demo | paper-gpu | path to a JSON file; auto = paper-gpu "
-                        "with CUDA, else cpu-demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (JSON value), e.g. --set epochs=3")
+    p.add_argument(
+        "--data", type=Path, help="dataset folder (COCO folder of docs/CONTRACTS.md, or VOC)"
+    )
+    p.add_argument(
+        "--output", type=Path, help="output folder (model/, checkpoint.pt, metrics.json)"
+    )
+    p.add_argument(
+        "--config",
+        default="auto",
+        help="cpu-tiny | cpu-demo | paper-gpu | path to a JSON file; auto = paper-gpu "
+        "with CUDA, else cpu-demo",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (JSON value), e.g. --set epochs=3",
+    )
     p.add_argument("--seed", type=int, default=None, help="training seed (default: config's)")
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--resume", action="store_true", help=f"continue from <output>/{CHECKPOINT_FILE}")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default marrowscope-train-<job>)")
+    p.add_argument(
+        "--resume", action="store_true", help=f"continue from <output>/{CHECKPOINT_FILE}"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store)",
+    )
+    p.add_argument(
+        "--experiment", default=None, help="MLflow experiment (default marrowscope-train-<job>)"
+    )
     p.add_argument("--no-register", action="store_true", help="do not register the model version")
-    p.add_argument("--promote", action="store_true", help="run the promotion gates after registering")
-    p.add_argument("--hpo-trials", type=int, default=None, help="run N Optuna trials instead of one training")
+    p.add_argument(
+        "--promote", action="store_true", help="run the promotion gates after registering"
+    )
+    p.add_argument(
+        "--hpo-trials", type=int, default=None, help="run N Optuna trials instead of one training"
+    )
     p.add_argument("--study", default=None, help="Optuna study name (required with --hpo-trials)")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL, e.g. postgresql+psycopg2://user@host/db (shared by workers)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL, e.g. postgresql+psycopg2://user@host/db (shared by workers)",
+    )
     p.add_argument("--worker-id", default=None, help="HPO worker id recorded on its trials")
     return p
 
@@ -99,8 +127,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def load_job_config(job: str, name: str, overrides: list[str] = (), *, cuda: bool = False
-                    ) -> dict[str, Any]:
+def load_job_config(
+    job: str, name: str, overrides: list[str] = (), *, cuda: bool = False
+) -> dict[str, Any]:
     """The `job` section of a config file, with `--set` overrides applied (dotted keys reach
     into nested objects, e.g. `hpo.pruner=none`). Unknown keys are refused."""
     if name == "auto":
@@ -123,7 +152,9 @@ def load_job_config(job: str, name: str, overrides: list[str] = (), *, cuda: boo
                 raise UsageError(f"--set {key}: {part!r} is not an object in the {job} config")
             target = target[part] = dict(target[part])
         if leaf not in target:
-            raise UsageError(f"--set {key}: unknown key for {job} (known: {', '.join(sorted(target))})")
+            raise UsageError(
+                f"--set {key}: unknown key for {job} (known: {', '.join(sorted(target))})"
+            )
         target[leaf] = _parse_value(value)
     return config
 
@@ -177,6 +208,7 @@ def build_job_config(job: str, args: argparse.Namespace) -> JobConfig:
 
 # ---------------------------------------------------------------- seeding and device
 
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
     import torch
@@ -199,11 +231,15 @@ def amp_context(enabled: bool):
 
     from marrowscope.inference import autocast_context
 
-    return autocast_context(torch.device("cuda"), "fp16") if enabled else autocast_context(
-        torch.device("cpu"), "none")
+    return (
+        autocast_context(torch.device("cuda"), "fp16")
+        if enabled
+        else autocast_context(torch.device("cpu"), "none")
+    )
 
 
 # ---------------------------------------------------------------- data hashing
+
 
 def data_hash(data_dir: Path) -> str:
     """sha256 over the files that define a dataset's labels and splits (annotations.json and
@@ -213,7 +249,8 @@ def data_hash(data_dir: Path) -> str:
     files = [data_dir / n for n in ("annotations.json", "cases.csv") if (data_dir / n).is_file()]
     if not files and (data_dir / "Annotations").is_dir():
         files = sorted((data_dir / "Annotations").glob("*.xml")) + sorted(
-            (data_dir / "ImageSets" / "Main").glob("*.txt"))
+            (data_dir / "ImageSets" / "Main").glob("*.txt")
+        )
     if files:
         for f in files:
             h.update(str(f.relative_to(data_dir)).encode() + b"\0")
@@ -226,12 +263,16 @@ def data_hash(data_dir: Path) -> str:
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def _rng_state() -> dict[str, Any]:
     import torch
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -248,17 +289,31 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, epoch: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, scaler: Any, history: list[dict[str, float]],
-                    config: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    history: list[dict[str, float]],
+    config: dict[str, Any],
+) -> None:
     """Everything needed to continue after `epoch` (0-based, completed), written atomically.
     Loaded with `torch.load(weights_only=True)`: tensors and plain containers only."""
     import torch
 
-    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "scaler": scaler.state_dict() if scaler is not None else None,
-             "rng": _rng_state(), "history": history, "config": json.dumps(config, sort_keys=True)}
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+        "history": history,
+        "config": json.dumps(config, sort_keys=True),
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -271,14 +326,16 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
-    changed = sorted(k for k in set(saved) | set(config)
-                     if k != "epochs" and saved.get(k) != config.get(k))
+    changed = sorted(
+        k for k in set(saved) | set(config) if k != "epochs" and saved.get(k) != config.get(k)
+    )
     if changed:
         raise UsageError(f"--resume: config differs from the checkpoint's in {changed}")
     return state
 
 
 # ---------------------------------------------------------------- the epoch loop
+
 
 @dataclass
 class FitResult:
@@ -287,10 +344,22 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(*, model: torch.nn.Module, optimizer: Any, scheduler: Any, epochs: int,
-        train_epoch: Callable[[int], float], validate: Callable[[int], dict[str, float]] | None,
-        output: Path, config: dict[str, Any], resume: bool = False, scaler: Any = None,
-        trial: Any = None, monitor: str | None = None, checkpoint: bool = True) -> FitResult:
+def fit(
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    epochs: int,
+    train_epoch: Callable[[int], float],
+    validate: Callable[[int], dict[str, float]] | None,
+    output: Path,
+    config: dict[str, Any],
+    resume: bool = False,
+    scaler: Any = None,
+    trial: Any = None,
+    monitor: str | None = None,
+    checkpoint: bool = True,
+) -> FitResult:
     """Run epochs `start..epochs-1`: `train_epoch(epoch)` -> mean loss, `validate(epoch)` ->
     metrics (logged to the active MLflow run at step=epoch), scheduler step, checkpoint.
 
@@ -330,12 +399,24 @@ def fit(*, model: torch.nn.Module, optimizer: Any, scheduler: Any, epochs: int,
         if mlflow is not None and mlflow.active_run() is not None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         every = max(1, epochs // 20)
-        log.log(logging.INFO if (epoch + 1) % every == 0 or epoch + 1 == epochs else logging.DEBUG,
-                "epoch %d/%d %s", epoch + 1, epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        log.log(
+            logging.INFO if (epoch + 1) % every == 0 or epoch + 1 == epochs else logging.DEBUG,
+            "epoch %d/%d %s",
+            epoch + 1,
+            epochs,
+            " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
         if checkpoint:
-            save_checkpoint(ckpt_path, epoch=epoch, model=model, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, history=result.history, config=config)
+            save_checkpoint(
+                ckpt_path,
+                epoch=epoch,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                history=result.history,
+                config=config,
+            )
         if trial is not None and monitor is not None and monitor in row:
             import optuna
 
@@ -357,6 +438,7 @@ def progress(iterable, *, desc: str, total: int | None = None):
 
 # ---------------------------------------------------------------- MLflow and registration
 
+
 def tracking_uri(args: argparse.Namespace) -> str:
     from marrowscope.registry import default_tracking_uri
 
@@ -364,8 +446,9 @@ def tracking_uri(args: argparse.Namespace) -> str:
 
 
 @contextmanager
-def mlflow_run(args: argparse.Namespace, job: str, config: JobConfig, *, run_name: str | None = None
-               ) -> Iterator[Any]:
+def mlflow_run(
+    args: argparse.Namespace, job: str, config: JobConfig, *, run_name: str | None = None
+) -> Iterator[Any]:
     """An active MLflow run in `--experiment` (default `marrowscope-train-<job>`) with the
     config logged as params and as `config.json`."""
     import mlflow
@@ -387,9 +470,17 @@ def mlflow_run(args: argparse.Namespace, job: str, config: JobConfig, *, run_nam
         yield run
 
 
-def finish(*, kind: str, args: argparse.Namespace, run: Any, model_dir: Path,
-           metrics: dict[str, float], config: JobConfig, data_digest: str,
-           lineage: dict[str, str] | None = None) -> str | None:
+def finish(
+    *,
+    kind: str,
+    args: argparse.Namespace,
+    run: Any,
+    model_dir: Path,
+    metrics: dict[str, float],
+    config: JobConfig,
+    data_digest: str,
+    lineage: dict[str, str] | None = None,
+) -> str | None:
     """Log final metrics, write `<output>/metrics.json`, register (unless --no-register) and
     promote (with --promote). Returns the registered version or None."""
     import mlflow
@@ -401,8 +492,15 @@ def finish(*, kind: str, args: argparse.Namespace, run: Any, model_dir: Path,
         mlflow.log_artifacts(str(model_dir), registry.ARTIFACT_PATH)
         return None
     version = registry.register_model_dir(
-        kind, model_dir, metrics=metrics, params=config.flat(), data_hash=data_digest,
-        lineage=lineage or {}, run_id=run.info.run_id, tracking_uri=tracking_uri(args))
+        kind,
+        model_dir,
+        metrics=metrics,
+        params=config.flat(),
+        data_hash=data_digest,
+        lineage=lineage or {},
+        run_id=run.info.run_id,
+        tracking_uri=tracking_uri(args),
+    )
     mlflow.set_tag("marrowscope.registered_version", version)
     log.info("registered %s version %s", registry.registered_name(kind), version)
     if args.promote:
@@ -410,8 +508,14 @@ def finish(*, kind: str, args: argparse.Namespace, run: Any, model_dir: Path,
 
         ok, decisions = promote({kind: version}, tracking_uri=tracking_uri(args))
         for d in decisions:
-            log.info("promotion gate %s %s v%s: %s (%s)", d.gate, d.kind, d.version,
-                     "pass" if d.passed else "FAIL", d.detail)
+            log.info(
+                "promotion gate %s %s v%s: %s (%s)",
+                d.gate,
+                d.kind,
+                d.version,
+                "pass" if d.passed else "FAIL",
+                d.detail,
+            )
         if not ok:
             log.warning("%s v%s was registered but not promoted (a gate failed)", kind, version)
     return version
@@ -419,7 +523,9 @@ def finish(*, kind: str, args: argparse.Namespace, run: Any, model_dir: Path,
 
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> None:
     """CLI wrapper: logging set up, UsageError -> exit 2 with the parser's message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parser.parse_args()
     try:
         main(args)

@@ -24,7 +24,9 @@ model types them; red cells are a class of their own so they are never typed or 
 
 
 def is_voc(data_dir: Path) -> bool:
-    return (Path(data_dir) / "Annotations").is_dir() and not (Path(data_dir) / "annotations.json").is_file()
+    return (Path(data_dir) / "Annotations").is_dir() and not (
+        Path(data_dir) / "annotations.json"
+    ).is_file()
 
 
 def load_cases(data_dir: Path, config) -> list:
@@ -38,8 +40,13 @@ def load_cases(data_dir: Path, config) -> list:
     records = read_manifest(path)
     if all(r.split for r in records):
         return records
-    return split_cases(records, test_fraction=config["test_fraction"], val_fraction=config["val_fraction"],
-                       seed=config["split_seed"], stratify="aml_npm1")
+    return split_cases(
+        records,
+        test_fraction=config["test_fraction"],
+        val_fraction=config["val_fraction"],
+        seed=config["split_seed"],
+        stratify="aml_npm1",
+    )
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -63,8 +70,9 @@ class DetectionItem:
     um_per_px: float | None = None
 
 
-def detection_items(data_dir: Path, split: str, config, classes_mode: str = "auto"
-                    ) -> tuple[list[DetectionItem], tuple[str, ...]]:
+def detection_items(
+    data_dir: Path, split: str, config, classes_mode: str = "auto"
+) -> tuple[list[DetectionItem], tuple[str, ...]]:
     """Images of one split with boxes mapped to detector classes, and the class list.
 
     VOC: ImageSets/Main/<split>.txt (`test` falls back to `val` when the folder has no test
@@ -105,11 +113,21 @@ def detection_items(data_dir: Path, split: str, config, classes_mode: str = "aut
         if im.id not in keep:
             continue
         anns = [a for a in by_image[im.id] if not a.iscrowd]
-        boxes = np.array([[a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]]
-                          for a in anns], dtype=np.float32).reshape(-1, 4)
-        items.append(DetectionItem(dataset.image_path(im), boxes, tuple(mapped(a.category) for a in anns),
-                                   tuple(a.attributes for a in anns), tuple(a.category for a in anns),
-                                   im.case_id, im.um_per_px))
+        boxes = np.array(
+            [[a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]] for a in anns],
+            dtype=np.float32,
+        ).reshape(-1, 4)
+        items.append(
+            DetectionItem(
+                dataset.image_path(im),
+                boxes,
+                tuple(mapped(a.category) for a in anns),
+                tuple(a.attributes for a in anns),
+                tuple(a.category for a in anns),
+                im.case_id,
+                im.um_per_px,
+            )
+        )
     if not items:
         raise UsageError(f"{data_dir}: split {split!r} has no images")
     return items, tuple(classes)

@@ -33,26 +33,46 @@ DEMO_KEY_NAME = "demo-lis"
 # The demo's test split holds ~6 AML cases: too few for an NPM1 floor to mean anything, so
 # its NPM1 figures (both the ensemble's morphology output and the whole-image CNN) are shown
 # but not gated; production floors are in training/promote.py.
-DEMO_FLOORS = ("segmentation.map50=0.3", "celltype.macro_f1=0.3", "ensemble.auroc=0.6",
-               "ensemble.npm1_auroc=0.0", "npm1.auroc=0.0")
+DEMO_FLOORS = (
+    "segmentation.map50=0.3",
+    "celltype.macro_f1=0.3",
+    "ensemble.auroc=0.6",
+    "ensemble.npm1_auroc=0.0",
+    "npm1.auroc=0.0",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=PROJECT_ROOT / ".demo",
-                   help="data, MLflow store, models and service logs (reused by later runs)")
-    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "demo-out",
-                   help="reports, overlays and heatmaps of the analysed cases")
+    p = argparse.ArgumentParser(
+        prog="python -m training.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=PROJECT_ROOT / ".demo",
+        help="data, MLflow store, models and service logs (reused by later runs)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "demo-out",
+        help="reports, overlays and heatmaps of the analysed cases",
+    )
     p.add_argument("--cases", type=int, default=60, help="synthetic cases to generate")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--size", default="640x480", help="image size WxH")
     p.add_argument("--config", default="cpu-demo", help="training config (training/configs)")
     p.add_argument("--retrain", action="store_true", help="train again even if champions exist")
     p.add_argument("--no-explain", action="store_true", help="skip occlusion heatmaps")
-    p.add_argument("--min-cells", type=int, default=10,
-                   help="gateway quality floor: fewer counted cells -> abstain (the gateway's "
-                        "production default is 50; a demo image holds ~10-20 nucleated cells)")
+    p.add_argument(
+        "--min-cells",
+        type=int,
+        default=10,
+        help="gateway quality floor: fewer counted cells -> abstain (the gateway's "
+        "production default is 50; a demo image holds ~10-20 nucleated cells)",
+    )
     return p
 
 
@@ -72,9 +92,25 @@ def ensure_cohort(args: argparse.Namespace, env: dict[str, str]) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         say(f"reusing synthetic cohort {data}")
         return data
-    run([sys.executable, "-m", "training.data.synth", "--out", str(data), "--cases",
-         str(args.cases), "--seed", str(args.seed), "--size", args.size, "--workers", "2",
-         "--preview"], env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "training.data.synth",
+            "--out",
+            str(data),
+            "--cases",
+            str(args.cases),
+            "--seed",
+            str(args.seed),
+            "--size",
+            args.size,
+            "--workers",
+            "2",
+            "--preview",
+        ],
+        env,
+    )
     stamp.write_text(json.dumps(wanted))
     return data
 
@@ -88,7 +124,9 @@ def champions(tracking_uri: str) -> dict[str, str]:
     found = {}
     for kind in JOBS:
         try:
-            found[kind] = str(client.get_model_version_by_alias(registered_name(kind), CHAMPION).version)
+            found[kind] = str(
+                client.get_model_version_by_alias(registered_name(kind), CHAMPION).version
+            )
         except MlflowException:  # no champion yet for this kind: it will be trained
             continue
     return found
@@ -101,8 +139,14 @@ def latest_version(tracking_uri: str, kind: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
-def _trained(args: argparse.Namespace, kind: str, data: Path, tracking_uri: str,
-             extra: list[str], env: dict[str, str]) -> str:
+def _trained(
+    args: argparse.Namespace,
+    kind: str,
+    data: Path,
+    tracking_uri: str,
+    extra: list[str],
+    env: dict[str, str],
+) -> str:
     """Train and register one job, or reuse its version from an earlier (interrupted) run
     with the same data, config and upstream flags."""
     marker = args.workdir / "runs" / kind / "registered.json"
@@ -112,37 +156,80 @@ def _trained(args: argparse.Namespace, kind: str, data: Path, tracking_uri: str,
         if done.get("inputs") == wanted:
             say(f"reusing {kind} version {done['version']} (trained by an earlier run)")
             return done["version"]
-    run([sys.executable, "-m", f"training.{kind}", "--data", str(data), "--config", args.config,
-         "--tracking-uri", tracking_uri, "--output", str(marker.parent), *extra], env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            f"training.{kind}",
+            "--data",
+            str(data),
+            "--config",
+            args.config,
+            "--tracking-uri",
+            tracking_uri,
+            "--output",
+            str(marker.parent),
+            *extra,
+        ],
+        env,
+    )
     version = latest_version(tracking_uri, kind)
     marker.write_text(json.dumps({"inputs": wanted, "version": version}))
     return version
 
 
-def ensure_models(args: argparse.Namespace, data: Path, env: dict[str, str],
-                  tracking_uri: str) -> dict[str, str]:
+def ensure_models(
+    args: argparse.Namespace, data: Path, env: dict[str, str], tracking_uri: str
+) -> dict[str, str]:
     current = champions(tracking_uri)
     stamp = args.workdir / "models.json"
-    if (not args.retrain and len(current) == len(JOBS) and stamp.is_file()
-            and json.loads(stamp.read_text()) == {"data": str(data), "config": args.config,
-                                                  "versions": current}):
+    if (
+        not args.retrain
+        and len(current) == len(JOBS)
+        and stamp.is_file()
+        and json.loads(stamp.read_text())
+        == {"data": str(data), "config": args.config, "versions": current}
+    ):
         say(f"reusing promoted models {current}")
         return current
-    versions = {kind: _trained(args, kind, data, tracking_uri, [], env)
-                for kind in ("segmentation", "celltype")}
+    versions = {
+        kind: _trained(args, kind, data, tracking_uri, [], env)
+        for kind in ("segmentation", "celltype")
+    }
     # The ensemble learns from features made by exactly these upstream versions (lineage).
-    versions["ensemble"] = _trained(args, "ensemble", data, tracking_uri, [
-        "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
-        "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}"], env)
+    versions["ensemble"] = _trained(
+        args,
+        "ensemble",
+        data,
+        tracking_uri,
+        [
+            "--segmentation",
+            f"models:/marrowscope-segmentation/{versions['segmentation']}",
+            "--celltype",
+            f"models:/marrowscope-celltype/{versions['celltype']}",
+        ],
+        env,
+    )
     versions["npm1"] = _trained(args, "npm1", data, tracking_uri, [], env)
     # Demo models train for minutes on a small synthetic cohort, so the floors are lowered;
     # the gates still judge lineage, configuration and non-inferiority. Real promotions keep
     # the default floors (training/promote.py).
-    run([sys.executable, "-m", "training.promote", "--tracking-uri", tracking_uri,
-         "--pipeline", *[f"{k}={v}" for k, v in versions.items()],
-         *[flag for floor in DEMO_FLOORS for flag in ("--floor", floor)]], env)
-    stamp.write_text(json.dumps({"data": str(data), "config": args.config,
-                                 "versions": champions(tracking_uri)}))
+    run(
+        [
+            sys.executable,
+            "-m",
+            "training.promote",
+            "--tracking-uri",
+            tracking_uri,
+            "--pipeline",
+            *[f"{k}={v}" for k, v in versions.items()],
+            *[flag for floor in DEMO_FLOORS for flag in ("--floor", floor)],
+        ],
+        env,
+    )
+    stamp.write_text(
+        json.dumps({"data": str(data), "config": args.config, "versions": champions(tracking_uri)})
+    )
     return versions
 
 
@@ -151,13 +238,16 @@ def pick_cases(data: Path) -> list:
 
     records = read_manifest(data / "cases.csv")
     test = [r for r in records if r.split == "test"] or records
-    wanted = [("AML, NPM1 mutated", lambda r: r.aml_label == 1 and r.npm1_status == "mutated"),
-              ("AML, NPM1 wild type", lambda r: r.aml_label == 1 and r.npm1_status == "wild_type"),
-              ("control", lambda r: r.aml_label == 0)]
+    wanted = [
+        ("AML, NPM1 mutated", lambda r: r.aml_label == 1 and r.npm1_status == "mutated"),
+        ("AML, NPM1 wild type", lambda r: r.aml_label == 1 and r.npm1_status == "wild_type"),
+        ("control", lambda r: r.aml_label == 0),
+    ]
     chosen = []
     for label, predicate in wanted:
         match = next((r for r in test if predicate(r)), None) or next(
-            (r for r in records if predicate(r)), None)
+            (r for r in records if predicate(r)), None
+        )
         if match is not None:
             chosen.append((label, match))
     return chosen
@@ -165,8 +255,14 @@ def pick_cases(data: Path) -> list:
 
 def keys_cli(argv: list[str], env: dict[str, str]) -> str:
     """stdout of `python -m services.gateway.keys ARGV` against the gateway of `env`."""
-    return subprocess.run([sys.executable, "-m", "services.gateway.keys", *argv], env=env,
-                          cwd=PROJECT_ROOT, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "services.gateway.keys", *argv],
+        env=env,
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def gateway_accepts(http, key: str) -> bool:
@@ -196,8 +292,11 @@ def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
         key_id, name, *_, state = line.split("\t")
         if name == DEMO_KEY_NAME and state == "active":
             keys_cli(["revoke", key_id], env)
-    key = keys_cli(["create", "--name", DEMO_KEY_NAME, "--scopes", "submit,read"],
-                   env).strip().splitlines()[-1]
+    key = (
+        keys_cli(["create", "--name", DEMO_KEY_NAME, "--scopes", "submit,read"], env)
+        .strip()
+        .splitlines()[-1]
+    )
     key_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -206,20 +305,27 @@ def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
     return key
 
 
-def analyse(client, data: Path, record, um_per_px: float | None, explain: bool,
-            out: Path) -> dict:
+def analyse(client, data: Path, record, um_per_px: float | None, explain: bool, out: Path) -> dict:
     """Submit one case with the pixel size of its images and wait for the outcome.
 
     The pixel size matters: the ensemble learned morphometrics in um and um^2, and areas in
     px^2 would be a training/serving skew. A LIS sends what the scanner reports.
     """
-    files = [("images", (Path(p).name, (data / p).read_bytes(), "image/png"))
-             for p in record.image_paths]
-    metadata = {"accession_id": f"DEMO-{record.case_id}", "specimen_type": "bone_marrow_smear",
-                "stain": "MGG", "options": {"explain": explain, "um_per_px": um_per_px}}
-    response = client.post("/v1/analyses", files=files,
-                           data={"metadata": json.dumps(metadata)},
-                           headers={"Idempotency-Key": f"demo-{record.case_id}"})
+    files = [
+        ("images", (Path(p).name, (data / p).read_bytes(), "image/png")) for p in record.image_paths
+    ]
+    metadata = {
+        "accession_id": f"DEMO-{record.case_id}",
+        "specimen_type": "bone_marrow_smear",
+        "stain": "MGG",
+        "options": {"explain": explain, "um_per_px": um_per_px},
+    }
+    response = client.post(
+        "/v1/analyses",
+        files=files,
+        data={"metadata": json.dumps(metadata)},
+        headers={"Idempotency-Key": f"demo-{record.case_id}"},
+    )
     response.raise_for_status()
     analysis_id = response.json()["id"]
     t0 = time.monotonic()
@@ -248,26 +354,40 @@ def analyse(client, data: Path, record, um_per_px: float | None, explain: bool,
 
 
 def summary_lines(label: str, record, body: dict) -> list[str]:
-    truth = (f"truth: AML={record.aml_label} NPM1={record.npm1_status} "
-             f"blasts={record.blast_pct:.1f}%" if record.blast_pct is not None else "")
-    lines = [f"== {record.case_id} ({label}; {truth}) -> {body['status']} "
-             f"in {body['_wall_s']:.1f} s"]
+    truth = (
+        f"truth: AML={record.aml_label} NPM1={record.npm1_status} blasts={record.blast_pct:.1f}%"
+        if record.blast_pct is not None
+        else ""
+    )
+    lines = [
+        f"== {record.case_id} ({label}; {truth}) -> {body['status']} in {body['_wall_s']:.1f} s"
+    ]
     result = body.get("result") or {}
     if body.get("reason"):
         lines.append(f"   reason: {body['reason']}")
     if result:
+
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.1f}%"
-        lines.append(f"   P(AML) {pct(result.get('p_aml'))}   P(NPM1 mutated, whole image) "
-                     f"{pct(result.get('p_npm1'))}   blasts {result.get('blast_percent') or 0:.1f} "
-                     f"per 100 counted cells ({result.get('n_cells_counted')} counted)")
+
+        lines.append(
+            f"   P(AML) {pct(result.get('p_aml'))}   P(NPM1 mutated, whole image) "
+            f"{pct(result.get('p_npm1'))}   blasts {result.get('blast_percent') or 0:.1f} "
+            f"per 100 counted cells ({result.get('n_cells_counted')} counted)"
+        )
         m = result.get("npm1_morphology") or {}
-        lines.append(f"   P(NPM1 mutated | AML) by blast morphology {pct(m.get('p'))} "
-                     f"({m.get('status', 'n/a')}{': ' + m['reason'] if m.get('reason') else ''})")
+        lines.append(
+            f"   P(NPM1 mutated | AML) by blast morphology {pct(m.get('p'))} "
+            f"({m.get('status', 'n/a')}{': ' + m['reason'] if m.get('reason') else ''})"
+        )
         diff = [d for d in result.get("differential", []) if d["count"]]
-        lines.append("   differential: " + ", ".join(
-            f"{d['code']} {100 * d['fraction']:.0f}% [{100 * d['ci_low']:.0f}-{100 * d['ci_high']:.0f}]"
-            for d in sorted(diff, key=lambda d: -d["count"])))
+        lines.append(
+            "   differential: "
+            + ", ".join(
+                f"{d['code']} {100 * d['fraction']:.0f}% [{100 * d['ci_low']:.0f}-{100 * d['ci_high']:.0f}]"
+                for d in sorted(diff, key=lambda d: -d["count"])
+            )
+        )
         versions = result.get("model_versions", {})
         lines.append("   models: " + ", ".join(f"{k} v{v['version']}" for k, v in versions.items()))
         stages = result.get("stage_seconds", {})
@@ -289,9 +409,11 @@ def main(args: argparse.Namespace) -> int:
     import httpx
 
     gateway_dir = args.workdir / "gateway"
-    stack = LocalStack(workdir=args.workdir / "stack", tracking_uri=tracking_uri, env={
-        "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
-        "MS_GATEWAY_DATA_DIR": str(gateway_dir)})
+    stack = LocalStack(
+        workdir=args.workdir / "stack",
+        tracking_uri=tracking_uri,
+        env={"MS_GATEWAY_MIN_CELLS": str(args.min_cells), "MS_GATEWAY_DATA_DIR": str(gateway_dir)},
+    )
     lines: list[str] = []
     failures = 0
     say("starting the five model services and the gateway")
@@ -299,18 +421,28 @@ def main(args: argparse.Namespace) -> int:
         say(f"gateway ready at {stack.gateway_url}")
         with httpx.Client(base_url=stack.gateway_url, timeout=60) as http:
             # Next to the gateway's database, so the two are deleted together.
-            key = ensure_key(stack.gateway_env(), gateway_dir / f"{DEMO_KEY_NAME}.key",
-                             lambda k: gateway_accepts(http, k))
+            key = ensure_key(
+                stack.gateway_env(),
+                gateway_dir / f"{DEMO_KEY_NAME}.key",
+                lambda k: gateway_accepts(http, k),
+            )
         args.out.mkdir(parents=True, exist_ok=True)
-        with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
-                          timeout=60) as client:
+        with httpx.Client(
+            base_url=stack.gateway_url, headers={"X-API-Key": key}, timeout=60
+        ) as client:
             from training.ensemble import pixel_sizes
 
             scales = pixel_sizes(data)
             for label, record in pick_cases(data):
                 say(f"submitting {record.case_id} ({label}, {len(record.image_paths)} images)")
-                body = analyse(client, data, record, scales[record.image_paths[0]],
-                               not args.no_explain, args.out)
+                body = analyse(
+                    client,
+                    data,
+                    record,
+                    scales[record.image_paths[0]],
+                    not args.no_explain,
+                    args.out,
+                )
                 failures += body["status"] == "failed"
                 lines += summary_lines(label, record, body)
     lines.append(f"(all figures on SYNTHETIC data; reports, overlays and heatmaps in {args.out})")

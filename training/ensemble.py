@@ -55,9 +55,14 @@ log = logging.getLogger(__name__)
 JOB = "ensemble"
 
 
-def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache: Path | None = None,
-                       scale: dict[str, float | None] | None = None
-                       ) -> tuple[tuple[str, ...], np.ndarray]:
+def case_feature_table(
+    data_dir: Path,
+    records: list,
+    detector,
+    celltyper,
+    cache: Path | None = None,
+    scale: dict[str, float | None] | None = None,
+) -> tuple[tuple[str, ...], np.ndarray]:
     """(feature names, float32[n_cases, F]) in `records` order via `analyse_case`."""
     from marrowscope.features import case_feature_names
     from marrowscope.inference import analyse_case
@@ -74,12 +79,19 @@ def case_feature_table(data_dir: Path, records: list, detector, celltyper, cache
     rows = []
     for r in progress(records, desc="case features"):
         images = [read_rgb(Path(data_dir) / p) for p in r.image_paths]
-        analysis = analyse_case(images, detector, celltyper, um_per_px=[scale.get(p) for p in r.image_paths])
+        analysis = analyse_case(
+            images, detector, celltyper, um_per_px=[scale.get(p) for p in r.image_paths]
+        )
         rows.append(analysis.features)
     table = np.stack(rows).astype(np.float32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, case_ids=np.array([r.case_id for r in records]), names=np.array(names), features=table)
+        np.savez(
+            cache,
+            case_ids=np.array([r.case_id for r in records]),
+            names=np.array(names),
+            features=table,
+        )
     return names, table
 
 
@@ -93,8 +105,9 @@ def pixel_sizes(data_dir: Path) -> dict[str, float | None]:
     return {im["file_name"]: im.get("um_per_px") for im in load_json(coco)["images"]}
 
 
-def training_feature_units(data_dir: Path, records: list,
-                           scale: dict[str, float | None] | None = None) -> dict[str, Any]:
+def training_feature_units(
+    data_dir: Path, records: list, scale: dict[str, float | None] | None = None
+) -> dict[str, Any]:
     """The `feature_units` of the case features of `records` (all their images); `scale`:
     `pixel_sizes(data_dir)` when the caller already has it.
 
@@ -126,9 +139,13 @@ def target_labels(records: list, targets: list[str]) -> np.ndarray:
     """float32[N, T] labels in `targets` column order; NaN where a target does not apply:
     `npm1` is known for AML cases with NPM1 status mutated (1) or wild_type (0) only, never
     for controls (whatever their manifest row says) or an unknown status."""
-    columns = {"aml": [float(r.aml_label) for r in records],
-               "npm1": [float(r.npm1_label) if r.aml_label == 1 and r.npm1_label is not None else np.nan
-                        for r in records]}
+    columns = {
+        "aml": [float(r.aml_label) for r in records],
+        "npm1": [
+            float(r.npm1_label) if r.aml_label == 1 and r.npm1_label is not None else np.nan
+            for r in records
+        ],
+    }
     return np.array([columns[t] for t in targets], dtype=np.float32).reshape(len(targets), -1).T
 
 
@@ -140,11 +157,16 @@ def check_npm1_labels(records: list, targets: list[str], data_dir: Path) -> None
     y = target_labels([r for r in records if r.split == "train"], ["npm1"])[:, 0]
     states = set(y[~np.isnan(y)].astype(int).tolist())
     if len(states) < 2:
-        found = ("no AML case with a known NPM1 status" if not states
-                 else f"only {'mutated' if 1 in states else 'wild-type'} NPM1")
-        raise UsageError(f"{data_dir}: target npm1 needs training AML cases of both NPM1 states "
-                         f"(cases.csv npm1_status mutated and wild_type), found {found}; train the "
-                         "AML output alone with --set 'targets=[\"aml\"]'")
+        found = (
+            "no AML case with a known NPM1 status"
+            if not states
+            else f"only {'mutated' if 1 in states else 'wild-type'} NPM1"
+        )
+        raise UsageError(
+            f"{data_dir}: target npm1 needs training AML cases of both NPM1 states "
+            f"(cases.csv npm1_status mutated and wild_type), found {found}; train the "
+            "AML output alone with --set 'targets=[\"aml\"]'"
+        )
 
 
 def ensemble_loss(logits, labels):
@@ -176,10 +198,20 @@ def known_auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(y[known], scores[known]))
 
 
-def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_train: np.ndarray,
-              x_val: np.ndarray | None, y_val: np.ndarray | None, *, output: Path, resume: bool = False,
-              trial: Any = None, checkpoint: bool = True, feature_units: dict[str, Any] | None = None
-              ) -> tuple[Any, dict[str, Any]]:
+def train_mlp(
+    config: JobConfig,
+    names: tuple[str, ...],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    *,
+    output: Path,
+    resume: bool = False,
+    trial: Any = None,
+    checkpoint: bool = True,
+    feature_units: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """An `EnsembleNet` fitted with AdamW + `ensemble_loss`; standardisation fitted on `x_train`.
 
     y_train, y_val: float[N, T] (`target_labels`, T = len(config targets)), or float[N] for
@@ -195,21 +227,31 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
     if y_train.shape[1] != len(targets):
         raise ValueError(f"labels have {y_train.shape[1]} columns for targets {targets}")
     seed_everything(config["seed"])
-    model_config = make_config("ensemble", "mlp", feature_names=list(names), hidden=list(config["hidden"]),
-                               dropout=float(config["dropout"]), targets=targets,
-                               hyperparameters={
-                                   **{k: config[k] for k in ("lr", "weight_decay", "lr_gamma", "epochs",
-                                                             "batch_size")},
-                                   # serving reads the NPM1 decision threshold from here (null:
-                                   # the gateway's MS_GATEWAY_NPM1_THRESHOLD applies)
-                                   **({"npm1_score_threshold": config["npm1_score_threshold"]}
-                                      if "npm1" in targets and config.get("npm1_score_threshold") is not None
-                                      else {})},
-                               training={"seed": config["seed"], "config_name": config["config_name"]},
-                               **({"feature_units": feature_units} if feature_units is not None else {}))
+    model_config = make_config(
+        "ensemble",
+        "mlp",
+        feature_names=list(names),
+        hidden=list(config["hidden"]),
+        dropout=float(config["dropout"]),
+        targets=targets,
+        hyperparameters={
+            **{k: config[k] for k in ("lr", "weight_decay", "lr_gamma", "epochs", "batch_size")},
+            # serving reads the NPM1 decision threshold from here (null:
+            # the gateway's MS_GATEWAY_NPM1_THRESHOLD applies)
+            **(
+                {"npm1_score_threshold": config["npm1_score_threshold"]}
+                if "npm1" in targets and config.get("npm1_score_threshold") is not None
+                else {}
+            ),
+        },
+        training={"seed": config["seed"], "config_name": config["config_name"]},
+        **({"feature_units": feature_units} if feature_units is not None else {}),
+    )
     model = build_model(model_config)
     model.fit_standardisation(x_train)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     x = torch.from_numpy(x_train)
     y = torch.from_numpy(y_train)
@@ -228,21 +270,41 @@ def train_mlp(config: JobConfig, names: tuple[str, ...], x_train: np.ndarray, y_
     validate = None
     if x_val is not None:
         y_val = np.asarray(y_val, dtype=np.float32).reshape(len(y_val), -1)
-        scored = [j for j in range(len(targets)) if len(np.unique(y_val[~np.isnan(y_val[:, j]), j])) == 2]
+        scored = [
+            j for j in range(len(targets)) if len(np.unique(y_val[~np.isnan(y_val[:, j]), j])) == 2
+        ]
         if scored:
+
             def validate(epoch: int) -> dict[str, float]:
                 probs = model.predict_targets(x_val)
-                return {"val_auroc" if targets[j] == "aml" else f"val_{targets[j]}_auroc":
-                        known_auroc(y_val[:, j], probs[targets[j]].numpy()) for j in scored}
+                return {
+                    "val_auroc" if targets[j] == "aml" else f"val_{targets[j]}_auroc": known_auroc(
+                        y_val[:, j], probs[targets[j]].numpy()
+                    )
+                    for j in scored
+                }
 
-    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"], train_epoch=train_epoch,
-        validate=validate, output=output, config=config.as_dict(), resume=resume, trial=trial,
-        monitor="val_auroc", checkpoint=checkpoint)
+    fit(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=config["epochs"],
+        train_epoch=train_epoch,
+        validate=validate,
+        output=output,
+        config=config.as_dict(),
+        resume=resume,
+        trial=trial,
+        monitor="val_auroc",
+        checkpoint=checkpoint,
+    )
     model.eval()
     return model, model_config
 
 
-def cross_validate(config: JobConfig, names, table: np.ndarray, records: list, output: Path) -> dict[str, float]:
+def cross_validate(
+    config: JobConfig, names, table: np.ndarray, records: list, output: Path
+) -> dict[str, float]:
     """Case-grouped k-fold CV (k = config `cv_folds`) on `records`: per-fold AUROC mean/std
     (`cv_auroc_*`), and with the npm1 target `npm1_cv_auroc_*` over each fold's AML cases of
     known status. Folds are stratified by control / NPM1-mutated / wild-type AML when npm1 is
@@ -257,26 +319,47 @@ def cross_validate(config: JobConfig, names, table: np.ndarray, records: list, o
     y = target_labels(records, targets)
     stratify = "aml_npm1" if "npm1" in targets else "aml_label"
     aurocs: dict[str, list[float]] = {t: [] for t in targets}
-    for f, (tr, va) in enumerate(grouped_kfold(records, k, seed=config["split_seed"], stratify_by=stratify)):
+    for f, (tr, va) in enumerate(
+        grouped_kfold(records, k, seed=config["split_seed"], stratify_by=stratify)
+    ):
         ti, vi = [index[c] for c in tr], [index[c] for c in va]
-        model, _ = train_mlp(config, names, table[ti], y[ti], None, None, output=output / f"cv-{f}",
-                             checkpoint=False)
+        model, _ = train_mlp(
+            config, names, table[ti], y[ti], None, None, output=output / f"cv-{f}", checkpoint=False
+        )
         probs = model.predict_targets(table[vi])
         for j, t in enumerate(targets):
             if (auroc := known_auroc(y[vi, j], probs[t].numpy())) is not None:
                 aurocs[t].append(auroc)
-    log.info("%d-fold grouped CV AUROC: %s", k, {t: [round(a, 4) for a in v] for t, v in aurocs.items()})
-    out = {"cv_auroc_mean": float(np.mean(aurocs["aml"])), "cv_auroc_std": float(np.std(aurocs["aml"])),
-           "cv_folds": float(k)} if aurocs["aml"] else {}
+    log.info(
+        "%d-fold grouped CV AUROC: %s", k, {t: [round(a, 4) for a in v] for t, v in aurocs.items()}
+    )
+    out = (
+        {
+            "cv_auroc_mean": float(np.mean(aurocs["aml"])),
+            "cv_auroc_std": float(np.std(aurocs["aml"])),
+            "cv_folds": float(k),
+        }
+        if aurocs["aml"]
+        else {}
+    )
     if aurocs.get("npm1"):
-        out.update({"npm1_cv_auroc_mean": float(np.mean(aurocs["npm1"])),
-                    "npm1_cv_auroc_std": float(np.std(aurocs["npm1"])),
-                    "npm1_cv_folds": float(len(aurocs["npm1"]))})
+        out.update(
+            {
+                "npm1_cv_auroc_mean": float(np.mean(aurocs["npm1"])),
+                "npm1_cv_auroc_std": float(np.std(aurocs["npm1"])),
+                "npm1_cv_folds": float(len(aurocs["npm1"])),
+            }
+        )
     return out
 
 
-def npm1_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots: Path | None,
-                title: str = "NPM1 | AML (test)") -> tuple[dict[str, float], list[Path]]:
+def npm1_report(
+    y: np.ndarray,
+    scores: np.ndarray,
+    config: JobConfig,
+    plots: Path | None,
+    title: str = "NPM1 | AML (test)",
+) -> tuple[dict[str, float], list[Path]]:
     """`binary_report` (+ `binary_plots` into `plots` unless None) of the NPM1 output over
     the cases with a known status (y NaN elsewhere, `target_labels`), names prefixed
     `npm1_`, threshold config `npm1_score_threshold`; ({}, []) unless both states occur."""
@@ -284,27 +367,44 @@ def npm1_report(y: np.ndarray, scores: np.ndarray, config: JobConfig, plots: Pat
 
     known = ~np.isnan(y)
     if len(np.unique(y[known])) < 2:
-        log.warning("NPM1 metrics left out: the evaluated AML cases hold NPM1 states %s only "
-                    "(promotion refuses a version without npm1_auroc)",
-                    sorted(int(v) for v in np.unique(y[known])))
+        log.warning(
+            "NPM1 metrics left out: the evaluated AML cases hold NPM1 states %s only "
+            "(promotion refuses a version without npm1_auroc)",
+            sorted(int(v) for v in np.unique(y[known])),
+        )
         return {}, []
     threshold = config.get("npm1_score_threshold")
     threshold = 0.5 if threshold is None else threshold
-    report = binary_report(y[known], scores[known], threshold=threshold, n_boot=config["n_boot"],
-                           seed=config["seed"])
-    paths = [] if plots is None else binary_plots(y[known], scores[known], plots, prefix="npm1_",
-                                                  threshold=threshold, title=title)
+    report = binary_report(
+        y[known], scores[known], threshold=threshold, n_boot=config["n_boot"], seed=config["seed"]
+    )
+    paths = (
+        []
+        if plots is None
+        else binary_plots(
+            y[known], scores[known], plots, prefix="npm1_", threshold=threshold, title=title
+        )
+    )
     return {f"npm1_{k}": v for k, v in report.items()}, paths
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.ensemble", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.ensemble",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_args(p)
-    p.add_argument("--segmentation", default="models:/marrowscope-segmentation@champion",
-                   help="registered segmentation version the features come from (models:/... URI)")
-    p.add_argument("--celltype", default="models:/marrowscope-celltype@champion",
-                   help="registered celltype version the features come from (models:/... URI)")
+    p.add_argument(
+        "--segmentation",
+        default="models:/marrowscope-segmentation@champion",
+        help="registered segmentation version the features come from (models:/... URI)",
+    )
+    p.add_argument(
+        "--celltype",
+        default="models:/marrowscope-celltype@champion",
+        help="registered celltype version the features come from (models:/... URI)",
+    )
     return p
 
 
@@ -312,13 +412,21 @@ def _upstream(args: argparse.Namespace):
     from marrowscope.inference import load_predictor
     from training.common import tracking_uri
 
-    seg = load_predictor(args.segmentation, device=args.device if args.device != "auto" else "cpu",
-                         tracking_uri=tracking_uri(args))
-    cel = load_predictor(args.celltype, device=args.device if args.device != "auto" else "cpu",
-                         tracking_uri=tracking_uri(args))
+    seg = load_predictor(
+        args.segmentation,
+        device=args.device if args.device != "auto" else "cpu",
+        tracking_uri=tracking_uri(args),
+    )
+    cel = load_predictor(
+        args.celltype,
+        device=args.device if args.device != "auto" else "cpu",
+        tracking_uri=tracking_uri(args),
+    )
     if seg.kind != "detector" or cel.kind != "celltype":
-        raise UsageError(f"--segmentation must be a detector and --celltype a celltype model, got "
-                         f"{seg.kind} and {cel.kind}")
+        raise UsageError(
+            f"--segmentation must be a detector and --celltype a celltype model, got "
+            f"{seg.kind} and {cel.kind}"
+        )
     return seg, cel
 
 
@@ -327,8 +435,10 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     if not args.no_register:
         for flag, uri in (("--segmentation", args.segmentation), ("--celltype", args.celltype)):
             if not uri.startswith("models:/"):
-                raise UsageError(f"{flag} {uri!r}: lineage needs a registered version (models:/NAME/VERSION "
-                                 "or @ALIAS); use --no-register to train on a local model directory")
+                raise UsageError(
+                    f"{flag} {uri!r}: lineage needs a registered version (models:/NAME/VERSION "
+                    "or @ALIAS); use --no-register to train on a local model directory"
+                )
     config = build_job_config(JOB, args)
     from training.common_data import load_cases
 
@@ -352,8 +462,17 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         from training.hpo import run_hpo
 
         def trial_fn(cfg: JobConfig, trial) -> dict[str, float]:
-            model, _ = train_mlp(cfg, names, table[tr], y[tr], table[va], y[va],
-                                 output=args.output / f"trial-{trial.number}", trial=trial, checkpoint=False)
+            model, _ = train_mlp(
+                cfg,
+                names,
+                table[tr],
+                y[tr],
+                table[va],
+                y[va],
+                output=args.output / f"trial-{trial.number}",
+                trial=trial,
+                checkpoint=False,
+            )
             from sklearn.metrics import roc_auc_score
 
             # the objective is the AML output's (README: HPO); the NPM1 head trains alongside
@@ -372,25 +491,53 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         # CV on train+val only: rows of `table` and records must be the same subset, in order.
         rows = np.concatenate([tr, va])
         cv = cross_validate(config, names, table[rows], [records[i] for i in rows], args.output)
-        model, model_config = train_mlp(config, names, table[tr], y[tr], table[va], y[va],
-                                        output=args.output, resume=args.resume, feature_units=units)
+        model, model_config = train_mlp(
+            config,
+            names,
+            table[tr],
+            y[tr],
+            table[va],
+            y[va],
+            output=args.output,
+            resume=args.resume,
+            feature_units=units,
+        )
         model_config["training"].update({"data_hash": digest, "lineage": lineage})
         probs = {t: p.numpy() for t, p in model.predict_targets(table[te], list(names)).items()}
         scores = probs["aml"]
         threshold = config["score_threshold"] if config["score_threshold"] is not None else 0.5
-        metrics = binary_report(y[te, 0], scores, threshold=threshold, n_boot=config["n_boot"], seed=config["seed"])
+        metrics = binary_report(
+            y[te, 0], scores, threshold=threshold, n_boot=config["n_boot"], seed=config["seed"]
+        )
         metrics.update(cv)
-        log_plots(binary_plots(y[te, 0], scores, args.output / "plots", prefix="aml_", threshold=threshold,
-                               title="AML (test)"))
+        log_plots(
+            binary_plots(
+                y[te, 0],
+                scores,
+                args.output / "plots",
+                prefix="aml_",
+                threshold=threshold,
+                title="AML (test)",
+            )
+        )
         if "npm1" in targets:
-            npm1_metrics, npm1_plots = npm1_report(y[te, targets.index("npm1")], probs["npm1"], config,
-                                                        args.output / "plots")
+            npm1_metrics, npm1_plots = npm1_report(
+                y[te, targets.index("npm1")], probs["npm1"], config, args.output / "plots"
+            )
             metrics.update(npm1_metrics)
             log_plots(npm1_plots)
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
-        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
-               data_digest=digest, lineage=lineage if not args.no_register else None)
+        finish(
+            kind=JOB,
+            args=args,
+            run=run,
+            model_dir=model_dir,
+            metrics=metrics,
+            config=config,
+            data_digest=digest,
+            lineage=lineage if not args.no_register else None,
+        )
     return metrics
 
 

@@ -35,16 +35,29 @@ KINDS = ("detection", "celltype", "npm1", "ensemble")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory")
-    p.add_argument("--data", type=Path, required=True, help="COCO dataset folder or Pascal VOC folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory",
+    )
+    p.add_argument(
+        "--data", type=Path, required=True, help="COCO dataset folder or Pascal VOC folder"
+    )
     p.add_argument("--split", default="auto", choices=("auto", "train", "val", "test"))
-    p.add_argument("--config", default="cpu-demo", help="config whose split settings define the case split")
+    p.add_argument(
+        "--config", default="cpu-demo", help="config whose split settings define the case split"
+    )
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--segmentation", default=None, help="ensemble: segmentation URI (default: its lineage)")
+    p.add_argument(
+        "--segmentation", default=None, help="ensemble: segmentation URI (default: its lineage)"
+    )
     p.add_argument("--celltype", default=None, help="ensemble: celltype URI (default: its lineage)")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     p.add_argument("--mlflow", action="store_true", help="log metrics and plots to MLflow")
@@ -67,27 +80,40 @@ def evaluate_detection(predictor, data: Path, split: str, config: JobConfig) -> 
     if set(classes) != set(predictor.classes):
         items, classes = detection_items(data, split, config, "dataset")
     if not set(classes) <= set(predictor.classes):
-        raise UsageError(f"dataset classes {list(classes)} do not match the detector's {list(predictor.classes)}")
+        raise UsageError(
+            f"dataset classes {list(classes)} do not match the detector's {list(predictor.classes)}"
+        )
     metrics = evaluate_detector(predictor, items, tuple(predictor.classes))
-    return {**metrics, "ap50": {k.removeprefix("ap50_"): v for k, v in metrics.items() if k.startswith("ap50_")},
-            "images": len(items)}
+    return {
+        **metrics,
+        "ap50": {k.removeprefix("ap50_"): v for k, v in metrics.items() if k.startswith("ap50_")},
+        "images": len(items),
+    }
 
 
 def evaluate_celltype(predictor, data: Path, split: str, config: JobConfig) -> dict[str, Any]:
     from training.celltype import coco_crops, evaluate_probs
 
-    crops = coco_crops(data, split, JobConfig.of("celltype", {**config.as_dict(), "crop_size": predictor.crop_size}),
-                       rbc_ratio=None)
+    crops = coco_crops(
+        data,
+        split,
+        JobConfig.of("celltype", {**config.as_dict(), "crop_size": predictor.crop_size}),
+        rbc_ratio=None,
+    )
     return evaluate_probs(predictor.predict(crops.crops), crops)
 
 
 def _binary(y, scores, args, config, prefix: str, title: str) -> dict[str, Any]:
     from training.evaluate_metrics import binary_plots, binary_report
 
-    metrics = binary_report(y, scores, n_boot=config.get("n_boot", 1000), seed=config.get("seed", 0))
+    metrics = binary_report(
+        y, scores, n_boot=config.get("n_boot", 1000), seed=config.get("seed", 0)
+    )
     if args.plots or args.mlflow:
-        args._plot_paths = [*getattr(args, "_plot_paths", []),
-                            *binary_plots(y, scores, args.plots or Path("plots"), prefix=prefix, title=title)]
+        args._plot_paths = [
+            *getattr(args, "_plot_paths", []),
+            *binary_plots(y, scores, args.plots or Path("plots"), prefix=prefix, title=title),
+        ]
     return metrics
 
 
@@ -96,12 +122,18 @@ def evaluate_npm1(predictor, args, split: str, config: JobConfig) -> dict[str, A
     from training.npm1 import Npm1Images, aml_records, case_scores
 
     records = [r for r in aml_records(load_cases(args.data, config)) if r.split == split]
-    cases, scores = case_scores(predictor, Npm1Images(args.data, records, predictor.input_size, augment=False))
+    cases, scores = case_scores(
+        predictor, Npm1Images(args.data, records, predictor.input_size, augment=False)
+    )
     labels = {r.case_id: r.npm1_label for r in records}
-    return _binary(np.array([labels[c] for c in cases]), scores, args, config, "npm1_", f"NPM1 ({split})")
+    return _binary(
+        np.array([labels[c] for c in cases]), scores, args, config, "npm1_", f"NPM1 ({split})"
+    )
 
 
-def evaluate_ensemble(predictor, args, split: str, config: JobConfig, lineage: dict[str, str]) -> dict[str, Any]:
+def evaluate_ensemble(
+    predictor, args, split: str, config: JobConfig, lineage: dict[str, str]
+) -> dict[str, Any]:
     from marrowscope.inference import load_predictor
     from training.common_data import load_cases
     from training.ensemble import case_feature_table
@@ -116,14 +148,24 @@ def evaluate_ensemble(predictor, args, split: str, config: JobConfig, lineage: d
     records = [r for r in load_cases(args.data, config) if r.split == split]
     names, table = case_feature_table(args.data, records, seg, cel)
     probs = predictor.predict_targets(names, table)
-    metrics = _binary(np.array([r.aml_label for r in records]), probs["aml"], args, config, "aml_",
-                      f"AML ({split})")
+    metrics = _binary(
+        np.array([r.aml_label for r in records]),
+        probs["aml"],
+        args,
+        config,
+        "aml_",
+        f"AML ({split})",
+    )
     if "npm1" in probs:  # the P(NPM1 | AML) output, on the AML cases of known status
         from training.ensemble import npm1_report, target_labels
 
-        npm1, paths = npm1_report(target_labels(records, ["npm1"])[:, 0], probs["npm1"], config,
-                                  (args.plots or Path("plots")) if args.plots or args.mlflow else None,
-                                  title=f"NPM1 | AML ({split})")
+        npm1, paths = npm1_report(
+            target_labels(records, ["npm1"])[:, 0],
+            probs["npm1"],
+            config,
+            (args.plots or Path("plots")) if args.plots or args.mlflow else None,
+            title=f"NPM1 | AML ({split})",
+        )
         metrics.update(npm1)
         args._plot_paths = [*getattr(args, "_plot_paths", []), *paths]
     return metrics
@@ -153,8 +195,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         metrics = evaluate_npm1(predictor, args, split, config)
     else:
         metrics = evaluate_ensemble(predictor, args, split, config, resolved.lineage())
-    result = {"kind": args.kind, "model": args.model, "version": resolved.version, "data": str(args.data),
-              "split": split, **metrics}
+    result = {
+        "kind": args.kind,
+        "model": args.model,
+        "version": resolved.version,
+        "data": str(args.data),
+        "split": split,
+        **metrics,
+    }
     if args.mlflow:
         import mlflow
         from training.evaluate_metrics import log_plots
@@ -162,16 +210,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mlflow.set_tracking_uri(args.tracking_uri or registry.default_tracking_uri())
         mlflow.set_experiment("marrowscope-evaluate")
         with mlflow.start_run(run_name=f"evaluate-{args.kind}-{resolved.version}"):
-            mlflow.log_params({"model": args.model, "version": resolved.version, "data": str(args.data),
-                               "split": split})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+            mlflow.log_params(
+                {
+                    "model": args.model,
+                    "version": resolved.version,
+                    "data": str(args.data),
+                    "split": split,
+                }
+            )
+            mlflow.log_metrics(
+                {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            )
             log_plots(getattr(args, "_plot_paths", []))
     return result
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     parser = get_args_parser()
     try:
         out = main(parser.parse_args())

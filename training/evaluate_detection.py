@@ -20,9 +20,11 @@ MAX_DETS = 1000
 """Detections kept per image by the evaluation (synthetic 640x480 fields hold ~100 cells)."""
 
 
-def detection_map(ground_truth: Sequence[tuple[np.ndarray, Sequence[str]]],
-                  predictions: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]],
-                  classes: Sequence[str]) -> dict[str, float]:
+def detection_map(
+    ground_truth: Sequence[tuple[np.ndarray, Sequence[str]]],
+    predictions: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+    classes: Sequence[str],
+) -> dict[str, float]:
     """COCO-style AP at IoU 0.5 per class and its mean.
 
     ground_truth: per image (boxes float[N, 4] x1, y1, x2, y2 px, labels N names).
@@ -33,32 +35,56 @@ def detection_map(ground_truth: Sequence[tuple[np.ndarray, Sequence[str]]],
     from pycocotools.cocoeval import COCOeval
 
     if len(ground_truth) != len(predictions):
-        raise InvalidInput(f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions")
+        raise InvalidInput(
+            f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions"
+        )
     cat = {c: i + 1 for i, c in enumerate(classes)}
     images, anns, dets = [], [], []
     for img_id, ((gt_boxes, gt_labels), (boxes, scores, labels)) in enumerate(
-            zip(ground_truth, predictions, strict=True), start=1):
+        zip(ground_truth, predictions, strict=True), start=1
+    ):
         images.append({"id": img_id, "width": 1, "height": 1})
         for box, lab in zip(np.asarray(gt_boxes).reshape(-1, 4), gt_labels, strict=True):
             if lab not in cat:
                 raise InvalidInput(f"ground-truth label {lab!r} is not one of {list(classes)}")
             x1, y1, x2, y2 = (float(v) for v in box)
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat[lab],
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat[lab],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
         for box, score, lab in zip(np.asarray(boxes).reshape(-1, 4), scores, labels, strict=True):
             if lab not in cat:
                 raise InvalidInput(f"predicted label {lab!r} is not one of {list(classes)}")
             x1, y1, x2, y2 = (float(v) for v in box)
-            dets.append({"image_id": img_id, "category_id": cat[lab], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "score": float(score)})
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": cat[lab],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns,
-                  "categories": [{"id": i, "name": c} for c, i in cat.items()]}
+    gt.dataset = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": i, "name": c} for c, i in cat.items()],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         dt = gt.loadRes(dets) if dets else COCO()
         if not dets:
-            dt.dataset = {"images": images, "annotations": [], "categories": gt.dataset["categories"]}
+            dt.dataset = {
+                "images": images,
+                "annotations": [],
+                "categories": gt.dataset["categories"],
+            }
             dt.createIndex()
         ev = COCOeval(gt, dt, "bbox")
         ev.params.iouThrs = np.array([0.5])

@@ -24,7 +24,9 @@ def _binary_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true).astype(int).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
     if y.shape != s.shape or y.size == 0:
-        raise InvalidInput(f"y_true and y_score must be equal non-empty vectors, got {y.shape}, {s.shape}")
+        raise InvalidInput(
+            f"y_true and y_score must be equal non-empty vectors, got {y.shape}, {s.shape}"
+        )
     if not set(np.unique(y)) <= {0, 1}:
         raise InvalidInput("y_true must hold 0/1 labels")
     if not np.isfinite(s).all():
@@ -32,8 +34,9 @@ def _binary_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
-def bootstrap_ci(y_true, y_score, metric, *, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(
+    y_true, y_score, metric, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
     """Percentile bootstrap CI of `metric(y, s)` over cases resampled with replacement,
     stratified by class (each resample keeps the class counts, so both are present)."""
     y, s = _binary_inputs(y_true, y_score)
@@ -48,8 +51,9 @@ def bootstrap_ci(y_true, y_score, metric, *, n_boot: int = 1000, seed: int = 0,
     return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
 
 
-def binary_report(y_true, y_score, *, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
-                  ) -> dict[str, float]:
+def binary_report(
+    y_true, y_score, *, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """The binary metrics (names above). Needs both classes in `y_true`."""
     from sklearn.metrics import (
         accuracy_score,
@@ -64,18 +68,32 @@ def binary_report(y_true, y_score, *, threshold: float = 0.5, n_boot: int = 1000
         raise InvalidInput(f"AUROC needs both classes; got only {int(y[0])} ({len(y)} cases)")
     pred = (s >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    out = {"auroc": float(roc_auc_score(y, s)), "pr_auc": float(average_precision_score(y, s)),
-           "brier": float(brier_score_loss(y, np.clip(s, 0, 1))), "accuracy": float(accuracy_score(y, pred)),
-           "sensitivity": float(tp / max(tp + fn, 1)), "specificity": float(tn / max(tn + fp, 1)),
-           "n_pos": float(y.sum()), "n_neg": float((1 - y).sum()), "threshold": float(threshold)}
-    out["auroc_ci_low"], out["auroc_ci_high"] = bootstrap_ci(y, s, roc_auc_score, n_boot=n_boot, seed=seed)
+    out = {
+        "auroc": float(roc_auc_score(y, s)),
+        "pr_auc": float(average_precision_score(y, s)),
+        "brier": float(brier_score_loss(y, np.clip(s, 0, 1))),
+        "accuracy": float(accuracy_score(y, pred)),
+        "sensitivity": float(tp / max(tp + fn, 1)),
+        "specificity": float(tn / max(tn + fp, 1)),
+        "n_pos": float(y.sum()),
+        "n_neg": float((1 - y).sum()),
+        "threshold": float(threshold),
+    }
+    out["auroc_ci_low"], out["auroc_ci_high"] = bootstrap_ci(
+        y, s, roc_auc_score, n_boot=n_boot, seed=seed
+    )
     out["pr_auc_ci_low"], out["pr_auc_ci_high"] = bootstrap_ci(
-        y, s, average_precision_score, n_boot=n_boot, seed=seed + 1)
+        y, s, average_precision_score, n_boot=n_boot, seed=seed + 1
+    )
     return out
 
 
-def celltype_report(y_true: Sequence[str], y_pred: Sequence[str], attr_true: dict[str, np.ndarray],
-                    attr_score: dict[str, np.ndarray]) -> dict[str, float]:
+def celltype_report(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    attr_true: dict[str, np.ndarray],
+    attr_score: dict[str, np.ndarray],
+) -> dict[str, float]:
     """`macro_f1` and `accuracy` over cell codes (classes present in `y_true`), `f1_<code>`,
     `auroc_<attr>` and `auroc_all_<attr>` for attributes with both labels present.
 
@@ -91,8 +109,11 @@ def celltype_report(y_true: Sequence[str], y_pred: Sequence[str], attr_true: dic
     if not labels:
         raise InvalidInput("no cells to evaluate")
     f1s = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    out = {"macro_f1": float(np.mean(f1s)), "accuracy": float(accuracy_score(y_true, y_pred)),
-           "n_cells": float(len(y_true))}
+    out = {
+        "macro_f1": float(np.mean(f1s)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "n_cells": float(len(y_true)),
+    }
     out.update({f"f1_{c}": float(v) for c, v in zip(labels, f1s, strict=True)})
     types = np.asarray(y_true)
     for attr, truth in attr_true.items():
@@ -105,8 +126,9 @@ def celltype_report(y_true: Sequence[str], y_pred: Sequence[str], attr_true: dic
     return out
 
 
-def binary_plots(y_true, y_score, out_dir: Path, *, prefix: str = "", threshold: float = 0.5,
-                 title: str = "") -> list[Path]:
+def binary_plots(
+    y_true, y_score, out_dir: Path, *, prefix: str = "", threshold: float = 0.5, title: str = ""
+) -> list[Path]:
     """ROC, precision-recall, reliability curve and confusion matrix as PNG files."""
     import matplotlib
 
@@ -144,8 +166,9 @@ def binary_plots(y_true, y_score, out_dir: Path, *, prefix: str = "", threshold:
     ax.legend()
     save(fig, "calibration")
     fig, ax = plt.subplots(figsize=(4, 4))
-    ConfusionMatrixDisplay.from_predictions(y, (s >= threshold).astype(int), labels=[0, 1], ax=ax,
-                                            colorbar=False)
+    ConfusionMatrixDisplay.from_predictions(
+        y, (s >= threshold).astype(int), labels=[0, 1], ax=ax, colorbar=False
+    )
     ax.set_title(f"Confusion at {threshold:g} {title}")
     save(fig, "confusion")
     return paths

@@ -51,8 +51,12 @@ def nc_ratio(nucleus: np.ndarray, cell: np.ndarray) -> float:
     return min(n / max(float(cell.sum()) - n, 1.0), NC_RATIO_MAX)
 
 
-def compare(crop: np.ndarray, cell_truth: np.ndarray, nucleus_truth: np.ndarray,
-            centre: tuple[float, float] | None = None) -> dict[str, float]:
+def compare(
+    crop: np.ndarray,
+    cell_truth: np.ndarray,
+    nucleus_truth: np.ndarray,
+    centre: tuple[float, float] | None = None,
+) -> dict[str, float]:
     """Segment `crop` (uint8 [H, W, 3]) without its mask and score it against the truth."""
     m = measure_cell(crop, centre=centre)
     pred_nc = nc_ratio(m.nucleus_mask, m.cell_mask)

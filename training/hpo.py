@@ -33,26 +33,35 @@ SearchSpace = Callable[[Any], dict[str, Any]]
 
 
 def _npm1(trial) -> dict[str, Any]:
-    return {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
-            "lr_gamma": trial.suggest_float("lr_gamma", 0.5, 0.99),
-            "momentum": trial.suggest_float("momentum", 0.5, 0.99),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+    return {
+        "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "lr_gamma": trial.suggest_float("lr_gamma", 0.5, 0.99),
+        "momentum": trial.suggest_float("momentum", 0.5, 0.99),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+    }
 
 
 def _classifier(trial) -> dict[str, Any]:
-    return {"lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-            "dropout": trial.suggest_float("dropout", 0.0, 0.5)}
+    return {
+        "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+    }
 
 
 def _detector(trial) -> dict[str, Any]:
-    return {"lr": trial.suggest_float("lr", 1e-3, 5e-2, log=True),
-            "momentum": trial.suggest_float("momentum", 0.8, 0.99),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)}
+    return {
+        "lr": trial.suggest_float("lr", 1e-3, 5e-2, log=True),
+        "momentum": trial.suggest_float("momentum", 0.8, 0.99),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
+    }
 
 
 SEARCH_SPACES: dict[str, SearchSpace] = {
-    "npm1": _npm1, "celltype": _classifier, "ensemble": _classifier, "segmentation": _detector,
+    "npm1": _npm1,
+    "celltype": _classifier,
+    "ensemble": _classifier,
+    "segmentation": _detector,
 }
 
 
@@ -62,11 +71,14 @@ def make_pruner(settings: dict[str, Any]):
 
     kind = settings.get("pruner", "median")
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.get("n_startup_trials", 5),
-                                           n_warmup_steps=settings.get("n_warmup_steps", 0))
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.get("n_startup_trials", 5),
+            n_warmup_steps=settings.get("n_warmup_steps", 0),
+        )
     if kind == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=settings["lower"],
-                                              n_warmup_steps=settings.get("n_warmup_steps", 0))
+        return optuna.pruners.ThresholdPruner(
+            lower=settings["lower"], n_warmup_steps=settings.get("n_warmup_steps", 0)
+        )
     if kind == "none":
         return optuna.pruners.NopPruner()
     raise UsageError(f"hpo.pruner must be median, threshold or none, got {kind!r}")
@@ -82,9 +94,20 @@ def _create_study(name: str, storage: str, pruner, sampler):
 
     for attempt in range(5):
         try:
-            return optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                       pruner=pruner, sampler=sampler, load_if_exists=True)
-        except (IntegrityError, OperationalError, ProgrammingError, optuna.exceptions.DuplicatedStudyError) as exc:
+            return optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="maximize",
+                pruner=pruner,
+                sampler=sampler,
+                load_if_exists=True,
+            )
+        except (
+            IntegrityError,
+            OperationalError,
+            ProgrammingError,
+            optuna.exceptions.DuplicatedStudyError,
+        ) as exc:
             if attempt == 4:
                 raise
             log.warning("joining study %s failed (%s); retrying", name, type(exc).__name__)
@@ -96,8 +119,14 @@ def worker_id(args: argparse.Namespace) -> str:
     return args.worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_hpo(args: argparse.Namespace, config: JobConfig, *, job: str, monitor: str,
-            train_trial: Callable[[JobConfig, Any], dict[str, float]]) -> Any:
+def run_hpo(
+    args: argparse.Namespace,
+    config: JobConfig,
+    *,
+    job: str,
+    monitor: str,
+    train_trial: Callable[[JobConfig, Any], dict[str, float]],
+) -> Any:
     """Run `args.hpo_trials` trials of `train_trial(config_with_trial_values, trial)` (which
     returns validation metrics and reports `monitor` each epoch) in the shared study."""
     import optuna
@@ -112,8 +141,9 @@ def run_hpo(args: argparse.Namespace, config: JobConfig, *, job: str, monitor: s
         storage = f"sqlite:///{(args.output / 'optuna.db').resolve()}"
         log.info("no --storage: study kept in %s (one worker only)", storage)
     me = worker_id(args)
-    sampler = optuna.samplers.TPESampler(seed=(config["seed"] * 1000003 + os.getpid()) % 2**31,
-                                         n_startup_trials=3)
+    sampler = optuna.samplers.TPESampler(
+        seed=(config["seed"] * 1000003 + os.getpid()) % 2**31, n_startup_trials=3
+    )
     study = _create_study(args.study, storage, make_pruner(config.get("hpo", {})), sampler)
     study.set_user_attr(f"monitor_{job}", monitor)
     space = SEARCH_SPACES[job]
@@ -121,10 +151,12 @@ def run_hpo(args: argparse.Namespace, config: JobConfig, *, job: str, monitor: s
 
     with mlflow_run(args, job, config, run_name=f"hpo-{args.study}-{me}") as parent:
         mlflow.set_tags({"marrowscope.hpo.study": args.study, "marrowscope.hpo.worker": me})
-        callback = MLflowCallback(tracking_uri=tracking_uri(args), metric_name=f"val_{monitor}",
-                                  create_experiment=False,
-                                  mlflow_kwargs={"nested": True,
-                                                 "experiment_id": parent.info.experiment_id})
+        callback = MLflowCallback(
+            tracking_uri=tracking_uri(args),
+            metric_name=f"val_{monitor}",
+            create_experiment=False,
+            mlflow_kwargs={"nested": True, "experiment_id": parent.info.experiment_id},
+        )
 
         @callback.track_in_mlflow()
         def objective(trial) -> float:
@@ -135,13 +167,20 @@ def run_hpo(args: argparse.Namespace, config: JobConfig, *, job: str, monitor: s
                 raise RuntimeError(f"trial returned no {monitor!r} (got {sorted(metrics)})")
             return float(metrics[monitor])
 
-        study.optimize(objective, n_trials=args.hpo_trials, callbacks=[callback],
-                       catch=(), gc_after_trial=True)
+        study.optimize(
+            objective, n_trials=args.hpo_trials, callbacks=[callback], catch=(), gc_after_trial=True
+        )
     states = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     log.info("study %s: %s", args.study, {k: v for k, v in states.items() if v})
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        log.info("best trial %d (%s=%.4g, worker %s): %s", best.number, monitor, best.value,
-                 best.user_attrs.get("worker"), best.params)
+        log.info(
+            "best trial %d (%s=%.4g, worker %s): %s",
+            best.number,
+            monitor,
+            best.value,
+            best.user_attrs.get("worker"),
+            best.params,
+        )
     return study

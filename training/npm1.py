@@ -56,8 +56,16 @@ class Npm1Images:
     resizes it, mirrors horizontally/vertically and jitters colour, with torch's global RNG.
     """
 
-    def __init__(self, data_dir: Path, records: list, input_size: tuple[int, int], *, augment: bool,
-                 crop_scale: tuple[float, float] = (0.6, 1.0), jitter: float = 0.2) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        records: list,
+        input_size: tuple[int, int],
+        *,
+        augment: bool,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+        jitter: float = 0.2,
+    ) -> None:
         from marrowscope.imaging import resize_for_model
         from training.common_data import read_rgb
 
@@ -76,12 +84,21 @@ class Npm1Images:
             from torchvision.transforms import v2
 
             ratio = w / h
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop((h, w), scale=tuple(crop_scale), ratio=(ratio * 0.9, ratio / 0.9),
-                                     antialias=True),
-                v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-                v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 10),
-            ])
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(
+                        (h, w),
+                        scale=tuple(crop_scale),
+                        ratio=(ratio * 0.9, ratio / 0.9),
+                        antialias=True,
+                    ),
+                    v2.RandomHorizontalFlip(),
+                    v2.RandomVerticalFlip(),
+                    v2.ColorJitter(
+                        brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 10
+                    ),
+                ]
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -97,15 +114,33 @@ class Npm1Images:
 
 def case_scores(predictor, data: Npm1Images, batch_size: int = 16) -> tuple[list[str], np.ndarray]:
     """(case ids, P(NPM1) per case = mean over its images) with an `Npm1Predictor`."""
-    probs = np.concatenate([predictor.predict(np.stack(data.images[i:i + batch_size]))
-                            for i in range(0, len(data), batch_size)]) if len(data) else np.zeros(0)
+    probs = (
+        np.concatenate(
+            [
+                predictor.predict(np.stack(data.images[i : i + batch_size]))
+                for i in range(0, len(data), batch_size)
+            ]
+        )
+        if len(data)
+        else np.zeros(0)
+    )
     cases = list(dict.fromkeys(data.cases))
-    by_case = np.array([probs[[j for j, c in enumerate(data.cases) if c == case]].mean() for case in cases])
+    by_case = np.array(
+        [probs[[j for j, c in enumerate(data.cases) if c == case]].mean() for case in cases]
+    )
     return cases, by_case
 
 
-def train(config: JobConfig, args: argparse.Namespace, train_records: list, val_records: list, *,
-          trial: Any = None, output: Path | None = None, checkpoint: bool = True):
+def train(
+    config: JobConfig,
+    args: argparse.Namespace,
+    train_records: list,
+    val_records: list,
+    *,
+    trial: Any = None,
+    output: Path | None = None,
+    checkpoint: bool = True,
+):
     """Fit on `train_records`; returns (module, model config, predictor factory)."""
     import torch
     import torch.nn.functional as F
@@ -116,32 +151,74 @@ def train(config: JobConfig, args: argparse.Namespace, train_records: list, val_
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
     size = tuple(config["input_size"])
-    hp = {k: config[k] for k in ("lr", "lr_gamma", "momentum", "weight_decay", "epochs", "batch_size",
-                                 "crop_scale", "jitter")}
-    model_config = make_config("npm1", config["arch"], input_size=list(size), hyperparameters=hp,
-                               training={"data_hash": data_hash(args.data), "seed": config["seed"],
-                                         "config_name": config["config_name"]})
+    hp = {
+        k: config[k]
+        for k in (
+            "lr",
+            "lr_gamma",
+            "momentum",
+            "weight_decay",
+            "epochs",
+            "batch_size",
+            "crop_scale",
+            "jitter",
+        )
+    }
+    model_config = make_config(
+        "npm1",
+        config["arch"],
+        input_size=list(size),
+        hyperparameters=hp,
+        training={
+            "data_hash": data_hash(args.data),
+            "seed": config["seed"],
+            "config_name": config["config_name"],
+        },
+    )
     model = build_model(model_config)
     if config.get("init_weights"):
         from marrowscope.models.weights import load_initial_weights
 
         load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
     model.to(device)
-    train_data = Npm1Images(args.data, train_records, size, augment=True,
-                            crop_scale=config["crop_scale"], jitter=config["jitter"])
+    train_data = Npm1Images(
+        args.data,
+        train_records,
+        size,
+        augment=True,
+        crop_scale=config["crop_scale"],
+        jitter=config["jitter"],
+    )
     val_data = Npm1Images(args.data, val_records, size, augment=False) if val_records else None
-    log.info("npm1 %s at %s: %d training images (%d cases), %d validation cases, device %s%s",
-             config["arch"], size, len(train_data), len(train_records), len(val_records), device,
-             " (AMP)" if amp else "")
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                weight_decay=config["weight_decay"])
+    log.info(
+        "npm1 %s at %s: %d training images (%d cases), %d validation cases, device %s%s",
+        config["arch"],
+        size,
+        len(train_data),
+        len(train_records),
+        len(val_records),
+        device,
+        " (AMP)" if amp else "",
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight_decay"],
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def train_epoch(epoch: int) -> float:
         g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        loader = torch.utils.data.DataLoader(train_data, batch_size=config["batch_size"], shuffle=True,
-                                             generator=g, num_workers=0, drop_last=len(train_data) > config["batch_size"])
+        loader = torch.utils.data.DataLoader(
+            train_data,
+            batch_size=config["batch_size"],
+            shuffle=True,
+            generator=g,
+            num_workers=0,
+            drop_last=len(train_data) > config["batch_size"],
+        )
         limit = config["max_steps_per_epoch"] or len(loader)
         total, n = 0.0, 0
         for x, y in progress(loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))):
@@ -161,8 +238,11 @@ def train(config: JobConfig, args: argparse.Namespace, train_records: list, val_
         return total / max(n, 1)
 
     def predictor() -> Npm1Predictor:
-        return Npm1Predictor(LoadedModel(model, model_config, "0" * 64, Path(".")), device=device.type,
-                             autocast="fp16" if amp else "none")
+        return Npm1Predictor(
+            LoadedModel(model, model_config, "0" * 64, Path(".")),
+            device=device.type,
+            autocast="fp16" if amp else "none",
+        )
 
     validate = None
     if val_data is not None and len({r.npm1_label for r in val_records}) == 2:
@@ -175,14 +255,28 @@ def train(config: JobConfig, args: argparse.Namespace, train_records: list, val_
             model.train()
             return {"val_auroc": float(roc_auc_score([val_y[c] for c in cases], scores))}
 
-    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"], train_epoch=train_epoch,
-        validate=validate, output=output or args.output, config=config.as_dict(), resume=args.resume and checkpoint,
-        scaler=scaler, trial=trial, monitor="val_auroc", checkpoint=checkpoint)
+    fit(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=config["epochs"],
+        train_epoch=train_epoch,
+        validate=validate,
+        output=output or args.output,
+        config=config.as_dict(),
+        resume=args.resume and checkpoint,
+        scaler=scaler,
+        trial=trial,
+        monitor="val_auroc",
+        checkpoint=checkpoint,
+    )
     model.eval()
     return model, model_config, predictor
 
 
-def evaluate_cases(predictor, data_dir: Path, records: list, config: JobConfig) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_cases(
+    predictor, data_dir: Path, records: list, config: JobConfig
+) -> tuple[dict, np.ndarray, np.ndarray]:
     from training.evaluate_metrics import binary_report
 
     data = Npm1Images(data_dir, records, predictor.input_size, augment=False)
@@ -202,24 +296,44 @@ def cross_validate(config: JobConfig, args: argparse.Namespace, records: list) -
         return {}
     by_id = {r.case_id: r for r in records}
     aurocs = []
-    for f, (tr, va) in enumerate(grouped_kfold(records, config["cv_folds"], seed=config["split_seed"],
-                                               stratify_by="npm1_status")):
-        _, _, predictor = train(config, args, [by_id[c] for c in tr], [], output=args.output / f"cv-{f}",
-                                checkpoint=False)
+    for f, (tr, va) in enumerate(
+        grouped_kfold(
+            records, config["cv_folds"], seed=config["split_seed"], stratify_by="npm1_status"
+        )
+    ):
+        _, _, predictor = train(
+            config,
+            args,
+            [by_id[c] for c in tr],
+            [],
+            output=args.output / f"cv-{f}",
+            checkpoint=False,
+        )
         val = [by_id[c] for c in va]
-        cases, scores = case_scores(predictor(), Npm1Images(args.data, val, tuple(config["input_size"]),
-                                                            augment=False))
+        cases, scores = case_scores(
+            predictor(), Npm1Images(args.data, val, tuple(config["input_size"]), augment=False)
+        )
         y = [by_id[c].npm1_label for c in cases]
         if len(set(y)) == 2:
             aurocs.append(roc_auc_score(y, scores))
     log.info("%d-fold grouped CV AUROC: %s", config["cv_folds"], [round(a, 4) for a in aurocs])
-    return {"cv_auroc_mean": float(np.mean(aurocs)), "cv_auroc_std": float(np.std(aurocs)),
-            "cv_folds": float(config["cv_folds"])} if aurocs else {}
+    return (
+        {
+            "cv_auroc_mean": float(np.mean(aurocs)),
+            "cv_auroc_std": float(np.std(aurocs)),
+            "cv_folds": float(config["cv_folds"]),
+        }
+        if aurocs
+        else {}
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.npm1", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.npm1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return add_common_args(p)
 
 
@@ -238,8 +352,15 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         from training.hpo import run_hpo
 
         def trial_fn(cfg: JobConfig, trial) -> dict[str, float]:
-            _, _, predictor = train(cfg, args, splits["train"], splits["val"], trial=trial,
-                                    output=args.output / f"trial-{trial.number}", checkpoint=False)
+            _, _, predictor = train(
+                cfg,
+                args,
+                splits["train"],
+                splits["val"],
+                trial=trial,
+                output=args.output / f"trial-{trial.number}",
+                checkpoint=False,
+            )
             return evaluate_cases(predictor(), args.data, splits["val"], cfg)[0]
 
         run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
@@ -253,11 +374,20 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         model, model_config, predictor = train(config, args, splits["train"], splits["val"])
         metrics, y, scores = evaluate_cases(predictor(), args.data, splits["test"], config)
         metrics.update(cv)
-        log_plots(binary_plots(y, scores, args.output / "plots", prefix="npm1_", title="NPM1 (test)"))
+        log_plots(
+            binary_plots(y, scores, args.output / "plots", prefix="npm1_", title="NPM1 (test)")
+        )
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
-        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
-               data_digest=model_config["training"]["data_hash"])
+        finish(
+            kind=JOB,
+            args=args,
+            run=run,
+            model_dir=model_dir,
+            metrics=metrics,
+            config=config,
+            data_digest=model_config["training"]["data_hash"],
+        )
     return metrics
 
 

@@ -50,7 +50,12 @@ from marrowscope.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PRIMARY_METRIC = {"segmentation": "map50", "celltype": "macro_f1", "ensemble": "auroc", "npm1": "auroc"}
+PRIMARY_METRIC = {
+    "segmentation": "map50",
+    "celltype": "macro_f1",
+    "ensemble": "auroc",
+    "npm1": "auroc",
+}
 DEFAULT_FLOORS: dict[str, dict[str, float]] = {
     "segmentation": {"map50": 0.5},
     "celltype": {"macro_f1": 0.5},
@@ -102,8 +107,9 @@ def _fetch(client: Any, kind: str, version: str | None = None) -> _Version | Non
     """A version, or the champion when `version` is None (None when there is no champion)."""
     name = registry.registered_name(kind)
     try:
-        mv = registry.get_version(name, version or "", client=client,
-                                  alias=None if version else registry.CHAMPION)
+        mv = registry.get_version(
+            name, version or "", client=client, alias=None if version else registry.CHAMPION
+        )
     except ModelNotFound:
         if version:
             raise
@@ -138,14 +144,18 @@ def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
     return (not problems, "; ".join(problems or seen) or "no floors configured")
 
 
-def _non_inferiority_gate(c: _Version, champion: _Version | None, margin: float) -> tuple[bool, str]:
+def _non_inferiority_gate(
+    c: _Version, champion: _Version | None, margin: float
+) -> tuple[bool, str]:
     """The primary metric, and `<target>_auroc` of every further ensemble output."""
     if champion is None:
         return True, "no current champion"
     if champion.version == c.version:
         return True, f"v{c.version} is already the champion"
-    results = [_compare(metric, c, champion, margin)
-               for metric in (PRIMARY_METRIC[c.kind], *(f"{t}_auroc" for t in c.targets if t != "aml"))]
+    results = [
+        _compare(metric, c, champion, margin)
+        for metric in (PRIMARY_METRIC[c.kind], *(f"{t}_auroc" for t in c.targets if t != "aml"))
+    ]
     return all(ok for ok, _ in results), "; ".join(detail for _, detail in results)
 
 
@@ -157,7 +167,10 @@ def _compare(metric: str, c: _Version, champion: _Version, margin: float) -> tup
         return True, f"champion v{champion.version} has no {metric}; nothing to compare"
     ok = mine >= theirs - margin
     sign = ">=" if ok else "<"
-    return ok, f"{metric} {mine:.4g} {sign} champion v{champion.version} {theirs:.4g} - margin {margin:g}"
+    return (
+        ok,
+        f"{metric} {mine:.4g} {sign} champion v{champion.version} {theirs:.4g} - margin {margin:g}",
+    )
 
 
 def _targets_gate(c: _Version, champion: _Version | None, allow_drop: bool) -> tuple[bool, str]:
@@ -167,8 +180,11 @@ def _targets_gate(c: _Version, champion: _Version | None, allow_drop: bool) -> t
     if theirs == mine:
         return True, f"targets {mine}, as champion v{champion.version}"
     added, dropped = [t for t in mine if t not in theirs], [t for t in theirs if t not in mine]
-    change = (f"targets {theirs} (champion v{champion.version}) -> {mine}"
-              + (f", adds {added}" if added else "") + (f", drops {dropped}" if dropped else ""))
+    change = (
+        f"targets {theirs} (champion v{champion.version}) -> {mine}"
+        + (f", adds {added}" if added else "")
+        + (f", drops {dropped}" if dropped else "")
+    )
     if dropped and not allow_drop:
         return False, f"{change}: reports would lose that call; pass --allow-drop-target to accept"
     return True, change + (" (--allow-drop-target)" if dropped else "")
@@ -182,11 +198,16 @@ def _units_gate(c: _Version, champion: _Version | None, allow_change: bool) -> t
         return True, f"features in {mine['length']}"
     theirs = feature_units(champion.config or {})
     if "unknown" in (mine["length"], theirs["length"]) or mine["length"] == theirs["length"]:
-        return True, f"features in {mine['length']} (champion v{champion.version}: {theirs['length']})"
+        return (
+            True,
+            f"features in {mine['length']} (champion v{champion.version}: {theirs['length']})",
+        )
     change = f"features in {theirs['length']} (champion v{champion.version}) -> {mine['length']}"
     if not allow_change:
-        return False, (f"{change}: requests following the old pixel-size convention would have P(AML) "
-                       "withheld; pass --allow-unit-change once the LIS is changed")
+        return False, (
+            f"{change}: requests following the old pixel-size convention would have P(AML) "
+            "withheld; pass --allow-unit-change once the LIS is changed"
+        )
     return True, change + " (--allow-unit-change)"
 
 
@@ -196,22 +217,31 @@ def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[boo
         return True, "no upstream models"
     if ensemble is None:
         return True, "no ensemble serves; nothing depends on upstream versions"
-    lineage = {k[len(registry.LINEAGE_PREFIX):]: v for k, v in ensemble.tags.items()
-               if k.startswith(registry.LINEAGE_PREFIX)}
+    lineage = {
+        k[len(registry.LINEAGE_PREFIX) :]: v
+        for k, v in ensemble.tags.items()
+        if k.startswith(registry.LINEAGE_PREFIX)
+    }
     problems = []
     for upstream in ("segmentation", "celltype"):
         want, have = lineage.get(upstream), serving[upstream]
         if want is None:
             problems.append(f"ensemble v{ensemble.version} records no {upstream} lineage")
         elif have is None:
-            problems.append(f"ensemble v{ensemble.version} needs {upstream} v{want}, but no {upstream} would serve")
+            problems.append(
+                f"ensemble v{ensemble.version} needs {upstream} v{want}, but no {upstream} would serve"
+            )
         elif have.version != want:
-            problems.append(f"ensemble v{ensemble.version} was built on {upstream} v{want}, "
-                            f"but {upstream} v{have.version} would serve")
+            problems.append(
+                f"ensemble v{ensemble.version} was built on {upstream} v{want}, "
+                f"but {upstream} v{have.version} would serve"
+            )
     if problems:
         return False, "; ".join(problems) + " (promote a consistent set with --pipeline)"
-    return True, (f"ensemble v{ensemble.version} built on segmentation v{lineage['segmentation']}, "
-                  f"celltype v{lineage['celltype']}")
+    return True, (
+        f"ensemble v{ensemble.version} built on segmentation v{lineage['segmentation']}, "
+        f"celltype v{lineage['celltype']}"
+    )
 
 
 def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
@@ -255,23 +285,38 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
             if names != expected:
                 missing = sorted(set(expected) - set(names))[:5]
                 extra = sorted(set(names) - set(expected))[:5]
-                return False, (f"feature_names differ from case_feature_names() "
-                               f"(missing {missing}, unexpected {extra}, or order)")
+                return False, (
+                    f"feature_names differ from case_feature_names() "
+                    f"(missing {missing}, unexpected {extra}, or order)"
+                )
         celltype = serving["celltype"]
         outputs = (celltype.config or {}).get("outputs") if celltype else None
         if outputs is not None:
-            needed = [n.removeprefix("frac_attr_") if n.startswith("frac_attr_") else n.removeprefix("frac_")
-                      for n in names if n.startswith("frac_")]
+            needed = [
+                n.removeprefix("frac_attr_")
+                if n.startswith("frac_attr_")
+                else n.removeprefix("frac_")
+                for n in names
+                if n.startswith("frac_")
+            ]
             lacking = sorted({x for x in needed if x not in outputs})
             if lacking:
-                return False, f"features use {lacking}, which celltype v{celltype.version} does not output"
+                return (
+                    False,
+                    f"features use {lacking}, which celltype v{celltype.version} does not output",
+                )
         return True, f"{len(names)} features match"
     return True, f"input {config['input_size']}"
 
 
 def evaluate(
-    candidates: dict[str, str], *, client: Any, floors: dict[str, dict[str, float]], margin: float,
-    allow_drop_target: bool = False, allow_unit_change: bool = False,
+    candidates: dict[str, str],
+    *,
+    client: Any,
+    floors: dict[str, dict[str, float]],
+    margin: float,
+    allow_drop_target: bool = False,
+    allow_unit_change: bool = False,
 ) -> list[Decision]:
     """Every gate for every candidate (`kind -> version`), nothing changed."""
     decisions: list[Decision] = []
@@ -309,7 +354,9 @@ def default_log_file(tracking_uri: str) -> Path:
     return PROJECT_ROOT / "runs" / "promotions.jsonl"
 
 
-def _move_aliases(client: Any, moves: dict[str, tuple[str, str | None]], actor: str, at: str) -> None:
+def _move_aliases(
+    client: Any, moves: dict[str, tuple[str, str | None]], actor: str, at: str
+) -> None:
     """Set `champion` for every kind; on failure put back those already moved, then raise."""
     done: list[str] = []
     try:
@@ -317,8 +364,11 @@ def _move_aliases(client: Any, moves: dict[str, tuple[str, str | None]], actor: 
             name = registry.registered_name(kind)
             client.set_registered_model_alias(name, registry.CHAMPION, version)
             done.append(kind)
-            for key, value in (("promoted_by", actor), ("promoted_at", at),
-                               ("previous_champion", previous or "none")):
+            for key, value in (
+                ("promoted_by", actor),
+                ("promoted_at", at),
+                ("previous_champion", previous or "none"),
+            ):
                 client.set_model_version_tag(name, version, f"marrowscope.{key}", value)
     except Exception:
         for kind in done:
@@ -336,11 +386,21 @@ def _record(client: Any, tracking_uri: str, record: dict[str, Any], log_file: Pa
     with log_file.open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
     exp = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        PROMOTIONS_EXPERIMENT, artifact_location=registry.local_artifact_location(tracking_uri))
-    run = client.create_run(exp_id, run_name=f"{record['outcome']}-{record['at']}",
-                            tags={"marrowscope.promotion.outcome": record["outcome"],
-                                  "marrowscope.promotion.by": record["by"]})
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            PROMOTIONS_EXPERIMENT, artifact_location=registry.local_artifact_location(tracking_uri)
+        )
+    )
+    run = client.create_run(
+        exp_id,
+        run_name=f"{record['outcome']}-{record['at']}",
+        tags={
+            "marrowscope.promotion.outcome": record["outcome"],
+            "marrowscope.promotion.by": record["by"],
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "promotion.json"
         path.write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -367,9 +427,14 @@ def promote(
     """
     uri = tracking_uri or registry.default_tracking_uri()
     client = registry.get_client(uri)
-    decisions = evaluate(candidates, client=client, floors=DEFAULT_FLOORS if floors is None else floors,
-                         margin=margin, allow_drop_target=allow_drop_target,
-                         allow_unit_change=allow_unit_change)
+    decisions = evaluate(
+        candidates,
+        client=client,
+        floors=DEFAULT_FLOORS if floors is None else floors,
+        margin=margin,
+        allow_drop_target=allow_drop_target,
+        allow_unit_change=allow_unit_change,
+    )
     ok = all(d.passed for d in decisions)
     if dry_run:
         return ok, decisions
@@ -383,8 +448,12 @@ def promote(
                 moves[kind] = (version, champion.version if champion else None)
         _move_aliases(client, moves, actor, at)
     record = {
-        "at": at, "by": actor, "tracking_uri": uri, "outcome": "promoted" if ok else "refused",
-        "candidates": candidates, "allow_drop_target": allow_drop_target,
+        "at": at,
+        "by": actor,
+        "tracking_uri": uri,
+        "outcome": "promoted" if ok else "refused",
+        "candidates": candidates,
+        "allow_drop_target": allow_drop_target,
         "allow_unit_change": allow_unit_change,
         "moved": {k: {"version": v, "previous": p} for k, (v, p) in moves.items()},
         "decisions": [asdict(d) for d in decisions],
@@ -419,24 +488,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Move the champion alias after promotion gates pass.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", choices=registry.KINDS, help="promote one model kind")
-    what.add_argument("--pipeline", nargs="+", metavar="KIND=VERSION",
-                      help="promote a consistent set together (all or nothing)")
+    what.add_argument(
+        "--pipeline",
+        nargs="+",
+        metavar="KIND=VERSION",
+        help="promote a consistent set together (all or nothing)",
+    )
     p.add_argument("--version", help="registry version for --model")
-    p.add_argument("--floor", action="append", default=[], metavar="[KIND.]METRIC=VALUE",
-                   help="metric floor (adds to/overrides the per-kind defaults)")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help="non-inferiority margin on the primary metric (default %(default)s)")
-    p.add_argument("--allow-drop-target", action="store_true",
-                   help="accept an ensemble without an output its champion has (e.g. npm1)")
-    p.add_argument("--allow-unit-change", action="store_true",
-                   help="accept an ensemble whose morphometric feature unit (um/px) differs from its champion's")
-    p.add_argument("--dry-run", action="store_true", help="print the decision table, change nothing")
-    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the local store")
+    p.add_argument(
+        "--floor",
+        action="append",
+        default=[],
+        metavar="[KIND.]METRIC=VALUE",
+        help="metric floor (adds to/overrides the per-kind defaults)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="non-inferiority margin on the primary metric (default %(default)s)",
+    )
+    p.add_argument(
+        "--allow-drop-target",
+        action="store_true",
+        help="accept an ensemble without an output its champion has (e.g. npm1)",
+    )
+    p.add_argument(
+        "--allow-unit-change",
+        action="store_true",
+        help="accept an ensemble whose morphometric feature unit (um/px) differs from its champion's",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the decision table, change nothing"
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or the local store"
+    )
     p.add_argument("--actor", default=None, help="recorded as promoted_by (default: login name)")
     p.add_argument("--log-file", type=Path, default=None, help="append-only JSONL promotion log")
-    p.add_argument("--rollout", choices=("none", "k8s"), default="none",
-                   help="k8s: pin the promoted versions on the model-service Deployments")
-    p.add_argument("--namespace", default="marrowscope", help="Kubernetes namespace for --rollout k8s")
+    p.add_argument(
+        "--rollout",
+        choices=("none", "k8s"),
+        default="none",
+        help="k8s: pin the promoted versions on the model-service Deployments",
+    )
+    p.add_argument(
+        "--namespace", default="marrowscope", help="Kubernetes namespace for --rollout k8s"
+    )
     return p
 
 
@@ -479,16 +577,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    ok, decisions = promote(candidates, tracking_uri=args.tracking_uri, floors=floors,
-                            margin=args.margin, dry_run=args.dry_run, actor=args.actor,
-                            log_file=args.log_file, allow_drop_target=args.allow_drop_target,
-                            allow_unit_change=args.allow_unit_change)
+    ok, decisions = promote(
+        candidates,
+        tracking_uri=args.tracking_uri,
+        floors=floors,
+        margin=args.margin,
+        dry_run=args.dry_run,
+        actor=args.actor,
+        log_file=args.log_file,
+        allow_drop_target=args.allow_drop_target,
+        allow_unit_change=args.allow_unit_change,
+    )
     _print_table(decisions)
     if not ok:
         for d in decisions:
             if not d.passed:
-                print(f"refused: gate '{d.gate}' failed for {d.kind} v{d.version}: {d.detail}",
-                      file=sys.stderr)
+                print(
+                    f"refused: gate '{d.gate}' failed for {d.kind} v{d.version}: {d.detail}",
+                    file=sys.stderr,
+                )
         return 1
     verb = "would promote" if args.dry_run else "promoted"
     print(f"{verb}: " + ", ".join(f"{k} v{v}" for k, v in candidates.items()))

@@ -29,20 +29,66 @@ from marrowscope.paths import PROJECT_ROOT, shared_data_dir
 log = logging.getLogger(__name__)
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 
-BCCD_FLAGS = ["--config", "cpu-demo", "--set", "min_size=480", "--set", "max_size=640",
-              "--set", "epochs=5", "--set", "lr=0.02", "--set", "lr_gamma=0.7", "--set", "warmup_steps=100",
-              "--set", "max_eval_images=0", "--set", "box_detections_per_img=300"]
+BCCD_FLAGS = [
+    "--config",
+    "cpu-demo",
+    "--set",
+    "min_size=480",
+    "--set",
+    "max_size=640",
+    "--set",
+    "epochs=5",
+    "--set",
+    "lr=0.02",
+    "--set",
+    "lr_gamma=0.7",
+    "--set",
+    "warmup_steps=100",
+    "--set",
+    "max_eval_images=0",
+    "--set",
+    "box_detections_per_img=300",
+]
 # The GPU profile is what produced bench/results/bccd_detector_gpu.json (one H200, AMP):
 # from-scratch MobileNetV3-FPN, upscaled to 600x800 so platelets meet the smallest anchors.
-BCCD_GPU_FLAGS = ["--config", "cpu-demo", "--device", "cuda", "--set", "min_size=600", "--set", "max_size=800",
-                  "--set", "batch_size=8", "--set", "lr=0.04", "--set", "lr_gamma=0.97",
-                  "--set", "warmup_steps=150", "--set", "epochs=70", "--set", "max_eval_images=0",
-                  "--set", "box_detections_per_img=300", "--set", "num_workers=6"]
+BCCD_GPU_FLAGS = [
+    "--config",
+    "cpu-demo",
+    "--device",
+    "cuda",
+    "--set",
+    "min_size=600",
+    "--set",
+    "max_size=800",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "lr=0.04",
+    "--set",
+    "lr_gamma=0.97",
+    "--set",
+    "warmup_steps=150",
+    "--set",
+    "epochs=70",
+    "--set",
+    "max_eval_images=0",
+    "--set",
+    "box_detections_per_img=300",
+    "--set",
+    "num_workers=6",
+]
 SYNTH = {"cases": 300, "size": "640x480", "seed": 2022}
 SYNTH_FLAGS: dict[str, list[str]] = {
     # cpu-demo's 480x640 with 16-64 px anchors (map50 0.85 after ~200 steps on the demo
     # cohort); downscaling to 360x480 with the default anchors had failed (map50 0.1).
-    "segmentation": ["--config", "cpu-demo", "--set", "epochs=1", "--set", "max_steps_per_epoch=250"],
+    "segmentation": [
+        "--config",
+        "cpu-demo",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_steps_per_epoch=250",
+    ],
     "celltype": ["--config", "cpu-demo", "--set", "epochs=6"],
     "ensemble": ["--config", "cpu-demo"],
     "npm1": ["--config", "cpu-demo", "--set", "input_size=[144,192]", "--set", "epochs=6"],
@@ -64,7 +110,9 @@ def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any
     name = flags[flags.index("--config") + 1] if "--config" in flags else "auto"
     section = json.dumps(load_job_config(module, name), sort_keys=True).encode()
     config_sha = hashlib.sha256(section).hexdigest()
-    saved = Path(flags[flags.index("--output") + 1]) / "result.json" if "--output" in flags else None
+    saved = (
+        Path(flags[flags.index("--output") + 1]) / "result.json" if "--output" in flags else None
+    )
     if reuse and saved is not None and saved.is_file():
         previous = json.loads(saved.read_text())
         if previous.get("command") == command and previous.get("config_sha256") == config_sha:
@@ -76,7 +124,12 @@ def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any
     metrics = mod.main(args)
     seconds = time.perf_counter() - t0
     log.info("%s finished in %.0f s: %s", module, seconds, metrics)
-    result = {"command": command, "metrics": metrics, "seconds": round(seconds, 1), "config_sha256": config_sha}
+    result = {
+        "command": command,
+        "metrics": metrics,
+        "seconds": round(seconds, 1),
+        "config_sha256": config_sha,
+    }
     if saved is not None:
         saved.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
@@ -95,23 +148,38 @@ def _machine() -> str:
 
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-            f"torch threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"torch threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}"
+    )
 
 
 def bccd(workdir: Path, tracking: str, profile: str = "cpu") -> dict[str, Any]:
     data = shared_data_dir() / "bccd"
     if not data.is_dir():
         raise SystemExit(f"{data} is absent (see ../shared/data/README.md)")
-    flags = ["--data", str(data), "--output", str(workdir / "bccd"), "--tracking-uri", tracking,
-             *(BCCD_GPU_FLAGS if profile == "gpu" else BCCD_FLAGS)]
+    flags = [
+        "--data",
+        str(data),
+        "--output",
+        str(workdir / "bccd"),
+        "--tracking-uri",
+        tracking,
+        *(BCCD_GPU_FLAGS if profile == "gpu" else BCCD_FLAGS),
+    ]
     res = _run("segmentation", flags)
     m = res["metrics"]
-    rows = "\n".join(f"| {k.removeprefix('ap50_')} | {v:.3f} |" for k, v in sorted(m.items()) if k.startswith("ap50_"))
-    md = (f"# Detector on BCCD (real data)\n\nTrained on the BCCD `train` split (205 images), evaluated "
-          f"on its `val` split (87 images), pycocotools AP@0.5. Machine: {_machine()}; "
-          f"{res['seconds']:.0f} s.\n\n```\n{res['command']}\n```\n\n| class | AP@0.5 |\n|---|---|\n"
-          f"{rows}\n| **mAP@0.5** | **{m['map50']:.3f}** |\n")
+    rows = "\n".join(
+        f"| {k.removeprefix('ap50_')} | {v:.3f} |"
+        for k, v in sorted(m.items())
+        if k.startswith("ap50_")
+    )
+    md = (
+        f"# Detector on BCCD (real data)\n\nTrained on the BCCD `train` split (205 images), evaluated "
+        f"on its `val` split (87 images), pycocotools AP@0.5. Machine: {_machine()}; "
+        f"{res['seconds']:.0f} s.\n\n```\n{res['command']}\n```\n\n| class | AP@0.5 |\n|---|---|\n"
+        f"{rows}\n| **mAP@0.5** | **{m['map50']:.3f}** |\n"
+    )
     payload = {"bccd": res, "machine": _machine()}
     _write("bccd_detector" if profile == "cpu" else "bccd_detector_gpu", payload, md)
     return payload
@@ -124,63 +192,101 @@ def synthetic(workdir: Path, tracking: str, cases: int, reuse: bool = False) -> 
     data = workdir / "synth"
     if not (data / "annotations.json").is_file():
         w, h = (int(v) for v in SYNTH["size"].split("x"))
-        summary = generate_dataset(data, cases=cases, seed=SYNTH["seed"], config=SynthConfig(size=(w, h)))
+        summary = generate_dataset(
+            data, cases=cases, seed=SYNTH["seed"], config=SynthConfig(size=(w, h))
+        )
         log.info("%s", summary.format())
     common = ["--data", str(data), "--tracking-uri", tracking]
-    out: dict[str, Any] = {"dataset": {"cases": cases, **{k: v for k, v in SYNTH.items() if k != "cases"}}}
+    out: dict[str, Any] = {
+        "dataset": {"cases": cases, **{k: v for k, v in SYNTH.items() if k != "cases"}}
+    }
     versions: dict[str, str] = {}
     from marrowscope import registry
 
     for job in ("segmentation", "celltype"):
-        out[job] = _run(job, [*common, "--output", str(workdir / job), *SYNTH_FLAGS[job]], reuse=reuse)
+        out[job] = _run(
+            job, [*common, "--output", str(workdir / job), *SYNTH_FLAGS[job]], reuse=reuse
+        )
         client = registry.get_client(tracking)
-        versions[job] = str(max(int(v.version) for v in client.search_model_versions(
-            f"name='{registry.registered_name(job)}'")))
-    out["ensemble"] = _run("ensemble", [
-        *common, "--output", str(workdir / "ensemble"),
-        "--segmentation", f"models:/marrowscope-segmentation/{versions['segmentation']}",
-        "--celltype", f"models:/marrowscope-celltype/{versions['celltype']}", *SYNTH_FLAGS["ensemble"]],
-        reuse=reuse)
-    out["npm1"] = _run("npm1", [*common, "--output", str(workdir / "npm1"), *SYNTH_FLAGS["npm1"]], reuse=reuse)
+        versions[job] = str(
+            max(
+                int(v.version)
+                for v in client.search_model_versions(f"name='{registry.registered_name(job)}'")
+            )
+        )
+    out["ensemble"] = _run(
+        "ensemble",
+        [
+            *common,
+            "--output",
+            str(workdir / "ensemble"),
+            "--segmentation",
+            f"models:/marrowscope-segmentation/{versions['segmentation']}",
+            "--celltype",
+            f"models:/marrowscope-celltype/{versions['celltype']}",
+            *SYNTH_FLAGS["ensemble"],
+        ],
+        reuse=reuse,
+    )
+    out["npm1"] = _run(
+        "npm1", [*common, "--output", str(workdir / "npm1"), *SYNTH_FLAGS["npm1"]], reuse=reuse
+    )
     out["machine"] = _machine()
 
     def ci(m: dict, key: str) -> str:
         return f"{m[key]:.3f} (95 % CI {m[key + '_ci_low']:.3f}-{m[key + '_ci_high']:.3f})"
 
-    seg, cel, ens, npm = (out[k]["metrics"] for k in ("segmentation", "celltype", "ensemble", "npm1"))
-    md = (f"# Synthetic cohort (SYNTHETIC data: functional evidence only)\n\n{cases} generated cases at "
-          f"{SYNTH['size']} (seed {SYNTH['seed']}), split by patient (held-out test cases never seen "
-          f"by any stage). Machine: {out['machine']}.\n\n"
-          f"| figure | value (synthetic) | paper (real data) |\n|---|---|---|\n"
-          f"| detection mAP@0.5 (cell, RBC) | {seg['map50']:.3f} | 0.97 |\n"
-          f"| celltype macro-F1 | {cel['macro_f1']:.3f} | - |\n"
-          f"| cup-like nucleus AUROC among true blasts (cell level) | "
-          f"{cel.get('auroc_cup_like_nucleus', float('nan')):.3f} | - |\n"
-          f"| AML AUROC (ensemble) | {ci(ens, 'auroc')} | 0.9699 |\n"
-          f"| NPM1 AUROC, morphology head of the ensemble (AML test cases) | {ci(ens, 'npm1_auroc')} | 0.92 |\n"
-          f"| NPM1 AUROC, whole-image ResNet18 at 144x192 (paper's method, CPU-scaled) | {ci(npm, 'auroc')} "
-          f"| 0.92 |\n\n"
-          "The NPM1 call that beats the paper's floor comes from the ensemble's second output, "
-          "P(NPM1 | AML) over the case features (blast cup-like nuclei, nucleoli, chromatin from "
-          "the celltype stage). The whole-image CNN is the paper's method; at a CPU-feasible "
-          "input size a blast nucleus is ~10 px and the network does not learn the signal "
-          "(training/README.md). Commands (in order):\n\n```\n"
-          + "\n".join(out[k]["command"] for k in ("segmentation", "celltype", "ensemble", "npm1"))
-          + "\n```\n")
+    seg, cel, ens, npm = (
+        out[k]["metrics"] for k in ("segmentation", "celltype", "ensemble", "npm1")
+    )
+    md = (
+        f"# Synthetic cohort (SYNTHETIC data: functional evidence only)\n\n{cases} generated cases at "
+        f"{SYNTH['size']} (seed {SYNTH['seed']}), split by patient (held-out test cases never seen "
+        f"by any stage). Machine: {out['machine']}.\n\n"
+        f"| figure | value (synthetic) | paper (real data) |\n|---|---|---|\n"
+        f"| detection mAP@0.5 (cell, RBC) | {seg['map50']:.3f} | 0.97 |\n"
+        f"| celltype macro-F1 | {cel['macro_f1']:.3f} | - |\n"
+        f"| cup-like nucleus AUROC among true blasts (cell level) | "
+        f"{cel.get('auroc_cup_like_nucleus', float('nan')):.3f} | - |\n"
+        f"| AML AUROC (ensemble) | {ci(ens, 'auroc')} | 0.9699 |\n"
+        f"| NPM1 AUROC, morphology head of the ensemble (AML test cases) | {ci(ens, 'npm1_auroc')} | 0.92 |\n"
+        f"| NPM1 AUROC, whole-image ResNet18 at 144x192 (paper's method, CPU-scaled) | {ci(npm, 'auroc')} "
+        f"| 0.92 |\n\n"
+        "The NPM1 call that beats the paper's floor comes from the ensemble's second output, "
+        "P(NPM1 | AML) over the case features (blast cup-like nuclei, nucleoli, chromatin from "
+        "the celltype stage). The whole-image CNN is the paper's method; at a CPU-feasible "
+        "input size a blast nucleus is ~10 px and the network does not learn the signal "
+        "(training/README.md). Commands (in order):\n\n```\n"
+        + "\n".join(out[k]["command"] for k in ("segmentation", "celltype", "ensemble", "npm1"))
+        + "\n```\n"
+    )
     _write("synthetic_cohort", out, md)
     return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.results", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("which", choices=("bccd", "synthetic"))
-    p.add_argument("--workdir", type=Path, required=True, help="runs, models and the synthetic set go here")
+    p.add_argument(
+        "--workdir", type=Path, required=True, help="runs, models and the synthetic set go here"
+    )
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<workdir>/mlflow.db")
     p.add_argument("--cases", type=int, default=SYNTH["cases"])
-    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="bccd: CPU-feasible or GPU settings")
-    p.add_argument("--reuse", action="store_true",
-                   help="synthetic: keep stages already run with the same command and config section")
+    p.add_argument(
+        "--profile",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="bccd: CPU-feasible or GPU settings",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="synthetic: keep stages already run with the same command and config section",
+    )
     return p
 
 
@@ -195,5 +301,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     main(get_args_parser().parse_args())

@@ -71,7 +71,9 @@ def _targets(versions: dict[str, str]) -> list[tuple[str, str, str, bool]]:
             continue
         version = str(versions[kind]).strip()
         if not version or "/" in version or "@" in version:
-            raise InvalidInput(f"{kind}: version must be a registry version number, got {version!r}")
+            raise InvalidInput(
+                f"{kind}: version must be a registry version number, got {version!r}"
+            )
         targets.append((kind, kind, version, False))
         targets.extend((f, kind, version, True) for f in FOLLOWERS.get(kind, ()))
     return targets
@@ -106,7 +108,9 @@ def patch_body(container: str, service: str, uri: str, version: str) -> dict[str
             "template": {
                 "metadata": {"annotations": {VERSION_ANNOTATION: version}},
                 "spec": {
-                    "containers": [{"name": container, "env": [{"name": env_name(service), "value": uri}]}]
+                    "containers": [
+                        {"name": container, "env": [{"name": env_name(service), "value": uri}]}
+                    ]
                 },
             }
         }
@@ -162,13 +166,17 @@ def rollout_model_services(
                 log.info("deployment %s/%s absent; %s not rolled", namespace, name, service)
                 results.append(RolloutResult(service, name, uri, None, "absent"))
                 continue
-            raise RolloutError(f"cannot read deployment {namespace}/{name}: {exc.status} {exc.reason}") from exc
+            raise RolloutError(
+                f"cannot read deployment {namespace}/{name}: {exc.status} {exc.reason}"
+            ) from exc
         idx = _container_index(dep, service)
         container = dep.spec.template.spec.containers[idx]
         previous = _current_uri(container, service)
         annotations = dep.spec.template.metadata.annotations or {}
         if previous == uri and annotations.get(VERSION_ANNOTATION) == version:
-            results.append(RolloutResult(service, name, uri, previous, "unchanged", dep.metadata.generation))
+            results.append(
+                RolloutResult(service, name, uri, previous, "unchanged", dep.metadata.generation)
+            )
             continue
         body = patch_body(container.name, service, uri, version)
         kwargs = {"dry_run": "All"} if dry_run else {}
@@ -177,10 +185,14 @@ def rollout_model_services(
                 name, namespace, body, _content_type=STRATEGIC_MERGE, **kwargs
             )
         except ApiException as exc:
-            raise RolloutError(f"patch of {namespace}/{name} refused: {exc.status} {exc.body}") from exc
+            raise RolloutError(
+                f"patch of {namespace}/{name} refused: {exc.status} {exc.body}"
+            ) from exc
         status = "dry-run" if dry_run else "patched"
         log.info("%s %s/%s: %s -> %s", status, namespace, name, previous, uri)
-        results.append(RolloutResult(service, name, uri, previous, status, patched.metadata.generation))
+        results.append(
+            RolloutResult(service, name, uri, previous, status, patched.metadata.generation)
+        )
 
     if wait and not dry_run:
         deadline = time.monotonic() + timeout_s
@@ -208,14 +220,20 @@ def rollout_complete(dep: Any, generation: int | None) -> bool:
     )
 
 
-def _wait_complete(apps: Any, namespace: str, result: RolloutResult, deadline: float, poll_s: float) -> RolloutResult:
+def _wait_complete(
+    apps: Any, namespace: str, result: RolloutResult, deadline: float, poll_s: float
+) -> RolloutResult:
     while True:
         dep = apps.read_namespaced_deployment(result.deployment, namespace)
         if rollout_complete(dep, result.generation):
             log.info("rollout of %s/%s complete", namespace, result.deployment)
             return RolloutResult(
-                result.service, result.deployment, result.model_uri, result.previous_uri,
-                "complete", result.generation,
+                result.service,
+                result.deployment,
+                result.model_uri,
+                result.previous_uri,
+                "complete",
+                result.generation,
             )
         if time.monotonic() >= deadline:
             st = dep.status

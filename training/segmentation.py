@@ -45,7 +45,9 @@ class DetectionDataset:
     FloatTensor[N, 4] x1, y1, x2, y2 and `labels` Int64Tensor[N], 1-based class index).
     `augment`: random horizontal/vertical flips (torch global RNG), training split only."""
 
-    def __init__(self, items: list[DetectionItem], classes: tuple[str, ...], *, augment: bool) -> None:
+    def __init__(
+        self, items: list[DetectionItem], classes: tuple[str, ...], *, augment: bool
+    ) -> None:
         self.items, self.classes, self.augment = items, classes, augment
         self.index = {c: i + 1 for i, c in enumerate(classes)}
 
@@ -74,18 +76,33 @@ def detector_config(config: JobConfig, classes: tuple[str, ...], digest: str) ->
     from marrowscope.models import make_config
     from marrowscope.models.config import DETECTOR_INT_HYPERPARAMETERS
 
-    hp = {"box_detections_per_img": config["box_detections_per_img"],
-          "score_threshold": config["score_threshold"], "lr": config["lr"],
-          "momentum": config["momentum"], "weight_decay": config["weight_decay"],
-          "lr_gamma": config["lr_gamma"], "epochs": config["epochs"], "batch_size": config["batch_size"]}
+    hp = {
+        "box_detections_per_img": config["box_detections_per_img"],
+        "score_threshold": config["score_threshold"],
+        "lr": config["lr"],
+        "momentum": config["momentum"],
+        "weight_decay": config["weight_decay"],
+        "lr_gamma": config["lr_gamma"],
+        "epochs": config["epochs"],
+        "batch_size": config["batch_size"],
+    }
     # Optional RPN / RoI sampling settings (job configs without them get torchvision defaults).
     hp.update({k: config[k] for k in DETECTOR_INT_HYPERPARAMETERS if config.get(k) is not None})
-    return make_config("detector", config["arch"], classes=list(classes), min_size=config["min_size"],
-                       max_size=config["max_size"], hyperparameters=hp,
-                       anchor_sizes=config.get("anchor_sizes"),
-                       anchor_aspect_ratios=config.get("anchor_aspect_ratios"),
-                       training={"data_hash": digest, "seed": config["seed"],
-                                 "config_name": config["config_name"]})
+    return make_config(
+        "detector",
+        config["arch"],
+        classes=list(classes),
+        min_size=config["min_size"],
+        max_size=config["max_size"],
+        hyperparameters=hp,
+        anchor_sizes=config.get("anchor_sizes"),
+        anchor_aspect_ratios=config.get("anchor_aspect_ratios"),
+        training={
+            "data_hash": digest,
+            "seed": config["seed"],
+            "config_name": config["config_name"],
+        },
+    )
 
 
 def detection_loss(model, images, targets) -> Any:
@@ -103,7 +120,9 @@ def predict_items(model, items: list[DetectionItem], score_threshold: float = 0.
     return out
 
 
-def evaluate_detector(detector, items: list[DetectionItem], classes: tuple[str, ...]) -> dict[str, float]:
+def evaluate_detector(
+    detector, items: list[DetectionItem], classes: tuple[str, ...]
+) -> dict[str, float]:
     """`map50` and `ap50_<class>` of `detector` (a `Detector`) on `items` (all scores kept)."""
     from training.evaluate_detection import detection_map
 
@@ -115,7 +134,9 @@ def _subset(items: list, n: int) -> list:
     return items if not n or n >= len(items) else items[:: max(1, len(items) // n)][:n]
 
 
-def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> tuple[Any, dict, dict, tuple]:
+def train(
+    config: JobConfig, args: argparse.Namespace, *, trial: Any = None
+) -> tuple[Any, dict, dict, tuple]:
     """Train; returns (module, detector config, held-out or validation metrics, classes)."""
     import torch
 
@@ -126,7 +147,9 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> 
     device, amp = device_and_amp(args.device, config["amp"])
     train_items, classes = detection_items(args.data, "train", config, config["classes_mode"])
     eval_split = "val" if trial is not None else "test"
-    eval_items, eval_classes = detection_items(args.data, eval_split, config, config["classes_mode"])
+    eval_items, eval_classes = detection_items(
+        args.data, eval_split, config, config["classes_mode"]
+    )
     if eval_classes != classes:
         raise ValueError(f"split classes differ: {classes} vs {eval_classes}")
     digest = data_hash(args.data)
@@ -138,23 +161,39 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> 
         load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config["lr"], momentum=config["momentum"],
-                                weight_decay=config["weight_decay"])
+    optimizer = torch.optim.SGD(
+        params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     scaler = torch.amp.GradScaler("cuda") if amp else None
     data = DetectionDataset(train_items, classes, augment=config["flips"])
-    log.info("detector %s, classes %s, %d train / %d %s images, device %s%s", config["arch"], classes,
-             len(train_items), len(eval_items), eval_split, device, " (AMP)" if amp else "")
+    log.info(
+        "detector %s, classes %s, %d train / %d %s images, device %s%s",
+        config["arch"],
+        classes,
+        len(train_items),
+        len(eval_items),
+        eval_split,
+        device,
+        " (AMP)" if amp else "",
+    )
     step = {"n": 0}
 
     def train_epoch(epoch: int) -> float:
         g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True, generator=g,
-                                             collate_fn=lambda b: tuple(zip(*b, strict=True)),
-                                             num_workers=config["num_workers"])
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=config["batch_size"],
+            shuffle=True,
+            generator=g,
+            collate_fn=lambda b: tuple(zip(*b, strict=True)),
+            num_workers=config["num_workers"],
+        )
         limit = config["max_steps_per_epoch"] or len(loader)
         total, n = 0.0, 0
-        for images, targets in progress(loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))):
+        for images, targets in progress(
+            loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))
+        ):
             if n >= limit:
                 break
             images = [im.to(device) for im in images]
@@ -162,7 +201,11 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> 
             warm = config["warmup_steps"]
             if warm and step["n"] < warm:  # linear warm-up from lr/10 (detectors diverge otherwise)
                 for g_ in optimizer.param_groups:
-                    g_["lr"] = config["lr"] * (config["lr_gamma"] ** epoch) * (0.1 + 0.9 * step["n"] / warm)
+                    g_["lr"] = (
+                        config["lr"]
+                        * (config["lr_gamma"] ** epoch)
+                        * (0.1 + 0.9 * step["n"] / warm)
+                    )
             with amp_context(amp):
                 loss = detection_loss(model, images, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -179,35 +222,58 @@ def train(config: JobConfig, args: argparse.Namespace, *, trial: Any = None) -> 
         return total / max(n, 1)
 
     def wrap() -> Detector:
-        loaded = LoadedModel(module=model, config=model_config, digest="0" * 64, directory=Path("."))
+        loaded = LoadedModel(
+            module=model, config=model_config, digest="0" * 64, directory=Path(".")
+        )
         return Detector(loaded, device=device.type, autocast="fp16" if amp else "none")
 
     validate = None
     every = config["eval_every"] or (1 if trial is not None else 0)
     if every:
-        val_items = _subset(detection_items(args.data, "val", config, config["classes_mode"])[0],
-                            config["max_eval_images"])
+        val_items = _subset(
+            detection_items(args.data, "val", config, config["classes_mode"])[0],
+            config["max_eval_images"],
+        )
 
         def validate(epoch: int) -> dict[str, float]:
             if (epoch + 1) % every and epoch + 1 != config["epochs"]:
                 return {}
-            result = {f"val_{k}": v for k, v in evaluate_detector(wrap(), val_items, classes).items()}
+            result = {
+                f"val_{k}": v for k, v in evaluate_detector(wrap(), val_items, classes).items()
+            }
             model.train()
             return result
 
     out = args.output / (f"trial-{trial.number}" if trial is not None else "")
-    fit(model=model, optimizer=optimizer, scheduler=scheduler, epochs=config["epochs"],
-        train_epoch=train_epoch, validate=validate, output=out, config=config.as_dict(),
-        resume=args.resume, scaler=scaler, trial=trial, monitor="val_map50", checkpoint=trial is None)
+    fit(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=config["epochs"],
+        train_epoch=train_epoch,
+        validate=validate,
+        output=out,
+        config=config.as_dict(),
+        resume=args.resume,
+        scaler=scaler,
+        trial=trial,
+        monitor="val_map50",
+        checkpoint=trial is None,
+    )
     model.eval()
-    metrics = evaluate_detector(wrap(), _subset(eval_items, config["max_eval_images"] if trial else 0), classes)
+    metrics = evaluate_detector(
+        wrap(), _subset(eval_items, config["max_eval_images"] if trial else 0), classes
+    )
     log.info("%s %s", eval_split, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return model, model_config, metrics, classes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.segmentation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.segmentation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return add_common_args(p)
 
 
@@ -217,8 +283,13 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     if args.hpo_trials:
         from training.hpo import run_hpo
 
-        run_hpo(args, config, job=JOB, monitor="map50",
-                train_trial=lambda cfg, trial: train(cfg, args, trial=trial)[2])
+        run_hpo(
+            args,
+            config,
+            job=JOB,
+            monitor="map50",
+            train_trial=lambda cfg, trial: train(cfg, args, trial=trial)[2],
+        )
         return None
     from marrowscope.models import save_model
 
@@ -228,8 +299,15 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         import mlflow
 
         mlflow.set_tag("marrowscope.data_format", "voc" if is_voc(args.data) else "coco")
-        finish(kind=JOB, args=args, run=run, model_dir=model_dir, metrics=metrics, config=config,
-               data_digest=model_config["training"]["data_hash"])
+        finish(
+            kind=JOB,
+            args=args,
+            run=run,
+            model_dir=model_dir,
+            metrics=metrics,
+            config=config,
+            data_digest=model_config["training"]["data_hash"],
+        )
     return metrics
 
 

@@ -115,7 +115,9 @@ def celltype_loss(
     n_attr = 0 if attribute_targets is None else attribute_targets.shape[1]
     n_cells = logits.shape[1] - n_attr
     if cell_targets.shape != (logits.shape[0],):
-        raise InvalidInput(f"cell_targets must be [B]={logits.shape[0]}, got {tuple(cell_targets.shape)}")
+        raise InvalidInput(
+            f"cell_targets must be [B]={logits.shape[0]}, got {tuple(cell_targets.shape)}"
+        )
     if cell_targets.numel() and (cell_targets.min() < 0 or cell_targets.max() >= n_cells):
         raise InvalidInput(f"cell_targets must be in [0, {n_cells}), got {cell_targets.tolist()}")
     cell_logits = logits[:, :n_cells]

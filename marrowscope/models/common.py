@@ -22,7 +22,9 @@ def images_to_tensor(images: Any, device: torch.device | str | None = None) -> t
     if not isinstance(images, torch.Tensor):
         raise InvalidInput(f"images must be an array or tensor, got {type(images).__name__}")
     if images.ndim != 4:
-        raise InvalidInput(f"images must be 4-D [B, H, W, 3] or [B, 3, H, W], got {tuple(images.shape)}")
+        raise InvalidInput(
+            f"images must be 4-D [B, H, W, 3] or [B, 3, H, W], got {tuple(images.shape)}"
+        )
     if images.dtype == torch.uint8:
         if images.shape[-1] != 3:
             raise InvalidInput(f"uint8 images must be [B, H, W, 3], got {tuple(images.shape)}")

@@ -83,8 +83,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     # anchor_* null: torchvision defaults (see marrowscope.models.detector).
-    "detector": {"classes": list(CODES), "min_size": 1920, "max_size": 2560,
-                 "anchor_sizes": None, "anchor_aspect_ratios": None},
+    "detector": {
+        "classes": list(CODES),
+        "min_size": 1920,
+        "max_size": 2560,
+        "anchor_sizes": None,
+        "anchor_aspect_ratios": None,
+    },
     "celltype": {
         "outputs": list(COUNTED_CODES) + list(ATTRIBUTE_CODES),
         "crop_size": 128,
@@ -95,8 +100,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "cell_head": "sigmoid",
     },
     # Training fills feature_units from its data (`units_from_pixel_sizes`).
-    "ensemble": {"hidden": [32, 16], "dropout": 0.2, "targets": ["aml"],
-                 "feature_units": {"length": "unknown", "um_per_px": None}},
+    "ensemble": {
+        "hidden": [32, 16],
+        "dropout": 0.2,
+        "targets": ["aml"],
+        "feature_units": {"length": "unknown", "um_per_px": None},
+    },
     "npm1": {"input_size": [1500, 2000], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
 
@@ -188,20 +197,31 @@ def _validate_anchors(config: dict[str, Any]) -> None:
     if sizes is not None:
         levels = DETECTOR_FPN_LEVELS[config["arch"]]
         if not isinstance(sizes, list) or len(sizes) != levels:
-            _fail(config, f"anchor_sizes must be a list of {levels} lists (one per FPN level), got {sizes!r}")
+            _fail(
+                config,
+                f"anchor_sizes must be a list of {levels} lists (one per FPN level), got {sizes!r}",
+            )
         for level in sizes:
             if not isinstance(level, list) or not level or len({len(x) for x in sizes}) != 1:
-                _fail(config, f"anchor_sizes levels must be non-empty lists of equal length, got {sizes!r}")
+                _fail(
+                    config,
+                    f"anchor_sizes levels must be non-empty lists of equal length, got {sizes!r}",
+                )
             for size in level:
                 _positive_int(config, "anchor_sizes[][]", size)
     ratios = config.get("anchor_aspect_ratios")
     if ratios is not None and (
         not isinstance(ratios, list)
         or not ratios
-        or not all(isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) and r > 0
-                   for r in ratios)
+        or not all(
+            isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+            for r in ratios
+        )
     ):
-        _fail(config, f"anchor_aspect_ratios must be a non-empty list of positive numbers, got {ratios!r}")
+        _fail(
+            config,
+            f"anchor_aspect_ratios must be a non-empty list of positive numbers, got {ratios!r}",
+        )
 
 
 def _validate_celltype(config: dict[str, Any]) -> None:
@@ -237,10 +257,18 @@ def _validate_ensemble(config: dict[str, Any]) -> None:
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
     targets = config.get("targets", ["aml"])
-    if not isinstance(targets, list) or not targets or targets[0] != "aml" or len(set(targets)) != len(targets) \
-            or not set(targets) <= set(ENSEMBLE_TARGETS):
-        _fail(config, f"targets must start with 'aml' and name distinct outputs of {list(ENSEMBLE_TARGETS)}, "
-                      f"got {targets!r}")
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or targets[0] != "aml"
+        or len(set(targets)) != len(targets)
+        or not set(targets) <= set(ENSEMBLE_TARGETS)
+    ):
+        _fail(
+            config,
+            f"targets must start with 'aml' and name distinct outputs of {list(ENSEMBLE_TARGETS)}, "
+            f"got {targets!r}",
+        )
     if "feature_units" in config:
         _validate_feature_units(config)
 
@@ -256,17 +284,30 @@ def _validate_feature_units(config: dict[str, Any]) -> None:
     if not isinstance(units, dict) or set(units) != {"length", "um_per_px"}:
         _fail(config, f"feature_units must be {{'length': ..., 'um_per_px': ...}}, got {units!r}")
     if units["length"] not in LENGTH_UNITS:
-        _fail(config, f"feature_units.length must be one of {list(LENGTH_UNITS)}, got {units['length']!r}")
+        _fail(
+            config,
+            f"feature_units.length must be one of {list(LENGTH_UNITS)}, got {units['length']!r}",
+        )
     scale = units["um_per_px"]
     if units["length"] != "um":
         if scale is not None:
-            _fail(config, f"feature_units.um_per_px must be null unless length is 'um', got {scale!r}")
+            _fail(
+                config, f"feature_units.um_per_px must be null unless length is 'um', got {scale!r}"
+            )
         return
-    if (not isinstance(scale, list) or len(scale) != 2
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                       for v in scale)
-            or scale[0] > scale[1]):
-        _fail(config, f"feature_units.um_per_px must be [min, max] positive pixel sizes, got {scale!r}")
+    if (
+        not isinstance(scale, list)
+        or len(scale) != 2
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in scale
+        )
+        or scale[0] > scale[1]
+    ):
+        _fail(
+            config,
+            f"feature_units.um_per_px must be [min, max] positive pixel sizes, got {scale!r}",
+        )
 
 
 def units_from_pixel_sizes(um_per_px: Iterable[float | None]) -> dict[str, Any]:
@@ -283,10 +324,14 @@ def units_from_pixel_sizes(um_per_px: Iterable[float | None]) -> dict[str, Any]:
     if not known:
         return {"length": "px", "um_per_px": None}
     if len(known) != len(sizes):
-        raise ModelConfigError(f"{len(sizes) - len(known)} of {len(sizes)} images have no pixel size "
-                               "(um_per_px): their morphometrics would be in px, the others' in um")
+        raise ModelConfigError(
+            f"{len(sizes) - len(known)} of {len(sizes)} images have no pixel size "
+            "(um_per_px): their morphometrics would be in px, the others' in um"
+        )
     if not all(math.isfinite(v) and v > 0 for v in known):
-        raise ModelConfigError(f"pixel sizes must be finite and positive, got {sorted(set(known))[:5]}")
+        raise ModelConfigError(
+            f"pixel sizes must be finite and positive, got {sorted(set(known))[:5]}"
+        )
     return {"length": "um", "um_per_px": [min(known), max(known)]}
 
 
@@ -298,13 +343,17 @@ def feature_units(config: dict[str, Any]) -> dict[str, Any]:
     """
     units = config.get("feature_units")
     if units is None:
-        log.warning("ensemble config has no feature_units (written before they were recorded): "
-                    "the unit of its morphometric features is unknown and cannot be checked; "
-                    "retrain to record it")
+        log.warning(
+            "ensemble config has no feature_units (written before they were recorded): "
+            "the unit of its morphometric features is unknown and cannot be checked; "
+            "retrain to record it"
+        )
         return dict(UNKNOWN_UNITS)
     if units["length"] == "unknown":
-        log.warning("ensemble config records feature_units 'unknown': the unit of its "
-                    "morphometric features cannot be checked")
+        log.warning(
+            "ensemble config records feature_units 'unknown': the unit of its "
+            "morphometric features cannot be checked"
+        )
     return dict(units)
 
 

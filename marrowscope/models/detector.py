@@ -24,8 +24,11 @@ _BUILDERS = {
     "fasterrcnn_mobilenet_v3_large_fpn": detection.fasterrcnn_mobilenet_v3_large_fpn,
 }
 
-RPN_ROI_KEYS: tuple[str, ...] = (*DETECTOR_INT_HYPERPARAMETERS, "box_score_thresh",
-                                  "box_nms_thresh")
+RPN_ROI_KEYS: tuple[str, ...] = (
+    *DETECTOR_INT_HYPERPARAMETERS,
+    "box_score_thresh",
+    "box_nms_thresh",
+)
 """`hyperparameters` keys forwarded as `FasterRCNN` keyword arguments."""
 
 _DEFAULT_RATIOS = (0.5, 1.0, 2.0)
@@ -58,17 +61,22 @@ def build_detector(config: dict[str, Any]) -> detection.FasterRCNN:
     return model
 
 
-def _set_anchors(model: detection.FasterRCNN, sizes: list[list[int]] | None,
-                 ratios: list[float] | None) -> None:
+def _set_anchors(
+    model: detection.FasterRCNN, sizes: list[list[int]] | None, ratios: list[float] | None
+) -> None:
     """Replace the RPN anchor generator; rebuild the RPN head when the anchor count changes."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.rpn import RPNHead
 
     old = model.rpn.anchor_generator
     levels = len(old.sizes)
-    size_t = tuple(tuple(int(s) for s in level) for level in sizes) if sizes is not None else old.sizes
+    size_t = (
+        tuple(tuple(int(s) for s in level) for level in sizes) if sizes is not None else old.sizes
+    )
     if len(size_t) != levels:
-        raise ValueError(f"anchor_sizes has {len(size_t)} levels, the backbone has {levels} FPN levels")
+        raise ValueError(
+            f"anchor_sizes has {len(size_t)} levels, the backbone has {levels} FPN levels"
+        )
     ratio_t = tuple(float(r) for r in ratios) if ratios is not None else _DEFAULT_RATIOS
     generator = AnchorGenerator(size_t, (ratio_t,) * levels)
     counts = set(generator.num_anchors_per_location())

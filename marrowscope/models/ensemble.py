@@ -71,7 +71,9 @@ class EnsembleNet(nn.Module):
         return self.predict_targets(features, names)["aml"]
 
     @torch.inference_mode()
-    def predict_targets(self, features: Any, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def predict_targets(
+        self, features: Any, names: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """features float[B, F] -> {target: probability FloatTensor[B] on CPU} for every target.
 
         When `names` is given it must equal `feature_names` exactly (same order); a case
@@ -86,7 +88,9 @@ class EnsembleNet(nn.Module):
             )
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
-            raise InvalidInput(f"features must be [B, {len(self.feature_names)}], got {tuple(x.shape)}")
+            raise InvalidInput(
+                f"features must be [B, {len(self.feature_names)}], got {tuple(x.shape)}"
+            )
         if not torch.isfinite(x).all():
             raise InvalidInput("features contain NaN or infinite values")
         device = self.feature_mean.device

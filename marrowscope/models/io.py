@@ -95,7 +95,9 @@ def save_model(module: nn.Module, config: dict[str, Any], directory: str | os.Pa
     return directory
 
 
-def _check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: str) -> None:
+def _check_keys(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, source: str
+) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
@@ -108,7 +110,9 @@ def _check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         if wrong:
             parts.append(
                 "shape mismatch "
-                + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3])
+                + ", ".join(
+                    f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3]
+                )
             )
         raise ModelFormatError(f"{source} does not match its config: " + "; ".join(parts))
 
@@ -162,10 +166,16 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = f"; found {pickles}: pickle files are refused, convert them to safetensors" if pickles else ""
+        hint = (
+            f"; found {pickles}: pickle files are refused, convert them to safetensors"
+            if pickles
+            else ""
+        )
         raise ModelFormatError(f"{directory} has no {WEIGHTS_FILE}{hint}")
     if _looks_like_pickle(weights):
-        raise ModelFormatError(f"{weights} is a pickle/torch.save file, not safetensors; refusing to unpickle")
+        raise ModelFormatError(
+            f"{weights} is a pickle/torch.save file, not safetensors; refusing to unpickle"
+        )
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -174,4 +184,6 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     _check_keys(state, module.state_dict(), source=str(weights))
     module.load_state_dict(state, strict=True)
     module.to(device).eval()
-    return LoadedModel(module=module, config=config, digest=model_digest(directory), directory=directory)
+    return LoadedModel(
+        module=module, config=config, digest=model_digest(directory), directory=directory
+    )

@@ -75,15 +75,23 @@ def load_initial_weights(
         cand = {
             k[len(prefix) :]: v
             for k, v in source.items()
-            if k.startswith(prefix) and k[len(prefix) :] in own and own[k[len(prefix) :]].shape == v.shape
+            if k.startswith(prefix)
+            and k[len(prefix) :] in own
+            and own[k[len(prefix) :]].shape == v.shape
         }
         if len(cand) > len(best):
             best = cand
     if not best:
-        raise ModelFormatError(f"no tensor in {path} matches the {config['arch']} {scope} by name and shape")
+        raise ModelFormatError(
+            f"no tensor in {path} matches the {config['arch']} {scope} by name and shape"
+        )
     target.load_state_dict(best, strict=False)
     log.info(
         "initial weights %s: loaded %d/%d %s tensors (%d file tensors unused)",
-        path, len(best), len(own), scope, len(source) - len(best),
+        path,
+        len(best),
+        len(own),
+        scope,
+        len(source) - len(best),
     )
     return len(best)

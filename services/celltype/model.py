@@ -33,13 +33,15 @@ class CelltypeHandler(PredictorHandler):
     def __init__(self, local_dir: str | Path, settings: CelltypeSettings) -> None:
         super().__init__(local_dir, settings)
         size = int(self.config["crop_size"])
-        pad = float(self.config.get("hyperparameters", {}).get("crop_pad_fraction",
-                                                               CELL_CROP_PAD_FRACTION))
+        pad = float(
+            self.config.get("hyperparameters", {}).get("crop_pad_fraction", CELL_CROP_PAD_FRACTION)
+        )
         if abs(pad - CELL_CROP_PAD_FRACTION) > 1e-9:
             raise ModelNotReady(
                 f"celltype model {local_dir} was trained on crops with padding {pad}, but "
                 f"clients cut crops with {CELL_CROP_PAD_FRACTION} (marrowscope.imaging); "
-                "retrain it with the serving padding")
+                "retrain it with the serving padding"
+            )
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         # per loaded model: ModelMetadata must show this version's crop size
         self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)

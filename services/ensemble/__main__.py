@@ -11,8 +11,8 @@ def main() -> int:
     settings = EnsembleSettings()
     # registry tags carry the lineage (marrowscope.lineage.<upstream>)
     return run_service(
-        lambda resolved: EnsembleHandler(resolved.local_dir, settings, tags=resolved.tags),
-        settings)
+        lambda resolved: EnsembleHandler(resolved.local_dir, settings, tags=resolved.tags), settings
+    )
 
 
 if __name__ == "__main__":

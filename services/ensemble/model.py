@@ -62,8 +62,11 @@ def units_parameters(config: Mapping) -> dict[str, str]:
     """Response parameters naming the unit of the model's morphometric features."""
     units = feature_units(dict(config))
     lo, hi = units["um_per_px"] or ("", "")
-    return {"feature_length_unit": units["length"], "feature_um_per_px_min": str(lo),
-            "feature_um_per_px_max": str(hi)}
+    return {
+        "feature_length_unit": units["length"],
+        "feature_um_per_px_min": str(lo),
+        "feature_um_per_px_max": str(hi),
+    }
 
 
 def npm1_threshold_parameters(config: Mapping) -> dict[str, str]:
@@ -75,8 +78,10 @@ def npm1_threshold_parameters(config: Mapping) -> dict[str, str]:
     if value is None:
         return {}
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ModelNotReady("ensemble config hyperparameters.npm1_score_threshold must be a "
-                            f"number in [0, 1], got {value!r}")
+        raise ModelNotReady(
+            "ensemble config hyperparameters.npm1_score_threshold must be a "
+            f"number in [0, 1], got {value!r}"
+        )
     return {"npm1_threshold": str(float(value))}
 
 
@@ -90,8 +95,13 @@ class EnsembleHandler(PredictorHandler):
     batchable = False
     predictor_cls = EnsemblePredictor
 
-    def __init__(self, local_dir: str | Path, settings: EnsembleSettings, *,
-                 tags: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        local_dir: str | Path,
+        settings: EnsembleSettings,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(local_dir, settings)
         self.feature_names: tuple[str, ...] = tuple(self.config["feature_names"])
         self.targets: tuple[str, ...] = tuple(ensemble_targets(self.config))
@@ -100,18 +110,26 @@ class EnsembleHandler(PredictorHandler):
         self.lineage = lineage_of(tags or {}, self.config)
         self.response_parameters: dict[str, str] = {
             **{f"lineage_{u}": v for u, v in self.lineage.items()},
-            **units_parameters(self.config), **npm1_threshold_parameters(self.config)}
+            **units_parameters(self.config),
+            **npm1_threshold_parameters(self.config),
+        }
 
     def warmup(self) -> None:
-        self.infer({"FEATURES": np.zeros((1, len(self.feature_names)), np.float32),
-                    "FEATURE_NAMES": bytes_tensor(self.feature_names)}, {})
+        self.infer(
+            {
+                "FEATURES": np.zeros((1, len(self.feature_names)), np.float32),
+                "FEATURE_NAMES": bytes_tensor(self.feature_names),
+            },
+            {},
+        )
 
     def preprocess(self, inputs: Tensors, parameters: Parameters) -> tuple[list[str], np.ndarray]:
         names = decode_names(inputs["FEATURE_NAMES"], "FEATURE_NAMES")
         vector = inputs["FEATURES"]
         if vector.shape[1] != len(names):
-            raise InvalidInput(f"FEATURES has {vector.shape[1]} values but FEATURE_NAMES "
-                               f"{len(names)} names")
+            raise InvalidInput(
+                f"FEATURES has {vector.shape[1]} values but FEATURE_NAMES {len(names)} names"
+            )
         return names, vector
 
     def predict(self, batch: tuple[list[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,5 +137,7 @@ class EnsembleHandler(PredictorHandler):
         return self.predictor.predict_targets(names, vector)
 
     def postprocess(self, p: dict[str, np.ndarray], parameters: Parameters) -> Tensors:
-        return {OUTPUT_OF_TARGET[t]: p[t].astype(np.float32, copy=False).reshape(1)
-                for t in self.targets}
+        return {
+            OUTPUT_OF_TARGET[t]: p[t].astype(np.float32, copy=False).reshape(1)
+            for t in self.targets
+        }

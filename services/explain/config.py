@@ -16,12 +16,18 @@ class ExplainSettings(ServiceSettings):
     metrics_port: int = 9105
     model_uri: str | None = Field(
         "models:/marrowscope-npm1@champion",
-        description="the default npm1 model: explained when a request names no target_version")
+        description="the default npm1 model: explained when a request names no target_version",
+    )
     target_cache_size: int = Field(
-        3, ge=1, description="npm1 versions kept loaded (least recently used dropped first)")
+        3, ge=1, description="npm1 versions kept loaded (least recently used dropped first)"
+    )
     occlusion_batch_size: int = Field(16, ge=1, description="occluded copies per forward pass")
     default_window: int = Field(
-        0, ge=0, description="grid window (px of the npm1 input) when a request sends none; "
-                             "0 = 1/8 of the shorter input side")
+        0,
+        ge=0,
+        description="grid window (px of the npm1 input) when a request sends none; "
+        "0 = 1/8 of the shorter input side",
+    )
     max_grid_passes: int = Field(
-        20000, ge=1, description="refuse grid requests needing more occluded copies than this")
+        20000, ge=1, description="refuse grid requests needing more occluded copies than this"
+    )

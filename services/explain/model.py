@@ -71,8 +71,9 @@ class ExplainHandler(ModelHandler):
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
-        self.default = load_predictor(Npm1Predictor, self.local_dir, self.settings,
-                                      self.version or None)
+        self.default = load_predictor(
+            Npm1Predictor, self.local_dir, self.settings, self.version or None
+        )
         super().load()
 
     def warmup(self) -> None:
@@ -100,7 +101,8 @@ class ExplainHandler(ModelHandler):
             raise ModelNotFound(
                 f"npm1 version {version!r} cannot be explained here: give a registry version "
                 f"number; a local model is explained only when it is this service's default "
-                f"model (version {self.version})")
+                f"model (version {self.version})"
+            )
         predictor = self._load_registered(version)
         self._others[version] = predictor
         while len(self._others) > self.settings.target_cache_size:
@@ -139,15 +141,20 @@ class ExplainHandler(ModelHandler):
             window = int_parameter(parameters, "window", default)
             stride = int_parameter(parameters, "stride", max(1, window // 2))
             if not stride <= window <= min(h, w):
-                raise InvalidInput(f"need stride <= window <= {min(h, w)} (the shorter side of "
-                                   f"the npm1 input {h}x{w}); got window={window}, "
-                                   f"stride={stride}")
+                raise InvalidInput(
+                    f"need stride <= window <= {min(h, w)} (the shorter side of "
+                    f"the npm1 input {h}x{w}); got window={window}, "
+                    f"stride={stride}"
+                )
             passes = (math.ceil((h - window) / stride) + 1) * (math.ceil((w - window) / stride) + 1)
             if passes > self.settings.max_grid_passes:
-                raise InvalidInput(f"window={window}, stride={stride} need {passes} occluded "
-                                   f"copies; the limit is {self.settings.max_grid_passes}")
-        return _Job(predictor, image, boxes.astype(np.float32), (height, width), mode, window,
-                    stride)
+                raise InvalidInput(
+                    f"window={window}, stride={stride} need {passes} occluded "
+                    f"copies; the limit is {self.settings.max_grid_passes}"
+                )
+        return _Job(
+            predictor, image, boxes.astype(np.float32), (height, width), mode, window, stride
+        )
 
     def predict(self, job: _Job) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -161,23 +168,32 @@ class ExplainHandler(ModelHandler):
             with autocast_context(device, self.settings.autocast):
                 return module(batch).float().sigmoid().reshape(-1)
 
-        x = (torch.from_numpy(np.ascontiguousarray(job.image)).to(device)
-             .permute(2, 0, 1)[None].float().div_(255.0))
+        x = (
+            torch.from_numpy(np.ascontiguousarray(job.image))
+            .to(device)
+            .permute(2, 0, 1)[None]
+            .float()
+            .div_(255.0)
+        )
         batch_size = self.settings.occlusion_batch_size
         with torch.no_grad():
             if job.mode == "cells":
                 importance, heatmap = occlusion_cells(forward, x, job.boxes, batch_size=batch_size)
             else:
-                heatmap = occlusion_grid(forward, x, window=job.window, stride=job.stride,
-                                         batch_size=batch_size)
+                heatmap = occlusion_grid(
+                    forward, x, window=job.window, stride=job.stride, batch_size=batch_size
+                )
                 importance = _box_means(heatmap, job.boxes)
         return importance, _resize_map(heatmap, job.out_hw, job.mode)
 
-    def postprocess(self, outputs: tuple[np.ndarray, np.ndarray], parameters: Parameters
-                    ) -> Tensors:
+    def postprocess(
+        self, outputs: tuple[np.ndarray, np.ndarray], parameters: Parameters
+    ) -> Tensors:
         importance, heatmap = outputs
-        return {"HEATMAP": heatmap.astype(np.float32, copy=False),
-                "CELL_IMPORTANCE": importance.astype(np.float32, copy=False).reshape(-1)}
+        return {
+            "HEATMAP": heatmap.astype(np.float32, copy=False),
+            "CELL_IMPORTANCE": importance.astype(np.float32, copy=False).reshape(-1),
+        }
 
 
 def _box_means(heatmap: np.ndarray, boxes: np.ndarray) -> np.ndarray:

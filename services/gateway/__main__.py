@@ -12,12 +12,18 @@ def main() -> None:
     from services.gateway.config import GatewaySettings
 
     settings = GatewaySettings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     # access logs carry URLs with analysis ids only, never accession ids (those are in
     # query strings of list calls): keep uvicorn's access log off.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                access_log=False, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_level=settings.log_level.lower(),
+    )
 
 
 if __name__ == "__main__":

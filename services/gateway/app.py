@@ -70,9 +70,14 @@ def build_services(settings: GatewaySettings) -> Services:
             return status_counts(session)
 
     metrics.watch_jobs(counts)
-    return Services(settings=settings, engine=engine, sessions=sessions,
-                    blobs=BlobStore(settings.image_root), metrics=metrics,
-                    limiter=RateLimiter(settings.rate_limit_per_min))
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        blobs=BlobStore(settings.image_root),
+        metrics=metrics,
+        limiter=RateLimiter(settings.rate_limit_per_min),
+    )
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -86,8 +91,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if settings.embedded_worker:
             from services.gateway.worker import Worker
 
-            worker = Worker(settings=settings, sessions=services.sessions,
-                            blobs=services.blobs, clients=clients, metrics=services.metrics)
+            worker = Worker(
+                settings=settings,
+                sessions=services.sessions,
+                blobs=services.blobs,
+                clients=clients,
+                metrics=services.metrics,
+            )
             services.tasks.append(asyncio.create_task(worker.run(stop)))
         try:
             yield
@@ -99,29 +109,38 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await clients.close()
             services.engine.dispose()
 
-    app = FastAPI(title="MarrowScope gateway", version="1.0.0", description=API_DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="MarrowScope gateway", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan
+    )
     app.state.services = services
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": exc.detail},
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"error": exc.code, "detail": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg"))
-                 for e in exc.errors()]
-        return JSONResponse({"error": "invalid_request", "detail": "; ".join(parts)},
-                            status_code=422)
+        parts = [
+            "{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg"))
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            {"error": "invalid_request", "detail": "; ".join(parts)}, status_code=422
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The LIS always gets JSON; details stay in our log under an id it can quote.
         error_id = uuid.uuid4().hex[:12]
         log.error("unhandled error %s", error_id, exc_info=exc)
-        return JSONResponse({"error": "internal_error",
-                             "detail": f"internal error, quote id {error_id}"}, status_code=500)
+        return JSONResponse(
+            {"error": "internal_error", "detail": f"internal error, quote id {error_id}"},
+            status_code=500,
+        )
 
     from services.gateway.routers import analyses, health, reports
 

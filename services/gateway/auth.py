@@ -48,8 +48,13 @@ def create_key(session: Session, *, name: str, scopes: list[str]) -> tuple[str, 
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
-    row = ApiKey(id=key_id, name=name, salt=salt, key_hash=_digest(salt, secret),
-                 scopes=",".join(parse_scopes(",".join(scopes))))
+    row = ApiKey(
+        id=key_id,
+        name=name,
+        salt=salt,
+        key_hash=_digest(salt, secret),
+        scopes=",".join(parse_scopes(",".join(scopes))),
+    )
     session.add(row)
     session.flush()
     return f"ms_{key_id}_{secret}", row

@@ -130,18 +130,19 @@ class ModelClients(Protocol):
 
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo: ...
 
-    async def segment(self, image: bytes, *, version: str, timeout: float,
-                      um_per_px: float | None = None) -> Segmentation:
+    async def segment(
+        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+    ) -> Segmentation:
         """image: the encoded file as uploaded (PNG/JPEG/TIFF)."""
         ...
 
-    async def classify(self, crops: np.ndarray, *, version: str,
-                       timeout: float) -> Classification:
+    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
         """crops: uint8[B, S, S, 3] RGB at the celltype model's crop size."""
         ...
 
-    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
-                       timeout: float) -> EnsembleOutput:
+    async def ensemble(
+        self, features: np.ndarray, names: list[str], *, version: str, timeout: float
+    ) -> EnsembleOutput:
         """features: float32[F] case vector named by names; `p_npm1` only when the pinned
         version has the NPM1 head."""
         ...
@@ -150,8 +151,16 @@ class ModelClients(Protocol):
         """image: uint8[H, W, 3] RGB already at the npm1 model's input size."""
         ...
 
-    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
-                      target_model: str, target_version: str, timeout: float) -> Explanation:
+    async def explain(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        *,
+        version: str,
+        target_model: str,
+        target_version: str,
+        timeout: float,
+    ) -> Explanation:
         """image uint8[H, W, 3] (npm1 input size); boxes float32[N, 4] x1,y1,x2,y2 px in it;
         mode `cells`."""
         ...

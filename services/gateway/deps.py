@@ -50,24 +50,33 @@ def require(scope: str):
     ) -> Principal:
         given = {c for c in (header, bearer.credentials if bearer else None) if c}
         if len(given) > 1:  # never let a valid key mask an invalid one sent alongside it
-            raise ApiError(401, "unauthenticated", "send one API key: Authorization: Bearer "
-                           "or X-API-Key, not two different ones",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "send one API key: Authorization: Bearer or X-API-Key, not two different ones",
+                {"WWW-Authenticate": "Bearer"},
+            )
         presented = given.pop() if given else None
         if not presented:
-            raise ApiError(401, "unauthenticated", "an API key is required",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthenticated", "an API key is required", {"WWW-Authenticate": "Bearer"}
+            )
         with services.sessions() as session:
             principal = verify_key(session, presented)
         if principal is None:
-            raise ApiError(401, "unauthenticated", "invalid or revoked API key",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthenticated", "invalid or revoked API key", {"WWW-Authenticate": "Bearer"}
+            )
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise ApiError(403, "forbidden", f"this key lacks the {scope!r} scope")
         wait = services.limiter.acquire(principal.key_id)
         if wait:
-            raise ApiError(429, "rate_limited", "rate limit exceeded for this key",
-                           {"Retry-After": str(int(wait))})
+            raise ApiError(
+                429,
+                "rate_limited",
+                "rate limit exceeded for this key",
+                {"Retry-After": str(int(wait))},
+            )
         return principal
 
     return dependency

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, code: str, detail: str,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.code = code

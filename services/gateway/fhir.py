@@ -23,15 +23,17 @@ from datetime import UTC, datetime
 
 LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
 UCUM = "http://unitsofmeasure.org"
-AIAST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-         "code": "AIAST", "display": "Artificial Intelligence asserted"}
+AIAST = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 
 
 def _code(code: str, display: str) -> dict:
-    return {"coding": [{"system": LOCAL_SYSTEM, "code": code, "display": display}],
-            "text": display}
+    return {"coding": [{"system": LOCAL_SYSTEM, "code": code, "display": display}], "text": display}
 
 
 def _prob(value: float) -> dict:
@@ -44,8 +46,13 @@ def _pct(value: float) -> dict:
 
 def _withheld(reason: str, detail: str | None) -> dict:
     """dataAbsentReason of a value the gateway withheld (not-performed + local reason code)."""
-    return {"coding": [{"system": DATA_ABSENT, "code": "not-performed"},
-                       {"system": LOCAL_SYSTEM, "code": reason}], "text": detail}
+    return {
+        "coding": [
+            {"system": DATA_ABSENT, "code": "not-performed"},
+            {"system": LOCAL_SYSTEM, "code": reason},
+        ],
+        "text": detail,
+    }
 
 
 def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
@@ -60,82 +67,164 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     dev_ref = {"reference": urn["device"], "display": "MarrowScope"}
 
     device = {
-        "resourceType": "Device", "meta": meta, "status": "active",
+        "resourceType": "Device",
+        "meta": meta,
+        "status": "active",
         "deviceName": [{"name": "MarrowScope", "type": "user-friendly-name"}],
         "type": {"text": "AI software for bone-marrow smear analysis (decision support)"},
-        "version": [{"type": {"text": stage}, "value": v["version"]}
-                    for stage, v in sorted(result["model_versions"].items())],
+        "version": [
+            {"type": {"text": stage}, "value": v["version"]}
+            for stage, v in sorted(result["model_versions"].items())
+        ],
         "note": [{"text": result["disclaimer"]}],
     }
 
     def observation(code: str, display: str, **value) -> str:
         ref = f"urn:uuid:{uuid.uuid4()}"
-        obs = {"resourceType": "Observation", "meta": meta, "status": "final",
-               "category": [{"coding": [{
-                   "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                   "code": "laboratory"}]}],
-               "code": _code(code, display), "issued": issued, "device": dev_ref, **value}
+        obs = {
+            "resourceType": "Observation",
+            "meta": meta,
+            "status": "final",
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                        }
+                    ]
+                }
+            ],
+            "code": _code(code, display),
+            "issued": issued,
+            "device": dev_ref,
+            **value,
+        }
         entries.append((ref, obs))
         return ref
 
     results: list[str] = []
     if result.get("p_aml") is not None:
         interp = "POS" if result["aml_positive"] else "NEG"
-        results.append(observation(
-            "p-aml", "Probability of acute myeloid leukemia (AI)",
-            valueQuantity=_prob(result["p_aml"]),
-            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-            note=[{"text": f"threshold {result['aml_threshold']}"}]))
+        results.append(
+            observation(
+                "p-aml",
+                "Probability of acute myeloid leukemia (AI)",
+                valueQuantity=_prob(result["p_aml"]),
+                interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+                note=[{"text": f"threshold {result['aml_threshold']}"}],
+            )
+        )
     aml = result.get("aml") or {}
     if result["outcome"] == "succeeded" and aml.get("status") == "abstained":
-        results.append(observation(
-            "p-aml", "Probability of acute myeloid leukemia (AI)",
-            dataAbsentReason=_withheld(aml["reason"], aml["detail"])))
+        results.append(
+            observation(
+                "p-aml",
+                "Probability of acute myeloid leukemia (AI)",
+                dataAbsentReason=_withheld(aml["reason"], aml["detail"]),
+            )
+        )
     if result.get("p_npm1") is not None:
         interp = "POS" if result["npm1_positive"] else "NEG"
-        results.append(observation(
-            "p-npm1-mutated", "Probability of NPM1 mutation (AI, mean over images)",
-            valueQuantity=_prob(result["p_npm1"]),
-            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-            note=[{"text": f"threshold {result['npm1_threshold']}"}]))
+        results.append(
+            observation(
+                "p-npm1-mutated",
+                "Probability of NPM1 mutation (AI, mean over images)",
+                valueQuantity=_prob(result["p_npm1"]),
+                interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+                note=[{"text": f"threshold {result['npm1_threshold']}"}],
+            )
+        )
     morph = result.get("npm1_morphology") or {}
     morph_display = "Probability of NPM1 mutation given AML, from blast morphology (AI)"
     if morph.get("status") == "predicted":
         interp = "POS" if morph["positive"] else "NEG"
-        results.append(observation(
-            "p-npm1-morphology", morph_display, valueQuantity=_prob(morph["p"]),
-            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-            note=[{"text": f"conditional on AML; threshold {morph['threshold']} "
-                           f"({morph['threshold_source']})"}]))
+        results.append(
+            observation(
+                "p-npm1-morphology",
+                morph_display,
+                valueQuantity=_prob(morph["p"]),
+                interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+                note=[
+                    {
+                        "text": f"conditional on AML; threshold {morph['threshold']} "
+                        f"({morph['threshold_source']})"
+                    }
+                ],
+            )
+        )
     elif result["outcome"] == "succeeded" and morph.get("status") == "abstained":
-        results.append(observation("p-npm1-morphology", morph_display,
-                                   dataAbsentReason=_withheld(morph["reason"], morph["detail"])))
+        results.append(
+            observation(
+                "p-npm1-morphology",
+                morph_display,
+                dataAbsentReason=_withheld(morph["reason"], morph["detail"]),
+            )
+        )
     elif result["outcome"] == "succeeded" and morph.get("status") == "not_applicable":
         # called non-AML: the head (trained on AML cases) has nothing to say about the case
-        results.append(observation("p-npm1-morphology", morph_display, dataAbsentReason={
-            "coding": [{"system": DATA_ABSENT, "code": "not-applicable"},
-                       {"system": LOCAL_SYSTEM, "code": morph["reason"]}], "text": morph["detail"]}))
+        results.append(
+            observation(
+                "p-npm1-morphology",
+                morph_display,
+                dataAbsentReason={
+                    "coding": [
+                        {"system": DATA_ABSENT, "code": "not-applicable"},
+                        {"system": LOCAL_SYSTEM, "code": morph["reason"]},
+                    ],
+                    "text": morph["detail"],
+                },
+            )
+        )
     by_code = {d["code"]: d for d in result["differential"]}
     if result.get("blast_percent") is not None and "BLA" in by_code:
         b = by_code["BLA"]
-        results.append(observation(
-            "blast-percent", "Blasts per 100 counted nucleated cells (AI count)",
-            valueQuantity=_pct(result["blast_percent"]),
-            component=[{"code": _code("ci95-low", "Wilson 95% CI lower bound"),
-                        "valueQuantity": _pct(100 * b["ci_low"])},
-                       {"code": _code("ci95-high", "Wilson 95% CI upper bound"),
-                        "valueQuantity": _pct(100 * b["ci_high"])}]))
-    results.append(observation("counted-cells", "Nucleated cells counted (AI)",
-                               valueInteger=int(result["n_cells_counted"])))
+        results.append(
+            observation(
+                "blast-percent",
+                "Blasts per 100 counted nucleated cells (AI count)",
+                valueQuantity=_pct(result["blast_percent"]),
+                component=[
+                    {
+                        "code": _code("ci95-low", "Wilson 95% CI lower bound"),
+                        "valueQuantity": _pct(100 * b["ci_low"]),
+                    },
+                    {
+                        "code": _code("ci95-high", "Wilson 95% CI upper bound"),
+                        "valueQuantity": _pct(100 * b["ci_high"]),
+                    },
+                ],
+            )
+        )
+    results.append(
+        observation(
+            "counted-cells",
+            "Nucleated cells counted (AI)",
+            valueInteger=int(result["n_cells_counted"]),
+        )
+    )
     for d in result["differential"]:
-        results.append(observation(
-            f"count-{d['code']}", f"{d['name']} count (AI)", valueInteger=int(d["count"]),
-            component=[{"code": _code("fraction", "fraction of counted cells"),
-                        "valueQuantity": _pct(100 * d["fraction"])},
-                       {"code": _code("ci95-low", "Wilson 95% CI lower bound"),
-                        "valueQuantity": _pct(100 * d["ci_low"])},
-                       {"code": _code("ci95-high", "Wilson 95% CI upper bound"),
-                        "valueQuantity": _pct(100 * d["ci_high"])}]))
+        results.append(
+            observation(
+                f"count-{d['code']}",
+                f"{d['name']} count (AI)",
+                valueInteger=int(d["count"]),
+                component=[
+                    {
+                        "code": _code("fraction", "fraction of counted cells"),
+                        "valueQuantity": _pct(100 * d["fraction"]),
+                    },
+                    {
+                        "code": _code("ci95-low", "Wilson 95% CI lower bound"),
+                        "valueQuantity": _pct(100 * d["ci_low"]),
+                    },
+                    {
+                        "code": _code("ci95-high", "Wilson 95% CI upper bound"),
+                        "valueQuantity": _pct(100 * d["ci_high"]),
+                    },
+                ],
+            )
+        )
 
     media_links = []
     for im in result["images"]:
@@ -145,54 +234,116 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         for kind, what in kinds:
             ref = f"urn:uuid:{uuid.uuid4()}"
             url = f"{base_url}/v1/analyses/{analysis['id']}/images/{im['index']}/{kind}.png"
-            entries.append((ref, {
-                "resourceType": "Media", "meta": meta, "status": "completed",
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type",
-                                     "code": "image"}]},
-                "device": dev_ref, "width": im["width"], "height": im["height"],
-                "content": {"contentType": "image/png", "url": url,
-                            "title": f"image {im['index']}: {what}"}}))
-            media_links.append({"comment": f"image {im['index']} {kind}",
-                                "link": {"reference": ref}})
+            entries.append(
+                (
+                    ref,
+                    {
+                        "resourceType": "Media",
+                        "meta": meta,
+                        "status": "completed",
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/media-type",
+                                    "code": "image",
+                                }
+                            ]
+                        },
+                        "device": dev_ref,
+                        "width": im["width"],
+                        "height": im["height"],
+                        "content": {
+                            "contentType": "image/png",
+                            "url": url,
+                            "title": f"image {im['index']}: {what}",
+                        },
+                    },
+                )
+            )
+            media_links.append(
+                {"comment": f"image {im['index']} {kind}", "link": {"reference": ref}}
+            )
 
     if result["outcome"] == "abstained":
         conclusion = f"No AI call: {result['abstain_reason']}"
     else:
-        aml_text = (f"P(AML) {result['p_aml']:.3f}" if result["p_aml"] is not None
-                    else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})")
+        aml_text = (
+            f"P(AML) {result['p_aml']:.3f}"
+            if result["p_aml"] is not None
+            else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})"
+        )
         morph_text = ""
         if morph.get("status") == "predicted":
             morph_text = f"; P(NPM1 mutated | AML) by morphology {morph['p']:.3f}"
         elif morph.get("status") == "abstained":
             morph_text = "; NPM1 by morphology withheld"
-        conclusion = (f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{morph_text}; "
-                      f"blasts {result['blast_percent']:.1f}% of "
-                      f"{result['n_cells_counted']} counted cells. {result['disclaimer']}")
+        conclusion = (
+            f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{morph_text}; "
+            f"blasts {result['blast_percent']:.1f}% of "
+            f"{result['n_cells_counted']} counted cells. {result['disclaimer']}"
+        )
     report = {
-        "resourceType": "DiagnosticReport", "meta": meta, "status": "final",
-        "identifier": [{"type": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
-            "value": analysis["accession_id"]},
-            {"system": "https://marrowscope.org/fhir/analysis-id", "value": analysis["id"]}],
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                                  "code": "HM", "display": "Hematology"}]}],
+        "resourceType": "DiagnosticReport",
+        "meta": meta,
+        "status": "final",
+        "identifier": [
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                    ]
+                },
+                "value": analysis["accession_id"],
+            },
+            {"system": "https://marrowscope.org/fhir/analysis-id", "value": analysis["id"]},
+        ],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "HM",
+                        "display": "Hematology",
+                    }
+                ]
+            }
+        ],
         "code": _code("marrowscope-analysis", "AI analysis of bone-marrow smear images"),
-        "effectiveDateTime": issued, "issued": issued,
+        "effectiveDateTime": issued,
+        "issued": issued,
         "result": [{"reference": r} for r in results],
         "conclusion": conclusion,
     }
     if media_links:
         report["media"] = media_links
     provenance = {
-        "resourceType": "Provenance", "meta": meta, "recorded": issued,
+        "resourceType": "Provenance",
+        "meta": meta,
+        "recorded": issued,
         "target": [{"reference": urn["report"]}] + [{"reference": r} for r, _ in entries],
-        "agent": [{"type": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-            "code": "author"}]}, "who": dev_ref}],
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "author",
+                        }
+                    ]
+                },
+                "who": dev_ref,
+            }
+        ],
     }
-    bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": issued,
-              "entry": [{"fullUrl": urn["report"], "resource": report},
-                        {"fullUrl": urn["device"], "resource": device},
-                        *({"fullUrl": r, "resource": res} for r, res in entries),
-                        {"fullUrl": urn["provenance"], "resource": provenance}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": issued,
+        "entry": [
+            {"fullUrl": urn["report"], "resource": report},
+            {"fullUrl": urn["device"], "resource": device},
+            *({"fullUrl": r, "resource": res} for r, res in entries),
+            {"fullUrl": urn["provenance"], "resource": provenance},
+        ],
+    }
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)

@@ -18,8 +18,11 @@ from services.gateway.config import GatewaySettings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.gateway.keys", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m services.gateway.keys",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="create a key and print it (shown once)")
     c.add_argument("--name", required=True)
@@ -50,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "create":
             key, row = create_key(session, name=args.name, scopes=scopes)
             print(key)
-            print(f"id {row.id}, scopes {row.scopes}; store the key now, it is not shown again",
-                  file=sys.stderr)
+            print(
+                f"id {row.id}, scopes {row.scopes}; store the key now, it is not shown again",
+                file=sys.stderr,
+            )
         elif args.command == "list":
             for row in list_keys(session):
                 made = datetime.fromtimestamp(row.created_at, UTC).isoformat(timespec="seconds")

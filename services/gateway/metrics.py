@@ -12,8 +12,7 @@ from services.gateway.db import STATUSES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pin", "segmentation", "celltype", "aggregate", "ensemble", "npm1", "explain",
-          "report")
+STAGES = ("pin", "segmentation", "celltype", "aggregate", "ensemble", "npm1", "explain", "report")
 
 
 class _JobsCollector:
@@ -29,43 +28,67 @@ class _JobsCollector:
         except Exception as exc:  # a scrape must not fail because the database is away
             log.warning("job store unavailable for metrics: %s", exc)
             return
-        jobs = GaugeMetricFamily("marrowscope_gateway_analyses", "Analyses by status",
-                                 labels=["status"])
+        jobs = GaugeMetricFamily(
+            "marrowscope_gateway_analyses", "Analyses by status", labels=["status"]
+        )
         for s in STATUSES:
             jobs.add_metric([s], counts.get(s, 0))
         yield jobs
-        yield GaugeMetricFamily("marrowscope_gateway_queue_depth",
-                                "Analyses waiting for a worker", value=counts.get("queued", 0))
+        yield GaugeMetricFamily(
+            "marrowscope_gateway_queue_depth",
+            "Analyses waiting for a worker",
+            value=counts.get("queued", 0),
+        )
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.stage_seconds = Histogram(
-            "marrowscope_gateway_stage_seconds", "Wall time of one pipeline stage",
-            ["stage"], registry=self.registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.finished = Counter("marrowscope_gateway_analyses_finished_total",
-                                "Analyses finished by this process", ["status"],
-                                registry=self.registry)
+            "marrowscope_gateway_stage_seconds",
+            "Wall time of one pipeline stage",
+            ["stage"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.finished = Counter(
+            "marrowscope_gateway_analyses_finished_total",
+            "Analyses finished by this process",
+            ["status"],
+            registry=self.registry,
+        )
         self.aml_abstained = Counter(
             "marrowscope_gateway_aml_abstained_total",
             "Analyses whose P(AML) was withheld, by reason (pixel_size_required: a LIS that "
-            "sends no options.um_per_px to an ensemble that learned um)", ["reason"],
-            registry=self.registry)
+            "sends no options.um_per_px to an ensemble that learned um)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.npm1_morphology = Counter(
             "marrowscope_gateway_npm1_morphology_total",
             "NPM1-by-morphology calls (the ensemble's P(NPM1 | AML)) by status: predicted, "
             "abstained (with P(AML)), not_available (the ensemble version has no NPM1 head)",
-            ["status"], registry=self.registry)
-        self.call_retries = Counter("marrowscope_gateway_model_call_retries_total",
-                                    "Retried model calls", ["service", "code"],
-                                    registry=self.registry)
-        self.webhooks = Counter("marrowscope_gateway_webhook_deliveries_total",
-                                "Webhook delivery attempts", ["outcome"],
-                                registry=self.registry)
-        self.requests = Counter("marrowscope_gateway_http_requests_total", "HTTP requests",
-                                ["route", "method", "code"], registry=self.registry)
+            ["status"],
+            registry=self.registry,
+        )
+        self.call_retries = Counter(
+            "marrowscope_gateway_model_call_retries_total",
+            "Retried model calls",
+            ["service", "code"],
+            registry=self.registry,
+        )
+        self.webhooks = Counter(
+            "marrowscope_gateway_webhook_deliveries_total",
+            "Webhook delivery attempts",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "marrowscope_gateway_http_requests_total",
+            "HTTP requests",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
 
     def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))

@@ -21,9 +21,15 @@ OUTPUT = "P_NPM1"
 """The ensemble output of the NPM1 head (listed in the version's ModelMetadata when present)."""
 
 
-def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: ModelInfo,
-                    settings: GatewaySettings, metrics: GatewayMetrics | None = None,
-                    aml_positive: bool | None = None) -> dict:
+def npm1_morphology(
+    aml: dict,
+    answer: EnsembleOutput | None,
+    *,
+    ensemble: ModelInfo,
+    settings: GatewaySettings,
+    metrics: GatewayMetrics | None = None,
+    aml_positive: bool | None = None,
+) -> dict:
     """The result's `npm1_morphology` block (`result.Npm1MorphologyCall`).
 
     aml: the result's `aml` block (`status`, `reason`, `detail`); answer: what the pinned
@@ -37,20 +43,32 @@ def npm1_morphology(aml: dict, answer: EnsembleOutput | None, *, ensemble: Model
     has_head = answer.p_npm1 is not None if answer is not None else OUTPUT in ensemble.outputs
     model_threshold = None if answer is None else answer.npm1_threshold
     threshold = settings.npm1_threshold if model_threshold is None else model_threshold
-    call = {"status": "predicted", "p": None, "positive": None, "threshold": threshold,
-            "threshold_source": "deployment" if model_threshold is None else "model",
-            "reason": None, "detail": None, "model_version": ensemble.version}
+    call = {
+        "status": "predicted",
+        "p": None,
+        "positive": None,
+        "threshold": threshold,
+        "threshold_source": "deployment" if model_threshold is None else "model",
+        "reason": None,
+        "detail": None,
+        "model_version": ensemble.version,
+    }
     if not has_head:
-        call.update(status="not_available", reason="no_npm1_output",
-                    detail=f"ensemble version {ensemble.version} has no NPM1 output (trained "
-                           "for AML only)")
+        call.update(
+            status="not_available",
+            reason="no_npm1_output",
+            detail=f"ensemble version {ensemble.version} has no NPM1 output (trained for AML only)",
+        )
     elif aml["status"] == "abstained":
         # the same features as P(AML): the same reasons to distrust them
         call.update(status="abstained", reason=aml["reason"], detail=aml["detail"])
     elif aml_positive is False:
-        call.update(status="not_applicable", reason="not_aml",
-                    detail=f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
-                           "P(NPM1 mutated | AML) is reported only for cases called AML")
+        call.update(
+            status="not_applicable",
+            reason="not_aml",
+            detail=f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
+            "P(NPM1 mutated | AML) is reported only for cases called AML",
+        )
     else:
         call.update(p=answer.p_npm1, positive=answer.p_npm1 >= threshold)
     if metrics is not None:

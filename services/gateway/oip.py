@@ -46,6 +46,7 @@ def _strings(arr: np.ndarray | None) -> list[str]:
 
 def _feature_units(params) -> FeatureUnits:
     """The ensemble's `feature_*` response parameters; unknown when absent or malformed."""
+
     def text(key: str) -> str:
         p = params.get(key)
         return p.string_param if p is not None else ""
@@ -80,10 +81,13 @@ class OipModelClients:
     def __init__(self, addrs: dict[str, str]) -> None:
         from tritonclient.grpc import aio as grpcclient
 
-        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        self._clients = {s: grpcclient.InferenceServerClient(url=a, channel_args=opts)
-                         for s, a in addrs.items()}
+        opts = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._clients = {
+            s: grpcclient.InferenceServerClient(url=a, channel_args=opts) for s, a in addrs.items()
+        }
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> OipModelClients:
@@ -98,23 +102,37 @@ class OipModelClients:
             raise ServiceCallError(service, _code(exc), exc.message() or str(exc)) from exc
 
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
-        md = await self._call(service, self._clients[service].get_model_metadata(
-            service, client_timeout=timeout))
+        md = await self._call(
+            service, self._clients[service].get_model_metadata(service, client_timeout=timeout)
+        )
         if not md.versions:
             raise ServiceCallError(service, "FAILED_PRECONDITION", "model reports no version")
 
         def specs(tensors) -> dict[str, TensorSpec]:
-            return {t.name: TensorSpec(t.datatype, tuple(int(d) for d in t.shape))
-                    for t in tensors}
+            return {t.name: TensorSpec(t.datatype, tuple(int(d) for d in t.shape)) for t in tensors}
 
         # The runtime lists the version it serves now first (CONTRACTS: response version).
         return ModelInfo(md.name, md.versions[0], specs(md.inputs), specs(md.outputs))
 
-    async def _infer(self, service: str, inputs: list, *, version: str, timeout: float,
-                     parameters: dict | None = None):
-        return await self._call(service, self._clients[service].infer(
-            service, inputs, model_version=version, client_timeout=timeout,
-            parameters=parameters))
+    async def _infer(
+        self,
+        service: str,
+        inputs: list,
+        *,
+        version: str,
+        timeout: float,
+        parameters: dict | None = None,
+    ):
+        return await self._call(
+            service,
+            self._clients[service].infer(
+                service,
+                inputs,
+                model_version=version,
+                client_timeout=timeout,
+                parameters=parameters,
+            ),
+        )
 
     @staticmethod
     def _version(result) -> str:
@@ -132,8 +150,9 @@ class OipModelClients:
         inp.set_data_from_numpy(array)
         return inp
 
-    async def segment(self, image: bytes, *, version: str, timeout: float,
-                      um_per_px: float | None = None) -> Segmentation:
+    async def segment(
+        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+    ) -> Segmentation:
         inputs = [self._input("IMAGE", np.array([image], dtype=np.object_), "BYTES")]
         if um_per_px is not None:
             inputs.append(self._input("UM_PER_PX", np.array([um_per_px], np.float32), "FP32"))
@@ -141,59 +160,97 @@ class OipModelClients:
         boxes = np.asarray(r.as_numpy("BOXES"), np.float32).reshape(-1, 4)
         names = _strings(r.as_numpy("FEATURE_NAMES"))
         feats = r.as_numpy("FEATURES")
-        feats = (np.zeros((len(boxes), len(names)), np.float32) if feats is None
-                 else np.asarray(feats, np.float32).reshape(len(boxes), len(names)))
+        feats = (
+            np.zeros((len(boxes), len(names)), np.float32)
+            if feats is None
+            else np.asarray(feats, np.float32).reshape(len(boxes), len(names))
+        )
         unit = _strings(r.as_numpy("LENGTH_UNIT"))
-        return Segmentation(boxes, np.asarray(r.as_numpy("SCORES"), np.float32).reshape(-1),
-                            _strings(r.as_numpy("LABELS")), feats, names, self._version(r),
-                            unit[0] if unit else None)
+        return Segmentation(
+            boxes,
+            np.asarray(r.as_numpy("SCORES"), np.float32).reshape(-1),
+            _strings(r.as_numpy("LABELS")),
+            feats,
+            names,
+            self._version(r),
+            unit[0] if unit else None,
+        )
 
-    async def classify(self, crops: np.ndarray, *, version: str,
-                       timeout: float) -> Classification:
-        r = await self._infer("celltype", [self._input("CROPS", crops, "UINT8")],
-                              version=version, timeout=timeout)
+    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
+        r = await self._infer(
+            "celltype", [self._input("CROPS", crops, "UINT8")], version=version, timeout=timeout
+        )
         names = _strings(r.as_numpy("NAMES"))
         probs = np.asarray(r.as_numpy("PROBS"), np.float32).reshape(len(crops), len(names))
         return Classification(probs, names, self._version(r))
 
-    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
-                       timeout: float) -> EnsembleOutput:
-        inputs = [self._input("FEATURES", features.reshape(1, -1).astype(np.float32), "FP32"),
-                  self._input("FEATURE_NAMES", np.array([n.encode() for n in names],
-                                                        dtype=np.object_), "BYTES")]
+    async def ensemble(
+        self, features: np.ndarray, names: list[str], *, version: str, timeout: float
+    ) -> EnsembleOutput:
+        inputs = [
+            self._input("FEATURES", features.reshape(1, -1).astype(np.float32), "FP32"),
+            self._input(
+                "FEATURE_NAMES", np.array([n.encode() for n in names], dtype=np.object_), "BYTES"
+            ),
+        ]
         r = await self._infer("ensemble", inputs, version=version, timeout=timeout)
         params = r.get_response().parameters
-        lineage = {k.removeprefix("lineage_"): v.string_param
-                   for k, v in params.items() if k.startswith("lineage_")}
+        lineage = {
+            k.removeprefix("lineage_"): v.string_param
+            for k, v in params.items()
+            if k.startswith("lineage_")
+        }
         p_npm1 = r.as_numpy("P_NPM1")  # None: this version has no NPM1 head
-        return EnsembleOutput(float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]), lineage,
-                              self._version(r), _feature_units(params),
-                              None if p_npm1 is None else float(np.asarray(p_npm1).reshape(-1)[0]),
-                              _optional_float(params, "npm1_threshold"))
+        return EnsembleOutput(
+            float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]),
+            lineage,
+            self._version(r),
+            _feature_units(params),
+            None if p_npm1 is None else float(np.asarray(p_npm1).reshape(-1)[0]),
+            _optional_float(params, "npm1_threshold"),
+        )
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
-        r = await self._infer("npm1", [self._input("IMAGE", image[None].astype(np.uint8),
-                                                   "UINT8")], version=version, timeout=timeout)
+        r = await self._infer(
+            "npm1",
+            [self._input("IMAGE", image[None].astype(np.uint8), "UINT8")],
+            version=version,
+            timeout=timeout,
+        )
         return float(np.asarray(r.as_numpy("P_NPM1")).reshape(-1)[0])
 
-    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
-                      target_model: str, target_version: str, timeout: float) -> Explanation:
-        inputs = [self._input("IMAGE", image[None].astype(np.uint8), "UINT8"),
-                  self._input("BOXES", boxes.reshape(-1, 4).astype(np.float32), "FP32")]
-        params = {"target_model": target_model, "target_version": target_version,
-                  "mode": "cells"}
-        r = await self._infer("explain", inputs, version=version, timeout=timeout,
-                              parameters=params)
-        return Explanation(np.asarray(r.as_numpy("HEATMAP"), np.float32),
-                           np.asarray(r.as_numpy("CELL_IMPORTANCE"), np.float32).reshape(-1),
-                           self._version(r))
+    async def explain(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        *,
+        version: str,
+        target_model: str,
+        target_version: str,
+        timeout: float,
+    ) -> Explanation:
+        inputs = [
+            self._input("IMAGE", image[None].astype(np.uint8), "UINT8"),
+            self._input("BOXES", boxes.reshape(-1, 4).astype(np.float32), "FP32"),
+        ]
+        params = {"target_model": target_model, "target_version": target_version, "mode": "cells"}
+        r = await self._infer(
+            "explain", inputs, version=version, timeout=timeout, parameters=params
+        )
+        return Explanation(
+            np.asarray(r.as_numpy("HEATMAP"), np.float32),
+            np.asarray(r.as_numpy("CELL_IMPORTANCE"), np.float32).reshape(-1),
+            self._version(r),
+        )
 
     async def ready(self, *, timeout: float) -> dict[str, bool]:
         async def one(service: str) -> bool:
             client = self._clients[service]
             try:
-                return bool(await client.is_server_ready(client_timeout=timeout)
-                            and await client.is_model_ready(service, client_timeout=timeout))
+                return bool(
+                    await client.is_server_ready(client_timeout=timeout)
+                    and await client.is_model_ready(service, client_timeout=timeout)
+                )
             except Exception as exc:  # any transport failure means "not ready", logged
                 log.info("readiness of %s failed: %s", service, exc)
                 return False

@@ -80,8 +80,9 @@ class Deadline:
 def _input_hw(info: ModelInfo, name: str, *, square: bool = False) -> tuple[int, int]:
     spec = info.inputs.get(name)
     if spec is None or len(spec.shape) != 4 or min(spec.shape[1:3]) <= 0:
-        raise PipelineFailure(f"{info.name} model metadata lacks a fixed {name} input "
-                              f"[B, H, W, 3] (got {spec})")
+        raise PipelineFailure(
+            f"{info.name} model metadata lacks a fixed {name} input [B, H, W, 3] (got {spec})"
+        )
     h, w = int(spec.shape[1]), int(spec.shape[2])
     if square and h != w:
         raise PipelineFailure(f"{info.name} crops must be square, metadata says {h}x{w}")
@@ -98,17 +99,23 @@ def _finalize(result: dict) -> dict:
 
 
 class Pipeline:
-    def __init__(self, *, clients: ModelClients, settings: GatewaySettings,
-                 metrics: GatewayMetrics | None = None,
-                 checkpoint: Callable[[str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        clients: ModelClients,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
+        checkpoint: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.clients = clients
         self.s = settings
         self.metrics = metrics
         self._checkpoint = checkpoint
         from marrowscope.imaging import ImageLimits
 
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes,
-                                  max_pixels=settings.max_pixels)
+        self.limits = ImageLimits(
+            max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels
+        )
         self.stage_seconds: dict[str, float] = {}
 
     async def checkpoint(self, stage: str) -> None:
@@ -140,18 +147,23 @@ class Pipeline:
 
         def before_sleep(state) -> None:
             exc = state.outcome.exception()
-            log.warning("%s call failed (%s), attempt %d; retrying", service,
-                        getattr(exc, "code", exc), state.attempt_number)
+            log.warning(
+                "%s call failed (%s), attempt %d; retrying",
+                service,
+                getattr(exc, "code", exc),
+                state.attempt_number,
+            )
             if self.metrics is not None:
                 self.metrics.call_retries.labels(service, getattr(exc, "code", "?")).inc()
 
         try:
             async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(self.s.call_attempts) | out_of_time,
-                    wait=wait_exponential(multiplier=self.s.retry_initial_s,
-                                          max=self.s.retry_max_s),
-                    retry=retry_if_exception(transient), before_sleep=before_sleep,
-                    reraise=True):
+                stop=stop_after_attempt(self.s.call_attempts) | out_of_time,
+                wait=wait_exponential(multiplier=self.s.retry_initial_s, max=self.s.retry_max_s),
+                retry=retry_if_exception(transient),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
                 with attempt:
                     remaining = self.deadline.remaining()
                     if remaining <= 0:
@@ -161,22 +173,24 @@ class Pipeline:
                         # wait_for guards against a client that ignores its timeout
                         return await asyncio.wait_for(make(remaining), remaining + 1.0)
                     except TimeoutError:
-                        raise ServiceCallError(service, "DEADLINE_EXCEEDED",
-                                               "no answer within the deadline") from None
+                        raise ServiceCallError(
+                            service, "DEADLINE_EXCEEDED", "no answer within the deadline"
+                        ) from None
         except ServiceCallError as exc:
             if self.deadline.remaining() <= 0.05:
                 raise PipelineFailure(self._deadline_reason(service)) from exc
             if exc.transient:
-                raise PipelineFailure(f"{service} service unavailable after {attempts} "
-                                      f"attempts ({exc.code})") from exc
+                raise PipelineFailure(
+                    f"{service} service unavailable after {attempts} attempts ({exc.code})"
+                ) from exc
             raise PipelineFailure(f"{service} service error {exc.code}: {exc.message}") from exc
 
     def _deadline_reason(self, service: str) -> str:
-        return (f"deadline of {self.s.deadline_s:g} s exceeded while calling the {service} "
-                "service")
+        return f"deadline of {self.s.deadline_s:g} s exceeded while calling the {service} service"
 
-    async def run(self, *, analysis_id: str, images: list[CaseImage],
-                  explain: bool = False) -> Outcome:
+    async def run(
+        self, *, analysis_id: str, images: list[CaseImage], explain: bool = False
+    ) -> Outcome:
         """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
         self.deadline = Deadline(self.s.deadline_s)
         try:
@@ -186,8 +200,10 @@ class Pipeline:
 
     def _check_version(self, service: str, pinned: str, answered: str) -> None:
         if answered and answered != pinned:
-            raise PipelineFailure(f"{service} answered with model version {answered} but "
-                                  f"{pinned} was pinned for this analysis")
+            raise PipelineFailure(
+                f"{service} answered with model version {answered} but "
+                f"{pinned} was pinned for this analysis"
+            )
 
     async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
         from marrowscope.errors import InvalidInput
@@ -196,10 +212,10 @@ class Pipeline:
         from marrowscope.taxonomy import COUNTED_CODES, NON_NUCLEATED_DETECTOR_LABELS
 
         t0 = time.monotonic()
-        needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain
-                                                                      else [])
-        infos = await asyncio.gather(*(self.call(s, lambda t, s=s: self.clients.metadata(
-            s, timeout=t)) for s in needed))
+        needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain else [])
+        infos = await asyncio.gather(
+            *(self.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t)) for s in needed)
+        )
         pinned = dict(zip(needed, infos, strict=True))
         versions = {s: i.version for s, i in pinned.items()}
         crop = _input_hw(pinned["celltype"], "CROPS", square=True)[0]
@@ -214,8 +230,12 @@ class Pipeline:
         for im in images:
             t = time.monotonic()
             um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
-            seg = await self.call("segmentation", lambda tm, im=im, um=um: self.clients.segment(
-                im.data, version=versions["segmentation"], timeout=tm, um_per_px=um))
+            seg = await self.call(
+                "segmentation",
+                lambda tm, im=im, um=um: self.clients.segment(
+                    im.data, version=versions["segmentation"], timeout=tm, um_per_px=um
+                ),
+            )
             self._check_version("segmentation", versions["segmentation"], seg.model_version)
             # a service that does not say its unit measured in um exactly when given a size
             unit = seg.length_unit or ("px" if um is None else "um")
@@ -228,22 +248,38 @@ class Pipeline:
             t = time.monotonic()
             rgb = decode_image(im.data, limits=self.limits)
             pixels[im.index] = rgb
-            to_classify = [i for i, lab in enumerate(seg.labels)
-                               if lab not in NON_NUCLEATED_DETECTOR_LABELS]
-            img_cells = [{"box": [float(v) for v in seg.boxes[i]], "detector_label": lab,
-                          "score": float(seg.scores[i]), "cell_type": None, "confidence": None}
-                         for i, lab in enumerate(seg.labels)]
+            to_classify = [
+                i for i, lab in enumerate(seg.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS
+            ]
+            img_cells = [
+                {
+                    "box": [float(v) for v in seg.boxes[i]],
+                    "detector_label": lab,
+                    "score": float(seg.scores[i]),
+                    "cell_type": None,
+                    "confidence": None,
+                }
+                for i, lab in enumerate(seg.labels)
+            ]
             if to_classify:
                 crops = crop_cells(rgb, seg.boxes[to_classify], crop, CELL_CROP_PAD_FRACTION)
                 for start in range(0, len(to_classify), self.s.celltype_batch):
-                    batch = crops[start:start + self.s.celltype_batch]
-                    cls = await self.call("celltype", lambda tm, b=batch: self.clients.classify(
-                        b, version=versions["celltype"], timeout=tm))
+                    batch = crops[start : start + self.s.celltype_batch]
+                    cls = await self.call(
+                        "celltype",
+                        lambda tm, b=batch: self.clients.classify(
+                            b, version=versions["celltype"], timeout=tm
+                        ),
+                    )
                     self._check_version("celltype", versions["celltype"], cls.model_version)
-                    for row, i in zip(cls.probs, to_classify[start:start + len(batch)], strict=True):
+                    for row, i in zip(
+                        cls.probs, to_classify[start : start + len(batch)], strict=True
+                    ):
                         probs = {n: float(p) for n, p in zip(cls.names, row, strict=True)}
-                        morph = {n: float(v) for n, v in zip(seg.feature_names, seg.features[i],
-                                                             strict=True)}
+                        morph = {
+                            n: float(v)
+                            for n, v in zip(seg.feature_names, seg.features[i], strict=True)
+                        }
                         call = CellCall(probs=probs, morph=morph)
                         try:
                             code = call.cell_type
@@ -252,12 +288,20 @@ class Pipeline:
                         cells.append(call)
                         img_cells[i]["cell_type"] = code
                         img_cells[i]["confidence"] = probs[code]
-            per_image.append({"index": im.index, "sha256": im.sha256, "width": rgb.shape[1],
-                              "height": rgb.shape[0], "um_per_px": um,
-                              "um_per_px_source": um_source, "n_detected": len(seg.labels),
-                              "n_counted": sum(c["cell_type"] in COUNTED_CODES
-                                               for c in img_cells), "cells": img_cells,
-                              "_boxes": seg.boxes})
+            per_image.append(
+                {
+                    "index": im.index,
+                    "sha256": im.sha256,
+                    "width": rgb.shape[1],
+                    "height": rgb.shape[0],
+                    "um_per_px": um,
+                    "um_per_px_source": um_source,
+                    "n_detected": len(seg.labels),
+                    "n_counted": sum(c["cell_type"] in COUNTED_CODES for c in img_cells),
+                    "cells": img_cells,
+                    "_boxes": seg.boxes,
+                }
+            )
             self._timed("celltype", t)
             await self.checkpoint("celltype")
 
@@ -271,22 +315,32 @@ class Pipeline:
         base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
         base["morphometrics_unit"] = features_unit = case_unit(units)
         if n_counted < self.s.min_cells:
-            reason = (f"too few cells for a reliable call: {n_counted} counted (non-RBC) cells, "
-                      f"at least {self.s.min_cells} needed")
+            reason = (
+                f"too few cells for a reliable call: {n_counted} counted (non-RBC) cells, "
+                f"at least {self.s.min_cells} needed"
+            )
             self._timed("aggregate", t)
             self._count_aml_abstention("too_few_cells")
             aml = {"status": "abstained", "reason": "too_few_cells", "detail": reason}
-            base.update(outcome="abstained", abstain_reason=reason, aml=aml,
-                        npm1_morphology=npm1_morphology(aml, None, ensemble=pinned["ensemble"],
-                                                        settings=self.s, metrics=self.metrics),
-                        stage_seconds=dict(self.stage_seconds))
+            base.update(
+                outcome="abstained",
+                abstain_reason=reason,
+                aml=aml,
+                npm1_morphology=npm1_morphology(
+                    aml, None, ensemble=pinned["ensemble"], settings=self.s, metrics=self.metrics
+                ),
+                stage_seconds=dict(self.stage_seconds),
+            )
             return Outcome("abstained", reason, _finalize(base))
         named = dict(zip(names, (float(v) for v in vector), strict=True))
-        base["attribute_fractions"] = {k.removeprefix("frac_attr_"): v
-                                       for k, v in named.items() if k.startswith("frac_attr_")}
-        base["morphometrics"] = {k.removeprefix("mean_"): {"mean": v,
-                                                           "std": named.get("std_" + k[5:], 0.0)}
-                                 for k, v in named.items() if k.startswith("mean_")}
+        base["attribute_fractions"] = {
+            k.removeprefix("frac_attr_"): v for k, v in named.items() if k.startswith("frac_attr_")
+        }
+        base["morphometrics"] = {
+            k.removeprefix("mean_"): {"mean": v, "std": named.get("std_" + k[5:], 0.0)}
+            for k, v in named.items()
+            if k.startswith("mean_")
+        }
         self._timed("aggregate", t)
         await self.checkpoint("aggregate")
 
@@ -294,10 +348,12 @@ class Pipeline:
         try:
             async with asyncio.TaskGroup() as tg:
                 ens_task = tg.create_task(self._ensemble(vector, list(names), versions))
-                npm1_task = tg.create_task(self._npm1(images, pixels, npm1_hw,
-                                                      versions["npm1"]))
-                expl_task = (tg.create_task(self._explain(per_image, pixels, npm1_hw, versions,
-                                                          artifacts)) if explain else None)
+                npm1_task = tg.create_task(self._npm1(images, pixels, npm1_hw, versions["npm1"]))
+                expl_task = (
+                    tg.create_task(self._explain(per_image, pixels, npm1_hw, versions, artifacts))
+                    if explain
+                    else None
+                )
         except BaseExceptionGroup as group:
             # surface the first domain error (siblings were cancelled by the TaskGroup)
             for exc in group.exceptions:
@@ -314,8 +370,9 @@ class Pipeline:
             entry["p_npm1"] = p_npm1_each[entry["index"]]
         if expl_task is not None:
             expl_task.result()
-        abstention = aml_abstention(features_unit, ens.feature_units,
-                                    ensemble_version=versions["ensemble"])
+        abstention = aml_abstention(
+            features_unit, ens.feature_units, ensemble_version=versions["ensemble"]
+        )
         aml = {"status": "predicted", "model_length_unit": ens.feature_units.length}
         reason = None
         if abstention is not None:
@@ -326,12 +383,25 @@ class Pipeline:
             self._count_aml_abstention(abstention["reason"])
             log.warning("analysis %s: P(AML) withheld: %s", analysis_id, abstention["reason"])
         aml_positive = None if p_aml is None else p_aml >= self.s.aml_threshold
-        base.update(outcome="succeeded", p_aml=p_aml, aml=aml, aml_positive=aml_positive,
-                    p_npm1=p_npm1, npm1_positive=p_npm1 >= self.s.npm1_threshold,
-                    npm1_morphology=npm1_morphology(aml, ens, ensemble=pinned["ensemble"],
-                                                    aml_positive=aml_positive,
-                                                    settings=self.s, metrics=self.metrics),
-                    lineage=lineage, explained=explain, stage_seconds=dict(self.stage_seconds))
+        base.update(
+            outcome="succeeded",
+            p_aml=p_aml,
+            aml=aml,
+            aml_positive=aml_positive,
+            p_npm1=p_npm1,
+            npm1_positive=p_npm1 >= self.s.npm1_threshold,
+            npm1_morphology=npm1_morphology(
+                aml,
+                ens,
+                ensemble=pinned["ensemble"],
+                aml_positive=aml_positive,
+                settings=self.s,
+                metrics=self.metrics,
+            ),
+            lineage=lineage,
+            explained=explain,
+            stage_seconds=dict(self.stage_seconds),
+        )
         return Outcome("succeeded", reason, _finalize(base), artifacts)
 
     def _count_aml_abstention(self, reason: str) -> None:
@@ -341,19 +411,34 @@ class Pipeline:
     def _base_result(self, analysis_id, images, per_image, diff, versions, n_counted) -> dict:
         from marrowscope.taxonomy import BLAST, cell_type
 
-        entries = [{"code": code, "name": cell_type(code).name, "count": d.count,
-                    "fraction": d.fraction, "ci_low": d.ci_low, "ci_high": d.ci_high}
-                   for code, d in diff.items()]
+        entries = [
+            {
+                "code": code,
+                "name": cell_type(code).name,
+                "count": d.count,
+                "fraction": d.fraction,
+                "ci_low": d.ci_low,
+                "ci_high": d.ci_high,
+            }
+            for code, d in diff.items()
+        ]
         blasts = next((e for e in entries if e["code"] == BLAST), None)
         for entry in per_image:
             entry.setdefault("p_npm1", None)
             entry.setdefault("heatmap_sha256", None)
         return {
-            "schema_version": RESULT_SCHEMA_VERSION, "analysis_id": analysis_id,
-            "outcome": "abstained", "abstain_reason": None, "p_aml": None,
-            "aml_threshold": self.s.aml_threshold, "aml_positive": None, "p_npm1": None,
-            "npm1_threshold": self.s.npm1_threshold, "npm1_positive": None,
-            "n_images": len(images), "n_cells_detected": sum(e["n_detected"] for e in per_image),
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "analysis_id": analysis_id,
+            "outcome": "abstained",
+            "abstain_reason": None,
+            "p_aml": None,
+            "aml_threshold": self.s.aml_threshold,
+            "aml_positive": None,
+            "p_npm1": None,
+            "npm1_threshold": self.s.npm1_threshold,
+            "npm1_positive": None,
+            "n_images": len(images),
+            "n_cells_detected": sum(e["n_detected"] for e in per_image),
             "n_cells_counted": n_counted,
             "blast_percent": None if blasts is None or not n_counted else 100 * blasts["fraction"],
             "differential": entries,
@@ -362,15 +447,23 @@ class Pipeline:
             "generated_at": datetime.now(UTC).isoformat(),
         }
 
-    async def _ensemble(self, vector: np.ndarray, names: list[str], versions: dict[str, str]
-                        ) -> EnsembleOutput:
+    async def _ensemble(
+        self, vector: np.ndarray, names: list[str], versions: dict[str, str]
+    ) -> EnsembleOutput:
         t = time.monotonic()
-        out = await self.call("ensemble", lambda tm: self.clients.ensemble(
-            np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm))
+        out = await self.call(
+            "ensemble",
+            lambda tm: self.clients.ensemble(
+                np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm
+            ),
+        )
         self._check_version("ensemble", versions["ensemble"], out.model_version)
         self._timed("ensemble", t)
-        for what, v in (("probability", out.p_aml), ("P(NPM1)", out.p_npm1),
-                        ("NPM1 threshold", out.npm1_threshold)):
+        for what, v in (
+            ("probability", out.p_aml),
+            ("P(NPM1)", out.p_npm1),
+            ("NPM1 threshold", out.npm1_threshold),
+        ):
             if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
                 raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
         return out
@@ -385,9 +478,11 @@ class Pipeline:
                 if self.s.allow_local_lineage and local:
                     log.warning("lineage of %s not verified (local model, allowed)", upstream)
                     continue
-                problems.append(f"ensemble {versions['ensemble']} was built on {upstream} "
-                                f"{want or '(not reported)'}, pinned {upstream} is "
-                                f"{versions[upstream]}")
+                problems.append(
+                    f"ensemble {versions['ensemble']} was built on {upstream} "
+                    f"{want or '(not reported)'}, pinned {upstream} is "
+                    f"{versions[upstream]}"
+                )
         if problems:
             raise PipelineFailure("incompatible pipeline: " + "; ".join(problems))
 
@@ -398,8 +493,9 @@ class Pipeline:
 
         async def one(im: CaseImage) -> float:
             x = resize_for_model(pixels[im.index], hw)
-            p = await self.call("npm1", lambda tm: self.clients.npm1(x, version=version,
-                                                                      timeout=tm))
+            p = await self.call(
+                "npm1", lambda tm: self.clients.npm1(x, version=version, timeout=tm)
+            )
             if not 0.0 <= p <= 1.0 or not np.isfinite(p):
                 raise PipelineFailure(f"npm1 returned an invalid probability {p!r}")
             return float(p)
@@ -418,12 +514,22 @@ class Pipeline:
             boxes = np.asarray(entry["_boxes"], np.float32).reshape(-1, 4)
             scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
             x = resize_for_model(rgb, hw)
-            out = await self.call("explain", lambda tm, x=x, b=scaled: self.clients.explain(
-                x, b, version=versions["explain"], target_model="npm1",
-                target_version=versions["npm1"], timeout=tm))
+            out = await self.call(
+                "explain",
+                lambda tm, x=x, b=scaled: self.clients.explain(
+                    x,
+                    b,
+                    version=versions["explain"],
+                    target_model="npm1",
+                    target_version=versions["npm1"],
+                    timeout=tm,
+                ),
+            )
             if len(out.cell_importance) != len(boxes):
-                raise PipelineFailure(f"explain returned {len(out.cell_importance)} importances "
-                                      f"for {len(boxes)} cells")
+                raise PipelineFailure(
+                    f"explain returned {len(out.cell_importance)} importances "
+                    f"for {len(boxes)} cells"
+                )
             for cell, imp in zip(entry["cells"], out.cell_importance, strict=True):
                 cell["importance"] = float(imp)
             buf = io.BytesIO()

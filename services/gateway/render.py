@@ -8,9 +8,18 @@ import numpy as np
 
 # One colour per taxonomy code (RBC grey); unknown codes fall back to white.
 TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "BLA": (230, 25, 75), "PMO": (245, 130, 48), "MYB": (255, 225, 25), "MMZ": (210, 245, 60),
-    "NGB": (60, 180, 75), "NGS": (0, 128, 128), "EOS": (240, 50, 230), "BAS": (145, 30, 180),
-    "MON": (70, 240, 240), "LYT": (0, 130, 200), "PLM": (170, 110, 40), "EBO": (128, 0, 0),
+    "BLA": (230, 25, 75),
+    "PMO": (245, 130, 48),
+    "MYB": (255, 225, 25),
+    "MMZ": (210, 245, 60),
+    "NGB": (60, 180, 75),
+    "NGS": (0, 128, 128),
+    "EOS": (240, 50, 230),
+    "BAS": (145, 30, 180),
+    "MON": (70, 240, 240),
+    "LYT": (0, 130, 200),
+    "PLM": (170, 110, 40),
+    "EBO": (128, 0, 0),
     "RBC": (160, 160, 160),
 }
 
@@ -40,8 +49,9 @@ def heatmap_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45) 
     h = np.asarray(heatmap, np.float32)
     span = float(h.max() - h.min()) if h.size else 0.0
     norm = (h - h.min()) / span if span > 0 else np.zeros_like(h)
-    colour = Image.fromarray(_colormap(norm)).resize((image.shape[1], image.shape[0]),
-                                                    Image.Resampling.BILINEAR)
+    colour = Image.fromarray(_colormap(norm)).resize(
+        (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
+    )
     return _png(Image.blend(Image.fromarray(image), colour, alpha))
 
 

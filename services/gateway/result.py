@@ -42,8 +42,9 @@ class MorphometricSummary(_Model):
     std: float
 
 
-AmlAbstentionReason = Literal["too_few_cells", "pixel_size_required", "pixel_size_unexpected",
-                              "pixel_size_mixed"]
+AmlAbstentionReason = Literal[
+    "too_few_cells", "pixel_size_required", "pixel_size_unexpected", "pixel_size_mixed"
+]
 
 
 class AmlCall(_Model):
@@ -51,15 +52,19 @@ class AmlCall(_Model):
 
     status: Literal["predicted", "abstained"]
     reason: AmlAbstentionReason | None = Field(
-        None, description="machine-readable abstention reason: too_few_cells (the whole case "
+        None,
+        description="machine-readable abstention reason: too_few_cells (the whole case "
         "abstained); pixel_size_required (the ensemble learned morphometrics in um, the case "
         "was measured in px: send options.um_per_px); pixel_size_unexpected (the ensemble "
         "learned px, the case is in um); pixel_size_mixed (images with and without a pixel "
-        "size)")
+        "size)",
+    )
     detail: str | None = Field(None, description="the abstention reason for people")
     model_length_unit: Literal["um", "px", "unknown"] | None = Field(
-        None, description="unit the ensemble learned its morphometric features in; unknown for "
-        "models trained before it was recorded (not checked); None when not called")
+        None,
+        description="unit the ensemble learned its morphometric features in; unknown for "
+        "models trained before it was recorded (not checked); None when not called",
+    )
 
 
 class Npm1MorphologyCall(_Model):
@@ -71,24 +76,33 @@ class Npm1MorphologyCall(_Model):
         description="predicted: `p` is set; abstained: withheld for the reason P(AML) was "
         "(same features); not_available: the pinned ensemble version has no NPM1 output; "
         "not_applicable: the case is called non-AML (p_aml below aml_threshold), and the "
-        "head, trained on AML cases only, says nothing about it")
-    p: float | None = Field(None, ge=0, le=1, description="P(NPM1 mutated | AML); "
-                            "conditional on AML, so read it together with `p_aml`")
+        "head, trained on AML cases only, says nothing about it"
+    )
+    p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="P(NPM1 mutated | AML); conditional on AML, so read it together with `p_aml`",
+    )
     positive: bool | None = Field(None, description="p >= threshold; None unless predicted")
     threshold: float = Field(ge=0, le=1)
     threshold_source: Literal["model", "deployment"] = Field(
         description="model: recorded with the ensemble version; deployment: the gateway's "
-        "MS_GATEWAY_NPM1_THRESHOLD (the model records none, or was not called)")
+        "MS_GATEWAY_NPM1_THRESHOLD (the model records none, or was not called)"
+    )
     reason: AmlAbstentionReason | Literal["no_npm1_output", "not_aml"] | None = Field(
-        None, description="machine-readable: the `aml.reason` when abstained; no_npm1_output "
-        "when not_available; not_aml when not_applicable")
+        None,
+        description="machine-readable: the `aml.reason` when abstained; no_npm1_output "
+        "when not_available; not_aml when not_applicable",
+    )
     detail: str | None = Field(None, description="the reason for people")
     model_version: str = Field(description="the pinned ensemble version")
 
 
 class Cell(_Model):
-    box: list[float] = Field(min_length=4, max_length=4,
-                             description="x1, y1, x2, y2 in pixels of the submitted image")
+    box: list[float] = Field(
+        min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels of the submitted image"
+    )
     detector_label: str
     score: float
     cell_type: str | None = Field(None, description="argmax counted type; None for RBC")
@@ -105,8 +119,10 @@ class ImageResult(_Model):
     n_counted: int
     um_per_px: float | None = Field(None, description="pixel size the image was measured with")
     um_per_px_source: Literal["request", "deployment_default", "none"] | None = Field(
-        None, description="where um_per_px came from: options.um_per_px, the deployment's "
-        "MS_GATEWAY_DEFAULT_UM_PER_PX, or none (morphometrics in px)")
+        None,
+        description="where um_per_px came from: options.um_per_px, the deployment's "
+        "MS_GATEWAY_DEFAULT_UM_PER_PX, or none (morphometrics in px)",
+    )
     p_npm1: float | None = None
     heatmap_sha256: str | None = Field(None, description="float32 heatmap artifact (explain)")
     cells: list[Cell]
@@ -126,13 +142,14 @@ class AnalysisResult(_Model):
     aml_threshold: float
     aml_positive: bool | None = None
     p_npm1: float | None = Field(
-        None, ge=0, le=1,
-        description="mean of the per-image P(NPM1 mutated) over the case's images")
+        None, ge=0, le=1, description="mean of the per-image P(NPM1 mutated) over the case's images"
+    )
     npm1_threshold: float
     npm1_positive: bool | None = None
     npm1_morphology: Npm1MorphologyCall | None = Field(
-        None, description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None "
-        "before 1.2")
+        None,
+        description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None before 1.2",
+    )
     n_images: int
     n_cells_detected: int
     n_cells_counted: int = Field(description="nucleated cells (RBC excluded)")
@@ -141,14 +158,19 @@ class AnalysisResult(_Model):
     attribute_fractions: dict[str, float] = Field(default_factory=dict)
     morphometrics: dict[str, MorphometricSummary] = Field(default_factory=dict)
     morphometrics_unit: Literal["um", "px", "mixed"] | None = Field(
-        None, description="length unit of `morphometrics` and of the ensemble's morphometric "
-        "features (areas in unit^2); mixed when some images had a pixel size and others not")
+        None,
+        description="length unit of `morphometrics` and of the ensemble's morphometric "
+        "features (areas in unit^2); mixed when some images had a pixel size and others not",
+    )
     model_versions: dict[str, StageVersion]
-    lineage: dict[str, str] = Field(default_factory=dict,
-                                    description="upstream versions the ensemble reported")
+    lineage: dict[str, str] = Field(
+        default_factory=dict, description="upstream versions the ensemble reported"
+    )
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     explained: bool = False
     images: list[ImageResult]
     generated_at: str
-    disclaimer: str = ("AI-generated decision support; not a diagnosis. Review by a qualified "
-                       "hematologist is required.")
+    disclaimer: str = (
+        "AI-generated decision support; not a diagnosis. Review by a qualified "
+        "hematologist is required."
+    )

@@ -43,10 +43,20 @@ class NewImage:
     format: str
 
 
-def audit(session: Session, *, key_id: str | None, key_name: str | None, action: str,
-          resource: str | None = None, detail: str | None = None) -> None:
-    session.add(AuditLog(api_key_id=key_id, key_name=key_name, action=action,
-                         resource=resource, detail=detail))
+def audit(
+    session: Session,
+    *,
+    key_id: str | None,
+    key_name: str | None,
+    action: str,
+    resource: str | None = None,
+    detail: str | None = None,
+) -> None:
+    session.add(
+        AuditLog(
+            api_key_id=key_id, key_name=key_name, action=action, resource=resource, detail=detail
+        )
+    )
 
 
 def find_idempotent(session: Session, *, key_id: str, key: str, content_hash: str) -> str | None:
@@ -59,32 +69,63 @@ def find_idempotent(session: Session, *, key_id: str, key: str, content_hash: st
     return row.analysis_id
 
 
-def create_analysis(session: Session, *, metadata: dict, images: list[NewImage],
-                    content_hash: str, key_id: str | None, idempotency_key: str | None
-                    ) -> Analysis:
+def create_analysis(
+    session: Session,
+    *,
+    metadata: dict,
+    images: list[NewImage],
+    content_hash: str,
+    key_id: str | None,
+    idempotency_key: str | None,
+) -> Analysis:
     analysis = Analysis(
-        id=new_id(), status="queued", accession=metadata["accession_id"],
-        specimen_type=metadata["specimen_type"], stain=metadata["stain"],
-        metadata_json=json.dumps(metadata, sort_keys=True), content_hash=content_hash,
-        webhook_url=metadata.get("webhook_url"), api_key_id=key_id, n_images=len(images),
-        cancel_requested=False, attempts=0, created_at=now(), updated_at=now())
+        id=new_id(),
+        status="queued",
+        accession=metadata["accession_id"],
+        specimen_type=metadata["specimen_type"],
+        stain=metadata["stain"],
+        metadata_json=json.dumps(metadata, sort_keys=True),
+        content_hash=content_hash,
+        webhook_url=metadata.get("webhook_url"),
+        api_key_id=key_id,
+        n_images=len(images),
+        cancel_requested=False,
+        attempts=0,
+        created_at=now(),
+        updated_at=now(),
+    )
     session.add(analysis)
     session.flush()
     for k, im in enumerate(images):
-        session.add(Image(analysis_id=analysis.id, idx=k, sha256=im.sha256,
-                          size_bytes=im.size_bytes, width=im.width, height=im.height,
-                          format=im.format,
-                          um_per_px=metadata.get("options", {}).get("um_per_px")))
+        session.add(
+            Image(
+                analysis_id=analysis.id,
+                idx=k,
+                sha256=im.sha256,
+                size_bytes=im.size_bytes,
+                width=im.width,
+                height=im.height,
+                format=im.format,
+                um_per_px=metadata.get("options", {}).get("um_per_px"),
+            )
+        )
     if idempotency_key is not None and key_id is not None:
-        session.add(Idempotency(api_key_id=key_id, key=idempotency_key,
-                                content_hash=content_hash, analysis_id=analysis.id))
+        session.add(
+            Idempotency(
+                api_key_id=key_id,
+                key=idempotency_key,
+                content_hash=content_hash,
+                analysis_id=analysis.id,
+            )
+        )
     session.flush()
     return analysis
 
 
 def images_of(session: Session, *, analysis_id: str) -> list[Image]:
-    return list(session.scalars(select(Image).where(Image.analysis_id == analysis_id)
-                                .order_by(Image.idx)))
+    return list(
+        session.scalars(select(Image).where(Image.analysis_id == analysis_id).order_by(Image.idx))
+    )
 
 
 def result_of(session: Session, *, analysis_id: str) -> dict | None:
@@ -92,14 +133,16 @@ def result_of(session: Session, *, analysis_id: str) -> dict | None:
     return None if row is None else json.loads(row.result_json)
 
 
-def list_analyses(session: Session, *, accession: str | None, limit: int,
-                  offset: int) -> tuple[list[Analysis], int]:
+def list_analyses(
+    session: Session, *, accession: str | None, limit: int, offset: int
+) -> tuple[list[Analysis], int]:
     q = select(Analysis)
     if accession is not None:
         q = q.where(Analysis.accession == accession)
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
-    rows = session.scalars(q.order_by(Analysis.created_at.desc(), Analysis.id)
-                           .limit(limit).offset(offset))
+    rows = session.scalars(
+        q.order_by(Analysis.created_at.desc(), Analysis.id).limit(limit).offset(offset)
+    )
     return list(rows), total
 
 
@@ -124,9 +167,11 @@ def status_counts(session: Session) -> dict[str, int]:
 
 # ---- workers -------------------------------------------------------------------------------
 
+
 def _claimable(t: float):
-    return or_(Analysis.status == "queued",
-               (Analysis.status == "running") & (Analysis.lease_until < t))
+    return or_(
+        Analysis.status == "queued", (Analysis.status == "running") & (Analysis.lease_until < t)
+    )
 
 
 def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | None:
@@ -139,10 +184,20 @@ def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | No
     if analysis_id is None:
         return None
     res = session.execute(
-        update(Analysis).where(Analysis.id == analysis_id, _claimable(t))
-        .values(status="running", lease_owner=owner, lease_until=t + lease_s, heartbeat_at=t,
-                attempts=Analysis.attempts + 1, started_at=t, updated_at=t, stage="claimed")
-        .execution_options(synchronize_session=False))
+        update(Analysis)
+        .where(Analysis.id == analysis_id, _claimable(t))
+        .values(
+            status="running",
+            lease_owner=owner,
+            lease_until=t + lease_s,
+            heartbeat_at=t,
+            attempts=Analysis.attempts + 1,
+            started_at=t,
+            updated_at=t,
+            stage="claimed",
+        )
+        .execution_options(synchronize_session=False)
+    )
     if res.rowcount != 1:
         return None
     a = session.get(Analysis, analysis_id)
@@ -150,21 +205,27 @@ def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | No
     return a
 
 
-def heartbeat(session: Session, *, analysis_id: str, owner: str, lease_s: float,
-              stage: str | None = None) -> tuple[bool, bool]:
+def heartbeat(
+    session: Session, *, analysis_id: str, owner: str, lease_s: float, stage: str | None = None
+) -> tuple[bool, bool]:
     """Extend the lease; returns (still owned, cancel requested)."""
     t = now()
     values = {"lease_until": t + lease_s, "heartbeat_at": t, "updated_at": t}
     if stage is not None:
         values["stage"] = stage
-    res = session.execute(update(Analysis).where(
-        Analysis.id == analysis_id, Analysis.lease_owner == owner,
-        Analysis.status == "running").values(**values)
-        .execution_options(synchronize_session=False))
+    res = session.execute(
+        update(Analysis)
+        .where(
+            Analysis.id == analysis_id, Analysis.lease_owner == owner, Analysis.status == "running"
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
     if res.rowcount != 1:
         return False, False
-    return True, bool(session.scalar(select(Analysis.cancel_requested)
-                                     .where(Analysis.id == analysis_id)))
+    return True, bool(
+        session.scalar(select(Analysis.cancel_requested).where(Analysis.id == analysis_id))
+    )
 
 
 def _finish(session: Session, a: Analysis, *, status: str, reason: str | None) -> None:
@@ -172,15 +233,33 @@ def _finish(session: Session, a: Analysis, *, status: str, reason: str | None) -
     a.status, a.reason, a.finished_at, a.updated_at = status, reason, t, t
     a.lease_owner, a.lease_until = None, None
     if a.webhook_url:
-        payload = {"event": f"analysis.{status}", "analysis_id": a.id, "status": status,
-                   "reason": reason, "finished_at": t}
-        session.add(Outbox(analysis_id=a.id, url=a.webhook_url,
-                           payload=json.dumps(payload, sort_keys=True), next_attempt_at=t))
+        payload = {
+            "event": f"analysis.{status}",
+            "analysis_id": a.id,
+            "status": status,
+            "reason": reason,
+            "finished_at": t,
+        }
+        session.add(
+            Outbox(
+                analysis_id=a.id,
+                url=a.webhook_url,
+                payload=json.dumps(payload, sort_keys=True),
+                next_attempt_at=t,
+            )
+        )
 
 
-def finish(session: Session, *, analysis_id: str, owner: str | None, status: str,
-           reason: str | None = None, result: dict | None = None,
-           schema_version: str | None = None) -> bool:
+def finish(
+    session: Session,
+    *,
+    analysis_id: str,
+    owner: str | None,
+    status: str,
+    reason: str | None = None,
+    result: dict | None = None,
+    schema_version: str | None = None,
+) -> bool:
     """Write the outcome (and the webhook outbox row) in one transaction; only the lease
     owner may (owner None: unconditional, for housekeeping). False when the lease was lost."""
     a = session.get(Analysis, analysis_id, with_for_update=True)
@@ -189,8 +268,13 @@ def finish(session: Session, *, analysis_id: str, owner: str | None, status: str
     if owner is not None and (a.lease_owner != owner or a.status != "running"):
         return False
     if result is not None:
-        session.merge(Result(analysis_id=analysis_id, schema_version=schema_version or "",
-                             result_json=json.dumps(result)))
+        session.merge(
+            Result(
+                analysis_id=analysis_id,
+                schema_version=schema_version or "",
+                result_json=json.dumps(result),
+            )
+        )
     _finish(session, a, status=status, reason=reason)
     return True
 
@@ -199,22 +283,40 @@ def fail_exhausted(session: Session, *, max_attempts: int) -> list[str]:
     """Analyses whose lease expired after `max_attempts` claims: fail them instead of
     handing them to yet another worker (a poison job must not crash workers forever)."""
     t = now()
-    rows = list(session.scalars(select(Analysis).where(
-        Analysis.status == "running", Analysis.lease_until < t,
-        Analysis.attempts >= max_attempts)))
+    rows = list(
+        session.scalars(
+            select(Analysis).where(
+                Analysis.status == "running",
+                Analysis.lease_until < t,
+                Analysis.attempts >= max_attempts,
+            )
+        )
+    )
     for a in rows:
-        _finish(session, a, status="failed",
-                reason=f"worker lost {a.attempts} times (crash or timeout); not retried again")
+        _finish(
+            session,
+            a,
+            status="failed",
+            reason=f"worker lost {a.attempts} times (crash or timeout); not retried again",
+        )
     return [a.id for a in rows]
 
 
 # ---- outbox --------------------------------------------------------------------------------
 
+
 def claim_outbox(session: Session, *, lease_s: float, limit: int = 10) -> list[Outbox]:
     t = now()
-    q = (select(Outbox).where(Outbox.status == "pending", Outbox.next_attempt_at <= t,
-                              or_(Outbox.lease_until.is_(None), Outbox.lease_until < t))
-         .order_by(Outbox.next_attempt_at).limit(limit))
+    q = (
+        select(Outbox)
+        .where(
+            Outbox.status == "pending",
+            Outbox.next_attempt_at <= t,
+            or_(Outbox.lease_until.is_(None), Outbox.lease_until < t),
+        )
+        .order_by(Outbox.next_attempt_at)
+        .limit(limit)
+    )
     if session.bind.dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     rows = list(session.scalars(q))
@@ -223,8 +325,9 @@ def claim_outbox(session: Session, *, lease_s: float, limit: int = 10) -> list[O
     return rows
 
 
-def outbox_result(session: Session, *, outbox_id: str, ok: bool, error: str | None,
-                  next_attempt_at: float | None) -> None:
+def outbox_result(
+    session: Session, *, outbox_id: str, ok: bool, error: str | None, next_attempt_at: float | None
+) -> None:
     row = session.get(Outbox, outbox_id)
     if row is None:
         return

@@ -41,12 +41,16 @@ def _training_scale(model: FeatureUnits) -> str:
     lo, hi = model.um_per_px_min, model.um_per_px_max
     if lo is None or hi is None:
         return ""
-    return f", training images at {lo:g} um/px" if lo == hi else \
-        f", training images at {lo:g}-{hi:g} um/px"
+    return (
+        f", training images at {lo:g} um/px"
+        if lo == hi
+        else f", training images at {lo:g}-{hi:g} um/px"
+    )
 
 
-def aml_abstention(features_unit: str, model: FeatureUnits, *,
-                   ensemble_version: str) -> dict | None:
+def aml_abstention(
+    features_unit: str, model: FeatureUnits, *, ensemble_version: str
+) -> dict | None:
     """None when P(AML) may be reported; else `{"reason", "detail"}` of the abstention.
 
     reason (machine-readable): `pixel_size_required` (the model learned um, the case is in
@@ -55,28 +59,36 @@ def aml_abstention(features_unit: str, model: FeatureUnits, *,
     before `feature_units`) is trusted as before, with a warning once per version.
     """
     if features_unit == "mixed":
-        return {"reason": "pixel_size_mixed",
-                "detail": "some images of this case had a pixel size and others not, so their "
-                          "morphometric features mix um and px; send options.um_per_px for "
-                          "every image (or none)"}
+        return {
+            "reason": "pixel_size_mixed",
+            "detail": "some images of this case had a pixel size and others not, so their "
+            "morphometric features mix um and px; send options.um_per_px for "
+            "every image (or none)",
+        }
     if model.length == "unknown":
         if ensemble_version not in _unknown_warned:
             _unknown_warned.add(ensemble_version)
-            log.warning("ensemble %s does not report the unit of its morphometric features; "
-                        "P(AML) is reported unchecked (retrain it to record feature_units)",
-                        ensemble_version)
+            log.warning(
+                "ensemble %s does not report the unit of its morphometric features; "
+                "P(AML) is reported unchecked (retrain it to record feature_units)",
+                ensemble_version,
+            )
         return None
     if model.length == features_unit:
         return None
     if model.length == "um":
-        return {"reason": "pixel_size_required",
-                "detail": f"the ensemble (version {ensemble_version}) learned its morphometric "
-                          f"features in um (areas in um^2{_training_scale(model)}); this case "
-                          "was measured in pixels because no pixel size was given: send "
-                          "options.um_per_px (or set MS_GATEWAY_DEFAULT_UM_PER_PX for a "
-                          "deployment with a fixed scanner)"}
-    return {"reason": "pixel_size_unexpected",
+        return {
+            "reason": "pixel_size_required",
             "detail": f"the ensemble (version {ensemble_version}) learned its morphometric "
-                      "features in pixels (its training images had no pixel size); this case "
-                      "was measured in um: submit it without options.um_per_px (and unset "
-                      "MS_GATEWAY_DEFAULT_UM_PER_PX)"}
+            f"features in um (areas in um^2{_training_scale(model)}); this case "
+            "was measured in pixels because no pixel size was given: send "
+            "options.um_per_px (or set MS_GATEWAY_DEFAULT_UM_PER_PX for a "
+            "deployment with a fixed scanner)",
+        }
+    return {
+        "reason": "pixel_size_unexpected",
+        "detail": f"the ensemble (version {ensemble_version}) learned its morphometric "
+        "features in pixels (its training images had no pixel size); this case "
+        "was measured in um: submit it without options.um_per_px (and unset "
+        "MS_GATEWAY_DEFAULT_UM_PER_PX)",
+    }

@@ -27,8 +27,11 @@ def parse_metadata(raw: str | bytes | None, settings: GatewaySettings) -> Analys
     if raw is None or (isinstance(raw, str | bytes) and not raw.strip()):
         raise ApiError(422, "invalid_metadata", "the multipart part 'metadata' (JSON) is missing")
     if len(raw) > settings.max_metadata_bytes:
-        raise ApiError(413, "metadata_too_large",
-                       f"metadata is larger than {settings.max_metadata_bytes} bytes")
+        raise ApiError(
+            413,
+            "metadata_too_large",
+            f"metadata is larger than {settings.max_metadata_bytes} bytes",
+        )
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -38,17 +41,23 @@ def parse_metadata(raw: str | bytes | None, settings: GatewaySettings) -> Analys
     try:
         meta = AnalysisCreate.model_validate(doc)
     except ValidationError as exc:
-        parts = ["{}: {}".format(".".join(str(p) for p in e["loc"]) or "metadata", e["msg"])
-                 for e in exc.errors()]
+        parts = [
+            "{}: {}".format(".".join(str(p) for p in e["loc"]) or "metadata", e["msg"])
+            for e in exc.errors()
+        ]
         raise ApiError(422, "invalid_metadata", "; ".join(parts)) from None
     if meta.webhook_url is not None and settings.webhook_secret is None:
-        raise ApiError(422, "webhooks_disabled",
-                       "webhook_url given but this gateway has no webhook secret configured")
+        raise ApiError(
+            422,
+            "webhooks_disabled",
+            "webhook_url given but this gateway has no webhook secret configured",
+        )
     return meta
 
 
-def check_image(data: bytes, *, index: int, filename: str | None,
-                settings: GatewaySettings) -> CheckedImage:
+def check_image(
+    data: bytes, *, index: int, filename: str | None, settings: GatewaySettings
+) -> CheckedImage:
     """Decode and validate one upload; ApiError 413/422 with the reason otherwise."""
     from PIL import Image
 
@@ -57,17 +66,23 @@ def check_image(data: bytes, *, index: int, filename: str | None,
 
     label = f"image {index}" + (f" ({filename})" if filename else "")
     if len(data) > settings.max_upload_bytes:
-        raise ApiError(413, "image_too_large",
-                       f"{label} is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{label} is {len(data)} bytes; the limit is {settings.max_upload_bytes}",
+        )
     try:
-        rgb = decode_image(data, limits=ImageLimits(max_bytes=settings.max_upload_bytes,
-                                                    max_pixels=settings.max_pixels))
+        rgb = decode_image(
+            data,
+            limits=ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels),
+        )
     except InvalidInput as exc:
         raise ApiError(422, "invalid_image", f"{label}: {exc}") from None
     with Image.open(io.BytesIO(data)) as im:  # header only: the format name for the record
         fmt = im.format or "unknown"
-    return CheckedImage(data, hashlib.sha256(data).hexdigest(), int(rgb.shape[1]),
-                        int(rgb.shape[0]), fmt)
+    return CheckedImage(
+        data, hashlib.sha256(data).hexdigest(), int(rgb.shape[1]), int(rgb.shape[0]), fmt
+    )
 
 
 def content_hash(metadata: dict, images: list[CheckedImage]) -> str:

@@ -33,8 +33,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
-def verify(secret: str, timestamp: str, body: bytes, signature: str, *,
-           tolerance_s: float = 300.0) -> bool:
+def verify(
+    secret: str, timestamp: str, body: bytes, signature: str, *, tolerance_s: float = 300.0
+) -> bool:
     """Receiver-side check (also used by the tests)."""
     try:
         ts = int(timestamp)
@@ -50,14 +51,19 @@ def backoff_s(attempts: int, *, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempts - 1)))
 
 
-async def deliver(client, *, url: str, body: bytes, event_id: str, secret: str,
-                  timeout: float) -> tuple[bool, str | None]:
+async def deliver(
+    client, *, url: str, body: bytes, event_id: str, secret: str, timeout: float
+) -> tuple[bool, str | None]:
     """One attempt; returns (delivered, error)."""
     import httpx
 
     ts = int(time.time())
-    headers = {"Content-Type": "application/json", EVENT_HEADER: event_id,
-               TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(secret, ts, body)}
+    headers = {
+        "Content-Type": "application/json",
+        EVENT_HEADER: event_id,
+        TIMESTAMP_HEADER: str(ts),
+        SIGNATURE_HEADER: sign(secret, ts, body),
+    }
     try:
         resp = await client.post(url, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:

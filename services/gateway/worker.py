@@ -40,8 +40,15 @@ class _Claimed:
 
 
 class Worker:
-    def __init__(self, *, settings: GatewaySettings, sessions: sessionmaker, blobs: BlobStore,
-                 clients: ModelClients, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        settings: GatewaySettings,
+        sessions: sessionmaker,
+        blobs: BlobStore,
+        clients: ModelClients,
+        metrics: GatewayMetrics,
+    ) -> None:
         self.s = settings
         self.sessions = sessions
         self.blobs = blobs
@@ -98,17 +105,32 @@ class Worker:
 
     def _release(self, analysis_id: str) -> None:
         with self.sessions.begin() as session:
-            session.execute(update(Analysis).where(
-                Analysis.id == analysis_id, Analysis.lease_owner == self.owner,
-                Analysis.status == "running").values(
-                status="queued", lease_owner=None, lease_until=None, updated_at=now(),
-                attempts=Analysis.attempts - 1))
+            session.execute(
+                update(Analysis)
+                .where(
+                    Analysis.id == analysis_id,
+                    Analysis.lease_owner == self.owner,
+                    Analysis.status == "running",
+                )
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now(),
+                    attempts=Analysis.attempts - 1,
+                )
+            )
         log.info("released analysis %s back to the queue", analysis_id)
 
     def _heartbeat(self, analysis_id: str, stage: str | None) -> tuple[bool, bool]:
         with self.sessions.begin() as session:
-            return store.heartbeat(session, analysis_id=analysis_id, owner=self.owner,
-                                   lease_s=self.s.lease_s, stage=stage)
+            return store.heartbeat(
+                session,
+                analysis_id=analysis_id,
+                owner=self.owner,
+                lease_s=self.s.lease_s,
+                stage=stage,
+            )
 
     def _finish(self, analysis_id: str, **kw) -> bool:
         with self.sessions.begin() as session:
@@ -119,8 +141,7 @@ class Worker:
         analysis_id = claimed.id
         with self.sessions() as session:
             rows = store.images_of(session, analysis_id=analysis_id)
-        images = [CaseImage(r.idx, r.sha256, self.blobs.get(r.sha256), r.um_per_px)
-                  for r in rows]
+        images = [CaseImage(r.idx, r.sha256, self.blobs.get(r.sha256), r.um_per_px) for r in rows]
 
         async def checkpoint(stage: str) -> None:
             owned, cancel = await asyncio.to_thread(self._heartbeat, analysis_id, stage)
@@ -129,11 +150,16 @@ class Worker:
             if cancel:
                 raise Cancelled("cancelled by request")
 
-        pipeline = Pipeline(clients=self.clients, settings=self.s, metrics=self.metrics,
-                            checkpoint=checkpoint)
-        run = asyncio.create_task(pipeline.run(
-            analysis_id=analysis_id, images=images,
-            explain=bool(claimed.metadata.get("options", {}).get("explain"))))
+        pipeline = Pipeline(
+            clients=self.clients, settings=self.s, metrics=self.metrics, checkpoint=checkpoint
+        )
+        run = asyncio.create_task(
+            pipeline.run(
+                analysis_id=analysis_id,
+                images=images,
+                explain=bool(claimed.metadata.get("options", {}).get("explain")),
+            )
+        )
         lost = asyncio.Event()
         beat = asyncio.create_task(self._beat(analysis_id, run, lost))
         try:
@@ -142,8 +168,9 @@ class Worker:
             if str(exc) == "lease lost":
                 log.warning("analysis %s: lease lost, another worker owns it", analysis_id)
                 return
-            if await asyncio.to_thread(self._finish, analysis_id, status="cancelled",
-                                       reason="cancelled by request"):
+            if await asyncio.to_thread(
+                self._finish, analysis_id, status="cancelled", reason="cancelled by request"
+            ):
                 self.metrics.finished.labels("cancelled").inc()
             return
         except asyncio.CancelledError:
@@ -153,8 +180,12 @@ class Worker:
             raise
         except Exception:
             log.exception("analysis %s: internal error", analysis_id)
-            await asyncio.to_thread(self._finish, analysis_id, status="failed",
-                                    reason="internal gateway error (see the gateway log)")
+            await asyncio.to_thread(
+                self._finish,
+                analysis_id,
+                status="failed",
+                reason="internal gateway error (see the gateway log)",
+            )
             self.metrics.finished.labels("failed").inc()
             return
         finally:
@@ -163,14 +194,22 @@ class Worker:
             for data in outcome.artifacts.values():
                 await asyncio.to_thread(self.blobs.put, data)
             finished = await asyncio.to_thread(
-                self._finish, analysis_id, status=outcome.status, reason=outcome.reason,
-                result=outcome.result, schema_version=RESULT_SCHEMA_VERSION)
+                self._finish,
+                analysis_id,
+                status=outcome.status,
+                reason=outcome.reason,
+                result=outcome.result,
+                schema_version=RESULT_SCHEMA_VERSION,
+            )
         except Exception:
             log.exception("analysis %s: storing the outcome failed", analysis_id)
             outcome.status = "failed"
             finished = await asyncio.to_thread(
-                self._finish, analysis_id, status="failed",
-                reason="internal gateway error while storing the result (see the gateway log)")
+                self._finish,
+                analysis_id,
+                status="failed",
+                reason="internal gateway error while storing the result (see the gateway log)",
+            )
         if finished:
             self.metrics.finished.labels(outcome.status).inc()
             log.info("analysis %s %s", analysis_id, outcome.status)
@@ -217,21 +256,30 @@ class Worker:
             if secret is None:
                 ok, err = False, "MS_GATEWAY_WEBHOOK_SECRET is not set; refusing to send unsigned"
             else:
-                ok, err = await deliver(client, url=url, body=payload.encode(),
-                                        event_id=outbox_id, secret=secret,
-                                        timeout=self.s.webhook_timeout_s)
+                ok, err = await deliver(
+                    client,
+                    url=url,
+                    body=payload.encode(),
+                    event_id=outbox_id,
+                    secret=secret,
+                    timeout=self.s.webhook_timeout_s,
+                )
             done = attempts + 1
-            nxt = (None if done >= self.s.webhook_max_attempts else
-                   now() + backoff_s(done, base=self.s.webhook_backoff_s,
-                                     cap=self.s.webhook_backoff_max_s))
+            nxt = (
+                None
+                if done >= self.s.webhook_max_attempts
+                else now()
+                + backoff_s(done, base=self.s.webhook_backoff_s, cap=self.s.webhook_backoff_max_s)
+            )
             self.metrics.webhooks.labels("delivered" if ok else "failed").inc()
             if not ok:
                 log.warning("webhook %s attempt %d failed: %s", outbox_id, done, err)
 
             def record(oid=outbox_id, ok=ok, err=err, nxt=nxt):
                 with self.sessions.begin() as session:
-                    store.outbox_result(session, outbox_id=oid, ok=ok, error=err,
-                                        next_attempt_at=nxt)
+                    store.outbox_result(
+                        session, outbox_id=oid, ok=ok, error=err, next_attempt_at=nxt
+                    )
 
             await asyncio.to_thread(record)
         return len(rows)
@@ -251,8 +299,13 @@ async def serve_workers(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker = Worker(settings=settings, sessions=services.sessions, blobs=services.blobs,
-                    clients=clients, metrics=services.metrics)
+    worker = Worker(
+        settings=settings,
+        sessions=services.sessions,
+        blobs=services.blobs,
+        clients=clients,
+        metrics=services.metrics,
+    )
     try:
         await worker.run(stop)
     finally:
@@ -262,8 +315,9 @@ async def serve_workers(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     asyncio.run(serve_workers(settings))
 
 

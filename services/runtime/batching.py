@@ -137,7 +137,11 @@ class ModelWorker:
         deadline = first.enqueued + self.max_queue_delay_s
         # Matching requests already waiting in the backlog join first, in arrival order.
         for item in list(self._backlog):
-            if len(batch) < self.max_batch_size and item.key == first.key and rows + item.rows <= self.max_batch_size:
+            if (
+                len(batch) < self.max_batch_size
+                and item.key == first.key
+                and rows + item.rows <= self.max_batch_size
+            ):
                 self._backlog.remove(item)
                 batch.append(item)
                 rows += item.rows

@@ -52,13 +52,25 @@ def _fingerprint(proto_root: Path, sources: list[Path]) -> str:
 
 def _fix_imports(out_dir: Path, packages: set[str], modules: set[str]) -> None:
     """Rewrite protoc's root-relative imports into absolute ``GEN_PACKAGE`` imports."""
-    pkg_pattern = re.compile(r"^from (" + "|".join(map(re.escape, sorted(packages))) + r")(\.[\w.]+)? import ", re.M) if packages else None
-    mod_pattern = re.compile(r"^import (" + "|".join(map(re.escape, sorted(modules))) + r") as ", re.M) if modules else None
+    pkg_pattern = (
+        re.compile(
+            r"^from (" + "|".join(map(re.escape, sorted(packages))) + r")(\.[\w.]+)? import ", re.M
+        )
+        if packages
+        else None
+    )
+    mod_pattern = (
+        re.compile(r"^import (" + "|".join(map(re.escape, sorted(modules))) + r") as ", re.M)
+        if modules
+        else None
+    )
     for path in out_dir.rglob("*.py*"):
         text = path.read_text()
         new = text
         if pkg_pattern is not None:
-            new = pkg_pattern.sub(lambda m: f"from {GEN_PACKAGE}.{m.group(1)}{m.group(2) or ''} import ", new)
+            new = pkg_pattern.sub(
+                lambda m: f"from {GEN_PACKAGE}.{m.group(1)}{m.group(2) or ''} import ", new
+            )
         if mod_pattern is not None:
             new = mod_pattern.sub(lambda m: f"from {GEN_PACKAGE} import {m.group(1)} as ", new)
         if new != text:
@@ -132,7 +144,9 @@ def _generate(proto_root: Path, sources: list[Path], out_dir: Path) -> None:
     (out_dir / "__init__.py").write_text(_POOL_INIT)
 
 
-def ensure_generated(proto_root: Path = PROTO_ROOT, gen_dir: Path = GEN_DIR, *, force: bool = False) -> bool:
+def ensure_generated(
+    proto_root: Path = PROTO_ROOT, gen_dir: Path = GEN_DIR, *, force: bool = False
+) -> bool:
     """Generate stubs unless the stamp shows they are current; returns True when it generated.
 
     Raises FileNotFoundError when there is no ``.proto`` under ``proto_root``.

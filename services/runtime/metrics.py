@@ -26,31 +26,49 @@ class RuntimeMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "marrowscope_requests", "ModelInfer calls by outcome (ok or gRPC status name).",
-            ["model", "version", "status"], registry=r,
+            "marrowscope_requests",
+            "ModelInfer calls by outcome (ok or gRPC status name).",
+            ["model", "version", "status"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "marrowscope_request_seconds", "ModelInfer time from decode to encoded response.",
-            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+            "marrowscope_request_seconds",
+            "ModelInfer time from decode to encoded response.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "marrowscope_queue_seconds", "Time a request waited for the model thread/batch.",
-            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+            "marrowscope_queue_seconds",
+            "Time a request waited for the model thread/batch.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_seconds = Histogram(
-            "marrowscope_compute_seconds", "preprocess+predict+postprocess time of the batch "
-            "that served a request.", ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+            "marrowscope_compute_seconds",
+            "preprocess+predict+postprocess time of the batch that served a request.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "marrowscope_batch_size", "Requests merged into one handler call.",
-            ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
+            "marrowscope_batch_size",
+            "Requests merged into one handler call.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.inflight = Gauge(
-            "marrowscope_inflight_requests", "ModelInfer calls being processed.", ["model"],
+            "marrowscope_inflight_requests",
+            "ModelInfer calls being processed.",
+            ["model"],
             registry=r,
         )
         self.model_info = Gauge(
-            "marrowscope_model_info", "1 for every loaded model version.", ["model", "version"],
+            "marrowscope_model_info",
+            "1 for every loaded model version.",
+            ["model", "version"],
             registry=r,
         )
         self._http: WSGIServer | None = None

@@ -179,7 +179,9 @@ class ModelRepository:
         self._loaded[entry.version] = entry
         self.metrics.set_loaded(self.name, entry.version, True)
         log.info(
-            "serving %s version %s", self.name, entry.version,
+            "serving %s version %s",
+            self.name,
+            entry.version,
             extra={"previous_version": previous.version if previous else None},
         )
         if previous is not None and previous is not entry:
@@ -211,8 +213,12 @@ class ModelRepository:
         try:
             await asyncio.wait_for(entry.idle.wait(), timeout)
         except TimeoutError:
-            log.warning("%s version %s: %d request(s) still running at stop",
-                        self.name, entry.version, entry.inflight)
+            log.warning(
+                "%s version %s: %d request(s) still running at stop",
+                self.name,
+                entry.version,
+                entry.inflight,
+            )
         try:
             await entry.worker.call(entry.handler.stop)
         except Exception:  # the version is gone either way; keep stopping the others
@@ -226,8 +232,9 @@ class ModelRepository:
             try:
                 await self.refresh(resolver)
             except Exception:  # a registry hiccup must not stop serving the loaded version
-                log.exception("refreshing %s failed; still serving %s",
-                              self.name, self.current_version)
+                log.exception(
+                    "refreshing %s failed; still serving %s", self.name, self.current_version
+                )
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop polling, refuse new requests, drain and stop every loaded version."""

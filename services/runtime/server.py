@@ -96,7 +96,9 @@ class ModelServer:
             version_grace_s=settings.version_grace_s,
             on_change=self._update_health,
         )
-        self.servicer = InferenceServicer({settings.model_name: self.repository}, metrics=self.metrics)
+        self.servicer = InferenceServicer(
+            {settings.model_name: self.repository}, metrics=self.metrics
+        )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -126,8 +128,14 @@ class ModelServer:
         await server.start()
         self._server = server
         self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
-        log.info("listening", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
-                                     "model": s.model_name})
+        log.info(
+            "listening",
+            extra={
+                "grpc_port": self.grpc_port,
+                "metrics_port": self.metrics_port,
+                "model": s.model_name,
+            },
+        )
 
     async def _update_health(self) -> None:
         status = _SERVING if self.repository.ready else _NOT_SERVING

@@ -28,11 +28,16 @@ from services.runtime.repository import ModelRepository
 # Typed-contents field per datatype; FP16 has none (raw only).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
     "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
     "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
 _LEN = struct.Struct("<I")
@@ -149,7 +154,10 @@ def tensor_to_raw(array: np.ndarray) -> bytes:
 
 
 def encode_response(
-    request: pb.ModelInferRequest, model: str, version: str, outputs: Tensors,
+    request: pb.ModelInferRequest,
+    model: str,
+    version: str,
+    outputs: Tensors,
     parameters: Mapping[str, str] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
@@ -261,7 +269,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             error = exc
             raise
         finally:
-            status = "cancelled" if isinstance(error, asyncio.CancelledError) else status_label(error)
+            status = (
+                "cancelled" if isinstance(error, asyncio.CancelledError) else status_label(error)
+            )
             m.requests.labels(model, version, status).inc()
             if known:
                 m.inflight.labels(model).dec()

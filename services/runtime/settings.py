@@ -26,7 +26,9 @@ class ServiceSettings(BaseSettings):
     grpc_host: str = Field("[::]", description="gRPC bind address")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_host: str = Field("0.0.0.0", description="Prometheus HTTP bind address")
-    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus HTTP port; 0 picks a free one")
+    metrics_port: int = Field(
+        8002, ge=0, le=65535, description="Prometheus HTTP port; 0 picks a free one"
+    )
     model_uri: str | None = Field(
         None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory"
     )

@@ -19,17 +19,29 @@ class SegmentationSettings(ServiceSettings):
     metrics_port: int = 9101
     model_uri: str | None = "models:/marrowscope-segmentation@champion"
     max_image_bytes: int = Field(_LIMITS.max_bytes, ge=1, description="largest encoded IMAGE")
-    max_image_pixels: int = Field(_LIMITS.max_pixels, ge=1,
-                                  description="largest decoded IMAGE (width x height), checked "
-                                              "from the header before decoding")
+    max_image_pixels: int = Field(
+        _LIMITS.max_pixels,
+        ge=1,
+        description="largest decoded IMAGE (width x height), checked "
+        "from the header before decoding",
+    )
     min_image_side: int = Field(_LIMITS.min_side, ge=1, description="smallest IMAGE side (px)")
     score_threshold: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="keep detections scoring at least this; None = the model config's value")
+        None,
+        ge=0.0,
+        le=1.0,
+        description="keep detections scoring at least this; None = the model config's value",
+    )
     morphometrics_margin: float = Field(
-        0.15, ge=0.0, description="context around each box for the nucleus/cytoplasm split, "
-                                  "as a fraction of the box size")
+        0.15,
+        ge=0.0,
+        description="context around each box for the nucleus/cytoplasm split, "
+        "as a fraction of the box size",
+    )
 
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                           min_side=self.min_image_side)
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+        )

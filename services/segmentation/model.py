@@ -55,7 +55,7 @@ class SegmentationHandler(PredictorHandler):
 
         side = max(64, self.settings.min_image_side)
         image = np.full((side, side, 3), 235, np.uint8)
-        image[side // 4: side // 2, side // 4: side // 2] = (120, 60, 160)
+        image[side // 4 : side // 2, side // 4 : side // 2] = (120, 60, 160)
         self.infer({"IMAGE": bytes_tensor([encode_png(image)])}, {})
 
     def preprocess(self, inputs: Tensors, parameters: Parameters) -> _Request:
@@ -75,8 +75,9 @@ class SegmentationHandler(PredictorHandler):
         from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
 
         request, det = outputs
-        features = measure_cells(request.image, det.boxes, request.um_per_px,
-                                 margin=self.settings.morphometrics_margin)
+        features = measure_cells(
+            request.image, det.boxes, request.um_per_px, margin=self.settings.morphometrics_margin
+        )
         return {
             "BOXES": det.boxes.astype(np.float32).reshape(-1, 4),
             "SCORES": det.scores.astype(np.float32).reshape(-1),
@@ -85,4 +86,3 @@ class SegmentationHandler(PredictorHandler):
             "FEATURE_NAMES": bytes_tensor(FEATURE_NAMES),
             "LENGTH_UNIT": bytes_tensor(["px" if request.um_per_px is None else "um"]),
         }
-

@@ -20,21 +20,48 @@ def _finite_positive(value) -> bool:
 @pytest.mark.timeout(600)
 def test_quick_bench_writes_complete_results(tmp_path):
     out = tmp_path / "out"
-    main(["--quick", "--no-peer", "--concurrency", "1,2", "--pipeline-concurrency", "1",
-          "--out", str(out), "--workdir", str(tmp_path / "work")])
+    main(
+        [
+            "--quick",
+            "--no-peer",
+            "--concurrency",
+            "1,2",
+            "--pipeline-concurrency",
+            "1",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
     result = json.loads((out / "bench.json").read_text())
-    assert {"machine", "per_model", "pipeline", "batching", "cold_start", "peak_rss_bytes",
-            "generator_images_per_s", "peer"} <= set(result)
+    assert {
+        "machine",
+        "per_model",
+        "pipeline",
+        "batching",
+        "cold_start",
+        "peak_rss_bytes",
+        "generator_images_per_s",
+        "peer",
+    } <= set(result)
     assert result["machine"]["logical_cores"] >= 1 and result["machine"]["torch"]
     assert {(r["model"], r["concurrency"]) for r in result["per_model"]} == {
-        (m, c) for m in ("segmentation", "celltype", "ensemble", "npm1") for c in (1, 2)}
+        (m, c) for m in ("segmentation", "celltype", "ensemble", "npm1") for c in (1, 2)
+    }
     for row in [*result["per_model"], *result["pipeline"], result["batching"]]:
         assert _finite_positive(row["throughput_ratio"]), row
         sides = [k for k, v in row.items() if isinstance(v, dict)]
         assert len(sides) == 2 and all(row[s]["errors"] == 0 for s in sides), row
     assert all(_finite_positive(v) for v in result["peak_rss_bytes"].values())
-    assert set(result["peak_rss_bytes"]) == {"segmentation", "celltype", "ensemble", "npm1",
-                                             "explain", "gateway"}
+    assert set(result["peak_rss_bytes"]) == {
+        "segmentation",
+        "celltype",
+        "ensemble",
+        "npm1",
+        "explain",
+        "gateway",
+    }
     assert all(_finite_positive(c["cold_start_s"]) for c in result["cold_start"])
     assert all(_finite_positive(v) for v in result["generator_images_per_s"].values())
     assert result["peer"]["ran"] is False

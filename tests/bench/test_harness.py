@@ -27,6 +27,7 @@ def test_closed_loop_counts_requests_and_errors():
                 n = len(calls)
             if n % 5 == 0:
                 raise ValueError("every fifth call fails")
+
         return call
 
     result = harness.closed_loop(make, concurrency=3, per_thread=4, warmup=1)
@@ -59,7 +60,7 @@ def test_run_concurrently_returns_what_calls_raised_and_hung_threads():
 
 def test_closed_loop_rejects_bad_arguments():
     with pytest.raises(ValueError, match="concurrency"):
-        harness.closed_loop(lambda: (lambda: None), concurrency=0, per_thread=1)
+        harness.closed_loop(lambda: lambda: None, concurrency=0, per_thread=1)
 
 
 def test_per_thread_for_bounds_the_run():
@@ -72,11 +73,12 @@ def test_paired_reports_ratio_of_pairs():
     import time
 
     def sleeper(seconds):
-        return lambda: (lambda: time.sleep(seconds))
+        return lambda: lambda: time.sleep(seconds)
 
     # 0 s vs 50 ms per call: a 50 ms margin survives a heavily loaded machine
-    row = measure.paired(sleeper(0.0), sleeper(0.05), concurrency=1, per_thread=3, repeats=2,
-                         names=("fast", "slow"))
+    row = measure.paired(
+        sleeper(0.0), sleeper(0.05), concurrency=1, per_thread=3, repeats=2, names=("fast", "slow")
+    )
     assert row["fast"]["throughput_per_s"] > row["slow"]["throughput_per_s"]
     assert row["throughput_ratio"] > 1.0 and row["p99_ratio"] < 1.0
     assert row["requests_per_repeat"] == 3 and row["repeats"] == 2
@@ -89,11 +91,20 @@ def test_machine_describes_the_host():
 
 
 def test_report_renders_a_peer_that_did_not_run():
-    result = {"machine": harness.machine(1), "settings": {"repeats": 1},
-              "sizes": {"name": "tiny", "image_wh": [128, 96], "crop": 32, "npm1_hw": [64, 64],
-                        "cells_per_image": 8},
-              "peer": {"peer": "ray_serve", "ran": False, "why": "ray is not installed"},
-              "generator_images_per_s": {"128x96": 12.5}, "elapsed_s": 1.0}
+    result = {
+        "machine": harness.machine(1),
+        "settings": {"repeats": 1},
+        "sizes": {
+            "name": "tiny",
+            "image_wh": [128, 96],
+            "crop": 32,
+            "npm1_hw": [64, 64],
+            "cells_per_image": 8,
+        },
+        "peer": {"peer": "ray_serve", "ran": False, "why": "ray is not installed"},
+        "generator_images_per_s": {"128x96": 12.5},
+        "elapsed_s": 1.0,
+    }
     text = report.render(result)
     assert "Not run: ray is not installed" in text and "| 128x96 | 12.5 |" in text
 
@@ -102,10 +113,16 @@ def test_sweep_sizes_repeats_from_the_slower_side():
     import time
 
     def sleeper(seconds):
-        return lambda: (lambda: time.sleep(seconds))
+        return lambda: lambda: time.sleep(seconds)
 
-    rows = measure.sweep(sleeper(0.001), sleeper(0.02), concurrencies=[1, 2], repeats=1,
-                         target_s=0.1, names=("a", "b"))
+    rows = measure.sweep(
+        sleeper(0.001),
+        sleeper(0.02),
+        concurrencies=[1, 2],
+        repeats=1,
+        target_s=0.1,
+        names=("a", "b"),
+    )
     assert [r["concurrency"] for r in rows] == [1, 2]
     # sized from the 20 ms side: ~5 requests at concurrency 1, not ~100
     assert rows[0]["requests_per_repeat"] <= 10 and rows[1]["requests_per_repeat"] <= 10

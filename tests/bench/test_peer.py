@@ -22,8 +22,14 @@ def test_ray_peer_answers_like_the_in_process_model(tmp_path):
     predictor = load_predictor(str(model_dir))
     x = predictor.prepare(image)[None]
     expected = float(predictor.predict(x)[0])
-    peer = measure.PeerProcess(model_dir, free_port(), threads=1, max_batch_size=4,
-                               max_queue_delay_ms=2.0, log_path=tmp_path / "ray.log")
+    peer = measure.PeerProcess(
+        model_dir,
+        free_port(),
+        threads=1,
+        max_batch_size=4,
+        max_queue_delay_ms=2.0,
+        log_path=tmp_path / "ray.log",
+    )
     try:
         peer.start()
         got = measure.ray_worker(peer.url, x.tobytes())()()

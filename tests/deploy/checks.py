@@ -7,7 +7,11 @@ import kubernetes_validate
 from tests.deploy.conftest import KUBE_VERSION
 
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
-RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
+RECOMMENDED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+)
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
 
@@ -23,7 +27,9 @@ def validate_all(objs: list[dict]) -> list[str]:
             custom.append(obj["kind"])
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
-            raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}") from None
+            raise AssertionError(
+                f"{obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}"
+            ) from None
     return custom
 
 
@@ -67,9 +73,9 @@ def check_containers(objs: list[dict]) -> None:
             assert tmp and tmp[0]["name"] in empty_dirs, f"{cw}: /tmp must be an emptyDir"
             image = c["image"]
             name, _, tag = image.rpartition(":")
-            assert "@sha256:" in image or (name and tag and tag != "latest" and not tag.startswith("latest")), (
-                f"{cw}: image {image} must be pinned, never latest"
-            )
+            assert "@sha256:" in image or (
+                name and tag and tag != "latest" and not tag.startswith("latest")
+            ), f"{cw}: image {image} must be pinned, never latest"
 
 
 def check_labels(objs: list[dict]) -> None:
@@ -85,21 +91,31 @@ def check_selectors(objs: list[dict]) -> None:
 
     def matching(selector: dict) -> list[dict]:
         return [
-            d for d in deps
+            d
+            for d in deps
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
 
     for svc in by_kind(objs, "Service").values():
         targets = matching(svc["spec"]["selector"])
-        assert len(targets) == 1, f"Service {svc['metadata']['name']} selects {len(targets)} Deployments"
-        port_names = {p["name"] for c in pod_spec(targets[0])["containers"] for p in c.get("ports", [])}
+        assert len(targets) == 1, (
+            f"Service {svc['metadata']['name']} selects {len(targets)} Deployments"
+        )
+        port_names = {
+            p["name"] for c in pod_spec(targets[0])["containers"] for p in c.get("ports", [])
+        }
         for p in svc["spec"]["ports"]:
             if isinstance(p["targetPort"], str):
-                assert p["targetPort"] in port_names, f"{svc['metadata']['name']}: {p['targetPort']}"
+                assert p["targetPort"] in port_names, (
+                    f"{svc['metadata']['name']}: {p['targetPort']}"
+                )
     for pdb in by_kind(objs, "PodDisruptionBudget").values():
         assert len(matching(pdb["spec"]["selector"]["matchLabels"])) == 1, pdb["metadata"]["name"]
     for d in deps:
-        assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            d["spec"]["selector"]["matchLabels"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def check_exposure(objs: list[dict], gateway_service: str) -> None:
@@ -110,30 +126,41 @@ def check_exposure(objs: list[dict], gateway_service: str) -> None:
     for ing in by_kind(objs, "Ingress").values():
         backends = {
             p["backend"]["service"]["name"]
-            for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]
+            for rule in ing["spec"]["rules"]
+            for p in rule["http"]["paths"]
         }
         assert backends == {gateway_service}, f"Ingress exposes {backends}"
         assert ing["spec"].get("tls"), "the gateway Ingress must terminate TLS"
     policies = by_kind(objs, "NetworkPolicy").values()
     assert policies, "NetworkPolicies are required"
     model_pols = [
-        p for p in policies
+        p
+        for p in policies
         if p["spec"]["podSelector"].get("matchLabels", {}).get("marrowscope.io/tier") == "model"
     ]
     assert len(model_pols) == 1
-    grpc_rules = [r for r in model_pols[0]["spec"]["ingress"] if {"port": 8001, "protocol": "TCP"} in r["ports"]]
+    grpc_rules = [
+        r
+        for r in model_pols[0]["spec"]["ingress"]
+        if {"port": 8001, "protocol": "TCP"} in r["ports"]
+    ]
     assert len(grpc_rules) == 1
     peers = grpc_rules[0]["from"]
     # a namespaceSelector or ipBlock peer would admit callers from outside the namespace
     assert all(set(peer) == {"podSelector"} for peer in peers), f"gRPC open to {peers}"
-    sources = {peer["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") for peer in peers}
+    sources = {
+        peer["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+        for peer in peers
+    }
     assert sources == {"gateway-api", "gateway-worker"}
     for rule in model_pols[0]["spec"]["ingress"]:
         if rule is not grpc_rules[0]:
-            assert rule["ports"] == [{"port": 8002, "protocol": "TCP"}], "non-gateway peers reach metrics only"
+            assert rule["ports"] == [{"port": 8002, "protocol": "TCP"}], (
+                "non-gateway peers reach metrics only"
+            )
     # every pod is selected by some policy (an unselected pod accepts anything)
     for d in by_kind(objs, "Deployment").values():
         labels = d["spec"]["template"]["metadata"]["labels"]
-        assert any(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies), (
-            f"no NetworkPolicy selects {d['metadata']['name']}"
-        )
+        assert any(
+            p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies
+        ), f"no NetworkPolicy selects {d['metadata']['name']}"

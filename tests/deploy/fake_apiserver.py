@@ -19,7 +19,9 @@ PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)$")
 
 
 class FakeApiServer:
-    def __init__(self, deployments: list[dict], *, lag: int = 1, fail_patch: set[str] | None = None):
+    def __init__(
+        self, deployments: list[dict], *, lag: int = 1, fail_patch: set[str] | None = None
+    ):
         self.deployments = {
             (d["metadata"]["namespace"], d["metadata"]["name"]): self._with_status(copy.deepcopy(d))
             for d in deployments
@@ -54,7 +56,10 @@ class FakeApiServer:
         n = dep["spec"].get("replicas", 1)
         dep["status"] = {
             "observedGeneration": dep["metadata"]["generation"],
-            "replicas": n, "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n,
+            "replicas": n,
+            "updatedReplicas": n,
+            "readyReplicas": n,
+            "availableReplicas": n,
         }
         return dep
 
@@ -111,22 +116,44 @@ class FakeApiServer:
                 body = json.loads(raw) if raw else None
                 query = parse_qs(url.query)
                 with server._lock:
-                    server.requests.append({
-                        "method": method, "path": url.path, "query": query, "body": body,
-                        "content_type": self.headers.get("Content-Type"),
-                    })
+                    server.requests.append(
+                        {
+                            "method": method,
+                            "path": url.path,
+                            "query": query,
+                            "body": body,
+                            "content_type": self.headers.get("Content-Type"),
+                        }
+                    )
                     m = PATH.match(url.path)
                     key = (m.group(1), m.group(2)) if m else None
                     if key not in server.deployments:
-                        self._reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                          "reason": "NotFound", "code": 404,
-                                          "message": f"deployments.apps {url.path} not found"})
+                        self._reply(
+                            404,
+                            {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "status": "Failure",
+                                "reason": "NotFound",
+                                "code": 404,
+                                "message": f"deployments.apps {url.path} not found",
+                            },
+                        )
                         return
                     if method == "GET":
                         self._reply(200, server._get(key))
                     elif key[1] in server.fail_patch:
-                        self._reply(422, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                          "reason": "Invalid", "code": 422, "message": "refused"})
+                        self._reply(
+                            422,
+                            {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "status": "Failure",
+                                "reason": "Invalid",
+                                "code": 422,
+                                "message": "refused",
+                            },
+                        )
                     else:
                         self._reply(200, server._patch(key, body, "All" in query.get("dryRun", [])))
 

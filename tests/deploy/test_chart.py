@@ -46,14 +46,25 @@ def test_model_services_wiring(chart_objects):
         d = deps[f"{RELEASE}-{svc}"]
         (c,) = checks.pod_spec(d)["containers"]
         assert c["command"] == ["python", "-m", f"services.{svc}"]
-        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 8001, "metrics": 8002}
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+            "grpc": 8001,
+            "metrics": 8002,
+        }
         env = {e["name"]: e.get("value") for e in c["env"]}
         prefix = f"MS_{svc.upper()}_"
         assert env[f"{prefix}GRPC_PORT"] == "8001" and env[f"{prefix}METRICS_PORT"] == "8002"
         kind = "npm1" if svc == "explain" else svc
         assert env[f"{prefix}MODEL_URI"] == f"models:/marrowscope-{kind}@champion"
-        for key in ("POLL_INTERVAL_S", "MAX_BATCH_SIZE", "MAX_QUEUE_DELAY_MS", "DEVICE", "AUTOCAST",
-                    "GRACE_PERIOD_S", "VERSION_GRACE_S", "MAX_MESSAGE_BYTES"):
+        for key in (
+            "POLL_INTERVAL_S",
+            "MAX_BATCH_SIZE",
+            "MAX_QUEUE_DELAY_MS",
+            "DEVICE",
+            "AUTOCAST",
+            "GRACE_PERIOD_S",
+            "VERSION_GRACE_S",
+            "MAX_MESSAGE_BYTES",
+        ):
             assert env[prefix + key] not in (None, ""), prefix + key
         assert env["MLFLOW_TRACKING_URI"].startswith("http")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -95,9 +106,16 @@ def test_prod_gpu_services_request_gpus_and_autoscale(prod_objects):
         # HPA owns the replica count: the Deployment must not fight it
         assert "replicas" not in d["spec"]
         hpa = hpas[f"{RELEASE}-{svc}"]["spec"]
-        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": d["metadata"]["name"]}
+        assert hpa["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": d["metadata"]["name"],
+        }
         (metric,) = hpa["metrics"]
-        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "marrowscope_inflight_requests"
+        assert (
+            metric["type"] == "Pods"
+            and metric["pods"]["metric"]["name"] == "marrowscope_inflight_requests"
+        )
         assert hpa["minReplicas"] <= hpa["maxReplicas"]
 
 
@@ -118,7 +136,9 @@ def test_keda_engine_renders_scaled_objects_instead_of_hpas():
         (trig,) = spec["triggers"]
         assert trig["type"] == "prometheus"
         meta = trig["metadata"]
-        assert all(isinstance(meta[k], str) and meta[k] for k in ("serverAddress", "query", "threshold"))
+        assert all(
+            isinstance(meta[k], str) and meta[k] for k in ("serverAddress", "query", "threshold")
+        )
         svc = name.removeprefix(f"{RELEASE}-")
         assert f'model="{svc}"' in meta["query"] and f'namespace="{NAMESPACE}"' in meta["query"]
         float(meta["threshold"])
@@ -138,8 +158,11 @@ def test_monitoring_custom_resources_are_well_formed(prod_objects):
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["selector"]["matchLabels"]["marrowscope.io/scrape"] == "true"
     assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics", "http"}
-    scraped = [s for s in checks.by_kind(prod_objects, "Service").values()
-               if s["metadata"]["labels"].get("marrowscope.io/scrape") == "true"]
+    scraped = [
+        s
+        for s in checks.by_kind(prod_objects, "Service").values()
+        if s["metadata"]["labels"].get("marrowscope.io/scrape") == "true"
+    ]
     assert len(scraped) == len(MODEL_SERVICES) + 2  # + gateway API and worker
 
     (rule,) = checks.by_kind(prod_objects, "PrometheusRule").values()
@@ -165,9 +188,14 @@ def test_dashboard_configmap_queries_documented_metrics(prod_objects):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"marrowscope_[a-z_]+", e)}
     assert used == {
-        "marrowscope_requests_total", "marrowscope_request_seconds_bucket", "marrowscope_queue_seconds_bucket",
-        "marrowscope_compute_seconds_bucket", "marrowscope_inflight_requests", "marrowscope_model_info",
-        "marrowscope_gateway_jobs", "marrowscope_gateway_queue_depth",
+        "marrowscope_requests_total",
+        "marrowscope_request_seconds_bucket",
+        "marrowscope_queue_seconds_bucket",
+        "marrowscope_compute_seconds_bucket",
+        "marrowscope_inflight_requests",
+        "marrowscope_model_info",
+        "marrowscope_gateway_jobs",
+        "marrowscope_gateway_queue_depth",
     }
     assert all(_balanced(e) for e in exprs)
 
@@ -179,7 +207,9 @@ def test_mlflow_server_uses_postgres_secret_and_serves_artifacts(prod_objects):
     env = {e["name"]: e for e in c["env"]}
     assert "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
     assert f"{RELEASE}-mlflow:*" in env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
-    model_env = checks.pod_spec(checks.by_kind(prod_objects, "Deployment")[f"{RELEASE}-npm1"])["containers"][0]["env"]
+    model_env = checks.pod_spec(checks.by_kind(prod_objects, "Deployment")[f"{RELEASE}-npm1"])[
+        "containers"
+    ][0]["env"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": f"http://{RELEASE}-mlflow:5000"} in model_env
 
 

@@ -23,7 +23,9 @@ def mutated(fn) -> list[dict]:
 
 
 def npm1(objs):
-    return next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "marrowscope-npm1")
+    return next(
+        o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "marrowscope-npm1"
+    )
 
 
 def drop_probe(objs):
@@ -35,16 +37,24 @@ def latest_tag(objs):
 
 
 def writable_root(objs):
-    npm1(objs)["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    npm1(objs)["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "readOnlyRootFilesystem"
+    ] = False
 
 
 def expose_model(objs):
-    svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "marrowscope-npm1")
+    svc = next(
+        o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "marrowscope-npm1"
+    )
     svc["spec"]["type"] = "LoadBalancer"
 
 
 def open_model_port(objs):
-    pol = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("model-services"))
+    pol = next(
+        o
+        for o in objs
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("model-services")
+    )
     pol["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
 
 

@@ -42,7 +42,11 @@ def test_variants_and_pinned_bases():
 
 def test_install_steps_match_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
-    for step in ("-r requirements.in -c constraints.txt", "--no-deps -e .", "-m services.runtime.codegen"):
+    for step in (
+        "-r requirements.in -c constraints.txt",
+        "--no-deps -e .",
+        "-m services.runtime.codegen",
+    ):
         assert step in makefile and step in DOCKERFILE, step
 
 

@@ -32,7 +32,9 @@ def test_overlay_validates_and_follows_policy(overlay):
     checks.check_exposure(objs, "marrowscope-gateway-api")
     expected_ns = {"dev": "marrowscope-dev", "prod": "marrowscope"}[overlay]
     assert {o["metadata"]["namespace"] for o in objs} == {expected_ns}
-    assert not any(o["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "Helm" for o in objs)
+    assert not any(
+        o["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "Helm" for o in objs
+    )
 
 
 def test_dev_overlay_is_cpu_one_replica():
@@ -41,7 +43,9 @@ def test_dev_overlay_is_cpu_one_replica():
     assert len(deps) == 7
     for d in deps.values():
         assert d["spec"]["replicas"] == 1
-        assert "nvidia.com/gpu" not in checks.pod_spec(d)["containers"][0]["resources"].get("limits", {})
+        assert "nvidia.com/gpu" not in checks.pod_spec(d)["containers"][0]["resources"].get(
+            "limits", {}
+        )
     assert not checks.by_kind(objs, "PodDisruptionBudget")
 
 

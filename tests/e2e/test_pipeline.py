@@ -51,17 +51,27 @@ def stack(mlflow_server, tmp_path_factory):
     for kind in ("segmentation", "celltype", "npm1"):
         model_dir = fixtures_mlflow.make_tiny_model_dir(kind, root / kind)
         versions[kind] = register(mlflow_server, kind, model_dir, ALIAS)
-    ensemble_dir = fixtures_mlflow.make_tiny_model_dir("ensemble", root / "ensemble",
-                                                       feature_units=UNITS,
-                                                       targets=["aml", "npm1"])
-    versions["ensemble"] = register(mlflow_server, "ensemble", ensemble_dir, ALIAS,
-                                    {"segmentation": versions["segmentation"],
-                                     "celltype": versions["celltype"]})
-    env = {"MS_SEGMENTATION_SCORE_THRESHOLD": "0.0", "MS_GATEWAY_MIN_CELLS": "1",
-           "MS_GATEWAY_CALL_ATTEMPTS": "2", "MS_GATEWAY_RETRY_INITIAL_S": "0.1",
-           "MS_GATEWAY_DEADLINE_S": "120", "MARROWSCOPE_MODEL_CACHE": str(root / "cache")}
-    with LocalStack(workdir=root / "stack", tracking_uri=mlflow_server, alias=ALIAS,
-                    env=env) as running:
+    ensemble_dir = fixtures_mlflow.make_tiny_model_dir(
+        "ensemble", root / "ensemble", feature_units=UNITS, targets=["aml", "npm1"]
+    )
+    versions["ensemble"] = register(
+        mlflow_server,
+        "ensemble",
+        ensemble_dir,
+        ALIAS,
+        {"segmentation": versions["segmentation"], "celltype": versions["celltype"]},
+    )
+    env = {
+        "MS_SEGMENTATION_SCORE_THRESHOLD": "0.0",
+        "MS_GATEWAY_MIN_CELLS": "1",
+        "MS_GATEWAY_CALL_ATTEMPTS": "2",
+        "MS_GATEWAY_RETRY_INITIAL_S": "0.1",
+        "MS_GATEWAY_DEADLINE_S": "120",
+        "MARROWSCOPE_MODEL_CACHE": str(root / "cache"),
+    }
+    with LocalStack(
+        workdir=root / "stack", tracking_uri=mlflow_server, alias=ALIAS, env=env
+    ) as running:
         running.versions = versions
         yield running
 
@@ -71,23 +81,40 @@ def api(stack):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "services.gateway.keys", "create", "--name",
-                          "e2e", "--scopes", "submit,read"], env=stack.gateway_env(),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway.keys",
+            "create",
+            "--name",
+            "e2e",
+            "--scopes",
+            "submit,read",
+        ],
+        env=stack.gateway_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = out.stdout.strip().splitlines()[-1]
-    with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key},
-                      timeout=60) as client:
+    with httpx.Client(base_url=stack.gateway_url, headers={"X-API-Key": key}, timeout=60) as client:
         yield client
 
 
-def _submit(api, accession: str, images: list[bytes], explain: bool = False,
-            um_per_px: float | None = UM_PER_PX) -> httpx.Response:
+def _submit(
+    api,
+    accession: str,
+    images: list[bytes],
+    explain: bool = False,
+    um_per_px: float | None = UM_PER_PX,
+) -> httpx.Response:
     options = {"explain": explain, **({"um_per_px": um_per_px} if um_per_px else {})}
-    return api.post("/v1/analyses",
-                    files=[("images", (f"{i}.png", data, "image/png"))
-                           for i, data in enumerate(images)],
-                    data={"metadata": json.dumps({"accession_id": accession,
-                                                  "options": options})})
+    return api.post(
+        "/v1/analyses",
+        files=[("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+        data={"metadata": json.dumps({"accession_id": accession, "options": options})},
+    )
 
 
 def _wait(api, analysis_id: str, timeout_s: float = 180) -> dict:
@@ -106,10 +133,13 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     body = _wait(api, response.json()["id"])
     assert body["status"] == "succeeded", (body["status"], body.get("reason"))
     result = body["result"]
-    assert {k: v["version"] for k, v in result["model_versions"].items()
-            if k != "explain"} == stack.versions
-    assert result["lineage"] == {"segmentation": stack.versions["segmentation"],
-                                 "celltype": stack.versions["celltype"]}
+    assert {
+        k: v["version"] for k, v in result["model_versions"].items() if k != "explain"
+    } == stack.versions
+    assert result["lineage"] == {
+        "segmentation": stack.versions["segmentation"],
+        "celltype": stack.versions["celltype"],
+    }
     assert 0.0 <= result["p_aml"] <= 1.0 and 0.0 <= result["p_npm1"] <= 1.0
     assert result["aml"]["status"] == "predicted" and result["morphometrics_unit"] == "um"
     # the ensemble's second output, P(NPM1 | AML), beside the whole-image p_npm1
@@ -123,8 +153,9 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     assert result["n_images"] == 2 and result["n_cells_counted"] >= 1
     fractions = sum(d["fraction"] for d in result["differential"])
     assert fractions == pytest.approx(1.0, abs=1e-6)
-    assert result["explained"] and any(c["importance"] is not None
-                                       for im in result["images"] for c in im["cells"])
+    assert result["explained"] and any(
+        c["importance"] is not None for im in result["images"] for c in im["cells"]
+    )
 
     from fhir.resources.R4B.bundle import Bundle
 
@@ -132,8 +163,12 @@ def test_case_flows_through_every_service_with_pinned_versions(stack, api):
     bundle = Bundle.model_validate_json(fhir.text)
     kinds = {e.resource.__resource_type__ for e in bundle.entry}
     assert {"DiagnosticReport", "Observation", "Device"} <= kinds
-    (obs,) = [e.resource for e in bundle.entry if e.resource.__resource_type__ == "Observation"
-              and e.resource.code.coding[0].code == "p-npm1-morphology"]
+    (obs,) = [
+        e.resource
+        for e in bundle.entry
+        if e.resource.__resource_type__ == "Observation"
+        and e.resource.code.coding[0].code == "p-npm1-morphology"
+    ]
     if morph["status"] == "predicted":
         assert float(obs.valueQuantity.value) == round(morph["p"], 6)
     else:
@@ -157,13 +192,21 @@ def test_without_pixel_size_p_aml_is_withheld_and_the_rest_reported(api):
     assert result["aml"]["model_length_unit"] == "um"
     assert 0.0 <= result["p_npm1"] <= 1.0 and result["n_cells_counted"] >= 1
     morph = result["npm1_morphology"]  # same features as P(AML): withheld with it
-    assert (morph["status"], morph["reason"], morph["p"]) == ("abstained",
-                                                             "pixel_size_required", None)
+    assert (morph["status"], morph["reason"], morph["p"]) == (
+        "abstained",
+        "pixel_size_required",
+        None,
+    )
     fhir = api.get(f"/v1/analyses/{body['id']}/report", params={"format": "fhir"}).json()
-    (aml,) = [e["resource"] for e in fhir["entry"]
-              if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "p-aml"]
-    assert "valueQuantity" not in aml and aml["dataAbsentReason"]["coding"][0]["code"] == \
-        "not-performed"
+    (aml,) = [
+        e["resource"]
+        for e in fhir["entry"]
+        if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "p-aml"
+    ]
+    assert (
+        "valueQuantity" not in aml
+        and aml["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
+    )
 
 
 def test_bad_upload_is_refused_and_nothing_is_stored(api):

@@ -44,12 +44,20 @@ def files(*images: bytes, metadata: str | None = None) -> list:
 
 
 def settings_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {"MS_GATEWAY_DATA_DIR": str(data_dir), "MS_GATEWAY_CLIENTS_FACTORY": FACTORY,
-           "MS_GATEWAY_POLL_INTERVAL_S": "0.05", "MS_GATEWAY_HEARTBEAT_S": "0.5",
-           "MS_GATEWAY_LEASE_S": "2", "MS_GATEWAY_MIN_CELLS": "20",
-           "MS_GATEWAY_DEADLINE_S": "30", "MS_GATEWAY_RETRY_INITIAL_S": "0.01",
-           "MS_GATEWAY_RETRY_MAX_S": "0.05", "MS_GATEWAY_WEBHOOK_SECRET": SECRET,
-           "MS_GATEWAY_WEBHOOK_BACKOFF_S": "0.2", "MS_GATEWAY_WEBHOOK_BACKOFF_MAX_S": "0.5"}
+    env = {
+        "MS_GATEWAY_DATA_DIR": str(data_dir),
+        "MS_GATEWAY_CLIENTS_FACTORY": FACTORY,
+        "MS_GATEWAY_POLL_INTERVAL_S": "0.05",
+        "MS_GATEWAY_HEARTBEAT_S": "0.5",
+        "MS_GATEWAY_LEASE_S": "2",
+        "MS_GATEWAY_MIN_CELLS": "20",
+        "MS_GATEWAY_DEADLINE_S": "30",
+        "MS_GATEWAY_RETRY_INITIAL_S": "0.01",
+        "MS_GATEWAY_RETRY_MAX_S": "0.05",
+        "MS_GATEWAY_WEBHOOK_SECRET": SECRET,
+        "MS_GATEWAY_WEBHOOK_BACKOFF_S": "0.2",
+        "MS_GATEWAY_WEBHOOK_BACKOFF_MAX_S": "0.5",
+    }
     env.update(extra)
     return env
 
@@ -59,8 +67,10 @@ def make_settings(tmp_path):
     from services.gateway.config import GatewaySettings
 
     def make(**overrides):
-        env = {k.removeprefix("MS_GATEWAY_").lower(): v
-               for k, v in settings_env(tmp_path / "gw").items()}
+        env = {
+            k.removeprefix("MS_GATEWAY_").lower(): v
+            for k, v in settings_env(tmp_path / "gw").items()
+        }
         env.update(overrides)
         return GatewaySettings(**env)
 
@@ -80,16 +90,26 @@ def gateway(make_settings, monkeypatch):
         services = app.state.services
         keys = {}
         with services.sessions.begin() as session:
-            for name, scopes in (("lis", ["submit", "read"]), ("reader", ["read"]),
-                                 ("admin", ["admin"])):
+            for name, scopes in (
+                ("lis", ["submit", "read"]),
+                ("reader", ["read"]),
+                ("admin", ["admin"]),
+            ):
                 keys[name] = {"X-API-Key": create_key(session, name=name, scopes=scopes)[0]}
         return TestClient(app), services, keys
 
     return start
 
 
-def wait_status(get, analysis_id: str, headers: dict, *, final: bool = True,
-                timeout: float = 90.0, want: set[str] | None = None) -> dict:
+def wait_status(
+    get,
+    analysis_id: str,
+    headers: dict,
+    *,
+    final: bool = True,
+    timeout: float = 90.0,
+    want: set[str] | None = None,
+) -> dict:
     end = time.monotonic() + timeout
     body = {}
     while time.monotonic() < end:
@@ -107,15 +127,25 @@ def wait_status(get, analysis_id: str, headers: dict, *, final: bool = True,
 class GatewayProcess:
     """`python -m services.gateway` (or `.worker`) as a real subprocess."""
 
-    def __init__(self, env: dict[str, str], port: int | None, module: str = "services.gateway",
-                 log: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None,
+        module: str = "services.gateway",
+        log: Path | None = None,
+    ) -> None:
         full = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
         if port is not None:
             full["MS_GATEWAY_PORT"] = str(port)
         self.port = port
         self.log = open(log or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", module], env=full,
-                                     cwd=PROJECT_ROOT, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=full,
+            cwd=PROJECT_ROOT,
+            stdout=self.log,
+            stderr=self.log,
+        )
         self.url = f"http://127.0.0.1:{port}" if port else None
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
@@ -162,8 +192,21 @@ def spawn():
 
 
 def create_key_cli(env: dict[str, str], scopes: str = "submit,read,admin") -> str:
-    out = subprocess.run([sys.executable, "-m", "services.gateway.keys", "create", "--name",
-                          "lis", "--scopes", scopes], env={**os.environ, **env,
-                         "PYTHONPATH": str(PROJECT_ROOT)}, cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway.keys",
+            "create",
+            "--name",
+            "lis",
+            "--scopes",
+            scopes,
+        ],
+        env={**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()

@@ -42,10 +42,17 @@ NPM1_HW = (48, 64)
 
 
 class FakeModelClients:
-    def __init__(self, *, cells: int = 40, seg_delay_s: float = 0.0,
-                 down: frozenset[str] = frozenset(), lineage: str = "match",
-                 feature_units: str = "unknown", targets: tuple[str, ...] = ("aml",),
-                 npm1_threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        cells: int = 40,
+        seg_delay_s: float = 0.0,
+        down: frozenset[str] = frozenset(),
+        lineage: str = "match",
+        feature_units: str = "unknown",
+        targets: tuple[str, ...] = ("aml",),
+        npm1_threshold: float | None = None,
+    ) -> None:
         self.cells = cells
         self.targets = targets
         self.npm1_threshold = npm1_threshold
@@ -67,17 +74,25 @@ class FakeModelClients:
 
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
         self._enter(service)
-        inputs = {"celltype": {"CROPS": TensorSpec("UINT8", (-1, CROP, CROP, 3))},
-                  "npm1": {"IMAGE": TensorSpec("UINT8", (1, *NPM1_HW, 3))},
-                  "explain": {"IMAGE": TensorSpec("UINT8", (1, -1, -1, 3))},
-                  "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
-                  "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))}}[service]
-        outputs = {"ensemble": {n: TensorSpec("FP32", (1,)) for n, t in
-                                (("P_AML", "aml"), ("P_NPM1", "npm1")) if t in self.targets}}
+        inputs = {
+            "celltype": {"CROPS": TensorSpec("UINT8", (-1, CROP, CROP, 3))},
+            "npm1": {"IMAGE": TensorSpec("UINT8", (1, *NPM1_HW, 3))},
+            "explain": {"IMAGE": TensorSpec("UINT8", (1, -1, -1, 3))},
+            "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
+            "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))},
+        }[service]
+        outputs = {
+            "ensemble": {
+                n: TensorSpec("FP32", (1,))
+                for n, t in (("P_AML", "aml"), ("P_NPM1", "npm1"))
+                if t in self.targets
+            }
+        }
         return ModelInfo(service, VERSIONS[service], inputs, outputs.get(service, {}))
 
-    async def segment(self, image: bytes, *, version: str, timeout: float,
-                      um_per_px: float | None = None) -> Segmentation:
+    async def segment(
+        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+    ) -> Segmentation:
         self._enter("segmentation", version)
         if self.seg_delay_s:
             await asyncio.sleep(min(self.seg_delay_s, timeout))
@@ -90,17 +105,25 @@ class FakeModelClients:
         x1 = rng.uniform(0, w - side, self.cells)
         y1 = rng.uniform(0, h - side, self.cells)
         boxes = np.stack([x1, y1, x1 + side, y1 + side], 1).astype(np.float32)
-        labels = ["RBC" if i % 8 == 7 else COUNTED_CODES[i % len(COUNTED_CODES)]
-                  for i in range(self.cells)]
+        labels = [
+            "RBC" if i % 8 == 7 else COUNTED_CODES[i % len(COUNTED_CODES)]
+            for i in range(self.cells)
+        ]
         names = [*MORPH_SUMMARY_FEATURES, "segmentation_ok"]
         feats = rng.uniform(0.1, 1.0, (self.cells, len(names))).astype(np.float32)
         feats[:, -1] = 1.0
         self.seen_um_per_px.append(um_per_px)
-        return Segmentation(boxes, rng.uniform(0.5, 1, self.cells).astype(np.float32), labels,
-                            feats, names, version, "px" if um_per_px is None else "um")
+        return Segmentation(
+            boxes,
+            rng.uniform(0.5, 1, self.cells).astype(np.float32),
+            labels,
+            feats,
+            names,
+            version,
+            "px" if um_per_px is None else "um",
+        )
 
-    async def classify(self, crops: np.ndarray, *, version: str,
-                       timeout: float) -> Classification:
+    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
         self._enter("celltype", version)
         assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP, CROP, 3), crops.shape
         names = [*CODES, *ATTRIBUTE_CODES]
@@ -109,38 +132,60 @@ class FakeModelClients:
         # darker crops read as blasts, brighter ones as segmented neutrophils
         probs[:, CODES.index("BLA")] = 1.0 - bright
         probs[:, CODES.index("NGS")] = bright
-        probs[:, len(CODES):] = 0.3
+        probs[:, len(CODES) :] = 0.3
         return Classification(probs, names, version)
 
-    async def ensemble(self, features: np.ndarray, names: list[str], *, version: str,
-                       timeout: float) -> EnsembleOutput:
+    async def ensemble(
+        self, features: np.ndarray, names: list[str], *, version: str, timeout: float
+    ) -> EnsembleOutput:
         self._enter("ensemble", version)
         frac_bla = float(features[names.index("frac_BLA")])
-        lineage = {"match": {"segmentation": VERSIONS["segmentation"],
-                             "celltype": VERSIONS["celltype"]},
-                   "mismatch": {"segmentation": "1", "celltype": VERSIONS["celltype"]},
-                   "none": {}}[self.lineage]
-        units = FeatureUnits(self.feature_units, *((0.25, 0.3) if self.feature_units == "um"
-                                                   else (None, None)))
+        lineage = {
+            "match": {"segmentation": VERSIONS["segmentation"], "celltype": VERSIONS["celltype"]},
+            "mismatch": {"segmentation": "1", "celltype": VERSIONS["celltype"]},
+            "none": {},
+        }[self.lineage]
+        units = FeatureUnits(
+            self.feature_units, *((0.25, 0.3) if self.feature_units == "um" else (None, None))
+        )
         # P(NPM1 | AML) from another function of the features than P(AML)
-        p_npm1 = (float(1 / (1 + np.exp(-8 * (frac_bla - 0.35)))) if "npm1" in self.targets
-                  else None)
-        return EnsembleOutput(float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))), lineage, version,
-                              units, p_npm1, self.npm1_threshold if p_npm1 is not None else None)
+        p_npm1 = float(1 / (1 + np.exp(-8 * (frac_bla - 0.35)))) if "npm1" in self.targets else None
+        return EnsembleOutput(
+            float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))),
+            lineage,
+            version,
+            units,
+            p_npm1,
+            self.npm1_threshold if p_npm1 is not None else None,
+        )
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         self._enter("npm1", version)
         assert image.shape == (*NPM1_HW, 3) and image.dtype == np.uint8
         return float(image[..., 0].mean() / 255.0)
 
-    async def explain(self, image: np.ndarray, boxes: np.ndarray, *, version: str,
-                      target_model: str, target_version: str, timeout: float) -> Explanation:
+    async def explain(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        *,
+        version: str,
+        target_model: str,
+        target_version: str,
+        timeout: float,
+    ) -> Explanation:
         self._enter("explain", version)
         assert target_model == "npm1" and target_version == VERSIONS["npm1"]
         heat = 1.0 - image.mean(2).astype(np.float32) / 255.0
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        imp = np.array([heat[int(b[1]):int(b[3]) + 1, int(b[0]):int(b[2]) + 1].mean()
-                        for b in boxes], np.float32) if len(boxes) else np.zeros(0, np.float32)
+        imp = (
+            np.array(
+                [heat[int(b[1]) : int(b[3]) + 1, int(b[0]) : int(b[2]) + 1].mean() for b in boxes],
+                np.float32,
+            )
+            if len(boxes)
+            else np.zeros(0, np.float32)
+        )
         return Explanation(heat[::4, ::4], imp * (area > 0), version)
 
     async def ready(self, *, timeout: float) -> dict[str, bool]:
@@ -159,5 +204,9 @@ def make_clients(settings) -> FakeModelClients:
         lineage=env.get("MS_TEST_FAKE_LINEAGE", "match"),
         feature_units=env.get("MS_TEST_FAKE_FEATURE_UNITS", "unknown"),
         targets=tuple(env.get("MS_TEST_FAKE_ENSEMBLE_TARGETS", "aml").split(",")),
-        npm1_threshold=(float(env["MS_TEST_FAKE_NPM1_THRESHOLD"])
-                        if env.get("MS_TEST_FAKE_NPM1_THRESHOLD") else None))
+        npm1_threshold=(
+            float(env["MS_TEST_FAKE_NPM1_THRESHOLD"])
+            if env.get("MS_TEST_FAKE_NPM1_THRESHOLD")
+            else None
+        ),
+    )

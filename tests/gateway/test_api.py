@@ -10,8 +10,7 @@ from tests.gateway.conftest import files, meta, png, wait_status
 
 
 def _submit(client, keys, *images, key="lis", **kw):
-    return client.post("/v1/analyses", files=files(*images, metadata=meta(**kw)),
-                       headers=keys[key])
+    return client.post("/v1/analyses", files=files(*images, metadata=meta(**kw)), headers=keys[key])
 
 
 def test_submit_poll_report_images(gateway):
@@ -44,14 +43,23 @@ def test_submit_poll_report_images(gateway):
         for kind in ("heatmap", "overlay"):
             img = client.get(f"/v1/analyses/{aid}/images/1/{kind}.png", headers=keys["reader"])
             assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert client.get(f"/v1/analyses/{aid}/images/5/overlay.png",
-                          headers=keys["reader"]).status_code == 404
+        assert (
+            client.get(
+                f"/v1/analyses/{aid}/images/5/overlay.png", headers=keys["reader"]
+            ).status_code
+            == 404
+        )
 
-        page = client.get("/v1/analyses", params={"accession": "ACC-0001", "limit": 1},
-                          headers=keys["reader"]).json()
+        page = client.get(
+            "/v1/analyses", params={"accession": "ACC-0001", "limit": 1}, headers=keys["reader"]
+        ).json()
         assert page["total"] == 1 and page["items"][0]["id"] == aid
-        assert client.get("/v1/analyses", params={"accession": "other"},
-                          headers=keys["reader"]).json()["total"] == 0
+        assert (
+            client.get(
+                "/v1/analyses", params={"accession": "other"}, headers=keys["reader"]
+            ).json()["total"]
+            == 0
+        )
 
         audit = client.get("/v1/audit", headers=keys["admin"]).json()
         assert {"submit", "read", "report", "heatmap", "list"} <= {a["action"] for a in audit}
@@ -83,8 +91,9 @@ def test_idempotency(gateway):
         assert a.json()["id"] == b.json()["id"]
         c = client.post("/v1/analyses", files=files(png(seed=4), metadata=meta()), headers=h)
         assert c.status_code == 409 and c.json()["error"] == "idempotency_conflict"
-        d = client.post("/v1/analyses", files=files(png(seed=3), metadata=meta(stain="Giemsa")),
-                        headers=h)
+        d = client.post(
+            "/v1/analyses", files=files(png(seed=3), metadata=meta(stain="Giemsa")), headers=h
+        )
         assert d.status_code == 409
         page = client.get("/v1/analyses", headers=keys["lis"]).json()
         assert page["total"] == 1
@@ -134,8 +143,9 @@ def test_abstain_on_too_few_cells(gateway, monkeypatch):
         assert res["aml"]["status"] == "abstained" and res["aml"]["reason"] == "too_few_cells"
         assert "ensemble" not in services.clients.calls
         fhir = client.get(f"/v1/analyses/{aid}/report?format=fhir", headers=keys["lis"]).json()
-        codes = {e["resource"].get("code", {}).get("coding", [{}])[0].get("code")
-                 for e in fhir["entry"]}
+        codes = {
+            e["resource"].get("code", {}).get("coding", [{}])[0].get("code") for e in fhir["entry"]
+        }
         assert "p-aml" not in codes and "counted-cells" in codes
 
 
@@ -192,8 +202,9 @@ def test_healthz_readyz(gateway):
 def test_metadata_round_trip(gateway):
     client, _, keys = gateway()
     with client:
-        aid = _submit(client, keys, png(), specimen_type="peripheral_blood",
-                      stain="Wright").json()["id"]
+        aid = _submit(client, keys, png(), specimen_type="peripheral_blood", stain="Wright").json()[
+            "id"
+        ]
         body = client.get(f"/v1/analyses/{aid}", headers=keys["lis"]).json()
         assert (body["specimen_type"], body["stain"]) == ("peripheral_blood", "Wright")
         assert json.loads(meta())["accession_id"] == body["accession_id"]

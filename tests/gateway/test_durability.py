@@ -36,8 +36,9 @@ def test_kill_9_mid_analysis_then_restart_completes(tmp_path, spawn, port_factor
     gw = spawn(env, port, log=tmp_path / "gw1.log")
     gw.wait_healthy()
     with httpx.Client(base_url=gw.url, timeout=10) as c:
-        r = c.post("/v1/analyses", files=files(png(seed=1), metadata=meta()),
-                   headers={"X-API-Key": key})
+        r = c.post(
+            "/v1/analyses", files=files(png(seed=1), metadata=meta()), headers={"X-API-Key": key}
+        )
         assert r.status_code == 202
         url = r.headers["Location"]
         running = _wait(c, url, key, {"running"})
@@ -85,8 +86,11 @@ def test_webhook_signed_and_retried_from_outbox_after_restart(tmp_path, spawn, p
         gw.wait_healthy()
         hook = f"http://127.0.0.1:{hook_port}/hook"
         with httpx.Client(base_url=gw.url, timeout=10) as c:
-            r = c.post("/v1/analyses", files=files(png(seed=2), metadata=meta(webhook_url=hook)),
-                       headers={"X-API-Key": key})
+            r = c.post(
+                "/v1/analyses",
+                files=files(png(seed=2), metadata=meta(webhook_url=hook)),
+                headers={"X-API-Key": key},
+            )
             aid = r.json()["id"]
             _wait(c, r.headers["Location"], key, {"succeeded"})
         end = time.monotonic() + 60
@@ -105,18 +109,22 @@ def test_webhook_signed_and_retried_from_outbox_after_restart(tmp_path, spawn, p
         assert len(_Receiver.received) > n_failed, "no delivery after the restart"
         headers, body = _Receiver.received[-1]
         assert verify(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
-        assert not verify("wrong-secret", headers[TIMESTAMP_HEADER], body,
-                          headers[SIGNATURE_HEADER])
+        assert not verify(
+            "wrong-secret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER]
+        )
         assert len({h[EVENT_HEADER] for h, _ in _Receiver.received}) == 1  # one event, retried
         payload = json.loads(body)
-        assert payload == {**payload, "analysis_id": aid, "status": "succeeded",
-                           "event": "analysis.succeeded"}
+        assert payload == {
+            **payload,
+            "analysis_id": aid,
+            "status": "succeeded",
+            "event": "analysis.succeeded",
+        }
         eng = create_engine(f"sqlite:///{tmp_path / 'gw' / 'gateway.db'}")
         end = time.monotonic() + 20
         while time.monotonic() < end:
             with eng.connect() as conn:
-                status, attempts = conn.execute(
-                    text("SELECT status, attempts FROM outbox")).one()
+                status, attempts = conn.execute(text("SELECT status, attempts FROM outbox")).one()
             if status == "delivered":
                 break
             time.sleep(0.1)

@@ -10,13 +10,16 @@ def test_fhir_bundle_parses_back(gateway):
 
     client, _, keys = gateway()
     with client:
-        r = client.post("/v1/analyses", files=files(png(seed=5),
-                                                    metadata=meta(options={"explain": True})),
-                        headers=keys["lis"])
+        r = client.post(
+            "/v1/analyses",
+            files=files(png(seed=5), metadata=meta(options={"explain": True})),
+            headers=keys["lis"],
+        )
         aid = r.json()["id"]
         result = wait_status(client.get, aid, keys["lis"])["result"]
-        rep = client.get(f"/v1/analyses/{aid}/report", params={"format": "fhir"},
-                         headers=keys["lis"])
+        rep = client.get(
+            f"/v1/analyses/{aid}/report", params={"format": "fhir"}, headers=keys["lis"]
+        )
     assert rep.status_code == 200
     assert rep.headers["content-type"].startswith("application/fhir+json")
     bundle = Bundle.model_validate(rep.json())
@@ -33,8 +36,11 @@ def test_fhir_bundle_parses_back(gateway):
     obs = {o.code.coding[0].code: o for o in by_type["Observation"]}
     assert float(obs["p-aml"].valueQuantity.value) == round(result["p_aml"], 6)
     assert float(obs["p-npm1-mutated"].valueQuantity.value) == round(result["p_npm1"], 6)
-    raw = next(e["resource"] for e in rep.json()["entry"]
-               if e["resource"].get("code", {}).get("text", "").startswith("Probability of acute"))
+    raw = next(
+        e["resource"]
+        for e in rep.json()["entry"]
+        if e["resource"].get("code", {}).get("text", "").startswith("Probability of acute")
+    )
     assert isinstance(raw["valueQuantity"]["value"], float)  # a JSON number, not a string
     assert float(obs["blast-percent"].valueQuantity.value) == round(result["blast_percent"], 4)
     for d in result["differential"]:

@@ -35,14 +35,20 @@ def _servicer(fake: FakeModelClients, seen: dict):
             out[spec.name] = arr.reshape(tuple(spec.shape))
         return out
 
-    def respond(request, version: str, outputs: dict[str, tuple[str, np.ndarray]],
-                params: dict[str, str] | None = None):
-        resp = service_pb2.ModelInferResponse(model_name=request.model_name,
-                                              model_version=version)
+    def respond(
+        request,
+        version: str,
+        outputs: dict[str, tuple[str, np.ndarray]],
+        params: dict[str, str] | None = None,
+    ):
+        resp = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version)
         for name, (dtype, arr) in outputs.items():
             resp.outputs.add(name=name, datatype=dtype, shape=list(arr.shape))
-            raw = (serialize_byte_tensor(arr).item() if dtype == "BYTES"
-                   else np.ascontiguousarray(arr).tobytes())
+            raw = (
+                serialize_byte_tensor(arr).item()
+                if dtype == "BYTES"
+                else np.ascontiguousarray(arr).tobytes()
+            )
             resp.raw_output_contents.append(raw)
         for k, v in (params or {}).items():
             resp.parameters[k].string_param = v
@@ -61,8 +67,9 @@ def _servicer(fake: FakeModelClients, seen: dict):
 
         async def ModelMetadata(self, request, context):  # noqa: N802
             info = await fake.metadata(request.name, timeout=1)
-            resp = service_pb2.ModelMetadataResponse(name=info.name, versions=[info.version],
-                                                     platform="marrowscope")
+            resp = service_pb2.ModelMetadataResponse(
+                name=info.name, versions=[info.version], platform="marrowscope"
+            )
             for n, spec in info.inputs.items():
                 resp.inputs.add(name=n, datatype=spec.datatype, shape=list(spec.shape))
             for n, spec in info.outputs.items():
@@ -75,26 +82,37 @@ def _servicer(fake: FakeModelClients, seen: dict):
             x = tensors(request)
             if name == "segmentation":
                 um = float(x["UM_PER_PX"].reshape(-1)[0]) if "UM_PER_PX" in x else None
-                s = await fake.segment(bytes(x["IMAGE"].reshape(-1)[0]), version=v, timeout=5,
-                                       um_per_px=um)
-                return respond(request, v, {
-                    "BOXES": ("FP32", s.boxes), "SCORES": ("FP32", s.scores),
-                    "LABELS": ("BYTES", strings(s.labels)), "FEATURES": ("FP32", s.features),
-                    "FEATURE_NAMES": ("BYTES", strings(s.feature_names)),
-                    "LENGTH_UNIT": ("BYTES", strings([s.length_unit]))})
+                s = await fake.segment(
+                    bytes(x["IMAGE"].reshape(-1)[0]), version=v, timeout=5, um_per_px=um
+                )
+                return respond(
+                    request,
+                    v,
+                    {
+                        "BOXES": ("FP32", s.boxes),
+                        "SCORES": ("FP32", s.scores),
+                        "LABELS": ("BYTES", strings(s.labels)),
+                        "FEATURES": ("FP32", s.features),
+                        "FEATURE_NAMES": ("BYTES", strings(s.feature_names)),
+                        "LENGTH_UNIT": ("BYTES", strings([s.length_unit])),
+                    },
+                )
             if name == "celltype":
                 c = await fake.classify(x["CROPS"], version=v, timeout=5)
-                return respond(request, v, {"PROBS": ("FP32", c.probs),
-                                            "NAMES": ("BYTES", strings(c.names))})
+                return respond(
+                    request, v, {"PROBS": ("FP32", c.probs), "NAMES": ("BYTES", strings(c.names))}
+                )
             if name == "ensemble":
                 names = [b.decode() for b in x["FEATURE_NAMES"].reshape(-1)]
                 e = await fake.ensemble(x["FEATURES"].reshape(-1), names, version=v, timeout=5)
                 u = e.feature_units
                 outputs = {"P_AML": ("FP32", np.array([e.p_aml], np.float32))}
-                params = {**{f"lineage_{k}": val for k, val in e.lineage.items()},
-                          "feature_length_unit": u.length,
-                          "feature_um_per_px_min": str(u.um_per_px_min or ""),
-                          "feature_um_per_px_max": str(u.um_per_px_max or "")}
+                params = {
+                    **{f"lineage_{k}": val for k, val in e.lineage.items()},
+                    "feature_length_unit": u.length,
+                    "feature_um_per_px_min": str(u.um_per_px_min or ""),
+                    "feature_um_per_px_max": str(u.um_per_px_max or ""),
+                }
                 if e.p_npm1 is not None:  # as the ensemble service: only a two-target model
                     outputs["P_NPM1"] = ("FP32", np.array([e.p_npm1], np.float32))
                     params["npm1_threshold"] = str(e.npm1_threshold)
@@ -104,11 +122,19 @@ def _servicer(fake: FakeModelClients, seen: dict):
                 return respond(request, v, {"P_NPM1": ("FP32", np.array([p], np.float32))})
             params = {k: p.string_param for k, p in request.parameters.items()}
             seen["explain_params"] = params
-            e = await fake.explain(x["IMAGE"][0], x["BOXES"], version=v,
-                                   target_model=params["target_model"],
-                                   target_version=params["target_version"], timeout=5)
-            return respond(request, v, {"HEATMAP": ("FP32", e.heatmap),
-                                        "CELL_IMPORTANCE": ("FP32", e.cell_importance)})
+            e = await fake.explain(
+                x["IMAGE"][0],
+                x["BOXES"],
+                version=v,
+                target_model=params["target_model"],
+                target_version=params["target_version"],
+                timeout=5,
+            )
+            return respond(
+                request,
+                v,
+                {"HEATMAP": ("FP32", e.heatmap), "CELL_IMPORTANCE": ("FP32", e.cell_importance)},
+            )
 
     return Servicer()
 
@@ -123,20 +149,28 @@ def test_pipeline_over_the_wire(make_settings, port_factory, targets):
         seen: dict = {}
         server = grpc.aio.server()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _servicer(FakeModelClients(feature_units="um", targets=targets,
-                                       npm1_threshold=0.3), seen), server)
+            _servicer(
+                FakeModelClients(feature_units="um", targets=targets, npm1_threshold=0.3), seen
+            ),
+            server,
+        )
         port = server.add_insecure_port(f"127.0.0.1:{port_factory()}")
         await server.start()
         addr = f"127.0.0.1:{port}"
-        clients = OipModelClients({s: addr for s in
-                                   ("segmentation", "celltype", "ensemble", "npm1", "explain")})
+        clients = OipModelClients(
+            {s: addr for s in ("segmentation", "celltype", "ensemble", "npm1", "explain")}
+        )
         try:
             assert all((await clients.ready(timeout=2)).values())
             pipe = Pipeline(clients=clients, settings=make_settings())
-            out = await pipe.run(analysis_id="a1", explain=True,
-                                 images=[CaseImage(0, "0" * 64, png(seed=7), um_per_px=0.27)])
+            out = await pipe.run(
+                analysis_id="a1",
+                explain=True,
+                images=[CaseImage(0, "0" * 64, png(seed=7), um_per_px=0.27)],
+            )
             bare = await Pipeline(clients=clients, settings=make_settings()).run(
-                analysis_id="a2", images=[CaseImage(0, "0" * 64, png(seed=7))])
+                analysis_id="a2", images=[CaseImage(0, "0" * 64, png(seed=7))]
+            )
         finally:
             await clients.close()
             await server.stop(0)
@@ -153,8 +187,11 @@ def test_pipeline_over_the_wire(make_settings, port_factory, targets):
     assert res["lineage"] == {"segmentation": "3", "celltype": "5"}
     assert seen["segmentation"] == ["3", "3"] and set(seen["celltype"]) == {"5"}
     assert seen["npm1"] == ["7", "7"] and seen["ensemble"] == ["2", "2"]
-    assert seen["explain_params"] == {"target_model": "npm1", "target_version": "7",
-                                      "mode": "cells"}
+    assert seen["explain_params"] == {
+        "target_model": "npm1",
+        "target_version": "7",
+        "mode": "cells",
+    }
     assert res["images"][0]["n_detected"] == 40 and len(out.artifacts) == 1
     # P_NPM1 and its threshold cross the wire only from a two-target ensemble
     call, withheld = res["npm1_morphology"], bare.result["npm1_morphology"]

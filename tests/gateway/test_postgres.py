@@ -25,32 +25,46 @@ def pg_database(postgres_url):
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     yield admin_url.rsplit("/", 1)[0] + "/" + name
     with admin.connect() as conn:
-        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :n AND pid <> pg_backend_pid()"
+            ),
+            {"n": name},
+        )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
 
 
 def test_two_workers_kill_one(tmp_path, spawn, port_factory, pg_database):
-    base = settings_env(tmp_path / "gw", MS_GATEWAY_DATABASE_URL=pg_database,
-                        MS_TEST_FAKE_SEG_DELAY_S="1.5")
+    base = settings_env(
+        tmp_path / "gw", MS_GATEWAY_DATABASE_URL=pg_database, MS_TEST_FAKE_SEG_DELAY_S="1.5"
+    )
     key = create_key_cli(base)
-    api = spawn({**base, "MS_GATEWAY_EMBEDDED_WORKER": "false"}, port_factory(),
-                log=tmp_path / "api.log")
+    api = spawn(
+        {**base, "MS_GATEWAY_EMBEDDED_WORKER": "false"}, port_factory(), log=tmp_path / "api.log"
+    )
     w1 = spawn(base, module="services.gateway.worker", log=tmp_path / "w1.log")
     w2 = spawn(base, module="services.gateway.worker", log=tmp_path / "w2.log")
     api.wait_healthy()
     eng = create_engine(pg_database)
     with httpx.Client(base_url=api.url, timeout=10, headers={"X-API-Key": key}) as c:
-        ids = [c.post("/v1/analyses", files=files(png(seed=s), metadata=meta()))
-               .json()["id"] for s in range(4)]
+        ids = [
+            c.post("/v1/analyses", files=files(png(seed=s), metadata=meta())).json()["id"]
+            for s in range(4)
+        ]
         # wait until both workers hold one analysis each, then kill the first one's owner
         end = time.monotonic() + 30
         owners: list[str] = []
         while time.monotonic() < end:
             with eng.connect() as conn:
-                owners = conn.execute(text("SELECT DISTINCT lease_owner FROM analyses WHERE "
-                                           "status = 'running'")).scalars().all()
+                owners = (
+                    conn.execute(
+                        text("SELECT DISTINCT lease_owner FROM analyses WHERE status = 'running'")
+                    )
+                    .scalars()
+                    .all()
+                )
             if len(owners) == 2:
                 break
             time.sleep(0.05)

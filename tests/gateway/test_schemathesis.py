@@ -23,15 +23,22 @@ def test_api_conforms_to_its_schema(make_settings):
     assert len(operations) >= 10
 
     for op in operations:
+
         @given(case=op.as_strategy())
-        @settings(max_examples=4, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=4,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             # Schema-valid is not content-valid for uploads: random bytes are not a decodable
             # image and random metadata text is not JSON, so the gateway rightly answers 422;
             # every other check (no 5xx, documented status codes, content types, response
             # schemas) applies.
-            case.call_and_validate(headers={"X-API-Key": key},
-                                   excluded_checks=[positive_data_acceptance])
+            case.call_and_validate(
+                headers={"X-API-Key": key}, excluded_checks=[positive_data_acceptance]
+            )
 
         check()

@@ -11,8 +11,21 @@ from loadtests.run import main
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_both_scenarios_run_without_errors(tmp_path):
-    report = main(["--quick", "--duration", "15", "--gateway-users", "2", "--oip-users", "4",
-                   "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")])
+    report = main(
+        [
+            "--quick",
+            "--duration",
+            "15",
+            "--gateway-users",
+            "2",
+            "--oip-users",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
     results = report["results"]
     assert set(results) == {"gateway", "oip"}
     for scenario, rows in results.items():

@@ -11,9 +11,14 @@ ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
 CUSTOM = {
     "anchor_sizes": [[16, 32, 64]] * 3,
     "anchor_aspect_ratios": [1.0],
-    "hyperparameters": {"rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
-                        "rpn_pre_nms_top_n_train": 60, "rpn_post_nms_top_n_train": 30,
-                        "box_batch_size_per_image": 16, "rpn_batch_size_per_image": 32},
+    "hyperparameters": {
+        "rpn_pre_nms_top_n_test": 50,
+        "rpn_post_nms_top_n_test": 20,
+        "rpn_pre_nms_top_n_train": 60,
+        "rpn_post_nms_top_n_train": 30,
+        "box_batch_size_per_image": 16,
+        "rpn_batch_size_per_image": 32,
+    },
 }
 
 

@@ -27,7 +27,9 @@ def tiny_config(kind: str, arch: str) -> dict:
     if kind == "detector":
         return make_config(kind, arch, classes=["BLA", "LYT", "RBC"], min_size=64, max_size=96)
     if kind == "celltype":
-        return make_config(kind, arch, crop_size=32, outputs=["BLA", "LYT", "MON", *ATTRIBUTE_CODES])
+        return make_config(
+            kind, arch, crop_size=32, outputs=["BLA", "LYT", "MON", *ATTRIBUTE_CODES]
+        )
     if kind == "ensemble":
         return make_config(kind, arch, feature_names=FEATURES, hidden=[8], dropout=0.1)
     return make_config(kind, arch, input_size=[64, 80])
@@ -162,8 +164,13 @@ def test_celltype_probabilities_and_loss():
     from marrowscope.models.celltype import celltype_loss
 
     for head in ("sigmoid", "softmax"):
-        config = make_config("celltype", "tiny_cnn", crop_size=32, cell_head=head,
-                             outputs=["BLA", "LYT", "MON", *ATTRIBUTE_CODES])
+        config = make_config(
+            "celltype",
+            "tiny_cnn",
+            crop_size=32,
+            cell_head=head,
+            outputs=["BLA", "LYT", "MON", *ATTRIBUTE_CODES],
+        )
         model = build_model(config).eval()
         crops = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
         probs = model.predict_proba(crops)
@@ -205,11 +212,18 @@ def test_ensemble_feature_units_round_trip(tmp_path):
     path = save_model(build_model(config), config, tmp_path / "um")
     assert json.loads((path / "config.json").read_text())["feature_units"] == units
     assert feature_units(load_model(path).config) == units
-    px = make_config("ensemble", "mlp", feature_names=FEATURES, feature_units=units_from_pixel_sizes([None]))
+    px = make_config(
+        "ensemble", "mlp", feature_names=FEATURES, feature_units=units_from_pixel_sizes([None])
+    )
     assert feature_units(read_config(save_model(build_model(px), px, tmp_path / "px"))) == {
-        "length": "px", "um_per_px": None}
+        "length": "px",
+        "um_per_px": None,
+    }
     # a config made without units says so explicitly
-    assert make_config("ensemble", "mlp", feature_names=FEATURES)["feature_units"]["length"] == "unknown"
+    assert (
+        make_config("ensemble", "mlp", feature_names=FEATURES)["feature_units"]["length"]
+        == "unknown"
+    )
 
 
 def test_ensemble_config_without_feature_units_still_loads(saved_ensemble, caplog):
@@ -228,13 +242,16 @@ def test_ensemble_config_without_feature_units_still_loads(saved_ensemble, caplo
     assert "no feature_units" in caplog.text
 
 
-@pytest.mark.parametrize(("units", "message"), [
-    ({"length": "mm", "um_per_px": None}, "length must be one of"),
-    ({"length": "px", "um_per_px": [0.3, 0.3]}, "must be null"),
-    ({"length": "um", "um_per_px": None}, r"\[min, max\]"),
-    ({"length": "um", "um_per_px": [0.4, 0.3]}, r"\[min, max\]"),
-    ({"length": "um"}, "feature_units must be"),
-])
+@pytest.mark.parametrize(
+    ("units", "message"),
+    [
+        ({"length": "mm", "um_per_px": None}, "length must be one of"),
+        ({"length": "px", "um_per_px": [0.3, 0.3]}, "must be null"),
+        ({"length": "um", "um_per_px": None}, r"\[min, max\]"),
+        ({"length": "um", "um_per_px": [0.4, 0.3]}, r"\[min, max\]"),
+        ({"length": "um"}, "feature_units must be"),
+    ],
+)
 def test_bad_feature_units_are_rejected(units, message):
     with pytest.raises(ModelConfigError, match=message):
         make_config("ensemble", "mlp", feature_names=FEATURES, feature_units=units)
@@ -270,13 +287,18 @@ def test_local_pretrained_backbone_weights(tmp_path):
     assert n == len(imagenet_like.state_dict()) - 2  # fc.weight/fc.bias differ in shape
     torch.testing.assert_close(model.net.conv1.weight, imagenet_like.conv1.weight)
     with pytest.raises(ModelFormatError, match="no tensor"):
-        load_initial_weights(build_model(tiny_config("celltype", "tiny_cnn")),
-                             tiny_config("celltype", "tiny_cnn"), tmp_path / "resnet18.pth")
+        load_initial_weights(
+            build_model(tiny_config("celltype", "tiny_cnn")),
+            tiny_config("celltype", "tiny_cnn"),
+            tmp_path / "resnet18.pth",
+        )
 
 
 def test_two_target_ensemble_round_trips_and_keeps_the_aml_api(tmp_path):
     """targets ["aml", "npm1"]: one hidden stack, two outputs; predict_proba stays P(AML)."""
-    config = make_config("ensemble", "mlp", feature_names=FEATURES, hidden=[6], targets=["aml", "npm1"])
+    config = make_config(
+        "ensemble", "mlp", feature_names=FEATURES, hidden=[6], targets=["aml", "npm1"]
+    )
     module = build_model(config).eval()
     module.fit_standardisation(torch.randn(5, len(FEATURES)).numpy())
     loaded = load_model(save_model(module, config, tmp_path / "two")).module.eval()
@@ -297,7 +319,9 @@ def test_ensemble_config_without_targets_is_aml_only(saved_ensemble):
     config.pop("targets", None)
     (path / "config.json").write_text(json.dumps(config))
     loaded = load_model(path)
-    assert ensemble_targets(loaded.config) == ["aml"] and loaded.module(torch.randn(2, len(FEATURES))).shape == (2,)
+    assert ensemble_targets(loaded.config) == ["aml"] and loaded.module(
+        torch.randn(2, len(FEATURES))
+    ).shape == (2,)
     assert list(loaded.module.predict_targets(torch.randn(2, len(FEATURES)))) == ["aml"]
 
 

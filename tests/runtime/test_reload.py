@@ -27,7 +27,8 @@ def reloading_server(port_factory):
 
 def _named_request(version: str) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(
-        model_name="toy", model_version=version,
+        model_name="toy",
+        model_version=version,
         inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 1])],
         raw_input_contents=[np.full(1, 3, "<f4").tobytes()],
     )
@@ -46,8 +47,13 @@ def test_hot_reload_under_load(reloading_server):
             while not stop.is_set():
                 try:
                     out = client.infer("toy", [_input("X", x, "FP32")], parameters={"delay_ms": 5})
-                    seen.append((client_id, out.get_response().model_version,
-                                 float(out.as_numpy("Y")[0, 0])))
+                    seen.append(
+                        (
+                            client_id,
+                            out.get_response().model_version,
+                            float(out.as_numpy("Y")[0, 0]),
+                        )
+                    )
                 except BaseException as exc:  # every failure is a test failure
                     errors.append(exc)
         finally:
@@ -69,7 +75,12 @@ def test_hot_reload_under_load(reloading_server):
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             old = stub.ModelInfer(_named_request("1"))
             assert old.model_version == "1"
-            assert np.frombuffer(old.raw_output_contents[[o.name for o in old.outputs].index("Y")], "<f4")[0] == 3.0
+            assert (
+                np.frombuffer(
+                    old.raw_output_contents[[o.name for o in old.outputs].index("Y")], "<f4"
+                )[0]
+                == 3.0
+            )
             meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="toy"))
             assert list(meta.versions) == ["2", "1"]
         text = httpx.get(server.metrics_url).text
@@ -86,7 +97,7 @@ def test_hot_reload_under_load(reloading_server):
     assert "1" in versions and "2" in versions
     for client_id in range(3):  # each client's requests are sequential: once new, never old
         mine = [v for c, v, _ in seen if c == client_id]
-        assert "2" in mine and set(mine[mine.index("2"):]) == {"2"}, mine
+        assert "2" in mine and set(mine[mine.index("2") :]) == {"2"}, mine
     assert all(y == 3.0 * float(v) for _, v, y in seen), "values do not match the version"
 
     # After the grace period the old version is gone, with a helpful NOT_FOUND.

@@ -58,7 +58,9 @@ def test_triton_client_server_and_model_state(client):
     model = client.get_model_metadata("toy")
     assert model.name == "toy" and list(model.versions) == ["1"] and model.platform == "numpy"
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
-        ("X", "FP32", [-1, -1]), ("PIXELS", "UINT8", [-1, -1, -1, 3]), ("TEXT", "BYTES", [-1])
+        ("X", "FP32", [-1, -1]),
+        ("PIXELS", "UINT8", [-1, -1, -1, 3]),
+        ("TEXT", "BYTES", [-1]),
     ]
     assert {t.name for t in model.outputs} == {"Y", "INVERTED", "UPPER", "SCALE"}
 
@@ -104,17 +106,29 @@ def test_health_serving_and_reflection(toy_server):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(reflect.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services="")
-        ])))
+        replies = list(
+            reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        )
         names = {s.name for s in replies[0].list_services_response.service}
-        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
-                "grpc.reflection.v1alpha.ServerReflection"} <= names
+        assert {
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
         # reflection can describe the service (what grpcurl needs)
-        described = list(reflect.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="inference.GRPCInferenceService")
-        ])))
+        described = list(
+            reflect.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="inference.GRPCInferenceService"
+                        )
+                    ]
+                )
+            )
+        )
         files = described[0].file_descriptor_response.file_descriptor_proto
         assert files and b"ModelInfer" in files[0]
 
@@ -122,10 +136,12 @@ def test_health_serving_and_reflection(toy_server):
 def test_metrics_follow_traffic_and_batches(toy_server):
     before = httpx.get(toy_server.metrics_url).text
     assert _sample(before, "marrowscope_model_info", {"model": "toy", "version": "1"}) == 1
-    ok_before = _sample(before, "marrowscope_requests_total",
-                        {"model": "toy", "version": "1", "status": "ok"})
-    big_before = _sample(before, "marrowscope_batch_size_bucket",
-                         {"model": "toy", "version": "1", "le": "1.0"})
+    ok_before = _sample(
+        before, "marrowscope_requests_total", {"model": "toy", "version": "1", "status": "ok"}
+    )
+    big_before = _sample(
+        before, "marrowscope_batch_size_bucket", {"model": "toy", "version": "1", "le": "1.0"}
+    )
     total_before = _sample(before, "marrowscope_batch_size_count", {"model": "toy", "version": "1"})
 
     n_threads, per_thread = 8, 3
@@ -144,15 +160,29 @@ def test_metrics_follow_traffic_and_batches(toy_server):
     assert not errors, errors
 
     after = httpx.get(toy_server.metrics_url).text
-    assert _sample(after, "marrowscope_requests_total",
-                   {"model": "toy", "version": "1", "status": "ok"}) == ok_before + n_threads * per_thread
-    batches = _sample(after, "marrowscope_batch_size_count", {"model": "toy", "version": "1"}) - total_before
-    singles = _sample(after, "marrowscope_batch_size_bucket",
-                      {"model": "toy", "version": "1", "le": "1.0"}) - big_before
+    assert (
+        _sample(
+            after, "marrowscope_requests_total", {"model": "toy", "version": "1", "status": "ok"}
+        )
+        == ok_before + n_threads * per_thread
+    )
+    batches = (
+        _sample(after, "marrowscope_batch_size_count", {"model": "toy", "version": "1"})
+        - total_before
+    )
+    singles = (
+        _sample(
+            after, "marrowscope_batch_size_bucket", {"model": "toy", "version": "1", "le": "1.0"}
+        )
+        - big_before
+    )
     assert batches < n_threads * per_thread, "concurrent requests were never batched"
     assert batches - singles > 0, "no batch of more than one request in the histogram"
-    for name in ("marrowscope_request_seconds_count", "marrowscope_queue_seconds_count",
-                 "marrowscope_compute_seconds_count"):
+    for name in (
+        "marrowscope_request_seconds_count",
+        "marrowscope_queue_seconds_count",
+        "marrowscope_compute_seconds_count",
+    ):
         assert _sample(after, name, {"model": "toy", "version": "1"}) >= n_threads * per_thread
     assert "patient" not in after.lower()
 
@@ -162,30 +192,66 @@ def _raw_request(**kw) -> pb.ModelInferRequest:
 
 
 BAD_REQUESTS = {
-    "wrong dtype": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP64", shape=[1, 1])],
-        raw_input_contents=[np.zeros(1, "<f8").tobytes()]), grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong rank": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[3])],
-        raw_input_contents=[np.zeros(3, "<f4").tobytes()]), grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong fixed dim": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="UINT8", shape=[1, 2, 2, 4])],
-        raw_input_contents=[bytes(16)]), grpc.StatusCode.INVALID_ARGUMENT),
-    "raw size mismatch": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[2, 2])],
-        raw_input_contents=[bytes(12)]), grpc.StatusCode.INVALID_ARGUMENT),
-    "truncated BYTES": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])],
-        raw_input_contents=[b"\x09\x00\x00\x00abc"]), grpc.StatusCode.INVALID_ARGUMENT),
-    "unknown input": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="Z", datatype="FP32", shape=[1, 1])],
-        raw_input_contents=[bytes(4)]), grpc.StatusCode.INVALID_ARGUMENT),
+    "wrong dtype": (
+        _raw_request(
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP64", shape=[1, 1])],
+            raw_input_contents=[np.zeros(1, "<f8").tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "wrong rank": (
+        _raw_request(
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[3])],
+            raw_input_contents=[np.zeros(3, "<f4").tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "wrong fixed dim": (
+        _raw_request(
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="PIXELS", datatype="UINT8", shape=[1, 2, 2, 4]
+                )
+            ],
+            raw_input_contents=[bytes(16)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "raw size mismatch": (
+        _raw_request(
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[2, 2])],
+            raw_input_contents=[bytes(12)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "truncated BYTES": (
+        _raw_request(
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+            ],
+            raw_input_contents=[b"\x09\x00\x00\x00abc"],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "unknown input": (
+        _raw_request(
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="Z", datatype="FP32", shape=[1, 1])],
+            raw_input_contents=[bytes(4)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "no inputs": (_raw_request(), grpc.StatusCode.INVALID_ARGUMENT),
     "unknown model": (_raw_request(model_name="nope"), grpc.StatusCode.NOT_FOUND),
     "unknown version": (_raw_request(model_version="42"), grpc.StatusCode.NOT_FOUND),
-    "oversized": (_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 400_000])],
-        raw_input_contents=[bytes(1_600_000)]), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    "oversized": (
+        _raw_request(
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 400_000])
+            ],
+            raw_input_contents=[bytes(1_600_000)],
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
 }
 
 
@@ -200,20 +266,33 @@ def test_bad_requests_get_status_and_server_stays_healthy(stub, case):
         assert "'42'" in err.value.details() and "['1']" in err.value.details()
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="toy"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    ok = infer.ModelInfer(_raw_request(
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 1])],
-        raw_input_contents=[np.ones(1, "<f4").tobytes()]))
+    ok = infer.ModelInfer(
+        _raw_request(
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 1])],
+            raw_input_contents=[np.ones(1, "<f4").tobytes()],
+        )
+    )
     assert ok.model_version == "1"
 
 
 def test_internal_error_is_generic_with_request_id(client, toy_server, caplog):
     x = np.ones((1, 1), np.float32)
     with pytest.raises(InferenceServerException) as err:
-        client.infer("toy", [_input("X", x, "FP32")], parameters={"fail": True},
-                     headers={"x-request-id": "req-abc-123"})
+        client.infer(
+            "toy",
+            [_input("X", x, "FP32")],
+            parameters={"fail": True},
+            headers={"x-request-id": "req-abc-123"},
+        )
     assert err.value.status() == "StatusCode.INTERNAL"
     assert err.value.message() == "internal error, request id req-abc-123"
     assert "secret" not in err.value.message()
     text = httpx.get(toy_server.metrics_url).text
-    assert _sample(text, "marrowscope_requests_total",
-                   {"model": "toy", "version": "1", "status": "internal"}) >= 1
+    assert (
+        _sample(
+            text,
+            "marrowscope_requests_total",
+            {"model": "toy", "version": "1", "status": "internal"},
+        )
+        >= 1
+    )

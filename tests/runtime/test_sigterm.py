@@ -54,7 +54,10 @@ def test_sigterm_finishes_in_flight_request_and_exits_zero(tmp_path, port_factor
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.runtime.toy_service"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     address = f"127.0.0.1:{port}"
     try:

@@ -17,8 +17,20 @@ from services.runtime.protocol import pb
 from services.runtime.servicer import decode_inputs, encode_response, tensor_to_raw
 from tests.runtime.toy_service import ToyHandler, ToySettings
 
-NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-           "FP16", "FP32", "FP64"]
+NUMERIC = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+]
 
 
 def _request(name, datatype, array, raw=True):
@@ -76,8 +88,11 @@ def test_bytes_output_rejects_non_bytes_elements():
 def test_tensor_spec_checks_dtype_rank_and_fixed_dims():
     spec = TensorSpec("CROPS", "UINT8", (-1, 8, 8, 3))
     spec.check(np.zeros((5, 8, 8, 3), np.uint8))
-    for bad in (np.zeros((5, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8),
-                np.zeros((5, 8, 9, 3), np.uint8)):
+    for bad in (
+        np.zeros((5, 8, 8, 3), np.float32),
+        np.zeros((8, 8, 3), np.uint8),
+        np.zeros((5, 8, 9, 3), np.uint8),
+    ):
         with pytest.raises(InvalidInput):
             spec.check(bad)
 
@@ -157,4 +172,7 @@ def test_codegen_is_idempotent_and_rewrites_imports(tmp_path):
     assert codegen.ensure_generated(gen_dir=out) is False
     grpc_stub = (out / "inference" / "grpc_predict_v2_pb2_grpc.py").read_text()
     assert "from services.runtime._gen.inference import grpc_predict_v2_pb2" in grpc_stub
-    assert "_descriptor_pool.Default()" not in (out / "inference" / "grpc_predict_v2_pb2.py").read_text()
+    assert (
+        "_descriptor_pool.Default()"
+        not in (out / "inference" / "grpc_predict_v2_pb2.py").read_text()
+    )

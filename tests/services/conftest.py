@@ -31,16 +31,15 @@ def start_service(mlflow_server, tmp_path_factory) -> Iterator:
     assert all(code == 0 for code in codes.values()), (codes, [s.log_tail() for s in started])
 
 
-
-
 @pytest.fixture(scope="module")
 def serve_registered(mlflow_server, start_service):
     """``serve_registered(kind, model_dir, alias, lineage=None, **settings)``: register the
     model, point ``alias`` at it and start its service on that alias; the returned
     ServiceProcess has ``.version``."""
 
-    def serve(kind: str, model_dir, alias: str, lineage: dict[str, str] | None = None,
-              **settings: object) -> ServiceProcess:
+    def serve(
+        kind: str, model_dir, alias: str, lineage: dict[str, str] | None = None, **settings: object
+    ) -> ServiceProcess:
         version = register(mlflow_server, kind, model_dir, alias, lineage)
         service = start_service(kind, model_uri=f"models:/marrowscope-{kind}@{alias}", **settings)
         service.version = version

@@ -21,14 +21,22 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("MARROWSCOPE_TEST_SERVICE_START_S", "120"))
 
 
-def register(tracking_uri: str, kind: str, model_dir: Path, alias: str,
-             lineage: dict[str, str] | None = None) -> str:
+def register(
+    tracking_uri: str, kind: str, model_dir: Path, alias: str, lineage: dict[str, str] | None = None
+) -> str:
     """Register ``model_dir`` as a new version of ``marrowscope-<kind>`` and point
     ``alias`` at it; returns the version."""
     from marrowscope.registry import register_model_dir
 
-    version = register_model_dir(kind, model_dir, metrics={}, params={}, data_hash="test",
-                                 lineage=lineage or {}, tracking_uri=tracking_uri)
+    version = register_model_dir(
+        kind,
+        model_dir,
+        metrics={},
+        params={},
+        data_hash="test",
+        lineage=lineage or {},
+        tracking_uri=tracking_uri,
+    )
     set_alias(tracking_uri, kind, alias, version)
     return version
 
@@ -46,17 +54,33 @@ class ServiceProcess:
         self.name = name
         self.grpc_port, self.metrics_port = free_port(), free_port()
         prefix = f"MS_{name.upper()}_"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri,
-               "MARROWSCOPE_MODEL_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1",
-               "PYTHONUNBUFFERED": "1"}
-        values = {"grpc_host": "127.0.0.1", "grpc_port": self.grpc_port,
-                  "metrics_host": "127.0.0.1", "metrics_port": self.metrics_port,
-                  "poll_interval_s": 0, "grace_period_s": 5, **settings}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MARROWSCOPE_MODEL_CACHE": str(cache_dir),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        values = {
+            "grpc_host": "127.0.0.1",
+            "grpc_port": self.grpc_port,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": self.metrics_port,
+            "poll_interval_s": 0,
+            "grace_period_s": 5,
+            **settings,
+        }
         env.update({f"{prefix}{k.upper()}": str(v) for k, v in values.items()})
         self.log_path = cache_dir / f"{name}-{self.grpc_port}.log"
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO,
-                                         env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     @property
     def address(self) -> str:
@@ -72,15 +96,17 @@ class ServiceProcess:
     def health(self, service: str = "") -> int:
         with grpc.insecure_channel(self.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2)
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
             return reply.status
 
     def wait_serving(self) -> ServiceProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 if self.health(self.name) == health_pb2.HealthCheckResponse.SERVING:
                     return self
@@ -126,8 +152,9 @@ def status_of(exc: BaseException) -> str:
     return str(exc.status()).removeprefix("StatusCode.")
 
 
-def check_server_and_metadata(client, name: str, version: str,
-                              inputs: dict[str, tuple[str, list[int]]]) -> None:
+def check_server_and_metadata(
+    client, name: str, version: str, inputs: dict[str, tuple[str, list[int]]]
+) -> None:
     """Server live/ready, model ready, metadata lists ``version`` first and ``inputs``
     ({name: (datatype, shape)}) exactly."""
     assert client.is_server_live() and client.is_server_ready()

@@ -33,8 +33,10 @@ def render(label: str, npm1: str, n: int, seed: int) -> list[SynthImage]:
     for i in range(n):
         rng = case_rng(seed, i)
         image, cells = render_image(rng, sample_case(rng, i, label, npm1, config), config)
-        boxes = np.array([[c.bbox[0], c.bbox[1], c.bbox[0] + c.bbox[2], c.bbox[1] + c.bbox[3]]
-                          for c in cells], np.float32).reshape(-1, 4)
+        boxes = np.array(
+            [[c.bbox[0], c.bbox[1], c.bbox[0] + c.bbox[2], c.bbox[1] + c.bbox[3]] for c in cells],
+            np.float32,
+        ).reshape(-1, 4)
         mask = np.zeros((HEIGHT, WIDTH), bool)
         for c in cells:
             if c.code == "BLA":
@@ -43,8 +45,9 @@ def render(label: str, npm1: str, n: int, seed: int) -> list[SynthImage]:
     return out
 
 
-def train_tiny_npm1(directory: Path, *, n_per_class: int = 16, epochs: int = 5,
-                    seed: int = 0) -> Path:
+def train_tiny_npm1(
+    directory: Path, *, n_per_class: int = 16, epochs: int = 5, seed: int = 0
+) -> Path:
     """Train resnet18 at 144x192 (about 25 s on one core) and save it to ``directory``;
     ``epochs=0`` saves the untrained network (the control of the pointing game)."""
     import torch
@@ -56,8 +59,12 @@ def train_tiny_npm1(directory: Path, *, n_per_class: int = 16, epochs: int = 5,
     x = torch.from_numpy(np.stack([s.image for s in positives + negatives]))
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.tensor([0.9] * len(positives) + [0.1] * len(negatives))
-    config = make_config("npm1", "resnet18", input_size=[HEIGHT, WIDTH],
-                         training={"note": "synthetic stand-in for explanation tests"})
+    config = make_config(
+        "npm1",
+        "resnet18",
+        input_size=[HEIGHT, WIDTH],
+        training={"note": "synthetic stand-in for explanation tests"},
+    )
     torch.manual_seed(seed)
     model = build_model(config)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -66,7 +73,7 @@ def train_tiny_npm1(directory: Path, *, n_per_class: int = 16, epochs: int = 5,
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator)
         for start in range(0, len(y), 8):
-            idx = order[start:start + 8]
+            idx = order[start : start + 8]
             batch = x[idx].flip(-1) if start % 16 else x[idx]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), y[idx])
             optimiser.zero_grad()

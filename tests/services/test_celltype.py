@@ -30,11 +30,10 @@ def service(serve_registered, model_dir):
     return serve_registered("celltype", model_dir, ALIAS)
 
 
-
-def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, service,
-                                                                        model_dir):
-    check_server_and_metadata(client, "celltype", service.version,
-                              {"CROPS": ("UINT8", [-1, CROP, CROP, 3])})
+def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, service, model_dir):
+    check_server_and_metadata(
+        client, "celltype", service.version, {"CROPS": ("UINT8", [-1, CROP, CROP, 3])}
+    )
     md = client.get_model_metadata("celltype")
     typer = CellTyper(load_model(model_dir))
     k = len(typer.names)
@@ -49,24 +48,46 @@ def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, 
 
 
 def test_zero_crops(client):
-    r = client.infer("celltype", [infer_input("CROPS", np.zeros((0, CROP, CROP, 3), np.uint8),
-                                              "UINT8")])
+    r = client.infer(
+        "celltype", [infer_input("CROPS", np.zeros((0, CROP, CROP, 3), np.uint8), "UINT8")]
+    )
     assert r.as_numpy("PROBS").shape[0] == 0
 
 
-@pytest.mark.parametrize(("call", "code"), [
-    (lambda c: c.infer("celltype", [infer_input("CROPS", np.zeros((1, CROP + 1, CROP + 1, 3),
-                                                                  np.uint8), "UINT8")]),
-     "INVALID_ARGUMENT"),
-    (lambda c: c.infer("celltype", [infer_input("CROPS", np.zeros((1, CROP, CROP, 3),
-                                                                  np.float32), "FP32")]),
-     "INVALID_ARGUMENT"),
-    (lambda c: c.infer("celltype", [infer_input("CROPS", np.zeros((1, CROP, CROP, 3), np.uint8),
-                                                "UINT8")], model_version="999"), "NOT_FOUND"),
-    (lambda c: c.infer("nosuchmodel", [infer_input("CROPS", np.zeros((1, CROP, CROP, 3),
-                                                                     np.uint8), "UINT8")]),
-     "NOT_FOUND"),
-], ids=["wrong-crop-size", "wrong-dtype", "unknown-version", "unknown-model"])
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (
+            lambda c: c.infer(
+                "celltype",
+                [infer_input("CROPS", np.zeros((1, CROP + 1, CROP + 1, 3), np.uint8), "UINT8")],
+            ),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda c: c.infer(
+                "celltype", [infer_input("CROPS", np.zeros((1, CROP, CROP, 3), np.float32), "FP32")]
+            ),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda c: c.infer(
+                "celltype",
+                [infer_input("CROPS", np.zeros((1, CROP, CROP, 3), np.uint8), "UINT8")],
+                model_version="999",
+            ),
+            "NOT_FOUND",
+        ),
+        (
+            lambda c: c.infer(
+                "nosuchmodel",
+                [infer_input("CROPS", np.zeros((1, CROP, CROP, 3), np.uint8), "UINT8")],
+            ),
+            "NOT_FOUND",
+        ),
+    ],
+    ids=["wrong-crop-size", "wrong-dtype", "unknown-version", "unknown-model"],
+)
 def test_bad_requests_get_status_and_service_stays_healthy(client, service, call, code):
     with pytest.raises(InferenceServerException) as info:
         call(client)

@@ -34,8 +34,9 @@ NPM1_THRESHOLD = 0.35
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_model_dir("ensemble", tmp_path_factory.mktemp("ens") / "m",
-                               feature_units=UNITS)
+    return make_tiny_model_dir(
+        "ensemble", tmp_path_factory.mktemp("ens") / "m", feature_units=UNITS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,20 @@ def service(serve_registered, model_dir):
     return serve_registered("ensemble", model_dir, ALIAS, lineage=LINEAGE)
 
 
-
 def _inputs(vector: np.ndarray, names: list[str]) -> list:
-    return [infer_input("FEATURES", vector.reshape(1, -1).astype(np.float32), "FP32"),
-            infer_input("FEATURE_NAMES", np.array([n.encode() for n in names], dtype=object),
-                        "BYTES")]
+    return [
+        infer_input("FEATURES", vector.reshape(1, -1).astype(np.float32), "FP32"),
+        infer_input("FEATURE_NAMES", np.array([n.encode() for n in names], dtype=object), "BYTES"),
+    ]
 
 
 def test_infer_matches_in_process(client, service, model_dir):
-    check_server_and_metadata(client, "ensemble", service.version,
-                              {"FEATURES": ("FP32", [1, -1]), "FEATURE_NAMES": ("BYTES", [-1])})
+    check_server_and_metadata(
+        client,
+        "ensemble",
+        service.version,
+        {"FEATURES": ("FP32", [1, -1]), "FEATURE_NAMES": ("BYTES", [-1])},
+    )
     vector = np.random.default_rng(2).random(len(NAMES)).astype(np.float32)
     r = client.infer("ensemble", _inputs(vector, NAMES))
     assert r.get_response().model_version == service.version
@@ -75,14 +80,27 @@ def two_target(mlflow_server, start_service, tmp_path_factory):
     """A service on an alias that starts at a two-target (P(AML), P(NPM1 | AML)) version; an
     AML-only version is registered beside it for the hot-reload test."""
     root = tmp_path_factory.mktemp("ens-two")
-    two_dir = make_tiny_model_dir("ensemble", root / "two", seed=3, targets=["aml", "npm1"],
-                                  feature_units=UNITS,
-                                  hyperparameters={"npm1_score_threshold": NPM1_THRESHOLD})
-    aml_only = register(mlflow_server, "ensemble",
-                        make_tiny_model_dir("ensemble", root / "aml", seed=4), f"{TWO_ALIAS}-aml")
+    two_dir = make_tiny_model_dir(
+        "ensemble",
+        root / "two",
+        seed=3,
+        targets=["aml", "npm1"],
+        feature_units=UNITS,
+        hyperparameters={"npm1_score_threshold": NPM1_THRESHOLD},
+    )
+    aml_only = register(
+        mlflow_server,
+        "ensemble",
+        make_tiny_model_dir("ensemble", root / "aml", seed=4),
+        f"{TWO_ALIAS}-aml",
+    )
     two = register(mlflow_server, "ensemble", two_dir, TWO_ALIAS, LINEAGE)
-    service = start_service("ensemble", model_uri=f"models:/marrowscope-ensemble@{TWO_ALIAS}",
-                            poll_interval_s=0.5, version_grace_s=60)
+    service = start_service(
+        "ensemble",
+        model_uri=f"models:/marrowscope-ensemble@{TWO_ALIAS}",
+        poll_interval_s=0.5,
+        version_grace_s=60,
+    )
     c = tc.InferenceServerClient(url=service.address)
     yield {"service": service, "client": c, "two": two, "aml_only": aml_only, "dir": two_dir}
     c.close()
@@ -108,7 +126,9 @@ def test_two_target_model_answers_p_npm1_beside_p_aml(two_target):
     assert params["feature_length_unit"].string_param == "um"
     assert params["lineage_celltype"].string_param == "9"
     # a client may ask for one output only
-    r = client.infer("ensemble", _inputs(vectors[0], NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")])
+    r = client.infer(
+        "ensemble", _inputs(vectors[0], NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")]
+    )
     assert [o.name for o in r.get_response().outputs] == ["P_NPM1"]
 
 
@@ -129,7 +149,9 @@ def test_hot_reload_to_an_aml_only_version_drops_p_npm1(two_target, mlflow_serve
     assert [o.name for o in r.get_response().outputs] == ["P_AML"]
     assert "npm1_threshold" not in r.get_response().parameters
     with pytest.raises(InferenceServerException) as info:
-        client.infer("ensemble", _inputs(vector, NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")])
+        client.infer(
+            "ensemble", _inputs(vector, NAMES), outputs=[tc.InferRequestedOutput("P_NPM1")]
+        )
     assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()
 
     old = client.get_model_metadata("ensemble", model_version=two)
@@ -142,9 +164,9 @@ def test_hot_reload_to_an_aml_only_version_drops_p_npm1(two_target, mlflow_serve
 def test_npm1_threshold_parameter_rules(tmp_path):
     from services.ensemble.model import npm1_threshold_parameters
 
-    assert npm1_threshold_parameters({"targets": ["aml", "npm1"],
-                                      "hyperparameters": {"npm1_score_threshold": 0.4}}) \
-        == {"npm1_threshold": "0.4"}
+    assert npm1_threshold_parameters(
+        {"targets": ["aml", "npm1"], "hyperparameters": {"npm1_score_threshold": 0.4}}
+    ) == {"npm1_threshold": "0.4"}
     # no head, or no recorded threshold: the client keeps its own
     assert npm1_threshold_parameters({"hyperparameters": {"npm1_score_threshold": 0.4}}) == {}
     assert npm1_threshold_parameters({"targets": ["aml", "npm1"], "hyperparameters": {}}) == {}
@@ -152,25 +174,33 @@ def test_npm1_threshold_parameter_rules(tmp_path):
 
     for bad in (1.5, "0.4", True):
         with pytest.raises(ModelNotReady, match="npm1_score_threshold"):
-            npm1_threshold_parameters({"targets": ["aml", "npm1"],
-                                       "hyperparameters": {"npm1_score_threshold": bad}})
+            npm1_threshold_parameters(
+                {"targets": ["aml", "npm1"], "hyperparameters": {"npm1_score_threshold": bad}}
+            )
 
 
 def test_every_response_carries_the_lineage(client):
     vector = np.zeros(len(NAMES), np.float32)
     params = client.infer("ensemble", _inputs(vector, NAMES)).get_response().parameters
-    assert {k: params[k].string_param for k in ("lineage_segmentation", "lineage_celltype")} \
-        == {"lineage_segmentation": "7", "lineage_celltype": "9"}
-    assert {k: params[k].string_param for k in ("feature_length_unit", "feature_um_per_px_min",
-                                                 "feature_um_per_px_max")} \
-        == {"feature_length_unit": "um", "feature_um_per_px_min": "0.25",
-            "feature_um_per_px_max": "0.3"}
+    assert {k: params[k].string_param for k in ("lineage_segmentation", "lineage_celltype")} == {
+        "lineage_segmentation": "7",
+        "lineage_celltype": "9",
+    }
+    assert {
+        k: params[k].string_param
+        for k in ("feature_length_unit", "feature_um_per_px_min", "feature_um_per_px_max")
+    } == {
+        "feature_length_unit": "um",
+        "feature_um_per_px_min": "0.25",
+        "feature_um_per_px_max": "0.3",
+    }
 
 
 def test_lineage_sources(tmp_path):
-    assert lineage_of({"marrowscope.lineage.segmentation": "3"},
-                      {"training": {"lineage": {"segmentation": "1", "celltype": "4"}}}) \
-        == {"segmentation": "3", "celltype": "4"}
+    assert lineage_of(
+        {"marrowscope.lineage.segmentation": "3"},
+        {"training": {"lineage": {"segmentation": "1", "celltype": "4"}}},
+    ) == {"segmentation": "3", "celltype": "4"}
     assert lineage_of({}, {"training": {}}) == {"segmentation": "", "celltype": ""}
     # a local directory: no registry tags, the config's training.lineage is used
     from marrowscope.models.io import read_config
@@ -180,8 +210,12 @@ def test_lineage_sources(tmp_path):
     assert read_config(local)["training"]["lineage"] == {"celltype": "5"}
     handler = EnsembleHandler(local, EnsembleSettings())
     assert handler.response_parameters == {
-        "lineage_segmentation": "", "lineage_celltype": "5", "feature_length_unit": "unknown",
-        "feature_um_per_px_min": "", "feature_um_per_px_max": ""}
+        "lineage_segmentation": "",
+        "lineage_celltype": "5",
+        "feature_length_unit": "unknown",
+        "feature_um_per_px_min": "",
+        "feature_um_per_px_max": "",
+    }
 
 
 def test_config_without_feature_units_serves_as_unknown(tmp_path, caplog):
@@ -199,18 +233,27 @@ def test_config_without_feature_units_serves_as_unknown(tmp_path, caplog):
     assert handler.response_parameters["feature_length_unit"] == "unknown"
     assert "no feature_units" in caplog.text
     handler.load()
-    p = handler.infer({"FEATURES": np.zeros((1, len(NAMES)), np.float32),
-                       "FEATURE_NAMES": np.array([n.encode() for n in NAMES], dtype=object)}, {})
+    p = handler.infer(
+        {
+            "FEATURES": np.zeros((1, len(NAMES)), np.float32),
+            "FEATURE_NAMES": np.array([n.encode() for n in NAMES], dtype=object),
+        },
+        {},
+    )
     assert 0.0 <= float(p["P_AML"][0]) <= 1.0
 
 
-@pytest.mark.parametrize(("vector", "names"), [
-    (np.zeros(len(NAMES)), NAMES[1:] + NAMES[:1]),
-    (np.zeros(len(NAMES) - 1), NAMES[:-1]),
-    (np.zeros(len(NAMES)), NAMES[:-1] + ["frac_XYZ"]),
-    (np.zeros(len(NAMES) + 1), NAMES),
-    (np.full(len(NAMES), np.nan), NAMES),
-], ids=["order", "missing", "renamed", "count-mismatch", "nan"])
+@pytest.mark.parametrize(
+    ("vector", "names"),
+    [
+        (np.zeros(len(NAMES)), NAMES[1:] + NAMES[:1]),
+        (np.zeros(len(NAMES) - 1), NAMES[:-1]),
+        (np.zeros(len(NAMES)), NAMES[:-1] + ["frac_XYZ"]),
+        (np.zeros(len(NAMES) + 1), NAMES),
+        (np.full(len(NAMES), np.nan), NAMES),
+    ],
+    ids=["order", "missing", "renamed", "count-mismatch", "nan"],
+)
 def test_feature_mismatch_is_invalid_argument(client, service, vector, names):
     with pytest.raises(InferenceServerException) as info:
         client.infer("ensemble", _inputs(np.asarray(vector, np.float32), names))

@@ -34,28 +34,38 @@ def versions(mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     trained = register(mlflow_server, "npm1", train_tiny_npm1(root / "trained"), ALIAS)
     # the untrained network: the control, and a version reachable only by its number
-    untrained = register(mlflow_server, "npm1", train_tiny_npm1(root / "untrained", epochs=0),
-                         f"{ALIAS}-untrained")
+    untrained = register(
+        mlflow_server, "npm1", train_tiny_npm1(root / "untrained", epochs=0), f"{ALIAS}-untrained"
+    )
     return trained, untrained
 
 
 @pytest.fixture(scope="module")
 def service(start_service, versions):
-    return start_service("explain", model_uri=f"models:/marrowscope-npm1@{ALIAS}",
-                         target_cache_size=1)
-
+    return start_service(
+        "explain", model_uri=f"models:/marrowscope-npm1@{ALIAS}", target_cache_size=1
+    )
 
 
 def _explain(client, image: np.ndarray, boxes: np.ndarray, **params):
-    r = client.infer("explain", [infer_input("IMAGE", image[None], "UINT8"),
-                                 infer_input("BOXES", boxes.astype(np.float32), "FP32")],
-                     parameters={"target_model": "npm1", **params})
+    r = client.infer(
+        "explain",
+        [
+            infer_input("IMAGE", image[None], "UINT8"),
+            infer_input("BOXES", boxes.astype(np.float32), "FP32"),
+        ],
+        parameters={"target_model": "npm1", **params},
+    )
     return r.as_numpy("HEATMAP"), r.as_numpy("CELL_IMPORTANCE"), r
 
 
 def test_metadata(client, versions):
-    check_server_and_metadata(client, "explain", versions[0],
-                              {"IMAGE": ("UINT8", [1, -1, -1, 3]), "BOXES": ("FP32", [-1, 4])})
+    check_server_and_metadata(
+        client,
+        "explain",
+        versions[0],
+        {"IMAGE": ("UINT8", [1, -1, -1, 3]), "BOXES": ("FP32", [-1, 4])},
+    )
 
 
 def test_cells_mode_points_at_the_blasts(client, versions):
@@ -63,8 +73,9 @@ def test_cells_mode_points_at_the_blasts(client, versions):
     for name, version in zip(("trained", "untrained"), versions, strict=True):
         ratios = []
         for sample in render("aml", "mutated", 4, seed=101):
-            heat, importance, r = _explain(client, sample.image, sample.boxes,
-                                           target_version=version, mode="cells")
+            heat, importance, r = _explain(
+                client, sample.image, sample.boxes, target_version=version, mode="cells"
+            )
             assert r.get_response().model_version == versions[0]
             assert heat.shape == (HEIGHT, WIDTH) and importance.shape == (len(sample.boxes),)
             ratios.append(pointing_game_ratio(heat, sample.blast_mask, top_fraction=0.1))
@@ -81,15 +92,23 @@ def test_image_off_the_model_size_is_resized_and_the_map_returned_at_its_size(cl
     assert heat.shape == big.shape[:2] and importance.shape == (len(sample.boxes),)
     small_heat, small_importance, _ = _explain(client, sample.image, sample.boxes)
     assert np.corrcoef(importance, small_importance)[0, 1] > 0.8
-    assert pointing_game_ratio(heat, resize_for_model(
-        sample.blast_mask.astype(np.uint8)[..., None].repeat(3, 2) * 255,
-        big.shape[:2])[..., 0] > 127) > POINTING_FLOOR / 2
+    assert (
+        pointing_game_ratio(
+            heat,
+            resize_for_model(
+                sample.blast_mask.astype(np.uint8)[..., None].repeat(3, 2) * 255, big.shape[:2]
+            )[..., 0]
+            > 127,
+        )
+        > POINTING_FLOOR / 2
+    )
 
 
 def test_grid_mode_and_no_cells(client):
     sample = render("aml", "mutated", 1, seed=303)[0]
-    heat, importance, _ = _explain(client, sample.image, sample.boxes, mode="grid",
-                                   window=24, stride=24)
+    heat, importance, _ = _explain(
+        client, sample.image, sample.boxes, mode="grid", window=24, stride=24
+    )
     assert heat.shape == (HEIGHT, WIDTH) and np.isfinite(heat).all()
     assert importance.shape == (len(sample.boxes),) and np.abs(heat).max() > 0
     heat, importance, _ = _explain(client, sample.image, np.zeros((0, 4), np.float32))
@@ -101,8 +120,7 @@ def test_another_registered_version_is_loaded_exactly(client, versions, service)
     maps = {}
     # target_cache_size=1: the untrained one is loaded, reused, dropped, loaded again
     for version in (versions[1], versions[1], versions[0], "", versions[1]):
-        heat, importance, r = _explain(client, sample.image, sample.boxes,
-                                       target_version=version)
+        heat, importance, r = _explain(client, sample.image, sample.boxes, target_version=version)
         assert heat.shape == (HEIGHT, WIDTH) and importance.shape == (len(sample.boxes),)
         # the response's version is the explain service's own; the target is the one named
         assert r.get_response().model_version == versions[0]
@@ -114,16 +132,27 @@ def test_another_registered_version_is_loaded_exactly(client, versions, service)
     check_still_healthy(service)
 
 
-@pytest.mark.parametrize(("params", "code"), [
-    ({"target_version": "9999"}, "NOT_FOUND"),
-    ({"target_version": "local-0123456789ab"}, "NOT_FOUND"),
-    ({"target_model": "ensemble"}, "INVALID_ARGUMENT"),
-    ({"mode": "saliency"}, "INVALID_ARGUMENT"),
-    ({"mode": "grid", "window": 8, "stride": 16}, "INVALID_ARGUMENT"),
-    ({"mode": "grid", "window": 1, "stride": 1}, "INVALID_ARGUMENT"),
-    ({"mode": "grid", "window": "big"}, "INVALID_ARGUMENT"),
-], ids=["unknown-version", "foreign-local-version", "other-target", "bad-mode",
-        "stride-over-window", "too-many-passes", "window-not-int"])
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"target_version": "9999"}, "NOT_FOUND"),
+        ({"target_version": "local-0123456789ab"}, "NOT_FOUND"),
+        ({"target_model": "ensemble"}, "INVALID_ARGUMENT"),
+        ({"mode": "saliency"}, "INVALID_ARGUMENT"),
+        ({"mode": "grid", "window": 8, "stride": 16}, "INVALID_ARGUMENT"),
+        ({"mode": "grid", "window": 1, "stride": 1}, "INVALID_ARGUMENT"),
+        ({"mode": "grid", "window": "big"}, "INVALID_ARGUMENT"),
+    ],
+    ids=[
+        "unknown-version",
+        "foreign-local-version",
+        "other-target",
+        "bad-mode",
+        "stride-over-window",
+        "too-many-passes",
+        "window-not-int",
+    ],
+)
 def test_bad_parameters_get_status_and_service_stays_healthy(client, service, params, code):
     sample = render("control", "na", 1, seed=505)[0]
     with pytest.raises(InferenceServerException) as info:
@@ -134,12 +163,20 @@ def test_bad_parameters_get_status_and_service_stays_healthy(client, service, pa
 
 def test_bad_tensors_are_refused(client, service):
     image = np.zeros((1, HEIGHT, WIDTH, 3), np.uint8)
-    for inputs in ([infer_input("IMAGE", image, "UINT8"),
-                    infer_input("BOXES", np.zeros((2, 3), np.float32), "FP32")],
-                   [infer_input("IMAGE", image, "UINT8"),
-                    infer_input("BOXES", np.full((1, 4), np.nan, np.float32), "FP32")],
-                   [infer_input("IMAGE", image.astype(np.float32), "FP32"),
-                    infer_input("BOXES", np.zeros((1, 4), np.float32), "FP32")]):
+    for inputs in (
+        [
+            infer_input("IMAGE", image, "UINT8"),
+            infer_input("BOXES", np.zeros((2, 3), np.float32), "FP32"),
+        ],
+        [
+            infer_input("IMAGE", image, "UINT8"),
+            infer_input("BOXES", np.full((1, 4), np.nan, np.float32), "FP32"),
+        ],
+        [
+            infer_input("IMAGE", image.astype(np.float32), "FP32"),
+            infer_input("BOXES", np.zeros((1, 4), np.float32), "FP32"),
+        ],
+    ):
         with pytest.raises(InferenceServerException) as info:
             client.infer("explain", inputs)
         assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()

@@ -31,8 +31,10 @@ H, W = 48, 64
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("npm1")
-    return [make_tiny_model_dir("npm1", root / f"m{seed}", seed=seed, input_size=[H, W])
-            for seed in (0, 1)]
+    return [
+        make_tiny_model_dir("npm1", root / f"m{seed}", seed=seed, input_size=[H, W])
+        for seed in (0, 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +47,14 @@ def versions(mlflow_server, model_dirs):
 
 @pytest.fixture(scope="module")
 def service(start_service, versions):
-    return start_service("npm1", model_uri=f"models:/marrowscope-npm1@{ALIAS}",
-                         poll_interval_s=0.5, max_batch_size=8, max_queue_delay_ms=40,
-                         version_grace_s=5)
-
+    return start_service(
+        "npm1",
+        model_uri=f"models:/marrowscope-npm1@{ALIAS}",
+        poll_interval_s=0.5,
+        max_batch_size=8,
+        max_queue_delay_ms=40,
+        version_grace_s=5,
+    )
 
 
 def _image(seed: int, n: int = 1) -> np.ndarray:
@@ -62,8 +68,9 @@ def test_metadata_and_infer_match_in_process(client, versions, model_dirs):
     assert r.get_response().model_version == versions[0]
     p = r.as_numpy("P_NPM1")
     assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
-    np.testing.assert_allclose(p, Npm1Predictor(load_model(model_dirs[0])).predict(images),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        p, Npm1Predictor(load_model(model_dirs[0])).predict(images), atol=1e-5
+    )
 
 
 def test_concurrent_requests_are_batched(client, service, versions):
@@ -83,26 +90,46 @@ def test_concurrent_requests_are_batched(client, service, versions):
     errors = run_concurrently(work, n_threads, timeout=60)
     assert not errors, errors
     batches = metric(service.metrics_url, "marrowscope_batch_size_count", labels) - count0
-    singles = metric(service.metrics_url, "marrowscope_batch_size_bucket",
-                     {**labels, "le": "1.0"}) - singles0
+    singles = (
+        metric(service.metrics_url, "marrowscope_batch_size_bucket", {**labels, "le": "1.0"})
+        - singles0
+    )
     assert batches - singles > 0, "no batch of more than one request"
     assert batches < n_threads * per_thread
 
 
-@pytest.mark.parametrize(("inputs", "version", "code"), [
-    (lambda: [infer_input("IMAGE", np.zeros((1, H, W, 3), np.float32), "FP32")], "",
-     "INVALID_ARGUMENT"),
-    (lambda: [infer_input("IMAGE", np.zeros((1, W, H, 3), np.uint8), "UINT8")], "",
-     "INVALID_ARGUMENT"),
-    (lambda: [infer_input("IMAGE", np.zeros((H, W, 3), np.uint8), "UINT8")], "",
-     "INVALID_ARGUMENT"),
-    (lambda: [infer_input("X", np.zeros((1, H, W, 3), np.uint8), "UINT8")], "",
-     "INVALID_ARGUMENT"),
-    (lambda: [infer_input("IMAGE", np.zeros((1, H, W, 3), np.uint8), "UINT8")], "12345",
-     "NOT_FOUND"),
-], ids=["wrong-dtype", "wrong-size", "wrong-rank", "unknown-input", "unknown-version"])
-def test_bad_requests_get_status_and_service_stays_healthy(client, service, inputs, version,
-                                                           code):
+@pytest.mark.parametrize(
+    ("inputs", "version", "code"),
+    [
+        (
+            lambda: [infer_input("IMAGE", np.zeros((1, H, W, 3), np.float32), "FP32")],
+            "",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: [infer_input("IMAGE", np.zeros((1, W, H, 3), np.uint8), "UINT8")],
+            "",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: [infer_input("IMAGE", np.zeros((H, W, 3), np.uint8), "UINT8")],
+            "",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: [infer_input("X", np.zeros((1, H, W, 3), np.uint8), "UINT8")],
+            "",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: [infer_input("IMAGE", np.zeros((1, H, W, 3), np.uint8), "UINT8")],
+            "12345",
+            "NOT_FOUND",
+        ),
+    ],
+    ids=["wrong-dtype", "wrong-size", "wrong-rank", "unknown-input", "unknown-version"],
+)
+def test_bad_requests_get_status_and_service_stays_healthy(client, service, inputs, version, code):
     with pytest.raises(InferenceServerException) as info:
         client.infer("npm1", inputs(), model_version=version)
     assert status_of(info.value) == code, info.value.message()

@@ -25,9 +25,14 @@ MAX_MESSAGE_BYTES = 1 << 20
 def service(serve_registered, tmp_path_factory):
     model_dir = make_tiny_model_dir("segmentation", tmp_path_factory.mktemp("seg") / "m")
     # an untrained detector scores low: threshold 0 so that N > 0 and morphometrics run
-    return serve_registered("segmentation", model_dir, ALIAS, score_threshold=0.0,
-                            max_message_bytes=MAX_MESSAGE_BYTES, max_image_pixels=200_000)
-
+    return serve_registered(
+        "segmentation",
+        model_dir,
+        ALIAS,
+        score_threshold=0.0,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        max_image_pixels=200_000,
+    )
 
 
 def _image_bytes(data: bytes) -> list:
@@ -45,12 +50,18 @@ def _smear(h: int = 96, w: int = 128) -> np.ndarray:
 
 
 def test_metadata_and_infer_with_scale(client, service):
-    check_server_and_metadata(client, "segmentation", service.version,
-                              {"IMAGE": ("BYTES", [1]), "UM_PER_PX": ("FP32", [1])})
+    check_server_and_metadata(
+        client,
+        "segmentation",
+        service.version,
+        {"IMAGE": ("BYTES", [1]), "UM_PER_PX": ("FP32", [1])},
+    )
     inputs = _image_bytes(encode_png(_smear())) + [
-        infer_input("UM_PER_PX", np.array([0.3], np.float32), "FP32")]
-    before = metric(service.metrics_url, "marrowscope_requests_total",
-                    {"model": "segmentation", "status": "ok"})
+        infer_input("UM_PER_PX", np.array([0.3], np.float32), "FP32")
+    ]
+    before = metric(
+        service.metrics_url, "marrowscope_requests_total", {"model": "segmentation", "status": "ok"}
+    )
     r = client.infer("segmentation", inputs)
     assert r.get_response().model_version == service.version
     boxes, scores = r.as_numpy("BOXES"), r.as_numpy("SCORES")
@@ -62,15 +73,23 @@ def test_metadata_and_infer_with_scale(client, service):
     assert [x.decode() for x in r.as_numpy("FEATURE_NAMES")] == list(FEATURE_NAMES)
     features = r.as_numpy("FEATURES")
     assert features.shape == (n, len(FEATURE_NAMES)) and np.isfinite(features).all()
-    assert metric(service.metrics_url, "marrowscope_requests_total",
-                  {"model": "segmentation", "status": "ok"}) == before + 1
+    assert (
+        metric(
+            service.metrics_url,
+            "marrowscope_requests_total",
+            {"model": "segmentation", "status": "ok"},
+        )
+        == before + 1
+    )
 
 
 def test_scale_changes_areas_in_um2(client):
     data = encode_png(_smear())
     px = client.infer("segmentation", _image_bytes(data))
-    um = client.infer("segmentation", _image_bytes(data) + [
-        infer_input("UM_PER_PX", np.array([0.5], np.float32), "FP32")])
+    um = client.infer(
+        "segmentation",
+        _image_bytes(data) + [infer_input("UM_PER_PX", np.array([0.5], np.float32), "FP32")],
+    )
     col = list(FEATURE_NAMES).index("cell_area")
     assert [x.decode() for x in px.as_numpy("LENGTH_UNIT")] == ["px"]
     assert [x.decode() for x in um.as_numpy("LENGTH_UNIT")] == ["um"]
@@ -89,21 +108,42 @@ def test_blank_image_outputs_agree_on_n(client):
     assert r.as_numpy("FEATURES").shape == (n, len(FEATURE_NAMES))
 
 
-@pytest.mark.parametrize(("inputs", "code"), [
-    (lambda: _image_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200)), "INVALID_ARGUMENT"),
-    (lambda: _image_bytes(encode_png(_smear())[:300]), "INVALID_ARGUMENT"),
-    (lambda: _image_bytes(b"GIF89a" + bytes(64)), "INVALID_ARGUMENT"),
-    (lambda: _image_bytes(encode_png(np.zeros((600, 600, 3), np.uint8))), "INVALID_ARGUMENT"),
-    (lambda: [infer_input("IMAGE", np.zeros((1, 8, 8, 3), np.uint8), "UINT8")],
-     "INVALID_ARGUMENT"),
-    (lambda: _image_bytes(encode_png(_smear())) + [
-        infer_input("UM_PER_PX", np.array([-1.0], np.float32), "FP32")], "INVALID_ARGUMENT"),
-    (lambda: _image_bytes(bytes(2 * MAX_MESSAGE_BYTES)), "RESOURCE_EXHAUSTED"),
-], ids=["corrupt-png", "truncated-png", "gif", "too-many-pixels", "wrong-dtype",
-        "negative-scale", "oversized-message"])
+@pytest.mark.parametrize(
+    ("inputs", "code"),
+    [
+        (lambda: _image_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200)), "INVALID_ARGUMENT"),
+        (lambda: _image_bytes(encode_png(_smear())[:300]), "INVALID_ARGUMENT"),
+        (lambda: _image_bytes(b"GIF89a" + bytes(64)), "INVALID_ARGUMENT"),
+        (lambda: _image_bytes(encode_png(np.zeros((600, 600, 3), np.uint8))), "INVALID_ARGUMENT"),
+        (
+            lambda: [infer_input("IMAGE", np.zeros((1, 8, 8, 3), np.uint8), "UINT8")],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: (
+                _image_bytes(encode_png(_smear()))
+                + [infer_input("UM_PER_PX", np.array([-1.0], np.float32), "FP32")]
+            ),
+            "INVALID_ARGUMENT",
+        ),
+        (lambda: _image_bytes(bytes(2 * MAX_MESSAGE_BYTES)), "RESOURCE_EXHAUSTED"),
+    ],
+    ids=[
+        "corrupt-png",
+        "truncated-png",
+        "gif",
+        "too-many-pixels",
+        "wrong-dtype",
+        "negative-scale",
+        "oversized-message",
+    ],
+)
 def test_bad_inputs_get_status_and_service_stays_healthy(client, service, inputs, code):
     with pytest.raises(InferenceServerException) as info:
         client.infer("segmentation", inputs())
     assert status_of(info.value) == code, info.value.message()
     check_still_healthy(service)
-    assert client.infer("segmentation", _image_bytes(encode_png(_smear()))).as_numpy("BOXES") is not None
+    assert (
+        client.infer("segmentation", _image_bytes(encode_png(_smear()))).as_numpy("BOXES")
+        is not None
+    )

@@ -16,8 +16,12 @@ def tiny_cohort(tmp_path_factory) -> Path:
     from training.data.synth_cohort import SynthConfig
 
     out = tmp_path_factory.mktemp("cohort")
-    generate_dataset(out, cases=14, seed=5, config=SynthConfig(
-        size=(320, 240), images_per_case=2, aml_fraction=0.6, npm1_fraction=0.5))
+    generate_dataset(
+        out,
+        cases=14,
+        seed=5,
+        config=SynthConfig(size=(320, 240), images_per_case=2, aml_fraction=0.6, npm1_fraction=0.5),
+    )
     return out
 
 

@@ -48,8 +48,12 @@ def test_one_class_is_refused():
 
 
 def test_celltype_report_known_values():
-    m = celltype_report(["BLA", "BLA", "LYT", "LYT"], ["BLA", "LYT", "LYT", "LYT"],
-                        {"auer_rod": np.array([0, 1, 0, 1])}, {"auer_rod": np.array([0.1, 0.9, 0.2, 0.8])})
+    m = celltype_report(
+        ["BLA", "BLA", "LYT", "LYT"],
+        ["BLA", "LYT", "LYT", "LYT"],
+        {"auer_rod": np.array([0, 1, 0, 1])},
+        {"auer_rod": np.array([0.1, 0.9, 0.2, 0.8])},
+    )
     assert m["accuracy"] == 0.75
     assert m["f1_BLA"] == pytest.approx(2 / 3) and m["f1_LYT"] == pytest.approx(0.8)
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
@@ -62,38 +66,78 @@ def test_attribute_auroc_is_measured_among_the_cell_types_that_show_it():
     cup = np.array([1, 0, 1, 0, 0, 0, 0, 0])
     blast_detector = np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1])
     m = celltype_report(y, y, {"cup_like_nucleus": cup}, {"cup_like_nucleus": blast_detector})
-    assert m["auroc_all_cup_like_nucleus"] == pytest.approx(10 / 12) and m["auroc_cup_like_nucleus"] == 0.5
+    assert (
+        m["auroc_all_cup_like_nucleus"] == pytest.approx(10 / 12)
+        and m["auroc_cup_like_nucleus"] == 0.5
+    )
     real = np.array([0.8, 0.3, 0.7, 0.2, 0.1, 0.1, 0.1, 0.1])
     m = celltype_report(y, y, {"cup_like_nucleus": cup}, {"cup_like_nucleus": real})
     assert m["auroc_cup_like_nucleus"] == 1.0
 
 
 def test_detection_map_is_one_for_ground_truth_and_zero_for_misses():
-    gt = [(np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 5, 70, 30]], float), ["cell", "RBC", "RBC"]),
-          (np.array([[5, 5, 25, 25]], float), ["cell"])]
+    gt = [
+        (
+            np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 5, 70, 30]], float),
+            ["cell", "RBC", "RBC"],
+        ),
+        (np.array([[5, 5, 25, 25]], float), ["cell"]),
+    ]
     perfect = [(b, np.ones(len(labels)), labels) for b, labels in gt]
-    assert detection_map(gt, perfect, ["cell", "RBC"]) == {"ap50_cell": 1.0, "ap50_RBC": 1.0, "map50": 1.0}
+    assert detection_map(gt, perfect, ["cell", "RBC"]) == {
+        "ap50_cell": 1.0,
+        "ap50_RBC": 1.0,
+        "map50": 1.0,
+    }
     # right boxes, wrong classes: AP 0; a box shifted to IoU < 0.5 is a miss too
-    swapped = [(b, np.ones(len(labels)), ["RBC" if x == "cell" else "cell" for x in labels]) for b, labels in gt]
+    swapped = [
+        (b, np.ones(len(labels)), ["RBC" if x == "cell" else "cell" for x in labels])
+        for b, labels in gt
+    ]
     assert detection_map(gt, swapped, ["cell", "RBC"])["map50"] == 0.0
-    half = [(gt[0][0], np.ones(3), gt[0][1]), (np.array([[15, 15, 35, 35]], float), np.ones(1), ["cell"])]
+    half = [
+        (gt[0][0], np.ones(3), gt[0][1]),
+        (np.array([[15, 15, 35, 35]], float), np.ones(1), ["cell"]),
+    ]
     m = detection_map(gt, half, ["cell", "RBC"])
     assert m["ap50_RBC"] == 1.0 and m["ap50_cell"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_plots_are_png(tmp_path):
     paths = binary_plots([0, 1, 0, 1, 1], [0.1, 0.8, 0.3, 0.6, 0.4], tmp_path, prefix="x_")
-    assert {p.name for p in paths} == {"x_roc.png", "x_pr.png", "x_calibration.png", "x_confusion.png"}
+    assert {p.name for p in paths} == {
+        "x_roc.png",
+        "x_pr.png",
+        "x_calibration.png",
+        "x_confusion.png",
+    }
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
 def test_detection_cli_last_line_is_json(tmp_path, tiny_cohort):
     from tests.fixtures_mlflow import make_tiny_model_dir
 
-    model = make_tiny_model_dir("segmentation", tmp_path / "m", classes=["cell", "RBC"], min_size=120, max_size=160)
-    out = subprocess.run([sys.executable, "-m", "training.evaluate", "detection", "--model", str(model),
-                          "--data", str(tiny_cohort), "--config", "cpu-tiny"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    model = make_tiny_model_dir(
+        "segmentation", tmp_path / "m", classes=["cell", "RBC"], min_size=120, max_size=160
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.evaluate",
+            "detection",
+            "--model",
+            str(model),
+            "--data",
+            str(tiny_cohort),
+            "--config",
+            "cpu-tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(last["ap50"]) == {"cell", "RBC"} and 0.0 <= last["map50"] <= 1.0
     assert last["split"] == "test" and last["version"].startswith("local-")
@@ -102,11 +146,26 @@ def test_detection_cli_last_line_is_json(tmp_path, tiny_cohort):
 def test_detection_cli_refuses_mismatched_classes(tmp_path, tiny_cohort):
     from tests.fixtures_mlflow import make_tiny_model_dir
 
-    model = make_tiny_model_dir("segmentation", tmp_path / "m", classes=["WBC", "Platelets"],
-                                min_size=120, max_size=160)
-    out = subprocess.run([sys.executable, "-m", "training.evaluate", "detection", "--model", str(model),
-                          "--data", str(tiny_cohort), "--config", "cpu-tiny"],
-                         capture_output=True, text=True, timeout=120)
+    model = make_tiny_model_dir(
+        "segmentation", tmp_path / "m", classes=["WBC", "Platelets"], min_size=120, max_size=160
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.evaluate",
+            "detection",
+            "--model",
+            str(model),
+            "--data",
+            str(tiny_cohort),
+            "--config",
+            "cpu-tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "do not match the detector" in out.stderr
 
 
@@ -121,21 +180,36 @@ def test_ensemble_evaluation_reports_the_npm1_output(tmp_path, tiny_cohort):
     from training.common_data import load_cases
     from training.evaluate import evaluate_ensemble
 
-    seg = make_tiny_model_dir("segmentation", tmp_path / "seg", classes=["cell", "RBC"], min_size=120,
-                              max_size=160)
+    seg = make_tiny_model_dir(
+        "segmentation", tmp_path / "seg", classes=["cell", "RBC"], min_size=120, max_size=160
+    )
     cel = make_tiny_model_dir("celltype", tmp_path / "cel")
     ens = make_tiny_model_dir("ensemble", tmp_path / "ens", targets=["aml", "npm1"])
     config = JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny"))
-    args = argparse.Namespace(data=tiny_cohort, segmentation=str(seg), celltype=str(cel), tracking_uri=None,
-                              plots=tmp_path / "plots", mlflow=False)
+    args = argparse.Namespace(
+        data=tiny_cohort,
+        segmentation=str(seg),
+        celltype=str(cel),
+        tracking_uri=None,
+        plots=tmp_path / "plots",
+        mlflow=False,
+    )
     metrics = evaluate_ensemble(load_predictor(str(ens)), args, "test", config, {})
     aml_names = set(binary_report([0, 1], [0.2, 0.8], n_boot=2))
     assert set(metrics) == aml_names | {f"npm1_{k}" for k in aml_names}
     test = [r for r in load_cases(tiny_cohort, config) if r.split == "test"]
     assert metrics["n_pos"] + metrics["n_neg"] == len(test)
-    assert metrics["npm1_n_pos"] == sum(r.aml_label == 1 and r.npm1_status == "mutated" for r in test)
-    assert metrics["npm1_n_neg"] == sum(r.aml_label == 1 and r.npm1_status == "wild_type" for r in test)
-    assert {"aml_roc.png", "npm1_roc.png", "npm1_confusion.png"} <= {p.name for p in args._plot_paths}
+    assert metrics["npm1_n_pos"] == sum(
+        r.aml_label == 1 and r.npm1_status == "mutated" for r in test
+    )
+    assert metrics["npm1_n_neg"] == sum(
+        r.aml_label == 1 and r.npm1_status == "wild_type" for r in test
+    )
+    assert {"aml_roc.png", "npm1_roc.png", "npm1_confusion.png"} <= {
+        p.name for p in args._plot_paths
+    }
     # an AML-only ensemble reports no npm1_* names
     aml_only = make_tiny_model_dir("ensemble", tmp_path / "aml")
-    assert set(evaluate_ensemble(load_predictor(str(aml_only)), args, "test", config, {})) == aml_names
+    assert (
+        set(evaluate_ensemble(load_predictor(str(aml_only)), args, "test", config, {})) == aml_names
+    )

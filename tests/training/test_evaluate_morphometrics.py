@@ -24,8 +24,14 @@ def test_wbc_seg_nucleus_dice_floor(shared_data, capsys):
     assert summary["n"] == len(list((data / "images").glob("*.png")))
     assert summary["nucleus_dice_median"] >= NUCLEUS_DICE_FLOOR
     assert summary["cell_dice_median"] >= 0.9
-    assert set(summary["per_class"]) <= {"neutrophil", "lymphocyte", "monocyte",
-                                          "eosinophil", "basophil", "unknown"}
+    assert set(summary["per_class"]) <= {
+        "neutrophil",
+        "lymphocyte",
+        "monocyte",
+        "eosinophil",
+        "basophil",
+        "unknown",
+    }
 
 
 def _write_coco(tmp_path):
@@ -38,9 +44,9 @@ def _write_coco(tmp_path):
     masks = []
     for (y, x), seed in (((0, 0), 1), ((50, 140), 2)):
         crop, cell, nucleus = drawn_cell(size=100, cell_r=(30, 30), nuc_r=(14, 20), seed=seed)
-        field[y:y + 100, x:x + 100] = crop
+        field[y : y + 100, x : x + 100] = crop
         full_c, full_n = np.zeros(field.shape[:2], bool), np.zeros(field.shape[:2], bool)
-        full_c[y:y + 100, x:x + 100], full_n[y:y + 100, x:x + 100] = cell, nucleus
+        full_c[y : y + 100, x : x + 100], full_n[y : y + 100, x : x + 100] = cell, nucleus
         masks.append((full_c, full_n))
     (tmp_path / "images").mkdir()
     Image.fromarray(field).save(tmp_path / "images" / "C0001_0.png")
@@ -53,16 +59,47 @@ def _write_coco(tmp_path):
     for i, (c, n) in enumerate(masks, start=1):
         ys, xs = np.nonzero(c)
         bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
-        anns.append({"id": i, "image_id": 1, "category_id": CATEGORY_IDS["LYT"], "bbox": bbox,
-                     "area": int(c.sum()), "iscrowd": 0, "segmentation": rle(c),
-                     "nucleus_segmentation": rle(n), "attributes": {}})
-    anns.append({"id": 3, "image_id": 1, "category_id": CATEGORY_IDS["RBC"],
-                 "bbox": [200.0, 0.0, 20.0, 20.0], "area": 300, "iscrowd": 0,
-                 "segmentation": rle(np.zeros(field.shape[:2], bool)), "attributes": {}})
-    coco = {"info": {"generator": "test"}, "categories": coco_categories(), "annotations": anns,
-            "images": [{"id": 1, "file_name": "images/C0001_0.png", "width": 260,
-                        "height": 160, "case_id": "C0001", "patient_id": "P1",
-                        "um_per_px": 0.1}]}
+        anns.append(
+            {
+                "id": i,
+                "image_id": 1,
+                "category_id": CATEGORY_IDS["LYT"],
+                "bbox": bbox,
+                "area": int(c.sum()),
+                "iscrowd": 0,
+                "segmentation": rle(c),
+                "nucleus_segmentation": rle(n),
+                "attributes": {},
+            }
+        )
+    anns.append(
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": CATEGORY_IDS["RBC"],
+            "bbox": [200.0, 0.0, 20.0, 20.0],
+            "area": 300,
+            "iscrowd": 0,
+            "segmentation": rle(np.zeros(field.shape[:2], bool)),
+            "attributes": {},
+        }
+    )
+    coco = {
+        "info": {"generator": "test"},
+        "categories": coco_categories(),
+        "annotations": anns,
+        "images": [
+            {
+                "id": 1,
+                "file_name": "images/C0001_0.png",
+                "width": 260,
+                "height": 160,
+                "case_id": "C0001",
+                "patient_id": "P1",
+                "um_per_px": 0.1,
+            }
+        ],
+    }
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     return tmp_path
 

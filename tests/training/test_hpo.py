@@ -15,8 +15,15 @@ from training.common import JobConfig, load_job_config
 
 
 def _args(tmp_path, tracking: str, **over) -> argparse.Namespace:
-    base = dict(output=tmp_path, study=f"t-{uuid.uuid4().hex[:8]}", storage=None, hpo_trials=4,
-                worker_id="w0", tracking_uri=tracking, experiment=None)
+    base = dict(
+        output=tmp_path,
+        study=f"t-{uuid.uuid4().hex[:8]}",
+        storage=None,
+        hpo_trials=4,
+        worker_id="w0",
+        tracking_uri=tracking,
+        experiment=None,
+    )
     return argparse.Namespace(**{**base, **over})
 
 
@@ -64,11 +71,38 @@ def test_two_worker_processes_share_one_study(tmp_path, tiny_cohort, postgres_ur
     storage = postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     study = f"marrowscope-test-{uuid.uuid4().hex[:10]}"
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "training.celltype", "--data", str(tiny_cohort), "--output", str(tmp_path / w),
-         "--config", "cpu-tiny", "--set", "epochs=2", "--hpo-trials", "3", "--study", study,
-         "--storage", storage, "--worker-id", w, "--tracking-uri", f"sqlite:///{tmp_path / w}.db"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w in ("w1", "w2")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "training.celltype",
+                "--data",
+                str(tiny_cohort),
+                "--output",
+                str(tmp_path / w),
+                "--config",
+                "cpu-tiny",
+                "--set",
+                "epochs=2",
+                "--hpo-trials",
+                "3",
+                "--study",
+                study,
+                "--storage",
+                storage,
+                "--worker-id",
+                w,
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / w}.db",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for w in ("w1", "w2")
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]

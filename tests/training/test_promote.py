@@ -19,8 +19,12 @@ from training.promote import get_args_parser, main, promote
 
 mlflow_server = fixtures_mlflow.mlflow_server  # the session's real server (fixture)
 
-GOOD = {"segmentation": {"map50": 0.9}, "celltype": {"macro_f1": 0.9},
-        "ensemble": {"auroc": 0.9}, "npm1": {"auroc": 0.9}}
+GOOD = {
+    "segmentation": {"map50": 0.9},
+    "celltype": {"macro_f1": 0.9},
+    "ensemble": {"auroc": 0.9},
+    "npm1": {"auroc": 0.9},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +35,19 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reg(mlflow_server, model_dirs):
-    def register(kind: str, metrics: dict | None = None, lineage: dict | None = None, model_dir=None) -> str:
+    def register(
+        kind: str, metrics: dict | None = None, lineage: dict | None = None, model_dir=None
+    ) -> str:
         return register_model_dir(
-            kind, model_dir or model_dirs[kind], metrics=GOOD[kind] if metrics is None else metrics,
-            params={}, data_hash="synthetic", lineage=lineage or {}, tracking_uri=mlflow_server,
+            kind,
+            model_dir or model_dirs[kind],
+            metrics=GOOD[kind] if metrics is None else metrics,
+            params={},
+            data_hash="synthetic",
+            lineage=lineage or {},
+            tracking_uri=mlflow_server,
         )
+
     return register
 
 
@@ -43,9 +55,12 @@ def reg(mlflow_server, model_dirs):
 def good_set(mlflow_server, reg, tmp_path_factory):
     """A consistent champion set with primary metrics 0.9 (any later good set equals it)."""
     seg, cel = reg("segmentation"), reg("celltype")
-    versions = {"segmentation": seg, "celltype": cel,
-                "ensemble": reg("ensemble", lineage={"segmentation": seg, "celltype": cel}),
-                "npm1": reg("npm1")}
+    versions = {
+        "segmentation": seg,
+        "celltype": cel,
+        "ensemble": reg("ensemble", lineage={"segmentation": seg, "celltype": cel}),
+        "npm1": reg("npm1"),
+    }
     log_file = tmp_path_factory.mktemp("log") / "promotions.jsonl"
     ok, decisions = promote(versions, tracking_uri=mlflow_server, actor="tester", log_file=log_file)
     assert ok, [d for d in decisions if not d.passed]
@@ -58,7 +73,9 @@ def champions(uri: str) -> dict[str, str]:
 
 def cli(uri: str, *argv: str, log_file=None) -> int:
     extra = ["--log-file", str(log_file)] if log_file else []
-    return main(get_args_parser().parse_args([*argv, "--tracking-uri", uri, "--actor", "tester", *extra]))
+    return main(
+        get_args_parser().parse_args([*argv, "--tracking-uri", uri, "--actor", "tester", *extra])
+    )
 
 
 def test_good_set_promoted_together_and_recorded(mlflow_server, good_set):
@@ -80,7 +97,10 @@ def test_dry_run_changes_nothing(mlflow_server, good_set, reg, tmp_path, capsys)
     before = champions(mlflow_server)
     better = reg("npm1", {"auroc": 0.95})
     log_file = tmp_path / "p.jsonl"
-    assert cli(mlflow_server, "--model", "npm1", "--version", better, "--dry-run", log_file=log_file) == 0
+    assert (
+        cli(mlflow_server, "--model", "npm1", "--version", better, "--dry-run", log_file=log_file)
+        == 0
+    )
     out = capsys.readouterr().out
     assert "non_inferiority" in out and "would promote: npm1 v" + better in out
     assert champions(mlflow_server) == before
@@ -97,7 +117,10 @@ def test_worse_model_is_refused_by_non_inferiority(mlflow_server, good_set, reg,
     assert champions(mlflow_server) == before
     assert json.loads(log_file.read_text().splitlines()[-1])["outcome"] == "refused"
     # within the margin it passes
-    assert cli(mlflow_server, "--model", "npm1", "--version", worse, "--margin", "0.2", "--dry-run") == 0
+    assert (
+        cli(mlflow_server, "--model", "npm1", "--version", worse, "--margin", "0.2", "--dry-run")
+        == 0
+    )
 
 
 def test_lineage_is_checked_against_what_will_serve(mlflow_server, good_set, reg, tmp_path, capsys):
@@ -115,8 +138,16 @@ def test_lineage_is_checked_against_what_will_serve(mlflow_server, good_set, reg
     assert "gate 'lineage' failed for ensemble" in capsys.readouterr().err
     # Promoted together with a matching ensemble, the new detector is fine.
     ens2 = reg("ensemble", lineage={"segmentation": seg2, "celltype": current["celltype"]})
-    assert cli(mlflow_server, "--pipeline", f"segmentation={seg2}", f"ensemble={ens2}",
-               log_file=log_file) == 0
+    assert (
+        cli(
+            mlflow_server,
+            "--pipeline",
+            f"segmentation={seg2}",
+            f"ensemble={ens2}",
+            log_file=log_file,
+        )
+        == 0
+    )
     assert champions(mlflow_server) == {**current, "segmentation": seg2, "ensemble": ens2}
 
 
@@ -124,10 +155,19 @@ def test_set_is_all_or_nothing(mlflow_server, good_set, reg, tmp_path, capsys):
     current = champions(mlflow_server)
     seg, cel = reg("segmentation"), reg("celltype", {"macro_f1": 0.3})  # below the floor
     ens = reg("ensemble", lineage={"segmentation": seg, "celltype": cel})
-    code = cli(mlflow_server, "--pipeline", f"segmentation={seg}", f"celltype={cel}", f"ensemble={ens}",
-               log_file=tmp_path / "p.jsonl")
+    code = cli(
+        mlflow_server,
+        "--pipeline",
+        f"segmentation={seg}",
+        f"celltype={cel}",
+        f"ensemble={ens}",
+        log_file=tmp_path / "p.jsonl",
+    )
     assert code == 1
-    assert f"gate 'metrics' failed for celltype v{cel}: macro_f1=0.3 < floor 0.5" in capsys.readouterr().err
+    assert (
+        f"gate 'metrics' failed for celltype v{cel}: macro_f1=0.3 < floor 0.5"
+        in capsys.readouterr().err
+    )
     assert champions(mlflow_server) == current
 
 
@@ -136,8 +176,19 @@ def test_floors_missing_metrics_and_flags(mlflow_server, good_set, reg, tmp_path
     assert cli(mlflow_server, "--model", "npm1", "--version", no_metric, "--dry-run") == 1
     assert "gate 'metrics' failed for npm1" in capsys.readouterr().err
     fine = reg("npm1", {"auroc": 0.95})
-    assert cli(mlflow_server, "--model", "npm1", "--version", fine, "--floor", "npm1.auroc=0.99",
-               "--dry-run") == 1
+    assert (
+        cli(
+            mlflow_server,
+            "--model",
+            "npm1",
+            "--version",
+            fine,
+            "--floor",
+            "npm1.auroc=0.99",
+            "--dry-run",
+        )
+        == 1
+    )
     assert "auroc=0.95 < floor 0.99" in capsys.readouterr().err
     assert cli(mlflow_server, "--model", "npm1", "--version", "9999", "--dry-run") == 1
     assert "gate 'exists' failed" in capsys.readouterr().err
@@ -145,9 +196,14 @@ def test_floors_missing_metrics_and_flags(mlflow_server, good_set, reg, tmp_path
 
 def test_config_gate(mlflow_server, good_set, reg, tmp_path, capsys):
     current = champions(mlflow_server)
-    odd = make_tiny_model_dir("ensemble", tmp_path / "odd", feature_names=["frac_BLA", "n_cells_log"])
-    bad_ens = reg("ensemble", lineage={"segmentation": current["segmentation"],
-                                       "celltype": current["celltype"]}, model_dir=odd)
+    odd = make_tiny_model_dir(
+        "ensemble", tmp_path / "odd", feature_names=["frac_BLA", "n_cells_log"]
+    )
+    bad_ens = reg(
+        "ensemble",
+        lineage={"segmentation": current["segmentation"], "celltype": current["celltype"]},
+        model_dir=odd,
+    )
     assert cli(mlflow_server, "--model", "ensemble", "--version", bad_ens, "--dry-run") == 1
     assert "gate 'config' failed for ensemble" in capsys.readouterr().err
     narrow = make_tiny_model_dir("celltype", tmp_path / "narrow", outputs=["BLA", "LYT"])
@@ -164,7 +220,9 @@ def test_usage_errors(mlflow_server, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_rollout_is_called_with_promoted_versions(mlflow_server, good_set, reg, monkeypatch, capsys):
+def test_rollout_is_called_with_promoted_versions(
+    mlflow_server, good_set, reg, monkeypatch, capsys
+):
     import training.rollout
 
     calls = []
@@ -175,11 +233,27 @@ def test_rollout_is_called_with_promoted_versions(mlflow_server, good_set, reg, 
 
     monkeypatch.setattr(training.rollout, "rollout_model_services", fake_rollout)
     fine = reg("npm1", {"auroc": 0.95})
-    assert cli(mlflow_server, "--model", "npm1", "--version", fine, "--dry-run",
-               "--rollout", "k8s", "--namespace", "ms-test") == 0
+    assert (
+        cli(
+            mlflow_server,
+            "--model",
+            "npm1",
+            "--version",
+            fine,
+            "--dry-run",
+            "--rollout",
+            "k8s",
+            "--namespace",
+            "ms-test",
+        )
+        == 0
+    )
     assert calls == [({"npm1": fine}, "ms-test", True)]
     worse = reg("npm1", {"auroc": 0.1})
-    assert cli(mlflow_server, "--model", "npm1", "--version", worse, "--dry-run", "--rollout", "k8s") == 1
+    assert (
+        cli(mlflow_server, "--model", "npm1", "--version", worse, "--dry-run", "--rollout", "k8s")
+        == 1
+    )
     assert len(calls) == 1  # a refusal never rolls out
 
 
@@ -190,8 +264,13 @@ def test_config_gate_accepts_cell_detectors_and_refuses_ones_without_nucleated_c
     from training.promote import _config_gate, _Version
 
     def version(classes):
-        config = make_config("detector", "fasterrcnn_mobilenet_v3_large_fpn", classes=classes,
-                             min_size=240, max_size=320)
+        config = make_config(
+            "detector",
+            "fasterrcnn_mobilenet_v3_large_fpn",
+            classes=classes,
+            min_size=240,
+            max_size=320,
+        )
         return _Version("segmentation", "1", {"marrowscope.config": json.dumps(config)})
 
     for ok_classes in (["cell", "RBC"], ["WBC", "RBC", "Platelets"]):
@@ -200,8 +279,9 @@ def test_config_gate_accepts_cell_detectors_and_refuses_ones_without_nucleated_c
     assert not passed and "nucleated" in detail
 
 
-def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(mlflow_server, good_set, reg, tmp_path,
-                                                                      capsys):
+def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(
+    mlflow_server, good_set, reg, tmp_path, capsys
+):
     """npm1_auroc floor (default 0.80) and non-inferiority for ensembles with the npm1 output;
     an AML-only ensemble may not replace one with it unless --allow-drop-target."""
     from training.promote import DEFAULT_FLOORS
@@ -238,23 +318,40 @@ def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(mlflow_ser
         # above the floor but worse than the champion's NPM1 head
         worse = reg("ensemble", {"auroc": 0.9, "npm1_auroc": 0.85}, lineage=lineage, model_dir=two)
         assert cli(mlflow_server, "--model", "ensemble", "--version", worse, "--dry-run") == 1
-        assert (f"gate 'non_inferiority' failed for ensemble v{worse}: auroc 0.9 >= champion v{good} 0.9 - "
-                f"margin 0.01; npm1_auroc 0.85 < champion v{good} 0.9") in capsys.readouterr().err
+        assert (
+            f"gate 'non_inferiority' failed for ensemble v{worse}: auroc 0.9 >= champion v{good} 0.9 - "
+            f"margin 0.01; npm1_auroc 0.85 < champion v{good} 0.9"
+        ) in capsys.readouterr().err
         # dropping the npm1 output: refused, shown, and accepted only on request
-        assert cli(mlflow_server, "--model", "ensemble", "--version", aml_only, log_file=log_file) == 1
+        assert (
+            cli(mlflow_server, "--model", "ensemble", "--version", aml_only, log_file=log_file) == 1
+        )
         err = capsys.readouterr().err
         assert f"gate 'targets' failed for ensemble v{aml_only}" in err and "drops ['npm1']" in err
         assert "--allow-drop-target" in err
         assert champions(mlflow_server)["ensemble"] == good
-        assert cli(mlflow_server, "--model", "ensemble", "--version", aml_only, "--allow-drop-target",
-                   "--dry-run") == 0
+        assert (
+            cli(
+                mlflow_server,
+                "--model",
+                "ensemble",
+                "--version",
+                aml_only,
+                "--allow-drop-target",
+                "--dry-run",
+            )
+            == 0
+        )
         assert "drops ['npm1'] (--allow-drop-target)" in capsys.readouterr().out
     finally:  # later tests expect the AML-only champion set
-        get_client(mlflow_server).set_registered_model_alias(registered_name("ensemble"), CHAMPION,
-                                                              current["ensemble"])
+        get_client(mlflow_server).set_registered_model_alias(
+            registered_name("ensemble"), CHAMPION, current["ensemble"]
+        )
 
 
-def test_ensemble_feature_unit_change_is_refused_unless_allowed(mlflow_server, good_set, reg, tmp_path, capsys):
+def test_ensemble_feature_unit_change_is_refused_unless_allowed(
+    mlflow_server, good_set, reg, tmp_path, capsys
+):
     """An um-trained champion replaced by a px-trained ensemble would make the gateway
     withhold P(AML) for every request that sends um_per_px: refused unless asked for."""
     from marrowscope.models import units_from_pixel_sizes
@@ -262,24 +359,62 @@ def test_ensemble_feature_unit_change_is_refused_unless_allowed(mlflow_server, g
     current = champions(mlflow_server)
     lineage = {"segmentation": current["segmentation"], "celltype": current["celltype"]}
     metrics = {"auroc": 0.95, "npm1_auroc": 0.95}
-    um = reg("ensemble", metrics, lineage=lineage, model_dir=make_tiny_model_dir(
-        "ensemble", tmp_path / "um", targets=["aml", "npm1"], feature_units=units_from_pixel_sizes([0.27])))
-    px = reg("ensemble", metrics, lineage=lineage, model_dir=make_tiny_model_dir(
-        "ensemble", tmp_path / "px", targets=["aml", "npm1"], feature_units=units_from_pixel_sizes([None])))
+    um = reg(
+        "ensemble",
+        metrics,
+        lineage=lineage,
+        model_dir=make_tiny_model_dir(
+            "ensemble",
+            tmp_path / "um",
+            targets=["aml", "npm1"],
+            feature_units=units_from_pixel_sizes([0.27]),
+        ),
+    )
+    px = reg(
+        "ensemble",
+        metrics,
+        lineage=lineage,
+        model_dir=make_tiny_model_dir(
+            "ensemble",
+            tmp_path / "px",
+            targets=["aml", "npm1"],
+            feature_units=units_from_pixel_sizes([None]),
+        ),
+    )
     try:
         # from a champion of unknown units: shown, not refused
-        ok, decisions = promote({"ensemble": um}, tracking_uri=mlflow_server, log_file=tmp_path / "p.jsonl")
+        ok, decisions = promote(
+            {"ensemble": um}, tracking_uri=mlflow_server, log_file=tmp_path / "p.jsonl"
+        )
         assert ok, [d for d in decisions if not d.passed]
         assert "features in um" in {d.gate: d.detail for d in decisions}["feature_units"]
         assert cli(mlflow_server, "--model", "ensemble", "--version", px, "--dry-run") == 1
         err = capsys.readouterr().err
-        assert f"gate 'feature_units' failed for ensemble v{px}: features in um (champion v{um}) -> px" in err
+        assert (
+            f"gate 'feature_units' failed for ensemble v{px}: features in um (champion v{um}) -> px"
+            in err
+        )
         assert "--allow-unit-change" in err
-        assert cli(mlflow_server, "--model", "ensemble", "--version", px, "--allow-unit-change", "--dry-run") == 0
+        assert (
+            cli(
+                mlflow_server,
+                "--model",
+                "ensemble",
+                "--version",
+                px,
+                "--allow-unit-change",
+                "--dry-run",
+            )
+            == 0
+        )
         assert "-> px (--allow-unit-change)" in capsys.readouterr().out
         same = reg("ensemble", metrics, lineage=lineage, model_dir=tmp_path / "um")
         ok, decisions = promote({"ensemble": same}, tracking_uri=mlflow_server, dry_run=True)
-        assert ok and "features in um (champion" in {d.gate: d.detail for d in decisions}["feature_units"]
+        assert (
+            ok
+            and "features in um (champion" in {d.gate: d.detail for d in decisions}["feature_units"]
+        )
     finally:  # later tests expect the original champion set
-        get_client(mlflow_server).set_registered_model_alias(registered_name("ensemble"), CHAMPION,
-                                                              current["ensemble"])
+        get_client(mlflow_server).set_registered_model_alias(
+            registered_name("ensemble"), CHAMPION, current["ensemble"]
+        )

@@ -19,8 +19,11 @@ def test_loss_decreases_on_a_fixed_batch(tiny_cohort):
 
     torch.manual_seed(0)
     data = celltype.coco_crops(tiny_cohort, "train", _config(), rbc_ratio=1.0)
-    model = build_model(make_config("celltype", "tiny_cnn", outputs=celltype.outputs(), crop_size=32,
-                                    cell_head="softmax"))
+    model = build_model(
+        make_config(
+            "celltype", "tiny_cnn", outputs=celltype.outputs(), crop_size=32, cell_head="softmax"
+        )
+    )
     x = torch.from_numpy(data.crops[:16]).permute(0, 3, 1, 2).float() / 255
     y, a = torch.from_numpy(data.cells[:16]), torch.from_numpy(data.attributes[:16])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -44,20 +47,41 @@ def test_training_crops_equal_serving_crops(tiny_cohort):
     config = _config()
     data = celltype.coco_crops(tiny_cohort, "test", config, rbc_ratio=None)
     items, _ = detection_items(tiny_cohort, "test", config, "dataset")
-    mc = make_config("celltype", "tiny_cnn", outputs=celltype.outputs(), crop_size=32,
-                     hyperparameters={"crop_pad_fraction": 0.1})
+    mc = make_config(
+        "celltype",
+        "tiny_cnn",
+        outputs=celltype.outputs(),
+        crop_size=32,
+        hyperparameters={"crop_pad_fraction": 0.1},
+    )
     typer = CellTyper(LoadedModel(build_model(mc), mc, "0" * 64, tiny_cohort))
     served = np.concatenate([typer.crops(read_rgb(i.path), i.boxes) for i in items if len(i.boxes)])
     np.testing.assert_array_equal(served, data.crops)
 
 
-def test_resume_continues_at_the_right_epoch_with_identical_result(tiny_cohort, tmp_path, sqlite_tracking):
+def test_resume_continues_at_the_right_epoch_with_identical_result(
+    tiny_cohort, tmp_path, sqlite_tracking
+):
     from marrowscope.models import load_model
 
     def run(out, epochs, *extra):
-        return celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", out, "--config", "cpu-tiny",
-                                      "--epochs", epochs, "--no-register", "--tracking-uri", sqlite_tracking,
-                                      *extra))
+        return celltype.main(
+            job_args(
+                celltype,
+                "--data",
+                tiny_cohort,
+                "--output",
+                out,
+                "--config",
+                "cpu-tiny",
+                "--epochs",
+                epochs,
+                "--no-register",
+                "--tracking-uri",
+                sqlite_tracking,
+                *extra,
+            )
+        )
 
     straight = run(tmp_path / "a", 2)
     run(tmp_path / "b", 1)
@@ -78,9 +102,37 @@ def test_resume_refuses_a_changed_config(tiny_cohort, tmp_path, sqlite_tracking)
 
     from training.common import UsageError
 
-    celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", tmp_path, "--config", "cpu-tiny",
-                           "--no-register", "--tracking-uri", sqlite_tracking))
+    celltype.main(
+        job_args(
+            celltype,
+            "--data",
+            tiny_cohort,
+            "--output",
+            tmp_path,
+            "--config",
+            "cpu-tiny",
+            "--no-register",
+            "--tracking-uri",
+            sqlite_tracking,
+        )
+    )
     with pytest.raises(UsageError, match="lr"):
-        celltype.main(job_args(celltype, "--data", tiny_cohort, "--output", tmp_path, "--config", "cpu-tiny",
-                               "--epochs", "2", "--set", "lr=0.1", "--resume", "--no-register",
-                               "--tracking-uri", sqlite_tracking))
+        celltype.main(
+            job_args(
+                celltype,
+                "--data",
+                tiny_cohort,
+                "--output",
+                tmp_path,
+                "--config",
+                "cpu-tiny",
+                "--epochs",
+                "2",
+                "--set",
+                "lr=0.1",
+                "--resume",
+                "--no-register",
+                "--tracking-uri",
+                sqlite_tracking,
+            )
+        )

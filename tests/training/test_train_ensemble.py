@@ -27,8 +27,11 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     common = ["--data", tiny_cohort, "--config", "cpu-tiny", "--tracking-uri", mlflow_server]
     # an untrained detector scores below 0.9 everywhere: no cells, so the feature pass is quick
     # (analyse_case itself is covered in tests/test_inference.py)
-    seg = segmentation.main(job_args(segmentation, *common, "--output", tmp_path / "seg",
-                                     "--set", "score_threshold=0.9"))
+    seg = segmentation.main(
+        job_args(
+            segmentation, *common, "--output", tmp_path / "seg", "--set", "score_threshold=0.9"
+        )
+    )
     cel = celltype.main(job_args(celltype, *common, "--output", tmp_path / "cel"))
     client = registry.get_client(mlflow_server)
     seg_v, cel_v = _latest(client, "segmentation"), _latest(client, "celltype")
@@ -36,10 +39,20 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     assert float(cel_v.tags["marrowscope.metric.macro_f1"]) == pytest.approx(cel["macro_f1"])
     assert seg_v.tags["marrowscope.data_hash"] == data_hash(tiny_cohort)
 
-    metrics = ensemble.main(job_args(
-        ensemble, *common, "--output", tmp_path / "ens", "--set", "score_threshold=0.0",
-        "--segmentation", f"models:/marrowscope-segmentation/{seg_v.version}",
-        "--celltype", f"models:/marrowscope-celltype/{cel_v.version}"))
+    metrics = ensemble.main(
+        job_args(
+            ensemble,
+            *common,
+            "--output",
+            tmp_path / "ens",
+            "--set",
+            "score_threshold=0.0",
+            "--segmentation",
+            f"models:/marrowscope-segmentation/{seg_v.version}",
+            "--celltype",
+            f"models:/marrowscope-celltype/{cel_v.version}",
+        )
+    )
     ens_v = _latest(client, "ensemble")
     assert ens_v.tags["marrowscope.lineage.segmentation"] == seg_v.version
     assert ens_v.tags["marrowscope.lineage.celltype"] == cel_v.version
@@ -60,16 +73,29 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     from training.common import JobConfig, load_job_config
     from training.common_data import load_cases
 
-    test = [r for r in load_cases(tiny_cohort, JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny")))
-            if r.split == "test"]
-    assert metrics["npm1_n_pos"] == sum(r.aml_label == 1 and r.npm1_status == "mutated" for r in test)
-    assert metrics["npm1_n_neg"] == sum(r.aml_label == 1 and r.npm1_status == "wild_type" for r in test)
+    test = [
+        r
+        for r in load_cases(
+            tiny_cohort, JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny"))
+        )
+        if r.split == "test"
+    ]
+    assert metrics["npm1_n_pos"] == sum(
+        r.aml_label == 1 and r.npm1_status == "mutated" for r in test
+    )
+    assert metrics["npm1_n_neg"] == sum(
+        r.aml_label == 1 and r.npm1_status == "wild_type" for r in test
+    )
     assert metrics["n_pos"] + metrics["n_neg"] == len(test)
     run = client.get_run(ens_v.run_id)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/aml_roc.png", "plots/aml_pr.png", "plots/aml_calibration.png"} <= artifacts
-    assert {"plots/npm1_roc.png", "plots/npm1_pr.png", "plots/npm1_calibration.png",
-            "plots/npm1_confusion.png"} <= artifacts
+    assert {
+        "plots/npm1_roc.png",
+        "plots/npm1_pr.png",
+        "plots/npm1_calibration.png",
+        "plots/npm1_confusion.png",
+    } <= artifacts
     # features are cached per upstream versions and reused
     assert list((tmp_path / "ens").glob(f"features-*-seg{seg_v.version}-cel{cel_v.version}.npz"))
     # the config records the unit its morphometric features were learned in
@@ -83,8 +109,9 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
     from marrowscope.models import load_model
 
     loaded = load_model(tmp_path / "ens" / "model")
-    assert loaded.config["targets"] == ["aml", "npm1"] and list(loaded.module.predict_targets(
-        loaded.module.feature_mean[None])) == ["aml", "npm1"]
+    assert loaded.config["targets"] == ["aml", "npm1"] and list(
+        loaded.module.predict_targets(loaded.module.feature_mean[None])
+    ) == ["aml", "npm1"]
     import json
 
     assert json.loads(ens_v.tags["marrowscope.config"])["targets"] == ["aml", "npm1"]
@@ -106,9 +133,20 @@ def test_npm1_target_on_data_without_npm1_status_names_the_fix(tiny_cohort, tmp_
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    args = job_args(ensemble, "--data", data, "--output", tmp_path / "o", "--config", "cpu-tiny",
-                    "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
-    with pytest.raises(UsageError, match=r"no AML case with a known NPM1 status.*--set 'targets=\[\"aml\"\]'"):
+    args = job_args(
+        ensemble,
+        "--data",
+        data,
+        "--output",
+        tmp_path / "o",
+        "--config",
+        "cpu-tiny",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'none.db'}",
+    )
+    with pytest.raises(
+        UsageError, match=r"no AML case with a known NPM1 status.*--set 'targets=\[\"aml\"\]'"
+    ):
         ensemble.main(args)
     assert not (tmp_path / "o").exists() and not (tmp_path / "none.db").exists()
 
@@ -137,8 +175,19 @@ def test_training_feature_units_follow_the_pixel_sizes(tiny_cohort, tmp_path):
 
 
 def test_local_upstream_needs_no_register(tiny_cohort, tmp_path):
-    args = job_args(ensemble, "--data", tiny_cohort, "--output", tmp_path / "o", "--config", "cpu-tiny",
-                    "--segmentation", str(tmp_path), "--celltype", "models:/marrowscope-celltype/1")
+    args = job_args(
+        ensemble,
+        "--data",
+        tiny_cohort,
+        "--output",
+        tmp_path / "o",
+        "--config",
+        "cpu-tiny",
+        "--segmentation",
+        str(tmp_path),
+        "--celltype",
+        "models:/marrowscope-celltype/1",
+    )
     with pytest.raises(UsageError, match="lineage needs a registered version"):
         ensemble.main(args)
     assert not (tmp_path / "o").exists()

@@ -45,10 +45,26 @@ def test_augmentation_only_on_the_training_fold(tiny_cohort):
 def test_main_trains_and_reports_on_aml_test_cases(tiny_cohort, tmp_path, sqlite_tracking):
     records = _records(tiny_cohort)
     test_aml = [r for r in npm1.aml_records(records) if r.split == "test"]
-    metrics = npm1.main(job_args(npm1, "--data", tiny_cohort, "--output", tmp_path, "--config", "cpu-tiny",
-                                 "--no-register", "--tracking-uri", sqlite_tracking))
+    metrics = npm1.main(
+        job_args(
+            npm1,
+            "--data",
+            tiny_cohort,
+            "--output",
+            tmp_path,
+            "--config",
+            "cpu-tiny",
+            "--no-register",
+            "--tracking-uri",
+            sqlite_tracking,
+        )
+    )
     assert metrics["n_pos"] + metrics["n_neg"] == len(test_aml)
     assert metrics["n_pos"] == sum(r.npm1_label == 1 for r in test_aml)
     assert {"auroc", "auroc_ci_low", "auroc_ci_high", "pr_auc", "brier", "accuracy"} <= set(metrics)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "npm1_calibration.png", "npm1_confusion.png", "npm1_pr.png", "npm1_roc.png"]
+        "npm1_calibration.png",
+        "npm1_confusion.png",
+        "npm1_pr.png",
+        "npm1_roc.png",
+    ]

@@ -66,8 +66,18 @@ class Annotation:
 
 
 _IMAGE_KEYS = {"id", "file_name", "width", "height", "case_id", "patient_id", "um_per_px"}
-_ANN_KEYS = {"id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation",
-             "nucleus_segmentation", "attributes", "score"}
+_ANN_KEYS = {
+    "id",
+    "image_id",
+    "category_id",
+    "bbox",
+    "area",
+    "iscrowd",
+    "segmentation",
+    "nucleus_segmentation",
+    "attributes",
+    "score",
+}
 
 
 @dataclass
@@ -85,19 +95,26 @@ class LoadReport:
 
     def summary(self) -> str:
         unknown = sum(self.unknown_categories.values())
-        text = (f"{self.source}: {self.images} images, {self.annotations} annotations kept; "
-                f"{self.clipped_boxes} boxes clipped to the image, "
-                f"{self.dropped_empty_boxes} empty boxes dropped, "
-                f"{unknown} annotations of unknown categories dropped"
-                + (f" {dict(self.unknown_categories)}" if unknown else "")
-                + f", {self.missing_images} images missing on disk")
+        text = (
+            f"{self.source}: {self.images} images, {self.annotations} annotations kept; "
+            f"{self.clipped_boxes} boxes clipped to the image, "
+            f"{self.dropped_empty_boxes} empty boxes dropped, "
+            f"{unknown} annotations of unknown categories dropped"
+            + (f" {dict(self.unknown_categories)}" if unknown else "")
+            + f", {self.missing_images} images missing on disk"
+        )
         if self.notes:
             text += "; " + "; ".join(self.notes)
         return text
 
     def log(self) -> None:
-        changed = (self.clipped_boxes or self.dropped_empty_boxes or self.missing_images
-                   or self.unknown_categories or self.notes)
+        changed = (
+            self.clipped_boxes
+            or self.dropped_empty_boxes
+            or self.missing_images
+            or self.unknown_categories
+            or self.notes
+        )
         log.log(logging.WARNING if changed else logging.INFO, "%s", self.summary())
 
 
@@ -133,8 +150,9 @@ class Dataset:
         return out
 
 
-def clip_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int
-             ) -> tuple[BBox | None, bool]:
+def clip_box(
+    x1: float, y1: float, x2: float, y2: float, width: int, height: int
+) -> tuple[BBox | None, bool]:
     """Clip corner box to [0, width] x [0, height]; returns ((x, y, w, h) or None if empty,
     clipped?)."""
     cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
@@ -145,8 +163,9 @@ def clip_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int
     return (float(cx1), float(cy1), float(cx2 - cx1), float(cy2 - cy1)), clipped
 
 
-def resolve_category(name: str, categories: tuple[str, ...], class_map: Mapping[str, str | None]
-                     | None) -> str | None:
+def resolve_category(
+    name: str, categories: tuple[str, ...], class_map: Mapping[str, str | None] | None
+) -> str | None:
     """Map a file's class name to a dataset category; None = dropped via class_map."""
     if class_map is not None and name in class_map:
         return class_map[name]
@@ -183,8 +202,10 @@ def normalise_segmentation(seg: Any, where: str) -> Segmentation | None:
             h, w = seg["size"]
             seg = mask_utils.frPyObjects(seg, h, w)
         counts = seg["counts"]
-        return {"size": [int(seg["size"][0]), int(seg["size"][1])],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        return {
+            "size": [int(seg["size"][0]), int(seg["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+        }
     if isinstance(seg, list) and all(isinstance(p, list) for p in seg):
         polys = [[float(v) for v in p] for p in seg]
         if any(len(p) < 6 or len(p) % 2 for p in polys):
@@ -209,8 +230,9 @@ def segmentation_area(seg: Segmentation | None, height: int, width: int) -> floa
 def coco_categories_for(dataset: Dataset) -> list[dict[str, Any]]:
     if dataset.is_taxonomy:
         return taxonomy.coco_categories()
-    return [{"id": i + 1, "name": n, "supercategory": "cell"}
-            for i, n in enumerate(dataset.categories)]
+    return [
+        {"id": i + 1, "name": n, "supercategory": "cell"} for i, n in enumerate(dataset.categories)
+    ]
 
 
 def _int(entry: Mapping[str, Any], key: str, where: str) -> int:
@@ -220,9 +242,14 @@ def _int(entry: Mapping[str, Any], key: str, where: str) -> int:
         raise DatasetFormatError(f"{where}: missing or non-integer {key!r}") from None
 
 
-def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
-              class_map: Mapping[str, str | None] | None = None, drop_unknown: bool = False,
-              check_images: bool = True) -> Dataset:
+def read_coco(
+    path: str | Path,
+    *,
+    taxonomy_categories: bool = True,
+    class_map: Mapping[str, str | None] | None = None,
+    drop_unknown: bool = False,
+    check_images: bool = True,
+) -> Dataset:
     """Read COCO instances JSON into a `Dataset` (root = the JSON's folder).
 
     With `taxonomy_categories`, category names must be taxonomy codes (after `class_map`;
@@ -234,11 +261,15 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
     """
     path = Path(path)
     data = load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list) \
-            or not isinstance(data.get("categories"), list):
-        raise DatasetFormatError(f"{path}: not COCO instances (needs lists 'images', "
-                                 "'annotations', 'categories')")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+        or not isinstance(data.get("categories"), list)
+    ):
+        raise DatasetFormatError(
+            f"{path}: not COCO instances (needs lists 'images', 'annotations', 'categories')"
+        )
     report = LoadReport(source=str(path))
     file_cats = {}
     for c in data["categories"]:
@@ -253,7 +284,8 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
                 raise DatasetFormatError(
                     f"{path}: category {name!r} is not a taxonomy code; known: "
                     f"{', '.join(taxonomy.CODES)} (pass class_map, drop_unknown=True, or "
-                    "taxonomy_categories=False)") from None
+                    "taxonomy_categories=False)"
+                ) from None
             cat_by_id[cid] = None
 
     images: list[ImageRecord] = []
@@ -262,11 +294,15 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
         if "file_name" not in im:
             raise DatasetFormatError(f"{where}: missing 'file_name'")
         rec = ImageRecord(
-            id=_int(im, "id", where), file_name=str(im["file_name"]),
-            width=_int(im, "width", where), height=_int(im, "height", where),
-            case_id=im.get("case_id"), patient_id=im.get("patient_id"),
+            id=_int(im, "id", where),
+            file_name=str(im["file_name"]),
+            width=_int(im, "width", where),
+            height=_int(im, "height", where),
+            case_id=im.get("case_id"),
+            patient_id=im.get("patient_id"),
             um_per_px=None if im.get("um_per_px") is None else float(im["um_per_px"]),
-            extra={k: v for k, v in im.items() if k not in _IMAGE_KEYS})
+            extra={k: v for k, v in im.items() if k not in _IMAGE_KEYS},
+        )
         if check_images and not (path.parent / rec.file_name).is_file():
             report.missing_images += 1
             continue
@@ -301,18 +337,30 @@ def read_coco(path: str | Path, *, taxonomy_categories: bool = True,
             report.dropped_empty_boxes += 1
             continue
         report.clipped_boxes += clipped
-        annotations.append(Annotation(
-            id=_int(a, "id", where), image_id=image_id, category=category, bbox=clipped_box,
-            segmentation=normalise_segmentation(a.get("segmentation"), where),
-            nucleus_segmentation=normalise_segmentation(a.get("nucleus_segmentation"), where),
-            attributes={str(k): bool(v) for k, v in (a.get("attributes") or {}).items()},
-            score=None if a.get("score") is None else float(a["score"]),
-            iscrowd=bool(a.get("iscrowd", 0)),
-            extra={k: v for k, v in a.items() if k not in _ANN_KEYS}))
+        annotations.append(
+            Annotation(
+                id=_int(a, "id", where),
+                image_id=image_id,
+                category=category,
+                bbox=clipped_box,
+                segmentation=normalise_segmentation(a.get("segmentation"), where),
+                nucleus_segmentation=normalise_segmentation(a.get("nucleus_segmentation"), where),
+                attributes={str(k): bool(v) for k, v in (a.get("attributes") or {}).items()},
+                score=None if a.get("score") is None else float(a["score"]),
+                iscrowd=bool(a.get("iscrowd", 0)),
+                extra={k: v for k, v in a.items() if k not in _ANN_KEYS},
+            )
+        )
     report.images, report.annotations = len(images), len(annotations)
     report.log()
-    return Dataset(images=images, annotations=annotations, categories=tuple(categories),
-                   root=path.parent, info=dict(data.get("info") or {}), report=report)
+    return Dataset(
+        images=images,
+        annotations=annotations,
+        categories=tuple(categories),
+        root=path.parent,
+        info=dict(data.get("info") or {}),
+        report=report,
+    )
 
 
 def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
@@ -320,8 +368,12 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
     by_id = {im.id: im for im in dataset.images}
     images = []
     for im in dataset.images:
-        entry: dict[str, Any] = {"id": im.id, "file_name": im.file_name, "width": im.width,
-                                 "height": im.height}
+        entry: dict[str, Any] = {
+            "id": im.id,
+            "file_name": im.file_name,
+            "width": im.width,
+            "height": im.height,
+        }
         for key in ("case_id", "patient_id", "um_per_px"):
             if getattr(im, key) is not None:
                 entry[key] = getattr(im, key)
@@ -333,11 +385,15 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
             raise ValueError(f"annotation {a.id} refers to unknown image {a.image_id}")
         im = by_id[a.image_id]
         area = segmentation_area(a.segmentation, im.height, im.width)
-        entry = {"id": a.id, "image_id": a.image_id,
-                 "category_id": dataset.category_id(a.category), "bbox": list(a.bbox),
-                 "area": a.bbox[2] * a.bbox[3] if area is None else area,
-                 "iscrowd": int(a.iscrowd),
-                 "segmentation": [] if a.segmentation is None else a.segmentation}
+        entry = {
+            "id": a.id,
+            "image_id": a.image_id,
+            "category_id": dataset.category_id(a.category),
+            "bbox": list(a.bbox),
+            "area": a.bbox[2] * a.bbox[3] if area is None else area,
+            "iscrowd": int(a.iscrowd),
+            "segmentation": [] if a.segmentation is None else a.segmentation,
+        }
         if a.nucleus_segmentation is not None:
             entry["nucleus_segmentation"] = a.nucleus_segmentation
         entry["attributes"] = dict(a.attributes)
@@ -345,8 +401,12 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
             entry["score"] = a.score
         entry.update(a.extra)
         annotations.append(entry)
-    return {"info": dict(dataset.info), "images": images, "annotations": annotations,
-            "categories": coco_categories_for(dataset)}
+    return {
+        "info": dict(dataset.info),
+        "images": images,
+        "annotations": annotations,
+        "categories": coco_categories_for(dataset),
+    }
 
 
 def write_coco(dataset: Dataset, path: str | Path) -> Path:

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
-def read_imagefolder(root: str | Path, *, class_map: Mapping[str, str | None] | None = None
-                     ) -> list[tuple[Path, str]]:
+def read_imagefolder(
+    root: str | Path, *, class_map: Mapping[str, str | None] | None = None
+) -> list[tuple[Path, str]]:
     """(image path, taxonomy code) for every image under ROOT, sorted by path.
 
     Raises DatasetFormatError when a folder is neither a code (case-insensitive) nor in
@@ -40,26 +41,32 @@ def read_imagefolder(root: str | Path, *, class_map: Mapping[str, str | None] | 
                 log.info("%s: folder %s skipped by class_map", root, folder.name)
                 continue
             if code not in taxonomy.CODES:
-                raise DatasetFormatError(f"class_map maps {folder.name!r} to {code!r}, which "
-                                         f"is not a taxonomy code ({', '.join(taxonomy.CODES)})")
+                raise DatasetFormatError(
+                    f"class_map maps {folder.name!r} to {code!r}, which "
+                    f"is not a taxonomy code ({', '.join(taxonomy.CODES)})"
+                )
         elif folder.name.upper() in taxonomy.CODES:
             code = folder.name.upper()
         else:
             raise DatasetFormatError(
                 f"{folder}: folder name is not a cell-type code; known codes: "
-                f"{', '.join(taxonomy.CODES)} (pass class_map to map or skip it)")
-        files = sorted(p for p in folder.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                f"{', '.join(taxonomy.CODES)} (pass class_map to map or skip it)"
+            )
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         items.extend((p, code) for p in files)
     if not items:
         raise DatasetFormatError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    log.info("%s: %d single-cell images in %d classes", root, len(items),
-             len({c for _, c in items}))
+    log.info(
+        "%s: %d single-cell images in %d classes", root, len(items), len({c for _, c in items})
+    )
     return items
 
 
-def iter_imagefolder(items: list[tuple[Path, str]], *, limits: ImageLimits | None = None
-                     ) -> Iterator[tuple[np.ndarray, str]]:
+def iter_imagefolder(
+    items: list[tuple[Path, str]], *, limits: ImageLimits | None = None
+) -> Iterator[tuple[np.ndarray, str]]:
     """Decode each item: yields (uint8[H, W, 3] RGB, code). No torch needed. A bad file
     raises `marrowscope.errors.InvalidInput` naming the path."""
     from marrowscope.errors import InvalidInput

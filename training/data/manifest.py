@@ -12,8 +12,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-COLUMNS = ("case_id", "patient_id", "image_paths", "aml_label", "npm1_status", "vaf",
-           "blast_pct", "split")
+COLUMNS = (
+    "case_id",
+    "patient_id",
+    "image_paths",
+    "aml_label",
+    "npm1_status",
+    "vaf",
+    "blast_pct",
+    "split",
+)
 NPM1_STATUSES = ("mutated", "wild_type", "na")
 SPLITS = ("train", "val", "test", "")
 
@@ -87,17 +95,19 @@ def read_manifest(path: str | Path, *, check_images: bool = False) -> list[CaseR
                 for p in images:
                     if not (path.parent / p).is_file():
                         raise ManifestError(f"{where}: image not found: {p}")
-            records.append(CaseRecord(
-                case_id=case_id,
-                patient_id=row["patient_id"].strip() or case_id,
-                image_paths=images,
-                aml_label=int(row["aml_label"]),
-                npm1_status=npm1,
-                vaf=_opt_float(row["vaf"], f"{where} vaf"),
-                blast_pct=_opt_float(row["blast_pct"], f"{where} blast_pct"),
-                split=split,
-                extra={k: v for k, v in row.items() if k not in COLUMNS and k is not None},
-            ))
+            records.append(
+                CaseRecord(
+                    case_id=case_id,
+                    patient_id=row["patient_id"].strip() or case_id,
+                    image_paths=images,
+                    aml_label=int(row["aml_label"]),
+                    npm1_status=npm1,
+                    vaf=_opt_float(row["vaf"], f"{where} vaf"),
+                    blast_pct=_opt_float(row["blast_pct"], f"{where} blast_pct"),
+                    split=split,
+                    extra={k: v for k, v in row.items() if k not in COLUMNS and k is not None},
+                )
+            )
     return records
 
 
@@ -113,6 +123,16 @@ def write_manifest(path: str | Path, records: Iterable[CaseRecord]) -> Path:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(COLUMNS)
         for r in records:
-            writer.writerow([r.case_id, r.patient_id, ";".join(r.image_paths), r.aml_label,
-                             r.npm1_status, _fmt(r.vaf), _fmt(r.blast_pct), r.split])
+            writer.writerow(
+                [
+                    r.case_id,
+                    r.patient_id,
+                    ";".join(r.image_paths),
+                    r.aml_label,
+                    r.npm1_status,
+                    _fmt(r.vaf),
+                    _fmt(r.blast_pct),
+                    r.split,
+                ]
+            )
     return path

@@ -31,13 +31,16 @@ def stratum_key(stratify: Stratify) -> Callable[[CaseRecord], Hashable]:
     if stratify == "aml_npm1":
         return lambda r: f"{r.aml_label}:{r.npm1_status}"
     if stratify not in CaseRecord.__dataclass_fields__:
-        raise ValueError(f"unknown stratify key {stratify!r}; use a CaseRecord field, "
-                         "'aml_npm1', a callable or None")
+        raise ValueError(
+            f"unknown stratify key {stratify!r}; use a CaseRecord field, "
+            "'aml_npm1', a callable or None"
+        )
     return lambda r: getattr(r, stratify)
 
 
-def _folds(records: Sequence[CaseRecord], n_splits: int, seed: int, stratify: Stratify
-           ) -> list[tuple[np.ndarray, np.ndarray]]:
+def _folds(
+    records: Sequence[CaseRecord], n_splits: int, seed: int, stratify: Stratify
+) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = [r.patient_id for r in records]
@@ -56,18 +59,25 @@ def _check_unique(records: Sequence[CaseRecord]) -> None:
         raise ValueError("duplicate case_id in records")
 
 
-def split_cases(records: Sequence[CaseRecord], *, test_fraction: float, val_fraction: float,
-                seed: int, stratify: Stratify = "aml_label") -> list[CaseRecord]:
+def split_cases(
+    records: Sequence[CaseRecord],
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    stratify: Stratify = "aml_label",
+) -> list[CaseRecord]:
     """Assign `split` (train | val | test) to every record, grouped by patient_id and
     stratified by `stratify`; returns new records in the input order.
 
     test_fraction, val_fraction: shares of all cases (0 = no such split), met approximately.
     """
     _check_unique(records)
-    if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1
-            and test_fraction + val_fraction < 1):
-        raise ValueError(f"fractions must be in [0, 1) with a sum < 1, got test="
-                         f"{test_fraction}, val={val_fraction}")
+    if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise ValueError(
+            f"fractions must be in [0, 1) with a sum < 1, got test="
+            f"{test_fraction}, val={val_fraction}"
+        )
     assigned = {r.case_id: "train" for r in records}
     remaining = list(records)
     if test_fraction > 0:
@@ -82,17 +92,25 @@ def split_cases(records: Sequence[CaseRecord], *, test_fraction: float, val_frac
             assigned[remaining[i].case_id] = "val"
     out = [r.with_split(assigned[r.case_id]) for r in records]
     counts = {s: sum(r.split == s for r in out) for s in ("train", "val", "test")}
-    log.info("split %d cases (%d patients) seed=%d stratify=%s: %s", len(out),
-             len({r.patient_id for r in out}), seed, stratify, counts)
+    log.info(
+        "split %d cases (%d patients) seed=%d stratify=%s: %s",
+        len(out),
+        len({r.patient_id for r in out}),
+        seed,
+        stratify,
+        counts,
+    )
     return out
 
 
-def grouped_kfold(records: Sequence[CaseRecord], k: int, *, seed: int,
-                  stratify_by: Stratify = "aml_label") -> list[tuple[list[str], list[str]]]:
+def grouped_kfold(
+    records: Sequence[CaseRecord], k: int, *, seed: int, stratify_by: Stratify = "aml_label"
+) -> list[tuple[list[str], list[str]]]:
     """k (train case_ids, val case_ids) folds, grouped by patient_id and stratified by
     `stratify_by`. Pass only the cases meant for cross-validation (e.g. not the test split).
     """
     _check_unique(records)
     folds = _folds(records, k, seed, stratify_by)
-    return [([records[i].case_id for i in tr], [records[i].case_id for i in va])
-            for tr, va in folds]
+    return [
+        ([records[i].case_id for i in tr], [records[i].case_id for i in va]) for tr, va in folds
+    ]

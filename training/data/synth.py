@@ -31,8 +31,16 @@ from .manifest import CaseRecord, write_manifest
 from .synth_cohort import CaseSpec, SynthConfig, case_rng, sample_case, sample_cohort
 from .synth_render import NUCLEATED_PER_FIELD, CellInstance, render_image, rle_from_crop
 
-__all__ = ["CaseSpec", "CellInstance", "DatasetSummary", "SynthConfig", "benchmark",
-           "generate_dataset", "render_image", "sample_cohort"]
+__all__ = [
+    "CaseSpec",
+    "CellInstance",
+    "DatasetSummary",
+    "SynthConfig",
+    "benchmark",
+    "generate_dataset",
+    "render_image",
+    "sample_cohort",
+]
 
 GENERATOR = "marrowscope.synth"
 VERSION = "1"
@@ -54,19 +62,21 @@ class DatasetSummary:
     def format(self) -> str:
         cells = ", ".join(f"{k} {v}" for k, v in self.cells_by_type.items())
         groups = ", ".join(f"{k} {v}" for k, v in self.cases_by_group.items())
-        return (f"synthetic data set {self.out_dir}: {sum(self.cases_by_group.values())} cases "
-                f"({groups}); {self.images} images in {self.seconds:.1f} s "
-                f"({self.images / max(self.seconds, 1e-9):.1f} images/s)\n"
-                f"cells annotated: {sum(self.cells_by_type.values())} ({cells})\n"
-                f"dropped (visible area below threshold): {self.dropped}; "
-                f"not placed (no room): {self.unplaced}; label-noise flips: {self.flipped}")
+        return (
+            f"synthetic data set {self.out_dir}: {sum(self.cases_by_group.values())} cases "
+            f"({groups}); {self.images} images in {self.seconds:.1f} s "
+            f"({self.images / max(self.seconds, 1e-9):.1f} images/s)\n"
+            f"cells annotated: {sum(self.cells_by_type.values())} ({cells})\n"
+            f"dropped (visible area below threshold): {self.dropped}; "
+            f"not placed (no room): {self.unplaced}; label-noise flips: {self.flipped}"
+        )
 
 
 def _case_cell_types(rng, spec: CaseSpec, config: SynthConfig) -> list[list[str]]:
     """Nucleated cell types per image; the blast count is fixed to the case's blast fraction
     (stochastic rounding) so that small cases still respect the label's blast range."""
     w, h = config.size
-    field_ = w * h * config.um_per_px ** 2 / (640 * 480 * 0.27 ** 2)
+    field_ = w * h * config.um_per_px**2 / (640 * 480 * 0.27**2)
     counts = rng.poisson(NUCLEATED_PER_FIELD * config.crowding * field_, size=spec.n_images)
     total = int(counts.sum())
     n_bla = int(np.floor(spec.blast_fraction * total + rng.random()))
@@ -96,20 +106,37 @@ def _render_case(job: tuple[CaseSpec, int, SynthConfig, str]) -> dict:
         if config.jpeg_quality is None:
             pil.save(Path(out_dir) / name, format="PNG", compress_level=1)
         else:
-            pil.save(Path(out_dir) / name, format="JPEG", quality=config.jpeg_quality,
-                     subsampling=0, optimize=False)
-        images.append({"file_name": name, "width": width, "height": height,
-                       "case_id": spec.case_id, "patient_id": spec.patient_id,
-                       "um_per_px": config.um_per_px})
+            pil.save(
+                Path(out_dir) / name,
+                format="JPEG",
+                quality=config.jpeg_quality,
+                subsampling=0,
+                optimize=False,
+            )
+        images.append(
+            {
+                "file_name": name,
+                "width": width,
+                "height": height,
+                "case_id": spec.case_id,
+                "patient_id": spec.patient_id,
+                "um_per_px": config.um_per_px,
+            }
+        )
         for c in cells:
             x, y = int(c.bbox[0]), int(c.bbox[1])
             code = c.code
             if code in COUNTED_CODES and noise_rng.random() < config.label_noise:
                 code = str(noise_rng.choice([o for o in COUNTED_CODES if o != c.code]))
-            ann = {"image_index": k, "category_id": CATEGORY_IDS[code],
-                   "true_category_id": CATEGORY_IDS[c.code], "bbox": list(c.bbox),
-                   "area": c.area, "iscrowd": 0,
-                   "segmentation": rle_from_crop(c.mask, x, y, height, width)}
+            ann = {
+                "image_index": k,
+                "category_id": CATEGORY_IDS[code],
+                "true_category_id": CATEGORY_IDS[c.code],
+                "bbox": list(c.bbox),
+                "area": c.area,
+                "iscrowd": 0,
+                "segmentation": rle_from_crop(c.mask, x, y, height, width),
+            }
             if c.nucleus_mask is not None:
                 ann["nucleus_segmentation"] = rle_from_crop(c.nucleus_mask, x, y, height, width)
             ann["attributes"] = dict(c.attributes)
@@ -120,9 +147,16 @@ def _render_case(job: tuple[CaseSpec, int, SynthConfig, str]) -> dict:
     return {"images": images, "annotations": anns, "stats": stats, "blast_pct": blast_pct}
 
 
-def generate_dataset(out_dir: str | Path, *, cases: int, seed: int, config: SynthConfig,
-                     workers: int = 1, preview: bool = False,
-                     args: dict | None = None) -> DatasetSummary:
+def generate_dataset(
+    out_dir: str | Path,
+    *,
+    cases: int,
+    seed: int,
+    config: SynthConfig,
+    workers: int = 1,
+    preview: bool = False,
+    args: dict | None = None,
+) -> DatasetSummary:
     """Generate a data set folder; identical arguments give byte-identical files, whatever
     the number of workers (each case has its own seed stream)."""
     if workers < 1:
@@ -156,18 +190,33 @@ def generate_dataset(out_dir: str | Path, *, cases: int, seed: int, config: Synt
             cells[code_by_id[a["category_id"]]] += 1
             coco_anns.append({"id": len(coco_anns) + 1, **a})
         stats.update(res["stats"])
-        records.append(CaseRecord(
-            case_id=spec.case_id, patient_id=spec.patient_id,
-            image_paths=tuple(im["file_name"] for im in res["images"]),
-            aml_label=spec.aml_label, npm1_status=spec.npm1_status, vaf=spec.vaf,
-            blast_pct=res["blast_pct"]))
-    info = {"generator": GENERATOR, "version": VERSION, "seed": seed,
-            "args": args if args is not None else {"cases": cases, "seed": seed, **config.as_dict()},
-            "label_noise": config.label_noise, "label_noise_flipped": flipped,
-            "dropped_annotations": stats.get("dropped", 0),
-            "description": "synthetic MGG-like bone-marrow smears (functional evidence only)"}
-    coco = {"info": info, "images": coco_images, "annotations": coco_anns,
-            "categories": coco_categories()}
+        records.append(
+            CaseRecord(
+                case_id=spec.case_id,
+                patient_id=spec.patient_id,
+                image_paths=tuple(im["file_name"] for im in res["images"]),
+                aml_label=spec.aml_label,
+                npm1_status=spec.npm1_status,
+                vaf=spec.vaf,
+                blast_pct=res["blast_pct"],
+            )
+        )
+    info = {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "seed": seed,
+        "args": args if args is not None else {"cases": cases, "seed": seed, **config.as_dict()},
+        "label_noise": config.label_noise,
+        "label_noise_flipped": flipped,
+        "dropped_annotations": stats.get("dropped", 0),
+        "description": "synthetic MGG-like bone-marrow smears (functional evidence only)",
+    }
+    coco = {
+        "info": info,
+        "images": coco_images,
+        "annotations": coco_anns,
+        "categories": coco_categories(),
+    }
     (out / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
     write_manifest(out / "cases.csv", records)
     if preview:
@@ -175,14 +224,22 @@ def generate_dataset(out_dir: str | Path, *, cases: int, seed: int, config: Synt
 
         write_preview(out, coco, specs)
     groups = Counter(s.group for s in specs)
-    return DatasetSummary(out, dict(sorted(groups.items())), len(coco_images),
-                          {c: cells[c] for c in CATEGORY_IDS if cells[c]},
-                          stats.get("dropped", 0), stats.get("unplaced", 0), flipped,
-                          time.perf_counter() - t0, records)
+    return DatasetSummary(
+        out,
+        dict(sorted(groups.items())),
+        len(coco_images),
+        {c: cells[c] for c in CATEGORY_IDS if cells[c]},
+        stats.get("dropped", 0),
+        stats.get("unplaced", 0),
+        flipped,
+        time.perf_counter() - t0,
+        records,
+    )
 
 
-def benchmark(sizes=((640, 480), (2560, 1920)), n: int = 10, seed: int = 0,
-              config: SynthConfig | None = None) -> dict[str, float]:
+def benchmark(
+    sizes=((640, 480), (2560, 1920)), n: int = 10, seed: int = 0, config: SynthConfig | None = None
+) -> dict[str, float]:
     """Single-process rendering throughput (render_image, no file writing): images/s per
     size, keyed "WxH"."""
     base = config or SynthConfig()
@@ -210,16 +267,23 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.data.synth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.data.synth",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d = SynthConfig()
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, default=d.size, help="WxH pixels (default 640x480)")
     p.add_argument("--um-per-px", type=float, default=d.um_per_px)
-    p.add_argument("--images-per-case", type=int, default=d.images_per_case,
-                   help="maximum k; each case has 1..k images")
+    p.add_argument(
+        "--images-per-case",
+        type=int,
+        default=d.images_per_case,
+        help="maximum k; each case has 1..k images",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--preview", action="store_true", help="also write preview.png")
     p.add_argument("--jpeg-quality", type=int, default=None)
@@ -252,18 +316,37 @@ def main(argv: list[str] | None = None) -> DatasetSummary | dict[str, float]:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     try:
         config = SynthConfig(
-            size=args.size, um_per_px=args.um_per_px, images_per_case=args.images_per_case,
-            jpeg_quality=args.jpeg_quality, stain_hue=args.stain_hue,
-            stain_intensity=args.stain_intensity, blur=args.blur, illumination=args.illumination,
-            crowding=args.crowding, label_noise=args.label_noise, aml_fraction=args.aml_fraction,
-            npm1_fraction=args.npm1_fraction, min_visible=args.min_visible)
+            size=args.size,
+            um_per_px=args.um_per_px,
+            images_per_case=args.images_per_case,
+            jpeg_quality=args.jpeg_quality,
+            stain_hue=args.stain_hue,
+            stain_intensity=args.stain_intensity,
+            blur=args.blur,
+            illumination=args.illumination,
+            crowding=args.crowding,
+            label_noise=args.label_noise,
+            aml_fraction=args.aml_fraction,
+            npm1_fraction=args.npm1_fraction,
+            min_visible=args.min_visible,
+        )
     except ValueError as e:
         parser.error(str(e))
-    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("out", "workers", "preview", "bench")}  # output-neutral
+    recorded = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("out", "workers", "preview", "bench")
+    }  # output-neutral
     recorded["size"] = list(args.size)
-    summary = generate_dataset(args.out, cases=args.cases, seed=args.seed, config=config,
-                               workers=args.workers, preview=args.preview, args=recorded)
+    summary = generate_dataset(
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        config=config,
+        workers=args.workers,
+        preview=args.preview,
+        args=recorded,
+    )
     print(summary.format())
     return summary
 

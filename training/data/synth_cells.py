@@ -39,30 +39,149 @@ class Morph:
 
 
 MORPH: dict[str, Morph] = {
-    "BLA": Morph((15.0, 1.8, 11.5, 19.0), 0.80, "round", 0.08, "fine", (128, 82, 168), 0.85,
-                 (140, 165, 215), 0.75),
-    "PMO": Morph((19.0, 2.0, 14.0, 24.0), 0.62, "round", 0.22, "medium", (120, 76, 160), 0.85,
-                 (160, 172, 215), 0.7, ("granule", (140, 40, 110), 1.1)),
-    "MYB": Morph((15.0, 1.6, 11.0, 19.0), 0.58, "round", 0.22, "medium", (105, 62, 148), 0.95,
-                 (212, 182, 205), 0.8, ("granule", (185, 115, 160), 0.5)),
-    "MMZ": Morph((14.0, 1.5, 10.5, 18.0), 0.58, "kidney", 0.12, "coarse", (100, 58, 142), 1.0,
-                 (220, 190, 202), 0.8, ("granule", (185, 120, 160), 0.35)),
-    "NGB": Morph((12.5, 1.3, 9.5, 16.0), 0.0, "band", 0.0, "coarse", (92, 52, 135), 1.05,
-                 (224, 196, 206), 0.8, ("granule", (190, 125, 165), 0.3)),
-    "NGS": Morph((12.5, 1.3, 9.5, 16.0), 0.0, "seg", 0.0, "coarse", (88, 48, 130), 1.1,
-                 (224, 196, 206), 0.8, ("granule", (190, 125, 165), 0.3)),
-    "EOS": Morph((14.0, 1.4, 11.0, 17.5), 0.0, "bilobed", 0.0, "coarse", (98, 58, 140), 1.0,
-                 (235, 200, 190), 0.6, ("coarse_granule", (232, 112, 74), 1.5)),
-    "BAS": Morph((12.5, 1.3, 10.0, 15.5), 0.0, "bilobed", 0.0, "medium", (110, 70, 150), 0.9,
-                 (215, 200, 215), 0.6, ("coarse_granule", (70, 28, 100), 1.6)),
-    "MON": Morph((17.0, 2.0, 13.0, 22.0), 0.60, "kidney", 0.12, "lacy", (132, 92, 168), 0.8,
-                 (182, 184, 212), 0.8, ("granule", (170, 120, 170), 0.2), vacuoles=0.7),
-    "LYT": Morph((9.0, 1.2, 6.5, 12.5), 0.86, "round", 0.08, "coarse", (82, 46, 122), 1.15,
-                 (150, 176, 222), 0.7),
-    "PLM": Morph((13.0, 1.6, 9.5, 17.0), 0.52, "round", 0.38, "coarse", (88, 52, 128), 1.05,
-                 (96, 116, 190), 0.95, hof=True),
-    "EBO": Morph((11.0, 1.8, 7.5, 15.0), 0.70, "round", 0.06, "coarse", (66, 36, 102), 1.25,
-                 (108, 130, 200), 0.85, cyto_alt=(196, 166, 186)),
+    "BLA": Morph(
+        (15.0, 1.8, 11.5, 19.0),
+        0.80,
+        "round",
+        0.08,
+        "fine",
+        (128, 82, 168),
+        0.85,
+        (140, 165, 215),
+        0.75,
+    ),
+    "PMO": Morph(
+        (19.0, 2.0, 14.0, 24.0),
+        0.62,
+        "round",
+        0.22,
+        "medium",
+        (120, 76, 160),
+        0.85,
+        (160, 172, 215),
+        0.7,
+        ("granule", (140, 40, 110), 1.1),
+    ),
+    "MYB": Morph(
+        (15.0, 1.6, 11.0, 19.0),
+        0.58,
+        "round",
+        0.22,
+        "medium",
+        (105, 62, 148),
+        0.95,
+        (212, 182, 205),
+        0.8,
+        ("granule", (185, 115, 160), 0.5),
+    ),
+    "MMZ": Morph(
+        (14.0, 1.5, 10.5, 18.0),
+        0.58,
+        "kidney",
+        0.12,
+        "coarse",
+        (100, 58, 142),
+        1.0,
+        (220, 190, 202),
+        0.8,
+        ("granule", (185, 120, 160), 0.35),
+    ),
+    "NGB": Morph(
+        (12.5, 1.3, 9.5, 16.0),
+        0.0,
+        "band",
+        0.0,
+        "coarse",
+        (92, 52, 135),
+        1.05,
+        (224, 196, 206),
+        0.8,
+        ("granule", (190, 125, 165), 0.3),
+    ),
+    "NGS": Morph(
+        (12.5, 1.3, 9.5, 16.0),
+        0.0,
+        "seg",
+        0.0,
+        "coarse",
+        (88, 48, 130),
+        1.1,
+        (224, 196, 206),
+        0.8,
+        ("granule", (190, 125, 165), 0.3),
+    ),
+    "EOS": Morph(
+        (14.0, 1.4, 11.0, 17.5),
+        0.0,
+        "bilobed",
+        0.0,
+        "coarse",
+        (98, 58, 140),
+        1.0,
+        (235, 200, 190),
+        0.6,
+        ("coarse_granule", (232, 112, 74), 1.5),
+    ),
+    "BAS": Morph(
+        (12.5, 1.3, 10.0, 15.5),
+        0.0,
+        "bilobed",
+        0.0,
+        "medium",
+        (110, 70, 150),
+        0.9,
+        (215, 200, 215),
+        0.6,
+        ("coarse_granule", (70, 28, 100), 1.6),
+    ),
+    "MON": Morph(
+        (17.0, 2.0, 13.0, 22.0),
+        0.60,
+        "kidney",
+        0.12,
+        "lacy",
+        (132, 92, 168),
+        0.8,
+        (182, 184, 212),
+        0.8,
+        ("granule", (170, 120, 170), 0.2),
+        vacuoles=0.7,
+    ),
+    "LYT": Morph(
+        (9.0, 1.2, 6.5, 12.5),
+        0.86,
+        "round",
+        0.08,
+        "coarse",
+        (82, 46, 122),
+        1.15,
+        (150, 176, 222),
+        0.7,
+    ),
+    "PLM": Morph(
+        (13.0, 1.6, 9.5, 17.0),
+        0.52,
+        "round",
+        0.38,
+        "coarse",
+        (88, 52, 128),
+        1.05,
+        (96, 116, 190),
+        0.95,
+        hof=True,
+    ),
+    "EBO": Morph(
+        (11.0, 1.8, 7.5, 15.0),
+        0.70,
+        "round",
+        0.06,
+        "coarse",
+        (66, 36, 102),
+        1.25,
+        (108, 130, 200),
+        0.85,
+        cyto_alt=(196, 166, 186),
+    ),
 }
 RBC_COLOUR = (226, 150, 160)
 BG_COLOUR = (236, 226, 232)
@@ -111,8 +230,9 @@ def texture_bank(um_per_px: float, size: int = 384) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(20220901)
 
     def smooth(sigma_um: float) -> np.ndarray:
-        a = gaussian_filter(rng.standard_normal((size, size)), max(sigma_um / um_per_px, 0.5),
-                            mode="wrap")
+        a = gaussian_filter(
+            rng.standard_normal((size, size)), max(sigma_um / um_per_px, 0.5), mode="wrap"
+        )
         return ((a - a.mean()) / (a.std() + 1e-9)).astype(Float)
 
     def dots(frac: float, sigma_um: float) -> np.ndarray:
@@ -120,10 +240,15 @@ def texture_bank(um_per_px: float, size: int = 384) -> dict[str, np.ndarray]:
         a = gaussian_filter(pts, max(sigma_um / um_per_px, 0.45), mode="wrap")
         return np.clip(a / (np.quantile(a, 0.995) + 1e-9), 0, 1).astype(Float)
 
-    return {"fine": smooth(0.18), "medium": smooth(0.35), "lacy": smooth(0.5),
-            "coarse": np.tanh(1.6 * smooth(0.55)).astype(Float), "blob": smooth(2.0),
-            "granule": dots(0.05 * um_per_px ** 2 / 0.073, 0.2),
-            "coarse_granule": dots(0.09 * um_per_px ** 2 / 0.073, 0.38)}
+    return {
+        "fine": smooth(0.18),
+        "medium": smooth(0.35),
+        "lacy": smooth(0.5),
+        "coarse": np.tanh(1.6 * smooth(0.55)).astype(Float),
+        "blob": smooth(2.0),
+        "granule": dots(0.05 * um_per_px**2 / 0.073, 0.2),
+        "coarse_granule": dots(0.09 * um_per_px**2 / 0.073, 0.38),
+    }
 
 
 def _tex(bank, name, rng, h, w) -> np.ndarray:
@@ -199,15 +324,34 @@ def _nucleus_sdf(m: Morph, code: str, x, y, radius, rng, cup: bool):
     centres = [(ra * np.cos(a), ra * np.sin(a)) for a in angles]
     sdf = np.full(x.shape, -1e3, dtype=np.float32)
     for c in centres:
-        sdf = np.maximum(sdf, _blob(x, y, c[0], c[1], lobe_r * rng.uniform(0.95, 1.15),
-                                    lobe_r * rng.uniform(0.8, 0.95), rng.uniform(0, np.pi), rng, 0.05))
+        sdf = np.maximum(
+            sdf,
+            _blob(
+                x,
+                y,
+                c[0],
+                c[1],
+                lobe_r * rng.uniform(0.95, 1.15),
+                lobe_r * rng.uniform(0.8, 0.95),
+                rng.uniform(0, np.pi),
+                rng,
+                0.05,
+            ),
+        )
     for a, b in zip(centres[:-1], centres[1:], strict=True):
         sdf = np.maximum(sdf, _capsule(x, y, a, b, radius * 0.05))
     return sdf, None, (0.0, 0.0)
 
 
-def draw_cell(rng: np.random.Generator, code: str, cx: float, cy: float, um_per_px: float,
-              stain: Stain, flags: dict[str, bool] | None = None) -> Sprite:
+def draw_cell(
+    rng: np.random.Generator,
+    code: str,
+    cx: float,
+    cy: float,
+    um_per_px: float,
+    stain: Stain,
+    flags: dict[str, bool] | None = None,
+) -> Sprite:
     """Draw a nucleated cell of type `code` centred at image position (cx, cy) pixels.
 
     `flags` requests attributes (only meaningful for blasts; other types draw their own
@@ -219,11 +363,20 @@ def draw_cell(rng: np.random.Generator, code: str, cx: float, cy: float, um_per_
     radius = float(np.clip(rng.normal(mean, sd), lo, hi)) / 2 / um_per_px
     half = int(np.ceil(radius * 1.25)) + 2
     ix, iy = int(round(cx)), int(round(cy))
-    y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
+    y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
     x -= np.float32(cx - ix)
     y -= np.float32(cy - iy)
-    cell_sdf = _blob(x, y, 0.0, 0.0, radius * rng.uniform(1.0, 1.1), radius * rng.uniform(0.9, 1.0),
-                     rng.uniform(0, np.pi), rng, 0.05)
+    cell_sdf = _blob(
+        x,
+        y,
+        0.0,
+        0.0,
+        radius * rng.uniform(1.0, 1.1),
+        radius * rng.uniform(0.9, 1.0),
+        rng.uniform(0, np.pi),
+        rng,
+        0.05,
+    )
     alpha = _alpha(cell_sdf)
     cup = bool(flags.get("cup_like_nucleus"))
     mm = m
@@ -265,20 +418,27 @@ def draw_cell(rng: np.random.Generator, code: str, cx: float, cy: float, um_per_
         for _ in range(int(rng.integers(1, 4))):
             r_, a_ = rn * np.sqrt(rng.uniform(0, 0.35)), rng.uniform(0, 2 * np.pi)
             rad = rng.uniform(0.9, 1.6) / um_per_px
-            nucleolus_a = np.maximum(nucleolus_a, _alpha(_disc(x, y, ncx + r_ * np.cos(a_),
-                                                              ncy + r_ * np.sin(a_), rad), 1.5))
+            nucleolus_a = np.maximum(
+                nucleolus_a,
+                _alpha(_disc(x, y, ncx + r_ * np.cos(a_), ncy + r_ * np.sin(a_), rad), 1.5),
+            )
         nucleolus_a *= nuc_a
     nucl_od = stain.od(NUCLEOLUS_COLOUR)
     n_od = (nuc_den * (1 - 0.35 * nucleolus_a))[..., None] * (
-        nuc_od * (1 - nucleolus_a[..., None]) + nucl_od * nucleolus_a[..., None])
+        nuc_od * (1 - nucleolus_a[..., None]) + nucl_od * nucleolus_a[..., None]
+    )
     od = (1 - nuc_a)[..., None] * (cyto_den[..., None] * cyto_od) + nuc_a[..., None] * n_od
 
     if m.vacuoles and rng.random() < m.vacuoles:
         vac = np.zeros_like(alpha)
         for _ in range(int(rng.integers(1, 6))):
             r_, a_ = radius * rng.uniform(0.5, 0.85), rng.uniform(0, 2 * np.pi)
-            vac = np.maximum(vac, _alpha(_disc(x, y, r_ * np.cos(a_), r_ * np.sin(a_),
-                                               rng.uniform(0.5, 1.3) / um_per_px)))
+            vac = np.maximum(
+                vac,
+                _alpha(
+                    _disc(x, y, r_ * np.cos(a_), r_ * np.sin(a_), rng.uniform(0.5, 1.3) / um_per_px)
+                ),
+            )
         od = od * (1 - 0.8 * vac * (1 - nuc_a))[..., None]
     if m.gran is not None:
         tex, colour, strength = m.gran
@@ -294,32 +454,70 @@ def draw_cell(rng: np.random.Generator, code: str, cx: float, cy: float, um_per_
         px, py = r_ * np.cos(a_), r_ * np.sin(a_)
         half_len = rng.uniform(1.5, 3.0) / um_per_px
         t = a_ + np.pi / 2 + rng.normal(0, 0.3)
-        rod = _capsule(x, y, (px - half_len * np.cos(t), py - half_len * np.sin(t)),
-                       (px + half_len * np.cos(t), py + half_len * np.sin(t)),
-                       max(0.3 / um_per_px, 0.7))
+        rod = _capsule(
+            x,
+            y,
+            (px - half_len * np.cos(t), py - half_len * np.sin(t)),
+            (px + half_len * np.cos(t), py + half_len * np.sin(t)),
+            max(0.3 / um_per_px, 0.7),
+        )
         rod_a = _alpha(rod) * alpha
         od = od + (1.3 * rod_a)[..., None] * stain.od(AUER_COLOUR)
     attrs = {a: False for a in ATTRIBUTE_CODES}
-    attrs.update(auer_rod=auer, prominent_nucleoli=nucleoli, cup_like_nucleus=cup,
-                 condensed_chromatin=condensed)
-    return Sprite(code, ix - half, iy - half, alpha, (nuc_a >= 0.5) & (alpha >= 0.5),
-                  (od * alpha[..., None]).astype(Float), attrs)
+    attrs.update(
+        auer_rod=auer,
+        prominent_nucleoli=nucleoli,
+        cup_like_nucleus=cup,
+        condensed_chromatin=condensed,
+    )
+    return Sprite(
+        code,
+        ix - half,
+        iy - half,
+        alpha,
+        (nuc_a >= 0.5) & (alpha >= 0.5),
+        (od * alpha[..., None]).astype(Float),
+        attrs,
+    )
 
 
-def draw_rbc(rng: np.random.Generator, cx: float, cy: float, um_per_px: float,
-             stain: Stain) -> Sprite:
+def draw_rbc(
+    rng: np.random.Generator, cx: float, cy: float, um_per_px: float, stain: Stain
+) -> Sprite:
     """A red cell: pale pink disc (7-8.5 um) with central pallor; no nucleus."""
     radius = rng.uniform(7.0, 8.5) / 2 / um_per_px
     half = int(np.ceil(radius * 1.15)) + 2
     ix, iy = int(round(cx)), int(round(cy))
-    y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
+    y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
     x -= np.float32(cx - ix)
     y -= np.float32(cy - iy)
-    sdf = _blob(x, y, 0.0, 0.0, radius * rng.uniform(1.0, 1.08), radius * rng.uniform(0.92, 1.0),
-                rng.uniform(0, np.pi), rng, 0.03)
+    sdf = _blob(
+        x,
+        y,
+        0.0,
+        0.0,
+        radius * rng.uniform(1.0, 1.08),
+        radius * rng.uniform(0.92, 1.0),
+        rng.uniform(0, np.pi),
+        rng,
+        0.03,
+    )
     alpha = _alpha(sdf)
     rho = np.hypot(x, y) / radius
-    den = 0.6 * (1 - rng.uniform(0.55, 0.8) * np.exp(-(rho / 0.45) ** 2)) * Float(np.exp(rng.normal(0, 0.1)))
-    od = (alpha * den)[..., None] * stain.od(np.asarray(RBC_COLOUR) * np.exp(rng.normal(0, 0.03, 3)))
-    return Sprite("RBC", ix - half, iy - half, alpha, None, od.astype(Float),
-                  {a: False for a in ATTRIBUTE_CODES})
+    den = (
+        0.6
+        * (1 - rng.uniform(0.55, 0.8) * np.exp(-((rho / 0.45) ** 2)))
+        * Float(np.exp(rng.normal(0, 0.1)))
+    )
+    od = (alpha * den)[..., None] * stain.od(
+        np.asarray(RBC_COLOUR) * np.exp(rng.normal(0, 0.03, 3))
+    )
+    return Sprite(
+        "RBC",
+        ix - half,
+        iy - half,
+        alpha,
+        None,
+        od.astype(Float),
+        {a: False for a in ATTRIBUTE_CODES},
+    )

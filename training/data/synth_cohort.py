@@ -21,14 +21,32 @@ REFERENCE_SIZE = (640, 480)
 # Healthy adult marrow differential (percent of nucleated cells; textbook reference ranges,
 # centre values). Blasts are drawn separately from their own 0-5 % range.
 CONTROL_DIFFERENTIAL: dict[str, float] = {
-    "PMO": 3.5, "MYB": 12.0, "MMZ": 12.0, "NGB": 14.0, "NGS": 14.0, "EOS": 3.0,
-    "BAS": 0.5, "MON": 3.0, "LYT": 13.0, "PLM": 1.5, "EBO": 22.0,
+    "PMO": 3.5,
+    "MYB": 12.0,
+    "MMZ": 12.0,
+    "NGB": 14.0,
+    "NGS": 14.0,
+    "EOS": 3.0,
+    "BAS": 0.5,
+    "MON": 3.0,
+    "LYT": 13.0,
+    "PLM": 1.5,
+    "EBO": 22.0,
 }
 # Non-blast remainder in AML: maturation is suppressed (few late granulocytes), residual
 # lymphocytes and erythroid cells dominate.
 AML_REMAINDER: dict[str, float] = {
-    "PMO": 5.0, "MYB": 7.0, "MMZ": 5.0, "NGB": 5.0, "NGS": 7.0, "EOS": 1.5,
-    "BAS": 0.7, "MON": 7.0, "LYT": 25.0, "PLM": 2.5, "EBO": 20.0,
+    "PMO": 5.0,
+    "MYB": 7.0,
+    "MMZ": 5.0,
+    "NGB": 5.0,
+    "NGS": 7.0,
+    "EOS": 1.5,
+    "BAS": 0.7,
+    "MON": 7.0,
+    "LYT": 25.0,
+    "PLM": 2.5,
+    "EBO": 20.0,
 }
 LABELS = ("control", "aml")
 
@@ -64,20 +82,48 @@ class SynthConfig:
         w, h = self.size
         checks = [
             (w >= 32 and h >= 32, f"size must be at least 32x32 pixels, got {w}x{h}"),
-            (0.05 <= self.um_per_px <= 5.0, f"um_per_px must be in [0.05, 5], got {self.um_per_px}"),
-            (self.images_per_case >= 1, f"images_per_case must be >= 1, got {self.images_per_case}"),
-            (self.jpeg_quality is None or 1 <= self.jpeg_quality <= 100,
-             f"jpeg_quality must be in 1..100, got {self.jpeg_quality}"),
-            (0.1 <= self.stain_intensity <= 5.0,
-             f"stain_intensity must be in [0.1, 5], got {self.stain_intensity}"),
-            (-180.0 <= self.stain_hue <= 180.0, f"stain_hue must be in [-180, 180], got {self.stain_hue}"),
+            (
+                0.05 <= self.um_per_px <= 5.0,
+                f"um_per_px must be in [0.05, 5], got {self.um_per_px}",
+            ),
+            (
+                self.images_per_case >= 1,
+                f"images_per_case must be >= 1, got {self.images_per_case}",
+            ),
+            (
+                self.jpeg_quality is None or 1 <= self.jpeg_quality <= 100,
+                f"jpeg_quality must be in 1..100, got {self.jpeg_quality}",
+            ),
+            (
+                0.1 <= self.stain_intensity <= 5.0,
+                f"stain_intensity must be in [0.1, 5], got {self.stain_intensity}",
+            ),
+            (
+                -180.0 <= self.stain_hue <= 180.0,
+                f"stain_hue must be in [-180, 180], got {self.stain_hue}",
+            ),
             (0.0 <= self.blur <= 20.0, f"blur must be in [0, 20], got {self.blur}"),
-            (0.0 <= self.illumination <= 0.9, f"illumination must be in [0, 0.9], got {self.illumination}"),
+            (
+                0.0 <= self.illumination <= 0.9,
+                f"illumination must be in [0, 0.9], got {self.illumination}",
+            ),
             (0.05 <= self.crowding <= 5.0, f"crowding must be in [0.05, 5], got {self.crowding}"),
-            (0.0 <= self.label_noise <= 1.0, f"label_noise must be in [0, 1], got {self.label_noise}"),
-            (0.0 <= self.aml_fraction <= 1.0, f"aml_fraction must be in [0, 1], got {self.aml_fraction}"),
-            (0.0 <= self.npm1_fraction <= 1.0, f"npm1_fraction must be in [0, 1], got {self.npm1_fraction}"),
-            (0.0 <= self.min_visible < 1.0, f"min_visible must be in [0, 1), got {self.min_visible}"),
+            (
+                0.0 <= self.label_noise <= 1.0,
+                f"label_noise must be in [0, 1], got {self.label_noise}",
+            ),
+            (
+                0.0 <= self.aml_fraction <= 1.0,
+                f"aml_fraction must be in [0, 1], got {self.aml_fraction}",
+            ),
+            (
+                0.0 <= self.npm1_fraction <= 1.0,
+                f"npm1_fraction must be in [0, 1], got {self.npm1_fraction}",
+            ),
+            (
+                0.0 <= self.min_visible < 1.0,
+                f"min_visible must be in [0, 1), got {self.min_visible}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +170,9 @@ class CaseSpec:
         return "aml_npm1_mut" if self.npm1_status == "mutated" else "aml_npm1_wt"
 
 
-def _differential(rng: np.random.Generator, base: dict[str, float], blast: float) -> dict[str, float]:
+def _differential(
+    rng: np.random.Generator, base: dict[str, float], blast: float
+) -> dict[str, float]:
     keys = list(base)
     alpha = np.array([base[k] for k in keys]) / sum(base.values()) * 40.0  # ~15 % relative sd
     rest = rng.dirichlet(alpha)
@@ -132,8 +180,9 @@ def _differential(rng: np.random.Generator, base: dict[str, float], blast: float
     return {k: probs[k] for k in COUNTED_CODES}
 
 
-def sample_case(rng: np.random.Generator, index: int, label: str, npm1: str,
-                config: SynthConfig) -> CaseSpec:
+def sample_case(
+    rng: np.random.Generator, index: int, label: str, npm1: str, config: SynthConfig
+) -> CaseSpec:
     """Draw one case's differential and attribute rates for a fixed label and NPM1 status."""
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
@@ -143,7 +192,9 @@ def sample_case(rng: np.random.Generator, index: int, label: str, npm1: str,
         blast = float(rng.uniform(0.0, 0.05))
         probs = _differential(rng, CONTROL_DIFFERENTIAL, blast)
         # Normal myeloblasts often show a nucleolus; nothing NPM1-like.
-        rates = dict(p_cup=0.0, p_nucleoli=float(rng.uniform(0.3, 0.6)), p_condensed=0.0, p_auer=0.0)
+        rates = dict(
+            p_cup=0.0, p_nucleoli=float(rng.uniform(0.3, 0.6)), p_condensed=0.0, p_auer=0.0
+        )
     else:
         blast = float(rng.uniform(0.20, 0.95))
         probs = _differential(rng, AML_REMAINDER, blast)
@@ -151,14 +202,31 @@ def sample_case(rng: np.random.Generator, index: int, label: str, npm1: str,
         p_auer = float(rng.uniform(0.05, 0.30)) if has_auer else 0.0
         if npm1 == "mutated":
             vaf = float(rng.uniform(0.10, 0.50))
-            rates = dict(p_cup=float(rng.uniform(0.35, 0.85)), p_nucleoli=float(rng.uniform(0.0, 0.2)),
-                         p_condensed=float(rng.uniform(0.4, 0.8)), p_auer=p_auer)
+            rates = dict(
+                p_cup=float(rng.uniform(0.35, 0.85)),
+                p_nucleoli=float(rng.uniform(0.0, 0.2)),
+                p_condensed=float(rng.uniform(0.4, 0.8)),
+                p_auer=p_auer,
+            )
         else:
-            rates = dict(p_cup=float(rng.uniform(0.0, 0.06)), p_nucleoli=float(rng.uniform(0.55, 0.95)),
-                         p_condensed=float(rng.uniform(0.0, 0.15)), p_auer=p_auer)
-    return CaseSpec(index=index, case_id=f"C{index + 1:04d}", patient_id=f"P{index + 1:04d}",
-                    label=label, npm1_status=npm1, vaf=vaf, blast_fraction=blast,
-                    type_probs=probs, n_images=n_images, **rates)
+            rates = dict(
+                p_cup=float(rng.uniform(0.0, 0.06)),
+                p_nucleoli=float(rng.uniform(0.55, 0.95)),
+                p_condensed=float(rng.uniform(0.0, 0.15)),
+                p_auer=p_auer,
+            )
+    return CaseSpec(
+        index=index,
+        case_id=f"C{index + 1:04d}",
+        patient_id=f"P{index + 1:04d}",
+        label=label,
+        npm1_status=npm1,
+        vaf=vaf,
+        blast_fraction=blast,
+        type_probs=probs,
+        n_images=n_images,
+        **rates,
+    )
 
 
 def case_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:

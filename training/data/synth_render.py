@@ -46,7 +46,7 @@ class CellInstance:
         if crop is None:
             return out
         x, y = int(self.bbox[0]), int(self.bbox[1])
-        out[y:y + crop.shape[0], x:x + crop.shape[1]] = crop
+        out[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
         return out
 
 
@@ -79,8 +79,10 @@ def _clip(sprite: Sprite, width: int, height: int):
     x1, y1 = min(sprite.x0 + w, width), min(sprite.y0 + h, height)
     if x1 <= x0 or y1 <= y0:
         return None
-    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - sprite.y0, y1 - sprite.y0),
-                                           slice(x0 - sprite.x0, x1 - sprite.x0))
+    return (slice(y0, y1), slice(x0, x1)), (
+        slice(y0 - sprite.y0, y1 - sprite.y0),
+        slice(x0 - sprite.x0, x1 - sprite.x0),
+    )
 
 
 def _low_freq(rng, height, width, cell=48):
@@ -92,9 +94,13 @@ def _low_freq(rng, height, width, cell=48):
     return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
 
 
-def render_image(rng: np.random.Generator, case_spec: CaseSpec, config: SynthConfig,
-                 cell_types: Sequence[str] | None = None,
-                 stats: dict[str, int] | None = None) -> tuple[np.ndarray, list[CellInstance]]:
+def render_image(
+    rng: np.random.Generator,
+    case_spec: CaseSpec,
+    config: SynthConfig,
+    cell_types: Sequence[str] | None = None,
+    stats: dict[str, int] | None = None,
+) -> tuple[np.ndarray, list[CellInstance]]:
     """Render one ROI image of a case.
 
     Returns (uint8[H, W, 3] RGB before any JPEG encoding, annotated cells). `cell_types`
@@ -103,27 +109,38 @@ def render_image(rng: np.random.Generator, case_spec: CaseSpec, config: SynthCon
     """
     width, height = config.size
     upp = config.um_per_px
-    field = width * height * upp ** 2 / (REFERENCE_SIZE[0] * REFERENCE_SIZE[1] * DEFAULT_UM_PER_PX ** 2)
+    field = width * height * upp**2 / (REFERENCE_SIZE[0] * REFERENCE_SIZE[1] * DEFAULT_UM_PER_PX**2)
     if cell_types is None:
         n = rng.poisson(NUCLEATED_PER_FIELD * config.crowding * field)
         probs = np.array([case_spec.type_probs[c] for c in COUNTED_CODES])
         cell_types = list(rng.choice(COUNTED_CODES, size=n, p=probs / probs.sum()))
     n_rbc = rng.poisson(RBC_PER_FIELD * config.crowding * field)
-    stain = Stain(config.stain_hue + rng.normal(0, 4.0),
-                  config.stain_intensity * float(np.exp(rng.normal(0, 0.06))))
+    stain = Stain(
+        config.stain_hue + rng.normal(0, 4.0),
+        config.stain_intensity * float(np.exp(rng.normal(0, 0.06))),
+    )
 
     radii = [MORPH[c].diam[0] / 2 / upp for c in cell_types]
     centres = _place(rng, radii, width, height, config.crowding)
     rbc_centres = _place(rng, [7.8 / 2 / upp] * n_rbc, width, height, config.crowding * 1.5)
-    sprites: list[Sprite] = [draw_rbc(rng, x, y, upp, stain) for x, y in
-                             (c for c in rbc_centres if c is not None)]
+    sprites: list[Sprite] = [
+        draw_rbc(rng, x, y, upp, stain) for x, y in (c for c in rbc_centres if c is not None)
+    ]
     n_rbc_drawn = len(sprites)
     order = rng.permutation(len(cell_types))
     for i in order:
         if centres[i] is None:
             continue
-        sprites.append(draw_cell(rng, cell_types[i], *centres[i], upp, stain,
-                                 _blast_flags(rng, case_spec) if cell_types[i] == "BLA" else None))
+        sprites.append(
+            draw_cell(
+                rng,
+                cell_types[i],
+                *centres[i],
+                upp,
+                stain,
+                _blast_flags(rng, case_spec) if cell_types[i] == "BLA" else None,
+            )
+        )
 
     bg = stain.od(BG_COLOUR) * 0.4
     od = np.empty((height, width, 3), np.float32)
@@ -152,7 +169,7 @@ def render_image(rng: np.random.Generator, case_spec: CaseSpec, config: SynthCon
     xx = (np.arange(width, dtype=np.float32) / width - 0.5)[None, :]
     yy = (np.arange(height, dtype=np.float32) / height - 0.5)[:, None]
     t = rng.uniform(0, 2 * np.pi)
-    illum = 1.0 - config.illumination * (xx * np.cos(t) + yy * np.sin(t) + 0.5 + xx ** 2 + yy ** 2)
+    illum = 1.0 - config.illumination * (xx * np.cos(t) + yy * np.sin(t) + 0.5 + xx**2 + yy**2)
     np.negative(od, out=od)
     np.exp(od, out=od)
     od *= (255.0 * illum)[..., None]
@@ -178,8 +195,17 @@ def render_image(rng: np.random.Generator, case_spec: CaseSpec, config: SynthCon
         mask = vis[r0:r1, c0:c1]
         nuc = None if sp.nucleus is None else (sp.nucleus[loc][r0:r1, c0:c1] & mask)
         x, y = img_sl[1].start + c0, img_sl[0].start + r0
-        instances.append(CellInstance(sp.code, (float(x), float(y), float(c1 - c0), float(r1 - r0)),
-                                      mask, nuc, sp.attributes, area, full))
+        instances.append(
+            CellInstance(
+                sp.code,
+                (float(x), float(y), float(c1 - c0), float(r1 - r0)),
+                mask,
+                nuc,
+                sp.attributes,
+                area,
+                full,
+            )
+        )
     if stats is not None:
         stats["dropped"] = stats.get("dropped", 0) + dropped
         stats["unplaced"] = stats.get("unplaced", 0) + sum(c is None for c in centres)
@@ -187,10 +213,12 @@ def render_image(rng: np.random.Generator, case_spec: CaseSpec, config: SynthCon
 
 
 def _blast_flags(rng, spec: CaseSpec) -> dict[str, bool]:
-    return {"cup_like_nucleus": bool(rng.random() < spec.p_cup),
-            "prominent_nucleoli": bool(rng.random() < spec.p_nucleoli),
-            "condensed_chromatin": bool(rng.random() < spec.p_condensed),
-            "auer_rod": bool(rng.random() < spec.p_auer)}
+    return {
+        "cup_like_nucleus": bool(rng.random() < spec.p_cup),
+        "prominent_nucleoli": bool(rng.random() < spec.p_nucleoli),
+        "condensed_chromatin": bool(rng.random() < spec.p_condensed),
+        "auer_rod": bool(rng.random() < spec.p_auer),
+    }
 
 
 def rle_from_crop(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
@@ -200,7 +228,7 @@ def rle_from_crop(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -
 
     h, w = crop.shape
     strip = np.zeros((height, w), dtype=np.uint8)
-    strip[y0:y0 + h] = crop
+    strip[y0 : y0 + h] = crop
     flat = strip.T.ravel()  # column-major, as COCO RLE
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()

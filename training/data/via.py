@@ -73,13 +73,15 @@ def rle_to_polygon(rle: Mapping[str, Any]) -> list[float] | None:
     from skimage import measure
 
     counts = rle["counts"]
-    rle = {"size": list(rle["size"]),
-           "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    rle = {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
     if mask_utils.area(rle) == 0:
         return None
     # trace only the mask's bounding box (+1 px border): whole-image contours are slow
     x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
-    crop = mask_utils.decode(rle)[y:y + h, x:x + w]
+    crop = mask_utils.decode(rle)[y : y + h, x : x + w]
     contours = measure.find_contours(np.pad(crop.astype(np.float32), 1), 0.5)
     if not contours:
         return None
@@ -110,8 +112,7 @@ def _shape(a: Annotation, shape: str) -> dict[str, Any]:
             raise ValueError(f"annotation {a.id} has no mask; cannot write a polygon region")
         x, y, w, h = a.bbox
         return {"name": "rect", "x": x, "y": y, "width": w, "height": h}
-    return {"name": "polygon", "all_points_x": list(poly[0::2]),
-            "all_points_y": list(poly[1::2])}
+    return {"name": "polygon", "all_points_x": list(poly[0::2]), "all_points_y": list(poly[1::2])}
 
 
 def _attribute_keys(dataset: Dataset) -> list[str]:
@@ -120,8 +121,9 @@ def _attribute_keys(dataset: Dataset) -> list[str]:
     return keys + extra
 
 
-def to_via_dict(dataset: Dataset, *, shape: str = "auto", default_filepath: str | None = None
-                ) -> dict[str, Any]:
+def to_via_dict(
+    dataset: Dataset, *, shape: str = "auto", default_filepath: str | None = None
+) -> dict[str, Any]:
     """VIA 2.x project dict. shape: `auto` (polygon when a mask exists, else rect), `rect`
     or `polygon` (every annotation must have a mask)."""
     if shape not in ("auto", "rect", "polygon"):
@@ -136,42 +138,62 @@ def to_via_dict(dataset: Dataset, *, shape: str = "auto", default_filepath: str 
         for a in by_image[im.id]:
             if isinstance(a.segmentation, list) and len(a.segmentation) > 1:
                 multipart += 1
-            regions.append({
-                "shape_attributes": _shape(a, shape),
-                "region_attributes": {
-                    CATEGORY_KEY: a.category,
-                    FLAGS_KEY: {k: True for k, v in a.attributes.items() if v},
-                    SCORE_KEY: "" if a.score is None else repr(float(a.score)),
-                },
-            })
+            regions.append(
+                {
+                    "shape_attributes": _shape(a, shape),
+                    "region_attributes": {
+                        CATEGORY_KEY: a.category,
+                        FLAGS_KEY: {k: True for k, v in a.attributes.items() if v},
+                        SCORE_KEY: "" if a.score is None else repr(float(a.score)),
+                    },
+                }
+            )
         path = None if dataset.root is None else dataset.root / im.file_name
         size = path.stat().st_size if path is not None and path.is_file() else -1
-        file_attrs = {k: "" if getattr(im, k2) is None else str(getattr(im, k2))
-                      for k, k2 in zip(_FILE_KEYS, ("id",) + _FILE_KEYS[1:], strict=True)}
-        metadata[f"{im.file_name}{size}"] = {"filename": im.file_name, "size": size,
-                                             "regions": regions, "file_attributes": file_attrs}
+        file_attrs = {
+            k: "" if getattr(im, k2) is None else str(getattr(im, k2))
+            for k, k2 in zip(_FILE_KEYS, ("id",) + _FILE_KEYS[1:], strict=True)
+        }
+        metadata[f"{im.file_name}{size}"] = {
+            "filename": im.file_name,
+            "size": size,
+            "regions": regions,
+            "file_attributes": file_attrs,
+        }
     if multipart:
         log.warning("VIA export: %d multi-part polygons reduced to their largest part", multipart)
     text_attr = {"type": "text", "description": "", "default_value": ""}
     return {
         "_via_settings": {
-            "ui": {"annotation_editor_height": 25, "annotation_editor_fontsize": 0.8,
-                   "leftsidebar_width": 18,
-                   "image": {"region_label": CATEGORY_KEY, "region_color": CATEGORY_KEY,
-                             "region_label_font": "10px Sans",
-                             "on_image_annotation_editor_placement": "NEAR_REGION"}},
+            "ui": {
+                "annotation_editor_height": 25,
+                "annotation_editor_fontsize": 0.8,
+                "leftsidebar_width": 18,
+                "image": {
+                    "region_label": CATEGORY_KEY,
+                    "region_color": CATEGORY_KEY,
+                    "region_label_font": "10px Sans",
+                    "on_image_annotation_editor_placement": "NEAR_REGION",
+                },
+            },
             "core": {"buffer_size": 18, "filepath": {}, "default_filepath": default_filepath},
             "project": {"name": "marrowscope"},
         },
         "_via_img_metadata": metadata,
         "_via_attributes": {
             "region": {
-                CATEGORY_KEY: {"type": "dropdown", "description": "cell type",
-                               "options": {c: c for c in dataset.categories},
-                               "default_options": {}},
-                FLAGS_KEY: {"type": "checkbox", "description": "cell attributes",
-                            "options": {k: k for k in _attribute_keys(dataset)},
-                            "default_options": {}},
+                CATEGORY_KEY: {
+                    "type": "dropdown",
+                    "description": "cell type",
+                    "options": {c: c for c in dataset.categories},
+                    "default_options": {},
+                },
+                FLAGS_KEY: {
+                    "type": "checkbox",
+                    "description": "cell attributes",
+                    "options": {k: k for k in _attribute_keys(dataset)},
+                    "default_options": {},
+                },
                 SCORE_KEY: dict(text_attr, description="model confidence (empty: human)"),
             },
             "file": {k: dict(text_attr) for k in _FILE_KEYS},
@@ -181,8 +203,9 @@ def to_via_dict(dataset: Dataset, *, shape: str = "auto", default_filepath: str 
     }
 
 
-def write_via(dataset: Dataset, path: str | Path, *, shape: str = "auto",
-              default_filepath: str | None = None) -> Path:
+def write_via(
+    dataset: Dataset, path: str | Path, *, shape: str = "auto", default_filepath: str | None = None
+) -> Path:
     """Write `dataset` as a VIA 2.x project JSON (see the module docstring for the layout).
     default_filepath: VIA's image folder prefix; default: `dataset.root` as an absolute path."""
     path = Path(path)
@@ -192,8 +215,9 @@ def write_via(dataset: Dataset, path: str | Path, *, shape: str = "auto",
     return path
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, theta: float
-             ) -> tuple[tuple[float, float, float, float], list[float]]:
+def _ellipse(
+    cx: float, cy: float, rx: float, ry: float, theta: float
+) -> tuple[tuple[float, float, float, float], list[float]]:
     half_w = math.sqrt((rx * math.cos(theta)) ** 2 + (ry * math.sin(theta)) ** 2)
     half_h = math.sqrt((rx * math.sin(theta)) ** 2 + (ry * math.cos(theta)) ** 2)
     t = np.linspace(0, 2 * math.pi, 32, endpoint=False)
@@ -203,8 +227,9 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, theta: float
     return (cx - half_w, cy - half_h, cx + half_w, cy + half_h), poly
 
 
-def _parse_shape(sa: Mapping[str, Any], where: str
-                 ) -> tuple[tuple[float, float, float, float], list[list[float]] | None] | str:
+def _parse_shape(
+    sa: Mapping[str, Any], where: str
+) -> tuple[tuple[float, float, float, float], list[list[float]] | None] | str:
     """(corner box, polygons) of a region shape, or the shape name when unsupported."""
     name = sa.get("name")
     try:
@@ -219,12 +244,18 @@ def _parse_shape(sa: Mapping[str, Any], where: str
             flat = [v for p in zip(xs, ys, strict=True) for v in p]
             return (min(xs), min(ys), max(xs), max(ys)), [flat]
         if name == "ellipse":
-            box, poly = _ellipse(float(sa["cx"]), float(sa["cy"]), float(sa["rx"]),
-                                 float(sa["ry"]), float(sa.get("theta", 0.0)))
+            box, poly = _ellipse(
+                float(sa["cx"]),
+                float(sa["cy"]),
+                float(sa["rx"]),
+                float(sa["ry"]),
+                float(sa.get("theta", 0.0)),
+            )
             return box, [poly]
         if name == "circle":
-            box, poly = _ellipse(float(sa["cx"]), float(sa["cy"]), float(sa["r"]),
-                                 float(sa["r"]), 0.0)
+            box, poly = _ellipse(
+                float(sa["cx"]), float(sa["cy"]), float(sa["r"]), float(sa["r"]), 0.0
+            )
             return box, [poly]
     except (KeyError, TypeError, ValueError) as exc:
         raise DatasetFormatError(f"{where}: bad {name} shape attributes: {exc}") from None
@@ -236,8 +267,9 @@ def _opt(attrs: Mapping[str, Any], key: str) -> str | None:
     return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
-def _image_record(entry: Mapping[str, Any], index: int, images_root: Path, where: str
-                  ) -> ImageRecord:
+def _image_record(
+    entry: Mapping[str, Any], index: int, images_root: Path, where: str
+) -> ImageRecord:
     attrs = entry.get("file_attributes") or {}
     if not isinstance(attrs, Mapping):
         attrs = {}
@@ -249,15 +281,21 @@ def _image_record(entry: Mapping[str, Any], index: int, images_root: Path, where
 
             image_path = images_root / file_name
             if not image_path.is_file():
-                raise DatasetFormatError(f"{where}: no width/height file attributes and "
-                                         f"image {image_path} not found")
+                raise DatasetFormatError(
+                    f"{where}: no width/height file attributes and image {image_path} not found"
+                )
             with Image.open(image_path) as im:
                 width, height = im.size
         um = _opt(attrs, "um_per_px")
-        return ImageRecord(id=int(_opt(attrs, "image_id") or index), file_name=file_name,
-                           width=width, height=height, case_id=_opt(attrs, "case_id"),
-                           patient_id=_opt(attrs, "patient_id"),
-                           um_per_px=None if um is None else float(um))
+        return ImageRecord(
+            id=int(_opt(attrs, "image_id") or index),
+            file_name=file_name,
+            width=width,
+            height=height,
+            case_id=_opt(attrs, "case_id"),
+            patient_id=_opt(attrs, "patient_id"),
+            um_per_px=None if um is None else float(um),
+        )
     except ValueError as exc:
         raise DatasetFormatError(f"{where}: bad file attribute: {exc}") from None
 
@@ -277,9 +315,14 @@ def _flags(value: Any, keys: Sequence[str], where: str) -> dict[str, bool]:
     return {k: k in chosen for k in keys}
 
 
-def read_via(path: str | Path, *, taxonomy_categories: bool = True,
-             class_map: Mapping[str, str | None] | None = None, drop_unknown: bool = False,
-             images_root: str | Path | None = None) -> Dataset:
+def read_via(
+    path: str | Path,
+    *,
+    taxonomy_categories: bool = True,
+    class_map: Mapping[str, str | None] | None = None,
+    drop_unknown: bool = False,
+    images_root: str | Path | None = None,
+) -> Dataset:
     """Read a VIA 2.x project JSON into a `Dataset` (root = `images_root` or the JSON's
     folder). Categories: taxonomy codes by default (unknown or missing `cell_type` raises,
     or is dropped and counted with `drop_unknown`); else the project's `cell_type` options.
@@ -287,14 +330,17 @@ def read_via(path: str | Path, *, taxonomy_categories: bool = True,
     path = Path(path)
     data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("_via_img_metadata"), dict):
-        raise DatasetFormatError(f"{path}: not a VIA 2.x project (no '_via_img_metadata'); "
-                                 "VIA 3 projects are not supported")
+        raise DatasetFormatError(
+            f"{path}: not a VIA 2.x project (no '_via_img_metadata'); "
+            "VIA 3 projects are not supported"
+        )
     region_defs = (data.get("_via_attributes") or {}).get("region") or {}
     options = list((region_defs.get(CATEGORY_KEY) or {}).get("options") or {})
     categories = taxonomy.CODES if taxonomy_categories else tuple(options)
     flag_keys = list(taxonomy.ATTRIBUTE_CODES) if taxonomy_categories else []
-    flag_keys += [k for k in (region_defs.get(FLAGS_KEY) or {}).get("options") or {}
-                  if k not in flag_keys]
+    flag_keys += [
+        k for k in (region_defs.get(FLAGS_KEY) or {}).get("options") or {} if k not in flag_keys
+    ]
     root = Path(images_root) if images_root is not None else path.parent
     metadata = data["_via_img_metadata"]
     order = [k for k in data.get("_via_image_id_list") or metadata if k in metadata]
@@ -324,7 +370,8 @@ def read_via(path: str | Path, *, taxonomy_categories: bool = True,
                 if not drop_unknown:
                     raise DatasetFormatError(
                         f"{rwhere}: {CATEGORY_KEY} {name!r} is not one of {list(categories)} "
-                        "(pass class_map or drop_unknown=True)") from None
+                        "(pass class_map or drop_unknown=True)"
+                    ) from None
                 category = None
             if category is None:
                 report.unknown_categories[name] += 1
@@ -339,25 +386,42 @@ def read_via(path: str | Path, *, taxonomy_categories: bool = True,
                 score_value = None if score is None else float(score)
             except ValueError:
                 raise DatasetFormatError(f"{rwhere}: score {score!r} is not a number") from None
-            annotations.append(Annotation(
-                id=len(annotations) + 1, image_id=im.id, category=category, bbox=bbox,
-                segmentation=polygons, attributes=_flags(ra.get(FLAGS_KEY), flag_keys, rwhere),
-                score=score_value))
+            annotations.append(
+                Annotation(
+                    id=len(annotations) + 1,
+                    image_id=im.id,
+                    category=category,
+                    bbox=bbox,
+                    segmentation=polygons,
+                    attributes=_flags(ra.get(FLAGS_KEY), flag_keys, rwhere),
+                    score=score_value,
+                )
+            )
     if len({im.id for im in images}) != len(images):
         raise DatasetFormatError(f"{path}: duplicate image_id file attributes")
     for name, n in unsupported.items():
         report.notes.append(f"{n} regions of unsupported shape {name!r} dropped")
     report.images, report.annotations = len(images), len(annotations)
     report.log()
-    return Dataset(images=images, annotations=annotations, categories=tuple(categories),
-                   root=root, info={"source": "via", "file": str(path)}, report=report)
+    return Dataset(
+        images=images,
+        annotations=annotations,
+        categories=tuple(categories),
+        root=root,
+        info={"source": "via", "file": str(path)},
+        report=report,
+    )
 
 
-def predictions_to_via(images: Sequence[ImageRecord],
-                       predictions: Mapping[int, tuple[Any, Sequence[str], Any]],
-                       path: str | Path, *, root: str | Path | None = None,
-                       categories: Sequence[str] = taxonomy.CODES,
-                       score_threshold: float = 0.0) -> Path:
+def predictions_to_via(
+    images: Sequence[ImageRecord],
+    predictions: Mapping[int, tuple[Any, Sequence[str], Any]],
+    path: str | Path,
+    *,
+    root: str | Path | None = None,
+    categories: Sequence[str] = taxonomy.CODES,
+    score_threshold: float = 0.0,
+) -> Path:
     """Write model proposals as a VIA project of rect regions for correction.
 
     predictions: image id -> (boxes float[N, 4] x1, y1, x2, y2 px, labels: N category
@@ -383,10 +447,19 @@ def predictions_to_via(images: Sequence[ImageRecord],
                 raise ValueError(f"image {im.id}: label {label!r} is not in {list(categories)}")
             if score < score_threshold:
                 continue
-            annotations.append(Annotation(
-                id=len(annotations) + 1, image_id=im.id, category=str(label),
-                bbox=(float(x1), float(y1), float(x2 - x1), float(y2 - y1)),
-                score=float(score)))
-    dataset = Dataset(images=list(images), annotations=annotations,
-                      categories=tuple(categories), root=None if root is None else Path(root))
+            annotations.append(
+                Annotation(
+                    id=len(annotations) + 1,
+                    image_id=im.id,
+                    category=str(label),
+                    bbox=(float(x1), float(y1), float(x2 - x1), float(y2 - y1)),
+                    score=float(score),
+                )
+            )
+    dataset = Dataset(
+        images=list(images),
+        annotations=annotations,
+        categories=tuple(categories),
+        root=None if root is None else Path(root),
+    )
     return write_via(dataset, path, shape="rect")

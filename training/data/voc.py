@@ -54,9 +54,13 @@ def _image_size(root: Path, tree: ET.Element, file_name: str, where: str) -> tup
         return im.size
 
 
-def read_voc(root: str | Path, split: str | None = None, *,
-             class_map: Mapping[str, str | None] | None = None,
-             classes: Sequence[str] | None = None) -> Dataset:
+def read_voc(
+    root: str | Path,
+    split: str | None = None,
+    *,
+    class_map: Mapping[str, str | None] | None = None,
+    classes: Sequence[str] | None = None,
+) -> Dataset:
     """Read a Pascal VOC folder into a `Dataset` with the dataset's own category names.
 
     split: None reads every Annotations/*.xml; otherwise ids from ImageSets/Main/<split>.txt.
@@ -95,8 +99,11 @@ def read_voc(root: str | Path, split: str | None = None, *,
             continue
         width, height = _image_size(root, tree, file_name, where)
         image_id = len(images) + 1
-        images.append(ImageRecord(id=image_id, file_name=file_name, width=width, height=height,
-                                  case_id=xml_path.stem))
+        images.append(
+            ImageRecord(
+                id=image_id, file_name=file_name, width=width, height=height, case_id=xml_path.stem
+            )
+        )
         for k, obj in enumerate(tree.findall("object")):
             owhere = f"{where} object[{k}]"
             box = obj.find("bndbox")
@@ -112,8 +119,11 @@ def read_voc(root: str | Path, split: str | None = None, *,
             raw.append((image_id, _text(obj, "name", owhere), corners, flags))
 
     mapped = [(class_map or {}).get(n, n) for _, n, _, _ in raw]
-    categories = tuple(classes) if classes is not None else tuple(
-        sorted({m for m in mapped if m is not None}))
+    categories = (
+        tuple(classes)
+        if classes is not None
+        else tuple(sorted({m for m in mapped if m is not None}))
+    )
     sizes = {im.id: (im.width, im.height) for im in images}
     annotations: list[Annotation] = []
     for (image_id, name, corners, flags), category in zip(raw, mapped, strict=True):
@@ -127,9 +137,22 @@ def read_voc(root: str | Path, split: str | None = None, *,
             report.dropped_empty_boxes += 1
             continue
         report.clipped_boxes += clipped
-        annotations.append(Annotation(id=len(annotations) + 1, image_id=image_id,
-                                      category=category, bbox=bbox, attributes=flags))
+        annotations.append(
+            Annotation(
+                id=len(annotations) + 1,
+                image_id=image_id,
+                category=category,
+                bbox=bbox,
+                attributes=flags,
+            )
+        )
     report.images, report.annotations = len(images), len(annotations)
     report.log()
-    return Dataset(images=images, annotations=annotations, categories=categories, root=root,
-                   info={"source": "pascal_voc", "split": split}, report=report)
+    return Dataset(
+        images=images,
+        annotations=annotations,
+        categories=categories,
+        root=root,
+        info={"source": "pascal_voc", "split": split},
+        report=report,
+    )

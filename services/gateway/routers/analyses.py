@@ -28,13 +28,31 @@ router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 def to_public(session, a: Analysis) -> AnalysisPublic:
     images = store.images_of(session, analysis_id=a.id)
     return AnalysisPublic(
-        id=a.id, status=a.status, accession_id=a.accession, specimen_type=a.specimen_type,
-        stain=a.stain, created_at=ts(a.created_at), updated_at=ts(a.updated_at),
-        started_at=ts(a.started_at), finished_at=ts(a.finished_at), stage=a.stage,
-        reason=a.reason, cancel_requested=a.cancel_requested,
-        images=[ImagePublic(index=i.idx, sha256=i.sha256, width=i.width, height=i.height,
-                            format=i.format, size_bytes=i.size_bytes) for i in images],
-        result=store.result_of(session, analysis_id=a.id))
+        id=a.id,
+        status=a.status,
+        accession_id=a.accession,
+        specimen_type=a.specimen_type,
+        stain=a.stain,
+        created_at=ts(a.created_at),
+        updated_at=ts(a.updated_at),
+        started_at=ts(a.started_at),
+        finished_at=ts(a.finished_at),
+        stage=a.stage,
+        reason=a.reason,
+        cancel_requested=a.cancel_requested,
+        images=[
+            ImagePublic(
+                index=i.idx,
+                sha256=i.sha256,
+                width=i.width,
+                height=i.height,
+                format=i.format,
+                size_bytes=i.size_bytes,
+            )
+            for i in images
+        ],
+        result=store.result_of(session, analysis_id=a.id),
+    )
 
 
 def get_analysis(session, analysis_id: str) -> Analysis:
@@ -44,10 +62,18 @@ def get_analysis(session, analysis_id: str) -> Analysis:
     return a
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=AnalysisAccepted,
-             responses={200: {"model": AnalysisAccepted,
-                              "description": "Idempotent replay: the analysis already exists"},
-                        **error_responses(401, 403, 409, 413, 422, 429)})
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AnalysisAccepted,
+    responses={
+        200: {
+            "model": AnalysisAccepted,
+            "description": "Idempotent replay: the analysis already exists",
+        },
+        **error_responses(401, 403, 409, 413, 422, 429),
+    },
+)
 def submit_analysis(
     principal: SubmitKey,
     services: ServicesDep,
@@ -64,13 +90,19 @@ def submit_analysis(
     if not images:
         raise ApiError(422, "no_images", "at least one image is required")
     if len(images) > settings.max_images:
-        raise ApiError(413, "too_many_images",
-                       f"{len(images)} images; at most {settings.max_images} per analysis")
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{len(images)} images; at most {settings.max_images} per analysis",
+        )
     checked = []
     for k, upload in enumerate(images):
         if upload.size is not None and upload.size > settings.max_upload_bytes:
-            raise ApiError(413, "image_too_large", f"image {k} is {upload.size} bytes; the "
-                           f"limit is {settings.max_upload_bytes}")
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"image {k} is {upload.size} bytes; the limit is {settings.max_upload_bytes}",
+            )
         data = upload.file.read(settings.max_upload_bytes + 1)
         checked.append(check_image(data, index=k, filename=upload.filename, settings=settings))
     meta_doc = meta.model_dump(mode="json")
@@ -94,12 +126,24 @@ def submit_analysis(
     try:
         with services.sessions.begin() as session:
             a = store.create_analysis(
-                session, metadata=meta_doc, content_hash=digest, key_id=principal.key_id,
+                session,
+                metadata=meta_doc,
+                content_hash=digest,
+                key_id=principal.key_id,
                 idempotency_key=idempotency_key,
-                images=[store.NewImage(c.sha256, len(c.data), c.width, c.height, c.format)
-                        for c in checked])
-            store.audit(session, key_id=principal.key_id, key_name=principal.name,
-                        action="submit", resource=a.id, detail=f"{len(checked)} images")
+                images=[
+                    store.NewImage(c.sha256, len(c.data), c.width, c.height, c.format)
+                    for c in checked
+                ],
+            )
+            store.audit(
+                session,
+                key_id=principal.key_id,
+                key_name=principal.name,
+                action="submit",
+                resource=a.id,
+                detail=f"{len(checked)} images",
+            )
             analysis_id = a.id
     except IntegrityError:
         for sha in created:
@@ -116,8 +160,7 @@ def submit_analysis(
         raise
     log.info("accepted analysis %s (%d images)", analysis_id, len(checked))
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
-    return AnalysisAccepted(id=analysis_id, status="queued",
-                            location=f"/v1/analyses/{analysis_id}")
+    return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
 
 
 def _find(session, key_id: str, key: str, digest: str) -> str | None:
@@ -137,22 +180,30 @@ def list_analyses(
 ) -> AnalysisPage:
     """Analyses, newest first, optionally of one accession id."""
     rows, total = store.list_analyses(session, accession=accession, limit=limit, offset=offset)
-    page = AnalysisPage(items=[to_public(session, a) for a in rows], total=total, limit=limit,
-                        offset=offset)
-    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="list",
-                detail=f"{len(rows)} of {total}")
+    page = AnalysisPage(
+        items=[to_public(session, a) for a in rows], total=total, limit=limit, offset=offset
+    )
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        action="list",
+        detail=f"{len(rows)} of {total}",
+    )
     session.commit()  # nothing is read after it (see read_analysis)
     return page
 
 
-@router.get("/{analysis_id}", response_model=AnalysisPublic,
-            responses=error_responses(401, 403, 404, 429))
+@router.get(
+    "/{analysis_id}", response_model=AnalysisPublic, responses=error_responses(401, 403, 404, 429)
+)
 def read_analysis(principal: ReadKey, session: SessionDep, analysis_id: str) -> AnalysisPublic:
     """Status and, once finished, the result (schema: `GET /v1/schemas/result`)."""
     a = get_analysis(session, analysis_id)
     public = to_public(session, a)
-    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="read",
-                resource=a.id)
+    store.audit(
+        session, key_id=principal.key_id, key_name=principal.name, action="read", resource=a.id
+    )
     # Read everything before the commit: a query after it opens a new SQLite transaction
     # (BEGIN IMMEDIATE: the write lock) that stays open until the session dependency is torn
     # down, after the response; polls then stalled writers and other readers for up to the
@@ -161,10 +212,15 @@ def read_analysis(principal: ReadKey, session: SessionDep, analysis_id: str) -> 
     return public
 
 
-@router.delete("/{analysis_id}", response_model=AnalysisPublic, status_code=202,
-               responses=error_responses(401, 403, 404, 409, 429))
-def cancel_analysis(principal: SubmitKey, services: ServicesDep,
-                    analysis_id: str) -> AnalysisPublic:
+@router.delete(
+    "/{analysis_id}",
+    response_model=AnalysisPublic,
+    status_code=202,
+    responses=error_responses(401, 403, 404, 409, 429),
+)
+def cancel_analysis(
+    principal: SubmitKey, services: ServicesDep, analysis_id: str
+) -> AnalysisPublic:
     """Cancel: a queued analysis at once, a running one at its next stage boundary."""
     with services.sessions.begin() as session:
         a = store.request_cancel(session, analysis_id=analysis_id)
@@ -172,7 +228,12 @@ def cancel_analysis(principal: SubmitKey, services: ServicesDep,
             raise ApiError(404, "not_found", f"no analysis {analysis_id}")
         if a.status in ("succeeded", "failed", "abstained"):
             raise ApiError(409, "already_finished", f"analysis is already {a.status}")
-        store.audit(session, key_id=principal.key_id, key_name=principal.name,
-                    action="cancel", resource=a.id)
+        store.audit(
+            session,
+            key_id=principal.key_id,
+            key_name=principal.name,
+            action="cancel",
+            resource=a.id,
+        )
     with services.sessions() as session:
         return to_public(session, get_analysis(session, analysis_id))

@@ -24,6 +24,7 @@ def healthz() -> dict:
 @router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Ready when the job store answers and every model service reports SERVING/ready."""
+
     def db_ok() -> bool:
         try:
             with services.engine.connect() as conn:
@@ -38,8 +39,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if services.clients is not None:
         models = await services.clients.ready(timeout=services.settings.ready_timeout_s)
     ready = database and bool(models) and all(models.values())
-    return JSONResponse({"ready": ready, "database": database, "models": models},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"ready": ready, "database": database, "models": models}, status_code=200 if ready else 503
+    )
 
 
 @router.get("/metrics", response_class=Response)

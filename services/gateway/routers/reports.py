@@ -27,29 +27,53 @@ def _finished_result(session, analysis_id: str) -> tuple[object, dict]:
     a = get_analysis(session, analysis_id)
     result = store.result_of(session, analysis_id=analysis_id)
     if result is None:
-        raise ApiError(409, "no_result", f"analysis is {a.status}"
-                       + (f": {a.reason}" if a.reason else "") + "; no report available")
+        raise ApiError(
+            409,
+            "no_result",
+            f"analysis is {a.status}"
+            + (f": {a.reason}" if a.reason else "")
+            + "; no report available",
+        )
     return a, result
 
 
-@router.get("/v1/analyses/{analysis_id}/report",
-            responses={200: {"content": {"application/json": {}, FHIR_JSON: {}},
-                             "description": "AnalysisResult JSON or a FHIR R4B Bundle"},
-                       **error_responses(401, 403, 404, 409, 429)})
-def get_report(principal: ReadKey, session: SessionDep, request: Request, analysis_id: str,
-               format: Annotated[Literal["json", "fhir"], Query()] = "json") -> Response:
+@router.get(
+    "/v1/analyses/{analysis_id}/report",
+    responses={
+        200: {
+            "content": {"application/json": {}, FHIR_JSON: {}},
+            "description": "AnalysisResult JSON or a FHIR R4B Bundle",
+        },
+        **error_responses(401, 403, 404, 409, 429),
+    },
+)
+def get_report(
+    principal: ReadKey,
+    session: SessionDep,
+    request: Request,
+    analysis_id: str,
+    format: Annotated[Literal["json", "fhir"], Query()] = "json",
+) -> Response:
     """The result as JSON (`AnalysisResult`) or as a FHIR R4B DiagnosticReport Bundle."""
     a, result = _finished_result(session, analysis_id)
-    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="report",
-                resource=a.id, detail=format)
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        action="report",
+        resource=a.id,
+        detail=format,
+    )
     session.commit()
     if format == "json":
         return JSONResponse(result)
     from services.gateway.fhir import build_bundle
 
-    bundle = build_bundle(analysis={"id": a.id, "accession_id": a.accession,
-                                    "finished_at": ts(a.finished_at)}, result=result,
-                          base_url=str(request.base_url).rstrip("/"))
+    bundle = build_bundle(
+        analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
+        result=result,
+        base_url=str(request.base_url).rstrip("/"),
+    )
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
@@ -67,10 +91,14 @@ def _image(services, session, analysis_id: str, k: int) -> tuple[np.ndarray, dic
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
 
-@router.get("/v1/analyses/{analysis_id}/images/{k}/heatmap.png", response_class=Response,
-            responses={**PNG, **error_responses(401, 403, 404, 409, 429)})
-def heatmap(principal: ReadKey, services: ServicesDep, session: SessionDep,
-            analysis_id: str, k: int) -> Response:
+@router.get(
+    "/v1/analyses/{analysis_id}/images/{k}/heatmap.png",
+    response_class=Response,
+    responses={**PNG, **error_responses(401, 403, 404, 409, 429)},
+)
+def heatmap(
+    principal: ReadKey, services: ServicesDep, session: SessionDep, analysis_id: str, k: int
+) -> Response:
     """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
     from services.gateway.render import heatmap_png
 
@@ -78,23 +106,39 @@ def heatmap(principal: ReadKey, services: ServicesDep, session: SessionDep,
     if not entry.get("heatmap_sha256"):
         raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
     hm = np.load(io.BytesIO(services.blobs.get(entry["heatmap_sha256"])), allow_pickle=False)
-    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="heatmap",
-                resource=analysis_id, detail=str(k))
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        action="heatmap",
+        resource=analysis_id,
+        detail=str(k),
+    )
     session.commit()
     return Response(heatmap_png(rgb, hm), media_type="image/png")
 
 
-@router.get("/v1/analyses/{analysis_id}/images/{k}/overlay.png", response_class=Response,
-            responses={**PNG, **error_responses(401, 403, 404, 409, 429)})
-def overlay(principal: ReadKey, services: ServicesDep, session: SessionDep,
-            analysis_id: str, k: int) -> Response:
+@router.get(
+    "/v1/analyses/{analysis_id}/images/{k}/overlay.png",
+    response_class=Response,
+    responses={**PNG, **error_responses(401, 403, 404, 409, 429)},
+)
+def overlay(
+    principal: ReadKey, services: ServicesDep, session: SessionDep, analysis_id: str, k: int
+) -> Response:
     """Cell boxes coloured by type on image k; with explanations, line width and opacity
     grow with each cell's importance."""
     from services.gateway.render import overlay_png
 
     rgb, entry = _image(services, session, analysis_id, k)
-    store.audit(session, key_id=principal.key_id, key_name=principal.name, action="overlay",
-                resource=analysis_id, detail=str(k))
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        action="overlay",
+        resource=analysis_id,
+        detail=str(k),
+    )
     session.commit()
     return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
 
@@ -106,11 +150,21 @@ def result_schema() -> dict:
 
 
 @router.get("/v1/audit", responses=error_responses(401, 403, 429))
-def audit_log(_admin: AdminKey, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+def audit_log(
+    _admin: AdminKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[dict]:
     """Who submitted or read what, and when (newest first). Admin scope."""
     rows = session.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit))
-    out = [{"at": ts(r.at), "key_id": r.api_key_id, "key_name": r.key_name,
-            "action": r.action, "resource": r.resource, "detail": r.detail} for r in rows]
+    out = [
+        {
+            "at": ts(r.at),
+            "key_id": r.api_key_id,
+            "key_name": r.key_name,
+            "action": r.action,
+            "resource": r.resource,
+            "detail": r.detail,
+        }
+        for r in rows
+    ]
     session.commit()  # end the transaction now, not at dependency teardown (SQLite write lock)
     return out

@@ -37,14 +37,30 @@ def _rle(h, w, y0, y1, x0, x1):
 def make_dataset(root) -> Dataset:
     for name in ("C0001_0", "C0002_0"):
         _png(root / "images" / f"{name}.png")
-    images = [ImageRecord(1, "images/C0001_0.png", 40, 30, "C0001", "P01", 0.25),
-              ImageRecord(2, "images/C0002_0.png", 40, 30, "C0002", "P02", 0.5)]
+    images = [
+        ImageRecord(1, "images/C0001_0.png", 40, 30, "C0001", "P01", 0.25),
+        ImageRecord(2, "images/C0002_0.png", 40, 30, "C0002", "P02", 0.5),
+    ]
     flags = {a: False for a in taxonomy.ATTRIBUTE_CODES}
     anns = [
-        Annotation(1, 1, "BLA", (2.0, 3.0, 10.0, 8.0), _rle(30, 40, 3, 11, 2, 12),
-                   _rle(30, 40, 5, 9, 4, 10), {**flags, "auer_rod": True}),
-        Annotation(2, 1, "RBC", (20.5, 4.25, 6.0, 6.0),
-                   [[20.5, 4.25, 26.5, 4.25, 26.5, 10.25, 20.5, 10.25]], None, flags),
+        Annotation(
+            1,
+            1,
+            "BLA",
+            (2.0, 3.0, 10.0, 8.0),
+            _rle(30, 40, 3, 11, 2, 12),
+            _rle(30, 40, 5, 9, 4, 10),
+            {**flags, "auer_rod": True},
+        ),
+        Annotation(
+            2,
+            1,
+            "RBC",
+            (20.5, 4.25, 6.0, 6.0),
+            [[20.5, 4.25, 26.5, 4.25, 26.5, 10.25, 20.5, 10.25]],
+            None,
+            flags,
+        ),
         Annotation(3, 2, "LYT", (1.0, 1.0, 5.0, 5.0), None, None, flags, score=0.75),
     ]
     return Dataset(images, anns, taxonomy.CODES, root, {"generator": "test", "seed": 1})
@@ -71,9 +87,9 @@ def test_round_trip_is_identical(tmp_path):
 def test_clips_and_drops_boxes_and_reports(tmp_path, caplog):
     ds = make_dataset(tmp_path)
     raw = json.loads(write_coco(ds, tmp_path / "a.json").read_text())
-    raw["annotations"][0]["bbox"] = [-4.0, 25.0, 10.0, 10.0]   # crosses two borders
-    raw["annotations"][1]["bbox"] = [41.0, 2.0, 5.0, 5.0]      # wholly outside -> empty
-    raw["annotations"][2]["bbox"] = [3.0, 3.0, 0.0, 4.0]       # zero width
+    raw["annotations"][0]["bbox"] = [-4.0, 25.0, 10.0, 10.0]  # crosses two borders
+    raw["annotations"][1]["bbox"] = [41.0, 2.0, 5.0, 5.0]  # wholly outside -> empty
+    raw["annotations"][2]["bbox"] = [3.0, 3.0, 0.0, 4.0]  # zero width
     (tmp_path / "a.json").write_text(json.dumps(raw))
     with caplog.at_level(logging.WARNING):
         back = read_coco(tmp_path / "a.json")
@@ -112,12 +128,17 @@ def test_missing_images_are_dropped_and_counted(tmp_path):
     assert len(read_coco(tmp_path / "a.json", check_images=False).images) == 2
 
 
-@pytest.mark.parametrize("text, match", [
-    ("{not json", "malformed JSON"),
-    ('{"images": []}', "not COCO instances"),
-    ('{"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": []}',
-     "file_name"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "malformed JSON"),
+        ('{"images": []}', "not COCO instances"),
+        (
+            '{"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": []}',
+            "file_name",
+        ),
+    ],
+)
 def test_malformed_files_name_the_file(tmp_path, text, match):
     path = tmp_path / "broken.json"
     path.write_text(text)

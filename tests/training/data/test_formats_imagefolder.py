@@ -22,8 +22,11 @@ def test_reads_codes_and_nested_files(tmp_path):
     _img(tmp_path / "lyt" / "l1.tiff", (200, 0, 0))
     (tmp_path / "lyt" / "notes.txt").write_text("not an image")
     items = read_imagefolder(tmp_path)
-    assert [(p.name, c) for p, c in items] == [("b2.jpg", "BLA"), ("b1.png", "BLA"),
-                                               ("l1.tiff", "LYT")]
+    assert [(p.name, c) for p, c in items] == [
+        ("b2.jpg", "BLA"),
+        ("b1.png", "BLA"),
+        ("l1.tiff", "LYT"),
+    ]
     decoded = list(iter_imagefolder(items))
     assert [c for _, c in decoded] == ["BLA", "BLA", "LYT"]
     assert decoded[2][0].shape == (10, 12, 3) and tuple(decoded[2][0][0, 0]) == (200, 0, 0)

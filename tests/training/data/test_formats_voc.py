@@ -15,9 +15,13 @@ def _xml(name, objects, size=(64, 48)):
     objs = "".join(
         f"<object><name>{n}</name><truncated>{t}</truncated><difficult>0</difficult>"
         f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
-        f"<ymax>{b[3]}</ymax></bndbox></object>" for n, b, t in objects)
-    return (f"<annotation><filename>{name}.jpg</filename><size><width>{size[0]}</width>"
-            f"<height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>")
+        f"<ymax>{b[3]}</ymax></bndbox></object>"
+        for n, b, t in objects
+    )
+    return (
+        f"<annotation><filename>{name}.jpg</filename><size><width>{size[0]}</width>"
+        f"<height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 @pytest.fixture
@@ -41,8 +45,11 @@ def test_reads_boxes_as_continuous_coco_and_clips(voc_root):
     assert ds.categories == ("Platelets", "RBC", "WBC")
     assert len(ds.images) == 2 and ds.images[0].file_name == "JPEGImages/a.jpg"
     boxes = [(a.category, a.bbox) for a in ds.annotations]
-    assert boxes == [("WBC", (0.0, 0.0, 20.0, 10.0)), ("RBC", (49.0, 39.0, 15.0, 9.0)),
-                     ("RBC", (9.0, 9.0, 21.0, 21.0))]
+    assert boxes == [
+        ("WBC", (0.0, 0.0, 20.0, 10.0)),
+        ("RBC", (49.0, 39.0, 15.0, 9.0)),
+        ("RBC", (9.0, 9.0, 21.0, 21.0)),
+    ]
     assert ds.annotations[1].attributes == {"difficult": False, "truncated": True}
     assert ds.report.clipped_boxes == 1
     assert ds.report.dropped_empty_boxes == 1
@@ -70,8 +77,7 @@ def test_malformed_xml_names_the_file(voc_root):
     (voc_root / "Annotations" / "b.xml").write_text("<annotation><filename>b.jpg</filen")
     with pytest.raises(DatasetFormatError, match=r"b\.xml: malformed XML"):
         read_voc(voc_root)
-    (voc_root / "Annotations" / "b.xml").write_text(
-        _xml("b", [("RBC", ("x", 1, 2, 3), 0)]))
+    (voc_root / "Annotations" / "b.xml").write_text(_xml("b", [("RBC", ("x", 1, 2, 3), 0)]))
     with pytest.raises(DatasetFormatError, match=r"b\.xml object\[0\].*not a number"):
         read_voc(voc_root)
 
@@ -87,8 +93,9 @@ def test_bccd_splits(shared_data, split, n_images):
     assert ds.report.missing_images == 0
     # every <object> is either kept or counted as dropped
     ids = (root / "ImageSets/Main" / f"{split}.txt").read_text().split()
-    n_objects = sum(len(re.findall(r"<object>", (root / "Annotations" / f"{i}.xml").read_text()))
-                    for i in ids)
+    n_objects = sum(
+        len(re.findall(r"<object>", (root / "Annotations" / f"{i}.xml").read_text())) for i in ids
+    )
     assert len(ds.annotations) + ds.report.dropped_empty_boxes == n_objects
     for a in ds.annotations:
         im = ds.images[a.image_id - 1]

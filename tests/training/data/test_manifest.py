@@ -5,8 +5,9 @@ from training.data.manifest import CaseRecord, ManifestError, read_manifest, wri
 
 def _records():
     return [
-        CaseRecord("C1", "P1", ("images/C1_0.png", "images/C1_1.png"), 1, "mutated", 0.31, 54.0,
-                   "train"),
+        CaseRecord(
+            "C1", "P1", ("images/C1_0.png", "images/C1_1.png"), 1, "mutated", 0.31, 54.0, "train"
+        ),
         CaseRecord("C2", "P2", ("images/C2_0.png",), 0, "na", None, 2.5, "test"),
     ]
 
@@ -36,16 +37,19 @@ def test_missing_images_are_reported_with_row(tmp_path):
 )
 def test_bad_rows_give_clear_errors(tmp_path, row, message):
     path = tmp_path / "cases.csv"
-    path.write_text("case_id,patient_id,image_paths,aml_label,npm1_status,vaf,blast_pct,split\n"
-                    + row + "\n")
+    path.write_text(
+        "case_id,patient_id,image_paths,aml_label,npm1_status,vaf,blast_pct,split\n" + row + "\n"
+    )
     with pytest.raises(ManifestError, match=message):
         read_manifest(path)
 
 
 def test_duplicate_case_and_missing_columns(tmp_path):
     path = tmp_path / "cases.csv"
-    path.write_text("case_id,patient_id,image_paths,aml_label,npm1_status,vaf,blast_pct,split\n"
-                    "C1,P1,a.png,1,na,,,\nC1,P1,b.png,1,na,,,\n")
+    path.write_text(
+        "case_id,patient_id,image_paths,aml_label,npm1_status,vaf,blast_pct,split\n"
+        "C1,P1,a.png,1,na,,,\nC1,P1,b.png,1,na,,,\n"
+    )
     with pytest.raises(ManifestError, match="duplicate case_id"):
         read_manifest(path)
     path.write_text("case_id,patient_id\nC1,P1\n")

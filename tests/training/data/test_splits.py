@@ -17,9 +17,15 @@ def _cohort(n_patients=60, seed=3) -> list[CaseRecord]:
         aml = int(rng.random() < 0.4)
         npm1 = ("mutated" if rng.random() < 0.33 else "wild_type") if aml else "na"
         for c in range(int(rng.integers(1, 4))):
-            records.append(CaseRecord(case_id=f"C{p:03d}_{c}", patient_id=f"P{p:03d}",
-                                      image_paths=(f"images/C{p:03d}_{c}_0.png",),
-                                      aml_label=aml, npm1_status=npm1))
+            records.append(
+                CaseRecord(
+                    case_id=f"C{p:03d}_{c}",
+                    patient_id=f"P{p:03d}",
+                    image_paths=(f"images/C{p:03d}_{c}_0.png",),
+                    aml_label=aml,
+                    npm1_status=npm1,
+                )
+            )
     return records
 
 
@@ -50,8 +56,9 @@ def test_split_cases_groups_patients_and_stratifies():
 
 def test_split_without_val_or_test_and_bad_fractions():
     records = _cohort(20)
-    only_test = split_cases(records, test_fraction=0.25, val_fraction=0.0, seed=0,
-                            stratify="aml_npm1")
+    only_test = split_cases(
+        records, test_fraction=0.25, val_fraction=0.0, seed=0, stratify="aml_npm1"
+    )
     assert {r.split for r in only_test} == {"train", "test"}
     with pytest.raises(ValueError, match="sum < 1"):
         split_cases(records, test_fraction=0.6, val_fraction=0.5, seed=0)

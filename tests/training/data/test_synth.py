@@ -41,7 +41,12 @@ def test_coco_loads_and_masks_are_consistent(tiny_ds):
         x, y, w, h = ann["bbox"]
         assert min(x, y) >= 0 and x + w <= img["width"] and y + h <= img["height"]
         ys, xs = np.nonzero(m)
-        assert (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (x, y, w, h)
+        assert (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (
+            x,
+            y,
+            w,
+            h,
+        )
         assert set(ann["attributes"]) == set(ATTRIBUTE_CODES)
         if ann["category_id"] == CATEGORY_IDS["RBC"]:
             assert "nucleus_segmentation" not in ann
@@ -68,7 +73,7 @@ def test_rle_from_crop_matches_pycocotools():
         crop = rng.random((h, w)) > 0.4
         crop[0, 0] = True
         full = np.zeros((16, 16), np.uint8)
-        full[y0:y0 + h, x0:x0 + w] = crop
+        full[y0 : y0 + h, x0 : x0 + w] = crop
         rle = rle_from_crop(crop, x0, y0, 16, 16)
         assert np.array_equal(mask_utils.decode(rle), full)
         assert rle["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"].decode()
@@ -129,8 +134,9 @@ def test_label_noise_rate(tmp_path):
 
 
 def test_empty_image_and_cohort_counts():
-    img, cells = render_image(case_rng(0, 0, 1), sample_cohort(0, 1, TINY)[0],
-                              replace(TINY, crowding=0.05), cell_types=[])
+    img, cells = render_image(
+        case_rng(0, 0, 1), sample_cohort(0, 1, TINY)[0], replace(TINY, crowding=0.05), cell_types=[]
+    )
     assert img.shape == (120, 160, 3) and img.dtype == np.uint8
     assert all(c.code == "RBC" for c in cells)
     specs = sample_cohort(1, 10, SynthConfig(aml_fraction=0.6, npm1_fraction=0.5))
@@ -138,10 +144,16 @@ def test_empty_image_and_cohort_counts():
     assert sum(s.npm1_status == "mutated" for s in specs) == 3
 
 
-@pytest.mark.parametrize("argv", [
-    ["--out", "x", "--size", "0x10"], ["--out", "x", "--cases", "0"],
-    ["--out", "x", "--label-noise", "1.5"], ["--cases", "2"], ["--out", "x", "--workers", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "x", "--size", "0x10"],
+        ["--out", "x", "--cases", "0"],
+        ["--out", "x", "--label-noise", "1.5"],
+        ["--cases", "2"],
+        ["--out", "x", "--workers", "0"],
+    ],
+)
 def test_bad_arguments_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -157,8 +169,22 @@ def test_bad_config_raises():
 
 
 def test_cli_jpeg_and_benchmark(tmp_path, capsys):
-    main(["--out", str(tmp_path), "--cases", "2", "--size", "96x64", "--um-per-px", "1.0",
-          "--jpeg-quality", "80", "--images-per-case", "1"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--cases",
+            "2",
+            "--size",
+            "96x64",
+            "--um-per-px",
+            "1.0",
+            "--jpeg-quality",
+            "80",
+            "--images-per-case",
+            "1",
+        ]
+    )
     assert "cases" in capsys.readouterr().out
     assert sorted(p.suffix for p in (tmp_path / "images").iterdir()) == [".jpg", ".jpg"]
     res = benchmark(sizes=((96, 64),), n=1)
