@@ -31,7 +31,9 @@ receive a signed webhook, and fetch JSON / FHIR R4B reports and explanation imag
 
 Authentication: `Authorization: Bearer <key>` or `X-API-Key: <key>`; scopes `submit`,
 `read`, `admin`. 401 = missing or invalid key, 403 = the key lacks the scope, 429 = the
-key's rate limit (see `Retry-After`). Errors are JSON `{"error": code, "detail": text}`.
+key's rate limit (see `Retry-After`). Each key belongs to one tenant and sees only that
+tenant's analyses (another tenant's id answers 404); `admin` keys see every tenant.
+Errors are JSON `{"error": code, "detail": text}`.
 AI-generated decision support; not a diagnosis."""
 
 

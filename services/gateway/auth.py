@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import threading
 import time
@@ -17,18 +18,36 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.gateway.db import ApiKey, now
+from services.gateway.db import DEFAULT_TENANT, ApiKey, now
 
 SCOPES: tuple[str, ...] = ("submit", "read", "admin")
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller: a key of one tenant. An `admin` key sees every tenant."""
 
     key_id: str
     name: str
     scopes: frozenset[str]
+    tenant: str = DEFAULT_TENANT
+
+    @property
+    def sees_all(self) -> bool:
+        return "admin" in self.scopes
+
+    @property
+    def visible_tenant(self) -> str | None:
+        """The tenant reads are limited to; None for admin (every tenant)."""
+        return None if self.sees_all else self.tenant
+
+
+def check_tenant(name: str) -> str:
+    """A tenant name: 1-64 of lowercase letters, digits, `-`, `_` (it appears in URLs/logs)."""
+    if not _TENANT.fullmatch(name):
+        raise ValueError(f"tenant must match [a-z0-9][a-z0-9_-]{{0,63}}; got {name!r}")
+    return name
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -43,8 +62,10 @@ def parse_scopes(text: str) -> list[str]:
     return scopes
 
 
-def create_key(session: Session, *, name: str, scopes: list[str]) -> tuple[str, ApiKey]:
-    """Create a key; returns (the plaintext key, shown once, and its row)."""
+def create_key(
+    session: Session, *, name: str, scopes: list[str], tenant: str = DEFAULT_TENANT
+) -> tuple[str, ApiKey]:
+    """Create a key of `tenant`; returns (the plaintext key, shown once, and its row)."""
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
@@ -54,6 +75,7 @@ def create_key(session: Session, *, name: str, scopes: list[str]) -> tuple[str, 
         salt=salt,
         key_hash=_digest(salt, secret),
         scopes=",".join(parse_scopes(",".join(scopes))),
+        tenant=check_tenant(tenant),
     )
     session.add(row)
     session.flush()
@@ -70,7 +92,7 @@ def verify_key(session: Session, presented: str) -> Principal | None:
         return None
     if not hmac.compare_digest(row.key_hash, _digest(row.salt, parts[2])):
         return None
-    return Principal(row.id, row.name, frozenset(row.scopes.split(",")))
+    return Principal(row.id, row.name, frozenset(row.scopes.split(",")), row.tenant)
 
 
 def revoke_key(session: Session, *, key_id: str) -> bool:

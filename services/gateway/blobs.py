@@ -2,14 +2,30 @@
 
 Writes go to a temporary file in the same folder and are renamed into place, so a crash
 never leaves a half-written blob under its final name and equal content is stored once.
+
+Because equal content is stored once, a blob may belong to several analyses, or to a
+concurrent request that is about to commit the row pointing at it. Nothing in a request or
+a worker therefore deletes a blob; only `sweep` does, for blobs the job store does not
+reference and that nobody has written (or re-written: `put` refreshes the mtime of a blob it
+finds) within a grace period longer than any request:
+
+    python -m services.gateway.blobs sweep [--grace-s 86400] [--dry-run]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import logging
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_HEX = frozenset("0123456789abcdef")
 
 
 class BlobStore:
@@ -17,7 +33,7 @@ class BlobStore:
         self.root = Path(root)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if len(sha256) != 64 or any(c not in _HEX for c in sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
@@ -25,11 +41,18 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put(self, data: bytes) -> tuple[str, bool]:
-        """Store `data`; returns (sha256 hex, True when this call created the file)."""
+        """Store `data`; returns (sha256 hex, True when this call created the file).
+
+        An existing blob gets its mtime refreshed, so a sweep running now sees it as fresh
+        even before the database row that will reference it is committed."""
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if target.is_file():
-            return sha, False
+            try:
+                os.utime(target)
+                return sha, False
+            except FileNotFoundError:  # swept between the check and the touch: write it again
+                pass
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
@@ -46,5 +69,88 @@ class BlobStore:
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
-    def delete(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+    def blobs(self) -> Iterator[tuple[str, Path]]:
+        """(sha256, path) of every stored blob (temporary files are skipped)."""
+        for path in self.root.glob("??/??/*"):
+            name = path.name
+            if len(name) == 64 and set(name) <= _HEX and path.is_file():
+                yield name, path
+
+    def sweep(self, referenced: set[str], *, grace_s: float, dry_run: bool = False) -> list[str]:
+        """Delete blobs not in `referenced` whose mtime is older than `grace_s` seconds;
+        also stale `.tmp-` files of crashed writes. Returns the removed sha256s."""
+        cutoff = time.time() - grace_s
+        removed = []
+        for sha, path in self.blobs():
+            if sha in referenced:
+                continue
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                if not dry_run:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(sha)
+        for tmp in self.root.glob("??/??/.tmp-*"):
+            try:
+                if tmp.stat().st_mtime < cutoff and not dry_run:
+                    tmp.unlink()
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def sweep_unreferenced(sessions, blobs: BlobStore, *, grace_s: float, dry_run: bool = False):
+    """Remove the blobs no analysis or result references, older than `grace_s`.
+
+    The referenced set is read before the files are listed; a blob written after that read
+    is younger than the grace period, so it survives even though the set misses it."""
+    from services.gateway.store import referenced_blobs
+
+    with sessions() as session:
+        referenced = referenced_blobs(session)
+    return blobs.sweep(referenced, grace_s=grace_s, dry_run=dry_run)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.gateway.blobs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sweep", help="delete unreferenced blobs older than the grace period")
+    s.add_argument("--grace-s", type=float, default=86400.0)
+    s.add_argument("--dry-run", action="store_true", help="list, do not delete")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.grace_s < 60:
+        print("error: --grace-s must be at least 60 (longer than any request)", file=sys.stderr)
+        return 2
+    from services.gateway.config import GatewaySettings
+    from services.gateway.db import make_engine, make_sessionmaker
+    from services.gateway.migrations import upgrade_head
+
+    settings = GatewaySettings()
+    engine = make_engine(settings.database_url)
+    upgrade_head(engine)
+    removed = sweep_unreferenced(
+        make_sessionmaker(engine),
+        BlobStore(settings.image_root),
+        grace_s=args.grace_s,
+        dry_run=args.dry_run,
+    )
+    engine.dispose()
+    for sha in removed:
+        print(sha)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} unreferenced blobs", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,6 +79,16 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_min: int = Field(120, ge=1)
     log_level: str = "INFO"
 
+    requeue_window_s: float = Field(3600.0, gt=0)
+    """An analysis whose model services are down (or fail transiently) waits in the queue,
+    requeued with backoff, for up to this long after it was submitted or retried; then it
+    fails with the reason."""
+    requeue_backoff_s: float = Field(2.0, gt=0)
+    requeue_backoff_max_s: float = Field(60.0, gt=0)
+    ready_check_s: float = Field(2.0, gt=0)
+    """Workers ask the model services for readiness at most this often and claim no
+    analysis that needs one that is not ready."""
+
     @model_validator(mode="after")
     def _defaults(self) -> GatewaySettings:
         if self.heartbeat_s >= self.lease_s:

@@ -27,6 +27,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATUSES = ("queued", "running", "succeeded", "failed", "abstained", "cancelled")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "abstained", "cancelled"})
+DEFAULT_TENANT = "default"
+"""The tenant of keys created without `--tenant`: a single-site deployment never names one."""
 
 
 def now() -> float:
@@ -53,6 +55,7 @@ class Analysis(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     n_images: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -65,6 +68,12 @@ class Analysis(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=now)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """When it was submitted or explicitly retried: the requeue window starts here."""
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """A requeued analysis is not claimed before this time (backoff after an outage)."""
+    requeues: Mapped[int] = mapped_column(Integer, default=0)
+    """Times a model-service outage sent it back to the queue (drives the backoff)."""
 
 
 Index("ix_analyses_claim", Analysis.status, Analysis.lease_until)
@@ -120,6 +129,7 @@ class ApiKey(Base):
     salt: Mapped[str] = mapped_column(String(64))
     key_hash: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -131,16 +141,21 @@ class AuditLog(Base):
     at: Mapped[float] = mapped_column(Float, default=now, index=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     key_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     action: Mapped[str] = mapped_column(String(32))
     resource: Mapped[str | None] = mapped_column(String(128), nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Idempotency(Base):
-    __tablename__ = "idempotency"
+    """Idempotency keys are unique per tenant, so a LIS that rotates its API key still replays
+    its earlier submissions, and two tenants never see each other's keys."""
 
-    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(32))
     content_hash: Mapped[str] = mapped_column(String(64))
     analysis_id: Mapped[str] = mapped_column(ForeignKey("analyses.id"))
     created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -1,6 +1,7 @@
 """API-key management CLI.
 
     python -m services.gateway.keys create --name lis --scopes submit,read   # prints the key once
+    python -m services.gateway.keys create --name site-b --scopes submit,read --tenant site-b
     python -m services.gateway.keys list
     python -m services.gateway.keys revoke <key-id>
 
@@ -13,7 +14,7 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from services.gateway.auth import create_key, list_keys, parse_scopes, revoke_key
+from services.gateway.auth import check_tenant, create_key, list_keys, parse_scopes, revoke_key
 from services.gateway.config import GatewaySettings
 
 
@@ -27,6 +28,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create a key and print it (shown once)")
     c.add_argument("--name", required=True)
     c.add_argument("--scopes", required=True, help="comma list of submit, read, admin")
+    c.add_argument(
+        "--tenant",
+        default="default",
+        help="the site / LIS the key belongs to; it sees only its tenant's analyses "
+        "(admin keys see all). Default: default (single-tenant deployments)",
+    )
     sub.add_parser("list", help="list keys (never the secrets)")
     r = sub.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
@@ -38,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "create":
         try:
             scopes = parse_scopes(args.scopes)
+            tenant = check_tenant(args.tenant)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -51,17 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         if args.command == "create":
-            key, row = create_key(session, name=args.name, scopes=scopes)
+            key, row = create_key(session, name=args.name, scopes=scopes, tenant=tenant)
             print(key)
             print(
-                f"id {row.id}, scopes {row.scopes}; store the key now, it is not shown again",
+                f"id {row.id}, tenant {row.tenant}, scopes {row.scopes}; "
+                "store the key now, it is not shown again",
                 file=sys.stderr,
             )
         elif args.command == "list":
             for row in list_keys(session):
                 made = datetime.fromtimestamp(row.created_at, UTC).isoformat(timespec="seconds")
                 state = "revoked" if row.revoked_at else "active"
-                print(f"{row.id}\t{row.name}\t{row.scopes}\t{made}\t{state}")
+                print(f"{row.id}\t{row.name}\t{row.tenant}\t{row.scopes}\t{made}\t{state}")
         elif not revoke_key(session, key_id=args.key_id):
             print(f"error: no active key {args.key_id}", file=sys.stderr)
             return 1

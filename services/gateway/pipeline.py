@@ -47,6 +47,12 @@ class PipelineFailure(Exception):
     """The analysis fails with this reason (shown to the LIS)."""
 
 
+class TransientFailure(PipelineFailure):
+    """A model service stayed UNAVAILABLE / DEADLINE_EXCEEDED through the call's retries
+    while the run still had time: the worker requeues the analysis. (A run that used up its
+    whole deadline fails: rerunning it would cost the same.)"""
+
+
 class Cancelled(Exception):
     """The analysis was cancelled (or this worker no longer owns it)."""
 
@@ -66,6 +72,8 @@ class Outcome:
     result: dict | None
     artifacts: dict[str, bytes] = field(default_factory=dict)
     """sha256 -> bytes the worker stores in the blob store (heatmaps as .npy)."""
+    transient: bool = False
+    """A failure caused by an unavailable or slow model service (may succeed later)."""
 
 
 class Deadline:
@@ -180,7 +188,7 @@ class Pipeline:
             if self.deadline.remaining() <= 0.05:
                 raise PipelineFailure(self._deadline_reason(service)) from exc
             if exc.transient:
-                raise PipelineFailure(
+                raise TransientFailure(
                     f"{service} service unavailable after {attempts} attempts ({exc.code})"
                 ) from exc
             raise PipelineFailure(f"{service} service error {exc.code}: {exc.message}") from exc
@@ -196,7 +204,7 @@ class Pipeline:
         try:
             return await self._run(analysis_id, images, explain)
         except PipelineFailure as exc:
-            return Outcome("failed", str(exc), None)
+            return Outcome("failed", str(exc), None, transient=isinstance(exc, TransientFailure))
 
     def _check_version(self, service: str, pinned: str, answered: str) -> None:
         if answered and answered != pinned:

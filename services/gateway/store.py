@@ -7,6 +7,13 @@ row count, so exactly one worker wins (on SQLite the `BEGIN IMMEDIATE` transacti
 claim single-writer). A worker holds a lease (`lease_until`), renews it with a heartbeat and
 writes the outcome only while it still owns the lease; a crashed worker's analysis is taken
 over after the lease expires.
+
+Tenancy: every read, list, cancel and retry takes the caller's `tenant` (None = admin, every
+tenant); an analysis of another tenant is simply not found, so ids do not leak existence.
+
+Outages: a worker whose analysis failed only because a model service was unavailable puts it
+back in the queue (`requeue`) with a `not_before` time (exponential backoff) instead of
+failing it, until its requeue window since `queued_at` has passed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.gateway.db import (
+    DEFAULT_TENANT,
     FINAL_STATUSES,
     Analysis,
     AuditLog,
@@ -51,17 +59,24 @@ def audit(
     action: str,
     resource: str | None = None,
     detail: str | None = None,
+    tenant: str | None = None,
 ) -> None:
     session.add(
         AuditLog(
-            api_key_id=key_id, key_name=key_name, action=action, resource=resource, detail=detail
+            api_key_id=key_id,
+            key_name=key_name,
+            tenant=tenant,
+            action=action,
+            resource=resource,
+            detail=detail,
         )
     )
 
 
-def find_idempotent(session: Session, *, key_id: str, key: str, content_hash: str) -> str | None:
-    """The analysis id already created under `key`, None when new; Conflict on new content."""
-    row = session.get(Idempotency, (key_id, key))
+def find_idempotent(session: Session, *, tenant: str, key: str, content_hash: str) -> str | None:
+    """The analysis id `tenant` already created under `key`, None when new; Conflict on new
+    content."""
+    row = session.get(Idempotency, (tenant, key))
     if row is None:
         return None
     if row.content_hash != content_hash:
@@ -77,7 +92,9 @@ def create_analysis(
     content_hash: str,
     key_id: str | None,
     idempotency_key: str | None,
+    tenant: str = DEFAULT_TENANT,
 ) -> Analysis:
+    t = now()
     analysis = Analysis(
         id=new_id(),
         status="queued",
@@ -88,11 +105,14 @@ def create_analysis(
         content_hash=content_hash,
         webhook_url=metadata.get("webhook_url"),
         api_key_id=key_id,
+        tenant=tenant,
         n_images=len(images),
         cancel_requested=False,
         attempts=0,
-        created_at=now(),
-        updated_at=now(),
+        requeues=0,
+        created_at=t,
+        updated_at=t,
+        queued_at=t,
     )
     session.add(analysis)
     session.flush()
@@ -112,6 +132,7 @@ def create_analysis(
     if idempotency_key is not None and key_id is not None:
         session.add(
             Idempotency(
+                tenant=tenant,
                 api_key_id=key_id,
                 key=idempotency_key,
                 content_hash=content_hash,
@@ -133,10 +154,26 @@ def result_of(session: Session, *, analysis_id: str) -> dict | None:
     return None if row is None else json.loads(row.result_json)
 
 
+def get_analysis(session: Session, *, analysis_id: str, tenant: str | None) -> Analysis | None:
+    """The analysis when it exists and `tenant` (None: any) may see it, else None."""
+    a = session.get(Analysis, analysis_id)
+    if a is None or (tenant is not None and a.tenant != tenant):
+        return None
+    return a
+
+
 def list_analyses(
-    session: Session, *, accession: str | None, limit: int, offset: int
+    session: Session,
+    *,
+    accession: str | None,
+    limit: int,
+    offset: int,
+    tenant: str | None = None,
 ) -> tuple[list[Analysis], int]:
+    """Analyses of `tenant` (None: every tenant), newest first, with the total count."""
     q = select(Analysis)
+    if tenant is not None:
+        q = q.where(Analysis.tenant == tenant)
     if accession is not None:
         q = q.where(Analysis.accession == accession)
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
@@ -146,10 +183,12 @@ def list_analyses(
     return list(rows), total
 
 
-def request_cancel(session: Session, *, analysis_id: str) -> Analysis | None:
+def request_cancel(
+    session: Session, *, analysis_id: str, tenant: str | None = None
+) -> Analysis | None:
     """Queued -> cancelled now; running -> flagged (the worker stops at its next stage
-    boundary); final states are returned unchanged."""
-    a = session.get(Analysis, analysis_id)
+    boundary); final states are returned unchanged. None when `tenant` cannot see it."""
+    a = get_analysis(session, analysis_id=analysis_id, tenant=tenant)
     if a is None or a.status in FINAL_STATUSES:
         return a
     if a.status == "queued":
@@ -158,6 +197,38 @@ def request_cancel(session: Session, *, analysis_id: str) -> Analysis | None:
         a.cancel_requested = True
         a.updated_at = now()
     return a
+
+
+RETRYABLE = frozenset({"failed", "cancelled"})
+
+
+def retry(session: Session, *, analysis_id: str) -> bool:
+    """Put a failed or cancelled analysis back in the queue, same id and images, with a fresh
+    attempt count and requeue window. One conditional UPDATE, so two concurrent retries (or a
+    retry racing a worker) requeue it once; False when it was not failed/cancelled."""
+    t = now()
+    res = session.execute(
+        update(Analysis)
+        .where(Analysis.id == analysis_id, Analysis.status.in_(RETRYABLE))
+        .values(
+            status="queued",
+            reason=None,
+            stage=None,
+            attempts=0,
+            requeues=0,
+            not_before=None,
+            cancel_requested=False,
+            lease_owner=None,
+            lease_until=None,
+            heartbeat_at=None,
+            started_at=None,
+            finished_at=None,
+            queued_at=t,
+            updated_at=t,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -169,9 +240,10 @@ def status_counts(session: Session) -> dict[str, int]:
 
 
 def _claimable(t: float):
-    return or_(
-        Analysis.status == "queued", (Analysis.status == "running") & (Analysis.lease_until < t)
+    queued = (Analysis.status == "queued") & (
+        Analysis.not_before.is_(None) | (Analysis.not_before <= t)
     )
+    return or_(queued, (Analysis.status == "running") & (Analysis.lease_until < t))
 
 
 def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | None:
@@ -236,6 +308,7 @@ def _finish(session: Session, a: Analysis, *, status: str, reason: str | None) -
         payload = {
             "event": f"analysis.{status}",
             "analysis_id": a.id,
+            "tenant": a.tenant,
             "status": status,
             "reason": reason,
             "finished_at": t,
@@ -300,6 +373,102 @@ def fail_exhausted(session: Session, *, max_attempts: int) -> list[str]:
             reason=f"worker lost {a.attempts} times (crash or timeout); not retried again",
         )
     return [a.id for a in rows]
+
+
+def release(session: Session, *, analysis_id: str, owner: str, delay_s: float = 0.0) -> bool:
+    """Hand a claimed analysis back to the queue without counting the claim (the worker
+    stops, or a service it needs is down), claimable again after `delay_s`."""
+    t = now()
+    res = session.execute(
+        update(Analysis)
+        .where(
+            Analysis.id == analysis_id,
+            Analysis.lease_owner == owner,
+            Analysis.status == "running",
+        )
+        .values(
+            status="queued",
+            lease_owner=None,
+            lease_until=None,
+            updated_at=t,
+            stage=None,
+            not_before=t + delay_s if delay_s > 0 else None,
+            attempts=Analysis.attempts - 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def requeue_backoff_s(requeues: int, *, base: float, cap: float) -> float:
+    """Delay before the `requeues`-th requeue (1-based) may be claimed: base * 2^(n-1), capped."""
+    return min(cap, base * 2 ** max(0, requeues - 1))
+
+
+def requeue_or_fail(
+    session: Session,
+    *,
+    analysis_id: str,
+    owner: str,
+    reason: str,
+    window_s: float,
+    backoff_s: float,
+    backoff_max_s: float,
+) -> str | None:
+    """After a transient failure (a model service unavailable or too slow): back to the queue
+    with a backoff while the analysis is inside its requeue window (from `queued_at`), else
+    failed. Returns "queued" or "failed", None when this worker no longer owns it."""
+    a = session.get(Analysis, analysis_id, with_for_update=True)
+    if a is None or a.status != "running" or a.lease_owner != owner:
+        return None
+    t = now()
+    n = a.requeues + 1
+    delay = requeue_backoff_s(n, base=backoff_s, cap=backoff_max_s)
+    start = a.queued_at or a.created_at
+    if t + delay > start + window_s:
+        _finish(
+            session,
+            a,
+            status="failed",
+            reason=f"{reason}; still failing {t - start:.0f} s after it was queued "
+            f"({a.requeues} requeues), not retried again",
+        )
+        return "failed"
+    a.status, a.stage, a.requeues = "queued", "waiting_for_services", n
+    a.reason = f"requeued ({n}) after: {reason}"
+    a.not_before, a.updated_at = t + delay, t
+    a.lease_owner = a.lease_until = None
+    a.attempts = max(0, a.attempts - 1)  # an outage is not a worker crash
+    return "queued"
+
+
+def fail_waited_too_long(session: Session, *, window_s: float, why: str) -> list[str]:
+    """Queued analyses whose requeue window has passed while a model service they need is
+    down (the caller checked): fail them with `why` rather than keep the LIS waiting."""
+    t = now()
+    start = func.coalesce(Analysis.queued_at, Analysis.created_at)
+    rows = list(
+        session.scalars(select(Analysis).where(Analysis.status == "queued", start + window_s < t))
+    )
+    for a in rows:
+        _finish(
+            session,
+            a,
+            status="failed",
+            reason=f"{why} for longer than the requeue window ({window_s:g} s); "
+            f"POST /v1/analyses/{a.id}/retry once it is back",
+        )
+    return [a.id for a in rows]
+
+
+def referenced_blobs(session: Session) -> set[str]:
+    """Every sha256 the job store points at: images and result artifacts (heatmaps)."""
+    refs = set(session.scalars(select(Image.sha256)))
+    for text_ in session.scalars(select(Result.result_json)):
+        for entry in json.loads(text_).get("images", []):
+            if entry.get("heatmap_sha256"):
+                refs.add(entry["heatmap_sha256"])
+    return refs
 
 
 # ---- outbox --------------------------------------------------------------------------------

@@ -2,6 +2,13 @@
 
 `python -m services.gateway.worker` runs workers alone (several processes may share one
 PostgreSQL job store); the API process runs the same loop when `EMBEDDED_WORKER` is true.
+
+Outages: before claiming, a worker asks the model services whether they are ready (at most
+every `READY_CHECK_S`) and claims nothing while one every analysis needs is down (an
+analysis that asks for explanations goes back to the queue while `explain` is down); a
+run that still meets an unavailable service after its call retries is requeued with backoff
+instead of failed, within `REQUEUE_WINDOW_S` of its submission. So a model service that is
+down for a while delays analyses instead of failing the queue.
 """
 
 from __future__ import annotations
@@ -13,23 +20,25 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
-from services.gateway.config import GatewaySettings
-from services.gateway.db import Analysis, now
+from services.gateway.config import SERVICES, GatewaySettings
+from services.gateway.db import now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.webhooks import backoff_s, deliver
 
 log = logging.getLogger(__name__)
+OPTIONAL_SERVICES = frozenset({"explain"})
+"""Needed only by analyses that ask for explanations (`options.explain`)."""
 
 
 @dataclass
@@ -37,6 +46,13 @@ class _Claimed:
     id: str
     metadata: dict
     attempts: int
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The model services this analysis calls."""
+        if self.metadata.get("options", {}).get("explain"):
+            return frozenset(SERVICES)
+        return frozenset(SERVICES) - OPTIONAL_SERVICES
 
 
 class Worker:
@@ -55,6 +71,34 @@ class Worker:
         self.clients = clients
         self.metrics = metrics
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._ready_at = -float("inf")
+        self._down: frozenset[str] = frozenset()
+        self._ready_lock = asyncio.Lock()
+
+    # -- readiness ------------------------------------------------------------------------
+    async def services_down(self) -> frozenset[str]:
+        """Model services not ready, asked at most every READY_CHECK_S (shared by the slots);
+        a failed readiness call counts every service as down."""
+        async with self._ready_lock:
+            if time.monotonic() - self._ready_at < self.s.ready_check_s:
+                return self._down
+            try:
+                ready = await self.clients.ready(timeout=self.s.ready_timeout_s)
+                down = frozenset(s for s in SERVICES if not ready.get(s, False))
+            except Exception:
+                log.exception("readiness check failed; treating every service as down")
+                down = frozenset(SERVICES)
+            if down != self._down:
+                if down:
+                    log.warning("model services not ready: %s", ", ".join(sorted(down)))
+                else:
+                    log.info("every model service is ready again")
+            self._down, self._ready_at = down, time.monotonic()
+            return down
+
+    def _forget_readiness(self) -> None:
+        """Ask again before the next claim (a run just met an unavailable service)."""
+        self._ready_at = -float("inf")
 
     # -- loops ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -73,7 +117,14 @@ class Worker:
 
     async def _job_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            down = await self.services_down()
             try:
+                if down - OPTIONAL_SERVICES:
+                    # nothing can run: claim nothing, burn no attempts; fail only what has
+                    # waited past its requeue window; look again at the next readiness check
+                    await asyncio.to_thread(self._expire_waiting, down - OPTIONAL_SERVICES)
+                    await self._sleep(stop, max(self.s.poll_interval_s, self.s.ready_check_s))
+                    continue
                 claimed = await asyncio.to_thread(self._claim)
             except Exception:
                 log.exception("claiming a job failed; retrying")
@@ -81,6 +132,10 @@ class Worker:
                 continue
             if claimed is None:
                 await self._sleep(stop, self.s.poll_interval_s)
+                continue
+            if claimed.needs & down:  # explain is down and this analysis asked for it
+                why = "{} service not ready".format(", ".join(sorted(claimed.needs & down)))
+                await asyncio.to_thread(self._requeue, claimed.id, why, self.s.ready_check_s)
                 continue
             job = asyncio.create_task(self.process(claimed))
             stopper = asyncio.create_task(stop.wait())
@@ -103,24 +158,32 @@ class Worker:
             log.info("claimed analysis %s (attempt %d)", a.id, a.attempts)
             return _Claimed(a.id, json.loads(a.metadata_json), a.attempts)
 
-    def _release(self, analysis_id: str) -> None:
+    def _release(self, analysis_id: str, delay_s: float = 0.0) -> None:
         with self.sessions.begin() as session:
-            session.execute(
-                update(Analysis)
-                .where(
-                    Analysis.id == analysis_id,
-                    Analysis.lease_owner == self.owner,
-                    Analysis.status == "running",
-                )
-                .values(
-                    status="queued",
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now(),
-                    attempts=Analysis.attempts - 1,
-                )
-            )
+            store.release(session, analysis_id=analysis_id, owner=self.owner, delay_s=delay_s)
         log.info("released analysis %s back to the queue", analysis_id)
+
+    def _expire_waiting(self, down: frozenset[str]) -> None:
+        why = "model service(s) {} not ready".format(", ".join(sorted(down)))
+        with self.sessions.begin() as session:
+            failed = store.fail_waited_too_long(session, window_s=self.s.requeue_window_s, why=why)
+        for analysis_id in failed:
+            log.error("analysis %s failed: %s past its requeue window", analysis_id, why)
+            self.metrics.finished.labels("failed").inc()
+
+    def _requeue(self, analysis_id: str, reason: str, delay_s: float | None = None) -> str | None:
+        """Back to the queue after `reason` (backoff, or a fixed `delay_s`), or failed when
+        its requeue window is over."""
+        with self.sessions.begin() as session:
+            return store.requeue_or_fail(
+                session,
+                analysis_id=analysis_id,
+                owner=self.owner,
+                reason=reason,
+                window_s=self.s.requeue_window_s,
+                backoff_s=delay_s or self.s.requeue_backoff_s,
+                backoff_max_s=delay_s or self.s.requeue_backoff_max_s,
+            )
 
     def _heartbeat(self, analysis_id: str, stage: str | None) -> tuple[bool, bool]:
         with self.sessions.begin() as session:
@@ -190,6 +253,19 @@ class Worker:
             return
         finally:
             beat.cancel()
+        if outcome.transient:
+            self._forget_readiness()
+            state = await asyncio.to_thread(self._requeue, analysis_id, outcome.reason or "")
+            if state == "queued":
+                log.warning("analysis %s requeued: %s", analysis_id, outcome.reason)
+                self.metrics.finished.labels("requeued").inc()
+                return
+            if state is None:
+                log.warning("analysis %s: outcome discarded, lease lost", analysis_id)
+                return
+            self.metrics.finished.labels("failed").inc()
+            log.info("analysis %s failed: requeue window over", analysis_id)
+            return
         try:
             for data in outcome.artifacts.values():
                 await asyncio.to_thread(self.blobs.put, data)

@@ -5,6 +5,10 @@ Knobs (environment, read when the factory is called):
   MS_TEST_FAKE_CELLS      cells per image (default 40; every 8th is an RBC)
   MS_TEST_FAKE_SEG_DELAY_S  seconds each segmentation call sleeps (default 0)
   MS_TEST_FAKE_DOWN       comma list of services that always answer UNAVAILABLE
+  MS_TEST_FAKE_DOWN_FILE  a file read at every call, one service a line: down (not ready and
+                          UNAVAILABLE) while listed; `<service>:calls` answers UNAVAILABLE but
+                          reports ready (it died between a readiness check and the call).
+                          Tests start and end an outage of a running gateway with it.
   MS_TEST_FAKE_LINEAGE    match (default) | mismatch | none
   MS_TEST_FAKE_FEATURE_UNITS  unit the ensemble reports it learned: unknown (default, an old
                           config) | um | px
@@ -63,13 +67,27 @@ class FakeModelClients:
         self.calls: dict[str, int] = {}
         self.seen_versions: dict[str, set[str]] = {}
         self.seen_um_per_px: list[float | None] = []
+        self.down_file: str | None = None
+
+    def _down_now(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(services down entirely, services whose calls fail but that report ready)."""
+        lines: list[str] = []
+        if self.down_file:
+            try:
+                with open(self.down_file) as fh:
+                    lines = [ln.strip() for ln in fh if ln.strip()]
+            except FileNotFoundError:
+                pass
+        down = self.down | {ln for ln in lines if ":" not in ln}
+        return frozenset(down), frozenset(ln.split(":")[0] for ln in lines if ":" in ln)
 
     def _enter(self, service: str, version: str | None = None) -> None:
         """Count inference calls (metadata calls pass version None and are not counted)."""
         if version is not None:
             self.calls[service] = self.calls.get(service, 0) + 1
             self.seen_versions.setdefault(service, set()).add(version)
-        if service in self.down:
+        down, calls_down = self._down_now()
+        if service in down or service in calls_down:
             raise ServiceCallError(service, "UNAVAILABLE", "connection refused (test)")
 
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
@@ -189,7 +207,8 @@ class FakeModelClients:
         return Explanation(heat[::4, ::4], imp * (area > 0), version)
 
     async def ready(self, *, timeout: float) -> dict[str, bool]:
-        return {s: s not in self.down for s in VERSIONS}
+        down, _ = self._down_now()
+        return {s: s not in down for s in VERSIONS}
 
     async def close(self) -> None:
         return None
@@ -197,7 +216,7 @@ class FakeModelClients:
 
 def make_clients(settings) -> FakeModelClients:
     env = os.environ
-    return FakeModelClients(
+    clients = FakeModelClients(
         cells=int(env.get("MS_TEST_FAKE_CELLS", "40")),
         seg_delay_s=float(env.get("MS_TEST_FAKE_SEG_DELAY_S", "0")),
         down=frozenset(s for s in env.get("MS_TEST_FAKE_DOWN", "").split(",") if s),
@@ -210,3 +229,5 @@ def make_clients(settings) -> FakeModelClients:
             else None
         ),
     )
+    clients.down_file = env.get("MS_TEST_FAKE_DOWN_FILE") or None
+    return clients

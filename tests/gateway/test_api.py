@@ -150,15 +150,16 @@ def test_abstain_on_too_few_cells(gateway, monkeypatch):
 
 
 @pytest.mark.parametrize("down", ["segmentation", "ensemble"])
-def test_service_down_fails_with_reason(gateway, monkeypatch, down):
+def test_service_down_is_not_claimed_and_fails_after_the_requeue_window(gateway, monkeypatch, down):
     monkeypatch.setenv("MS_TEST_FAKE_DOWN", down)
-    client, services, keys = gateway(call_attempts="3")
+    client, services, keys = gateway(requeue_window_s="1.5", ready_check_s="0.1")
     with client:
         aid = _submit(client, keys, png()).json()["id"]
         body = wait_status(client.get, aid, keys["lis"])
         assert body["status"] == "failed"
-        assert body["reason"] == f"{down} service unavailable after 3 attempts (UNAVAILABLE)"
-        assert body["result"] is None
+        assert body["reason"].startswith(f"model service(s) {down} not ready for longer than")
+        assert body["result"] is None and body["started_at"] is None  # never claimed
+        assert services.clients.calls == {}  # no attempt was burnt on the down service
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["models"][down] is False
 

@@ -1,4 +1,8 @@
-"""`/v1/analyses`: submit, read, list and cancel analyses."""
+"""`/v1/analyses`: submit, read, list, cancel and retry analyses.
+
+Every route is scoped to the caller's tenant (admin keys: every tenant); another tenant's
+analysis answers 404 exactly like one that does not exist.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, 
 from sqlalchemy.exc import IntegrityError
 
 from services.gateway import store
+from services.gateway.auth import Principal
 from services.gateway.db import Analysis
 from services.gateway.deps import ReadKey, ServicesDep, SessionDep, SettingsDep, SubmitKey
 from services.gateway.errors import ApiError, error_responses
@@ -55,8 +60,30 @@ def to_public(session, a: Analysis) -> AnalysisPublic:
     )
 
 
-def get_analysis(session, analysis_id: str) -> Analysis:
-    a = session.get(Analysis, analysis_id)
+def audit(
+    session,
+    principal: Principal,
+    action: str,
+    *,
+    resource: str | None = None,
+    detail: str | None = None,
+) -> None:
+    """Record who (key and tenant) did `action` on `resource`."""
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        tenant=principal.tenant,
+        action=action,
+        resource=resource,
+        detail=detail,
+    )
+
+
+def get_analysis(session, analysis_id: str, principal: Principal) -> Analysis:
+    """The analysis if the caller's tenant may see it; else 404 (never 403: no existence
+    leak across tenants)."""
+    a = store.get_analysis(session, analysis_id=analysis_id, tenant=principal.visible_tenant)
     if a is None:
         raise ApiError(404, "not_found", f"no analysis {analysis_id}")
     return a
@@ -113,16 +140,21 @@ def submit_analysis(
         response.headers["Location"] = f"/v1/analyses/{analysis_id}"
         response.headers["Idempotent-Replayed"] = "true"
         with services.sessions() as session:
-            a = get_analysis(session, analysis_id)
+            a = get_analysis(session, analysis_id, principal)
             return AnalysisAccepted(id=a.id, status=a.status, location=f"/v1/analyses/{a.id}")
 
     if idempotency_key:
         with services.sessions() as session:
-            existing = _find(session, principal.key_id, idempotency_key, digest)
+            existing = _find(session, principal.tenant, idempotency_key, digest)
         if existing:
             return replay(existing)
 
-    created = [sha for sha, new in (services.blobs.put(c.data) for c in checked) if new]
+    # Blobs are content-addressed and may already belong to other analyses (or to the
+    # concurrent request that wins an idempotency race), so the request path never deletes
+    # one: an unreferenced blob is removed only by `python -m services.gateway.blobs sweep`
+    # after a grace period (`put` refreshes the mtime of a blob it finds).
+    for c in checked:
+        services.blobs.put(c.data)
     try:
         with services.sessions.begin() as session:
             a = store.create_analysis(
@@ -131,41 +163,29 @@ def submit_analysis(
                 content_hash=digest,
                 key_id=principal.key_id,
                 idempotency_key=idempotency_key,
+                tenant=principal.tenant,
                 images=[
                     store.NewImage(c.sha256, len(c.data), c.width, c.height, c.format)
                     for c in checked
                 ],
             )
-            store.audit(
-                session,
-                key_id=principal.key_id,
-                key_name=principal.name,
-                action="submit",
-                resource=a.id,
-                detail=f"{len(checked)} images",
-            )
+            audit(session, principal, "submit", resource=a.id, detail=f"{len(checked)} images")
             analysis_id = a.id
     except IntegrityError:
-        for sha in created:
-            services.blobs.delete(sha)
         if idempotency_key:  # a concurrent request with the same key won the race
             with services.sessions() as session:
-                existing = _find(session, principal.key_id, idempotency_key, digest)
+                existing = _find(session, principal.tenant, idempotency_key, digest)
             if existing:
                 return replay(existing)
-        raise
-    except BaseException:
-        for sha in created:
-            services.blobs.delete(sha)
         raise
     log.info("accepted analysis %s (%d images)", analysis_id, len(checked))
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
     return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
 
 
-def _find(session, key_id: str, key: str, digest: str) -> str | None:
+def _find(session, tenant: str, key: str, digest: str) -> str | None:
     try:
-        return store.find_idempotent(session, key_id=key_id, key=key, content_hash=digest)
+        return store.find_idempotent(session, tenant=tenant, key=key, content_hash=digest)
     except store.Conflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
 
@@ -178,18 +198,19 @@ def list_analyses(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> AnalysisPage:
-    """Analyses, newest first, optionally of one accession id."""
-    rows, total = store.list_analyses(session, accession=accession, limit=limit, offset=offset)
+    """Analyses of the caller's tenant (admin: all), newest first, optionally of one
+    accession id."""
+    rows, total = store.list_analyses(
+        session,
+        accession=accession,
+        limit=limit,
+        offset=offset,
+        tenant=principal.visible_tenant,
+    )
     page = AnalysisPage(
         items=[to_public(session, a) for a in rows], total=total, limit=limit, offset=offset
     )
-    store.audit(
-        session,
-        key_id=principal.key_id,
-        key_name=principal.name,
-        action="list",
-        detail=f"{len(rows)} of {total}",
-    )
+    audit(session, principal, "list", detail=f"{len(rows)} of {total}")
     session.commit()  # nothing is read after it (see read_analysis)
     return page
 
@@ -199,11 +220,9 @@ def list_analyses(
 )
 def read_analysis(principal: ReadKey, session: SessionDep, analysis_id: str) -> AnalysisPublic:
     """Status and, once finished, the result (schema: `GET /v1/schemas/result`)."""
-    a = get_analysis(session, analysis_id)
+    a = get_analysis(session, analysis_id, principal)
     public = to_public(session, a)
-    store.audit(
-        session, key_id=principal.key_id, key_name=principal.name, action="read", resource=a.id
-    )
+    audit(session, principal, "read", resource=a.id)
     # Read everything before the commit: a query after it opens a new SQLite transaction
     # (BEGIN IMMEDIATE: the write lock) that stays open until the session dependency is torn
     # down, after the response; polls then stalled writers and other readers for up to the
@@ -223,17 +242,36 @@ def cancel_analysis(
 ) -> AnalysisPublic:
     """Cancel: a queued analysis at once, a running one at its next stage boundary."""
     with services.sessions.begin() as session:
-        a = store.request_cancel(session, analysis_id=analysis_id)
+        a = store.request_cancel(session, analysis_id=analysis_id, tenant=principal.visible_tenant)
         if a is None:
             raise ApiError(404, "not_found", f"no analysis {analysis_id}")
         if a.status in ("succeeded", "failed", "abstained"):
             raise ApiError(409, "already_finished", f"analysis is already {a.status}")
-        store.audit(
-            session,
-            key_id=principal.key_id,
-            key_name=principal.name,
-            action="cancel",
-            resource=a.id,
-        )
+        audit(session, principal, "cancel", resource=a.id)
     with services.sessions() as session:
-        return to_public(session, get_analysis(session, analysis_id))
+        return to_public(session, get_analysis(session, analysis_id, principal))
+
+
+@router.post(
+    "/{analysis_id}/retry",
+    response_model=AnalysisPublic,
+    status_code=202,
+    responses=error_responses(401, 403, 404, 409, 429),
+)
+def retry_analysis(principal: SubmitKey, services: ServicesDep, analysis_id: str) -> AnalysisPublic:
+    """Run a failed or cancelled analysis again: same id, same stored images, a fresh
+    attempt count and requeue window; its webhook fires again when it finishes. 409 for an
+    analysis that is queued, running or has a result. Audited."""
+    with services.sessions.begin() as session:
+        a = get_analysis(session, analysis_id, principal)
+        detail = f"was {a.status}: {a.reason or ''}"[:500]
+        if not store.retry(session, analysis_id=a.id):
+            raise ApiError(
+                409,
+                "not_retryable",
+                f"analysis is {a.status}; only failed or cancelled analyses can be retried",
+            )
+        audit(session, principal, "retry", resource=a.id, detail=detail)
+    log.info("analysis %s requeued by an explicit retry", analysis_id)
+    with services.sessions() as session:
+        return to_public(session, get_analysis(session, analysis_id, principal))

@@ -12,19 +12,20 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from services.gateway import store
+from services.gateway.auth import Principal
 from services.gateway.db import AuditLog
 from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.result import AnalysisResult
-from services.gateway.routers.analyses import get_analysis
+from services.gateway.routers.analyses import audit, get_analysis
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
 FHIR_JSON = "application/fhir+json"
 
 
-def _finished_result(session, analysis_id: str) -> tuple[object, dict]:
-    a = get_analysis(session, analysis_id)
+def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[object, dict]:
+    a = get_analysis(session, analysis_id, principal)
     result = store.result_of(session, analysis_id=analysis_id)
     if result is None:
         raise ApiError(
@@ -55,15 +56,8 @@ def get_report(
     format: Annotated[Literal["json", "fhir"], Query()] = "json",
 ) -> Response:
     """The result as JSON (`AnalysisResult`) or as a FHIR R4B DiagnosticReport Bundle."""
-    a, result = _finished_result(session, analysis_id)
-    store.audit(
-        session,
-        key_id=principal.key_id,
-        key_name=principal.name,
-        action="report",
-        resource=a.id,
-        detail=format,
-    )
+    a, result = _finished_result(session, analysis_id, principal)
+    audit(session, principal, "report", resource=a.id, detail=format)
     session.commit()
     if format == "json":
         return JSONResponse(result)
@@ -77,10 +71,12 @@ def get_report(
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
 
-def _image(services, session, analysis_id: str, k: int) -> tuple[np.ndarray, dict]:
+def _image(
+    services, session, analysis_id: str, k: int, principal: Principal
+) -> tuple[np.ndarray, dict]:
     from marrowscope.imaging import decode_image
 
-    _, result = _finished_result(session, analysis_id)
+    _, result = _finished_result(session, analysis_id, principal)
     images = {im["index"]: im for im in result["images"]}
     if k not in images:
         raise ApiError(404, "not_found", f"analysis has no image {k}")
@@ -102,18 +98,11 @@ def heatmap(
     """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
     from services.gateway.render import heatmap_png
 
-    rgb, entry = _image(services, session, analysis_id, k)
+    rgb, entry = _image(services, session, analysis_id, k, principal)
     if not entry.get("heatmap_sha256"):
         raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
     hm = np.load(io.BytesIO(services.blobs.get(entry["heatmap_sha256"])), allow_pickle=False)
-    store.audit(
-        session,
-        key_id=principal.key_id,
-        key_name=principal.name,
-        action="heatmap",
-        resource=analysis_id,
-        detail=str(k),
-    )
+    audit(session, principal, "heatmap", resource=analysis_id, detail=str(k))
     session.commit()
     return Response(heatmap_png(rgb, hm), media_type="image/png")
 
@@ -130,15 +119,8 @@ def overlay(
     grow with each cell's importance."""
     from services.gateway.render import overlay_png
 
-    rgb, entry = _image(services, session, analysis_id, k)
-    store.audit(
-        session,
-        key_id=principal.key_id,
-        key_name=principal.name,
-        action="overlay",
-        resource=analysis_id,
-        detail=str(k),
-    )
+    rgb, entry = _image(services, session, analysis_id, k, principal)
+    audit(session, principal, "overlay", resource=analysis_id, detail=str(k))
     session.commit()
     return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
 
@@ -151,15 +133,23 @@ def result_schema() -> dict:
 
 @router.get("/v1/audit", responses=error_responses(401, 403, 429))
 def audit_log(
-    _admin: AdminKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    _admin: AdminKey,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    tenant: Annotated[str | None, Query(max_length=64, description="only this tenant")] = None,
 ) -> list[dict]:
-    """Who submitted or read what, and when (newest first). Admin scope."""
-    rows = session.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit))
+    """Who submitted or read what, and when (newest first), with the caller's tenant of each
+    entry. Admin scope (admin keys see every tenant)."""
+    q = select(AuditLog)
+    if tenant is not None:
+        q = q.where(AuditLog.tenant == tenant)
+    rows = session.scalars(q.order_by(AuditLog.id.desc()).limit(limit))
     out = [
         {
             "at": ts(r.at),
             "key_id": r.api_key_id,
             "key_name": r.key_name,
+            "tenant": r.tenant,
             "action": r.action,
             "resource": r.resource,
             "detail": r.detail,
