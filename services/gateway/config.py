@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
+
+UM_PER_PX_RANGE = (0.05, 5.0)
+"""Physically plausible pixel sizes (um) of a smear image: 100x oil objectives give ~0.07,
+a 10x overview ~1-2; outside it a value is a typo or a unit mix-up (nm, mm, DPI), and tiny
+values underflow float32 in the morphometrics."""
+
+
+def check_um_per_px(value: float | None) -> float | None:
+    """The pixel size when finite and in `UM_PER_PX_RANGE`; ValueError with why otherwise."""
+    if value is None:
+        return None
+    lo, hi = UM_PER_PX_RANGE
+    if not math.isfinite(value):
+        raise ValueError(f"um_per_px must be a finite number of micrometres per pixel, got {value}")
+    if not lo <= value <= hi:
+        raise ValueError(
+            f"um_per_px {value:g} is not a plausible pixel size: it must lie between {lo:g} and "
+            f"{hi:g} um per pixel (smear scans are typically 0.1-0.5)"
+        )
+    return value
 
 
 class GatewaySettings(BaseSettings):
@@ -39,10 +60,16 @@ class GatewaySettings(BaseSettings):
     retry_max_s: float = Field(5.0, ge=0)
     ready_timeout_s: float = Field(2.0, gt=0)
 
-    default_um_per_px: float | None = Field(None, gt=0, le=10)
+    default_um_per_px: float | None = None
     """Pixel size (um) for images submitted without `options.um_per_px`, for deployments
     whose scanner is fixed; unset: such images are measured in px and, when the ensemble
     learned um, the report withholds P(AML) (`aml.reason` `pixel_size_required`)."""
+    pixel_size_tolerance: float = Field(0.25, ge=0, le=4)
+    """How far a case's pixel size may lie outside the range the ensemble was trained on
+    (its `feature_um_per_px_min|max`), as a fraction: with 0.25 and training at 0.25-0.3 um/px,
+    0.2-0.375 um/px is accepted. Outside it the ensemble sees cells of sizes it never learned
+    (a control read P(AML) 1.0 at 10 um/px), so P(AML) is withheld
+    (`pixel_size_out_of_range`)."""
     min_cells: int = Field(50, ge=1)
     """Fewer counted (non-RBC) cells over the case -> status `abstained`, no probability."""
     npm1_threshold: float = Field(0.5, ge=0, le=1)
@@ -78,6 +105,11 @@ class GatewaySettings(BaseSettings):
 
     rate_limit_per_min: int = Field(120, ge=1)
     log_level: str = "INFO"
+
+    @field_validator("default_um_per_px")
+    @classmethod
+    def _plausible_pixel_size(cls, value: float | None) -> float | None:
+        return check_um_per_px(value)
 
     @model_validator(mode="after")
     def _defaults(self) -> GatewaySettings:
