@@ -90,7 +90,12 @@ class GatewaySettings(BaseSettings):
     webhook_backoff_s: float = Field(2.0, gt=0)
     webhook_backoff_max_s: float = Field(600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
-    allow_private_webhooks: bool = True
+    allow_private_webhooks: bool = False
+    """Let webhooks reach any non-public address (loopback, private, link-local): tests and
+    development only; production lists its LIS networks in `webhook_allow_cidrs`."""
+    webhook_allow_cidrs: str = ""
+    """Comma-separated networks webhooks may reach although not public, e.g. the LIS at
+    `10.20.0.0/16`; checked on the resolved address at every send (`webhooks`)."""
 
     embedded_worker: bool = True
     workers: int = Field(1, ge=1)
@@ -105,6 +110,14 @@ class GatewaySettings(BaseSettings):
 
     rate_limit_per_min: int = Field(120, ge=1)
     log_level: str = "INFO"
+
+    @field_validator("webhook_allow_cidrs")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from services.gateway.webhooks import parse_cidrs
+
+        parse_cidrs(value)  # refuse a typo at start-up, not at the first webhook
+        return value
 
     @field_validator("default_um_per_px")
     @classmethod

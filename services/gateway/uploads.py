@@ -52,6 +52,13 @@ def parse_metadata(raw: str | bytes | None, settings: GatewaySettings) -> Analys
             "webhooks_disabled",
             "webhook_url given but this gateway has no webhook secret configured",
         )
+    if meta.webhook_url is not None:
+        from services.gateway.webhooks import WebhookPolicy, WebhookRefused
+
+        try:
+            WebhookPolicy.from_settings(settings).check_url(str(meta.webhook_url))
+        except WebhookRefused as exc:
+            raise ApiError(422, "webhook_url_refused", str(exc)) from None
     return meta
 
 
