@@ -84,6 +84,15 @@ class GatewaySettings(BaseSettings):
     """Per image file."""
     max_pixels: int = Field(40_000_000, gt=0)
     max_metadata_bytes: int = Field(16 * 1024, gt=0)
+    max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Whole request body (all images + metadata + multipart framing): a larger declared
+    Content-Length gets 413 before anything is read, a larger stream 413 at the limit."""
+    max_case_pixels: int = Field(120_000_000, gt=0)
+    """Pixels of all images of one case together (headers are read before any decoding):
+    bounds what one analysis costs in decoding and model time however small the files."""
+    decode_slots: int = Field(2, ge=1)
+    """Images decoded at once by this process during upload validation: concurrent
+    submissions wait instead of each holding full-size decodes."""
 
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)
@@ -109,7 +118,28 @@ class GatewaySettings(BaseSettings):
     """Standalone workers only: serve Prometheus metrics on this port (0 = off)."""
 
     rate_limit_per_min: int = Field(120, ge=1)
+    auth_failures_per_min: int = Field(10, ge=1)
+    """Missing/invalid API keys tolerated per client address and minute (burst as large);
+    beyond it every /v1 request from that address gets 429 with Retry-After."""
+    public_base_url: str = ""
+    """How the LIS reaches this API, e.g. `https://marrowscope.hospital.example`: the base of
+    URLs inside reports (FHIR Media). Never taken from the request's Host header, which the
+    client controls; empty: reports carry relative URLs (`/v1/analyses/...`)."""
     log_level: str = "INFO"
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip().rstrip("/")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+                raise ValueError(
+                    f"PUBLIC_BASE_URL must be http(s)://host[:port][/path], got {value!r}"
+                )
+        return value
 
     @field_validator("webhook_allow_cidrs")
     @classmethod
