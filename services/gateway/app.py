@@ -15,13 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.auth import RateLimiter
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients, load_clients
 from services.gateway.config import GatewaySettings
 from services.gateway.db import make_engine, make_sessionmaker
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, http_error_code
+from services.gateway.guard import AuthFailureLimiter, RequestGuard
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Services:
     blobs: BlobStore
     metrics: GatewayMetrics
     limiter: RateLimiter
+    auth_failures: AuthFailureLimiter | None = None
     clients: ModelClients | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -79,7 +82,32 @@ def build_services(settings: GatewaySettings) -> Services:
         blobs=BlobStore(settings.image_root),
         metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_min),
+        auth_failures=AuthFailureLimiter(settings.auth_failures_per_min),
     )
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def _local_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with its JS/CSS served by the gateway (the `swagger-ui-bundle`
+    package): FastAPI's default loads them from a CDN, which a hospital network without
+    internet access cannot reach, and the page stays blank."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -112,9 +140,38 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             services.engine.dispose()
 
     app = FastAPI(
-        title="MarrowScope gateway", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan
+        title="MarrowScope gateway",
+        version="1.0.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets
+        redoc_url=None,  # ReDoc exists only as a CDN script: the same OpenAPI is at /docs
     )
     app.state.services = services
+    _local_docs(app)
+
+    def key_is_valid(key: str) -> bool:
+        from services.gateway.auth import verify_key
+
+        with services.sessions() as session:
+            return verify_key(session, key) is not None
+
+    app.add_middleware(
+        RequestGuard,
+        max_request_bytes=settings.max_request_bytes,
+        key_is_valid=key_is_valid,
+        auth_failures=services.auth_failures,
+        metrics=services.metrics,
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes, wrong methods, unparsable bodies: the same shape as every error
+        return JSONResponse(
+            {"error": http_error_code(exc.status_code), "detail": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

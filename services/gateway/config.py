@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
+
+UM_PER_PX_RANGE = (0.05, 5.0)
+"""Physically plausible pixel sizes (um) of a smear image: 100x oil objectives give ~0.07,
+a 10x overview ~1-2; outside it a value is a typo or a unit mix-up (nm, mm, DPI), and tiny
+values underflow float32 in the morphometrics."""
+
+
+def check_um_per_px(value: float | None) -> float | None:
+    """The pixel size when finite and in `UM_PER_PX_RANGE`; ValueError with why otherwise."""
+    if value is None:
+        return None
+    lo, hi = UM_PER_PX_RANGE
+    if not math.isfinite(value):
+        raise ValueError(f"um_per_px must be a finite number of micrometres per pixel, got {value}")
+    if not lo <= value <= hi:
+        raise ValueError(
+            f"um_per_px {value:g} is not a plausible pixel size: it must lie between {lo:g} and "
+            f"{hi:g} um per pixel (smear scans are typically 0.1-0.5)"
+        )
+    return value
 
 
 class GatewaySettings(BaseSettings):
@@ -39,10 +60,16 @@ class GatewaySettings(BaseSettings):
     retry_max_s: float = Field(5.0, ge=0)
     ready_timeout_s: float = Field(2.0, gt=0)
 
-    default_um_per_px: float | None = Field(None, gt=0, le=10)
+    default_um_per_px: float | None = None
     """Pixel size (um) for images submitted without `options.um_per_px`, for deployments
     whose scanner is fixed; unset: such images are measured in px and, when the ensemble
     learned um, the report withholds P(AML) (`aml.reason` `pixel_size_required`)."""
+    pixel_size_tolerance: float = Field(0.25, ge=0, le=4)
+    """How far a case's pixel size may lie outside the range the ensemble was trained on
+    (its `feature_um_per_px_min|max`), as a fraction: with 0.25 and training at 0.25-0.3 um/px,
+    0.2-0.375 um/px is accepted. Outside it the ensemble sees cells of sizes it never learned
+    (a control read P(AML) 1.0 at 10 um/px), so P(AML) is withheld
+    (`pixel_size_out_of_range`)."""
     min_cells: int = Field(50, ge=1)
     """Fewer counted (non-RBC) cells over the case -> status `abstained`, no probability."""
     npm1_threshold: float = Field(0.5, ge=0, le=1)
@@ -57,13 +84,27 @@ class GatewaySettings(BaseSettings):
     """Per image file."""
     max_pixels: int = Field(40_000_000, gt=0)
     max_metadata_bytes: int = Field(16 * 1024, gt=0)
+    max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Whole request body (all images + metadata + multipart framing): a larger declared
+    Content-Length gets 413 before anything is read, a larger stream 413 at the limit."""
+    max_case_pixels: int = Field(120_000_000, gt=0)
+    """Pixels of all images of one case together (headers are read before any decoding):
+    bounds what one analysis costs in decoding and model time however small the files."""
+    decode_slots: int = Field(2, ge=1)
+    """Images decoded at once by this process during upload validation: concurrent
+    submissions wait instead of each holding full-size decodes."""
 
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)
     webhook_backoff_s: float = Field(2.0, gt=0)
     webhook_backoff_max_s: float = Field(600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
-    allow_private_webhooks: bool = True
+    allow_private_webhooks: bool = False
+    """Let webhooks reach any non-public address (loopback, private, link-local): tests and
+    development only; production lists its LIS networks in `webhook_allow_cidrs`."""
+    webhook_allow_cidrs: str = ""
+    """Comma-separated networks webhooks may reach although not public, e.g. the LIS at
+    `10.20.0.0/16`; checked on the resolved address at every send (`webhooks`)."""
 
     embedded_worker: bool = True
     workers: int = Field(1, ge=1)
@@ -77,6 +118,13 @@ class GatewaySettings(BaseSettings):
     """Standalone workers only: serve Prometheus metrics on this port (0 = off)."""
 
     rate_limit_per_min: int = Field(120, ge=1)
+    auth_failures_per_min: int = Field(10, ge=1)
+    """Missing/invalid API keys tolerated per client address and minute (burst as large);
+    beyond it every /v1 request from that address gets 429 with Retry-After."""
+    public_base_url: str = ""
+    """How the LIS reaches this API, e.g. `https://marrowscope.hospital.example`: the base of
+    URLs inside reports (FHIR Media). Never taken from the request's Host header, which the
+    client controls; empty: reports carry relative URLs (`/v1/analyses/...`)."""
     log_level: str = "INFO"
 
     requeue_window_s: float = Field(3600.0, gt=0)
@@ -88,6 +136,33 @@ class GatewaySettings(BaseSettings):
     ready_check_s: float = Field(2.0, gt=0)
     """Workers ask the model services for readiness at most this often and claim no
     analysis that needs one that is not ready."""
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip().rstrip("/")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+                raise ValueError(
+                    f"PUBLIC_BASE_URL must be http(s)://host[:port][/path], got {value!r}"
+                )
+        return value
+
+    @field_validator("webhook_allow_cidrs")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from services.gateway.webhooks import parse_cidrs
+
+        parse_cidrs(value)  # refuse a typo at start-up, not at the first webhook
+        return value
+
+    @field_validator("default_um_per_px")
+    @classmethod
+    def _plausible_pixel_size(cls, value: float | None) -> float | None:
+        return check_um_per_px(value)
 
     @model_validator(mode="after")
     def _defaults(self) -> GatewaySettings:

@@ -14,6 +14,27 @@ class ApiError(Exception):
         self.headers = headers
 
 
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def http_error_code(status: int) -> str:
+    """The `error` code of a framework error (unknown route, wrong method, bad body)."""
+    return HTTP_ERROR_CODES.get(status, "client_error" if status < 500 else "internal_error")
+
+
 def error_responses(*codes: int) -> dict[int | str, dict]:
     """OpenAPI `responses` entries for the given status codes."""
     from services.gateway.schemas import ErrorPublic

@@ -85,8 +85,15 @@ class GatewayMetrics:
         )
         self.requests = Counter(
             "marrowscope_gateway_http_requests_total",
-            "HTTP requests",
+            "HTTP requests by route template (unmatched: no route), method and status",
             ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "marrowscope_gateway_rejected_requests_total",
+            "Requests answered with a 4xx/5xx status, by route template and status (401: "
+            "bad keys, 413: oversized uploads, 422: invalid input, 429: rate limits)",
+            ["route", "status"],
             registry=self.registry,
         )
 

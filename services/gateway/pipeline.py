@@ -8,11 +8,20 @@ concurrently: ensemble P(AML) (+ lineage check, + `morphology` P(NPM1 | AML)), n
 (P(NPM1) of the case = mean of the per-image probabilities), explanations when asked
 (explain, mode cells, target npm1 at its pinned version).
 
+Duplicates: an image whose bytes (sha256) already occur earlier in the case is analysed once
+(`distinct_images`; the report's `duplicate_images_ignored`): one image sent 32 times had
+counted as 352 cells and passed the cell floor.
+
 Pixel size: each image is measured with the request's `um_per_px`, else the deployment's
 `default_um_per_px`, else none (px). When the unit of the case's morphometric features
 differs from the one the ensemble reports it learned, P(AML) is withheld (`aml` abstained
 with a machine-readable reason, `services.gateway.units`), as is the NPM1-by-morphology call
-from the same features; the rest of the report stands.
+from the same features; the rest of the report stands. So does a pixel size outside the
+ensemble's training range, an image too small to hold whole cells, or detections whose size
+in um no marrow cell has (`services.gateway.plausibility`).
+
+Memory: each image is decoded once, cut into crops and reduced to the npm1 input size before
+the next is decoded; full-size pixels of several images are never held together.
 
 One deadline per run; every call gets the remaining time as its gRPC timeout and is
 retried with exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED. `checkpoint(stage)` is
@@ -37,6 +46,7 @@ from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, Se
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.morphology import npm1_morphology
+from services.gateway.plausibility import image_too_small, implausible_cell_size
 from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
@@ -74,6 +84,19 @@ class Outcome:
     """sha256 -> bytes the worker stores in the blob store (heatmaps as .npy)."""
     transient: bool = False
     """A failure caused by an unavailable or slow model service (may succeed later)."""
+
+
+def distinct_images(images: list[CaseImage]) -> tuple[list[CaseImage], list[int]]:
+    """(the first image of each content digest, the indexes of the repeats ignored)."""
+    seen: set[str] = set()
+    kept, repeats = [], []
+    for im in images:
+        if im.sha256 in seen:
+            repeats.append(im.index)
+        else:
+            seen.add(im.sha256)
+            kept.append(im)
+    return kept, repeats
 
 
 class Deadline:
@@ -216,10 +239,23 @@ class Pipeline:
     async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
         from marrowscope.errors import InvalidInput
         from marrowscope.features import CellCall, case_features, differential
-        from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells, decode_image
+        from marrowscope.imaging import (
+            CELL_CROP_PAD_FRACTION,
+            crop_cells,
+            decode_image,
+            resize_for_model,
+        )
         from marrowscope.taxonomy import COUNTED_CODES, NON_NUCLEATED_DETECTOR_LABELS
 
         t0 = time.monotonic()
+        images, repeats = distinct_images(images)
+        if repeats:
+            log.warning(
+                "analysis %s: %d duplicate images ignored (indexes %s)",
+                analysis_id,
+                len(repeats),
+                repeats,
+            )
         needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain else [])
         infos = await asyncio.gather(
             *(self.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t)) for s in needed)
@@ -233,7 +269,8 @@ class Pipeline:
 
         per_image: list[dict] = []
         cells: list = []
-        pixels: dict[int, np.ndarray] = {}
+        pixels: dict[int, np.ndarray] = {}  # npm1-sized copies; full-size decodes are dropped
+        shapes: dict[int, tuple[int, int]] = {}
         units: list[str] = []
         for im in images:
             t = time.monotonic()
@@ -255,7 +292,8 @@ class Pipeline:
 
             t = time.monotonic()
             rgb = decode_image(im.data, limits=self.limits)
-            pixels[im.index] = rgb
+            pixels[im.index] = resize_for_model(rgb, npm1_hw)
+            shapes[im.index] = rgb.shape[:2]
             to_classify = [
                 i for i, lab in enumerate(seg.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS
             ]
@@ -310,6 +348,7 @@ class Pipeline:
                     "_boxes": seg.boxes,
                 }
             )
+            del rgb  # before the next image is decoded
             self._timed("celltype", t)
             await self.checkpoint("celltype")
 
@@ -321,6 +360,7 @@ class Pipeline:
         except InvalidInput as exc:
             raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
         base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
+        base["duplicate_images_ignored"] = len(repeats)
         base["morphometrics_unit"] = features_unit = case_unit(units)
         if n_counted < self.s.min_cells:
             reason = (
@@ -356,9 +396,9 @@ class Pipeline:
         try:
             async with asyncio.TaskGroup() as tg:
                 ens_task = tg.create_task(self._ensemble(vector, list(names), versions))
-                npm1_task = tg.create_task(self._npm1(images, pixels, npm1_hw, versions["npm1"]))
+                npm1_task = tg.create_task(self._npm1(images, pixels, versions["npm1"]))
                 expl_task = (
-                    tg.create_task(self._explain(per_image, pixels, npm1_hw, versions, artifacts))
+                    tg.create_task(self._explain(per_image, pixels, shapes, versions, artifacts))
                     if explain
                     else None
                 )
@@ -378,8 +418,8 @@ class Pipeline:
             entry["p_npm1"] = p_npm1_each[entry["index"]]
         if expl_task is not None:
             expl_task.result()
-        abstention = aml_abstention(
-            features_unit, ens.feature_units, ensemble_version=versions["ensemble"]
+        abstention = self._aml_abstention(
+            features_unit, ens.feature_units, per_image, ensemble_version=versions["ensemble"]
         )
         aml = {"status": "predicted", "model_length_unit": ens.feature_units.length}
         reason = None
@@ -411,6 +451,22 @@ class Pipeline:
             stage_seconds=dict(self.stage_seconds),
         )
         return Outcome("succeeded", reason, _finalize(base), artifacts)
+
+    def _aml_abstention(
+        self, features_unit: str, model, per_image: list[dict], *, ensemble_version: str
+    ) -> dict | None:
+        """The first reason to withhold P(AML): units, pixel size range, image size, cell size."""
+        return (
+            aml_abstention(
+                features_unit,
+                model,
+                ensemble_version=ensemble_version,
+                um_per_px=[e["um_per_px"] for e in per_image],
+                tolerance=self.s.pixel_size_tolerance,
+            )
+            or image_too_small(per_image)
+            or implausible_cell_size(per_image)
+        )
 
     def _count_aml_abstention(self, reason: str) -> None:
         if self.metrics is not None:
@@ -494,13 +550,11 @@ class Pipeline:
         if problems:
             raise PipelineFailure("incompatible pipeline: " + "; ".join(problems))
 
-    async def _npm1(self, images, pixels, hw, version) -> dict[int, float]:
-        from marrowscope.imaging import resize_for_model
-
+    async def _npm1(self, images, pixels, version) -> dict[int, float]:
         t = time.monotonic()
 
         async def one(im: CaseImage) -> float:
-            x = resize_for_model(pixels[im.index], hw)
+            x = pixels[im.index]
             p = await self.call(
                 "npm1", lambda tm: self.clients.npm1(x, version=version, timeout=tm)
             )
@@ -512,16 +566,14 @@ class Pipeline:
         self._timed("npm1", t)
         return {im.index: p for im, p in zip(images, probs, strict=True)}
 
-    async def _explain(self, per_image, pixels, hw, versions, artifacts) -> None:
-        from marrowscope.imaging import resize_for_model
-
+    async def _explain(self, per_image, pixels, shapes, versions, artifacts) -> None:
         t = time.monotonic()
         for entry in per_image:
-            rgb = pixels[entry["index"]]
-            sy, sx = hw[0] / rgb.shape[0], hw[1] / rgb.shape[1]
+            x = pixels[entry["index"]]  # the npm1 input: explain targets npm1
+            (h, w), (hh, ww) = shapes[entry["index"]], x.shape[:2]
+            sy, sx = hh / h, ww / w
             boxes = np.asarray(entry["_boxes"], np.float32).reshape(-1, 4)
             scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
-            x = resize_for_model(rgb, hw)
             out = await self.call(
                 "explain",
                 lambda tm, x=x, b=scaled: self.clients.explain(

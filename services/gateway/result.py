@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.2").
+"""The versioned JSON result of an analysis (`schema_version` "1.3").
 
 Exported as JSON Schema at `GET /v1/schemas/result`. Compatible additions (new optional
 fields) bump the minor version; anything else bumps the major version. Results stored under
@@ -8,6 +8,8 @@ an older minor version still validate (their new fields are absent / None).
 `um_per_px` and `um_per_px_source`.
 1.2: `npm1_morphology` (P(NPM1 mutated | AML) from the ensemble's NPM1 head, beside the
 whole-image `p_npm1`, whose fields keep their meaning).
+1.3: `duplicate_images_ignored`; `aml.reason` also pixel_size_out_of_range, image_too_small,
+implausible_cell_size.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.2"
+RESULT_SCHEMA_VERSION = "1.3"
 
 
 class _Model(BaseModel):
@@ -43,7 +45,13 @@ class MorphometricSummary(_Model):
 
 
 AmlAbstentionReason = Literal[
-    "too_few_cells", "pixel_size_required", "pixel_size_unexpected", "pixel_size_mixed"
+    "too_few_cells",
+    "pixel_size_required",
+    "pixel_size_unexpected",
+    "pixel_size_mixed",
+    "pixel_size_out_of_range",
+    "image_too_small",
+    "implausible_cell_size",
 ]
 
 
@@ -57,7 +65,10 @@ class AmlCall(_Model):
         "abstained); pixel_size_required (the ensemble learned morphometrics in um, the case "
         "was measured in px: send options.um_per_px); pixel_size_unexpected (the ensemble "
         "learned px, the case is in um); pixel_size_mixed (images with and without a pixel "
-        "size)",
+        "size); pixel_size_out_of_range (outside the ensemble's training pixel sizes by more "
+        "than MS_GATEWAY_PIXEL_SIZE_TOLERANCE); image_too_small (an image under 20 um on its "
+        "shorter side); implausible_cell_size (median detection size outside 4-50 um at the "
+        "given pixel size)",
     )
     detail: str | None = Field(None, description="the abstention reason for people")
     model_length_unit: Literal["um", "px", "unknown"] | None = Field(
@@ -133,7 +144,7 @@ class AnalysisResult(_Model):
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` is abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     outcome: Literal["succeeded", "abstained"]
     abstain_reason: str | None = None
@@ -150,7 +161,13 @@ class AnalysisResult(_Model):
         None,
         description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None before 1.2",
     )
-    n_images: int
+    n_images: int = Field(description="distinct images analysed (repeats not counted)")
+    duplicate_images_ignored: int = Field(
+        0,
+        ge=0,
+        description="images of the case whose content (sha256) repeats an earlier one; "
+        "analysed once, so repeats add no cells",
+    )
     n_cells_detected: int
     n_cells_counted: int = Field(description="nucleated cells (RBC excluded)")
     blast_percent: float | None = Field(None, description="blasts per 100 counted cells")

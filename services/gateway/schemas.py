@@ -5,34 +5,42 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+from services.gateway.config import UM_PER_PX_RANGE, check_um_per_px
 from services.gateway.result import AnalysisResult
 
 Status = Literal["queued", "running", "succeeded", "failed", "abstained", "cancelled"]
 
 
 class AnalysisOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON true is not a pixel size and "yes" is not a flag (no silent coercion)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     explain: bool = Field(False, description="compute occlusion heatmaps (npm1, cells mode)")
     um_per_px: float | None = Field(
         None,
-        gt=0,
-        le=10,
-        description="pixel size in micrometres, forwarded to segmentation (morphometrics in "
+        description=f"pixel size in micrometres ({UM_PER_PX_RANGE[0]:g}-{UM_PER_PX_RANGE[1]:g}), "
+        "forwarded to segmentation (morphometrics in "
         "um/um^2; without it px/px^2, or the deployment's MS_GATEWAY_DEFAULT_UM_PER_PX). When "
         "the ensemble learned its morphometric features in um and no pixel size is known, the "
         "result withholds P(AML): result.aml = {status: abstained, reason: "
         "pixel_size_required}, and NPM1 by morphology (result.npm1_morphology) with it; "
-        "counts, the whole-image p_npm1 and images are still reported",
+        "counts, the whole-image p_npm1 and images are still reported. Outside the pixel "
+        "sizes the ensemble was trained on (by more than MS_GATEWAY_PIXEL_SIZE_TOLERANCE), "
+        "P(AML) is withheld too (reason pixel_size_out_of_range)",
     )
+
+    @field_validator("um_per_px")
+    @classmethod
+    def _plausible_pixel_size(cls, value: float | None) -> float | None:
+        return check_um_per_px(value)
 
 
 class AnalysisCreate(BaseModel):
     """The JSON `metadata` part of `POST /v1/analyses`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     accession_id: str = Field(
         min_length=1,

@@ -12,7 +12,7 @@ counts, the whole-image NPM1, overlays and heatmaps are reported as usual.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from services.gateway.clients import FeatureUnits
 
@@ -48,14 +48,51 @@ def _training_scale(model: FeatureUnits) -> str:
     )
 
 
+def pixel_size_out_of_range(
+    um_per_px: Iterable[float | None],
+    model: FeatureUnits,
+    *,
+    tolerance: float,
+    ensemble_version: str,
+) -> dict | None:
+    """`{"reason": "pixel_size_out_of_range", "detail"}` when an image's pixel size lies
+    outside the ensemble's training pixel sizes widened by `tolerance` (a fraction: accepted
+    is [min / (1 + tolerance), max * (1 + tolerance)]), else None. The ensemble standardises
+    cell areas and lengths with its training statistics, so cells measured at another scale
+    are sizes it never saw and its answer is an extrapolation (a control case read P(AML)
+    0.999 at 1 um/px and 1.0 at 10 um/px after 2.6e-7 at its training 0.27). A model that
+    does not record its training pixel sizes is not checked."""
+    lo, hi = model.um_per_px_min, model.um_per_px_max
+    if model.length != "um" or lo is None or hi is None:
+        return None
+    low, high = lo / (1 + tolerance), hi * (1 + tolerance)
+    outside = sorted({um for um in um_per_px if um is not None and not low <= um <= high})
+    if not outside:
+        return None
+    return {
+        "reason": "pixel_size_out_of_range",
+        "detail": f"pixel size {', '.join(f'{u:g}' for u in outside)} um/px is outside what the "
+        f"ensemble (version {ensemble_version}) was trained on{_training_scale(model)}, "
+        f"accepted {low:.3g}-{high:.3g} um/px (tolerance {tolerance:g}): cells at this "
+        "scale have sizes the model never saw; check options.um_per_px or rescan at the "
+        "training magnification",
+    }
+
+
 def aml_abstention(
-    features_unit: str, model: FeatureUnits, *, ensemble_version: str
+    features_unit: str,
+    model: FeatureUnits,
+    *,
+    ensemble_version: str,
+    um_per_px: Sequence[float | None] = (),
+    tolerance: float = 0.25,
 ) -> dict | None:
     """None when P(AML) may be reported; else `{"reason", "detail"}` of the abstention.
 
     reason (machine-readable): `pixel_size_required` (the model learned um, the case is in
     px), `pixel_size_unexpected` (the model learned px, the case is in um),
-    `pixel_size_mixed` (the case's images differ). A model of unknown unit (config written
+    `pixel_size_mixed` (the case's images differ), `pixel_size_out_of_range` (um as learned,
+    but at a scale outside the training pixel sizes, `pixel_size_out_of_range`). A model of unknown unit (config written
     before `feature_units`) is trusted as before, with a warning once per version.
     """
     if features_unit == "mixed":
@@ -75,7 +112,9 @@ def aml_abstention(
             )
         return None
     if model.length == features_unit:
-        return None
+        return pixel_size_out_of_range(
+            um_per_px, model, tolerance=tolerance, ensemble_version=ensemble_version
+        )
     if model.length == "um":
         return {
             "reason": "pixel_size_required",

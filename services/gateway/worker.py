@@ -34,7 +34,7 @@ from services.gateway.db import now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
-from services.gateway.webhooks import backoff_s, deliver
+from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
 OPTIONAL_SERVICES = frozenset({"explain"})
@@ -339,6 +339,7 @@ class Worker:
                     event_id=outbox_id,
                     secret=secret,
                     timeout=self.s.webhook_timeout_s,
+                    policy=WebhookPolicy.from_settings(self.s),
                 )
             done = attempts + 1
             nxt = (

@@ -179,6 +179,8 @@ def test_monitoring_custom_resources_are_well_formed(prod_objects):
     assert "marrowscope_queue_seconds_bucket" in alerts["MarrowScopeHighQueueTime"]
     assert "kube_deployment_status_replicas_available" in alerts["MarrowScopeModelNotReady"]
     assert alerts["MarrowScopeModelVersionMissing"].count("absent(") == len(MODEL_SERVICES)
+    # the counter the gateway exports (tests/gateway/test_request_guard.py)
+    assert "marrowscope_gateway_rejected_requests_total" in alerts["MarrowScopeGatewayRejections"]
 
 
 def test_dashboard_configmap_queries_documented_metrics(prod_objects):

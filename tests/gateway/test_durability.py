@@ -79,7 +79,11 @@ def test_webhook_signed_and_retried_from_outbox_after_restart(tmp_path, spawn, p
     server = http.server.ThreadingHTTPServer(("127.0.0.1", hook_port), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = settings_env(tmp_path / "gw", MS_GATEWAY_WEBHOOK_BACKOFF_S="0.3")
+        env = settings_env(
+            tmp_path / "gw",
+            MS_GATEWAY_WEBHOOK_BACKOFF_S="0.3",
+            MS_GATEWAY_WEBHOOK_ALLOW_CIDRS="127.0.0.0/8",  # the receiver is on loopback
+        )
         key = create_key_cli(env)
         port = port_factory()
         gw = spawn(env, port, log=tmp_path / "gw1.log")

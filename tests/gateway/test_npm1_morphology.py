@@ -59,14 +59,14 @@ def test_two_target_ensemble_predicts_npm1_by_morphology_beside_the_image_call(
     _setenv(monkeypatch, **TWO_TARGETS, MS_TEST_FAKE_NPM1_THRESHOLD="0.3")
     client, _, keys = gateway(npm1_threshold="0.6")
     with client:
-        body = _analyse(client, keys, png(seed=11), um_per_px=0.27)
+        body = _analyse(client, keys, png(320, 240, seed=11), um_per_px=0.27)
         observations, conclusion = _fhir(client, body["id"], keys)
         metrics = client.get("/metrics").text
         schema = client.get("/v1/schemas/result").json()
 
     assert body["status"] == "succeeded" and body["reason"] is None, body
     res = body["result"]
-    assert res["schema_version"] == "1.2" and res["aml"]["status"] == "predicted"
+    assert res["schema_version"] == "1.3" and res["aml"]["status"] == "predicted"
     call = res["npm1_morphology"]
     assert call["status"] == "predicted" and call["reason"] is None
     assert call["p"] == pytest.approx(_fake_p_npm1(res), abs=1e-6)

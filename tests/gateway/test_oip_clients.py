@@ -166,7 +166,7 @@ def test_pipeline_over_the_wire(make_settings, port_factory, targets):
             out = await pipe.run(
                 analysis_id="a1",
                 explain=True,
-                images=[CaseImage(0, "0" * 64, png(seed=7), um_per_px=0.27)],
+                images=[CaseImage(0, "0" * 64, png(320, 240, seed=7), um_per_px=0.27)],
             )
             bare = await Pipeline(clients=clients, settings=make_settings()).run(
                 analysis_id="a2", images=[CaseImage(0, "0" * 64, png(seed=7))]

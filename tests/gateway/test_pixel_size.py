@@ -10,6 +10,9 @@ from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 from tests.gateway.conftest import files, meta, png, wait_status
 
 UM = FeatureUnits("um", 0.25, 0.3)
+FIELD = (320, 240)
+"""Images measured in um must be real fields of view (>= 20 um, cells 4-50 um across):
+at 0.27 um/px the fakes' 30 px cells are 8 um, the image 65 um high."""
 
 
 def _submit(client, keys, image: bytes, **options):
@@ -36,7 +39,7 @@ def test_um_ensemble_withholds_p_aml_without_pixel_size_and_keeps_the_rest(gatew
     with client:
         bare = wait_status(client.get, _submit(client, keys, png(seed=3)), keys["lis"])
         sized = wait_status(
-            client.get, _submit(client, keys, png(seed=4), um_per_px=0.27), keys["lis"]
+            client.get, _submit(client, keys, png(*FIELD, seed=4), um_per_px=0.27), keys["lis"]
         )
         observations = _fhir_observations(client, bare["id"], keys)
         overlay = client.get(f"/v1/analyses/{bare['id']}/images/0/overlay.png", headers=keys["lis"])
@@ -44,7 +47,7 @@ def test_um_ensemble_withholds_p_aml_without_pixel_size_and_keeps_the_rest(gatew
 
     assert bare["status"] == "succeeded", bare
     res = bare["result"]
-    assert res["schema_version"] == "1.2"
+    assert res["schema_version"] == "1.3"
     assert res["p_aml"] is None and res["aml_positive"] is None
     assert res["aml"]["status"] == "abstained" and res["aml"]["reason"] == "pixel_size_required"
     assert res["aml"]["model_length_unit"] == "um"
@@ -85,9 +88,9 @@ def test_deployment_default_pixel_size_is_used_and_reported(gateway, monkeypatch
     monkeypatch.setenv("MS_TEST_FAKE_FEATURE_UNITS", "um")
     client, services, keys = gateway(default_um_per_px="0.3")
     with client:
-        body = wait_status(client.get, _submit(client, keys, png(seed=5)), keys["lis"])
+        body = wait_status(client.get, _submit(client, keys, png(*FIELD, seed=5)), keys["lis"])
         given = wait_status(
-            client.get, _submit(client, keys, png(seed=6), um_per_px=0.2), keys["lis"]
+            client.get, _submit(client, keys, png(*FIELD, seed=6), um_per_px=0.2), keys["lis"]
         )
     res = body["result"]
     assert body["status"] == "succeeded" and 0 <= res["p_aml"] <= 1

@@ -21,10 +21,11 @@ from services.gateway.schemas import (
     AnalysisAccepted,
     AnalysisPage,
     AnalysisPublic,
+    ErrorPublic,
     ImagePublic,
     ts,
 )
-from services.gateway.uploads import check_image, content_hash, parse_metadata
+from services.gateway.uploads import check_uploads, content_hash, parse_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
@@ -99,6 +100,11 @@ def get_analysis(session, analysis_id: str, principal: Principal) -> Analysis:
             "description": "Idempotent replay: the analysis already exists",
         },
         **error_responses(401, 403, 409, 413, 422, 429),
+        413: {
+            "model": ErrorPublic,
+            "description": "image_too_large, too_many_images, case_too_large (pixels) or "
+            "request_too_large (MS_GATEWAY_MAX_REQUEST_BYTES, checked before reading)",
+        },
     },
 )
 def submit_analysis(
@@ -122,16 +128,7 @@ def submit_analysis(
             "too_many_images",
             f"{len(images)} images; at most {settings.max_images} per analysis",
         )
-    checked = []
-    for k, upload in enumerate(images):
-        if upload.size is not None and upload.size > settings.max_upload_bytes:
-            raise ApiError(
-                413,
-                "image_too_large",
-                f"image {k} is {upload.size} bytes; the limit is {settings.max_upload_bytes}",
-            )
-        data = upload.file.read(settings.max_upload_bytes + 1)
-        checked.append(check_image(data, index=k, filename=upload.filename, settings=settings))
+    checked = check_uploads(images, settings)
     meta_doc = meta.model_dump(mode="json")
     digest = content_hash(meta_doc, checked)
 

@@ -66,7 +66,8 @@ def get_report(
     bundle = build_bundle(
         analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
         result=result,
-        base_url=str(request.base_url).rstrip("/"),
+        # the configured public URL, never the request's Host header (client-controlled)
+        base_url=request.app.state.services.settings.public_base_url,
     )
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
