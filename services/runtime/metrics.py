@@ -65,6 +65,16 @@ class RuntimeMetrics:
             ["model"],
             registry=r,
         )
+        self.oversized = Counter(
+            "marrowscope_oversized_messages",
+            "gRPC messages refused for exceeding max_message_bytes: direction=received "
+            "(requests gRPC refused while they arrived) or sent (replies refused before "
+            "sending; also counted in marrowscope_requests_total as resource_exhausted).",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("received", "sent"):
+            self.oversized.labels(direction)  # export zeros so rate() works from the start
         self.model_info = Gauge(
             "marrowscope_model_info",
             "1 for every loaded model version.",
