@@ -16,8 +16,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -166,13 +167,13 @@ class ModelServer:
         grace = self.settings.grace_period_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # what is left after draining RPCs: stopping handlers and the metrics endpoint
+        # kept from draining RPCs for stopping the handlers; half of it for the exit
         reserve = min(_STOP_RESERVE_S, grace / 4)
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(max(0.0, grace - reserve))
-        await self.repository.close(timeout_s=max(0.0, deadline - loop.time()))
+        await self.repository.close(timeout_s=max(0.0, deadline - reserve / 2 - loop.time()))
         self.metrics.close()
         log.info("stopped")
 
@@ -209,16 +210,16 @@ def run_service(
     settings: ServiceSettings,
     *,
     resolver: Resolver | None = None,
-) -> int:
-    """Entry point of a model service; returns the process exit code.
+) -> NoReturn | int:
+    """Entry point of a model service: serves until SIGTERM/SIGINT, then ends the process
+    with its exit code (returns only the code 2 of a missing model URI).
 
     Without ``resolver`` the model comes from ``settings.model_uri`` through
     ``marrowscope.registry.resolve`` and ``handler_factory(resolved_model)``.
 
-    Model and registry work runs in daemon threads (``batching.ModelThread``); when one is
-    still busy after the graceful shutdown the process ends with ``os._exit``: Python would
-    otherwise wait for it (or tear it down mid-call) and a pod would outlive its grace
-    period.
+    Model and registry work runs in daemon threads (``batching.ModelThread``) and the
+    process ends with ``os._exit`` after the graceful shutdown, so that a forward pass still
+    running cannot keep a pod alive past its grace period.
     """
     configure_logging(settings.log_level)
     if resolver is None:
@@ -235,9 +236,13 @@ def run_service(
     busy = busy_threads()
     if busy:
         log.warning("exiting with busy threads %s", busy, extra={"exit_code": code})
-        logging.shutdown()
-        os._exit(code)
-    return code
+    # End here rather than through interpreter finalization: that would wait for or tear
+    # down busy threads mid-call, and gRPC's exit hooks alone take a second or more on a
+    # loaded machine; nothing that must run at exit is left (logs are flushed below).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
