@@ -6,7 +6,8 @@ For a handler with ``batchable = True`` requests wait up to ``max_queue_delay_s`
 shapes apart from dimension 0 and on every parameter run as one ``infer`` call on inputs
 concatenated along axis 0; outputs are sliced back per request. Requests that do not match
 the first request of a batch wait for a later batch, in arrival order. Other handlers run
-one request at a time in the same thread.
+one request at a time in the same thread, or ``max_concurrency`` at a time in as many
+threads.
 
 The thread is a daemon thread of our own (``ModelThread``), not a ``ThreadPoolExecutor``
 one: Python joins executor threads at exit, so a forward pass that is still running when
@@ -180,7 +181,8 @@ class ModelWorker:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
-        self._executor = ModelThread(f"model-{handler.name}-{handler.version}")
+        threads = 1 if handler.batchable else max(1, handler.max_concurrency)
+        self._executor = ModelThread(f"model-{handler.name}-{handler.version}", threads)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task | None = None

@@ -28,9 +28,11 @@ service is shutting down. A request cancelled while it waited for the thread nev
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -123,6 +125,43 @@ NEVER_CANCELLED = Cancellation()
 """The token of calls no client waits on (warm-up) and of direct ``infer`` calls."""
 
 
+class FairTurns:
+    """The device, shared in turns by the requests a handler serves at once
+    (``max_concurrency`` > 1): one holder at a time, granted first come first served, so
+    between two chunks of a long request every request already waiting gets one chunk. A
+    one-cell explanation then waits for one chunk of a 500-cell one, not for all of it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()
+        self._held = False
+
+    @contextlib.contextmanager
+    def turn(self, cancellation: Cancellation = NEVER_CANCELLED) -> Iterator[None]:
+        """Hold the device for one chunk; RequestCancelled while waiting when the request
+        should stop."""
+        me = object()
+        with self._cond:
+            self._waiting.append(me)
+            try:
+                while self._held or self._waiting[0] is not me:
+                    self._cond.wait(0.05)  # wakes to notice a cancellation
+                    cancellation.check()
+            except RequestCancelled:
+                self._waiting.remove(me)
+                self._cond.notify_all()
+                raise
+            self._waiting.popleft()
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name of a numpy array (object and bytes/str arrays are BYTES)."""
     if array.dtype.kind in "OSU":
@@ -179,6 +218,10 @@ class ModelHandler:
     outputs: ClassVar[tuple[TensorSpec, ...]] = ()
     batchable: ClassVar[bool] = False
     platform: ClassVar[str] = "python"
+    max_concurrency: int = 1
+    """Requests served at once (not batchable handlers only). Above 1 the handler runs in
+    that many threads and must be thread-safe: share the device with ``FairTurns`` and
+    guard shared state; ``cancellation`` is then per thread."""
 
     name: str = ""
     version: str = ""
@@ -186,12 +229,12 @@ class ModelHandler:
     """String parameters copied into every response of this version (e.g. the ensemble's
     lineage, which the gateway checks against the versions it pinned)."""
     _ready: bool = False
-    _cancellation: Cancellation = NEVER_CANCELLED
+    _calls = threading.local()  # per thread: the request that thread is serving
 
     @property
     def cancellation(self) -> Cancellation:
-        """The token of the request (or batch) being served now; see the module docstring."""
-        return self._cancellation
+        """The token of the request (or batch) this thread serves now (module docstring)."""
+        return getattr(self._calls, "cancellation", NEVER_CANCELLED)
 
     @property
     def ready(self) -> bool:
@@ -248,11 +291,11 @@ class ModelHandler:
         if not self.ready:
             raise ModelNotReady(f"model {self.name} version {self.version} is not loaded")
         cancellation.check()
-        self._cancellation = cancellation
+        self._calls.cancellation = cancellation
         try:
             result = self.postprocess(self.predict(self.preprocess(inputs, parameters)), parameters)
         finally:
-            self._cancellation = NEVER_CANCELLED
+            self._calls.cancellation = NEVER_CANCELLED
         specs = {s.name: s for s in self.outputs}
         for key, array in result.items():
             if key not in specs:

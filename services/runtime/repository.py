@@ -205,15 +205,19 @@ class ModelRepository:
         await asyncio.shield(self._unload(entry, timeout=None))
         self._retiring.discard(entry)
 
-    def _unload(self, entry: LoadedVersion, timeout: float | None) -> asyncio.Task:
+    def _unload(
+        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+    ) -> asyncio.Task:
         """The (single) task that drains and stops ``entry``."""
         if entry.unload_task is None:
             entry.unload_task = asyncio.create_task(
-                self._drain_and_stop(entry, timeout), name=f"unload-{entry.version}"
+                self._drain_and_stop(entry, timeout, stop_handler), name=f"unload-{entry.version}"
             )
         return entry.unload_task
 
-    async def _drain_and_stop(self, entry: LoadedVersion, timeout: float | None) -> None:
+    async def _drain_and_stop(
+        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+    ) -> None:
         """Wait for in-flight requests, ``stop()`` the handler and end its thread, all within
         ``timeout`` (None = as long as it takes): at shutdown the grace period bounds it."""
         loop = asyncio.get_running_loop()
@@ -233,7 +237,8 @@ class ModelRepository:
             )
         try:
             # queued behind a forward pass that outlives the grace period: then skip stop()
-            await asyncio.wait_for(entry.worker.call(entry.handler.stop), left())
+            if stop_handler:
+                await asyncio.wait_for(entry.worker.call(entry.handler.stop), left())
         except TimeoutError:
             log.warning(
                 "%s version %s: model thread busy, stop() skipped", self.name, entry.version
@@ -253,8 +258,13 @@ class ModelRepository:
                     "refreshing %s failed; still serving %s", self.name, self.current_version
                 )
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop polling, refuse new requests, drain and stop every loaded version."""
+    async def close(self, timeout_s: float = 10.0, *, stop_handlers: bool = True) -> None:
+        """Stop polling, refuse new requests, drain and stop every loaded version.
+
+        ``stop_handlers=False`` (process exit) skips ``handler.stop()``: exiting frees the
+        model anyway, and releasing memory (``gc.collect``) can hold the GIL, and so the
+        event loop, for longer than the grace period has left.
+        """
         self._closing = True
         entries = list({*self._loaded.values(), *self._retiring})
         tasks = [t for t in [self._poll_task, *(e.retire_task for e in entries)] if t is not None]
@@ -266,5 +276,5 @@ class ModelRepository:
         self._current = None
         for entry in entries:
             self.metrics.set_loaded(self.name, entry.version, False)
-        await asyncio.gather(*(self._unload(e, timeout_s) for e in entries))
+        await asyncio.gather(*(self._unload(e, timeout_s, stop_handlers) for e in entries))
         self._io.shutdown(wait=False, cancel_futures=True)

@@ -159,7 +159,8 @@ class ModelServer:
     async def shutdown(self) -> None:
         """Graceful stop, all of it within ``grace_period_s``: NOT_SERVING, refuse new RPCs,
         let in-flight ones finish, then cancel the rest (their handlers see it at their next
-        ``cancellation.check()``), stop every loaded version and the metrics endpoint.
+        ``cancellation.check()``), end the model threads and the metrics endpoint. Handlers
+        are not ``stop()``-ped: the process is about to exit (``ModelRepository.close``).
 
         A forward pass still running when the time is up is not waited for: its thread is
         a daemon thread and the process exits without it (``run_service``).
@@ -173,7 +174,9 @@ class ModelServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(max(0.0, grace - reserve))
-        await self.repository.close(timeout_s=max(0.0, deadline - reserve / 2 - loop.time()))
+        await self.repository.close(
+            timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), stop_handlers=False
+        )
         self.metrics.close()
         log.info("stopped")
 
