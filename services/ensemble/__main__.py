@@ -1,17 +1,30 @@
-"""`python -m services.ensemble`: serve the ensemble model over OIP gRPC (settings: MS_ENSEMBLE_*)."""
+"""`python -m services.ensemble`: serve the ensemble model (P(AML), P(NPM1 | AML)) over OIP gRPC.
+
+Settings come from `MS_ENSEMBLE_*` environment variables; `--help` lists them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.ensemble.config import EnsembleSettings
-from services.ensemble.model import EnsembleHandler
-from services.runtime.server import run_service
+from services.runtime.cli import service_main
 
 
-def main() -> int:
-    settings = EnsembleSettings()
+def build(settings: EnsembleSettings, resolved):
+    """An unloaded handler for the registry's model (imported here: `--help` stays cheap)."""
+    from services.ensemble.model import EnsembleHandler as handler
+
     # registry tags carry the lineage (marrowscope.lineage.<upstream>)
-    return run_service(
-        lambda resolved: EnsembleHandler(resolved.local_dir, settings, tags=resolved.tags), settings
+    return handler(resolved.local_dir, settings, tags=resolved.tags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main(
+        EnsembleSettings,
+        build,
+        argv,
+        "Serve the ensemble model (P(AML), P(NPM1 | AML)) over the Open Inference Protocol (gRPC).",
     )
 
 

@@ -6,7 +6,13 @@ For a handler with ``batchable = True`` requests wait up to ``max_queue_delay_s`
 shapes apart from dimension 0 and on every parameter run as one ``infer`` call on inputs
 concatenated along axis 0; outputs are sliced back per request. Requests that do not match
 the first request of a batch wait for a later batch, in arrival order. Other handlers run
-one request at a time in the same thread.
+one request at a time in the same thread, or ``max_concurrency`` at a time in as many
+threads.
+
+The thread is a daemon thread of our own (``ModelThread``), not a ``ThreadPoolExecutor``
+one: Python joins executor threads at exit, so a forward pass that is still running when
+the shutdown grace period ends would keep the process alive until it finished. A busy model
+thread is abandoned instead (``ModelWorker.close(timeout_s)``) and the process exits.
 """
 
 from __future__ import annotations
@@ -15,17 +21,114 @@ import asyncio
 import collections
 import contextlib
 import logging
+import queue
+import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from services.runtime.handler import ModelHandler, Parameters, Tensors
+from services.runtime.handler import (
+    NEVER_CANCELLED,
+    Cancellation,
+    ModelHandler,
+    Parameters,
+    Tensors,
+)
 
 log = logging.getLogger(__name__)
+
+
+_LIVE_THREADS: weakref.WeakSet[ModelThread] = weakref.WeakSet()
+
+
+class ModelThread(Executor):
+    """An executor of daemon threads (one by default) that never blocks interpreter exit.
+
+    Used for model work and as the event loop's default executor in a service process
+    (registry resolves and downloads), so that SIGTERM can end the process within its grace
+    period whatever a thread is doing.
+    """
+
+    def __init__(self, name: str, max_workers: int = 1) -> None:
+        self.name = name
+        self._work: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._running = 0
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+            for i in range(max_workers)
+        ]
+        for t in self._threads:
+            t.start()
+        _LIVE_THREADS.add(self)
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(f"{self.name}: cannot schedule work after shutdown")
+            self._work.put((future, fn, args, kwargs))
+        return future
+
+    @property
+    def busy(self) -> bool:
+        """True while a call runs in one of the threads."""
+        return self._running > 0
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+        if wait:
+            self.join(None)
+
+    def join(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` for the threads to end (after ``shutdown``)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            del item
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._running += 1
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                del future, fn, args, kwargs  # no references to tensors between calls
+
+
+def busy_threads() -> list[str]:
+    """Names of ``ModelThread`` executors with a call still running (checked at exit)."""
+    return [t.name for t in list(_LIVE_THREADS) if t.busy]
 
 
 @dataclass
@@ -46,6 +149,7 @@ class _Pending:
     key: Any
     future: asyncio.Future = field(repr=False)
     enqueued: float = 0.0
+    cancellation: Cancellation = NEVER_CANCELLED
 
 
 def _batch_key(inputs: Tensors, parameters: Parameters) -> tuple[Any, int] | None:
@@ -77,9 +181,8 @@ class ModelWorker:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"model-{handler.name}-{handler.version}"
-        )
+        threads = 1 if handler.batchable else max(1, handler.max_concurrency)
+        self._executor = ModelThread(f"model-{handler.name}-{handler.version}", threads)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task | None = None
@@ -88,33 +191,72 @@ class ModelWorker:
         """Run ``fn(*args)`` in the handler's thread (load, warmup, stop)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def submit(self, inputs: Tensors, parameters: Parameters) -> InferResult:
-        """Infer one request; raises whatever the handler raised."""
+    async def submit(
+        self,
+        inputs: Tensors,
+        parameters: Parameters,
+        cancellation: Cancellation = NEVER_CANCELLED,
+    ) -> InferResult:
+        """Infer one request; raises whatever the handler raised (``RequestCancelled`` when
+        ``cancellation`` fired before or while it ran)."""
         loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
         keyed = _batch_key(inputs, parameters) if self.handler.batchable else None
         if keyed is None or self.max_batch_size == 1:
-            outputs, started, finished = await self.call(self._timed_infer, inputs, parameters)
+            outputs, started, finished = await self.call(
+                self._timed_infer, inputs, parameters, cancellation
+            )
             self._observe_batch(1)
             return InferResult(outputs, started - enqueued, finished - started, 1)
-        pending = _Pending(inputs, parameters, keyed[1], keyed[0], loop.create_future(), enqueued)
+        pending = _Pending(
+            inputs, parameters, keyed[1], keyed[0], loop.create_future(), enqueued, cancellation
+        )
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.handler.name}")
         await self._queue.put(pending)
         return await pending.future
 
-    async def close(self) -> None:
-        """Stop the batching task and the thread (after callers stopped submitting)."""
+    async def close(self, timeout_s: float | None = None) -> bool:
+        """Stop the batching task and the thread (after callers stopped submitting); work
+        not started is dropped. Waits up to ``timeout_s`` for a running call, then leaves
+        the (daemon) thread to finish on its own; returns whether the thread ended."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._executor.shutdown, True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if timeout_s is not None and timeout_s <= 0:
+            return not self._executor.busy
+        # join in a throw-away daemon thread: the loop's executor may itself be shut down
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def join() -> None:
+            ended = self._executor.join(timeout_s)
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ended))
+
+        threading.Thread(target=join, name="join-model-thread", daemon=True).start()
+        ended = await done
+        if not ended:
+            log.warning(
+                "%s version %s: model thread still busy after %.1f s; leaving it",
+                self.handler.name,
+                self.handler.version,
+                timeout_s,
+            )
+        return ended
+
+    @property
+    def busy(self) -> bool:
+        """True while the handler's thread runs a call."""
+        return self._executor.busy
 
     # -- internals -----------------------------------------------------------------------
-    def _timed_infer(self, inputs: Tensors, parameters: Parameters) -> tuple[Tensors, float, float]:
+    def _timed_infer(
+        self, inputs: Tensors, parameters: Parameters, cancellation: Cancellation
+    ) -> tuple[Tensors, float, float]:
         started = time.perf_counter()
-        outputs = self.handler.infer(inputs, parameters)
+        outputs = self.handler.infer(inputs, parameters, cancellation)
         return outputs, started, time.perf_counter()
 
     def _observe_batch(self, size: int) -> None:
@@ -175,7 +317,14 @@ class ModelWorker:
             if len(batch) == 1
             else {n: np.concatenate([p.inputs[n] for p in batch], axis=0) for n in names}
         )
-        outputs, started, finished = await self.call(self._timed_infer, merged, batch[0].parameters)
+        cancellation = (
+            batch[0].cancellation
+            if len(batch) == 1
+            else Cancellation.all_of(p.cancellation for p in batch)
+        )
+        outputs, started, finished = await self.call(
+            self._timed_infer, merged, batch[0].parameters, cancellation
+        )
         self._observe_batch(len(batch))
         specs = {s.name: s for s in self.handler.outputs}
         total = sum(p.rows for p in batch)

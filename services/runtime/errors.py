@@ -8,25 +8,43 @@ one), returned in trailing metadata and attached to every log line of the call:
 - ``InvalidInput``  -> INVALID_ARGUMENT with the exception's message
 - ``ModelNotFound`` -> NOT_FOUND with the exception's message
 - ``ModelNotReady`` -> UNAVAILABLE with the exception's message
+- ``MessageTooLarge`` -> RESOURCE_EXHAUSTED (a reply over ``max_message_bytes``)
+- ``RequestCancelled`` -> DEADLINE_EXCEEDED or CANCELLED (the handler stopped early)
 - anything else     -> INTERNAL "internal error, request id X"; traceback logged with X
+
+Requests over ``max_message_bytes`` never reach a handler: gRPC core refuses them while
+they arrive (without buffering them) and answers RESOURCE_EXHAUSTED itself. To see them at
+all, the interceptor serves each unary method as a stream-unary one (the wire protocol is
+the same), so it runs as soon as a call starts; a call that ends before its request
+message arrived, with its deadline not yet passed, is counted in
+``marrowscope_oversized_messages_total{direction="received"}``. gRPC reports a client that
+cancels half-way through sending a large message the same way, so that (rarer) case is
+counted there too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from marrowscope.errors import InvalidInput, ModelNotFound, ModelNotReady
+from services.runtime.handler import RequestCancelled
 from services.runtime.logging import request_id
+from services.runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class MessageTooLarge(Exception):
+    """A reply that gRPC would refuse to send (over ``max_message_bytes``)."""
 
 
 def status_for(exc: BaseException, rid: str | None = None) -> tuple[grpc.StatusCode, str]:
@@ -37,6 +55,12 @@ def status_for(exc: BaseException, rid: str | None = None) -> tuple[grpc.StatusC
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ModelNotReady):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, MessageTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, RequestCancelled):
+        if exc.reason == "deadline":
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while running"
+        return grpc.StatusCode.CANCELLED, "cancelled while running"
     return grpc.StatusCode.INTERNAL, f"internal error, request id {rid or request_id.get()}"
 
 
@@ -53,7 +77,11 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary RPCs through ``status_for``; streams pass through."""
+    """Maps exceptions of unary RPCs through ``status_for`` and counts requests refused
+    for their size (module docstring); streams pass through."""
+
+    def __init__(self, metrics: RuntimeMetrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -66,7 +94,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         method = handler_call_details.method
 
-        async def mapped(request, context: grpc.aio.ServicerContext):
+        async def mapped(requests: AsyncIterator, context: grpc.aio.ServicerContext):
+            try:
+                request = await anext(aiter(requests))
+            except StopAsyncIteration:
+                self._no_request(method, context)
+                # gRPC core has already ended the call; nothing can be sent any more
+                raise asyncio.CancelledError from None
             rid = _request_id(context)
             token = request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
@@ -84,8 +118,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 request_id.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return grpc.stream_unary_rpc_method_handler(
             mapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _no_request(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            log.info("%s: deadline passed before the request arrived", method)
+            return
+        log.warning("%s: request refused before it was read (over max_message_bytes)", method)
+        if self.metrics is not None:
+            self.metrics.oversized.labels("received").inc()

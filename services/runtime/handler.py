@@ -19,11 +19,20 @@ params)``:
 When ``batchable`` is true the runtime concatenates same-shaped requests along axis 0
 (see ``batching.py``) and splits every output whose spec has ``batch_axis=True`` back per
 request; outputs with ``batch_axis=False`` (e.g. class names) are copied to each request.
+
+Stopping early: the runtime cannot interrupt a thread inside a C call (a forward pass), so
+a handler whose requests can run long calls ``self.cancellation.check()`` between chunks of
+work; it raises ``RequestCancelled`` once the caller cancelled, its deadline passed, or the
+service is shutting down. A request cancelled while it waited for the thread never starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -51,6 +60,106 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+
+
+class RequestCancelled(Exception):
+    """A request stopped before it finished: ``reason`` is ``deadline`` (the caller's
+    deadline passed) or ``cancelled`` (the caller went away or the service is stopping)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"request stopped: {reason}")
+        self.reason = reason
+
+
+class Cancellation:
+    """Whether a running request should stop: set by the runtime, polled by the handler.
+
+    ``deadline`` is a ``time.monotonic()`` instant (None = none). Thread-safe: the event
+    loop cancels, the model thread checks.
+    """
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def reason(self) -> str | None:
+        """``cancelled``, ``deadline`` or None while the request should go on."""
+        if self._cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "deadline"
+        return None
+
+    def check(self) -> None:
+        """Raise RequestCancelled when the request should stop (call between chunks)."""
+        reason = self.reason
+        if reason is not None:
+            raise RequestCancelled(reason)
+
+    @staticmethod
+    def all_of(parts: Iterable[Cancellation]) -> Cancellation:
+        """One batch serves several requests: it stops only when every one of them has."""
+        return _AllOf(list(parts))
+
+
+class _AllOf(Cancellation):
+    def __init__(self, parts: list[Cancellation]) -> None:
+        super().__init__()
+        self._parts = parts
+
+    @property
+    def reason(self) -> str | None:
+        if self._cancelled.is_set():
+            return "cancelled"
+        reasons = {p.reason for p in self._parts}
+        if None in reasons or not reasons:
+            return None
+        return "deadline" if reasons == {"deadline"} else "cancelled"
+
+
+NEVER_CANCELLED = Cancellation()
+"""The token of calls no client waits on (warm-up) and of direct ``infer`` calls."""
+
+
+class FairTurns:
+    """The device, shared in turns by the requests a handler serves at once
+    (``max_concurrency`` > 1): one holder at a time, granted first come first served, so
+    between two chunks of a long request every request already waiting gets one chunk. A
+    one-cell explanation then waits for one chunk of a 500-cell one, not for all of it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()
+        self._held = False
+
+    @contextlib.contextmanager
+    def turn(self, cancellation: Cancellation = NEVER_CANCELLED) -> Iterator[None]:
+        """Hold the device for one chunk; RequestCancelled while waiting when the request
+        should stop."""
+        me = object()
+        with self._cond:
+            self._waiting.append(me)
+            try:
+                while self._held or self._waiting[0] is not me:
+                    self._cond.wait(0.05)  # wakes to notice a cancellation
+                    cancellation.check()
+            except RequestCancelled:
+                self._waiting.remove(me)
+                self._cond.notify_all()
+                raise
+            self._waiting.popleft()
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -109,6 +218,10 @@ class ModelHandler:
     outputs: ClassVar[tuple[TensorSpec, ...]] = ()
     batchable: ClassVar[bool] = False
     platform: ClassVar[str] = "python"
+    max_concurrency: int = 1
+    """Requests served at once (not batchable handlers only). Above 1 the handler runs in
+    that many threads and must be thread-safe: share the device with ``FairTurns`` and
+    guard shared state; ``cancellation`` is then per thread."""
 
     name: str = ""
     version: str = ""
@@ -116,6 +229,12 @@ class ModelHandler:
     """String parameters copied into every response of this version (e.g. the ensemble's
     lineage, which the gateway checks against the versions it pinned)."""
     _ready: bool = False
+    _calls = threading.local()  # per thread: the request that thread is serving
+
+    @property
+    def cancellation(self) -> Cancellation:
+        """The token of the request (or batch) this thread serves now (module docstring)."""
+        return getattr(self._calls, "cancellation", NEVER_CANCELLED)
 
     @property
     def ready(self) -> bool:
@@ -158,11 +277,25 @@ class ModelHandler:
         for name, array in inputs.items():
             specs[name].check(array)
 
-    def infer(self, inputs: Tensors, parameters: Parameters) -> Tensors:
-        """One full pass; checks the outputs against ``outputs`` so handler bugs surface."""
+    def infer(
+        self,
+        inputs: Tensors,
+        parameters: Parameters,
+        cancellation: Cancellation = NEVER_CANCELLED,
+    ) -> Tensors:
+        """One full pass; checks the outputs against ``outputs`` so handler bugs surface.
+
+        A request whose ``cancellation`` already fired (it waited for the thread past its
+        deadline, or its caller left) is not started.
+        """
         if not self.ready:
             raise ModelNotReady(f"model {self.name} version {self.version} is not loaded")
-        result = self.postprocess(self.predict(self.preprocess(inputs, parameters)), parameters)
+        cancellation.check()
+        self._calls.cancellation = cancellation
+        try:
+            result = self.postprocess(self.predict(self.preprocess(inputs, parameters)), parameters)
+        finally:
+            self._calls.cancellation = NEVER_CANCELLED
         specs = {s.name: s for s in self.outputs}
         for key, array in result.items():
             if key not in specs:

@@ -8,6 +8,7 @@ that several servers in one process (tests) do not collide.
 from __future__ import annotations
 
 import logging
+import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -65,6 +66,16 @@ class RuntimeMetrics:
             ["model"],
             registry=r,
         )
+        self.oversized = Counter(
+            "marrowscope_oversized_messages",
+            "gRPC messages refused for exceeding max_message_bytes: direction=received "
+            "(requests gRPC refused while they arrived) or sent (replies refused before "
+            "sending; also counted in marrowscope_requests_total as resource_exhausted).",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("received", "sent"):
+            self.oversized.labels(direction)  # export zeros so rate() works from the start
         self.model_info = Gauge(
             "marrowscope_model_info",
             "1 for every loaded model version.",
@@ -88,7 +99,13 @@ class RuntimeMetrics:
         return self._http.server_address[1]
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        """Stop the endpoint without waiting: ``shutdown()`` blocks up to the server's
+        0.5 s poll interval, time a service on its way out within its grace period lacks."""
+        http, self._http = self._http, None
+        if http is not None:
+
+            def stop() -> None:
+                http.shutdown()
+                http.server_close()
+
+            threading.Thread(target=stop, name="metrics-close", daemon=True).start()

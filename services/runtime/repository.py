@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from marrowscope.errors import ModelNotFound, ModelNotReady
-from services.runtime.batching import ModelWorker
+from services.runtime.batching import ModelThread, ModelWorker
 from services.runtime.handler import ModelHandler
 from services.runtime.metrics import RuntimeMetrics
 
@@ -77,6 +77,8 @@ class ModelRepository:
         self._poll_task: asyncio.Task | None = None
         self._retiring: set[LoadedVersion] = set()
         self._closing = False
+        # registry calls and downloads: a daemon thread, so a hung one cannot delay exit
+        self._io = ModelThread(f"registry-{name}")
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -141,14 +143,15 @@ class ModelRepository:
 
     async def refresh(self, resolver: Resolver) -> bool:
         """Ask the resolver once; load and swap when the wanted version changed."""
-        resolved = await asyncio.to_thread(resolver)
+        loop = asyncio.get_running_loop()
+        resolved = await loop.run_in_executor(self._io, resolver)
         async with self._lock:
             if self._closing or resolved.version == self.current_version:
                 return False
             entry = self._loaded.get(resolved.version)
             if entry is None:  # not a version still in its grace period
                 log.info("loading %s version %s", self.name, resolved.version)
-                handler = await asyncio.to_thread(resolved.build)
+                handler = await loop.run_in_executor(self._io, resolved.build)
                 entry = await self._load(resolved.version, handler)
             await self._activate(entry)
             return True
@@ -166,7 +169,8 @@ class ModelRepository:
             await worker.call(handler.load)
             await worker.call(handler.warmup)
         except BaseException:
-            await worker.close()
+            # a failed load or a shutdown during load/warm-up: do not wait for the thread
+            await worker.close(timeout_s=0)
             raise
         return LoadedVersion(version, handler, worker)
 
@@ -201,17 +205,29 @@ class ModelRepository:
         await asyncio.shield(self._unload(entry, timeout=None))
         self._retiring.discard(entry)
 
-    def _unload(self, entry: LoadedVersion, timeout: float | None) -> asyncio.Task:
+    def _unload(
+        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+    ) -> asyncio.Task:
         """The (single) task that drains and stops ``entry``."""
         if entry.unload_task is None:
             entry.unload_task = asyncio.create_task(
-                self._drain_and_stop(entry, timeout), name=f"unload-{entry.version}"
+                self._drain_and_stop(entry, timeout, stop_handler), name=f"unload-{entry.version}"
             )
         return entry.unload_task
 
-    async def _drain_and_stop(self, entry: LoadedVersion, timeout: float | None) -> None:
+    async def _drain_and_stop(
+        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+    ) -> None:
+        """Wait for in-flight requests, ``stop()`` the handler and end its thread, all within
+        ``timeout`` (None = as long as it takes): at shutdown the grace period bounds it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         try:
-            await asyncio.wait_for(entry.idle.wait(), timeout)
+            await asyncio.wait_for(entry.idle.wait(), left())
         except TimeoutError:
             log.warning(
                 "%s version %s: %d request(s) still running at stop",
@@ -220,10 +236,16 @@ class ModelRepository:
                 entry.inflight,
             )
         try:
-            await entry.worker.call(entry.handler.stop)
+            # queued behind a forward pass that outlives the grace period: then skip stop()
+            if stop_handler:
+                await asyncio.wait_for(entry.worker.call(entry.handler.stop), left())
+        except TimeoutError:
+            log.warning(
+                "%s version %s: model thread busy, stop() skipped", self.name, entry.version
+            )
         except Exception:  # the version is gone either way; keep stopping the others
             log.exception("%s version %s: stop() failed", self.name, entry.version)
-        await entry.worker.close()
+        await entry.worker.close(left())
         log.info("stopped %s version %s", self.name, entry.version)
 
     async def _poll(self, resolver: Resolver, interval_s: float) -> None:
@@ -236,8 +258,13 @@ class ModelRepository:
                     "refreshing %s failed; still serving %s", self.name, self.current_version
                 )
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop polling, refuse new requests, drain and stop every loaded version."""
+    async def close(self, timeout_s: float = 10.0, *, stop_handlers: bool = True) -> None:
+        """Stop polling, refuse new requests, drain and stop every loaded version.
+
+        ``stop_handlers=False`` (process exit) skips ``handler.stop()``: exiting frees the
+        model anyway, and releasing memory (``gc.collect``) can hold the GIL, and so the
+        event loop, for longer than the grace period has left.
+        """
         self._closing = True
         entries = list({*self._loaded.values(), *self._retiring})
         tasks = [t for t in [self._poll_task, *(e.retire_task for e in entries)] if t is not None]
@@ -249,4 +276,5 @@ class ModelRepository:
         self._current = None
         for entry in entries:
             self.metrics.set_loaded(self.name, entry.version, False)
-        await asyncio.gather(*(self._unload(e, timeout_s) for e in entries))
+        await asyncio.gather(*(self._unload(e, timeout_s, stop_handlers) for e in entries))
+        self._io.shutdown(wait=False, cancel_futures=True)

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from services.runtime.batching import busy_threads
 from services.runtime.errors import ErrorInterceptor
 from services.runtime.handler import ModelHandler
 from services.runtime.logging import configure_logging
@@ -35,6 +38,7 @@ from services.runtime.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 HandlerFactory = Callable[[Any], ModelHandler]
+_STOP_RESERVE_S = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -97,7 +101,9 @@ class ModelServer:
             on_change=self._update_health,
         )
         self.servicer = InferenceServicer(
-            {settings.model_name: self.repository}, metrics=self.metrics
+            {settings.model_name: self.repository},
+            metrics=self.metrics,
+            max_message_bytes=settings.max_message_bytes,
         )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -107,7 +113,7 @@ class ModelServer:
         """Listen (gRPC + metrics); health stays NOT_SERVING until a version is loaded."""
         s = self.settings
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self.metrics)],
             options=[
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -151,14 +157,26 @@ class ModelServer:
         await self.repository.load_local(handler, version)
 
     async def shutdown(self) -> None:
-        """Graceful stop: NOT_SERVING, refuse new RPCs, finish in-flight within the grace
-        period, then stop every loaded version and the metrics endpoint."""
+        """Graceful stop, all of it within ``grace_period_s``: NOT_SERVING, refuse new RPCs,
+        let in-flight ones finish, then cancel the rest (their handlers see it at their next
+        ``cancellation.check()``), end the model threads and the metrics endpoint. Handlers
+        are not ``stop()``-ped: the process is about to exit (``ModelRepository.close``).
+
+        A forward pass still running when the time is up is not waited for: its thread is
+        a daemon thread and the process exits without it (``run_service``).
+        """
         grace = self.settings.grace_period_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # kept from draining RPCs for stopping the handlers; half of it for the exit
+        reserve = min(_STOP_RESERVE_S, grace / 4)
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
-        await self.repository.close(timeout_s=grace)
+            await self._server.stop(max(0.0, grace - reserve))
+        await self.repository.close(
+            timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), stop_handlers=False
+        )
         self.metrics.close()
         log.info("stopped")
 
@@ -195,11 +213,16 @@ def run_service(
     settings: ServiceSettings,
     *,
     resolver: Resolver | None = None,
-) -> int:
-    """Entry point of a model service; returns the process exit code.
+) -> NoReturn | int:
+    """Entry point of a model service: serves until SIGTERM/SIGINT, then ends the process
+    with its exit code (returns only the code 2 of a missing model URI).
 
     Without ``resolver`` the model comes from ``settings.model_uri`` through
     ``marrowscope.registry.resolve`` and ``handler_factory(resolved_model)``.
+
+    Model and registry work runs in daemon threads (``batching.ModelThread``) and the
+    process ends with ``os._exit`` after the graceful shutdown, so that a forward pass still
+    running cannot keep a pod alive past its grace period.
     """
     configure_logging(settings.log_level)
     if resolver is None:
@@ -207,4 +230,28 @@ def run_service(
             log.error("no model URI: set MODEL_URI in the service's env prefix")
             return 2
         resolver = registry_resolver(settings.model_uri, handler_factory)
-    return asyncio.run(serve(settings, resolver))
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(serve(settings, resolver))
+    finally:
+        _cancel_leftover_tasks(loop)
+        loop.close()
+    busy = busy_threads()
+    if busy:
+        log.warning("exiting with busy threads %s", busy, extra={"exit_code": code})
+    # End here rather than through interpreter finalization: that would wait for or tear
+    # down busy threads mid-call, and gRPC's exit hooks alone take a second or more on a
+    # loaded machine; nothing that must run at exit is left (logs are flushed below).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

@@ -19,8 +19,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from marrowscope.errors import InvalidInput, ModelNotFound
-from services.runtime.errors import status_label
-from services.runtime.handler import DATATYPE_TO_NUMPY, Parameters, Tensors, TensorSpec, datatype_of
+from services.runtime.errors import MessageTooLarge, status_label
+from services.runtime.handler import (
+    DATATYPE_TO_NUMPY,
+    Cancellation,
+    Parameters,
+    Tensors,
+    TensorSpec,
+    datatype_of,
+)
 from services.runtime.metrics import UNKNOWN, RuntimeMetrics
 from services.runtime.protocol import pb, pb_grpc
 from services.runtime.repository import ModelRepository
@@ -196,9 +203,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metrics: RuntimeMetrics,
         server_name: str = "marrowscope",
         server_version: str = "0.1.0",
+        max_message_bytes: int | None = None,
     ) -> None:
         self.repositories = dict(repositories)
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
         self.server_name = server_name
         self.server_version = server_version
         self.draining = False
@@ -244,6 +253,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = UNKNOWN
         error: BaseException | None = None
         m = self.metrics
+        remaining = context.time_remaining()
+        # the model thread polls this between chunks: caller gone, deadline passed, shutdown
+        cancellation = Cancellation(
+            None if remaining is None else time.monotonic() + max(0.0, remaining)
+        )
         if known:
             m.inflight.labels(model).inc()
         try:
@@ -255,24 +269,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 extra = dict(entry.handler.response_parameters)
                 entry.handler.validate(inputs)
                 wanted = _requested(request, entry.handler.outputs)
-                result = await entry.worker.submit(inputs, parameters)
+                result = await entry.worker.submit(inputs, parameters, cancellation)
             m.queue_seconds.labels(model, version).observe(result.queue_s)
             m.compute_seconds.labels(model, version).observe(result.compute_s)
             outputs = result.outputs
             if wanted is not None:
                 outputs = {k: v for k, v in outputs.items() if k in wanted}
-            return encode_response(request, repo.name, version, outputs, extra)
+            response = encode_response(request, repo.name, version, outputs, extra)
+            self._check_reply_size(response)
+            return response
         except asyncio.CancelledError as exc:
+            cancellation.cancel()
             error = exc
             raise
         except Exception as exc:
             error = exc
             raise
         finally:
-            status = (
-                "cancelled" if isinstance(error, asyncio.CancelledError) else status_label(error)
-            )
-            m.requests.labels(model, version, status).inc()
+            m.requests.labels(model, version, _outcome(error, context)).inc()
             if known:
                 m.inflight.labels(model).dec()
                 m.request_seconds.labels(model, version).observe(time.perf_counter() - started)
+
+    def _check_reply_size(self, response: pb.ModelInferResponse) -> None:
+        """gRPC would refuse a reply over the limit after we returned it, and the client
+        would get RESOURCE_EXHAUSTED while we counted ``ok``: refuse it here instead."""
+        if self.max_message_bytes is None:
+            return
+        size = response.ByteSize()
+        if size > self.max_message_bytes:
+            self.metrics.oversized.labels("sent").inc()
+            raise MessageTooLarge(
+                f"reply of {size} bytes exceeds the service's max_message_bytes "
+                f"({self.max_message_bytes}); request fewer outputs or a smaller input"
+            )
+
+
+def _outcome(error: BaseException | None, context) -> str:
+    """The ``status`` label: what the client got (``ok`` or the lower-case status name)."""
+    if isinstance(error, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+    return status_label(error)

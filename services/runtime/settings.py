@@ -35,13 +35,22 @@ class ServiceSettings(BaseSettings):
     poll_interval_s: float = Field(30.0, ge=0, description="registry poll period; 0 = never")
     max_batch_size: int = Field(8, ge=1, description="most requests merged into one predict")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    autocast: Literal["none", "fp16", "bf16"] = "none"
-    grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: time to finish in-flight")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA when present), cpu, or cuda (fails without a GPU)"
+    )
+    autocast: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="mixed precision on CUDA (none, fp16, bf16)"
+    )
+    grace_period_s: float = Field(
+        10.0,
+        ge=0,
+        description="SIGTERM: the process exits within this many seconds; in-flight requests "
+        "get all but the last second of it, then are cancelled",
+    )
     version_grace_s: float = Field(
         30.0, ge=0, description="how long a replaced version keeps answering when named"
     )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="max gRPC send/receive message size"
     )
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="JSON logs on stderr at this level")

@@ -296,3 +296,54 @@ def test_internal_error_is_generic_with_request_id(client, toy_server, caplog):
         )
         >= 1
     )
+
+
+def test_reply_over_the_limit_is_refused_and_counted_as_such(client, toy_server):
+    """A reply gRPC cannot send must reach the client and the metrics as RESOURCE_EXHAUSTED,
+    not be counted ``ok`` while the client gets "Sent message larger than max"."""
+    labels = {"model": "toy", "version": "1"}
+    before = httpx.get(toy_server.metrics_url).text
+    x = np.ones((1, 100_000), np.float32)  # 400 KB in, 1.2 MB out; the limit is 1 MiB
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("toy", [_input("X", x, "FP32")], parameters={"repeat": 3})
+    assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "max_message_bytes" in err.value.message(), err.value.message()
+    after = httpx.get(toy_server.metrics_url).text
+
+    def delta(name, **extra):
+        return _sample(after, name, {**labels, **extra}) - _sample(
+            before, name, {**labels, **extra}
+        )
+
+    assert delta("marrowscope_requests_total", status="resource_exhausted") == 1
+    assert delta("marrowscope_requests_total", status="ok") == 0
+    sent = {"direction": "sent"}
+    assert (
+        _sample(after, "marrowscope_oversized_messages_total", sent)
+        - _sample(before, "marrowscope_oversized_messages_total", sent)
+        == 1
+    )
+    ok = client.infer("toy", [_input("X", x, "FP32")], parameters={"repeat": 2})  # 800 KB
+    assert ok.as_numpy("Y").shape == (1, 200_000)
+
+
+def test_request_over_the_limit_is_counted(stub, toy_server):
+    """gRPC core refuses an oversized request before any handler runs; it must still show
+    up in the metrics."""
+    infer, _ = stub
+    received = {"direction": "received"}
+    before = _sample(
+        httpx.get(toy_server.metrics_url).text, "marrowscope_oversized_messages_total", received
+    )
+    request, code = BAD_REQUESTS["oversized"]
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            infer.ModelInfer(request, timeout=10)
+        assert err.value.code() == code
+    text = httpx.get(toy_server.metrics_url).text
+    assert _sample(text, "marrowscope_oversized_messages_total", received) == before + 2
+    # a request that fits, or one that fails for another reason, is not counted there
+    with pytest.raises(grpc.RpcError):
+        infer.ModelInfer(BAD_REQUESTS["unknown model"][0], timeout=5)
+    text = httpx.get(toy_server.metrics_url).text
+    assert _sample(text, "marrowscope_oversized_messages_total", received) == before + 2

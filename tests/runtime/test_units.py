@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -176,3 +178,70 @@ def test_codegen_is_idempotent_and_rewrites_imports(tmp_path):
         "_descriptor_pool.Default()"
         not in (out / "inference" / "grpc_predict_v2_pb2.py").read_text()
     )
+
+
+def test_a_cooperative_handler_stops_at_its_deadline_and_a_queued_request_never_starts():
+    """The model thread cannot be interrupted; the handler polls ``cancellation.check()``
+    between chunks, and a request whose deadline passed while it queued is not run."""
+    from services.runtime.handler import Cancellation, RequestCancelled
+
+    async def scenario():
+        handler = ToyHandler(1.0)
+        handler.batchable = False
+        handler.name, handler.version = "toy", "1"
+        handler.load()
+        worker = ModelWorker(handler)
+        x = {"X": np.ones((1, 2), np.float32)}
+        try:
+            started = time.monotonic()
+            long = worker.submit(
+                x, {"delay_ms": 30_000, "cooperative": True}, Cancellation(started + 0.5)
+            )
+            queued = worker.submit(x, {}, Cancellation(started + 0.2))  # waits behind `long`
+            results = await asyncio.gather(long, queued, return_exceptions=True)
+            return results, time.monotonic() - started, handler.calls
+        finally:
+            await worker.close(5)
+
+    (long, queued), elapsed, calls = asyncio.run(scenario())
+    assert isinstance(long, RequestCancelled) and long.reason == "deadline"
+    assert isinstance(queued, RequestCancelled) and queued.reason == "deadline"
+    assert elapsed < 2, elapsed
+    assert calls == []  # neither finished predict
+
+
+def test_cancelled_batch_stops_only_when_every_request_in_it_did():
+    from services.runtime.handler import Cancellation
+
+    a, b = Cancellation(), Cancellation()
+    both = Cancellation.all_of([a, b])
+    a.cancel()
+    assert both.reason is None
+    b.cancel()
+    assert both.reason == "cancelled"
+
+
+def test_fair_turns_alternate_between_waiting_requests():
+    from services.runtime.handler import FairTurns
+
+    turns, order = FairTurns(), []
+    started = threading.Event()
+
+    def work(name: str, chunks: int) -> None:
+        for _ in range(chunks):
+            with turns.turn():
+                order.append(name)
+                started.set()
+                time.sleep(0.02)
+
+    big = threading.Thread(target=work, args=("big", 20))
+    big.start()
+    started.wait(5)
+    small = threading.Thread(target=work, args=("small", 2))
+    small.start()
+    small.join(5)
+    big.join(5)
+    first_small = order.index("small")
+    # the small request waits for at most one chunk of the big one per chunk of its own
+    assert order[first_small : first_small + 4].count("small") == 2, order
+    assert first_small <= 3, order

@@ -4,10 +4,13 @@ Inputs (all optional, at least one): ``X`` FP32 [B, N], ``PIXELS`` UINT8 [B, H, 
 ``TEXT`` BYTES [B]. Outputs: ``Y`` = X * scale, ``INVERTED`` = 255 - PIXELS, ``UPPER`` =
 TEXT upper-cased, ``SCALE`` FP32 [1] (not per request). ``scale`` is the version number,
 so a response shows which version computed it. Request parameters: ``delay_ms`` (int, sleep
-in predict), ``fail`` (bool, raise a non-domain error).
+in predict; ``cooperative=True`` sleeps in 50 ms steps that check the request's
+cancellation), ``fail`` (bool, raise a non-domain error), ``repeat`` (int, Y = X * scale
+tiled along dimension 1, for replies larger than requests).
 
 Run as a service: ``python -m tests.runtime.toy_service``; the wanted version is read from
-the file named by ``TOY_VERSION_FILE`` (settings env prefix ``MS_TOY_``).
+the file named by ``TOY_VERSION_FILE`` (settings env prefix ``MS_TOY_``);
+``TOY_LOAD_DELAY_S`` makes ``load()`` sleep that long (shutdown during a model load).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class ToyHandler(ModelHandler):
         self.delay_s = delay_s
         self.calls: list[int] = []  # rows per predict call, for tests
 
+    def load(self) -> None:
+        time.sleep(float(os.environ.get("TOY_LOAD_DELAY_S", "0")))
+        super().load()
+
     def warmup(self) -> None:
         self.infer({"X": np.zeros((1, 2), np.float32)}, {})
 
@@ -58,15 +65,27 @@ class ToyHandler(ModelHandler):
             raise InvalidInput("send at least one of X, PIXELS, TEXT")
         if parameters.get("fail"):
             raise RuntimeError("toy failure with secret detail")
-        return inputs, int(parameters.get("delay_ms", 0)) / 1000 or self.delay_s
+        delay_s = int(parameters.get("delay_ms", 0)) / 1000 or self.delay_s
+        return (
+            inputs,
+            delay_s,
+            bool(parameters.get("cooperative")),
+            int(parameters.get("repeat", 1)),
+        )
 
     def predict(self, batch):
-        inputs, delay_s = batch
-        time.sleep(delay_s)
+        inputs, delay_s, cooperative, repeat = batch
+        if cooperative:
+            end = time.monotonic() + delay_s
+            while time.monotonic() < end:
+                self.cancellation.check()
+                time.sleep(0.05)
+        else:
+            time.sleep(delay_s)
         self.calls.append(next(iter(inputs.values())).shape[0])
         out: Tensors = {"SCALE": np.array([self.scale], np.float32)}
         if "X" in inputs:
-            out["Y"] = inputs["X"] * self.scale
+            out["Y"] = np.tile(inputs["X"] * self.scale, (1, repeat))
         if "PIXELS" in inputs:
             out["INVERTED"] = 255 - inputs["PIXELS"]
         if "TEXT" in inputs:
