@@ -37,7 +37,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+
+if TYPE_CHECKING:
+    from services.runtime.handler import ModelHandler
+    from services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ def service_names() -> list[str]:
     )
 
 
-def handler_classes(service: str) -> list[type]:
+def handler_classes(service: str) -> list[type[ModelHandler]]:
     """``ModelHandler`` subclasses defined (not imported) in ``services/<service>/model.py``."""
     from services.runtime.handler import ModelHandler
 
@@ -166,7 +170,7 @@ def handler_classes(service: str) -> list[type]:
     ]
 
 
-def settings_class(service: str) -> type:
+def settings_class(service: str) -> type[ServiceSettings]:
     """The ``ServiceSettings`` subclass defined in ``services/<service>/config.py``."""
     from services.runtime.settings import ServiceSettings
 
@@ -200,7 +204,7 @@ def _symbolic_shape(shape: Sequence[int], symbols: dict[int, str]) -> str:
     return "[" + ", ".join(symbols.get(d, str(d)) for d in shape) + "]"
 
 
-def document_handler(service: str, cls: type) -> HandlerDoc:
+def document_handler(service: str, cls: type[ModelHandler]) -> HandlerDoc:
     """Build ``cls`` against each symbolic config of its model kind and collect its specs.
 
     Specs that depend on the model (celltype crop size, the ensemble's optional ``P_NPM1``)
@@ -218,8 +222,10 @@ def document_handler(service: str, cls: type) -> HandlerDoc:
         with tempfile.TemporaryDirectory() as tmp:
             if config is not None:
                 (Path(tmp) / "config.json").write_text(json.dumps(config))
+            # handlers take (model_dir, settings); the base class declares no __init__
+            build: Callable[..., ModelHandler] = cls
             try:
-                handler = cls(tmp, settings)
+                handler = build(tmp, settings)
             except Exception as exc:
                 raise DocgenError(
                     f"cannot document {cls.__module__}.{cls.__name__}: building it as "
