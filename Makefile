@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test demo lint bench protos lock mlflow loadtest clean
+.PHONY: setup test demo lint docs bench protos lock mlflow loadtest clean
 
 $(STAMP): requirements.in constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,17 @@ test: setup
 demo: setup
 	$(PY) -m training.demo
 
+# mypy's paths and strictness are in pyproject.toml ([tool.mypy]); .pre-commit-config.yaml
+# runs the same three checks. The first mypy run builds .mypy_cache (minutes); later runs
+# take seconds.
 lint: setup
-	$(VENV)/bin/ruff check marrowscope services training tests bench loadtests k8s
-	$(VENV)/bin/ruff format --check marrowscope services training tests bench loadtests k8s mlflow
+	$(VENV)/bin/ruff check marrowscope services training tests bench loadtests k8s tools
+	$(VENV)/bin/ruff format --check marrowscope services training tests bench loadtests k8s mlflow tools
+	$(VENV)/bin/mypy
+
+# Rewrite the generated tables in docs/ (tests/tools/test_docgen.py fails when they are stale).
+docs: setup
+	$(PY) -m tools.docgen
 
 bench: setup
 	$(PY) -m bench.run
@@ -50,4 +58,4 @@ lock: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def build_model_dirs(root: Path, sizes: Sizes, seed: int = 0) -> dict[str, Path]
     dirs = {}
     for kind, config in model_configs(sizes).items():
         torch.manual_seed(seed)
-        module = build_model(config)
+        module: Any = build_model(config)
         if kind == "celltype":  # an untrained typer may call every cell RBC: the gateway
             with torch.no_grad():  # would then abstain (no counted cells) before ensemble/npm1
                 module.head.bias[config["outputs"].index("RBC")] = -20.0

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from marrowscope.paths import PROJECT_ROOT
 
@@ -64,7 +65,7 @@ def build_app(model_dir: str, threads: int, max_batch_size: int, max_queue_delay
             probs = await asyncio.to_thread(self.predictor.predict, batch)
             return [float(v) for v in probs]
 
-        async def __call__(self, request) -> dict:
+        async def __call__(self, request) -> Any:  # a dict, or a JSONResponse for bad input
             body = await request.body()
             expected = int(np.prod(self.shape))
             if len(body) != expected:
@@ -77,7 +78,7 @@ def build_app(model_dir: str, threads: int, max_batch_size: int, max_queue_delay
             image = np.frombuffer(body, np.uint8).reshape(self.shape)
             return {"p_npm1": await self.infer(image)}
 
-    return Npm1Peer.bind()
+    return Npm1Peer.bind()  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Inputs:
             features=self.features,
             npm1_image=self.npm1_image,
             feature_names=np.array(self.feature_names, dtype=str),
-            **{f"png_{i}": np.frombuffer(b, np.uint8) for i, b in enumerate(self.pngs)},
+            **{f"png_{i}": np.frombuffer(b, np.uint8) for i, b in enumerate(self.pngs)},  # type: ignore[arg-type]
         )
         return path
 
@@ -85,10 +86,10 @@ def make_inputs(
 
 @dataclass
 class Predictors:
-    detector: object
-    celltyper: object
-    ensemble: object
-    npm1: object
+    detector: Any  # marrowscope.inference predictors (Detector, CellTyper, ...)
+    celltyper: Any
+    ensemble: Any
+    npm1: Any
 
     @classmethod
     def load(cls, dirs: Mapping[str, Path]) -> Predictors:

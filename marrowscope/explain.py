@@ -66,7 +66,8 @@ def occlusion_grid(
         baselines=background_baseline(x),
         perturbations_per_eval=batch_size,
     )
-    return attribution[0].sum(0).float().cpu().numpy() / 3.0
+    heatmap: np.ndarray = attribution[0].sum(0).float().cpu().numpy() / 3.0
+    return heatmap
 
 
 def _clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -25,8 +25,12 @@ import io
 import logging
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from marrowscope.errors import InvalidInput
 
@@ -67,7 +71,7 @@ def _sniff_unsupported(data: bytes) -> str | None:
     return None
 
 
-def _to_rgb(img) -> np.ndarray:
+def _to_rgb(img: Image.Image) -> np.ndarray:
     from PIL import Image
 
     mode = img.mode
@@ -132,7 +136,7 @@ def decode_image(data: bytes, *, limits: ImageLimits | None = None) -> np.ndarra
                 log.debug("multi-frame %s image: using the first frame", img.format)
                 img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(img)  # type: ignore[assignment]  # Image, not ImageFile
             return _to_rgb(img)
         except InvalidInput:
             raise

@@ -59,7 +59,9 @@ def select_device(setting: str = "cpu") -> torch.device:
     return torch.device("cuda")
 
 
-def autocast_context(device: torch.device, mode: str = "none") -> contextlib.AbstractContextManager:
+def autocast_context(
+    device: torch.device, mode: str = "none"
+) -> contextlib.AbstractContextManager[Any]:
     """`torch.autocast` for `fp16|bf16` on CUDA; a no-op for `none` or on CPU."""
     import torch
 
@@ -110,7 +112,7 @@ class _Predictor:
         self.digest = loaded.digest
         self.version = version or f"local-{loaded.digest[:12]}"
 
-    def _amp(self) -> contextlib.AbstractContextManager:
+    def _amp(self) -> contextlib.AbstractContextManager[Any]:
         return autocast_context(self.device, self.autocast)
 
 
@@ -226,7 +228,7 @@ class CellTyper(_Predictor):
             x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
             with torch.inference_mode(), self._amp():
                 x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-                probs = self.module.probabilities(self.module(x))
+                probs = self.module.probabilities(self.module(x))  # type: ignore[operator]
             out[start : start + len(x)] = probs.float().cpu().numpy()
         return out
 
@@ -245,12 +247,13 @@ class EnsemblePredictor(_Predictor):
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
-        return self.module.predict_proba(vectors, list(names)).numpy().astype(np.float32)
+        proba = self.module.predict_proba(vectors, list(names))  # type: ignore[operator]
+        return proba.numpy().astype(np.float32)  # type: ignore[no-any-return]
 
     @property
     def targets(self) -> tuple[str, ...]:
         """Outputs in order: ("aml",) or ("aml", "npm1") (`marrowscope.models.ensemble`)."""
-        return tuple(self.module.targets)
+        return tuple(self.module.targets)  # type: ignore[arg-type]  # EnsembleNet.targets
 
     def predict_targets(self, names: Sequence[str], vectors: np.ndarray) -> dict[str, np.ndarray]:
         """vectors float[B, F] in `names` order -> {target: float32[B]} for every target."""
@@ -259,7 +262,7 @@ class EnsemblePredictor(_Predictor):
             raise InvalidInput(f"feature vectors must be [B, F], got shape {list(vectors.shape)}")
         return {
             t: p.numpy().astype(np.float32)
-            for t, p in self.module.predict_targets(vectors, list(names)).items()
+            for t, p in self.module.predict_targets(vectors, list(names)).items()  # type: ignore[operator]
         }
 
     def predict(self, names: Sequence[str], vector: np.ndarray) -> float:
@@ -275,7 +278,8 @@ class Npm1Predictor(_Predictor):
 
     def __init__(self, loaded: LoadedModel, **kwargs: Any) -> None:
         super().__init__(loaded, **kwargs)
-        self.input_size: tuple[int, int] = tuple(int(v) for v in self.config["input_size"])
+        height, width = (int(v) for v in self.config["input_size"])
+        self.input_size: tuple[int, int] = (height, width)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Any uint8[H, W, 3] image -> uint8[h, w, 3] at `input_size` (as in evaluation)."""
@@ -303,7 +307,7 @@ class Npm1Predictor(_Predictor):
         with torch.inference_mode(), self._amp():
             x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
             p = self.module(x).float().sigmoid()
-        return p.cpu().numpy().astype(np.float32)
+        return p.cpu().numpy().astype(np.float32)  # type: ignore[no-any-return]
 
     def predict_case(self, images: Sequence[np.ndarray]) -> float:
         """P(NPM1) of a case: mean of per-image probabilities (images of any size)."""

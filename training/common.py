@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +128,7 @@ def _parse_value(text: str) -> Any:
 
 
 def load_job_config(
-    job: str, name: str, overrides: list[str] = (), *, cuda: bool = False
+    job: str, name: str, overrides: Sequence[str] = (), *, cuda: bool = False
 ) -> dict[str, Any]:
     """The `job` section of a config file, with `--set` overrides applied (dotted keys reach
     into nested objects, e.g. `hpo.pruner=none`). Unknown keys are refused."""
@@ -271,7 +271,7 @@ def _rng_state() -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],  # type: ignore[attr-defined]
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,9 @@ def detection_map(
             f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions"
         )
     cat = {c: i + 1 for i, c in enumerate(classes)}
-    images, anns, dets = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    dets: list[dict[str, Any]] = []
     for img_id, ((gt_boxes, gt_labels), (boxes, scores, labels)) in enumerate(
         zip(ground_truth, predictions, strict=True), start=1
     ):

@@ -211,8 +211,8 @@ def train(
 
     def train_epoch(epoch: int) -> float:
         g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        loader = torch.utils.data.DataLoader(
-            train_data,
+        loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
+            train_data,  # type: ignore[arg-type]  # a map-style Dataset by duck typing
             batch_size=config["batch_size"],
             shuffle=True,
             generator=g,

@@ -160,7 +160,7 @@ def rollout_model_services(
         name = f"{deployment_prefix}{service}"
         uri = model_uri(kind, version)
         try:
-            dep = apps.read_namespaced_deployment(name, namespace)
+            dep: Any = apps.read_namespaced_deployment(name, namespace)
         except ApiException as exc:
             if exc.status == 404 and optional:
                 log.info("deployment %s/%s absent; %s not rolled", namespace, name, service)
@@ -179,9 +179,9 @@ def rollout_model_services(
             )
             continue
         body = patch_body(container.name, service, uri, version)
-        kwargs = {"dry_run": "All"} if dry_run else {}
+        kwargs: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
         try:
-            patched = apps.patch_namespaced_deployment(
+            patched: Any = apps.patch_namespaced_deployment(
                 name, namespace, body, _content_type=STRATEGIC_MERGE, **kwargs
             )
         except ApiException as exc:

@@ -54,7 +54,7 @@ def build_backbone(arch: str) -> tuple[nn.Module, int]:
     import timm
 
     net = timm.create_model(arch, pretrained=False, num_classes=0)
-    return net, net.num_features
+    return net, net.num_features  # type: ignore[return-value]  # timm: an int attribute
 
 
 class CellTypeClassifier(nn.Module):
@@ -77,7 +77,7 @@ class CellTypeClassifier(nn.Module):
         self.head = nn.Linear(features, len(self.outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(self.normalize(x))))
+        return self.head(self.dropout(self.backbone(self.normalize(x))))  # type: ignore[no-any-return]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, K] -> probabilities [B, K] (cell part per `cell_head`, attributes sigmoid)."""
@@ -130,6 +130,7 @@ def celltype_loss(
         raise InvalidInput(f"cell_head must be 'sigmoid' or 'softmax', got {cell_head!r}")
     if n_attr:
         loss = loss + F.binary_cross_entropy_with_logits(
-            logits[:, n_cells:], attribute_targets.to(logits.dtype)
+            logits[:, n_cells:],
+            attribute_targets.to(logits.dtype),  # type: ignore[union-attr]  # n_attr > 0
         )
     return loss

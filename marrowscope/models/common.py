@@ -35,12 +35,15 @@ def images_to_tensor(images: Any, device: torch.device | str | None = None) -> t
         images = images.float()
     else:
         raise InvalidInput(f"images must be uint8 or float, got {images.dtype}")
-    return images.to(device) if device is not None else images
+    return images.to(device) if device is not None else images  # type: ignore[no-any-return]
 
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; mean/std come from the config, so they are
     non-persistent buffers (not part of the weights file, one source of truth)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()

@@ -93,4 +93,4 @@ def _set_anchors(
 
 def detector_backbone(model: detection.FasterRCNN) -> torch.nn.Module:
     """The ImageNet-style feature extractor inside the FPN (target of backbone weights)."""
-    return model.backbone.body
+    return model.backbone.body  # type: ignore[no-any-return]  # torchvision is untyped

@@ -53,7 +53,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     if kind == "detector":
         from marrowscope.models.detector import build_detector
 
-        return build_detector(config)
+        return build_detector(config)  # type: ignore[no-any-return]  # torchvision is untyped
     if kind == "celltype":
         from marrowscope.models.celltype import CellTypeClassifier
 
@@ -71,7 +71,9 @@ def _config_bytes(config: dict[str, Any]) -> bytes:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def save_model(module: nn.Module, config: dict[str, Any], directory: str | os.PathLike) -> Path:
+def save_model(
+    module: nn.Module, config: dict[str, Any], directory: str | os.PathLike[str]
+) -> Path:
     """Write `config.json` and `model.safetensors` into `directory` (created); return it.
 
     The state dict must match `build_model(config)` exactly, so whatever is saved loads.
@@ -117,7 +119,7 @@ def _check_keys(
         raise ModelFormatError(f"{source} does not match its config: " + "; ".join(parts))
 
 
-def model_digest(directory: str | os.PathLike) -> str:
+def model_digest(directory: str | os.PathLike[str]) -> str:
     """sha256 hex over `config.json` then `model.safetensors` (names included)."""
     directory = Path(directory)
     h = hashlib.sha256()
@@ -127,12 +129,12 @@ def model_digest(directory: str | os.PathLike) -> str:
             raise ModelFormatError(f"{directory} has no {name}")
         h.update(name.encode() + b"\0")
         with path.open("rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):  # type: ignore[misc]
                 h.update(chunk)
     return h.hexdigest()
 
 
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated `config.json` of a model directory (raises `ModelFormatError`)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -144,7 +146,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
     except ModelConfigError as exc:
         raise ModelFormatError(f"{path}: {exc}") from None
-    return config
+    return config  # type: ignore[no-any-return]  # validate_config checked it is a dict
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -154,7 +156,9 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Rebuild the module from `config.json`, load `model.safetensors` strictly, eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -29,7 +29,7 @@ class Npm1Classifier(nn.Module):
         self.net = getattr(torchvision.models, config["arch"])(weights=None, num_classes=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x)).squeeze(-1)
+        return self.net(self.normalize(x)).squeeze(-1)  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def predict_proba(self, images: Any) -> torch.Tensor:
@@ -39,8 +39,8 @@ class Npm1Classifier(nn.Module):
             raise InvalidInput(
                 f"image size {tuple(x.shape[-2:])} is not the model's input size {self.input_size} (H, W)"
             )
-        return self(x).sigmoid().float().cpu()
+        return self(x).sigmoid().float().cpu()  # type: ignore[no-any-return]
 
     def backbone(self) -> nn.Module:
         """Everything but the final `fc` (target of backbone-only pretrained weights)."""
-        return self.net
+        return self.net  # type: ignore[no-any-return]  # torchvision is untyped

@@ -10,7 +10,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _PREFIXES = ("", "module.", "model.", "backbone.", "features.", "backbone.body.", "net.")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a local weights file (safetensors or weights-only torch file)."""
     path = Path(path)
     if not path.is_file():
@@ -43,23 +43,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _target(module: nn.Module, config: dict[str, Any], scope: str) -> nn.Module:
+def _target(module: Any, config: dict[str, Any], scope: str) -> nn.Module:
     if scope == "full":
-        return module
+        return cast(nn.Module, module)
     if scope != "backbone":
         raise ValueError(f"scope must be 'full' or 'backbone', got {scope!r}")
     kind = config["kind"]
     if kind == "detector":
-        return module.backbone.body
+        return cast(nn.Module, module.backbone.body)
     if kind == "celltype":
-        return module.backbone
+        return cast(nn.Module, module.backbone)
     if kind == "npm1":
-        return module.net
+        return cast(nn.Module, module.net)
     raise ValueError("the ensemble MLP has no backbone; use scope='full'")
 
 
 def load_initial_weights(
-    module: nn.Module, config: dict[str, Any], path: str | os.PathLike, *, scope: str = "backbone"
+    module: nn.Module,
+    config: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    scope: str = "backbone",
 ) -> int:
     """Copy matching tensors from `path` into `module` (or its backbone); return the count.
 

@@ -44,8 +44,8 @@ class CelltypeHandler(PredictorHandler):
             )
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         # per loaded model: ModelMetadata must show this version's crop size
-        self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)
-        self.outputs = (
+        self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)  # type: ignore[misc]
+        self.outputs = (  # type: ignore[misc]
             TensorSpec("PROBS", "FP32", (-1, len(self.names))),
             TensorSpec("NAMES", "BYTES", (len(self.names),), batch_axis=False),
         )

@@ -29,7 +29,7 @@ class Npm1Handler(PredictorHandler):
     def __init__(self, local_dir: str | Path, settings: Npm1Settings) -> None:
         super().__init__(local_dir, settings)
         height, width = (int(v) for v in self.config["input_size"])
-        self.inputs = (TensorSpec("IMAGE", "UINT8", (-1, height, width, 3)),)
+        self.inputs = (TensorSpec("IMAGE", "UINT8", (-1, height, width, 3)),)  # type: ignore[misc]
 
     def warmup(self) -> None:
         _, height, width, _ = self.inputs[0].shape

@@ -1,12 +1,16 @@
 """Wiring of one model service: grpc.aio server, OIP servicer, health, reflection, metrics,
-signals. A service's ``__main__`` is::
+signals. A service's ``__main__`` is (``services/npm1/__main__.py``; the example is run by
+``tests/tools/test_docgen.py``, so it stays callable)::
 
+    from services.npm1.config import Npm1Settings
+    from services.npm1.model import Npm1Handler
     from services.runtime.server import run_service
 
-    def build(resolved) -> ModelHandler:      # resolved: marrowscope.registry.ResolvedModel
-        return Npm1Handler(resolved.local_dir, device=settings.device)
-
     settings = Npm1Settings()
+
+    def build(resolved) -> Npm1Handler:  # resolved: marrowscope.registry.ResolvedModel
+        return Npm1Handler(resolved.local_dir, settings)
+
     raise SystemExit(run_service(build, settings))
 """
 

@@ -55,7 +55,7 @@ VIA_VERSION = "2.0.12"
 _FILE_KEYS = ("image_id", "width", "height", "case_id", "patient_id", "um_per_px")
 
 
-def _polygon_area(flat: Sequence[float]) -> float:
+def _polygon_area(flat: Sequence[float] | np.ndarray) -> float:
     x, y = np.asarray(flat[0::2]), np.asarray(flat[1::2])
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
