@@ -104,7 +104,7 @@ def crops_to_batch(crops: Sequence[np.ndarray], size: tuple[int, int]) -> torch.
         ):
             got = getattr(crop, "shape", type(crop).__name__)
             raise InvalidInput(f"crop {i} must be uint8 [h, w, 3] with h, w >= 1, got {got}")
-        t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255.0
+        t = torch.from_numpy(np.array(crop, copy=True)).permute(2, 0, 1)[None].float() / 255.0
         out[i] = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[
             0
         ]
