@@ -39,6 +39,11 @@ Definitions (all features are finite floats; see `FEATURE_NAMES` for the order):
 - `segmentation_ok` is 1.0 when a cell and a non-empty nucleus were found, else 0.0 and
   every other feature is 0.0.
 
+Learned split: `measure_cell` and `measure_cells` take an optional `splitter` (any object
+with the `Splitter` protocol, e.g. `marrowscope.models.nucseg.LearnedSplitter`) that returns
+the cell and nucleus masks of each crop; the features are then computed from its masks
+exactly as from the classical ones. Without a splitter the classical split runs.
+
 Error policy: `InvalidInput` for input that is not an image crop at all (wrong rank,
 channel count or dtype, a mask of another shape, a non-positive or non-finite
 `um_per_px`, boxes not shaped [N, 4] or not finite). An empty (zero-sized), tiny (< 8 px
@@ -51,7 +56,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -107,6 +114,25 @@ class CellMeasurement:
         return np.array([self.features[n] for n in self.names], dtype=np.float32)
 
 
+class Splitter(Protocol):
+    """Anything that splits cell crops into cell and nucleus masks (the learned split).
+
+    `split(crops, centres)`: crops uint8 [h_i, w_i, 3], centres (y, x) of the wanted cell per
+    crop (None = crop centre). Returns one (cell bool[h_i, w_i], nucleus bool[h_i, w_i]) per
+    crop, nucleus inside cell; empty masks when no cell was found. `name` (e.g. "learned")
+    and `version` say which split produced the features.
+    """
+
+    name: str
+    version: str
+
+    def split(
+        self,
+        crops: Sequence[np.ndarray],
+        centres: Sequence[tuple[float, float] | None] | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
 def _default_features() -> dict[str, float]:
     return dict.fromkeys(FEATURE_NAMES, 0.0)
 
@@ -135,7 +161,7 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     return ndi.gaussian_filter(x, sigma, mode="nearest")
 
 
-def _central_component(mask: np.ndarray, centre: tuple[float, float] | None) -> np.ndarray:
+def central_component(mask: np.ndarray, centre: tuple[float, float] | None) -> np.ndarray:
     """The connected component that weighs most under a Gaussian at `centre` (y, x).
 
     The crop centre when `centre` is None; the Gaussian's sigma is a quarter of the crop.
@@ -184,7 +210,7 @@ def segment_cell(crop: np.ndarray, centre: tuple[float, float] | None = None) ->
     opened = morphology.opening(mask, morphology.disk(4))
     # a small cell (< ~9 px across) would vanish under the opening: keep it unopened
     mask = opened if opened.any() else mask
-    return _central_component(mask, centre) if mask.any() else mask
+    return central_component(mask, centre) if mask.any() else mask
 
 
 def segment_nucleus(crop: np.ndarray, cell_mask: np.ndarray) -> np.ndarray:
@@ -272,6 +298,7 @@ def measure_cell(
     um_per_px: float | None = None,
     *,
     centre: tuple[float, float] | None = None,
+    splitter: Splitter | None = None,
 ) -> CellMeasurement:
     """Split one cell into nucleus and cytoplasm and measure it.
 
@@ -279,12 +306,36 @@ def measure_cell(
     None (the background level is read from the crop's border). cell_mask: bool [H, W] or
     None to segment the cell here. um_per_px: pixel size; areas in um^2 and lengths in um
     when given, else px^2 / px. centre: (y, x) of the wanted cell in the crop when it is
-    not the crop centre (neighbours also in the crop are dropped). Raises `InvalidInput`
-    for malformed input (see module doc); empty, tiny or blank crops give
+    not the crop centre (neighbours also in the crop are dropped). splitter: a learned
+    split (`Splitter`) that gives both masks; `cell_mask` must then be None. Raises
+    `InvalidInput` for malformed input (see module doc); empty, tiny or blank crops give
     `segmentation_ok = 0` and zeros.
     """
     _check_image(crop, "crop")
-    return _measure(crop, cell_mask, _check_scale(um_per_px), centre)
+    scale = _check_scale(um_per_px)
+    if splitter is None:
+        return _measure(crop, cell_mask, scale, centre)
+    if cell_mask is not None:
+        raise InvalidInput("give either cell_mask or splitter, not both")
+    if min(crop.shape[:2]) < MIN_SIDE_PX:
+        return _measure(crop, None, scale, centre)
+    ((cell, nucleus),) = splitter.split([crop], [centre])
+    return measure_masks(crop, cell, nucleus, scale)
+
+
+def measure_masks(
+    crop: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, scale: float = 1.0
+) -> CellMeasurement:
+    """Features of a crop from given cell and nucleus masks (bool [H, W], nucleus cut to
+    the cell); `segmentation_ok = 0` and zeros when either is empty. `scale` is um per px
+    (1.0: px)."""
+    cell = np.asarray(cell, dtype=bool)
+    nucleus = np.asarray(nucleus, dtype=bool) & cell
+    if cell.shape != crop.shape[:2] or nucleus.shape != crop.shape[:2]:
+        raise InvalidInput(f"mask shapes {cell.shape}, {nucleus.shape} != crop {crop.shape[:2]}")
+    if not cell.any() or not nucleus.any():
+        return CellMeasurement(_default_features(), nucleus, cell)
+    return CellMeasurement(_features(crop, cell, nucleus, scale), nucleus, cell)
 
 
 def _measure(
@@ -317,6 +368,7 @@ def measure_cells(
     boxes: np.ndarray,
     um_per_px: float | None = None,
     margin: float = 0.15,
+    splitter: Splitter | None = None,
 ) -> np.ndarray:
     """Features of every detected cell of an image: float32 [N, F] in `FEATURE_NAMES` order.
 
@@ -325,7 +377,9 @@ def measure_cells(
     every side so that the crop shows background, the cell is segmented in that crop and
     the component at the box centre is measured; only the crop is processed, so the cost
     is linear in the total box area, not in the image size. Degenerate boxes (empty after
-    clipping) give a default row with `segmentation_ok = 0`.
+    clipping) give a default row with `segmentation_ok = 0`. With a `splitter` all crops
+    of the image go to it in one call (one batch through a learned model) and the features
+    come from its masks.
     """
     _check_image(image, "image")
     scale = _check_scale(um_per_px)
@@ -339,12 +393,24 @@ def measure_cells(
     if margin < 0 or not math.isfinite(margin):
         raise InvalidInput(f"margin must be a non-negative finite number, got {margin!r}")
     out = np.zeros((len(boxes), len(FEATURE_NAMES)), dtype=np.float32)
+    rows, crops, centres = [], [], []
     for i, box in enumerate(boxes):
         window = box_window(image.shape[:2], box, margin)
         if window is None:
             continue  # default row, segmentation_ok = 0
         (y0, y1, x0, x1), centre = window
-        out[i] = _measure(image[y0:y1, x0:x1], None, scale, centre).as_vector()
+        if splitter is None:
+            out[i] = _measure(image[y0:y1, x0:x1], None, scale, centre).as_vector()
+        else:
+            rows.append(i)
+            crops.append(image[y0:y1, x0:x1])
+            centres.append(centre)
+    if crops:
+        masks = splitter.split(crops, centres)
+        if len(masks) != len(crops):
+            raise RuntimeError(f"splitter returned {len(masks)} mask pairs for {len(crops)} crops")
+        for i, crop, (cell, nucleus) in zip(rows, crops, masks, strict=True):
+            out[i] = measure_masks(crop, cell, nucleus, scale).as_vector()
     return out
 
 

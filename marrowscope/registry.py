@@ -1,6 +1,6 @@
 """MLflow model registry: names, version tags (metrics, lineage), resolution to local files.
 
-Registered names are `marrowscope-{segmentation,celltype,ensemble,npm1}`; serving follows
+Registered names are `marrowscope-{segmentation,celltype,ensemble,npm1,nucseg}`; serving follows
 the alias `champion` (aliases, never the deprecated stages). A model version is a plain
 MLflow artifact directory (`model.safetensors` + `config.json`, see `marrowscope.models`)
 so loading it never unpickles.
@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1")
+KINDS: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "nucseg")
 MODEL_KIND: dict[str, str] = {
     "segmentation": "detector",
     "celltype": "celltype",
     "ensemble": "ensemble",
     "npm1": "npm1",
+    # the learned nucleus/cytoplasm split, served inside the segmentation service
+    "nucseg": "nucseg",
 }
 CHAMPION = "champion"
 ARTIFACT_PATH = "marrowscope-model"

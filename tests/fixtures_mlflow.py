@@ -126,7 +126,7 @@ def mlflow_server(request: pytest.FixtureRequest) -> str:
 
 
 def make_tiny_model_dir(kind: str, directory: Path, *, seed: int = 0, **fields) -> Path:
-    """Save a tiny CPU model of registry `kind` (segmentation|celltype|ensemble|npm1).
+    """Save a tiny CPU model of registry `kind` (segmentation|celltype|ensemble|npm1|nucseg).
 
     Ensemble feature names default to `marrowscope.features.case_feature_names()` so that
     promotion's config gate passes; celltype outputs default to the full taxonomy.
@@ -153,6 +153,9 @@ def make_tiny_model_dir(kind: str, directory: Path, *, seed: int = 0, **fields) 
         config = make_config("ensemble", "mlp", **fields)
     elif kind == "npm1":
         config = make_config("npm1", "resnet18", **{"input_size": [64, 64], **fields})
+    elif kind == "nucseg":
+        fields = {"input_size": [32, 32], "base_channels": 4, "depth": 2, **fields}
+        config = make_config("nucseg", "unet", **fields)
     else:
         raise ValueError(kind)
     return save_model(build_model(config), config, directory)

@@ -15,6 +15,10 @@ Dice, cell Dice and absolute N:C error (nucleus area / cytoplasm area), per clas
 
     python -m training.evaluate_morphometrics --data ../shared/data/wbc-seg
     python -m training.evaluate_morphometrics --synthetic /tmp/synth --max-cells 500
+    python -m training.evaluate_morphometrics --data ../shared/data/wbc-seg --splitter DIR
+
+`--splitter` scores a learned split (a nucseg model directory or `models:/` URI, see
+`marrowscope.models.nucseg`) instead of the classical one, on the same cells.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowscope.errors import InvalidInput
-from marrowscope.morphometrics import NC_RATIO_MAX, box_window, measure_cell
+from marrowscope.morphometrics import NC_RATIO_MAX, Splitter, box_window, measure_cell
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,11 @@ def compare(
     cell_truth: np.ndarray,
     nucleus_truth: np.ndarray,
     centre: tuple[float, float] | None = None,
+    splitter: Splitter | None = None,
 ) -> dict[str, float]:
-    """Segment `crop` (uint8 [H, W, 3]) without its mask and score it against the truth."""
-    m = measure_cell(crop, centre=centre)
+    """Segment `crop` (uint8 [H, W, 3]) without its mask and score it against the truth
+    (classical split, or `splitter`'s)."""
+    m = measure_cell(crop, centre=centre, splitter=splitter)
     pred_nc = nc_ratio(m.nucleus_mask, m.cell_mask)
     true_nc = nc_ratio(nucleus_truth, cell_truth)
     return {
@@ -103,10 +109,8 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def iter_wbc_seg(data_dir: Path) -> Iterable[dict]:
-    """Score every image of the wbc-seg folder; yields one record per image."""
-    from PIL import Image
-
+def wbc_seg_labels(data_dir: Path) -> dict[str, str]:
+    """wbc-seg `labels.csv`: image id (`NNN`) -> class name; {} when the file is absent."""
     labels: dict[str, str] = {}
     labels_csv = data_dir / "labels.csv"
     if labels_csv.is_file():
@@ -114,6 +118,14 @@ def iter_wbc_seg(data_dir: Path) -> Iterable[dict]:
             for row in csv.reader(f):
                 if row and row[0].strip().isdigit():
                     labels[f"{int(row[0]):03d}"] = WBC_SEG_CLASSES.get(int(row[1]), "unknown")
+    return labels
+
+
+def iter_wbc_seg(data_dir: Path, splitter: Splitter | None = None) -> Iterable[dict]:
+    """Score every image of the wbc-seg folder; yields one record per image."""
+    from PIL import Image
+
+    labels = wbc_seg_labels(data_dir)
     images = sorted((data_dir / "images").glob("*.png"))
     if not images:
         raise InvalidInput(f"no images/*.png under {data_dir}")
@@ -124,11 +136,13 @@ def iter_wbc_seg(data_dir: Path) -> Iterable[dict]:
         with Image.open(mask_path) as im:
             mask = np.asarray(im.convert("L"))
         crop = _read_rgb(path)
-        rec = compare(crop, mask > 0, mask == NUCLEUS_VALUE)
+        rec = compare(crop, mask > 0, mask == NUCLEUS_VALUE, splitter=splitter)
         yield {"id": path.stem, "class": labels.get(path.stem, "unknown"), **rec}
 
 
-def iter_synthetic(data_dir: Path, max_cells: int | None, margin: float) -> Iterable[dict]:
+def iter_synthetic(
+    data_dir: Path, max_cells: int | None, margin: float, splitter: Splitter | None = None
+) -> Iterable[dict]:
     """Score generator cells (COCO `segmentation` + `nucleus_segmentation`) on box crops."""
     from pycocotools import mask as mask_utils
 
@@ -157,7 +171,7 @@ def iter_synthetic(data_dir: Path, max_cells: int | None, margin: float) -> Iter
             (y0, y1, x0, x1), centre = window
             cell = mask_utils.decode(ann["segmentation"]).astype(bool)[y0:y1, x0:x1]
             nucleus = mask_utils.decode(ann["nucleus_segmentation"]).astype(bool)[y0:y1, x0:x1]
-            rec = compare(rgb[y0:y1, x0:x1], cell, nucleus, centre)
+            rec = compare(rgb[y0:y1, x0:x1], cell, nucleus, centre, splitter)
             code = CODE_BY_CATEGORY_ID.get(int(ann["category_id"]), "unknown")
             yield {"id": int(ann["id"]), "class": code, **rec}
             done += 1
@@ -171,21 +185,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cells", type=int, default=None, help="synthetic: stop after N cells")
     p.add_argument("--margin", type=float, default=0.15, help="synthetic: box margin fraction")
     p.add_argument("--per-image", action="store_true", help="also print one line per cell")
+    p.add_argument(
+        "--splitter",
+        default=None,
+        help="learned split to score instead of the classical one: nucseg model directory "
+        "or models:/marrowscope-nucseg@champion",
+    )
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     if args.max_cells is not None and args.max_cells <= 0:
         raise SystemExit("--max-cells must be positive")
+    splitter = None
+    if args.splitter:
+        from marrowscope.models.nucseg import LearnedSplitter
+        from marrowscope.registry import resolve
+
+        resolved = resolve(args.splitter, name="marrowscope-nucseg")
+        splitter = LearnedSplitter.from_dir(resolved.local_dir, version=resolved.version)
     start = time.perf_counter()
     if args.data is not None:
         if not args.data.is_dir():
             raise SystemExit(f"{args.data} is not a folder")
-        records = list(iter_wbc_seg(args.data))
+        records = list(iter_wbc_seg(args.data, splitter))
         summary = summarise(records, dataset=str(args.data), synthetic=False)
     else:
-        records = list(iter_synthetic(args.synthetic, args.max_cells, args.margin))
+        records = list(iter_synthetic(args.synthetic, args.max_cells, args.margin, splitter))
         summary = summarise(records, dataset=str(args.synthetic), synthetic=True)
+    summary["split"] = "classical" if splitter is None else f"learned {splitter.version}"
     summary["ms_per_cell"] = round(1000 * (time.perf_counter() - start) / len(records), 2)
     if args.per_image:
         for r in records:

@@ -28,7 +28,7 @@ from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1")
+KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1", "nucseg")
 ENSEMBLE_TARGETS: tuple[str, ...] = ("aml", "npm1")
 """Outputs an ensemble net may have: `aml` = P(AML) over all cases (the paper's ENN, always
 first); `npm1` = P(NPM1 mutated | AML) from the same case features (cup-like nuclei,
@@ -46,6 +46,8 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "ensemble": ("mlp",),
     # Paper: ResNet50 on the whole 2000x1500 image; resnet18 for CPU-sized configs.
     "npm1": ("resnet50", "resnet18"),
+    # Learned nucleus/cytoplasm split over one cell crop (marrowscope.models.nucseg).
+    "nucseg": ("unet",),
 }
 
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -53,6 +55,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "celltype": ("outputs", "crop_size", "mean", "std", "cell_head"),
     "ensemble": ("feature_names", "hidden", "dropout"),
     "npm1": ("input_size", "mean", "std"),
+    "nucseg": ("input_size", "base_channels", "depth", "mean", "std"),
 }
 
 DETECTOR_FPN_LEVELS: dict[str, int] = {
@@ -107,6 +110,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "feature_units": {"length": "unknown", "um_per_px": None},
     },
     "npm1": {"input_size": [1500, 2000], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    # 96 px: a white cell crop (about 40-120 px on the scanners we know) keeps its
+    # chromatin texture and trains in minutes on a CPU.
+    "nucseg": {
+        "input_size": [96, 96],
+        "base_channels": 16,
+        "depth": 3,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        # "classical": the net draws the cell, the classical purple-index Otsu finds the
+        # nucleus inside it (training picks whichever scores better on held-out cells)
+        "nucleus_source": "learned",
+    },
 }
 
 
@@ -368,11 +383,32 @@ def _validate_npm1(config: dict[str, Any]) -> None:
     _check_mean_std(config)
 
 
+def _validate_nucseg(config: dict[str, Any]) -> None:
+    size = config["input_size"]
+    if not isinstance(size, list) or len(size) != 2:
+        _fail(config, f"input_size must be [H, W], got {size!r}")
+    for v in size:
+        _positive_int(config, "input_size[]", v)
+    _positive_int(config, "base_channels", config["base_channels"])
+    _positive_int(config, "depth", config["depth"])
+    if config["depth"] > 5:
+        _fail(config, f"depth must be at most 5, got {config['depth']}")
+    if min(size) < 2 ** config["depth"]:
+        _fail(config, f"input_size {size!r} is smaller than 2**depth ({2 ** config['depth']})")
+    if config.get("nucleus_source", "learned") not in ("learned", "classical"):
+        _fail(
+            config,
+            f"nucleus_source must be 'learned' or 'classical', got {config['nucleus_source']!r}",
+        )
+    _check_mean_std(config)
+
+
 _VALIDATORS = {
     "detector": _validate_detector,
     "celltype": _validate_celltype,
     "ensemble": _validate_ensemble,
     "npm1": _validate_npm1,
+    "nucseg": _validate_nucseg,
 }
 
 

@@ -46,7 +46,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """A freshly initialised module for a validated config (no weights are downloaded).
 
     detector -> torchvision `FasterRCNN`; celltype -> `CellTypeClassifier`;
-    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`.
+    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`; nucseg -> `NucSegNet`.
     """
     validate_config(config)
     kind = config["kind"]
@@ -62,6 +62,10 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         from marrowscope.models.ensemble import EnsembleNet
 
         return EnsembleNet(config)
+    if kind == "nucseg":
+        from marrowscope.models.nucseg import NucSegNet
+
+        return NucSegNet(config)
     from marrowscope.models.npm1 import Npm1Classifier
 
     return Npm1Classifier(config)

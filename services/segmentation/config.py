@@ -32,6 +32,13 @@ class SegmentationSettings(ServiceSettings):
         le=1.0,
         description="keep detections scoring at least this; None = the model config's value",
     )
+    splitter_uri: str | None = Field(
+        None,
+        description="learned nucleus/cytoplasm split (a second, separately versioned model): "
+        "models:/marrowscope-nucseg@champion, models:/marrowscope-nucseg/VERSION or a model "
+        "directory; resolved when a detector version loads. None, or a splitter that fails "
+        "to load, gives the classical split (logged; responses say which split ran)",
+    )
     morphometrics_margin: float = Field(
         0.15,
         ge=0.0,

@@ -10,13 +10,24 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   ``FEATURE_NAMES`` BYTES [F] (`morphometrics.FEATURE_NAMES` order); ``LENGTH_UNIT`` BYTES
   [1] ``um`` (UM_PER_PX was given: lengths in um, areas in um^2) or ``px`` (px, px^2), so a
   consumer never has to guess the unit of FEATURES.
+- response parameters ``morphometrics_split`` (``learned`` or ``classical``) and
+  ``splitter_version`` (the nucseg registry version, or ``""`` for the classical split):
+  which nucleus/cytoplasm split produced FEATURES, so the report can show it.
+
+The learned split (`marrowscope.models.nucseg`) is a second model with its own registry
+name and versions (setting ``SPLITTER_URI``). It is resolved and loaded with each detector
+version; when none is configured or it cannot be resolved or loaded, the service serves
+the classical split (`marrowscope.morphometrics`) and logs why: a missing splitter must
+not take cell detection down.
 
 Not batchable: N differs per image, so one request is one predict call.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +36,10 @@ from marrowscope.inference import Detections, Detector
 from services.common import PredictorHandler, bytes_tensor, positive_scale
 from services.runtime.handler import Parameters, Tensors, TensorSpec
 from services.segmentation.config import SegmentationSettings
+
+log = logging.getLogger(__name__)
+CLASSICAL, LEARNED = "classical", "learned"
+SPLITTER_NAME = "marrowscope-nucseg"
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,20 @@ class SegmentationHandler(PredictorHandler):
     batchable = False
     predictor_cls = Detector
     settings: SegmentationSettings
+    splitter: Any = None
+    response_parameters = {"morphometrics_split": CLASSICAL, "splitter_version": ""}
+
+    def load(self) -> None:
+        super().load()
+        self.splitter = load_splitter(self.settings)
+        self.response_parameters = {
+            "morphometrics_split": CLASSICAL if self.splitter is None else LEARNED,
+            "splitter_version": "" if self.splitter is None else self.splitter.version,
+        }
+
+    def stop(self) -> None:
+        self.splitter = None
+        super().stop()
 
     def warmup(self) -> None:
         from marrowscope.imaging import encode_png
@@ -76,7 +105,11 @@ class SegmentationHandler(PredictorHandler):
 
         request, det = outputs
         features = measure_cells(
-            request.image, det.boxes, request.um_per_px, margin=self.settings.morphometrics_margin
+            request.image,
+            det.boxes,
+            request.um_per_px,
+            margin=self.settings.morphometrics_margin,
+            splitter=self.splitter,
         )
         return {
             "BOXES": det.boxes.astype(np.float32).reshape(-1, 4),
@@ -86,3 +119,35 @@ class SegmentationHandler(PredictorHandler):
             "FEATURE_NAMES": bytes_tensor(FEATURE_NAMES),
             "LENGTH_UNIT": bytes_tensor(["px" if request.um_per_px is None else "um"]),
         }
+
+
+def load_splitter(settings: SegmentationSettings) -> Any:
+    """The learned split of ``settings.splitter_uri`` on the service's device, or None (the
+    classical split) when none is configured or it cannot be resolved or loaded.
+
+    Any failure falls back, deliberately: the splitter only refines morphometrics, and a
+    registry hiccup or a bad splitter version must not stop cell detection. The reason is
+    logged and every response names the split that ran.
+    """
+    uri = settings.splitter_uri
+    if not uri:
+        log.info("no splitter configured: classical nucleus/cytoplasm split")
+        return None
+    try:
+        from marrowscope.models.nucseg import LearnedSplitter
+        from marrowscope.registry import resolve
+
+        resolved = resolve(uri, name=SPLITTER_NAME)
+        splitter = LearnedSplitter.from_dir(
+            resolved.local_dir, device=settings.device, version=resolved.version
+        )
+    except Exception as exc:  # fallback by design (docstring); the reason is logged
+        log.warning(
+            "splitter %s could not be loaded (%s: %s): classical nucleus/cytoplasm split",
+            uri,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    log.info("learned nucleus/cytoplasm split %s version %s", uri, splitter.version)
+    return splitter

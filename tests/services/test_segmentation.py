@@ -64,6 +64,9 @@ def test_metadata_and_infer_with_scale(client, service):
     )
     r = client.infer("segmentation", inputs)
     assert r.get_response().model_version == service.version
+    params = r.get_response().parameters  # no splitter configured: the classical split
+    assert params["morphometrics_split"].string_param == "classical"
+    assert params["splitter_version"].string_param == ""
     boxes, scores = r.as_numpy("BOXES"), r.as_numpy("SCORES")
     n = len(boxes)
     assert n > 0 and boxes.shape == (n, 4) and boxes.dtype == np.float32

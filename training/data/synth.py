@@ -292,6 +292,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur", type=float, default=d.blur, help="Gaussian sigma, px")
     p.add_argument("--illumination", type=float, default=d.illumination)
     p.add_argument("--crowding", type=float, default=d.crowding)
+    p.add_argument(
+        "--rbc-contact",
+        type=float,
+        default=d.rbc_contact,
+        help="mean red cells touching each nucleated cell (0 = off)",
+    )
     p.add_argument("--label-noise", type=float, default=d.label_noise)
     p.add_argument("--aml-fraction", type=float, default=d.aml_fraction)
     p.add_argument("--npm1-fraction", type=float, default=d.npm1_fraction)
@@ -325,6 +331,7 @@ def main(argv: list[str] | None = None) -> DatasetSummary | dict[str, float]:
             blur=args.blur,
             illumination=args.illumination,
             crowding=args.crowding,
+            rbc_contact=args.rbc_contact,
             label_noise=args.label_noise,
             aml_fraction=args.aml_fraction,
             npm1_fraction=args.npm1_fraction,

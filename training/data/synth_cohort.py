@@ -70,6 +70,10 @@ class SynthConfig:
     """Strength of the illumination gradient and vignetting (0 = flat field)."""
     crowding: float = 1.0
     """Multiplier on cell density; higher values also allow more overlap."""
+    rbc_contact: float = 0.0
+    """Mean number of extra red cells placed touching each nucleated cell, overlapping its
+    rim (the white cell lies on top): the crowded fields where a classical split leaks into
+    red cells. 0 = off (outputs unchanged from before the knob)."""
     label_noise: float = 0.0
     """Fraction of counted-cell annotations whose category is flipped to another type."""
     aml_fraction: float = 0.5
@@ -108,6 +112,10 @@ class SynthConfig:
                 f"illumination must be in [0, 0.9], got {self.illumination}",
             ),
             (0.05 <= self.crowding <= 5.0, f"crowding must be in [0.05, 5], got {self.crowding}"),
+            (
+                0.0 <= self.rbc_contact <= 10.0,
+                f"rbc_contact must be in [0, 10], got {self.rbc_contact}",
+            ),
             (
                 0.0 <= self.label_noise <= 1.0,
                 f"label_noise must be in [0, 1], got {self.label_noise}",

@@ -73,6 +73,21 @@ def _place(rng, radii, width, height, crowding, existing=None):
     return out
 
 
+def _touching(rng, centres, radii, rbc_radius, mean_count):
+    """Centres of red cells touching each placed nucleated cell (Poisson(`mean_count`) per
+    cell): centre distance 0.6-0.95 of the sum of radii, so each red cell overlaps the
+    white cell's rim and the part outside stays visible next to it."""
+    out = []
+    for centre, r in zip(centres, radii, strict=True):
+        if centre is None:
+            continue
+        for _ in range(rng.poisson(mean_count)):
+            angle = rng.uniform(0, 2 * np.pi)
+            dist = rng.uniform(0.6, 0.95) * (r + rbc_radius)
+            out.append((centre[0] + dist * np.cos(angle), centre[1] + dist * np.sin(angle)))
+    return out
+
+
 def _clip(sprite: Sprite, width: int, height: int):
     h, w = sprite.alpha.shape
     x0, y0 = max(sprite.x0, 0), max(sprite.y0, 0)
@@ -122,7 +137,10 @@ def render_image(
 
     radii = [MORPH[c].diam[0] / 2 / upp for c in cell_types]
     centres = _place(rng, radii, width, height, config.crowding)
-    rbc_centres = _place(rng, [7.8 / 2 / upp] * n_rbc, width, height, config.crowding * 1.5)
+    rbc_radius = 7.8 / 2 / upp
+    rbc_centres = _place(rng, [rbc_radius] * n_rbc, width, height, config.crowding * 1.5)
+    if config.rbc_contact > 0:
+        rbc_centres += _touching(rng, centres, radii, rbc_radius, config.rbc_contact)
     sprites: list[Sprite] = [
         draw_rbc(rng, x, y, upp, stain) for x, y in (c for c in rbc_centres if c is not None)
     ]

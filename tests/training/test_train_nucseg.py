@@ -1,0 +1,85 @@
+"""The nucseg training job end to end at cpu-tiny size: wbc-seg-shaped data (a tiny
+stand-in folder, not the real set) cross-validated by image, synthetic crowded cells,
+per-domain figures for the learned and the classical split, registration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marrowscope.registry import get_client, registered_name
+from tests.training.conftest import job_args
+from training import nucseg
+from training.common import UsageError
+
+
+@pytest.fixture(scope="module")
+def wbc_like(tmp_path_factory):
+    """Six 48x48 'white cells' in the wbc-seg layout (255 nucleus, 128 cytoplasm)."""
+    root = tmp_path_factory.mktemp("wbc")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(1, 7):
+        yy, xx = np.ogrid[:48, :48]
+        r2 = (yy - 24 + rng.integers(-3, 4)) ** 2 + (xx - 24 + rng.integers(-3, 4)) ** 2
+        mask = np.where(r2 < 64, 255, np.where(r2 < 300, 128, 0)).astype(np.uint8)
+        image = np.select(
+            [mask[..., None] == 255, mask[..., None] == 128],
+            [np.array([90, 40, 140]), np.array([200, 170, 210])],
+            np.array([235, 225, 230]),
+        ).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+        rows.append(f"{i},{1 + i % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_train_cross_validates_scores_both_splits_and_registers(
+    tmp_path, wbc_like, sqlite_tracking
+):
+    args = job_args(
+        nucseg,
+        "--data", wbc_like, "--output", tmp_path / "out", "--config", "cpu-tiny",
+        "--tracking-uri", sqlite_tracking,
+    )  # fmt: skip
+    metrics = nucseg.main(args)
+    results = json.loads((tmp_path / "out" / "nucseg_results.json").read_text())
+    assert set(results["domains"]) == {"wbcseg_cv", "synth_crowded"}
+    cv = results["domains"]["wbcseg_cv"]
+    assert set(cv) == {"learned_learned", "learned_classical", "classical"}
+    assert cv["classical"]["n"] == 6 and "2-fold CV by image" in cv["classical"]["dataset"]
+    assert results["domains"]["synth_crowded"]["classical"]["synthetic"] is True
+    assert set(results["seconds"]) == {"fold0", "fold1", "final", "total"}
+    for key in ("cell_dice", "nucleus_dice", "nc_abs_err", "classical_synth_cell_dice"):
+        assert np.isfinite(metrics[key])
+    assert metrics["cell_dice"] == min(metrics["wbcseg_cv_cell_dice"], metrics["synth_cell_dice"])
+    assert metrics["nc_abs_err"] == max(
+        metrics["wbcseg_cv_nc_abs_err"], metrics["synth_nc_abs_err"]
+    )
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["kind"] == "nucseg" and config["nucleus_source"] == results["nucleus_source"]
+    versions = get_client(sqlite_tracking).search_model_versions(
+        f"name='{registered_name('nucseg')}'"
+    )
+    assert versions and "marrowscope.metric.cell_dice" in versions[0].tags
+
+
+def test_without_data_trains_on_synthetic_only(tmp_path, sqlite_tracking):
+    args = job_args(
+        nucseg, "--output", tmp_path / "out", "--config", "cpu-tiny", "--no-register",
+        "--tracking-uri", sqlite_tracking,
+    )  # fmt: skip
+    metrics = nucseg.main(args)
+    assert "wbcseg_cv_cell_dice" not in metrics and "synth_cell_dice" in metrics
+
+
+def test_bad_data_folder_is_refused_before_work(tmp_path):
+    args = job_args(nucseg, "--data", tmp_path, "--output", tmp_path / "out")
+    with pytest.raises(UsageError, match="masks"):
+        nucseg.main(args)
