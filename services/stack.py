@@ -108,28 +108,45 @@ class LocalStack:
         log.info("started %s (pid %d, ports %s)", name, popen.pid, ports)
         return proc
 
+    def _spawn_service(self, name: str, ports: dict[str, int]) -> Proc:
+        prefix = f"MS_{name.upper()}_"
+        env = self._base_env()
+        env.update(
+            {
+                prefix + "GRPC_PORT": str(ports["grpc"]),
+                prefix + "METRICS_PORT": str(ports["metrics"]),
+                prefix + "MODEL_URI": self.model_uris.get(
+                    name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"
+                ),
+            }
+        )
+        env.update({k: v for k, v in self.env.items() if k.startswith(prefix)})
+        return self._spawn(name, f"services.{name}", env, ports)
+
     def start(self, timeout_s: float = 180.0) -> LocalStack:
-        base = self._base_env()
         for name in self.services:
-            prefix = f"MS_{name.upper()}_"
-            grpc_port, metrics_port = free_port(), free_port()
-            env = dict(base)
-            env.update(
-                {
-                    prefix + "GRPC_PORT": str(grpc_port),
-                    prefix + "METRICS_PORT": str(metrics_port),
-                    prefix + "MODEL_URI": self.model_uris.get(
-                        name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"
-                    ),
-                }
-            )
-            env.update({k: v for k, v in self.env.items() if k.startswith(prefix)})
-            self._spawn(name, f"services.{name}", env, {"grpc": grpc_port, "metrics": metrics_port})
+            self._spawn_service(name, {"grpc": free_port(), "metrics": free_port()})
         for name in self.services:
             self.wait_grpc_ready(name, timeout_s)
         if self.with_gateway:
             self.start_gateway(timeout_s)
         return self
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one model service (an outage drill); `restart` brings it back."""
+        proc = self.procs[name]
+        if proc.popen.poll() is None:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait()
+
+    def restart(self, name: str, timeout_s: float = 180.0) -> Proc:
+        """Start a killed model service again on the same ports and wait until SERVING."""
+        old = self.procs[name]
+        if old.popen.poll() is None:
+            raise StackError(f"{name} is still running")
+        proc = self._spawn_service(name, old.ports)
+        self.wait_grpc_ready(name, timeout_s)
+        return proc
 
     def grpc_addr(self, name: str) -> str:
         return f"127.0.0.1:{self.procs[name].ports['grpc']}"

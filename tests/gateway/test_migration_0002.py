@@ -4,12 +4,13 @@ mappings survive (per tenant now), old keys keep working, and it downgrades agai
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from services.gateway.db import make_engine, make_sessionmaker
+from tests.gateway import test_postgres
+
+pg_database = test_postgres.pg_database  # fixture: a fresh database, dropped afterwards
 
 
 def _at_0001(engine) -> None:
@@ -96,17 +97,9 @@ def test_upgrade_sqlite(tmp_path):
 
 
 @pytest.mark.postgres
-def test_upgrade_postgres(postgres_url):
-    name = f"ms_mig_{uuid.uuid4().hex[:10]}"
-    admin_url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(admin_url.rsplit("/", 1)[0] + "/" + name)
+def test_upgrade_postgres(pg_database):
+    engine = make_engine(pg_database)
     try:
         _check_upgrade(engine)
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
