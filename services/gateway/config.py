@@ -90,7 +90,7 @@ class GatewaySettings(BaseSettings):
     max_case_pixels: int = Field(120_000_000, gt=0)
     """Pixels of all images of one case together (headers are read before any decoding):
     bounds what one analysis costs in decoding and model time however small the files."""
-    decode_slots: int = Field(2, ge=1)
+    decode_slots: int = Field(1, ge=1)
     """Images decoded at once by this process during upload validation: concurrent
     submissions wait instead of each holding full-size decodes."""
 
