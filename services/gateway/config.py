@@ -121,6 +121,10 @@ class GatewaySettings(BaseSettings):
     auth_failures_per_min: int = Field(10, ge=1)
     """Missing/invalid API keys tolerated per client address and minute (burst as large);
     beyond it every /v1 request from that address gets 429 with Retry-After."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies (comma list of IPs/CIDRs, `*` for any) whose X-Forwarded-For uvicorn trusts
+    as the client address: behind an ingress, its pods' network, or every client shares the
+    ingress's address in the failed-authentication limit."""
     public_base_url: str = ""
     """How the LIS reaches this API, e.g. `https://marrowscope.hospital.example`: the base of
     URLs inside reports (FHIR Media). Never taken from the request's Host header, which the
