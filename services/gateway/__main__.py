@@ -22,6 +22,8 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level=settings.log_level.lower(),
     )
 

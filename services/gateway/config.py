@@ -90,7 +90,7 @@ class GatewaySettings(BaseSettings):
     max_case_pixels: int = Field(120_000_000, gt=0)
     """Pixels of all images of one case together (headers are read before any decoding):
     bounds what one analysis costs in decoding and model time however small the files."""
-    decode_slots: int = Field(2, ge=1)
+    decode_slots: int = Field(1, ge=1)
     """Images decoded at once by this process during upload validation: concurrent
     submissions wait instead of each holding full-size decodes."""
 
@@ -121,6 +121,10 @@ class GatewaySettings(BaseSettings):
     auth_failures_per_min: int = Field(10, ge=1)
     """Missing/invalid API keys tolerated per client address and minute (burst as large);
     beyond it every /v1 request from that address gets 429 with Retry-After."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies (comma list of IPs/CIDRs, `*` for any) whose X-Forwarded-For uvicorn trusts
+    as the client address: behind an ingress, its pods' network, or every client shares the
+    ingress's address in the failed-authentication limit."""
     public_base_url: str = ""
     """How the LIS reaches this API, e.g. `https://marrowscope.hospital.example`: the base of
     URLs inside reports (FHIR Media). Never taken from the request's Host header, which the

@@ -77,6 +77,11 @@ def test_model_services_wiring(chart_objects):
         assert gw_env[f"MS_GATEWAY_{svc.upper()}_ADDR"]["value"] == f"{RELEASE}-{svc}:8001"
     for secret_env in ("MS_GATEWAY_DATABASE_URL", "MS_GATEWAY_WEBHOOK_SECRET"):
         assert "secretKeyRef" in gw_env[secret_env]["valueFrom"]
+    # report URLs from the ingress host, never from a request's Host header
+    if checks.by_kind(objs, "Ingress"):
+        assert gw_env["MS_GATEWAY_PUBLIC_BASE_URL"]["value"] == "https://marrowscope.example.org"
+    else:
+        assert "MS_GATEWAY_PUBLIC_BASE_URL" not in gw_env
     worker = checks.pod_spec(deps[f"{RELEASE}-gateway-worker"])["containers"][0]
     assert worker["command"] == ["python", "-m", "services.gateway.worker"]
 
