@@ -31,3 +31,15 @@ class ExplainSettings(ServiceSettings):
     max_grid_passes: int = Field(
         20000, ge=1, description="refuse grid requests needing more occluded copies than this"
     )
+    max_boxes: int = Field(
+        1024,
+        ge=1,
+        description="refuse requests with more BOXES than this (INVALID_ARGUMENT): cells "
+        "mode costs one occluded forward pass per box",
+    )
+    concurrent_requests: int = Field(
+        4,
+        ge=1,
+        description="requests served at once; they take turns on the device one "
+        "occlusion batch at a time, so small requests do not wait for big ones",
+    )

@@ -15,6 +15,12 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 
 An unknown ``target_version`` is ModelNotFound (NOT_FOUND). Up to ``TARGET_CACHE_SIZE``
 other versions stay loaded (least recently used dropped first). Not batchable.
+
+Work per request is bounded: at most ``MAX_BOXES`` boxes (and ``MAX_GRID_PASSES`` grid
+copies), else INVALID_ARGUMENT. Before each occlusion batch the request checks its
+cancellation (caller gone, deadline passed, shutdown) and stops; up to
+``CONCURRENT_REQUESTS`` requests run at once and take the device in turns, one occlusion
+batch each (``FairTurns``), so a one-cell request waits for one batch of a big one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +38,7 @@ from marrowscope.errors import InvalidInput, ModelNotFound
 from marrowscope.inference import Npm1Predictor, autocast_context
 from services.common import int_parameter, load_predictor, release_torch_memory, str_parameter
 from services.explain.config import ExplainSettings
-from services.runtime.handler import ModelHandler, Parameters, Tensors, TensorSpec
+from services.runtime.handler import FairTurns, ModelHandler, Parameters, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,9 @@ class ExplainHandler(ModelHandler):
         self.settings = settings
         self.default: Npm1Predictor | None = None
         self._others: collections.OrderedDict[str, Npm1Predictor] = collections.OrderedDict()
+        self.max_concurrency = settings.concurrent_requests
+        self._turns = FairTurns()
+        self._cache_lock = threading.Lock()  # requests run in several threads
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -94,6 +104,10 @@ class ExplainHandler(ModelHandler):
         the registry has no such version."""
         if not version or version == self.version:
             return self.default
+        with self._cache_lock:
+            return self._other(version)
+
+    def _other(self, version: str) -> Npm1Predictor:
         if version in self._others:
             self._others.move_to_end(version)
             return self._others[version]
@@ -126,8 +140,13 @@ class ExplainHandler(ModelHandler):
         target_model = str_parameter(parameters, "target_model", "npm1", TARGET_MODELS)
         del target_model  # one explainable model today; the check keeps others out
         mode = str_parameter(parameters, "mode", "cells", MODES)
-        predictor = self.target(str_parameter(parameters, "target_version", ""))
         image, boxes = inputs["IMAGE"][0], inputs["BOXES"]
+        if len(boxes) > self.settings.max_boxes:  # before loading any other npm1 version
+            raise InvalidInput(
+                f"{len(boxes)} BOXES; the limit is {self.settings.max_boxes} per request "
+                "(explain an image's cells in several requests)"
+            )
+        predictor = self.target(str_parameter(parameters, "target_version", ""))
         if not np.isfinite(boxes).all():
             raise InvalidInput("BOXES contain NaN or infinite coordinates")
         height, width = image.shape[:2]
@@ -163,9 +182,12 @@ class ExplainHandler(ModelHandler):
 
         predictor = job.predictor
         module, device = predictor.module, predictor.device
+        cancellation = self.cancellation  # this request's (per thread)
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
-            with autocast_context(device, self.settings.autocast):
+            # one occlusion batch per turn: stop here when the caller is gone
+            with self._turns.turn(cancellation), autocast_context(device, self.settings.autocast):
+                cancellation.check()
                 return module(batch).float().sigmoid().reshape(-1)
 
         x = (

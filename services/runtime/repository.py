@@ -206,17 +206,17 @@ class ModelRepository:
         self._retiring.discard(entry)
 
     def _unload(
-        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+        self, entry: LoadedVersion, timeout: float | None, exiting: bool = False
     ) -> asyncio.Task:
         """The (single) task that drains and stops ``entry``."""
         if entry.unload_task is None:
             entry.unload_task = asyncio.create_task(
-                self._drain_and_stop(entry, timeout, stop_handler), name=f"unload-{entry.version}"
+                self._drain_and_stop(entry, timeout, exiting), name=f"unload-{entry.version}"
             )
         return entry.unload_task
 
     async def _drain_and_stop(
-        self, entry: LoadedVersion, timeout: float | None, stop_handler: bool = True
+        self, entry: LoadedVersion, timeout: float | None, exiting: bool = False
     ) -> None:
         """Wait for in-flight requests, ``stop()`` the handler and end its thread, all within
         ``timeout`` (None = as long as it takes): at shutdown the grace period bounds it."""
@@ -237,7 +237,7 @@ class ModelRepository:
             )
         try:
             # queued behind a forward pass that outlives the grace period: then skip stop()
-            if stop_handler:
+            if not exiting:
                 await asyncio.wait_for(entry.worker.call(entry.handler.stop), left())
         except TimeoutError:
             log.warning(
@@ -245,7 +245,7 @@ class ModelRepository:
             )
         except Exception:  # the version is gone either way; keep stopping the others
             log.exception("%s version %s: stop() failed", self.name, entry.version)
-        await entry.worker.close(left())
+        await entry.worker.close(0 if exiting else left())
         log.info("stopped %s version %s", self.name, entry.version)
 
     async def _poll(self, resolver: Resolver, interval_s: float) -> None:
@@ -258,12 +258,13 @@ class ModelRepository:
                     "refreshing %s failed; still serving %s", self.name, self.current_version
                 )
 
-    async def close(self, timeout_s: float = 10.0, *, stop_handlers: bool = True) -> None:
+    async def close(self, timeout_s: float = 10.0, *, exiting: bool = False) -> None:
         """Stop polling, refuse new requests, drain and stop every loaded version.
 
-        ``stop_handlers=False`` (process exit) skips ``handler.stop()``: exiting frees the
-        model anyway, and releasing memory (``gc.collect``) can hold the GIL, and so the
-        event loop, for longer than the grace period has left.
+        ``exiting`` (the process ends next) skips ``handler.stop()`` and does not wait for
+        model threads once their requests are gone: exiting frees the model anyway, a
+        cancelled forward pass has no one to answer, and releasing memory (``gc.collect``)
+        can hold the GIL, and so the event loop, past the grace period.
         """
         self._closing = True
         entries = list({*self._loaded.values(), *self._retiring})
@@ -276,5 +277,5 @@ class ModelRepository:
         self._current = None
         for entry in entries:
             self.metrics.set_loaded(self.name, entry.version, False)
-        await asyncio.gather(*(self._unload(e, timeout_s, stop_handlers) for e in entries))
+        await asyncio.gather(*(self._unload(e, timeout_s, exiting) for e in entries))
         self._io.shutdown(wait=False, cancel_futures=True)

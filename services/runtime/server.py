@@ -179,7 +179,7 @@ class ModelServer:
         if self._server is not None:
             await self._server.stop(max(0.0, grace - reserve))
         await self.repository.close(
-            timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), stop_handlers=False
+            timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), exiting=True
         )
         self.metrics.close()
         log.info("stopped")

@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
         10.0,
         ge=0,
         description="SIGTERM: the process exits within this many seconds; in-flight requests "
-        "get all but the last second of it, then are cancelled",
+        "get all of it but a reserve (a quarter, at most 1 s), then are cancelled",
     )
     version_grace_s: float = Field(
         30.0, ge=0, description="how long a replaced version keeps answering when named"

@@ -15,6 +15,7 @@ from tests.services.helpers import (
     check_server_and_metadata,
     check_still_healthy,
     infer_input,
+    metric,
     register,
     status_of,
 )
@@ -47,7 +48,7 @@ def service(start_service, versions):
     )
 
 
-def _explain(client, image: np.ndarray, boxes: np.ndarray, **params):
+def _explain(client, image: np.ndarray, boxes: np.ndarray, client_timeout=None, **params):
     r = client.infer(
         "explain",
         [
@@ -55,6 +56,7 @@ def _explain(client, image: np.ndarray, boxes: np.ndarray, **params):
             infer_input("BOXES", boxes.astype(np.float32), "FP32"),
         ],
         parameters={"target_model": "npm1", **params},
+        client_timeout=client_timeout,
     )
     return r.as_numpy("HEATMAP"), r.as_numpy("CELL_IMPORTANCE"), r
 
@@ -181,3 +183,113 @@ def test_bad_tensors_are_refused(client, service):
             client.infer("explain", inputs)
         assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()
     check_still_healthy(service)
+
+
+# -- work limits, cancellation and fairness (a real service with small occlusion batches) --
+BUSY_MAX_BOXES = 300
+BUSY_GRACE_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def busy_service(start_service, versions):
+    return start_service(
+        "explain",
+        model_uri=f"models:/marrowscope-npm1@{ALIAS}",
+        max_boxes=BUSY_MAX_BOXES,
+        occlusion_batch_size=1,  # one occluded copy per turn: a small call waits least
+        grace_period_s=BUSY_GRACE_S,
+    )
+
+
+def _boxes(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, [WIDTH - 24, HEIGHT - 24], size=(n, 2))
+    return np.concatenate([xy, xy + 24], axis=1).astype(np.float32)
+
+
+def _explain_call(address: str, n_boxes: int, timeout_s: float) -> tuple[float, str]:
+    """(seconds, outcome) of one cells-mode call with its own client and deadline."""
+    import time
+
+    import tritonclient.grpc as tc
+
+    image = render("aml", "mutated", 1, seed=606)[0].image
+    client = tc.InferenceServerClient(url=address)
+    started = time.monotonic()
+    try:
+        _explain(client, image, _boxes(n_boxes), client_timeout=timeout_s, mode="cells")
+        outcome = "OK"
+    except InferenceServerException as exc:
+        outcome = status_of(exc)
+    finally:
+        client.close()
+    return time.monotonic() - started, outcome
+
+
+def test_too_many_boxes_are_refused(busy_service):
+    seconds, outcome = _explain_call(busy_service.address, BUSY_MAX_BOXES + 1, 30)
+    assert outcome == "INVALID_ARGUMENT" and seconds < 5
+    check_still_healthy(busy_service)
+
+
+def test_an_abandoned_big_request_stops_and_a_small_one_answers_at_once(busy_service):
+    """The issue's probe: a big call abandoned by its client after ~3 s delayed the next
+    one-box call by 56 s. Measured here (synthetic model, this machine): the big call needs
+    several seconds of occlusion passes; the one-box call right after it must answer well
+    under 5 s."""
+    before = metric(
+        busy_service.metrics_url,
+        "marrowscope_requests_total",
+        {"model": "explain", "status": "deadline_exceeded"},
+    )
+    seconds, outcome = _explain_call(busy_service.address, BUSY_MAX_BOXES, 3.0)
+    assert outcome == "DEADLINE_EXCEEDED", (seconds, outcome)
+    small_s, small = _explain_call(busy_service.address, 1, 30)
+    log.info("one-box call after an abandoned %d-box call: %.2f s", BUSY_MAX_BOXES, small_s)
+    assert small == "OK" and small_s < 5.0, small_s
+    assert (
+        metric(
+            busy_service.metrics_url,
+            "marrowscope_requests_total",
+            {"model": "explain", "status": "deadline_exceeded"},
+        )
+        >= before + 1
+    )
+
+
+def test_small_requests_do_not_queue_behind_a_running_big_one(busy_service):
+    import threading
+    import time
+
+    big: dict = {}
+
+    def run_big() -> None:
+        big["result"] = _explain_call(busy_service.address, BUSY_MAX_BOXES, 10.0)
+
+    thread = threading.Thread(target=run_big)
+    thread.start()
+    time.sleep(1.5)  # the big call is now running its occlusion batches
+    small_s, small = _explain_call(busy_service.address, 1, 30)
+    thread.join(30)
+    log.info("one-box call beside a running %d-box call: %.2f s", BUSY_MAX_BOXES, small_s)
+    assert small == "OK" and small_s < 5.0, (small_s, big)
+    assert big["result"][1] in ("OK", "DEADLINE_EXCEEDED"), big
+
+
+def test_sigterm_during_a_big_request_exits_within_the_grace_period(busy_service):
+    """Last test of the module: it stops the busy service."""
+    import threading
+    import time
+
+    thread = threading.Thread(
+        target=_explain_call, args=(busy_service.address, BUSY_MAX_BOXES, 60.0)
+    )
+    thread.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    code = busy_service.stop()
+    elapsed = time.monotonic() - started
+    thread.join(30)
+    log.info("explain exited %d, %.2f s after SIGTERM during a big request", code, elapsed)
+    assert code == 0, busy_service.log_tail()
+    assert elapsed < BUSY_GRACE_S, elapsed
