@@ -192,7 +192,7 @@ def _symbolic_configs(kind: str) -> list[dict[str, Any]]:
     outputs that only some versions have show up as such."""
     from marrowscope.models.config import ARCHS, ENSEMBLE_TARGETS, make_config
 
-    base = make_config(kind, ARCHS[kind][0], **_SYMBOLIC_FIELDS.get(kind, {}))
+    base = make_config(kind, ARCHS.get(kind, ("",))[0], **_SYMBOLIC_FIELDS.get(kind, {}))
     if kind != "ensemble":
         return [base]
     return [
@@ -211,7 +211,15 @@ def document_handler(service: str, cls: type[ModelHandler]) -> HandlerDoc:
     are set in ``__init__``, so the class attributes alone would not tell the truth.
     """
     kind = getattr(getattr(cls, "predictor_cls", None), "kind", "")
-    configs: list[dict[str, Any] | None] = list(_symbolic_configs(kind)) if kind else [None]
+    configs: list[dict[str, Any] | None] = [None]
+    if kind:
+        try:
+            configs = list(_symbolic_configs(kind))
+        except ValueError as exc:  # ModelConfigError: a kind whose required fields lack defaults
+            raise DocgenError(
+                f"cannot document {cls.__module__}.{cls.__name__}: no valid {kind} model "
+                f"config ({exc}); give its required fields in _SYMBOLIC_FIELDS ({__name__})"
+            ) from exc
     settings = settings_class(service).model_construct()  # defaults, no environment
     variants = []
     symbols = dict(_SYMBOLS)

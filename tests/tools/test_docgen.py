@@ -170,3 +170,19 @@ def test_server_docstring_example_runs(monkeypatch, tmp_path):
     handler = captured["handler"]
     assert isinstance(handler, Npm1Handler) and handler.settings is captured["settings"]
     assert handler.inputs[0].shape == (-1, 64, 96, 3)
+
+
+def test_a_handler_of_an_unknown_model_kind_says_what_to_add(monkeypatch):
+    import services.segmentation.model as seg_model
+    from services.common import PredictorHandler
+
+    class NucleusPredictor:
+        kind = "nucleus"
+
+    class NucleusHandler(PredictorHandler):
+        predictor_cls = NucleusPredictor
+
+    NucleusHandler.__module__ = seg_model.__name__
+    monkeypatch.setattr(seg_model, "NucleusHandler", NucleusHandler, raising=False)
+    with pytest.raises(docgen.DocgenError, match="no valid nucleus model config.*_SYMBOLIC_FIELDS"):
+        docgen.tensor_table()
