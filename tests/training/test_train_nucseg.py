@@ -83,3 +83,22 @@ def test_bad_data_folder_is_refused_before_work(tmp_path):
     args = job_args(nucseg, "--data", tmp_path, "--output", tmp_path / "out")
     with pytest.raises(UsageError, match="masks"):
         nucseg.main(args)
+
+
+def test_evaluate_morphometrics_scores_a_learned_splitter(tmp_path, capsys):
+    """`evaluate_morphometrics --splitter DIR` scores the learned split on the same cells and
+    says which split it scored (here an untrained net, so only the contract is checked)."""
+    from tests.fixtures_mlflow import make_tiny_model_dir
+    from tests.training.test_evaluate_morphometrics import _write_coco
+    from training.evaluate_morphometrics import get_args_parser, main
+
+    (tmp_path / "coco").mkdir()
+    data = _write_coco(tmp_path / "coco")
+    model = make_tiny_model_dir("nucseg", tmp_path / "m")
+    classical = main(get_args_parser().parse_args(["--synthetic", str(data)]))
+    learned = main(
+        get_args_parser().parse_args(["--synthetic", str(data), "--splitter", str(model)])
+    )
+    assert classical["split"] == "classical" and learned["split"].startswith("learned local-")
+    assert learned["n"] == classical["n"] == 2
+    assert 0.0 <= learned["cell_dice_median"] <= 1.0
