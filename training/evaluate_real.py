@@ -250,4 +250,24 @@ def real_markdown(payload: dict[str, Any]) -> str:
         lines += ["", "Commands:", "", "```"]
         lines += [payload["runs"][k]["command"] for k in sorted(xs)]
         lines += ["```"]
+    from marrowscope.taxonomy import SOURCE_CLASS_MAP, cell_type
+
+    lines += [
+        "",
+        "## Source folder -> taxonomy code",
+        "",
+        "From `marrowscope.taxonomy.SOURCE_CLASS_MAP` (the reasons are in its docstring). "
+        "Non-counted codes are typed but left out of the differential; "
+        "`marrowscope.features.non_counted_summary` counts them per case.",
+        "",
+        "| source | folder | code | counted |",
+        "|---|---|---|---|",
+    ]
+    for source, table in SOURCE_CLASS_MAP.items():
+        for folder, code in table.items():
+            counted = "-" if code is None else ("yes" if cell_type(code).counted else "no")
+            lines.append(
+                f"| {source} | {folder or '(empty: not signed out)'} | "
+                f"{code or 'none (not used by the typer)'} | {counted} |"
+            )
     return "\n".join(lines) + "\n"
