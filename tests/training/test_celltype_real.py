@@ -141,3 +141,14 @@ def test_attribute_loss_is_masked_on_rows_without_labels():
     assert torch.isfinite(mixed) and mixed > cell_only
     mixed.backward()
     assert torch.isfinite(model.head.weight.grad).all()
+
+
+def test_synthetic_crops_bring_attribute_labels_real_ones_stay_unlabelled(real_root, tiny_cohort):
+    cfg = _config(real_train_sources=["deepapl"])
+    real = celltype.load_splits(real_root, cfg)["train"]
+    mixed = celltype.with_synthetic(real, tiny_cohort, cfg)
+    n = len(real.cells)
+    assert len(mixed.cells) > n and mixed.crops.shape[1:] == real.crops.shape[1:]
+    assert np.isnan(mixed.attributes[:n]).all()
+    assert np.isfinite(mixed.attributes[n:]).all() and mixed.attributes[n:].sum() > 0
+    assert set(mixed.sources[n:].tolist()) == {"synthetic"}
