@@ -10,6 +10,22 @@ false positive on a red cell is typed RBC and not counted) then every attribute.
 ImageFolder sets carry no patients: they are split at random, stratified by class, and the
 attribute heads are not trained. Metrics (held-out split): `macro_f1`, `accuracy`,
 `f1_<code>`, `auroc_<attr>`.
+
+Real single-cell sets: `--data ../shared/data` (a folder holding `deepapl/` and/or `pbc/`)
+trains on the sources named by config `real_train_sources`. DeepAPL is split by patient
+(stratified by diagnosis, `split_seed`); PBC has no patient ids and stays in train/val
+(`pbc_split="train_val"`, default) or is split by file (`"file"`). The held-out `test`
+split is DeepAPL's test patients (PBC's file-split test cells when only PBC is trained
+on); the source not trained on becomes the `external` split (all of PBC, or DeepAPL's test
+patients) for the cross-source figure. Per-cell held-out probabilities go to
+`<output>/predictions.npz` (`training.results real` reads them). The real sets have no
+attribute labels: the attribute heads get no gradient there (`mix_synthetic` mixes in
+synthetic crops that carry them; see the config).
+
+Stain / scanner robustness (config `stain_aug`): `none`; `hed` (Tellez et al. 2018: each
+crop's optical densities projected on haematoxylin / eosin / DAB, scaled and shifted by
+`stain_strength`), `hsv` (hue rotation, saturation and brightness scaling in YIQ) or
+`both`; applied to training batches only.
 """
 
 from __future__ import annotations
@@ -51,6 +67,10 @@ class CropSet:
     """int64[N] index into the cell codes of the outputs."""
     attributes: np.ndarray | None
     """float32[N, A] 0/1, None when the source has no attribute labels."""
+    groups: np.ndarray | None = None
+    """str[N] patient id per crop ("" when unknown), real sets only."""
+    sources: np.ndarray | None = None
+    """str[N] source set per crop (`deepapl` / `pbc`), real sets only."""
 
 
 def outputs() -> list[str]:
@@ -134,7 +154,98 @@ def imagefolder_crops(data_dir, config: JobConfig) -> dict[str, CropSet]:
     }
 
 
+def is_real(data_dir) -> bool:
+    """True for a folder holding the real single-cell sets (`deepapl/`, `pbc/`)."""
+    from pathlib import Path
+
+    return any((Path(data_dir) / s / "cells.csv").is_file() for s in REAL_SOURCES)
+
+
+REAL_SOURCES = ("deepapl", "pbc")
+
+
+def real_crops(data_dir, config: JobConfig) -> dict[str, CropSet]:
+    """train / val / test (and `external`, see the module doc) CropSets from the real sets.
+
+    Every image is decoded once; an unreadable one is logged on one line, counted and left
+    out (`training.data.singlecell.load_crops`)."""
+    from pathlib import Path
+
+    from marrowscope.taxonomy import CODES
+    from training.common_data import real_cell_splits
+    from training.data.singlecell import load_crops
+
+    train_on = list(config["real_train_sources"])
+    unknown = [s for s in train_on if s not in REAL_SOURCES]
+    if unknown or not train_on:
+        raise UsageError(
+            f"real_train_sources must be a non-empty subset of {REAL_SOURCES}, got {train_on}"
+        )
+    assigned = real_cell_splits(Path(data_dir), config)
+    cache = Path(config["crop_cache"]) if config.get("crop_cache") else None
+    records = [r for side in assigned.values() for r in side]
+    crops, kept = load_crops(records, config["crop_size"], cache=cache)
+    index = {r.path: i for i, r in enumerate(kept)}
+    out: dict[str, CropSet] = {}
+    for name, side in assigned.items():
+        rows = [index[r.path] for r in side if r.path in index]
+        recs = [kept[i] for i in rows]
+        out[name] = CropSet(
+            crops[rows].reshape(-1, *crops.shape[1:]),
+            np.array([CODES.index(r.code) for r in recs], dtype=np.int64),
+            None,
+            np.array([r.patient_id or "" for r in recs], dtype=object),
+            np.array([r.source for r in recs], dtype=object),
+        )
+    if config.get("mix_synthetic"):
+        out["train"] = with_synthetic(out["train"], Path(config["mix_synthetic"]), config)
+    trained = {k: v for k, v in out.items() if k != "external"}
+    if "external" in out and not len(out["external"].cells):
+        del out["external"]
+    for name, cs in out.items():
+        log.info(
+            "%s: %d crops (%s)",
+            name,
+            len(cs.cells),
+            ", ".join(
+                f"{CODES[i]} {n}"
+                for i, n in zip(*np.unique(cs.cells, return_counts=True), strict=True)
+            ),
+        )
+    if not len(trained["train"].cells) or not len(trained["test"].cells):
+        raise UsageError(f"{data_dir}: the real train or test split is empty")
+    return out
+
+
+def with_synthetic(real: CropSet, synth_dir, config: JobConfig) -> CropSet:
+    """`real` plus the crops of a synthetic COCO set's train split (generated there with
+    `mix_synthetic_cases` cases when absent). Real crops get NaN attribute targets (no
+    labels: masked in the loss); synthetic crops keep theirs, so the attribute heads are
+    trained on synthetic cells only, as the real sets carry no attribute labels."""
+    from training.data.synth import generate_dataset
+    from training.data.synth_cohort import SynthConfig
+
+    if not (synth_dir / "annotations.json").is_file():
+        generate_dataset(
+            synth_dir,
+            cases=int(config["mix_synthetic_cases"]),
+            seed=int(config["seed"]) + 2022,
+            config=SynthConfig(size=(640, 480)),
+        )
+    syn = coco_crops(synth_dir, "train", config, rbc_ratio=config["max_rbc_ratio"])
+    n_attr = syn.attributes.shape[1]
+    return CropSet(
+        np.concatenate([real.crops, syn.crops]),
+        np.concatenate([real.cells, syn.cells]),
+        np.concatenate([np.full((len(real.cells), n_attr), np.nan, np.float32), syn.attributes]),
+        np.concatenate([real.groups, np.full(len(syn.cells), "", dtype=object)]),
+        np.concatenate([real.sources, np.full(len(syn.cells), "synthetic", dtype=object)]),
+    )
+
+
 def load_splits(data_dir, config: JobConfig) -> dict[str, CropSet]:
+    if is_real(data_dir):
+        return real_crops(data_dir, config)
     if (data_dir / "annotations.json").is_file():
         ratio = config["max_rbc_ratio"]
         return {
@@ -147,23 +258,89 @@ def load_splits(data_dir, config: JobConfig) -> dict[str, CropSet]:
 
 def batch_loss(model, x, cells, attributes, cell_head: str):
     """Training loss of a batch: x FloatTensor[B, 3, S, S] in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     from marrowscope.models.celltype import celltype_loss
 
     logits = model(x)
     if attributes is None:  # no attribute labels: train the cell part only
         return celltype_loss(logits[:, : model.n_cells], cells, None, cell_head=cell_head)
-    return celltype_loss(logits, cells, attributes, cell_head=cell_head)
+    known = ~torch.isnan(attributes).any(dim=1)
+    if bool(known.all()):
+        return celltype_loss(logits, cells, attributes, cell_head=cell_head)
+    # mixed real (no attribute labels, NaN) and synthetic rows: attributes on known rows only
+    loss = celltype_loss(logits[:, : model.n_cells], cells, None, cell_head=cell_head)
+    if bool(known.any()):
+        loss = loss + F.binary_cross_entropy_with_logits(
+            logits[known, model.n_cells :], attributes[known].to(logits.dtype)
+        )
+    return loss
 
 
-def augment(x):
-    """Random flips and 90-degree rotations of a batch [B, 3, S, S] (training split only)."""
+def augment(x, stain: str = "none", strength: float = 0.0):
+    """Random flips and 90-degree rotations of a batch [B, 3, S, S] (training split only),
+    then the colour / stain jitter named by `stain` (see `stain_jitter`)."""
     import torch
 
     if torch.rand(()) < 0.5:
         x = x.flip(3)
     if torch.rand(()) < 0.5:
         x = x.flip(2)
-    return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+    x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+    return stain_jitter(x, stain, strength)
+
+
+# Ruifrok & Johnston's H&E-DAB stain vectors (as scikit-image's rgb_from_hed); Giemsa-type
+# stains are not H&E, but the projection still separates a nuclear (blue-purple) and a
+# cytoplasmic (pink) optical-density axis, which is what scanner and stain batches move.
+_RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+
+
+def stain_jitter(x, mode: str, strength: float):
+    """Per-image colour jitter of x FloatTensor[B, 3, S, S] in [0, 1].
+
+    `hed`: optical density OD = -log(x) projected on the H, E, D stain axes, each scaled by
+    U(1 - s, 1 + s) and shifted by U(-s, s), projected back (Tellez et al., 2018).
+    `hsv`: in YIQ, chroma rotated by U(-s, s) * pi/2 (hue), scaled by U(1 - 2s, 1 + 2s)
+    (saturation); luma scaled by U(1 - s, 1 + s) (brightness). `both`: hed then hsv.
+    `none` returns x. Why: the typer must not key on one scanner's background colour; a
+    typer trained without it dropped from macro-F1 0.70 to 0.21 on another scanner's cells.
+    """
+    import torch
+
+    if mode == "none" or strength <= 0:
+        return x
+    if mode not in ("hed", "hsv", "both"):
+        raise UsageError(f"stain_aug must be none, hed, hsv or both, got {mode!r}")
+    b = x.shape[0]
+    s = float(strength)
+
+    def u(lo: float, hi: float, *shape: int):
+        return torch.rand(b, *shape, device=x.device) * (hi - lo) + lo
+
+    if mode in ("hed", "both"):
+        m = torch.tensor(_RGB_FROM_HED, device=x.device, dtype=x.dtype)
+        od = -torch.log(x.clamp(min=1e-3))  # [B, 3, S, S]
+        stains = torch.einsum("bchw,cd->bdhw", od, torch.linalg.inv(m))
+        stains = stains * u(1 - s, 1 + s, 3, 1, 1) + u(-s, s, 3, 1, 1)
+        x = torch.exp(-torch.einsum("bdhw,dc->bchw", stains, m)).clamp(0, 1)
+    if mode in ("hsv", "both"):
+        to_yiq = torch.tensor(
+            ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)),
+            device=x.device,
+            dtype=x.dtype,
+        )
+        yiq = torch.einsum("bchw,dc->bdhw", x, to_yiq)
+        theta = u(-s, s) * (torch.pi / 2)
+        sat = u(max(0.0, 1 - 2 * s), 1 + 2 * s)
+        cos, sin = torch.cos(theta) * sat, torch.sin(theta) * sat
+        i, q = yiq[:, 1], yiq[:, 2]
+        c, n = cos[:, None, None], sin[:, None, None]
+        y = yiq[:, 0] * u(1 - s, 1 + s)[:, None, None]
+        yiq = torch.stack([y, c * i - n * q, n * i + c * q], dim=1)
+        x = torch.einsum("bdhw,cd->bchw", yiq, torch.linalg.inv(to_yiq)).clamp(0, 1)
+    return x
 
 
 def evaluate_probs(probs: np.ndarray, data: CropSet) -> dict[str, float]:
@@ -204,6 +381,9 @@ def train(
         "weight_decay": config["weight_decay"],
         "lr_gamma": config["lr_gamma"],
         "epochs": config["epochs"],
+        "stain_aug": config.get("stain_aug", "none"),
+        "stain_strength": config.get("stain_strength", 0.0),
+        "class_balance": config.get("class_balance", 0.0),
     }
     model_config = make_config(
         "celltype",
@@ -234,14 +414,22 @@ def train(
     y_all = torch.from_numpy(tr.cells)
     a_all = None if tr.attributes is None else torch.from_numpy(tr.attributes)
 
+    balance = float(config.get("class_balance", 0.0))
+    counts = np.bincount(tr.cells, minlength=model.n_cells).astype(np.float64)
+    sample_w = torch.from_numpy(np.maximum(counts, 1.0)[tr.cells] ** -balance)
+
     def train_epoch(epoch: int) -> float:
         g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        order = torch.randperm(len(y_all), generator=g)
+        if balance > 0:  # draw an epoch of cells with weight count^-balance (rare classes)
+            order = torch.multinomial(sample_w, len(y_all), replacement=True, generator=g)
+        else:
+            order = torch.randperm(len(y_all), generator=g)
         batches = order.split(config["batch_size"])
         limit = config["max_steps_per_epoch"] or len(batches)
         total = 0.0
         for idx in progress(batches[:limit], desc=f"epoch {epoch + 1}"):
-            x = augment(x_all[idx].permute(0, 3, 1, 2).float().div(255.0)).to(device)
+            x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
+            x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
             with amp_context(amp):
                 loss = batch_loss(
                     model,
@@ -293,13 +481,39 @@ def train(
     )
     model.eval()
     held_out = splits["val"] if trial is not None else splits["test"]
-    metrics = evaluate_probs(typer().predict(held_out.crops), held_out)
+    probs = typer().predict(held_out.crops)
+    metrics = evaluate_probs(probs, held_out)
+    if trial is None and held_out.groups is not None:  # real sets: keep per-cell answers
+        saved = {"test": (probs, held_out)}
+        if "external" in splits:
+            ext = splits["external"]
+            ext_probs = typer().predict(ext.crops)
+            saved["external"] = (ext_probs, ext)
+            metrics.update({f"external_{k}": v for k, v in evaluate_probs(ext_probs, ext).items()})
+        save_predictions(out / PREDICTIONS_FILE, saved)
     log.info(
         "%s %s",
         "val" if trial is not None else "test",
         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
     )
     return model, model_config, metrics
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def save_predictions(path, splits: dict[str, tuple[np.ndarray, CropSet]]) -> None:
+    """Per-cell held-out answers: `<split>_probs` float32[N, K] (`outputs()` order),
+    `<split>_cells` int64[N], `<split>_groups` / `<split>_sources` str[N], and `outputs`."""
+    arrays: dict[str, np.ndarray] = {"outputs": np.array(outputs())}
+    for name, (probs, data) in splits.items():
+        arrays[f"{name}_probs"] = np.asarray(probs, dtype=np.float32)
+        arrays[f"{name}_cells"] = data.cells
+        arrays[f"{name}_groups"] = np.asarray(data.groups, dtype=str)
+        arrays[f"{name}_sources"] = np.asarray(data.sources, dtype=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    log.info("wrote %s", path)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -131,3 +131,54 @@ def detection_items(
     if not items:
         raise UsageError(f"{data_dir}: split {split!r} has no images")
     return items, tuple(classes)
+
+
+def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
+    """train / val / test / external lists of `CellRecord`s from the real single-cell sets
+    under `data_dir` (`deepapl/`, `pbc/`), for the sources in config `real_train_sources`.
+
+    DeepAPL: labelled cells only, split by patient (`split_patients` over every patient with
+    readable cells, stratified by diagnosis, config `test_fraction` / `val_fraction` /
+    `split_seed`: the APL case model gets the same sides from the same call). PBC (no patient
+    ids): train/val by file (`pbc_split="train_val"`) or train/val/test by file (`"file"`,
+    and always when PBC is the only training source). A source not trained on is
+    `external`: all of PBC, or DeepAPL's test patients.
+    """
+    from training.data.deepapl import read_deepapl
+    from training.data.pbc import read_pbc
+    from training.data.singlecell import split_files, split_patients
+
+    train_on = set(config["real_train_sources"])
+    out: dict[str, list] = {"train": [], "val": [], "test": [], "external": []}
+    tf, vf, seed = config["test_fraction"], config["val_fraction"], config["split_seed"]
+    if (data_dir / "deepapl" / "cells.csv").is_file():
+        dap = read_deepapl(data_dir / "deepapl", verify=False)
+        sides = split_patients(dap.records, test_fraction=tf, val_fraction=vf, seed=seed)
+        for r in dap.labelled():
+            side = sides[r.patient_id]
+            if "deepapl" in train_on:
+                out[side].append(r)
+            elif side == "test":
+                out["external"].append(r)
+    elif "deepapl" in train_on:
+        raise UsageError(f"{data_dir}/deepapl/cells.csv not found but deepapl is trained on")
+    if (data_dir / "pbc" / "cells.csv").is_file():
+        recs = read_pbc(data_dir / "pbc", verify=False).records
+        if "pbc" in train_on:
+            mode = config["pbc_split"]
+            if mode not in ("train_val", "file"):
+                raise UsageError(f"pbc_split must be train_val or file, got {mode!r}")
+            by_file = mode == "file" or train_on == {"pbc"}
+            labels = split_files(
+                len(recs),
+                test_fraction=tf if by_file else 0.0,
+                val_fraction=vf if by_file else vf / (1 - tf),
+                seed=seed,
+            )
+            for r, side in zip(recs, labels, strict=True):
+                out[side].append(r)
+        else:
+            out["external"].extend(recs)
+    elif "pbc" in train_on:
+        raise UsageError(f"{data_dir}/pbc/cells.csv not found but pbc is trained on")
+    return out

@@ -2,6 +2,7 @@
 
     python -m training.results bccd --workdir /tmp/ms_results       # (a) real data
     python -m training.results synthetic --workdir /tmp/ms_results  # (b) synthetic cohort
+    python -m training.results real --workdir /tmp/ms_results       # (c) real leukemic cells
 
 (a) trains the detector on ../shared/data/bccd (train split) and reports per-class AP@0.5
 and mAP@0.5 on its val split. (b) generates a synthetic cohort (>= 300 cases, 640x480),
@@ -9,7 +10,10 @@ splits it by patient, trains segmentation -> celltype -> ensemble (on features o
 registered upstream versions, with its NPM1-by-morphology output) and the whole-image npm1
 CNN, and reports detection mAP@0.5, celltype macro-F1, AML AUROC and both NPM1 AUROCs with
 bootstrap 95 % CIs on the held-out test cases. Figures from
-(b) are SYNTHETIC: functional evidence only. Every job runs in-process through its
+(b) are SYNTHETIC: functional evidence only. (c) trains the cell typer on ../shared/data
+(DeepAPL + PBC, `real-cpu` config or `--profile gpu` for paper-gpu), then the cross-source
+runs with and without stain augmentation, and reports on DeepAPL's held-out patients
+(`real_cells.md`, see `real`). Every job runs in-process through its
 `main(args)` with the exact flags written into the Markdown.
 """
 
@@ -264,13 +268,111 @@ def synthetic(workdir: Path, tracking: str, cases: int, reuse: bool = False) -> 
     return out
 
 
+# Cross-source runs (stain robustness, measured): train on one source, test on the other's
+# shared classes; shorter than the main run so the comparison fits the CPU budget.
+REAL_STAIN_OPTIONS = ("none", "both")
+REAL_XS_FLAGS = ["--set", "epochs=3", "--set", "max_steps_per_epoch=80"]
+REAL_MIN_TEST_CELLS = 50
+REAL_N_BOOT = 1000
+
+
+def _real_flags(profile: str, workdir: Path) -> list[str]:
+    if profile == "gpu":  # paper-gpu's xception41 at 128 px; decodes without a cache
+        return [
+            "--config",
+            "paper-gpu",
+            "--device",
+            "cuda",
+            "--set",
+            f"mix_synthetic={workdir / 'synth-attributes'}",
+        ]
+    return [
+        "--config",
+        "real-cpu",
+        "--set",
+        f"crop_cache={workdir / 'crop-cache'}",
+        "--set",
+        f"mix_synthetic={workdir / 'synth-attributes'}",
+    ]
+
+
+def real_cells(
+    workdir: Path, tracking: str, profile: str = "cpu", reuse: bool = False
+) -> dict[str, Any]:
+    """Main typer run (DeepAPL + PBC), cross-source runs, then `real_cells.{md,json}`."""
+    data = shared_data_dir()
+    if not (data / "deepapl" / "cells.csv").is_file() or not (data / "pbc" / "cells.csv").is_file():
+        raise SystemExit(f"{data}/deepapl or pbc is absent (see ../shared/data/README.md)")
+    common = ["--data", str(data), "--tracking-uri", tracking, "--no-register"]
+    base = _real_flags(profile, workdir)
+    runs: dict[str, dict[str, Any]] = {}
+    runs["main"] = _run(
+        "celltype", [*common, "--output", str(workdir / f"real-{profile}"), *base], reuse=reuse
+    )
+    if profile == "cpu":
+        for aug in REAL_STAIN_OPTIONS:
+            for src in ("deepapl", "pbc"):
+                runs[f"xs_{src}_{aug}"] = _run(
+                    "celltype",
+                    [
+                        *common,
+                        "--output",
+                        str(workdir / f"xs-{src}-{aug}"),
+                        *base[:2],
+                        "--set",
+                        base[3],
+                        "--set",
+                        f'real_train_sources=["{src}"]',
+                        "--set",
+                        f"stain_aug={aug}",
+                        *REAL_XS_FLAGS,
+                    ],
+                    reuse=reuse,
+                )
+    return write_real_report(workdir, runs, profile)
+
+
+def _placeholder(text: str, workdir: Path) -> str:
+    """Commands as committed: the work dir as DIR, the shared data as ../shared/data."""
+    text = text.replace(str(shared_data_dir()), "../shared/data")
+    text = text.replace(str(workdir.resolve()), "DIR").replace(str(workdir), "DIR")
+    return text.replace(str(PROJECT_ROOT), ".")
+
+
+def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: str) -> dict:
+    """Figures from the runs' predictions.npz files (see `training.evaluate_real`)."""
+    from training.evaluate_real import cross_source, real_report
+
+    main_dir = Path(runs["main"]["command"].split("--output ")[1].split()[0])
+    rep = real_report(
+        main_dir / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
+    )
+    xs = {}
+    for key, res in runs.items():
+        if key.startswith("xs_"):
+            out = Path(res["command"].split("--output ")[1].split()[0])
+            xs[key] = cross_source(out / "predictions.npz")
+    payload = {
+        "profile": profile,
+        "machine": _machine(),
+        "runs": {k: {**v, "command": _placeholder(v["command"], workdir)} for k, v in runs.items()},
+        "test": rep,
+        "cross_source": xs,
+    }
+    from training.evaluate_real import real_markdown
+
+    md = real_markdown(payload)
+    _write("real_cells" if profile == "cpu" else "real_cells_gpu", payload, md)
+    return payload
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.results",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=("bccd", "synthetic"))
+    p.add_argument("which", choices=("bccd", "synthetic", "real"))
     p.add_argument(
         "--workdir", type=Path, required=True, help="runs, models and the synthetic set go here"
     )
@@ -280,12 +382,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--profile",
         choices=("cpu", "gpu"),
         default="cpu",
-        help="bccd: CPU-feasible or GPU settings",
+        help="bccd / real: CPU-feasible or GPU settings",
     )
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="synthetic: keep stages already run with the same command and config section",
+        help="synthetic / real: keep stages already run with the same command and config section",
     )
     return p
 
@@ -295,6 +397,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tracking = args.tracking_uri or f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
     if args.which == "bccd":
         return bccd(args.workdir, tracking, args.profile)
+    if args.which == "real":
+        return real_cells(args.workdir, tracking, args.profile, reuse=args.reuse)
     if args.cases < 300:
         log.warning("--cases %d: the README figure needs >= 300 cases", args.cases)
     return synthetic(args.workdir, tracking, args.cases, reuse=args.reuse)

@@ -180,14 +180,14 @@ def load_crops(
     from marrowscope.imaging import ImageLimits, decode_image, resize_for_model
 
     key = hashlib.sha256(f"{size}\n".encode())
-    for p in sorted(str(r.path) for r in records):  # any order of the same files: one entry
+    for p in sorted(str(r.path.resolve()) for r in records):  # same files, any order: one entry
         key.update(f"{p}\n".encode())
     cached = None if cache is None else Path(cache) / f"crops-{key.hexdigest()[:16]}.npz"
     if cached is not None and cached.is_file():
         with np.load(cached, allow_pickle=False) as z:
             row = {p: i for i, p in enumerate(z["paths"].tolist())}
-            kept = [r for r in records if str(r.path) in row]
-            crops = z["crops"][[row[str(r.path)] for r in kept]]
+            kept = [r for r in records if str(r.path.resolve()) in row]
+            crops = z["crops"][[row[str(r.path.resolve())] for r in kept]]
             log.info("%d crops from %s (%d unreadable before)", len(kept), cached, int(z["bad"]))
             return crops.reshape(-1, size, size, 3), kept
     crops, kept, bad = [], [], 0
@@ -212,5 +212,6 @@ def load_crops(
     out = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cached, crops=out, paths=np.array([str(r.path) for r in kept]), bad=bad)
+        paths = np.array([str(r.path.resolve()) for r in kept])
+        np.savez(cached, crops=out, paths=paths, bad=bad)
     return out, kept

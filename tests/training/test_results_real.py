@@ -1,0 +1,79 @@
+"""`training.results real` report: figures from predictions.npz, patient bootstrap, no
+absolute paths in what is committed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from marrowscope.taxonomy import CODES
+from training import evaluate_real, results
+from training.celltype import CropSet, outputs, save_predictions
+
+
+def _preds(path, *, n_pat=10, per=30, acc=0.8, seed=0, external=False):
+    rng = np.random.default_rng(seed)
+    classes = [CODES.index(c) for c in ("BLA", "LYT", "KSC")]
+    y = rng.choice(classes, n_pat * per)
+    wrong = rng.random(len(y)) > acc
+    p = np.where(wrong, rng.choice(classes, len(y)), y)
+    probs = np.full((len(y), len(outputs())), 0.01, np.float32)
+    probs[np.arange(len(y)), p] = 0.9
+    groups = np.repeat([f"P{i}" for i in range(n_pat)], per).astype(object)
+    data = CropSet(np.zeros((len(y), 1, 1, 3), np.uint8), y, None, groups,
+                   np.full(len(y), "deepapl", dtype=object))  # fmt: skip
+    splits = {"test": (probs, data)}
+    if external:
+        ext = CropSet(data.crops, y, None, np.full(len(y), "", dtype=object),
+                      np.full(len(y), "pbc", dtype=object))  # fmt: skip
+        splits["external"] = (probs, ext)
+    save_predictions(path, splits)
+    return y, p
+
+
+def test_report_figures_match_a_direct_computation(tmp_path):
+    from sklearn.metrics import f1_score, recall_score
+
+    y, p = _preds(tmp_path / "p.npz")
+    rep = evaluate_real.real_report(tmp_path / "p.npz", min_cells=50, n_boot=200)
+    assert rep["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    bla = CODES.index("BLA")
+    assert rep["blast_recall"] == pytest.approx(recall_score(y == bla, p == bla))
+    lo, hi = rep["macro_f1_ci"]
+    assert lo < rep["macro_f1"] < hi and hi - lo < 0.3
+    assert rep["n_patients"] == 10 and set(rep["classes_min_cells"]) == {"BLA", "LYT", "KSC"}
+    # every answer has the same confidence (0.9 renormalised over the cell codes): ECE is
+    # the gap between it and the accuracy
+    assert rep["calibration"]["ece"] == pytest.approx(
+        abs(0.9 / (0.9 + 0.01 * (len(CODES) - 1)) - rep["accuracy"]), abs=0.02
+    )
+
+
+def test_min_cells_leaves_small_classes_out(tmp_path):
+    _preds(tmp_path / "p.npz", n_pat=2, per=30)
+    rep = evaluate_real.real_report(tmp_path / "p.npz", min_cells=1000, n_boot=10)
+    assert rep["classes_min_cells"] == [] and np.isnan(rep["macro_f1"])
+
+
+def test_written_report_has_no_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "bench")
+    work = tmp_path / "work"
+    _preds(work / "real-cpu" / "predictions.npz")
+    _preds(work / "xs-deepapl-none" / "predictions.npz", external=True, seed=1)
+    data = results.shared_data_dir()
+    runs = {
+        "main": {"command": f"python -m training.celltype --data {data} --output "
+                 f"{work / 'real-cpu'} --config real-cpu", "seconds": 600.0},
+        "xs_deepapl_none": {"command": f"python -m training.celltype --data {data} --output "
+                            f"{work / 'xs-deepapl-none'} --config real-cpu", "seconds": 60.0},
+    }  # fmt: skip
+    results.write_real_report(work, runs, "cpu")
+    md = (tmp_path / "bench" / "real_cells.md").read_text()
+    js = (tmp_path / "bench" / "real_cells.json").read_text()
+    for text in (md, js):
+        assert str(tmp_path) not in text and str(data) not in text
+    assert "--output DIR/real-cpu" in md and "--data ../shared/data" in md
+    assert md.startswith("# Cell typer on real leukemic cells") and "**Real data.**" in md
+    assert json.loads(js)["cross_source"]["xs_deepapl_none"]["shared_classes"]
