@@ -4,8 +4,10 @@ Built identically by ensemble training and by the gateway, so both call `case_fe
 Definitions (names in `case_feature_names()` order):
 
 - A cell's *type* is the argmax of its probabilities over every taxonomy code (`CODES`,
-  ties go to the first code in taxonomy order). A cell whose type is `RBC` is not counted:
-  it is left out of every feature below and of the differential.
+  ties go to the first code in taxonomy order). A cell whose type is not counted (`RBC`,
+  smudge cell `KSC`, platelet `PLT`, artefact `ART`, not identifiable `NIF`) is left out of
+  every feature below and of the differential; `non_counted_summary` says how many of
+  each there were (the report shows them next to the differential).
 - `frac_<CODE>` for each of `COUNTED_CODES`: fraction of counted cells of that type
   (the fractions sum to 1 when at least one cell is counted).
 - `frac_attr_<attr>` for each of `ATTRIBUTE_CODES`: mean attribute probability over the
@@ -33,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from marrowscope.errors import InvalidInput
-from marrowscope.taxonomy import ATTRIBUTE_CODES, BLAST, CODES, COUNTED_CODES
+from marrowscope.taxonomy import ATTRIBUTE_CODES, BLAST, CODES, COUNTED_CODES, NON_COUNTED_CODES
 
 MORPH_SUMMARY_FEATURES: tuple[str, ...] = (
     "cell_area",
@@ -63,10 +65,11 @@ class CellCall:
 
     @property
     def cell_type(self) -> str:
-        """Argmax code over the `CODES` present (may be `RBC`, which is then not counted).
+        """Argmax code over the `CODES` present (may be a non-counted code such as `RBC`).
 
-        Every counted code must be present (KeyError names the first missing one); `RBC` is
-        optional, since a typer trained on nucleated cells only never answers RBC."""
+        Every counted code must be present (KeyError names the first missing one); the
+        non-counted codes are optional, since a typer trained before they existed (or on
+        nucleated cells only) never answers them."""
         for code in COUNTED_CODES:
             if code not in self.probs:
                 raise KeyError(code)
@@ -93,7 +96,7 @@ def case_feature_names() -> tuple[str, ...]:
 
 
 def _check(cell: CellCall, i: int) -> None:
-    for key in (*COUNTED_CODES, *ATTRIBUTE_CODES):  # RBC is optional (see CellCall)
+    for key in (*COUNTED_CODES, *ATTRIBUTE_CODES):  # non-counted codes are optional
         p = cell.probs.get(key)
         if p is None:
             raise InvalidInput(f"cell {i}: probability for {key!r} is missing")
@@ -172,4 +175,20 @@ def differential(cells: Sequence[CellCall]) -> dict[str, DifferentialEntry]:
         k = sum(c == code for c, _ in counted)
         low, high = wilson_interval(k, n)
         out[code] = DifferentialEntry(k, k / n if n else 0.0, low, high)
+    return out
+
+
+def non_counted_summary(cells: Sequence[CellCall]) -> dict[str, int]:
+    """How many cells were typed as each non-counted code (`NON_COUNTED_CODES`, taxonomy
+    order, every code present, 0 included): smudge cells, platelets, artefacts, cells not
+    identifiable and red cells a detector sent to the typer. The differential leaves them
+    out; a report shows these counts so a reader sees what was excluded and how much (many
+    smudge cells, for instance, are a hint of a lymphoproliferative process or a fragile
+    blast population). Validates the cells like `differential`."""
+    out = dict.fromkeys(NON_COUNTED_CODES, 0)
+    for i, cell in enumerate(cells):
+        _check(cell, i)
+        code = cell.cell_type
+        if code in out:
+            out[code] += 1
     return out

@@ -3,6 +3,17 @@
 Codes follow the bone-marrow cytomorphology dataset of Matek et al. (Blood 2021) so that
 users who hold it can train on it directly. Red cells are detected but never counted in
 the differential.
+
+Real smears also hold objects that must be recognised (so they are not mistaken for a
+counted cell) but never counted: smudge cells (`KSC`, Matek's "Kernschatten"), platelets
+including giant platelets and platelet aggregates (`PLT`), artefacts (`ART`) and cells
+that cannot be identified (`NIF`). They come after `RBC` so the COCO category ids of the
+older codes do not move, and they are not part of the case feature vector
+(`COUNTED_CODES` is unchanged); `marrowscope.features.non_counted_summary` reports how
+many of each a case had.
+
+`SOURCE_CLASS_MAP` maps the folder names of the real single-cell sets (DeepAPL, PBC) to
+codes; the table and the reason for every non-obvious choice are in its docstring.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ CELL_TYPES: tuple[CellType, ...] = (
     CellType("PLM", "plasma cell", "lymphoid", True),
     CellType("EBO", "erythroblast", "erythroid", True),
     CellType("RBC", "red blood cell", "erythroid", False),
+    CellType("KSC", "smudge cell", "other", False),
+    CellType("PLT", "platelet (giant platelet, platelet aggregate)", "megakaryocytic", False),
+    CellType("ART", "artefact", "other", False),
+    CellType("NIF", "not identifiable", "other", False),
 )
 
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -56,7 +71,65 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 CODES: tuple[str, ...] = tuple(c.code for c in CELL_TYPES)
 COUNTED_CODES: tuple[str, ...] = tuple(c.code for c in CELL_TYPES if c.counted)
 ATTRIBUTE_CODES: tuple[str, ...] = tuple(a.code for a in ATTRIBUTES)
+NON_COUNTED_CODES: tuple[str, ...] = tuple(c.code for c in CELL_TYPES if not c.counted)
 BLAST = "BLA"
+
+SOURCE_CLASS_MAP: dict[str, dict[str, str | None]] = {
+    "deepapl": {
+        "Blast, no lineage spec": "BLA",
+        "Promyelocyte": "PMO",
+        "Myelocyte": "MYB",
+        "Metamyelocyte": "MMZ",
+        "Band neutrophils": "NGB",
+        "Segmented neutrophils": "NGS",
+        "Eosinophils": "EOS",
+        "Basophil": "BAS",
+        "Monocyte": "MON",
+        "Promonocyte": "BLA",
+        "Lymphocyte": "LYT",
+        "Lymphocyte, variant": "LYT",
+        "Prolymphocyte": "LYT",
+        "Plasma cells": "PLM",
+        "Erythroblast": "EBO",
+        "Smudge cells": "KSC",
+        "Giant thrombocyte": "PLT",
+        "Thrombocyte aggregation": "PLT",
+        "": None,
+    },
+    "pbc": {
+        "basophil": "BAS",
+        "eosinophil": "EOS",
+        "erythroblast": "EBO",
+        "promyelocyte": "PMO",
+        "myelocyte": "MYB",
+        "metamyelocyte": "MMZ",
+        "band_neutrophil": "NGB",
+        "segmented_neutrophil": "NGS",
+        "lymphocyte": "LYT",
+        "monocyte": "MON",
+        "platelet": "PLT",
+    },
+}
+"""Source folder name -> taxonomy code, per real data set (None: no class, not signed out).
+
+Straight renames are not discussed; the choices that needed a decision:
+
+- DeepAPL "Promonocyte" -> `BLA`: WHO 2016 / ICC 2022 count promonocytes as blast
+  equivalents in AML, and the blast fraction is what the differential is read for; our
+  taxonomy has no monoblast/promonocyte code and `MON` would hide them from the blast count.
+- DeepAPL "Lymphocyte, variant" (reactive / atypical lymphocytes) and "Prolymphocyte"
+  (one cell) -> `LYT`: both are mature-lineage lymphocytes in a peripheral-blood
+  differential; the taxonomy has no atypical-lymphocyte code and the case feature vector
+  must not change.
+- DeepAPL "Band neutrophils" -> `NGB`, "Segmented neutrophils" -> `NGS`, "Eosinophils" ->
+  `EOS`: Matek's codes for the same cells.
+- DeepAPL "Smudge cells" -> `KSC`; "Giant thrombocyte" and "Thrombocyte aggregation" and
+  PBC "platelet" -> `PLT`: recognised, never counted.
+- DeepAPL "" (about 1,900 cells not signed out): no code. They keep their patient's
+  diagnosis (useful for case-level work) but are never used to train or test the typer.
+- PBC "promyelocyte" / "myelocyte" / "metamyelocyte" (the source's immature granulocyte
+  sub-classes) -> `PMO` / `MYB` / `MMZ`.
+"""
 
 NON_NUCLEATED_DETECTOR_LABELS = frozenset({"RBC", "Platelets"})
 """Detector labels (our `cell`/`RBC` detectors, BCCD's `WBC`/`RBC`/`Platelets`) that are
@@ -79,6 +152,26 @@ def cell_type(code: str) -> CellType:
         return _BY_CODE[code.upper()]
     except KeyError:
         raise UnknownCellType(f"unknown cell type {code!r}; known: {', '.join(CODES)}") from None
+
+
+def source_code(source: str, folder: str) -> str | None:
+    """Taxonomy code of a real data set's class folder (None: the cell has no class).
+
+    Raises `UnknownCellType` naming the source and the folder when the table lacks it, so a
+    new upstream class is a clear error instead of a silently dropped cell."""
+    try:
+        table = SOURCE_CLASS_MAP[source]
+    except KeyError:
+        raise UnknownCellType(
+            f"unknown source {source!r}; known: {', '.join(SOURCE_CLASS_MAP)}"
+        ) from None
+    try:
+        return table[folder]
+    except KeyError:
+        raise UnknownCellType(
+            f"{source}: class folder {folder!r} has no taxonomy mapping "
+            f"(marrowscope.taxonomy.SOURCE_CLASS_MAP); known: {', '.join(map(repr, table))}"
+        ) from None
 
 
 def coco_categories() -> list[dict]:

@@ -14,6 +14,7 @@ from marrowscope.features import (
     case_feature_names,
     case_features,
     differential,
+    non_counted_summary,
     wilson_interval,
 )
 from marrowscope.morphometrics import FEATURE_NAMES
@@ -104,3 +105,25 @@ def test_wilson_interval_known_values(k, n, low, high):
 def test_wilson_interval_rejects_impossible_counts():
     with pytest.raises(InvalidInput):
         wilson_interval(3, 2)
+
+
+def test_non_counted_cells_are_summarised_not_counted():
+    cells = [call("BLA"), call("LYT"), call("KSC"), call("KSC"), call("PLT"), call("RBC")]
+    summary = non_counted_summary(cells)
+    assert summary == {"RBC": 1, "KSC": 2, "PLT": 1, "ART": 0, "NIF": 0}
+    diff = differential(cells)
+    assert sum(e.count for e in diff.values()) == 2
+    names, vec = case_features(cells)
+    v = dict(zip(names, vec.tolist(), strict=True))
+    assert v["frac_BLA"] == pytest.approx(0.5) and v["n_cells_log"] == pytest.approx(math.log1p(2))
+    assert not any(n.endswith(("_KSC", "_PLT")) for n in names)
+
+
+def test_old_typer_without_new_codes_still_works():
+    """A typer trained before KSC/PLT/ART/NIF existed answers only the older codes."""
+    old = [c for c in CODES if c not in ("KSC", "PLT", "ART", "NIF")]
+    probs = {c: 0.01 for c in old} | {"MON": 0.9} | dict.fromkeys(ATTRIBUTE_CODES, 0.0)
+    cell = CellCall(probs, {f: 1.0 for f in FEATURE_NAMES})
+    assert cell.cell_type == "MON"
+    assert non_counted_summary([cell])["KSC"] == 0
+    assert differential([cell])["MON"].count == 1

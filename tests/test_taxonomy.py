@@ -18,9 +18,16 @@ def test_codes_match_design_and_rbc_not_counted():
         "PLM",
         "EBO",
         "RBC",
+        "KSC",
+        "PLT",
+        "ART",
+        "NIF",
     )
     assert "RBC" not in taxonomy.COUNTED_CODES
     assert len(taxonomy.COUNTED_CODES) == 12
+    assert taxonomy.NON_COUNTED_CODES == ("RBC", "KSC", "PLT", "ART", "NIF")
+    # appended after RBC: the COCO ids of the older codes (and old COCO files) keep meaning
+    assert taxonomy.CATEGORY_IDS["RBC"] == 13 and taxonomy.CATEGORY_IDS["EBO"] == 12
     assert set(taxonomy.ATTRIBUTE_CODES) == {
         "auer_rod",
         "prominent_nucleoli",
@@ -41,3 +48,35 @@ def test_lookup_is_case_insensitive_and_unknown_is_clear():
     assert taxonomy.cell_type("bla").name.startswith("blast")
     with pytest.raises(taxonomy.UnknownCellType, match="known: BLA"):
         taxonomy.cell_type("XYZ")
+
+
+def test_every_source_folder_maps_to_a_taxonomy_code():
+    for source, table in taxonomy.SOURCE_CLASS_MAP.items():
+        for folder, code in table.items():
+            assert code is None or code in taxonomy.CODES, (source, folder)
+    assert taxonomy.source_code("deepapl", "Promonocyte") == "BLA"  # blast equivalent
+    assert taxonomy.source_code("deepapl", "Smudge cells") == "KSC"
+    assert taxonomy.source_code("deepapl", "") is None
+    assert taxonomy.source_code("pbc", "platelet") == "PLT"
+    assert not taxonomy.cell_type("KSC").counted and not taxonomy.cell_type("PLT").counted
+
+
+def test_unknown_source_folder_is_a_clear_error():
+    with pytest.raises(taxonomy.UnknownCellType, match="'Hairy cell' has no taxonomy mapping"):
+        taxonomy.source_code("deepapl", "Hairy cell")
+    with pytest.raises(taxonomy.UnknownCellType, match="unknown source"):
+        taxonomy.source_code("matek", "BLA")
+
+
+def test_shared_readme_folder_names_are_all_mapped():
+    """The class names DeepAPL's README lists are every one in the table (no silent drop)."""
+    from pathlib import Path
+
+    cells = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "deepapl" / "cells.csv"
+    if not cells.is_file():
+        pytest.skip("../shared/data/deepapl is absent (real data not on this machine)")
+    import csv
+
+    with cells.open(newline="") as f:
+        names = {row["cell_class"] for row in csv.DictReader(f)}
+    assert names <= set(taxonomy.SOURCE_CLASS_MAP["deepapl"])

@@ -35,14 +35,14 @@ def test_reads_codes_and_nested_files(tmp_path):
 
 def test_unknown_folder_lists_known_codes(tmp_path):
     _img(tmp_path / "BLA" / "b1.png", (0, 0, 0))
-    _img(tmp_path / "ART" / "a1.png", (0, 0, 0))
-    with pytest.raises(DatasetFormatError, match="ART.*known codes: BLA, PMO"):
+    _img(tmp_path / "ARTEFACTS" / "a1.png", (0, 0, 0))
+    with pytest.raises(DatasetFormatError, match="ARTEFACTS.*known codes: BLA, PMO"):
         read_imagefolder(tmp_path)
-    items = read_imagefolder(tmp_path, class_map={"ART": None})
+    items = read_imagefolder(tmp_path, class_map={"ARTEFACTS": None})
     assert [c for _, c in items] == ["BLA"]
-    assert [c for _, c in read_imagefolder(tmp_path, class_map={"ART": "PLM"})] == ["PLM", "BLA"]
+    assert [c for _, c in read_imagefolder(tmp_path, class_map={"ARTEFACTS": "PLM"})] == ["PLM", "BLA"]
     with pytest.raises(DatasetFormatError, match="not a taxonomy code"):
-        read_imagefolder(tmp_path, class_map={"ART": "artefact"})
+        read_imagefolder(tmp_path, class_map={"ARTEFACTS": "artefact"})
 
 
 def test_empty_or_bad_folders(tmp_path):

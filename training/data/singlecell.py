@@ -1,0 +1,216 @@
+"""Real single-cell sets (DeepAPL, PBC): the record type, the read report, image checks and
+the patient-grouped split shared by `training.data.deepapl` and `training.data.pbc`.
+
+A record is one cell image with where it came from (`source`, `patient_id`, the patient's
+`diagnosis`), the source's own class folder name (`source_class`) and its taxonomy code
+(`code`, via `marrowscope.taxonomy.SOURCE_CLASS_MAP`; None for cells without a class).
+
+Unreadable images (truncated JPEGs, missing files) are real: each gets one WARNING line
+naming the file and the reason, is counted in `ReadReport`, and is left out of the
+records; the summary line says how many. Nothing is dropped silently and nothing raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from marrowscope.paths import shared_data_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = shared_data_dir()
+"""`../shared/data` next to the project root (env `MARROWSCOPE_SHARED_DATA` overrides)."""
+
+
+class DataUnavailable(FileNotFoundError):
+    """A real data set is not on this machine (tests skip on it, jobs stop with it)."""
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    source: str
+    """`deepapl` or `pbc`."""
+    patient_id: str | None
+    """DeepAPL patient id; None for PBC (healthy donors, no ids)."""
+    diagnosis: str | None
+    """The patient's diagnosis (`AML` | `APL` for DeepAPL; `healthy` for PBC)."""
+    source_class: str
+    """The source's class folder name as written there ("" = not signed out)."""
+    code: str | None
+    """Taxonomy code of `source_class`; None when the cell has no class."""
+    path: Path
+
+
+@dataclass
+class ReadReport:
+    source: str
+    listed: int = 0
+    kept: int = 0
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    """`path: reason` of each image that could not be decoded (e.g. truncated JPEG)."""
+    unlabelled: int = 0
+    """Records kept without a taxonomy code (DeepAPL cells not signed out)."""
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: {self.kept} of {self.listed} listed cells kept "
+            f"({self.unlabelled} without a class), {len(self.missing)} missing files, "
+            f"{len(self.unreadable)} unreadable images skipped"
+        )
+
+    def log(self) -> None:
+        bad = self.missing or self.unreadable
+        log.log(logging.WARNING if bad else logging.INFO, "%s", self.summary())
+
+
+def image_problem(path: Path) -> str | None:
+    """None when `path` decodes as the services decode it, else the reason (never raises)."""
+    from marrowscope.errors import InvalidInput
+    from marrowscope.imaging import ImageLimits, decode_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    try:
+        decode_image(data, limits=ImageLimits(min_side=1))
+    except InvalidInput as exc:
+        return str(exc)
+    return None
+
+
+def keep_readable(
+    records: Iterable[CellRecord], report: ReadReport, *, verify: bool
+) -> list[CellRecord]:
+    """Records whose file exists (and decodes, with `verify`); each other one is logged on
+    one line and counted in `report`."""
+    out = []
+    for r in records:
+        report.listed += 1
+        if not r.path.is_file():
+            log.warning("%s: %s: file missing, skipped", report.source, r.path)
+            report.missing.append(str(r.path))
+            continue
+        if verify:
+            problem = image_problem(r.path)
+            if problem is not None:
+                log.warning(
+                    "%s: %s: unreadable image (%s), skipped", report.source, r.path, problem
+                )
+                report.unreadable.append(f"{r.path}: {problem}")
+                continue
+        out.append(r)
+        report.unlabelled += r.code is None
+    report.kept = len(out)
+    return out
+
+
+def require_root(root: Path, name: str, marker: str) -> Path:
+    root = Path(root)
+    if not (root / marker).is_file():
+        raise DataUnavailable(
+            f"{root / marker} not found: the {name} set is not on this machine "
+            f"(expected as ../shared/data/{name}, see that folder's README.md)"
+        )
+    return root
+
+
+def split_patients(
+    records: Sequence[CellRecord],
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, str]:
+    """patient_id -> `train` | `val` | `test`, grouped by patient (every cell of a patient on
+    one side) and stratified by diagnosis, with `training.data.splits.split_cases` (the
+    same splitter as the case-level jobs). Records without a patient id are ignored."""
+    from training.data.manifest import CaseRecord
+    from training.data.splits import split_cases
+
+    diagnosis: dict[str, str] = {}
+    for r in records:
+        if r.patient_id is not None:
+            diagnosis.setdefault(r.patient_id, r.diagnosis or "")
+    if not diagnosis:
+        raise ValueError("no records with a patient id to split")
+    cases = [
+        CaseRecord(case_id=p, patient_id=p, image_paths=(), aml_label=1, extra={"dx": d})
+        for p, d in sorted(diagnosis.items())
+    ]
+    out = split_cases(
+        cases,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        stratify=lambda c: c.extra["dx"],
+    )
+    return {c.patient_id: c.split for c in out}
+
+
+def split_files(n: int, *, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
+    """Split labels (`train` / `val` / `test`) for n records without patient ids, at random
+    by file (seeded)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    labels = np.full(n, "train", dtype=object)
+    labels[order[:n_test]] = "test"
+    labels[order[n_test : n_test + n_val]] = "val"
+    return labels
+
+
+def load_crops(
+    records: Sequence[CellRecord], size: int, *, cache: Path | None = None
+) -> tuple[np.ndarray, list[CellRecord]]:
+    """(uint8[N, size, size, 3], the N records kept): every image decoded like the services
+    decode and resized whole to size x size (a single-cell image is already a crop around
+    one cell). An image that does not decode is logged on one line, counted in the summary
+    line and left out; nothing raises. With `cache`, the result is kept in
+    `<cache>/crops-<sha>.npz` (keyed by the file list and size) for the next run."""
+    import hashlib
+
+    from marrowscope.errors import InvalidInput
+    from marrowscope.imaging import ImageLimits, decode_image, resize_for_model
+
+    key = hashlib.sha256(f"{size}\n".encode())
+    for p in sorted(str(r.path) for r in records):  # any order of the same files: one entry
+        key.update(f"{p}\n".encode())
+    cached = None if cache is None else Path(cache) / f"crops-{key.hexdigest()[:16]}.npz"
+    if cached is not None and cached.is_file():
+        with np.load(cached, allow_pickle=False) as z:
+            row = {p: i for i, p in enumerate(z["paths"].tolist())}
+            kept = [r for r in records if str(r.path) in row]
+            crops = z["crops"][[row[str(r.path)] for r in kept]]
+            log.info("%d crops from %s (%d unreadable before)", len(kept), cached, int(z["bad"]))
+            return crops.reshape(-1, size, size, 3), kept
+    crops, kept, bad = [], [], 0
+    for r in records:
+        try:
+            image = decode_image(r.path.read_bytes(), limits=ImageLimits(min_side=1))
+        except (InvalidInput, OSError) as exc:
+            log.warning("%s: %s: unreadable image (%s), skipped", r.source, r.path, exc)
+            bad += 1
+            continue
+        crops.append(resize_for_model(image, (size, size)))
+        kept.append(r)
+    log.log(
+        logging.WARNING if bad else logging.INFO,
+        "decoded %d of %d cell images at %dx%d, %d unreadable skipped",
+        len(kept),
+        len(records),
+        size,
+        size,
+        bad,
+    )
+    out = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, crops=out, paths=np.array([str(r.path) for r in kept]), bad=bad)
+    return out, kept
