@@ -3,12 +3,12 @@
     python -m training.apl --workdir DIR --celltype-model models:/marrowscope-celltype@champion
     python -m training.apl --workdir DIR --train-typer-minutes 8   # no typer: train a quick one
 
-Real data (`../shared/data/deepapl`, read its README): 81 AML patients (60 non-APL, 21 APL),
-each a bag of ~160 signed-out single white cells. Every cell is typed by a celltype model
-(probabilities and its penultimate embedding) and measured (`marrowscope.morphometrics`);
-one case vector per patient is built by `marrowscope.features.case_features`, the code path
-serving uses. Then, on the same repeated patient-grouped stratified 5-fold CV (one patient =
-one group; `training.apl_cv`):
+Real data (`../shared/data/deepapl`, read its README; read by `training.data.deepapl`):
+81 AML patients (60 non-APL, 21 APL), each a bag of ~160 signed-out single white cells.
+Every cell is typed by a celltype model (probabilities and its penultimate embedding) and
+measured (`marrowscope.morphometrics`); one case vector per patient is built by
+`marrowscope.features.case_features`, the code path serving uses. Then, on the same
+repeated patient-grouped stratified 5-fold CV (one patient = one group; `training.apl_cv`):
 
 - (a) the ensemble's APL output: an `EnsembleNet` with `targets: ["aml", "apl"]` trained by
   `training.ensemble.train_mlp` (every patient here is AML, so only the APL head learns);
@@ -36,8 +36,6 @@ cell it cannot measure).
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import logging
 import time
@@ -48,37 +46,13 @@ from typing import Any
 import numpy as np
 
 from training.common import UsageError, progress, run_main
+from training.data.deepapl import DEFAULT_ROOT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path("../shared/data/deepapl")
+DEFAULT_DATA = DEFAULT_ROOT
 ECKARDT_2022_AUROC = 0.8575
 """APL vs non-APL AML AUROC from bone-marrow smears, Eckardt et al., BMC Cancer 2022."""
-
-CLASS_MAP: dict[str, str | None] = {
-    "Blast, no lineage spec": "BLA",
-    "Promyelocyte": "PMO",
-    "Myelocyte": "MYB",
-    "Metamyelocyte": "MMZ",
-    "Band neutrophils": "NGB",
-    "Segmented neutrophils": "NGS",
-    "Eosinophils": "EOS",
-    "Basophil": "BAS",
-    "Monocyte": "MON",
-    "Promonocyte": "MON",
-    "Lymphocyte": "LYT",
-    "Lymphocyte, variant": "LYT",
-    "Prolymphocyte": "LYT",
-    "Plasma cells": "PLM",
-    "Erythroblast": "EBO",
-    "Smudge cells": None,
-    "Giant thrombocyte": None,
-    "Thrombocyte aggregation": None,
-    "": None,
-}
-"""DeepAPL sign-out folder -> taxonomy code; None: not a counted type (smudge cells,
-platelets) or not signed out."""
-
 
 # ------------------------------------------------------------------ reader interface
 
@@ -87,16 +61,16 @@ platelets) or not signed out."""
 class AplCell:
     patient_id: str
     file: Path
-    """absolute or relative to the working directory"""
     sign_out: str
     """the hematopathologist's folder name; "" when not signed out"""
+    code: str | None
+    """its taxonomy code (`marrowscope.taxonomy.SOURCE_CLASS_MAP`); None: not signed out"""
 
 
 @dataclass(frozen=True)
 class AplCohort:
-    """What this experiment needs from a DeepAPL reader: diagnosis per patient (1 = APL)
-    and the cells. A fuller reader (`training.data.deepapl`) can replace `read_deepapl` as
-    long as it yields this."""
+    """What this experiment needs from the DeepAPL reader (`training.data.deepapl`):
+    diagnosis per patient (1 = APL) and the readable cells."""
 
     apl: dict[str, int]
     cells: list[AplCell]
@@ -106,30 +80,23 @@ class AplCohort:
         return sorted(self.apl)
 
 
-def read_deepapl(root: Path) -> AplCohort:
-    """patients.csv + cells.csv of `root`; patients without cells are left out (logged).
+def read_cohort(root: Path, *, verify: bool = True) -> AplCohort:
+    """The shared DeepAPL reader's patients and readable cells (it logs and counts the
+    unreadable ones; `verify` decodes each once); patients without cells are left out.
+    Reader errors become UsageError."""
+    from marrowscope.taxonomy import UnknownCellType
+    from training.data.coco import DatasetFormatError
+    from training.data.deepapl import read_deepapl
+    from training.data.singlecell import DataUnavailable
 
-    Raises UsageError when the folder or a file is missing or a diagnosis is not AML/APL."""
-    root = Path(root)
-    if not (root / "patients.csv").is_file() or not (root / "cells.csv").is_file():
-        raise UsageError(f"{root}: DeepAPL data not found (patients.csv, cells.csv)")
-    apl: dict[str, int] = {}
-    with open(root / "patients.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            diagnosis = row["diagnosis"].strip()
-            if diagnosis not in ("AML", "APL"):
-                raise UsageError(f"{root}/patients.csv: diagnosis {diagnosis!r} is not AML|APL")
-            apl[row["patient_id"]] = int(diagnosis == "APL")
-    cells = []
-    with open(root / "cells.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["patient_id"] not in apl:
-                raise UsageError(f"{root}/cells.csv: patient {row['patient_id']!r} not listed")
-            cells.append(AplCell(row["patient_id"], root / row["file"], row["cell_class"] or ""))
+    try:
+        data = read_deepapl(root, verify=verify)
+    except (DataUnavailable, DatasetFormatError, UnknownCellType) as exc:
+        raise UsageError(f"{root}: {exc}") from None
+    cells = [AplCell(r.patient_id, r.path, r.source_class, r.code) for r in data.records]
     with_cells = {c.patient_id for c in cells}
-    if dropped := sorted(set(apl) - with_cells):
-        log.info("patients without cells left out: %s", dropped)
-    return AplCohort({p: y for p, y in apl.items() if p in with_cells}, cells)
+    apl = {p: int(v.diagnosis == "APL") for p, v in data.patients.items() if p in with_cells}
+    return AplCohort(apl, cells)
 
 
 # ------------------------------------------------------------------ cells -> arrays
@@ -170,19 +137,18 @@ def load_cells(
 
 
 def sign_out_codes(cohort: AplCohort) -> list[str | None]:
-    """Taxonomy code of each cell's sign-out folder (None: not counted / not signed out)."""
-    unknown = {c.sign_out for c in cohort.cells} - set(CLASS_MAP)
-    if unknown:
-        raise UsageError(f"sign-out classes not in CLASS_MAP: {sorted(unknown)}")
-    return [CLASS_MAP[c.sign_out] for c in cohort.cells]
+    """Taxonomy code of each cell's sign-out folder (None: not signed out)."""
+    return [c.code for c in cohort.cells]
 
 
 def train_quick_typer(
     crops: np.ndarray, codes: list[str | None], keep: np.ndarray, out: Path, *, minutes: float
 ) -> Path:
     """A ResNet18 celltype model (softmax head) trained on the signed-out cells for at most
-    `minutes` (whole epochs until the budget is spent), saved under `out`; returns its
-    directory. Attribute heads stay untrained (no attribute labels on these cells)."""
+    `minutes` (epochs until the budget is spent), saved under `out`; returns its directory.
+    Non-counted classes (smudge cells, platelets) are learned too, so that serving-like
+    typing can leave them out of the differential. Attribute heads stay untrained (no
+    attribute labels on these cells)."""
     import torch
 
     from marrowscope.models import build_model, make_config, save_model
@@ -318,10 +284,6 @@ def sign_out_differential(cohort: AplCohort) -> tuple[list[str], np.ndarray]:
     return classes, table
 
 
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 # ------------------------------------------------------------------ the experiment
 
 
@@ -424,8 +386,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     from training.common import JobConfig, load_job_config
 
-    if not args.data.is_dir():
-        raise UsageError(f"{args.data}: DeepAPL data not found (see ../shared/data/README.md)")
     if args.celltype_model is None and args.train_typer_minutes <= 0:
         raise UsageError("give --celltype-model or a positive --train-typer-minutes")
     import torch
@@ -435,7 +395,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    cohort = read_deepapl(args.data)
+    cohort = read_cohort(args.data)
     patients = cohort.patients
     y = np.array([cohort.apl[p] for p in patients])
     log.info("%d patients (%d APL), %d cells", len(y), y.sum(), len(cohort.cells))
@@ -617,6 +577,15 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{r['reference']['eckardt_2022_bmc_cancer_auroc']} | | |",
             "",
             f"Better of (a) and (b): `{r['better_of_ensemble_and_mil']}`.",
+            "",
+            "Served: the ensemble's APL head (`targets` with `apl`: `P_APL`, report "
+            "`apl_morphology`). Serving MIL instead needs a new input path: the celltype "
+            "service returning each cell's penultimate embedding (an `EMBEDDINGS` FP32 [B, D] "
+            "output), the gateway collecting them over the case's images, a `mil` model kind "
+            "(safetensors + config, lineage pinned to the celltype version whose embeddings "
+            "it learned) behind its own OIP model or the ensemble service (`CELL_EMBEDDINGS` "
+            "FP32 [N, D] -> `P_APL`, `ATTENTION` FP32 [N]), and the attention weights written "
+            "to the report's per-cell `importance`.",
             "",
             f"Cell typer: {typer['source']} ({typer['arch']}, {typer['crop_size']} px crops, "
             f"embedding {typer['embedding_dim']}-d; `{typer['uri']}`). Morphometrics from up to "
