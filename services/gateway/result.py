@@ -105,10 +105,6 @@ class GeneticMorphologyCall(_Model):
     model_version: str = Field(description="the pinned ensemble version")
 
 
-Npm1MorphologyCall = GeneticMorphologyCall
-"""The 1.2 name of the NPM1 entry's type."""
-
-
 class Cell(_Model):
     box: list[float] = Field(
         min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels of the submitted image"
