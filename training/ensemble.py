@@ -14,16 +14,19 @@ plots. The model config records `feature_units` (um with the training pixel-size
 the images have `um_per_px`, else px) so that serving can refuse features in another unit.
 
 Config `targets` (`["aml", "npm1"]` in the shipped configs; a config file without the key
-trains AML only) adds a second output, P(NPM1 mutated | AML), on the same hidden layers:
-the blast attribute fractions in the case vector (cup-like nuclei, nucleoli, condensed
-chromatin) are the morphology hematologists read for NPM1, and unlike the whole-image CNN
-(training/npm1.py) it learns on CPU-sized data. Loss = BCE(AML) + masked BCE(NPM1): the NPM1
-term is averaged over the batch's AML cases with a known NPM1 status only (`ensemble_loss`;
-controls and unknown status add nothing to it), the two terms summed unweighted. Its metrics
-are the AML names prefixed `npm1_` on the held-out AML cases with a known status
-(`npm1_auroc`, ..., `npm1_cv_auroc_mean`), its decision threshold config
-`npm1_score_threshold` (null = 0.5, like `score_threshold` for AML). HPO still maximises the
-AML validation AUROC; the NPM1 head is trained in every trial but does not steer the search.
+trains AML only) adds genetic outputs on the same hidden layers, one per target defined in
+`marrowscope.targets` (npm1 = P(NPM1 mutated | AML), apl = P(APL | AML)): the blast
+attribute fractions, differential and morphometric summaries in the case vector are the
+morphology hematologists read for them, and unlike the whole-image CNN (training/npm1.py)
+the heads learn on CPU-sized data. Loss = BCE(AML) + a masked BCE per genetic target: each
+term is averaged over the batch's AML cases with a known status for that target only
+(`ensemble_loss`; controls and unknown status add nothing to it), the terms summed
+unweighted. A target's metrics are the AML names prefixed `<target>_` on the held-out AML
+cases with a known status (`npm1_auroc`, ..., `apl_cv_auroc_mean`), its decision threshold
+config `<target>_score_threshold` (null = 0.5, like `score_threshold` for AML). The case
+label comes from the target's cases.csv column (`npm1_status`: mutated | wild_type;
+`apl_status`: apl | non_apl, an extra column). HPO still maximises the AML validation
+AUROC; the genetic heads are trained in every trial but do not steer the search.
 """
 
 from __future__ import annotations
@@ -135,38 +138,47 @@ def job_targets(config: JobConfig) -> list[str]:
     return list(targets)
 
 
+def _label(record, target: str) -> float:
+    from marrowscope.targets import genetic_target
+
+    if target == "aml":
+        return float(record.aml_label)
+    label = genetic_target(target).label(record)
+    return np.nan if label is None else float(label)
+
+
 def target_labels(records: list, targets: list[str]) -> np.ndarray:
     """float32[N, T] labels in `targets` column order; NaN where a target does not apply:
-    `npm1` is known for AML cases with NPM1 status mutated (1) or wild_type (0) only, never
-    for controls (whatever their manifest row says) or an unknown status."""
-    columns = {
-        "aml": [float(r.aml_label) for r in records],
-        "npm1": [
-            float(r.npm1_label) if r.aml_label == 1 and r.npm1_label is not None else np.nan
-            for r in records
-        ],
-    }
-    return np.array([columns[t] for t in targets], dtype=np.float32).reshape(len(targets), -1).T
+    a genetic target (`marrowscope.targets`, e.g. npm1, apl) is known for AML cases whose
+    label column holds a positive or negative value only (npm1_status mutated / wild_type;
+    apl_status apl / non_apl), never for controls (whatever their manifest row says) or an
+    unknown status."""
+    return np.array([[_label(r, t) for t in targets] for r in records], dtype=np.float32).reshape(
+        len(records), len(targets)
+    )
 
 
-def check_npm1_labels(records: list, targets: list[str], data_dir: Path) -> None:
-    """Refuse the npm1 target unless the training AML cases hold both NPM1 states: without
-    them the head would learn a constant (or nothing) and still be served."""
-    if "npm1" not in targets:
-        return
-    y = target_labels([r for r in records if r.split == "train"], ["npm1"])[:, 0]
-    states = set(y[~np.isnan(y)].astype(int).tolist())
-    if len(states) < 2:
-        found = (
-            "no AML case with a known NPM1 status"
-            if not states
-            else f"only {'mutated' if 1 in states else 'wild-type'} NPM1"
-        )
-        raise UsageError(
-            f"{data_dir}: target npm1 needs training AML cases of both NPM1 states "
-            f"(cases.csv npm1_status mutated and wild_type), found {found}; train the "
-            "AML output alone with --set 'targets=[\"aml\"]'"
-        )
+def check_target_labels(records: list, targets: list[str], data_dir: Path) -> None:
+    """Refuse a genetic target unless the training AML cases hold both of its states:
+    without them the head would learn a constant (or nothing) and still be served."""
+    from marrowscope.targets import genetic_target
+
+    train = [r for r in records if r.split == "train"]
+    for code in targets[1:]:
+        t = genetic_target(code)
+        y = target_labels(train, [code])[:, 0]
+        states = set(y[~np.isnan(y)].astype(int).tolist())
+        if len(states) < 2:
+            found = (
+                f"no AML case with a known {code.upper()} status"
+                if not states
+                else f"only {(t.positive if 1 in states else t.negative)[0]} {code.upper()}"
+            )
+            raise UsageError(
+                f"{data_dir}: target {code} needs training AML cases of both states "
+                f"(cases.csv {t.column} {t.positive[0]} and {t.negative[0]}), "
+                f"found {found}; train without it, e.g. --set 'targets=[\"aml\"]'"
+            )
 
 
 def ensemble_loss(logits, labels):
@@ -196,6 +208,14 @@ def known_auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
     if len(np.unique(y[known])) < 2:
         return None
     return float(roc_auc_score(y[known], scores[known]))
+
+
+def threshold_hyperparameters(config: JobConfig, targets: list[str]) -> dict[str, float]:
+    """`{<target>_score_threshold: t}` for every genetic target whose config threshold is set."""
+    from marrowscope.targets import genetic_target
+
+    keys = [genetic_target(t).threshold_key for t in targets[1:]]
+    return {k: config[k] for k in keys if config.get(k) is not None}
 
 
 def train_mlp(
@@ -236,13 +256,9 @@ def train_mlp(
         targets=targets,
         hyperparameters={
             **{k: config[k] for k in ("lr", "weight_decay", "lr_gamma", "epochs", "batch_size")},
-            # serving reads the NPM1 decision threshold from here (null:
-            # the gateway's MS_GATEWAY_NPM1_THRESHOLD applies)
-            **(
-                {"npm1_score_threshold": config["npm1_score_threshold"]}
-                if "npm1" in targets and config.get("npm1_score_threshold") is not None
-                else {}
-            ),
+            # serving reads each genetic target's decision threshold from here (null:
+            # the gateway's setting, e.g. MS_GATEWAY_NPM1_THRESHOLD, applies)
+            **threshold_hyperparameters(config, targets),
         },
         training={"seed": config["seed"], "config_name": config["config_name"]},
         **({"feature_units": feature_units} if feature_units is not None else {}),
@@ -306,9 +322,9 @@ def cross_validate(
     config: JobConfig, names, table: np.ndarray, records: list, output: Path
 ) -> dict[str, float]:
     """Case-grouped k-fold CV (k = config `cv_folds`) on `records`: per-fold AUROC mean/std
-    (`cv_auroc_*`), and with the npm1 target `npm1_cv_auroc_*` over each fold's AML cases of
-    known status. Folds are stratified by control / NPM1-mutated / wild-type AML when npm1 is
-    a target (so mutated cases land in every fold), else by the AML label."""
+    (`cv_auroc_*`), and for each genetic target `<t>_cv_auroc_*` over each fold's AML cases
+    of known status. Folds are stratified by the AML label and every genetic target's label
+    (control / NPM1-mutated / wild-type AML, ...), so positive cases land in every fold."""
     from training.data.splits import grouped_kfold
 
     k = config["cv_folds"]
@@ -317,7 +333,11 @@ def cross_validate(
     targets = job_targets(config)
     index = {r.case_id: i for i, r in enumerate(records)}
     y = target_labels(records, targets)
-    stratify = "aml_npm1" if "npm1" in targets else "aml_label"
+    by_case = {r.case_id: row for r, row in zip(records, y, strict=True)}
+
+    def stratify(r) -> str:
+        return ":".join("na" if np.isnan(v) else str(int(v)) for v in by_case[r.case_id])
+
     aurocs: dict[str, list[float]] = {t: [] for t in targets}
     for f, (tr, va) in enumerate(
         grouped_kfold(records, k, seed=config["split_seed"], stratify_by=stratify)
@@ -342,38 +362,46 @@ def cross_validate(
         if aurocs["aml"]
         else {}
     )
-    if aurocs.get("npm1"):
-        out.update(
-            {
-                "npm1_cv_auroc_mean": float(np.mean(aurocs["npm1"])),
-                "npm1_cv_auroc_std": float(np.std(aurocs["npm1"])),
-                "npm1_cv_folds": float(len(aurocs["npm1"])),
-            }
-        )
+    for t in targets[1:]:
+        if aurocs.get(t):
+            out.update(
+                {
+                    f"{t}_cv_auroc_mean": float(np.mean(aurocs[t])),
+                    f"{t}_cv_auroc_std": float(np.std(aurocs[t])),
+                    f"{t}_cv_folds": float(len(aurocs[t])),
+                }
+            )
     return out
 
 
-def npm1_report(
+def target_report(
+    target: str,
     y: np.ndarray,
     scores: np.ndarray,
     config: JobConfig,
     plots: Path | None,
-    title: str = "NPM1 | AML (test)",
+    title: str | None = None,
 ) -> tuple[dict[str, float], list[Path]]:
-    """`binary_report` (+ `binary_plots` into `plots` unless None) of the NPM1 output over
-    the cases with a known status (y NaN elsewhere, `target_labels`), names prefixed
-    `npm1_`, threshold config `npm1_score_threshold`; ({}, []) unless both states occur."""
+    """`binary_report` (+ `binary_plots` into `plots` unless None) of a genetic target's
+    output over the cases with a known status (y NaN elsewhere, `target_labels`), names
+    prefixed `<target>_`, threshold config `<target>_score_threshold` (null = 0.5);
+    ({}, []) unless both states occur."""
+    from marrowscope.targets import genetic_target
     from training.evaluate_metrics import binary_plots, binary_report
 
+    definition = genetic_target(target)
     known = ~np.isnan(y)
     if len(np.unique(y[known])) < 2:
         log.warning(
-            "NPM1 metrics left out: the evaluated AML cases hold NPM1 states %s only "
-            "(promotion refuses a version without npm1_auroc)",
+            "%s metrics left out: the evaluated AML cases hold %s states %s only "
+            "(promotion refuses a version without %s_auroc)",
+            target,
+            target,
             sorted(int(v) for v in np.unique(y[known])),
+            target,
         )
         return {}, []
-    threshold = config.get("npm1_score_threshold")
+    threshold = config.get(definition.threshold_key)
     threshold = 0.5 if threshold is None else threshold
     report = binary_report(
         y[known], scores[known], threshold=threshold, n_boot=config["n_boot"], seed=config["seed"]
@@ -382,10 +410,15 @@ def npm1_report(
         []
         if plots is None
         else binary_plots(
-            y[known], scores[known], plots, prefix="npm1_", threshold=threshold, title=title
+            y[known],
+            scores[known],
+            plots,
+            prefix=f"{target}_",
+            threshold=threshold,
+            title=title or f"{definition.name} | AML (test)",
         )
     )
-    return {f"npm1_{k}": v for k, v in report.items()}, paths
+    return {f"{target}_{k}": v for k, v in report.items()}, paths
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -444,7 +477,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
 
     records = load_cases(args.data, config)
     targets = job_targets(config)
-    check_npm1_labels(records, targets, args.data)  # these before the slow feature pass
+    check_target_labels(records, targets, args.data)  # these before the slow feature pass
     scale = pixel_sizes(args.data)  # annotations.json parsed once for units and features
     units = training_feature_units(args.data, records, scale)
     log.info("morphometric features in %s", units)
@@ -520,12 +553,12 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
                 title="AML (test)",
             )
         )
-        if "npm1" in targets:
-            npm1_metrics, npm1_plots = npm1_report(
-                y[te, targets.index("npm1")], probs["npm1"], config, args.output / "plots"
+        for j, t in enumerate(targets[1:], start=1):
+            target_metrics, target_plots = target_report(
+                t, y[te, j], probs[t], config, args.output / "plots"
             )
-            metrics.update(npm1_metrics)
-            log_plots(npm1_plots)
+            metrics.update(target_metrics)
+            log_plots(target_plots)
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(

@@ -156,17 +156,20 @@ def evaluate_ensemble(
         "aml_",
         f"AML ({split})",
     )
-    if "npm1" in probs:  # the P(NPM1 | AML) output, on the AML cases of known status
-        from training.ensemble import npm1_report, target_labels
+    # each genetic output (P(NPM1 | AML), P(APL | AML)) on the AML cases of known status
+    from marrowscope.targets import genetic_target
+    from training.ensemble import target_labels, target_report
 
-        npm1, paths = npm1_report(
-            target_labels(records, ["npm1"])[:, 0],
-            probs["npm1"],
+    for t in [t for t in probs if t != "aml"]:
+        found, paths = target_report(
+            t,
+            target_labels(records, [t])[:, 0],
+            probs[t],
             config,
             (args.plots or Path("plots")) if args.plots or args.mlflow else None,
-            title=f"NPM1 | AML ({split})",
+            title=f"{genetic_target(t).name} | AML ({split})",
         )
-        metrics.update(npm1)
+        metrics.update(found)
         args._plot_paths = [*getattr(args, "_plot_paths", []), *paths]
     return metrics
 

@@ -6,14 +6,15 @@
 Gates, evaluated on every candidate before anything moves (a set is all or nothing):
 - `exists`: the version is registered.
 - `metrics`: `marrowscope.metric.<m>` tags present and >= the floors (`DEFAULT_FLOORS`,
-  overridden with `--floor [kind.]metric=value`). An ensemble's `npm1_*` floors apply when
-  its config `targets` include `npm1` (the P(NPM1 | AML) output) and are skipped otherwise;
-  the default `npm1_auroc` floor is 0.80 (the paper's CNN reached 0.92; a morphology call
-  below 0.8 would mislead more than help).
+  overridden with `--floor [kind.]metric=value`). An ensemble's `<target>_*` floors apply
+  when its config `targets` include that genetic target (`marrowscope.targets`: npm1 =
+  P(NPM1 | AML), apl = P(APL | AML)) and are skipped otherwise; the default `npm1_auroc`
+  floor is 0.80 (the paper's CNN reached 0.92; a morphology call below 0.8 would mislead
+  more than help), `apl_auroc` 0.75 (Eckardt 2022: 0.8575).
 - `non_inferiority`: primary metric (`PRIMARY_METRIC`) >= champion's - `--margin`; for an
-  ensemble with the npm1 output also `npm1_auroc`, when the champion has it.
+  ensemble also `<target>_auroc` of each genetic output, when the champion has it.
 - `targets` (ensembles): the outputs of the champion and the candidate, shown in the table.
-  Adding an output passes; dropping one the champion serves (e.g. npm1) is refused unless
+  Adding an output passes; dropping one the champion serves (npm1, apl) is refused unless
   `--allow-drop-target`, since the reports would silently lose that call.
 - `feature_units` (ensembles): the unit its morphometric features were learned in (um or
   px, `marrowscope.models.config.feature_units`). A candidate whose unit differs from the
@@ -53,6 +54,7 @@ from typing import Any
 from marrowscope import registry
 from marrowscope.errors import ModelNotFound
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.targets import GENETIC_TARGETS, genetic_targets
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,10 @@ PRIMARY_METRIC = {
 DEFAULT_FLOORS: dict[str, dict[str, float]] = {
     "segmentation": {"map50": 0.5},
     "celltype": {"macro_f1": 0.5},
-    "ensemble": {"auroc": 0.75, "npm1_auroc": 0.80},
+    # plus `<target>_auroc` >= its floor for every genetic target (`default_floors`,
+    # `marrowscope.targets`: npm1_auroc 0.80, apl_auroc 0.75), applied only to ensembles
+    # that have that output
+    "ensemble": {"auroc": 0.75, **{f"{t.code}_auroc": t.floor for t in GENETIC_TARGETS}},
     "npm1": {"auroc": 0.65},
     "nucseg": {"cell_dice": 0.90},
 }
@@ -74,6 +79,17 @@ NUCSEG_NC_ERROR_CEILING = 0.10
 """Median |N:C error| a learned split may have (the classical split: 0.059 on wbc-seg,
 0.37 on the other scanner's crowded cells)."""
 NUCSEG_DOMAINS = ("wbcseg_cv", "synth")
+
+
+def default_floors() -> dict[str, dict[str, float]]:
+    """`DEFAULT_FLOORS` with the floor of every registered genetic target (read at call
+    time, so a target added to `marrowscope.targets` is gated without touching this file)."""
+    floors = {k: dict(v) for k, v in DEFAULT_FLOORS.items()}
+    for t in genetic_targets():
+        floors["ensemble"].setdefault(f"{t.code}_auroc", t.floor)
+    return floors
+
+
 DEFAULT_MARGIN = 0.01
 PROMOTIONS_EXPERIMENT = "marrowscope-promotions"
 
@@ -102,7 +118,7 @@ class _Version:
 
     @property
     def targets(self) -> list[str]:
-        """An ensemble's outputs (`aml`, optionally `npm1`); [] for other kinds."""
+        """An ensemble's outputs (`aml`, then its genetic targets); [] for other kinds."""
         from marrowscope.models.config import ensemble_targets
 
         return ensemble_targets(self.config or {}) if self.kind == "ensemble" else []
@@ -132,11 +148,11 @@ def _fetch(client: Any, kind: str, version: str | None = None) -> _Version | Non
 def _metric_target(c: _Version, metric: str) -> str | None:
     """The ensemble output a metric belongs to when it is not the AML one (`npm1_auroc` ->
     `npm1`), else None."""
-    from marrowscope.models.config import ENSEMBLE_TARGETS
+    from marrowscope.targets import BY_CODE
 
     if c.kind != "ensemble":
         return None
-    return next((t for t in ENSEMBLE_TARGETS if t != "aml" and metric.startswith(f"{t}_")), None)
+    return next((t for t in BY_CODE if metric.startswith(f"{t}_")), None)
 
 
 def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
@@ -478,7 +494,7 @@ def promote(
     decisions = evaluate(
         candidates,
         client=client,
-        floors=DEFAULT_FLOORS if floors is None else floors,
+        floors=default_floors() if floors is None else floors,
         margin=margin,
         allow_drop_target=allow_drop_target,
         allow_unit_change=allow_unit_change,
@@ -521,7 +537,7 @@ def _parse_pairs(pairs: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def _floors(pairs: list[str], kinds: list[str]) -> dict[str, dict[str, float]]:
-    floors = {k: dict(v) for k, v in DEFAULT_FLOORS.items()}
+    floors = default_floors()
     for key, value in _parse_pairs(pairs, "--floor"):
         kind, dot, metric = key.rpartition(".")
         targets = [kind] if dot else kinds
@@ -559,7 +575,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-drop-target",
         action="store_true",
-        help="accept an ensemble without an output its champion has (e.g. npm1)",
+        help="accept an ensemble without an output its champion has (e.g. npm1, apl)",
     )
     p.add_argument(
         "--allow-unit-change",

@@ -23,16 +23,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from marrowscope.errors import MarrowScopeError
+from marrowscope.targets import ensemble_target_codes
 from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1", "nucseg")
-ENSEMBLE_TARGETS: tuple[str, ...] = ("aml", "npm1")
-"""Outputs an ensemble net may have: `aml` = P(AML) over all cases (the paper's ENN, always
-first); `npm1` = P(NPM1 mutated | AML) from the same case features (cup-like nuclei,
-nucleoli, chromatin among blasts), learned on AML cases with a known NPM1 status only."""
 
 ARCHS: dict[str, tuple[str, ...]] = {
     # Paper: Faster R-CNN with a ResNet50-FPN backbone; MobileNetV3 for CPU-sized configs.
@@ -277,12 +274,12 @@ def _validate_ensemble(config: dict[str, Any]) -> None:
         or not targets
         or targets[0] != "aml"
         or len(set(targets)) != len(targets)
-        or not set(targets) <= set(ENSEMBLE_TARGETS)
+        or not set(targets) <= set(ensemble_target_codes())
     ):
         _fail(
             config,
-            f"targets must start with 'aml' and name distinct outputs of {list(ENSEMBLE_TARGETS)}, "
-            f"got {targets!r}",
+            "targets must start with 'aml' and name distinct outputs of "
+            f"{list(ensemble_target_codes())}, got {targets!r}",
         )
     if "feature_units" in config:
         _validate_feature_units(config)

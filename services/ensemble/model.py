@@ -1,17 +1,19 @@
-"""Ensemble handler: P(AML) (and, when the model has that head, P(NPM1 mutated | AML)) from
-one case feature vector, plus the model's lineage.
+"""Ensemble handler: P(AML) (and, for each genetic head the model has, P(lesion | AML):
+P(NPM1 mutated | AML), P(APL | AML)) from one case feature vector, plus the model's lineage.
 
 Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - in  ``FEATURES`` FP32 [1, F], finite, in ``FEATURE_NAMES`` order; ``FEATURE_NAMES`` BYTES
   [F]: must equal the model config's ``feature_names`` (same names, same order), else
   INVALID_ARGUMENT naming what is missing or unexpected (`marrowscope.features`).
-- out ``P_AML`` FP32 [1] in [0, 1]; for a model whose config has ``targets: ["aml", "npm1"]``
-  also ``P_NPM1`` FP32 [1] in [0, 1] = P(NPM1 mutated | AML) from the same features. The
-  outputs are per loaded version (ModelMetadata of a version lists exactly its outputs), so
-  a hot reload to a model with or without the head changes them.
-- response parameter (string) ``npm1_threshold``, only for a model with the NPM1 head and a
-  recorded decision threshold (config ``hyperparameters.npm1_score_threshold``, in [0, 1];
-  null or absent = none recorded); clients use their own threshold otherwise.
+- out ``P_AML`` FP32 [1] in [0, 1]; then one FP32 [1] in [0, 1] per genetic target in the
+  config's ``targets`` (`marrowscope.targets`): ``P_NPM1`` = P(NPM1 mutated | AML) for
+  ``npm1``, ``P_APL`` = P(APL | AML) for ``apl``, from the same features. The outputs are
+  per loaded version (ModelMetadata of a version lists exactly its outputs), so a hot
+  reload to a model with or without a head changes them.
+- response parameter (string) ``npm1_threshold`` / ``apl_threshold`` (the target's
+  ``threshold_parameter``), only for a model with that head and a recorded decision
+  threshold (config ``hyperparameters.<target>_score_threshold``, in [0, 1]; null or absent
+  = none recorded); clients use their own threshold otherwise.
 - response parameters (string) ``lineage_segmentation`` / ``lineage_celltype``: the upstream
   versions the ensemble was trained on (registry tags ``marrowscope.lineage.<kind>``; for a
   local directory the config's ``training.lineage``; "" when unknown). They are offered as
@@ -36,14 +38,13 @@ from marrowscope.errors import InvalidInput, ModelNotReady
 from marrowscope.inference import EnsemblePredictor
 from marrowscope.models import feature_units
 from marrowscope.models.config import ensemble_targets
+from marrowscope.targets import genetic_target, output_of
 from services.common import PredictorHandler, bytes_tensor, decode_names
 from services.ensemble.config import EnsembleSettings
 from services.runtime.handler import Parameters, Tensors, TensorSpec
 
 UPSTREAMS: tuple[str, ...] = ("segmentation", "celltype")
 LINEAGE_TAG_PREFIX = "marrowscope.lineage."
-OUTPUT_OF_TARGET: dict[str, str] = {"aml": "P_AML", "npm1": "P_NPM1"}
-"""Wire output name of each ensemble target (`marrowscope.models.config.ENSEMBLE_TARGETS`)."""
 
 
 def lineage_of(tags: Mapping[str, str], config: Mapping) -> dict[str, str]:
@@ -69,20 +70,22 @@ def units_parameters(config: Mapping) -> dict[str, str]:
     }
 
 
-def npm1_threshold_parameters(config: Mapping) -> dict[str, str]:
-    """``{"npm1_threshold": "<t>"}`` when the model has the NPM1 head and its config records
-    a decision threshold (``hyperparameters.npm1_score_threshold``), else ``{}``."""
-    if "npm1" not in ensemble_targets(dict(config)):
-        return {}
-    value = config.get("hyperparameters", {}).get("npm1_score_threshold")
-    if value is None:
-        return {}
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ModelNotReady(
-            "ensemble config hyperparameters.npm1_score_threshold must be a "
-            f"number in [0, 1], got {value!r}"
-        )
-    return {"npm1_threshold": str(float(value))}
+def threshold_parameters(config: Mapping) -> dict[str, str]:
+    """``{"<target>_threshold": "<t>"}`` for every genetic head of the model whose config
+    records a decision threshold (``hyperparameters.<target>_score_threshold``)."""
+    out: dict[str, str] = {}
+    for code in ensemble_targets(dict(config))[1:]:
+        target = genetic_target(code)
+        value = config.get("hyperparameters", {}).get(target.threshold_key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ModelNotReady(
+                f"ensemble config hyperparameters.{target.threshold_key} must be a "
+                f"number in [0, 1], got {value!r}"
+            )
+        out[target.threshold_parameter] = str(float(value))
+    return out
 
 
 class EnsembleHandler(PredictorHandler):
@@ -105,13 +108,13 @@ class EnsembleHandler(PredictorHandler):
         super().__init__(local_dir, settings)
         self.feature_names: tuple[str, ...] = tuple(self.config["feature_names"])
         self.targets: tuple[str, ...] = tuple(ensemble_targets(self.config))
-        # per loaded version: ModelMetadata must show whether this one answers P_NPM1
-        self.outputs = tuple(TensorSpec(OUTPUT_OF_TARGET[t], "FP32", (1,)) for t in self.targets)
+        # per loaded version: ModelMetadata must show which heads (P_NPM1, P_APL) it answers
+        self.outputs = tuple(TensorSpec(output_of(t), "FP32", (1,)) for t in self.targets)
         self.lineage = lineage_of(tags or {}, self.config)
         self.response_parameters: dict[str, str] = {
             **{f"lineage_{u}": v for u, v in self.lineage.items()},
             **units_parameters(self.config),
-            **npm1_threshold_parameters(self.config),
+            **threshold_parameters(self.config),
         }
 
     def warmup(self) -> None:
@@ -137,7 +140,4 @@ class EnsembleHandler(PredictorHandler):
         return self.predictor.predict_targets(names, vector)
 
     def postprocess(self, p: dict[str, np.ndarray], parameters: Parameters) -> Tensors:
-        return {
-            OUTPUT_OF_TARGET[t]: p[t].astype(np.float32, copy=False).reshape(1)
-            for t in self.targets
-        }
+        return {output_of(t): p[t].astype(np.float32, copy=False).reshape(1) for t in self.targets}

@@ -97,7 +97,8 @@ class FeatureUnits:
 @dataclass(frozen=True)
 class EnsembleOutput:
     """P(AML), the upstream versions the ensemble was trained on (its lineage), the unit of
-    its morphometric features and, for a version with the NPM1 head, P(NPM1 mutated | AML)."""
+    its morphometric features and, for each genetic head the version has (`marrowscope.
+    targets`: npm1, apl), P(lesion | AML) and the threshold the model records for it."""
 
     p_aml: float
     lineage: dict[str, str]
@@ -106,12 +107,31 @@ class EnsembleOutput:
     feature_units: FeatureUnits = field(default_factory=FeatureUnits)
     """Response parameters `feature_length_unit`, `feature_um_per_px_min|max`; unknown when
     the service does not send them (an older ensemble service)."""
-    p_npm1: float | None = None
-    """Output `P_NPM1`: P(NPM1 mutated | AML) from the same features; None when the version
-    has no NPM1 head (it answers `P_AML` only)."""
-    npm1_threshold: float | None = None
-    """Response parameter `npm1_threshold`: the decision threshold the model records for
-    `p_npm1`; None when it records none (the gateway's `npm1_threshold` applies)."""
+    p_targets: dict[str, float] = field(default_factory=dict)
+    """Genetic target code (`marrowscope.targets`) -> its output for every head the version
+    answered: `P_NPM1` = P(NPM1 mutated | AML) as "npm1", `P_APL` = P(APL | AML) as "apl";
+    a target without a head is absent."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Genetic target code -> the decision threshold the model records (response parameters
+    `npm1_threshold`, `apl_threshold`); absent when it records none (the gateway's setting
+    applies)."""
+
+    def p(self, target: str) -> float | None:
+        """P(lesion | AML) of a genetic target; None when the version has no such head."""
+        return self.p_targets.get(target)
+
+    def threshold(self, target: str) -> float | None:
+        """The decision threshold the model records for `target`; None when none."""
+        return self.thresholds.get(target)
+
+    @property
+    def p_npm1(self) -> float | None:
+        """Output `P_NPM1` (None: no NPM1 head); the field's name before APL was added."""
+        return self.p("npm1")
+
+    @property
+    def npm1_threshold(self) -> float | None:
+        return self.threshold("npm1")
 
 
 @dataclass(frozen=True)
@@ -143,8 +163,8 @@ class ModelClients(Protocol):
     async def ensemble(
         self, features: np.ndarray, names: list[str], *, version: str, timeout: float
     ) -> EnsembleOutput:
-        """features: float32[F] case vector named by names; `p_npm1` only when the pinned
-        version has the NPM1 head."""
+        """features: float32[F] case vector named by names; `p_targets` holds the genetic
+        heads (npm1, apl) the pinned version has."""
         ...
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:

@@ -73,6 +73,8 @@ class GatewaySettings(BaseSettings):
     min_cells: int = Field(50, ge=1)
     """Fewer counted (non-RBC) cells over the case -> status `abstained`, no probability."""
     npm1_threshold: float = Field(0.5, ge=0, le=1)
+    apl_threshold: float = Field(0.5, ge=0, le=1)
+    """Threshold of the APL-by-morphology call when the ensemble records none."""
     aml_threshold: float = Field(0.5, ge=0, le=1)
     celltype_batch: int = Field(64, ge=1)
     allow_local_lineage: bool = False

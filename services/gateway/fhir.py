@@ -10,16 +10,21 @@ Observation and by a Provenance whose targets are all generated resources. Heatm
 overlays are Media with `content.url` pointing at the gateway's PNG endpoints. A withheld
 P(AML) on a succeeded case (result `aml.status` abstained) is a `p-aml` Observation without a
 value: `dataAbsentReason` not-performed plus the local abstention code (e.g.
-`pixel_size_required`) and the detail as text. NPM1 by morphology (result `npm1_morphology`,
-the ensemble's P(NPM1 mutated | AML)) is a `p-npm1-morphology` Observation beside the
-whole-image `p-npm1-mutated`; withheld with P(AML), it carries the same dataAbsentReason; an
-ensemble without that output adds no Observation.
+`pixel_size_required`) and the detail as text. Each genetic lesion by morphology (result
+`npm1_morphology` / `apl_morphology`, the ensemble's P(NPM1 mutated | AML) / P(APL | AML);
+`marrowscope.targets`) is an Observation `p-npm1-morphology` / `p-apl-morphology` (NPM1's
+beside the whole-image `p-npm1-mutated`); withheld with P(AML), it carries the same
+dataAbsentReason, not_applicable (called non-AML) a `not-applicable` one; an ensemble
+without that output adds no Observation.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+
+from marrowscope.targets import GeneticTarget, genetic_targets
 
 LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
 UCUM = "http://unitsofmeasure.org"
@@ -135,47 +140,16 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
                 note=[{"text": f"threshold {result['npm1_threshold']}"}],
             )
         )
-    morph = result.get("npm1_morphology") or {}
-    morph_display = "Probability of NPM1 mutation given AML, from blast morphology (AI)"
-    if morph.get("status") == "predicted":
-        interp = "POS" if morph["positive"] else "NEG"
-        results.append(
-            observation(
-                "p-npm1-morphology",
-                morph_display,
-                valueQuantity=_prob(morph["p"]),
-                interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-                note=[
-                    {
-                        "text": f"conditional on AML; threshold {morph['threshold']} "
-                        f"({morph['threshold_source']})"
-                    }
-                ],
-            )
-        )
-    elif result["outcome"] == "succeeded" and morph.get("status") == "abstained":
-        results.append(
-            observation(
-                "p-npm1-morphology",
-                morph_display,
-                dataAbsentReason=_withheld(morph["reason"], morph["detail"]),
-            )
-        )
-    elif result["outcome"] == "succeeded" and morph.get("status") == "not_applicable":
-        # called non-AML: the head (trained on AML cases) has nothing to say about the case
-        results.append(
-            observation(
-                "p-npm1-morphology",
-                morph_display,
-                dataAbsentReason={
-                    "coding": [
-                        {"system": DATA_ABSENT, "code": "not-applicable"},
-                        {"system": LOCAL_SYSTEM, "code": morph["reason"]},
-                    ],
-                    "text": morph["detail"],
-                },
-            )
-        )
+    morph_texts = []
+    for target in genetic_targets():
+        morph = result.get(target.report_entry) or {}
+        ref = _morphology_observation(observation, target, morph, result["outcome"])
+        if ref is not None:
+            results.append(ref)
+        if morph.get("status") == "predicted":
+            morph_texts.append(f"; P({target.name} | AML) by morphology {morph['p']:.3f}")
+        elif morph.get("status") == "abstained":
+            morph_texts.append(f"; {target.code.upper()} by morphology withheld")
     by_code = {d["code"]: d for d in result["differential"]}
     if result.get("blast_percent") is not None and "BLA" in by_code:
         b = by_code["BLA"]
@@ -272,13 +246,8 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
             if result["p_aml"] is not None
             else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})"
         )
-        morph_text = ""
-        if morph.get("status") == "predicted":
-            morph_text = f"; P(NPM1 mutated | AML) by morphology {morph['p']:.3f}"
-        elif morph.get("status") == "abstained":
-            morph_text = "; NPM1 by morphology withheld"
         conclusion = (
-            f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{morph_text}; "
+            f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{''.join(morph_texts)}; "
             f"blasts {result['blast_percent']:.1f}% of "
             f"{result['n_cells_counted']} counted cells. {result['disclaimer']}"
         )
@@ -347,3 +316,47 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         ],
     }
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
+
+
+def _morphology_observation(
+    observation: Callable[..., str], target: GeneticTarget, morph: dict, outcome: str
+) -> str | None:
+    """The `<target>_morphology` entry as an Observation (reference), None when there is
+    nothing to say (no such output, or the whole case abstained)."""
+    status = morph.get("status")
+    if status == "predicted":
+        interp = "POS" if morph["positive"] else "NEG"
+        return observation(
+            target.fhir_code,
+            target.fhir_display,
+            valueQuantity=_prob(morph["p"]),
+            interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
+            note=[
+                {
+                    "text": f"conditional on AML; threshold {morph['threshold']} "
+                    f"({morph['threshold_source']})"
+                }
+            ],
+        )
+    if outcome != "succeeded":
+        return None
+    if status == "abstained":
+        return observation(
+            target.fhir_code,
+            target.fhir_display,
+            dataAbsentReason=_withheld(morph["reason"], morph["detail"]),
+        )
+    if status == "not_applicable":
+        # called non-AML: the head (trained on AML cases) has nothing to say about the case
+        return observation(
+            target.fhir_code,
+            target.fhir_display,
+            dataAbsentReason={
+                "coding": [
+                    {"system": DATA_ABSENT, "code": "not-applicable"},
+                    {"system": LOCAL_SYSTEM, "code": morph["reason"]},
+                ],
+                "text": morph["detail"],
+            },
+        )
+    return None

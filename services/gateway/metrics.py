@@ -71,6 +71,14 @@ class GatewayMetrics:
             ["status"],
             registry=self.registry,
         )
+        self.genetic_morphology = Counter(
+            "marrowscope_gateway_genetic_morphology_total",
+            "Genetic-lesion-by-morphology calls (the ensemble's P(lesion | AML), one per "
+            "genetic target: npm1, apl) by target and status: predicted, abstained, "
+            "not_available, not_applicable",
+            ["target", "status"],
+            registry=self.registry,
+        )
         self.call_retries = Counter(
             "marrowscope_gateway_model_call_retries_total",
             "Retried model calls",

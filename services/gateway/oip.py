@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marrowscope.targets import genetic_targets
 from services.gateway.clients import (
     Classification,
     EnsembleOutput,
@@ -200,14 +201,20 @@ class OipModelClients:
             for k, v in params.items()
             if k.startswith("lineage_")
         }
-        p_npm1 = r.as_numpy("P_NPM1")  # None: this version has no NPM1 head
+        p_targets, thresholds = {}, {}
+        for target in genetic_targets():
+            p = r.as_numpy(target.output)  # None: this version has no such head
+            if p is not None:
+                p_targets[target.code] = float(np.asarray(p).reshape(-1)[0])
+            if (t := _optional_float(params, target.threshold_parameter)) is not None:
+                thresholds[target.code] = t
         return EnsembleOutput(
             float(np.asarray(r.as_numpy("P_AML")).reshape(-1)[0]),
             lineage,
             self._version(r),
             _feature_units(params),
-            None if p_npm1 is None else float(np.asarray(p_npm1).reshape(-1)[0]),
-            _optional_float(params, "npm1_threshold"),
+            p_targets=p_targets,
+            thresholds=thresholds,
         )
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:

@@ -45,7 +45,7 @@ import numpy as np
 from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.morphology import npm1_morphology
+from services.gateway.morphology import morphology_calls
 from services.gateway.plausibility import image_too_small, implausible_cell_size
 from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
@@ -374,7 +374,7 @@ class Pipeline:
                 outcome="abstained",
                 abstain_reason=reason,
                 aml=aml,
-                npm1_morphology=npm1_morphology(
+                **morphology_calls(
                     aml, None, ensemble=pinned["ensemble"], settings=self.s, metrics=self.metrics
                 ),
                 stage_seconds=dict(self.stage_seconds),
@@ -438,7 +438,7 @@ class Pipeline:
             aml_positive=aml_positive,
             p_npm1=p_npm1,
             npm1_positive=p_npm1 >= self.s.npm1_threshold,
-            npm1_morphology=npm1_morphology(
+            **morphology_calls(
                 aml,
                 ens,
                 ensemble=pinned["ensemble"],
@@ -525,8 +525,8 @@ class Pipeline:
         self._timed("ensemble", t)
         for what, v in (
             ("probability", out.p_aml),
-            ("P(NPM1)", out.p_npm1),
-            ("NPM1 threshold", out.npm1_threshold),
+            *((f"P({t.upper()})", p) for t, p in out.p_targets.items()),
+            *((f"{t.upper()} threshold", th) for t, th in out.thresholds.items()),
         ):
             if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
                 raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")

@@ -9,7 +9,8 @@ an older minor version still validate (their new fields are absent / None).
 1.2: `npm1_morphology` (P(NPM1 mutated | AML) from the ensemble's NPM1 head, beside the
 whole-image `p_npm1`, whose fields keep their meaning).
 1.3: `duplicate_images_ignored`; `aml.reason` also pixel_size_out_of_range, image_too_small,
-implausible_cell_size.
+implausible_cell_size. `apl_morphology` (P(APL | AML) from the ensemble's APL head), the same shape as
+`npm1_morphology`: one `GeneticMorphologyCall` per genetic target of `marrowscope.targets`.
 """
 
 from __future__ import annotations
@@ -78,33 +79,37 @@ class AmlCall(_Model):
     )
 
 
-class Npm1MorphologyCall(_Model):
-    """NPM1 by morphology: P(NPM1 mutated | AML) from the ensemble's NPM1 head, read from the
-    same case features as P(AML) (blast cup-like nuclei, nucleoli, chromatin). Independent of
-    the whole-image `p_npm1`; withheld whenever P(AML) is (`aml.status` abstained)."""
+class GeneticMorphologyCall(_Model):
+    """A genetic lesion by morphology: P(lesion | AML) from one of the ensemble's genetic
+    heads (`marrowscope.targets`: NPM1 mutated, APL), read from the same case features as
+    P(AML). Independent of the whole-image `p_npm1`; withheld whenever P(AML) is
+    (`aml.status` abstained)."""
 
     status: Literal["predicted", "abstained", "not_available", "not_applicable"] = Field(
         description="predicted: `p` is set; abstained: withheld for the reason P(AML) was "
-        "(same features); not_available: the pinned ensemble version has no NPM1 output; "
-        "not_applicable: the case is called non-AML (p_aml below aml_threshold), and the "
-        "head, trained on AML cases only, says nothing about it"
+        "(same features); not_available: the pinned ensemble version has no output for this "
+        "target; not_applicable: the case is called non-AML (p_aml below aml_threshold), and "
+        "the head, trained on AML cases only, says nothing about it"
     )
     p: float | None = Field(
         None,
         ge=0,
         le=1,
-        description="P(NPM1 mutated | AML); conditional on AML, so read it together with `p_aml`",
+        description="P(lesion | AML); conditional on AML, so read it together with `p_aml`",
     )
     positive: bool | None = Field(None, description="p >= threshold; None unless predicted")
     threshold: float = Field(ge=0, le=1)
     threshold_source: Literal["model", "deployment"] = Field(
         description="model: recorded with the ensemble version; deployment: the gateway's "
-        "MS_GATEWAY_NPM1_THRESHOLD (the model records none, or was not called)"
+        "setting (MS_GATEWAY_NPM1_THRESHOLD, MS_GATEWAY_APL_THRESHOLD; the model records "
+        "none, or was not called)"
     )
-    reason: AmlAbstentionReason | Literal["no_npm1_output", "not_aml"] | None = Field(
-        None,
-        description="machine-readable: the `aml.reason` when abstained; no_npm1_output "
-        "when not_available; not_aml when not_applicable",
+    reason: AmlAbstentionReason | Literal["no_npm1_output", "no_apl_output", "not_aml"] | None = (
+        Field(
+            None,
+            description="machine-readable: the `aml.reason` when abstained; no_<target>_output "
+            "when not_available; not_aml when not_applicable",
+        )
     )
     detail: str | None = Field(None, description="the reason for people")
     model_version: str = Field(description="the pinned ensemble version")
@@ -142,7 +147,7 @@ class ImageResult(_Model):
 class AnalysisResult(_Model):
     """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
-    `npm1_morphology` is abstained too."""
+    `npm1_morphology` and `apl_morphology` are abstained too."""
 
     schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = RESULT_SCHEMA_VERSION
     analysis_id: str
@@ -157,9 +162,13 @@ class AnalysisResult(_Model):
     )
     npm1_threshold: float
     npm1_positive: bool | None = None
-    npm1_morphology: Npm1MorphologyCall | None = Field(
+    npm1_morphology: GeneticMorphologyCall | None = Field(
         None,
         description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None before 1.2",
+    )
+    apl_morphology: GeneticMorphologyCall | None = Field(
+        None,
+        description="APL (PML-RARA) by morphology (the ensemble's P(APL | AML)); None before 1.3",
     )
     n_images: int = Field(description="distinct images analysed (repeats not counted)")
     duplicate_images_ignored: int = Field(

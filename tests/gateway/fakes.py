@@ -28,6 +28,7 @@ import numpy as np
 
 from marrowscope.features import MORPH_SUMMARY_FEATURES
 from marrowscope.imaging import decode_image
+from marrowscope.targets import output_of
 from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
 from services.gateway.clients import (
     Classification,
@@ -56,10 +57,12 @@ class FakeModelClients:
         feature_units: str = "unknown",
         targets: tuple[str, ...] = ("aml",),
         npm1_threshold: float | None = None,
+        apl_threshold: float | None = None,
     ) -> None:
         self.cells = cells
         self.targets = targets
         self.npm1_threshold = npm1_threshold
+        self.apl_threshold = apl_threshold
         self.feature_units = feature_units
         self.seg_delay_s = seg_delay_s
         self.down = down
@@ -99,13 +102,7 @@ class FakeModelClients:
             "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
             "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))},
         }[service]
-        outputs = {
-            "ensemble": {
-                n: TensorSpec("FP32", (1,))
-                for n, t in (("P_AML", "aml"), ("P_NPM1", "npm1"))
-                if t in self.targets
-            }
-        }
+        outputs = {"ensemble": {output_of(t): TensorSpec("FP32", (1,)) for t in self.targets}}
         return ModelInfo(service, VERSIONS[service], inputs, outputs.get(service, {}))
 
     async def segment(
@@ -166,15 +163,24 @@ class FakeModelClients:
         units = FeatureUnits(
             self.feature_units, *((0.25, 0.3) if self.feature_units == "um" else (None, None))
         )
-        # P(NPM1 | AML) from another function of the features than P(AML)
-        p_npm1 = float(1 / (1 + np.exp(-8 * (frac_bla - 0.35)))) if "npm1" in self.targets else None
+        # P(NPM1 | AML), P(APL | AML) from other functions of the features than P(AML)
+        p_targets = {
+            t: float(1 / (1 + np.exp(-slope * (frac_bla - 0.35))))
+            for t, slope in (("npm1", 8.0), ("apl", -6.0))
+            if t in self.targets
+        }
+        thresholds = {
+            t: th
+            for t, th in (("npm1", self.npm1_threshold), ("apl", self.apl_threshold))
+            if t in p_targets and th is not None
+        }
         return EnsembleOutput(
             float(1 / (1 + np.exp(-10 * (frac_bla - 0.2)))),
             lineage,
             version,
             units,
-            p_npm1,
-            self.npm1_threshold if p_npm1 is not None else None,
+            p_targets=p_targets,
+            thresholds=thresholds,
         )
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
@@ -226,6 +232,11 @@ def make_clients(settings) -> FakeModelClients:
         npm1_threshold=(
             float(env["MS_TEST_FAKE_NPM1_THRESHOLD"])
             if env.get("MS_TEST_FAKE_NPM1_THRESHOLD")
+            else None
+        ),
+        apl_threshold=(
+            float(env["MS_TEST_FAKE_APL_THRESHOLD"])
+            if env.get("MS_TEST_FAKE_APL_THRESHOLD")
             else None
         ),
     )

@@ -193,9 +193,9 @@ def test_without_a_model_threshold_the_gateway_setting_decides(make_settings):
 @pytest.mark.parametrize(
     ("replace", "what"),
     [
-        ({"p_npm1": 1.5}, "P(NPM1) 1.5"),
-        ({"p_npm1": float("nan")}, "P(NPM1) nan"),
-        ({"npm1_threshold": -0.1}, "NPM1 threshold -0.1"),
+        ({"p_targets": {"npm1": 1.5}}, "P(NPM1) 1.5"),
+        ({"p_targets": {"npm1": float("nan")}}, "P(NPM1) nan"),
+        ({"thresholds": {"npm1": -0.1}}, "NPM1 threshold -0.1"),
     ],
 )
 def test_an_invalid_npm1_answer_fails_the_analysis(make_settings, replace, what):
@@ -250,7 +250,7 @@ def test_results_stored_as_schema_1_1_still_validate():
 def test_a_case_called_non_aml_gets_no_npm1_morphology_probability(make_settings, p_aml, status):
     """The head learned P(NPM1 | AML) on AML cases only; on a control (no blasts) its answer
     is an extrapolation (the demo's control read 100 %), so it is not reported."""
-    out = _run(_Answering(p_aml=p_aml, p_npm1=0.99), make_settings(aml_threshold=0.5))
+    out = _run(_Answering(p_aml=p_aml, p_targets={"npm1": 0.99}), make_settings(aml_threshold=0.5))
     call = out.result["npm1_morphology"]
     assert out.status == "succeeded" and out.result["p_aml"] == p_aml and call["status"] == status
     if status == "not_applicable":

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from marrowscope.targets import genetic_targets
 from services.gateway.clients import ServiceCallError
 from services.gateway.oip import OipModelClients
 from tests.gateway.conftest import png
@@ -113,9 +114,11 @@ def _servicer(fake: FakeModelClients, seen: dict):
                     "feature_um_per_px_min": str(u.um_per_px_min or ""),
                     "feature_um_per_px_max": str(u.um_per_px_max or ""),
                 }
-                if e.p_npm1 is not None:  # as the ensemble service: only a two-target model
-                    outputs["P_NPM1"] = ("FP32", np.array([e.p_npm1], np.float32))
-                    params["npm1_threshold"] = str(e.npm1_threshold)
+                for t in genetic_targets():  # as the ensemble service: only the heads it has
+                    if e.p(t.code) is not None:
+                        outputs[t.output] = ("FP32", np.array([e.p(t.code)], np.float32))
+                    if e.threshold(t.code) is not None:
+                        params[t.threshold_parameter] = str(e.threshold(t.code))
                 return respond(request, v, outputs, params)
             if name == "npm1":
                 p = await fake.npm1(x["IMAGE"][0], version=v, timeout=5)
@@ -139,7 +142,7 @@ def _servicer(fake: FakeModelClients, seen: dict):
     return Servicer()
 
 
-@pytest.mark.parametrize("targets", [("aml",), ("aml", "npm1")])
+@pytest.mark.parametrize("targets", [("aml",), ("aml", "npm1"), ("aml", "npm1", "apl")])
 def test_pipeline_over_the_wire(make_settings, port_factory, targets):
     from tritonclient.grpc import service_pb2_grpc
 
@@ -150,7 +153,10 @@ def test_pipeline_over_the_wire(make_settings, port_factory, targets):
         server = grpc.aio.server()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             _servicer(
-                FakeModelClients(feature_units="um", targets=targets, npm1_threshold=0.3), seen
+                FakeModelClients(
+                    feature_units="um", targets=targets, npm1_threshold=0.3, apl_threshold=0.2
+                ),
+                seen,
             ),
             server,
         )
@@ -202,6 +208,15 @@ def test_pipeline_over_the_wire(make_settings, port_factory, targets):
     else:
         assert call["status"] == withheld["status"] == "not_available"
         assert call["threshold_source"] == "deployment" and call["p"] is None
+    # P_APL and apl_threshold likewise, only from an ensemble with the apl head
+    call, withheld = res["apl_morphology"], bare.result["apl_morphology"]
+    if "apl" in targets:
+        assert call["status"] == "predicted" and 0 <= call["p"] <= 1
+        assert call["p"] != pytest.approx(res["npm1_morphology"]["p"])
+        assert (call["threshold"], call["threshold_source"]) == (0.2, "model")
+        assert (withheld["status"], withheld["reason"]) == ("abstained", "pixel_size_required")
+    else:
+        assert (call["status"], call["reason"]) == ("not_available", "no_apl_output")
 
 
 def test_dead_address_is_unavailable(port_factory):

@@ -1,5 +1,6 @@
 """Ensemble service as a real process: P(AML), feature-name checks, lineage and feature-unit
-parameters, and the optional P_NPM1 output of a two-target model (per version, hot reload)."""
+parameters, and the optional genetic outputs (P_NPM1, P_APL) of a multi-target model (per
+version, hot reload)."""
 
 from __future__ import annotations
 
@@ -162,21 +163,78 @@ def test_hot_reload_to_an_aml_only_version_drops_p_npm1(two_target, mlflow_serve
 
 
 def test_npm1_threshold_parameter_rules(tmp_path):
-    from services.ensemble.model import npm1_threshold_parameters
+    from services.ensemble.model import threshold_parameters
 
-    assert npm1_threshold_parameters(
+    assert threshold_parameters(
         {"targets": ["aml", "npm1"], "hyperparameters": {"npm1_score_threshold": 0.4}}
     ) == {"npm1_threshold": "0.4"}
     # no head, or no recorded threshold: the client keeps its own
-    assert npm1_threshold_parameters({"hyperparameters": {"npm1_score_threshold": 0.4}}) == {}
-    assert npm1_threshold_parameters({"targets": ["aml", "npm1"], "hyperparameters": {}}) == {}
+    assert threshold_parameters({"hyperparameters": {"npm1_score_threshold": 0.4}}) == {}
+    assert threshold_parameters({"targets": ["aml", "npm1"], "hyperparameters": {}}) == {}
     from marrowscope.errors import ModelNotReady
 
     for bad in (1.5, "0.4", True):
         with pytest.raises(ModelNotReady, match="npm1_score_threshold"):
-            npm1_threshold_parameters(
+            threshold_parameters(
                 {"targets": ["aml", "npm1"], "hyperparameters": {"npm1_score_threshold": bad}}
             )
+
+
+APL_THRESHOLD = 0.2
+
+
+def test_model_with_the_apl_target_answers_p_apl(serve_registered, tmp_path_factory):
+    """A three-target version (aml, npm1, apl) answers P_APL = P(APL | AML) from its own head,
+    lists it in ModelMetadata, and sends the APL threshold it records (and no NPM1 one)."""
+    model_dir = make_tiny_model_dir(
+        "ensemble",
+        tmp_path_factory.mktemp("ens-apl") / "three",
+        seed=6,
+        targets=["aml", "npm1", "apl"],
+        feature_units=UNITS,
+        hyperparameters={"apl_score_threshold": APL_THRESHOLD},
+    )
+    service = serve_registered("ensemble", model_dir, "test-services-ensemble-apl", LINEAGE)
+    client = tc.InferenceServerClient(url=service.address)
+    try:
+        md = client.get_model_metadata("ensemble")
+        assert _outputs(md) == {
+            "P_AML": ("FP32", [1]),
+            "P_NPM1": ("FP32", [1]),
+            "P_APL": ("FP32", [1]),
+        }
+        vectors = np.random.default_rng(8).random((2, len(NAMES))).astype(np.float32)
+        expected = EnsemblePredictor(load_model(model_dir)).predict_targets(NAMES, vectors)
+        for k, vector in enumerate(vectors):
+            r = client.infer("ensemble", _inputs(vector, NAMES))
+            assert [o.name for o in r.get_response().outputs] == ["P_AML", "P_NPM1", "P_APL"]
+            assert r.as_numpy("P_APL")[0] == pytest.approx(expected["apl"][k], abs=1e-6)
+            assert r.as_numpy("P_NPM1")[0] == pytest.approx(expected["npm1"][k], abs=1e-6)
+        assert not np.allclose(expected["apl"], expected["npm1"])  # its own head
+        params = r.get_response().parameters
+        assert params["apl_threshold"].string_param == str(APL_THRESHOLD)
+        assert "npm1_threshold" not in params
+    finally:
+        client.close()
+
+
+def test_threshold_parameters_of_every_head():
+    from marrowscope.errors import ModelNotReady
+    from services.ensemble.model import threshold_parameters
+
+    hp = {"npm1_score_threshold": 0.4, "apl_score_threshold": 0.25}
+    assert threshold_parameters({"targets": ["aml", "npm1", "apl"], "hyperparameters": hp}) == {
+        "npm1_threshold": "0.4",
+        "apl_threshold": "0.25",
+    }
+    # a threshold without its head is not sent
+    assert threshold_parameters({"targets": ["aml", "apl"], "hyperparameters": hp}) == {
+        "apl_threshold": "0.25"
+    }
+    with pytest.raises(ModelNotReady, match="apl_score_threshold"):
+        threshold_parameters(
+            {"targets": ["aml", "apl"], "hyperparameters": {"apl_score_threshold": 2}}
+        )
 
 
 def test_every_response_carries_the_lineage(client):

@@ -118,11 +118,11 @@ def test_masked_loss_ignores_controls_and_unknown_status():
 
 def test_npm1_target_without_npm1_labels_is_refused_with_the_fix():
     from training.common import UsageError
-    from training.ensemble import check_npm1_labels
+    from training.ensemble import check_target_labels
 
     records, _, _ = _cohort(12)
     train = [r.with_split("train") for r in records]
-    check_npm1_labels(train, ["aml", "npm1"], "d")
+    check_target_labels(train, ["aml", "npm1"], "d")
     unknown = [
         CaseRecord(r.case_id, r.patient_id, r.image_paths, r.aml_label, split="train")
         for r in records
@@ -130,7 +130,7 @@ def test_npm1_target_without_npm1_labels_is_refused_with_the_fix():
     with pytest.raises(
         UsageError, match=r"no AML case with a known NPM1 status.*--set 'targets=\[\"aml\"\]'"
     ):
-        check_npm1_labels(unknown, ["aml", "npm1"], "d")
+        check_target_labels(unknown, ["aml", "npm1"], "d")
     one_state = [
         CaseRecord(
             r.case_id,
@@ -143,8 +143,8 @@ def test_npm1_target_without_npm1_labels_is_refused_with_the_fix():
         for r in records
     ]
     with pytest.raises(UsageError, match="only mutated NPM1"):
-        check_npm1_labels(one_state, ["aml", "npm1"], "d")
-    check_npm1_labels(unknown, ["aml"], "d")  # AML only: nothing to check
+        check_target_labels(one_state, ["aml", "npm1"], "d")
+    check_target_labels(unknown, ["aml"], "d")  # AML only: nothing to check
 
 
 def test_bad_targets_are_a_usage_error():

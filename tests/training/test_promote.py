@@ -349,6 +349,44 @@ def test_ensemble_npm1_output_is_gated_and_cannot_be_dropped_silently(
         )
 
 
+def test_ensemble_apl_output_is_gated_like_npm1(mlflow_server, good_set, reg, tmp_path, capsys):
+    """apl_auroc: its own floor (0.75), non-inferiority against a champion with the apl
+    output, and no silent drop of it (a champion serving npm1 + apl, a candidate npm1 only)."""
+    current = champions(mlflow_server)
+    lineage = {"segmentation": current["segmentation"], "celltype": current["celltype"]}
+    three = make_tiny_model_dir("ensemble", tmp_path / "three", targets=["aml", "npm1", "apl"])
+    two = make_tiny_model_dir("ensemble", tmp_path / "two", targets=["aml", "npm1"])
+    scores = {"auroc": 0.9, "npm1_auroc": 0.9}
+    low = reg("ensemble", {**scores, "apl_auroc": 0.7}, lineage=lineage, model_dir=three)
+    assert cli(mlflow_server, "--model", "ensemble", "--version", low, "--dry-run") == 1
+    err = capsys.readouterr().err
+    assert f"gate 'metrics' failed for ensemble v{low}: apl_auroc=0.7 < floor 0.75" in err
+    missing = reg("ensemble", scores, lineage=lineage, model_dir=three)
+    assert cli(mlflow_server, "--model", "ensemble", "--version", missing, "--dry-run") == 1
+    assert "apl_auroc missing" in capsys.readouterr().err
+    # a candidate without the apl output is not held to its floor
+    npm1_only = reg("ensemble", scores, lineage=lineage, model_dir=two)
+    ok, decisions = promote({"ensemble": npm1_only}, tracking_uri=mlflow_server, dry_run=True)
+    assert ok and "apl_auroc not applicable" in {d.gate: d.detail for d in decisions}["metrics"]
+
+    good = reg("ensemble", {**scores, "apl_auroc": 0.86}, lineage=lineage, model_dir=three)
+    log_file = tmp_path / "p.jsonl"
+    try:
+        assert cli(mlflow_server, "--model", "ensemble", "--version", good, log_file=log_file) == 0
+        capsys.readouterr()
+        worse = reg("ensemble", {**scores, "apl_auroc": 0.8}, lineage=lineage, model_dir=three)
+        assert cli(mlflow_server, "--model", "ensemble", "--version", worse, "--dry-run") == 1
+        assert f"apl_auroc 0.8 < champion v{good} 0.86" in capsys.readouterr().err
+        assert cli(mlflow_server, "--model", "ensemble", "--version", npm1_only) == 1
+        err = capsys.readouterr().err
+        assert f"gate 'targets' failed for ensemble v{npm1_only}" in err and "drops ['apl']" in err
+        assert champions(mlflow_server)["ensemble"] == good
+    finally:  # later tests expect the AML-only champion set
+        get_client(mlflow_server).set_registered_model_alias(
+            registered_name("ensemble"), CHAMPION, current["ensemble"]
+        )
+
+
 def test_ensemble_feature_unit_change_is_refused_unless_allowed(
     mlflow_server, good_set, reg, tmp_path, capsys
 ):
