@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ class SlideSpec:
     def __post_init__(self) -> None:
         if self.width % self.block or self.height % self.block:
             raise ValueError("width and height must be multiples of block")
-        if self.levels[0] != 1 or any(b % a for a, b in zip(self.levels, self.levels[1:])):
+        if self.levels[0] != 1 or any(b % a for a, b in pairwise(self.levels)):
             raise ValueError(f"levels must start at 1 and divide each other: {self.levels}")
 
     @property
