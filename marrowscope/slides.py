@@ -32,6 +32,17 @@ DEFAULT_MAX_REGION_PIXELS = 4096 * 4096
 """One read_region call returns at most this many pixels (64 MiB as RGBA)."""
 
 
+_SLIDE_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _looks_like_slide(path: Path) -> bool:
+    """TIFF/BigTIFF magic, or DICOM's preamble marker: a damaged slide, not a foreign file
+    (only the magic numbers are read; the formats themselves are OpenSlide's business)."""
+    with path.open("rb") as f:
+        head = f.read(132)
+    return head[:4] in _SLIDE_MAGIC or head[128:132] == b"DICM"
+
+
 class SlideError(InvalidInput):
     """A slide cannot be read as asked; `code` says why (module docstring lists them)."""
 
@@ -74,6 +85,12 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
+            if _looks_like_slide(self.path):
+                raise SlideError(
+                    "corrupt",
+                    f"{self.path.name!r} starts like a TIFF/DICOM slide but cannot be read "
+                    "(truncated or damaged file?)",
+                ) from exc
             raise SlideError(
                 "unknown_format",
                 f"{self.path.name!r} is not a slide format OpenSlide reads "
