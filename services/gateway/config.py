@@ -49,6 +49,11 @@ class GatewaySettings(BaseSettings):
     ensemble_addr: str = "127.0.0.1:50053"
     npm1_addr: str = "127.0.0.1:50054"
     explain_addr: str = "127.0.0.1:50055"
+    lb_policy: str = Field("", pattern="^(|round_robin)$")
+    """`round_robin`: balance every model call over all replicas of a service (needs a
+    headless Service: the address names every pod); empty = one connection per address."""
+    lb_refresh_s: float = Field(30.0, gt=0)
+    """With `lb_policy`: re-resolve each address this often, so a new replica gets traffic."""
     clients_factory: str = ""
     """`module:function` returning a `ModelClients` (called with the settings); empty = OIP."""
 
@@ -95,6 +100,13 @@ class GatewaySettings(BaseSettings):
     decode_slots: int = Field(1, ge=1)
     """Images decoded at once by this process during upload validation: concurrent
     submissions wait instead of each holding full-size decodes."""
+
+    slide_roots: dict[str, str] = Field(default_factory=dict)
+    """Slide stores by name (JSON): a local/NFS directory or an fsspec URL (`s3://b/slides`)."""
+    slide_cache_dir: Path | None = None
+    """Local copies of object-store slides; default `<data_dir>/slides`."""
+    max_slide_bytes: int = Field(20 * 1024**3, gt=0)
+    """Largest slide accepted (upload or store reference); above it: 413."""
 
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)
@@ -176,6 +188,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError("HEARTBEAT_S must be shorter than LEASE_S")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+        if self.slide_cache_dir is None:
+            self.slide_cache_dir = self.data_dir / "slides"
         if self.image_root is None:
             self.image_root = self.data_dir / "images"
         return self

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from marrowscope.targets import genetic_targets
+from services.gateway.balancing import BalancedClients, Resolver, dns_resolver
 from services.gateway.clients import (
     Classification,
     EnsembleOutput,
@@ -79,20 +81,48 @@ def _optional_float(params, key: str) -> float | None:
 class OipModelClients:
     """One `tritonclient.grpc.aio.InferenceServerClient` per service address."""
 
-    def __init__(self, addrs: dict[str, str]) -> None:
+    def __init__(
+        self,
+        addrs: dict[str, str],
+        *,
+        lb_policy: str = "",
+        lb_refresh_s: float = 30.0,
+        resolver: Resolver | None = None,
+    ) -> None:
+        """lb_policy `round_robin`: every call is balanced over all replicas behind each
+        address, re-resolved every `lb_refresh_s` (`services.gateway.balancing`)."""
         from tritonclient.grpc import aio as grpcclient
 
         opts = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._clients = {
-            s: grpcclient.InferenceServerClient(url=a, channel_args=opts) for s, a in addrs.items()
-        }
+        self._clients: Mapping[str, Any]
+        if lb_policy == "round_robin":
+            self._clients = BalancedClients(
+                addrs,
+                lambda target, args: grpcclient.InferenceServerClient(
+                    url=target, channel_args=args
+                ),
+                opts,
+                refresh_s=lb_refresh_s,
+                resolver=resolver or dns_resolver,
+            )
+        elif lb_policy:
+            raise ValueError(f"unknown lb_policy {lb_policy!r}; known: round_robin")
+        else:
+            self._clients = {
+                s: grpcclient.InferenceServerClient(url=a, channel_args=opts)
+                for s, a in addrs.items()
+            }
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> OipModelClients:
-        return cls({s: settings.service_addr(s) for s in SERVICES})
+        return cls(
+            {s: settings.service_addr(s) for s in SERVICES},
+            lb_policy=settings.lb_policy,
+            lb_refresh_s=settings.lb_refresh_s,
+        )
 
     async def _call(self, service: str, coro) -> Any:
         from tritonclient.utils import InferenceServerException
@@ -266,4 +296,7 @@ class OipModelClients:
         return dict(zip(names, await asyncio.gather(*(one(s) for s in names)), strict=True))
 
     async def close(self) -> None:
+        if isinstance(self._clients, BalancedClients):
+            await self._clients.close()
+            return
         await asyncio.gather(*(c.close() for c in self._clients.values()))

@@ -74,7 +74,7 @@ def test_model_services_wiring(chart_objects):
         assert checks.pod_spec(d)["terminationGracePeriodSeconds"] > grace
     gw_env = {e["name"]: e for e in checks.pod_spec(deps[GATEWAY])["containers"][0]["env"]}
     for svc in MODEL_SERVICES:
-        assert gw_env[f"MS_GATEWAY_{svc.upper()}_ADDR"]["value"] == f"{RELEASE}-{svc}:8001"
+        assert gw_env[f"MS_GATEWAY_{svc.upper()}_ADDR"]["value"] == f"dns:///{RELEASE}-{svc}:8001"
     for secret_env in ("MS_GATEWAY_DATABASE_URL", "MS_GATEWAY_WEBHOOK_SECRET"):
         assert "secretKeyRef" in gw_env[secret_env]["valueFrom"]
     # report URLs from the ingress host, never from a request's Host header

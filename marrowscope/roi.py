@@ -1,0 +1,258 @@
+"""Automatic region-of-interest selection on a whole slide (the paper's stated limitation).
+
+A hematologist reads the monolayer: cells side by side without overlap (not the thick area,
+not the feathered edge), in focus, well stained, free of debris, with nucleated cells. This
+module scores a grid of candidate regions at low magnification with image statistics that
+measure exactly those things, then picks regions spread over the slide until the case has
+enough nucleated cells (default 500, a manual differential) or the slide is exhausted.
+
+Features per region (`RegionFeatures`), all computed at the scoring magnification:
+- `coverage`: fraction of pixels that are not glass (glass = bright and unsaturated, relative
+  to the slide's own glass brightness, so illumination does not matter);
+- `overlap`: fraction of covered pixels darker than a single red-cell layer can be (cells on
+  top of each other add optical density);
+- `sharpness`: mean absolute Laplacian over covered pixels, relative to the covered pixels'
+  contrast (a defocused field has its edges smoothed away);
+- `debris`: fraction of near-black pixels (stain precipitate, dirt);
+- `nuclei`: nucleated cells, counted as connected purple (nuclear stain) blobs of nuclear size;
+- `stain`: mean saturation of covered pixels (a washed-out field has none).
+
+The score multiplies one factor per requirement so that any single failure (thick, edge,
+blurred, dirty, empty) rules a region out; `measure_roi` in `training/roi.py` checks it on
+synthetic slides with a known zone map (monolayer precision, AUROC).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from marrowscope.slides import Slide, SlideError
+
+log = logging.getLogger(__name__)
+
+STOP_TARGET = "target_reached"
+STOP_EXHAUSTED = "slide_exhausted"
+
+
+@dataclass(frozen=True)
+class RoiConfig:
+    """region_um: side of a candidate region; scoring_um_per_px: the magnification regions are
+    scored at (about 4x below a 0.25-0.5 um/px scan); cell_target: nucleated cells wanted;
+    min_score: regions below are never selected; min_spacing: selected regions keep at least
+    this many region sides between them while enough candidates remain (spread)."""
+
+    region_um: float = 256.0
+    scoring_um_per_px: float = 2.0
+    cell_target: int = 500
+    min_score: float = 0.3
+    min_spacing: float = 1.0
+    nucleus_area_um2: tuple[float, float] = (20.0, 200.0)
+    max_regions: int = 200
+
+
+@dataclass(frozen=True)
+class RegionFeatures:
+    coverage: float
+    overlap: float
+    sharpness: float
+    debris: float
+    nuclei: int
+    stain: float
+
+
+@dataclass(frozen=True)
+class Region:
+    """A candidate region: x, y, size in level-0 pixels; row/col in the region grid."""
+
+    row: int
+    col: int
+    x: int
+    y: int
+    size: int
+    features: RegionFeatures
+    score: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The regions chosen, the cells they hold (estimated at low magnification) and why the
+    selection stopped (`target_reached` | `slide_exhausted`)."""
+
+    regions: list[Region]
+    cells: int
+    stop_reason: str
+    candidates: int
+    target: int
+
+    def summary(self) -> dict:
+        return {
+            "regions": len(self.regions),
+            "cells": self.cells,
+            "stop_reason": self.stop_reason,
+            "candidates": self.candidates,
+            "target": self.target,
+        }
+
+
+# -- features ----------------------------------------------------------------------------------
+def _hsv_parts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = rgb.astype(np.float32)
+    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
+    return mx, sat
+
+
+def glass_level(rgb: np.ndarray) -> float:
+    """The slide's glass brightness: a high percentile of the max channel (robust to a few
+    saturated pixels and to slides that are mostly cells)."""
+    mx, _ = _hsv_parts(rgb)
+    return float(np.percentile(mx, 98))
+
+
+def region_features(
+    rgb: np.ndarray, *, glass: float, um_per_px: float, config: RoiConfig
+) -> RegionFeatures:
+    """Statistics of one region image uint8[h, w, 3] at `um_per_px`."""
+    from scipy import ndimage
+
+    f = rgb.astype(np.float32)
+    mx, sat = _hsv_parts(rgb)
+    od = -np.log(np.clip(f / max(glass, 1.0), 1e-3, 1.0))  # optical density per channel
+    total_od = od.sum(axis=-1)
+    covered = (total_od > 0.25) | (sat > 0.12)
+    coverage = float(covered.mean())
+    n_cov = max(int(covered.sum()), 1)
+    # One red-cell layer reaches ~1.1 total OD; overlaps add up beyond it.
+    overlap = float(((total_od > 1.45) & covered).sum() / n_cov)
+    grey = f.mean(axis=-1)
+    lap = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 0.5)))
+    contrast = float(grey[covered].std()) if covered.any() else 0.0
+    sharpness = float(lap[covered].mean() / (contrast + 1.0)) if covered.any() else 0.0
+    debris = float((mx < 0.35 * glass).mean())
+    # Nuclear stain: blue and red dense while green absorbs most (purple), not near-black.
+    nuc_mask = (od[..., 1] > 0.8) & (od[..., 2] < 0.75 * od[..., 1]) & (mx >= 0.35 * glass)
+    nuc_mask = ndimage.binary_opening(nuc_mask)
+    labels, n = ndimage.label(nuc_mask)
+    nuclei = 0
+    if n:
+        areas = np.bincount(labels.ravel())[1:] * um_per_px**2
+        lo, hi = config.nucleus_area_um2
+        nuclei = int(((areas >= lo) & (areas <= hi)).sum())
+    stain = float(sat[covered].mean()) if covered.any() else 0.0
+    return RegionFeatures(coverage, overlap, sharpness, debris, nuclei, stain)
+
+
+def _bump(v: float, lo: float, hi: float, soft: float) -> float:
+    """1 inside [lo, hi], falling off smoothly outside over `soft`."""
+    if v < lo:
+        return float(np.exp(-(((lo - v) / soft) ** 2)))
+    if v > hi:
+        return float(np.exp(-(((v - hi) / soft) ** 2)))
+    return 1.0
+
+
+def quality_score(f: RegionFeatures) -> float:
+    """0..1: how well a region fits a hematologist's reading area (module docstring)."""
+    monolayer = _bump(f.coverage, 0.35, 0.75, 0.12)  # not empty / feathered, not packed
+    no_overlap = float(np.exp(-((f.overlap / 0.08) ** 2)))
+    focus = float(1.0 / (1.0 + np.exp(-(f.sharpness - 0.8) / 0.1)))
+    clean = float(np.exp(-((f.debris / 0.004) ** 2)))
+    stained = float(1.0 / (1.0 + np.exp(-(f.stain - 0.08) / 0.02)))
+    cells = 1.0 - float(np.exp(-f.nuclei / 2.0))
+    return monolayer * no_overlap * focus * clean * stained * cells
+
+
+# -- scoring a slide ---------------------------------------------------------------------------
+def _scoring_level(slide: Slide, config: RoiConfig) -> tuple[int, float]:
+    mpp = slide.info.mpp
+    if mpp is None:
+        raise SlideError(
+            "no_pixel_size", "the slide records no pixel size; ROI selection needs um per pixel"
+        )
+    want = config.scoring_um_per_px / mpp
+    level = slide.level_for_downsample(want)
+    return level, slide.info.level_downsamples[level]
+
+
+def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
+    """Score every region of the grid, reading one region at a time at the level closest to
+    (not coarser than) `scoring_um_per_px`; memory is one region, whatever the slide size."""
+    from PIL import Image
+
+    config = config or RoiConfig()
+    level, ds = _scoring_level(slide, config)
+    mpp = slide.info.mpp or 1.0
+    size0 = max(1, round(config.region_um / mpp))  # region side, level-0 px
+    side = max(8, round(size0 / ds))  # at the read level
+    out_side = max(8, round(config.region_um / config.scoring_um_per_px))
+    width, height = slide.info.dimensions
+    # Glass brightness from the smallest level that fits (the overview).
+    smallest = slide.level_count - 1
+    sw, sh = slide.info.level_dimensions[smallest]
+    glass = glass_level(slide.read_level(smallest)) if sw * sh <= slide.max_region_pixels else 235.0
+    um_px = config.region_um / out_side
+    regions: list[Region] = []
+    for row in range(height // size0):
+        for col in range(width // size0):
+            x, y = col * size0, row * size0
+            img = slide.read_region((x, y), level, (side, side))
+            if side != out_side:
+                img = np.asarray(Image.fromarray(img).resize((out_side, out_side), Image.BILINEAR))
+            feats = region_features(img, glass=glass, um_per_px=um_px, config=config)
+            regions.append(Region(row, col, x, y, size0, feats, quality_score(feats)))
+    return regions
+
+
+def score_image(
+    rgb: np.ndarray, *, um_per_px: float, config: RoiConfig | None = None
+) -> list[Region]:
+    """Score the region grid of an in-memory low-magnification field (the 43 real overview
+    fields): the same features and score as `score_slide`; coordinates are pixels of `rgb`."""
+    config = config or RoiConfig()
+    side = max(8, round(config.region_um / um_per_px))
+    glass = glass_level(rgb)
+    out: list[Region] = []
+    for row in range(rgb.shape[0] // side):
+        for col in range(rgb.shape[1] // side):
+            img = rgb[row * side : (row + 1) * side, col * side : (col + 1) * side]
+            feats = region_features(img, glass=glass, um_per_px=um_per_px, config=config)
+            out.append(Region(row, col, col * side, row * side, side, feats, quality_score(feats)))
+    return out
+
+
+def select_regions(regions: list[Region], config: RoiConfig | None = None) -> Selection:
+    """Best regions first, spread over the slide: a region closer than `min_spacing` region
+    sides (Chebyshev, in grid cells) to one already chosen waits for a second pass, taken only
+    if the spread-out regions did not reach the cell target. Stops at `cell_target` nucleated
+    cells (`target_reached`) or when no region above `min_score` is left (`slide_exhausted`)."""
+    config = config or RoiConfig()
+    good = sorted((r for r in regions if r.score >= config.min_score), key=lambda r: -r.score)
+    chosen: list[Region] = []
+    cells = 0
+    deferred: list[Region] = []
+    for pass_regions, spread in ((good, True), (deferred, False)):
+        for r in pass_regions:
+            if cells >= config.cell_target or len(chosen) >= config.max_regions:
+                break
+            if spread and any(
+                max(abs(r.row - c.row), abs(r.col - c.col)) <= config.min_spacing for c in chosen
+            ):
+                deferred.append(r)
+                continue
+            chosen.append(r)
+            cells += r.features.nuclei
+    stop = STOP_TARGET if cells >= config.cell_target else STOP_EXHAUSTED
+    if not chosen:
+        raise SlideError(
+            "not_a_smear",
+            f"no region of {len(regions)} scored >= {config.min_score}: no readable monolayer "
+            "(empty glass, not a smear, or out of focus)",
+        )
+    return Selection(chosen, cells, stop, len(regions), config.cell_target)
+
+
+def features_dict(r: Region) -> dict:
+    return {**asdict(r.features), "score": r.score}

@@ -1,0 +1,176 @@
+"""Where whole slides come from: configured slide stores and size-limited streamed uploads.
+
+Slides are gigabytes, so the LIS usually does not upload them: it names a slide in a store the
+gateway can read (`SlideRef(store, path)`), a local/NFS root or an object-store URL read
+through fsspec (`s3://bucket/prefix`, `gs://...`, `memory://...` in tests). Not wired into the
+routes yet; the slide orchestration calls `SlideStore.fetch` / `save_upload`.
+
+Path confinement: a reference is a relative POSIX path inside its store's root. Absolute
+paths, `..` segments, backslashes, NUL and empty segments are refused before any file system
+call, and a local reference is resolved (symlinks included) and refused unless it stays under
+the resolved root, so no reference can escape its root.
+
+Object-store slides are copied to a local cache file in chunks (OpenSlide reads local files),
+refusing anything above `max_bytes`; memory stays one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class SlideStoreError(Exception):
+    """A slide reference or upload refused; `status` is the HTTP status the gateway answers
+    (400 bad reference, 404 no such slide/store, 413 too large) and `code` a stable word."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """A slide named by the LIS: `store` (a configured root's name) and `path` inside it."""
+
+    store: str
+    path: str
+
+
+def confine(path: str) -> str:
+    """The normalised relative path, or SlideStoreError 400 when it could leave its root."""
+    if not path or "\x00" in path or "\\" in path:
+        raise SlideStoreError(400, "bad_slide_path", "slide path is empty or has NUL/backslash")
+    if path.startswith("/") or "://" in path or (len(path) > 1 and path[1] == ":"):
+        raise SlideStoreError(400, "bad_slide_path", "slide path must be relative to its store")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise SlideStoreError(400, "bad_slide_path", "slide path may not contain '', '.' or '..'")
+    return posixpath.normpath(path)
+
+
+class SlideStore:
+    """Configured slide roots by name: a local directory (`/mnt/slides`, `file:///mnt/slides`)
+    or an fsspec URL (`s3://bucket/slides`). `cache_dir` holds fetched object-store slides."""
+
+    def __init__(self, roots: Mapping[str, str], *, cache_dir: Path, max_bytes: int) -> None:
+        self.roots = dict(roots)
+        self.cache_dir = Path(cache_dir)
+        self.max_bytes = max_bytes
+
+    def _root(self, store: str) -> str:
+        try:
+            return self.roots[store]
+        except KeyError:
+            raise SlideStoreError(
+                404, "unknown_slide_store", f"no slide store {store!r}; known: {sorted(self.roots)}"
+            ) from None
+
+    @staticmethod
+    def _local_root(root: str) -> Path | None:
+        if root.startswith("file://"):
+            return Path(root.removeprefix("file://"))
+        return None if "://" in root else Path(root)
+
+    def fetch(self, ref: SlideRef) -> Path:
+        """A local path to the referenced slide: the file itself under a local root, else a
+        cached copy of the object (fetched once per object version: size and etag/mtime)."""
+        rel = confine(ref.path)
+        root = self._root(ref.store)
+        local = self._local_root(root)
+        if local is not None:
+            base = local.resolve()
+            target = (base / rel).resolve()
+            if not target.is_relative_to(base):
+                raise SlideStoreError(400, "bad_slide_path", "slide path leaves its store")
+            if not target.is_file():
+                raise SlideStoreError(404, "slide_not_found", f"no slide {ref.path!r}")
+            if target.stat().st_size > self.max_bytes:
+                raise SlideStoreError(413, "slide_too_large", f"slide above {self.max_bytes} bytes")
+            return target
+        return self._fetch_remote(root.rstrip("/") + "/" + rel, ref)
+
+    def _fetch_remote(self, url: str, ref: SlideRef) -> Path:
+        import fsspec
+
+        fs, fpath = fsspec.core.url_to_fs(url)
+        try:
+            info = fs.info(fpath)
+        except FileNotFoundError:
+            raise SlideStoreError(404, "slide_not_found", f"no slide {ref.path!r}") from None
+        size = int(info.get("size") or 0)
+        if size > self.max_bytes:
+            raise SlideStoreError(413, "slide_too_large", f"slide above {self.max_bytes} bytes")
+        stamp = f"{url}|{size}|{info.get('ETag') or info.get('etag') or info.get('mtime') or ''}"
+        name = hashlib.sha256(stamp.encode()).hexdigest()[:32] + Path(fpath).suffix.lower()
+        dest = self.cache_dir / name
+        if dest.is_file() and dest.stat().st_size == size:
+            return dest
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".part")
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out, fs.open(fpath, "rb") as src:
+                while chunk := src.read(CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > self.max_bytes:
+                        raise SlideStoreError(
+                            413, "slide_too_large", f"slide above {self.max_bytes} bytes"
+                        )
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("fetched slide %s/%s (%d bytes) into the cache", ref.store, ref.path, written)
+        return dest
+
+
+async def save_upload(
+    chunks: AsyncIterator[bytes],
+    dest_dir: Path,
+    *,
+    max_bytes: int,
+    declared_length: int | None = None,
+    suffix: str = "",
+) -> tuple[Path, int, str]:
+    """Stream an uploaded slide to `dest_dir` without holding it in memory.
+
+    Refused with 413 `slide_too_large` when the declared Content-Length or the bytes actually
+    received exceed `max_bytes` (the partial file is removed). Returns (path, size, sha256);
+    the file is named by its content hash, so a retried upload of the same slide is one file.
+    """
+    if declared_length is not None and declared_length > max_bytes:
+        raise SlideStoreError(
+            413, "slide_too_large", f"declared {declared_length} bytes above {max_bytes}"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise SlideStoreError(413, "slide_too_large", f"upload above {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        final = dest_dir / f"{digest.hexdigest()}{suffix.lower()}"
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final, size, digest.hexdigest()
