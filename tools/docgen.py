@@ -190,7 +190,8 @@ def settings_class(service: str) -> type[ServiceSettings]:
 def _symbolic_configs(kind: str) -> list[dict[str, Any]]:
     """Valid configs of ``kind`` with sentinel sizes; one per ensemble target set, so that
     outputs that only some versions have show up as such."""
-    from marrowscope.models.config import ARCHS, ENSEMBLE_TARGETS, make_config
+    from marrowscope.models.config import ARCHS, make_config
+    from marrowscope.targets import ENSEMBLE_TARGETS
 
     base = make_config(kind, ARCHS.get(kind, ("",))[0], **_SYMBOLIC_FIELDS.get(kind, {}))
     if kind != "ensemble":

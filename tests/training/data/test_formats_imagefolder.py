@@ -40,7 +40,10 @@ def test_unknown_folder_lists_known_codes(tmp_path):
         read_imagefolder(tmp_path)
     items = read_imagefolder(tmp_path, class_map={"ARTEFACTS": None})
     assert [c for _, c in items] == ["BLA"]
-    assert [c for _, c in read_imagefolder(tmp_path, class_map={"ARTEFACTS": "PLM"})] == ["PLM", "BLA"]
+    assert [c for _, c in read_imagefolder(tmp_path, class_map={"ARTEFACTS": "PLM"})] == [
+        "PLM",
+        "BLA",
+    ]
     with pytest.raises(DatasetFormatError, match="not a taxonomy code"):
         read_imagefolder(tmp_path, class_map={"ARTEFACTS": "artefact"})
 
