@@ -81,6 +81,9 @@ class GatewaySettings(BaseSettings):
     apl_threshold: float = Field(0.5, ge=0, le=1)
     """Threshold of the APL-by-morphology call when the ensemble records none."""
     aml_threshold: float = Field(0.5, ge=0, le=1)
+    explain_max_boxes: int = Field(1024, ge=1)
+    """Cells per explain call; an image with more is explained in several calls. Keep it at
+    or below the explain service's MAX_BOXES."""
     celltype_batch: int = Field(64, ge=1)
     allow_local_lineage: bool = False
     """Accept a missing/mismatching ensemble lineage when the upstream pinned versions are

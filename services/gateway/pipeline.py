@@ -574,26 +574,34 @@ class Pipeline:
             sy, sx = hh / h, ww / w
             boxes = np.asarray(entry["_boxes"], np.float32).reshape(-1, 4)
             scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
-            out = await self.call(
-                "explain",
-                lambda tm, x=x, b=scaled: self.clients.explain(
-                    x,
-                    b,
-                    version=versions["explain"],
-                    target_model="npm1",
-                    target_version=versions["npm1"],
-                    timeout=tm,
-                ),
-            )
-            if len(out.cell_importance) != len(boxes):
-                raise PipelineFailure(
-                    f"explain returned {len(out.cell_importance)} importances "
-                    f"for {len(boxes)} cells"
+            # the explain service caps boxes per call (MAX_BOXES): send chunks; its cells-mode
+            # heatmap is zero outside the boxes, so chunks paint disjoint parts of one map
+            step = self.s.explain_max_boxes
+            importance: list[float] = []
+            heatmap: np.ndarray | None = None
+            for start in range(0, max(len(scaled), 1), step):
+                out = await self.call(
+                    "explain",
+                    lambda tm, x=x, b=scaled[start : start + step]: self.clients.explain(
+                        x,
+                        b,
+                        version=versions["explain"],
+                        target_model="npm1",
+                        target_version=versions["npm1"],
+                        timeout=tm,
+                    ),
                 )
-            for cell, imp in zip(entry["cells"], out.cell_importance, strict=True):
-                cell["importance"] = float(imp)
+                importance.extend(float(v) for v in out.cell_importance)
+                part = np.asarray(out.heatmap, np.float32)
+                heatmap = part if heatmap is None else np.where(part != 0, part, heatmap)
+            if len(importance) != len(boxes):
+                raise PipelineFailure(
+                    f"explain returned {len(importance)} importances for {len(boxes)} cells"
+                )
+            for cell, imp in zip(entry["cells"], importance, strict=True):
+                cell["importance"] = imp
             buf = io.BytesIO()
-            np.save(buf, np.asarray(out.heatmap, np.float32), allow_pickle=False)
+            np.save(buf, np.asarray(heatmap, np.float32), allow_pickle=False)
             data = buf.getvalue()
             sha = hashlib.sha256(data).hexdigest()
             artifacts[sha] = data

@@ -219,3 +219,18 @@ def test_deadline_fails_with_reason(gateway, monkeypatch):
         body = wait_status(client.get, aid, keys["lis"], timeout=10)
     assert body["status"] == "failed"
     assert body["reason"] == "deadline of 1 s exceeded while calling the segmentation service"
+
+
+def test_explain_calls_are_chunked_to_the_service_box_cap(gateway):
+    """The explain service refuses more than MAX_BOXES boxes per call: the gateway splits an
+    image's cells into chunks and joins the importances (one per cell, in order)."""
+    client, services, keys = gateway(explain_max_boxes="2")
+    with client:
+        r = _submit(client, keys, png(seed=3), options={"explain": True})
+        assert r.status_code == 202, r.text
+        body = wait_status(client.get, r.json()["id"], keys["lis"])
+        assert body["status"] == "succeeded", body
+        cells = body["result"]["images"][0]["cells"]
+        assert len(cells) > 2
+        assert all(c["importance"] is not None for c in cells)
+        assert services.clients.calls["explain"] == -(-len(cells) // 2)
