@@ -80,14 +80,16 @@ def build_model_dirs(root: Path, sizes: Sizes, seed: int = 0) -> dict[str, Path]
     import torch
 
     from marrowscope.models import build_model, save_model
+    from marrowscope.taxonomy import NON_COUNTED_CODES
 
     dirs = {}
     for kind, config in model_configs(sizes).items():
         torch.manual_seed(seed)
         module: Any = build_model(config)
-        if kind == "celltype":  # an untrained typer may call every cell RBC: the gateway
-            with torch.no_grad():  # would then abstain (no counted cells) before ensemble/npm1
-                module.head.bias[config["outputs"].index("RBC")] = -20.0
+        if kind == "celltype":  # an untrained typer may call every cell RBC (or smudge, ...):
+            with torch.no_grad():  # the gateway would then abstain (no counted cells)
+                for code in NON_COUNTED_CODES:
+                    module.head.bias[config["outputs"].index(code)] = -20.0
         dirs[kind] = save_model(module, config, root / kind)
     return dirs
 

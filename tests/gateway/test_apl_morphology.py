@@ -33,7 +33,7 @@ def test_three_target_ensemble_reports_apl_beside_npm1(gateway, monkeypatch):
     _setenv(monkeypatch, **THREE_TARGETS, MS_TEST_FAKE_APL_THRESHOLD="0.05")
     client, _, keys = gateway(npm1_threshold="0.6")
     with client:
-        body = _analyse(client, keys, png(seed=11), um_per_px=0.27)
+        body = _analyse(client, keys, png(320, 240, seed=11), um_per_px=0.27)
         observations, conclusion = _fhir(client, body["id"], keys)
         metrics = client.get("/metrics").text
         schema = client.get("/v1/schemas/result").json()
@@ -67,7 +67,7 @@ def test_npm1_only_ensemble_reports_apl_not_available(gateway, monkeypatch):
     _setenv(monkeypatch, MS_TEST_FAKE_ENSEMBLE_TARGETS="aml,npm1", MS_TEST_FAKE_FEATURE_UNITS="um")
     client, _, keys = gateway(apl_threshold="0.4")
     with client:
-        body = _analyse(client, keys, png(seed=13), um_per_px=0.27)
+        body = _analyse(client, keys, png(320, 240, seed=13), um_per_px=0.27)
         observations, conclusion = _fhir(client, body["id"], keys)
     res = body["result"]
     assert res["npm1_morphology"]["status"] == "predicted"

@@ -20,7 +20,7 @@ from tests.gateway.conftest import files, meta, png, wait_status
 def tenants(gateway):
     from services.gateway.auth import create_key
 
-    client, services, keys = gateway(rate_limit_per_min="100000")
+    client, services, keys = gateway(rate_limit_per_min="100000", webhook_allow_cidrs="127.0.0.0/8")
     with services.sessions.begin() as session:
         for name, tenant in (("site-a", "a"), ("site-b", "b")):
             keys[name] = {
