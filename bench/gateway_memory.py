@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -79,8 +80,11 @@ def _free_port() -> int:
 
 def measure(name: str, url: str, key: str, pid: int, cases: list[list[bytes]]) -> dict:
     def submit(k: int, images: list[bytes]) -> int:
-        parts = [("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)]
-        parts.append(("metadata", (None, json.dumps({"accession_id": f"BENCH-{name}-{k}"}))))
+        parts: list[tuple[str, tuple[str | None, bytes | str, str | None]]] = [
+            ("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)
+        ]
+        metadata = json.dumps({"accession_id": f"BENCH-{name}-{k}"})
+        parts.append(("metadata", (None, metadata, None)))
         r = httpx.post(f"{url}/v1/analyses", files=parts, headers={"X-API-Key": key}, timeout=600)
         return r.status_code
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-    doc = {"machine": machine(1), "rows": rows}
+    doc: dict[str, Any] = {"machine": machine(1), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gateway_memory.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             finally:
                 if drill is not None:
                     outage = drill.finish()
-            if drill is not None:
+            if outage is not None:
                 outage["analyses"] = drain(stack.gateway_url, env["MS_LOADTEST_API_KEY"], outage)
         if "oip" in scenarios:
             targets = {

@@ -93,7 +93,7 @@ def read_cohort(root: Path, *, verify: bool = True) -> AplCohort:
         data = read_deepapl(root, verify=verify)
     except (DataUnavailable, DatasetFormatError, UnknownCellType) as exc:
         raise UsageError(f"{root}: {exc}") from None
-    cells = [AplCell(r.patient_id, r.path, r.source_class, r.code) for r in data.records]
+    cells = [AplCell(r.patient, r.path, r.source_class, r.code) for r in data.records]
     with_cells = {c.patient_id for c in cells}
     apl = {p: int(v.diagnosis == "APL") for p, v in data.patients.items() if p in with_cells}
     return AplCohort(apl, cells)
@@ -158,8 +158,9 @@ def train_quick_typer(
     if (out / "config.json").is_file():
         return out
     names = outputs()
-    idx = [i for i, c in enumerate(codes) if c is not None and keep[i]]
-    y = torch.tensor([names.index(codes[i]) for i in idx])
+    labelled = [(i, c) for i, c in enumerate(codes) if c is not None and keep[i]]
+    idx = [i for i, _ in labelled]
+    y = torch.tensor([names.index(c) for _, c in labelled])
     x = torch.from_numpy(crops[idx])
     seed_everything(0)
     config = make_config(
@@ -382,7 +383,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
-    from marrowscope.inference import load_predictor
+    from marrowscope.inference import CellTyper, load_predictor
     from training.apl_cv import (
         logistic_fit_predict,
         mil_fit_predict,
@@ -413,8 +414,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         typer_uri, typer_kind = args.celltype_model, "given"
     else:
         size, typer_kind = args.crop_size, "quick"
+
+    def load_typer(uri: str, tracking_uri: str | None = None) -> CellTyper:
+        typer = load_predictor(uri, tracking_uri=tracking_uri)
+        if not isinstance(typer, CellTyper):
+            raise UsageError(f"--celltype-model is a {typer.kind} model, not celltype")
+        return typer
+
     if size is None:
-        typer = load_predictor(args.celltype_model, tracking_uri=args.tracking_uri)
+        typer = load_typer(args.celltype_model, args.tracking_uri)
         size = typer.crop_size
     crops, half, keep = load_cells(cohort, size, args.workdir / f"cells-{size}.npz")
     timings["decode_s"] = time.monotonic() - t0
@@ -428,10 +436,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             minutes=args.train_typer_minutes,
         )
         timings["typer_train_s"] = time.monotonic() - t
-        typer = load_predictor(str(typer_dir))
+        typer = load_typer(str(typer_dir))
         typer_uri = "DIR/quick-typer"
-    if typer.kind != "celltype":
-        raise UsageError(f"--celltype-model is a {typer.kind} model, not celltype")
     t = time.monotonic()
     typed = args.workdir / f"typed-{typer.version[:24]}.npz"
     if typed.is_file():
@@ -458,11 +464,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         y = np.array([cohort.apl[p] for p in patients])
     names, table = case_table(cohort, probs, list(typer.names), morph, keep)
     index = {p: i for i, p in enumerate(patients)}
-    bag_rows = [[] for _ in patients]
+    rows: list[list[int]] = [[] for _ in patients]
     for i, c in enumerate(cohort.cells):
         if keep[i]:
-            bag_rows[index[c.patient_id]].append(i)
-    bag_rows = [np.array(r, dtype=int) for r in bag_rows]
+            rows[index[c.patient_id]].append(i)
+    bag_rows = [np.array(r, dtype=int) for r in rows]
     bags = [embeds[r].astype(np.float32) for r in bag_rows]
     classes, diff = sign_out_differential(cohort)
 

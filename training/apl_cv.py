@@ -40,16 +40,17 @@ def repeated_grouped_cv(
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.asarray(y).astype(int)
-    groups = np.asarray(groups)
-    if len(y) != len(groups):
-        raise ValueError(f"{len(y)} labels but {len(groups)} groups")
-    if folds < 2 or folds > len(set(groups.tolist())):
-        raise ValueError(f"cannot make {folds} folds from {len(set(groups.tolist()))} groups")
+    group_ids = np.asarray(groups)
+    if len(y) != len(group_ids):
+        raise ValueError(f"{len(y)} labels but {len(group_ids)} groups")
+    n_groups = len(set(group_ids.tolist()))
+    if folds < 2 or folds > n_groups:
+        raise ValueError(f"cannot make {folds} folds from {n_groups} groups")
     out = np.full((repeats, len(y)), np.nan)
     for r in range(repeats):
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
-        for f, (tr, te) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
-            if set(groups[tr].tolist()) & set(groups[te].tolist()):
+        for f, (tr, te) in enumerate(splitter.split(np.zeros(len(y)), y, group_ids)):
+            if set(group_ids[tr].tolist()) & set(group_ids[te].tolist()):
                 raise AssertionError("a group is on both sides of a fold")
             out[r, te] = np.asarray(fit_predict(tr, te, r * folds + f), dtype=float)
     if np.isnan(out).any():
@@ -83,6 +84,9 @@ def summarise(y: np.ndarray, oof: np.ndarray, *, n_boot: int = 2000, seed: int =
 class GatedAttentionMIL(nn.Module):
     """`forward(bag FloatTensor[N, D])` -> (logit FloatTensor[], attention FloatTensor[N]
     summing to 1). Inputs are standardised with stored statistics (`fit_standardisation`)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, d_in: int, hidden: int = 64, attention: int = 32, dropout: float = 0.25):
         super().__init__()

@@ -155,7 +155,7 @@ def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
         dap = read_deepapl(data_dir / "deepapl", verify=False)
         sides = split_patients(dap.records, test_fraction=tf, val_fraction=vf, seed=seed)
         for r in dap.labelled():
-            side = sides[r.patient_id]
+            side = sides[r.patient]
             if "deepapl" in train_on:
                 out[side].append(r)
             elif side == "test":

@@ -110,7 +110,7 @@ def read_deepapl(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> Dee
     records = keep_readable(listed, report, verify=verify)
     counts: dict[str, int] = {}
     for r in records:
-        counts[r.patient_id] = counts.get(r.patient_id, 0) + 1
+        counts[r.patient] = counts.get(r.patient, 0) + 1
     patients = {
         pid: Patient(
             pid,

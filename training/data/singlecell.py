@@ -45,6 +45,13 @@ class CellRecord:
     """Taxonomy code of `source_class`; None when the cell has no class."""
     path: Path
 
+    @property
+    def patient(self) -> str:
+        """`patient_id` of a record from a set that has patient ids (DeepAPL)."""
+        if self.patient_id is None:
+            raise ValueError(f"{self.path}: a {self.source} cell has no patient id")
+        return self.patient_id
+
 
 @dataclass
 class ReadReport:
