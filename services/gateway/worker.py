@@ -30,6 +30,7 @@ from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
+from services.gateway.container import build_services
 from services.gateway.db import now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
@@ -364,8 +365,6 @@ class Worker:
 
 async def serve_workers(settings: GatewaySettings) -> None:
     """Standalone worker process: migrate, then run until SIGTERM/SIGINT."""
-    from services.gateway.app import build_services
-
     services = build_services(settings)
     clients = services.make_clients()
     if settings.metrics_port:
