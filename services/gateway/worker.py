@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import sessionmaker
 
+from marrowscope.stages import Stage
 from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
@@ -38,7 +39,7 @@ from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
-OPTIONAL_SERVICES = frozenset({"explain"})
+OPTIONAL_SERVICES = frozenset({Stage.EXPLAIN})
 """Needed only by analyses that ask for explanations (`options.explain`)."""
 
 
