@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
+
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1")
+KINDS: tuple[str, ...] = PIPELINE_MODELS
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def build_model_dirs(root: Path, sizes: Sizes, seed: int = 0) -> dict[str, Path]
     for kind, config in model_configs(sizes).items():
         torch.manual_seed(seed)
         module: Any = build_model(config)
-        if kind == "celltype":  # an untrained typer may call every cell RBC (or smudge, ...):
+        if kind == Stage.CELLTYPE:  # an untrained typer may call every cell RBC (or smudge, ...):
             with torch.no_grad():  # the gateway would then abstain (no counted cells)
                 for code in NON_COUNTED_CODES:
                     module.head.bias[config["outputs"].index(code)] = -20.0
@@ -102,8 +104,8 @@ def register_champions(tracking_uri: str, dirs: Mapping[str, Path]) -> dict[str,
     client = get_client(tracking_uri)
     versions: dict[str, str] = {}
     for kind in KINDS:
-        lineage = (
-            {u: versions[u] for u in ("segmentation", "celltype")} if kind == "ensemble" else {}
+        lineage: dict[str, str] = (
+            {u: versions[u] for u in LINEAGE_UPSTREAMS} if kind == Stage.ENSEMBLE else {}
         )
         versions[kind] = register_model_dir(
             kind,

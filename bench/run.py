@@ -24,9 +24,10 @@ from pathlib import Path
 
 from bench import fixtures, harness, measure, workloads
 from bench.report import write_markdown
+from marrowscope.stages import PIPELINE_MODELS
 
 log = logging.getLogger("bench")
-MODELS: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1")
+MODELS: tuple[str, ...] = PIPELINE_MODELS
 
 
 def _ints(text: str) -> list[int]:

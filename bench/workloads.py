@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from marrowscope.stages import PIPELINE_MODELS
+
 CELLTYPE_BATCH = 32
 POLL_S = 0.05
 
@@ -95,12 +97,7 @@ class Predictors:
     def load(cls, dirs: Mapping[str, Path]) -> Predictors:
         from marrowscope.inference import load_predictor
 
-        return cls(
-            *(
-                load_predictor(str(dirs[k]), device="cpu")
-                for k in ("segmentation", "celltype", "ensemble", "npm1")
-            )
-        )
+        return cls(*(load_predictor(str(dirs[k]), device="cpu") for k in PIPELINE_MODELS))
 
 
 def inprocess_worker(model: str, p: Predictors, x: Inputs) -> Callable[[], Callable[[], object]]:

@@ -27,21 +27,15 @@ from typing import TYPE_CHECKING, Any
 from marrowscope.errors import InvalidInput, ModelNotFound
 from marrowscope.models.io import ModelFormatError, model_digest, read_config
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.stages import REGISTERED, Stage
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "nucseg")
-MODEL_KIND: dict[str, str] = {
-    "segmentation": "detector",
-    "celltype": "celltype",
-    "ensemble": "ensemble",
-    "npm1": "npm1",
-    # the learned nucleus/cytoplasm split, served inside the segmentation service
-    "nucseg": "nucseg",
-}
+KINDS: tuple[str, ...] = REGISTERED
+MODEL_KIND: dict[str, str] = {s: s.model_kind for s in REGISTERED}
 CHAMPION = "champion"
 ARTIFACT_PATH = "marrowscope-model"
 EXPERIMENT = "marrowscope-models"
@@ -63,7 +57,7 @@ def registered_name(kind: str) -> str:
     """`segmentation` -> `marrowscope-segmentation` (raises InvalidInput for other kinds)."""
     if kind not in KINDS:
         raise InvalidInput(f"unknown registry kind {kind!r}; known: {', '.join(KINDS)}")
-    return f"marrowscope-{kind}"
+    return Stage(kind).registered_name
 
 
 def kind_of(name_or_model_kind: str) -> str:

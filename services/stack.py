@@ -19,17 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.stages import SERVED, Stage
 
 log = logging.getLogger(__name__)
 
-MODEL_SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
-REGISTRY_KIND = {
-    "segmentation": "segmentation",
-    "celltype": "celltype",
-    "ensemble": "ensemble",
-    "npm1": "npm1",
-    "explain": "npm1",
-}
+MODEL_SERVICES: tuple[str, ...] = SERVED
 
 
 def free_port() -> int:
@@ -109,14 +103,15 @@ class LocalStack:
         return proc
 
     def _spawn_service(self, name: str, ports: dict[str, int]) -> Proc:
-        prefix = f"MS_{name.upper()}_"
+        stage = Stage(name)
+        prefix = stage.env_prefix
         env = self._base_env()
         env.update(
             {
                 prefix + "GRPC_PORT": str(ports["grpc"]),
                 prefix + "METRICS_PORT": str(ports["metrics"]),
                 prefix + "MODEL_URI": self.model_uris.get(
-                    name, f"models:/marrowscope-{REGISTRY_KIND[name]}@{self.alias}"
+                    name, f"models:/{stage.registered_name}@{self.alias}"
                 ),
             }
         )

@@ -26,19 +26,20 @@ import time
 from pathlib import Path
 
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
 
-JOBS = ("segmentation", "celltype", "ensemble", "npm1")
+JOBS: tuple[str, ...] = PIPELINE_MODELS
 TERMINAL = {"succeeded", "failed", "abstained", "cancelled"}
 DEMO_KEY_NAME = "demo-lis"
 # The demo's test split holds ~6 AML cases: too few for an NPM1 floor to mean anything, so
 # its NPM1 figures (both the ensemble's morphology output and the whole-image CNN) are shown
 # but not gated; production floors are in training/promote.py.
 DEMO_FLOORS = (
-    "segmentation.map50=0.3",
-    "celltype.macro_f1=0.3",
-    "ensemble.auroc=0.6",
-    "ensemble.npm1_auroc=0.0",
-    "npm1.auroc=0.0",
+    f"{Stage.SEGMENTATION}.map50=0.3",
+    f"{Stage.CELLTYPE}.macro_f1=0.3",
+    f"{Stage.ENSEMBLE}.auroc=0.6",
+    f"{Stage.ENSEMBLE}.npm1_auroc=0.0",
+    f"{Stage.NPM1}.auroc=0.0",
 )
 
 
@@ -192,25 +193,23 @@ def ensure_models(
     ):
         say(f"reusing promoted models {current}")
         return current
-    versions = {
-        kind: _trained(args, kind, data, tracking_uri, [], env)
-        for kind in ("segmentation", "celltype")
+    versions: dict[str, str] = {
+        kind: _trained(args, kind, data, tracking_uri, [], env) for kind in LINEAGE_UPSTREAMS
     }
     # The ensemble learns from features made by exactly these upstream versions (lineage).
-    versions["ensemble"] = _trained(
+    versions[Stage.ENSEMBLE] = _trained(
         args,
-        "ensemble",
+        Stage.ENSEMBLE,
         data,
         tracking_uri,
         [
-            "--segmentation",
-            f"models:/marrowscope-segmentation/{versions['segmentation']}",
-            "--celltype",
-            f"models:/marrowscope-celltype/{versions['celltype']}",
+            flag
+            for up in LINEAGE_UPSTREAMS
+            for flag in (f"--{up}", f"models:/{up.registered_name}/{versions[up]}")
         ],
         env,
     )
-    versions["npm1"] = _trained(args, "npm1", data, tracking_uri, [], env)
+    versions[Stage.NPM1] = _trained(args, Stage.NPM1, data, tracking_uri, [], env)
     # Demo models train for minutes on a small synthetic cohort, so the floors are lowered;
     # the gates still judge lineage, configuration and non-inferiority. Real promotions keep
     # the default floors (training/promote.py).

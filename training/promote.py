@@ -54,26 +54,27 @@ from typing import Any
 from marrowscope import registry
 from marrowscope.errors import ModelNotFound
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.stages import LINEAGE_UPSTREAMS, Stage
 from marrowscope.targets import GENETIC_TARGETS, genetic_targets
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = {
-    "segmentation": "map50",
-    "celltype": "macro_f1",
-    "ensemble": "auroc",
-    "npm1": "auroc",
-    "nucseg": "cell_dice",
+    Stage.SEGMENTATION: "map50",
+    Stage.CELLTYPE: "macro_f1",
+    Stage.ENSEMBLE: "auroc",
+    Stage.NPM1: "auroc",
+    Stage.NUCSEG: "cell_dice",
 }
 DEFAULT_FLOORS: dict[str, dict[str, float]] = {
-    "segmentation": {"map50": 0.5},
-    "celltype": {"macro_f1": 0.5},
+    Stage.SEGMENTATION: {"map50": 0.5},
+    Stage.CELLTYPE: {"macro_f1": 0.5},
     # plus `<target>_auroc` >= its floor for every genetic target (`default_floors`,
     # `marrowscope.targets`: npm1_auroc 0.80, apl_auroc 0.75), applied only to ensembles
     # that have that output
-    "ensemble": {"auroc": 0.75, **{f"{t.code}_auroc": t.floor for t in GENETIC_TARGETS}},
-    "npm1": {"auroc": 0.65},
-    "nucseg": {"cell_dice": 0.90},
+    Stage.ENSEMBLE: {"auroc": 0.75, **{f"{t.code}_auroc": t.floor for t in GENETIC_TARGETS}},
+    Stage.NPM1: {"auroc": 0.65},
+    Stage.NUCSEG: {"cell_dice": 0.90},
 }
 NUCSEG_NC_ERROR_CEILING = 0.10
 """Median |N:C error| a learned split may have (the classical split: 0.059 on wbc-seg,
@@ -86,7 +87,7 @@ def default_floors() -> dict[str, dict[str, float]]:
     time, so a target added to `marrowscope.targets` is gated without touching this file)."""
     floors = {k: dict(v) for k, v in DEFAULT_FLOORS.items()}
     for t in genetic_targets():
-        floors["ensemble"].setdefault(f"{t.code}_auroc", t.floor)
+        floors[Stage.ENSEMBLE].setdefault(f"{t.code}_auroc", t.floor)
     return floors
 
 
@@ -121,7 +122,7 @@ class _Version:
         """An ensemble's outputs (`aml`, then its genetic targets); [] for other kinds."""
         from marrowscope.models.config import ensemble_targets
 
-        return ensemble_targets(self.config or {}) if self.kind == "ensemble" else []
+        return ensemble_targets(self.config or {}) if self.kind == Stage.ENSEMBLE else []
 
     def metric(self, name: str) -> float | None:
         value = self.tags.get(f"{registry.METRIC_PREFIX}{name}")
@@ -150,7 +151,7 @@ def _metric_target(c: _Version, metric: str) -> str | None:
     `npm1`), else None."""
     from marrowscope.targets import BY_CODE
 
-    if c.kind != "ensemble":
+    if c.kind != Stage.ENSEMBLE:
         return None
     return next((t for t in BY_CODE if metric.startswith(f"{t}_")), None)
 
@@ -158,7 +159,7 @@ def _metric_target(c: _Version, metric: str) -> str | None:
 def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
     problems, seen = [], []
     for metric, floor in sorted(floors.items()):
-        if c.kind == "nucseg" and metric == "nc_abs_err":
+        if c.kind == Stage.NUCSEG and metric == "nc_abs_err":
             continue  # a ceiling, checked by the nc_error gate
         target = _metric_target(c, metric)
         if target is not None and target not in c.targets:
@@ -270,8 +271,8 @@ def _nucseg_gates(
 
 
 def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
-    ensemble = serving["ensemble"]
-    if c.kind in ("npm1", "nucseg"):
+    ensemble = serving[Stage.ENSEMBLE]
+    if c.kind in (Stage.NPM1, Stage.NUCSEG):
         return True, "no upstream models"
     if ensemble is None:
         return True, "no ensemble serves; nothing depends on upstream versions"
@@ -281,7 +282,7 @@ def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[boo
         if k.startswith(registry.LINEAGE_PREFIX)
     }
     problems = []
-    for upstream in ("segmentation", "celltype"):
+    for upstream in LINEAGE_UPSTREAMS:
         want, have = lineage.get(upstream), serving[upstream]
         if want is None:
             problems.append(f"ensemble v{ensemble.version} records no {upstream} lineage")
@@ -319,7 +320,7 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
         return False, str(exc)
     if config["kind"] != registry.MODEL_KIND[c.kind]:
         return False, f"config kind {config['kind']!r} is not {registry.MODEL_KIND[c.kind]!r}"
-    if c.kind == "segmentation":
+    if c.kind == Stage.SEGMENTATION:
         # A detector only finds cells; the celltype model types them. It must find nucleated
         # cells (any class but red cells/platelets, e.g. `cell`, `WBC`, or taxonomy codes).
         classes = list(config["classes"])
@@ -327,12 +328,12 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
         if len(set(classes)) != len(classes) or not nucleated:
             return False, f"classes {classes} must be unique and include a nucleated-cell class"
         return True, f"{len(classes)} classes, nucleated: {nucleated}"
-    if c.kind == "celltype":
+    if c.kind == Stage.CELLTYPE:
         missing = [x for x in (*COUNTED_CODES, *ATTRIBUTE_CODES) if x not in config["outputs"]]
         if missing:
             return False, f"outputs lack {missing} needed by the case features"
         return True, f"{len(config['outputs'])} outputs, crop {config['crop_size']} px"
-    if c.kind == "ensemble":
+    if c.kind == Stage.ENSEMBLE:
         names = list(config["feature_names"])
         try:
             from marrowscope.features import case_feature_names
@@ -347,7 +348,7 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
                     f"feature_names differ from case_feature_names() "
                     f"(missing {missing}, unexpected {extra}, or order)"
                 )
-        celltype = serving["celltype"]
+        celltype = serving[Stage.CELLTYPE]
         outputs = (celltype.config or {}).get("outputs") if celltype else None
         if outputs is not None:
             needed = [
@@ -364,7 +365,7 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
                     f"features use {lacking}, which celltype v{celltype.version} does not output",
                 )
         return True, f"{len(names)} features match"
-    if c.kind == "nucseg":
+    if c.kind == Stage.NUCSEG:
         source = config.get("nucleus_source", "learned")
         return True, f"input {config['input_size']}, nucleus {source}"
     return True, f"input {config['input_size']}"
@@ -398,10 +399,10 @@ def evaluate(
             ("config", _config_gate(c, serving)),
         ):
             decisions.append(Decision(gate, kind, c.version, ok, detail))
-        if kind == "nucseg":
+        if kind == Stage.NUCSEG:
             for gate, (ok, detail) in _nucseg_gates(c, floors.get(kind, {}), margin):
                 decisions.append(Decision(gate, kind, c.version, ok, detail))
-        if kind == "ensemble":
+        if kind == Stage.ENSEMBLE:
             ok, detail = _targets_gate(c, champions[kind], allow_drop_target)
             decisions.append(Decision("targets", kind, c.version, ok, detail))
             ok, detail = _units_gate(c, champions[kind], allow_unit_change)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from marrowscope.errors import InvalidInput
+from marrowscope.stages import PIPELINE_MODELS, Stage
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("segmentation", "celltype", "ensemble", "npm1")
-# Services that preload another kind's model and move with it.
-FOLLOWERS = {"npm1": ("explain",)}
+MODEL_KINDS: tuple[str, ...] = PIPELINE_MODELS
+# Services that preload another kind's model and move with it (explain follows npm1).
+FOLLOWERS: dict[str, tuple[str, ...]] = {k: k.followers for k in PIPELINE_MODELS if k.followers}
 VERSION_ANNOTATION = "marrowscope.io/model-version"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 
@@ -53,11 +54,11 @@ class RolloutResult:
 
 def model_uri(kind: str, version: str) -> str:
     """The exact-version registry URI a service loads, e.g. `models:/marrowscope-npm1/7`."""
-    return f"models:/marrowscope-{kind}/{version}"
+    return f"models:/{Stage(kind).registered_name}/{version}"
 
 
 def env_name(service: str) -> str:
-    return f"MS_{service.upper()}_MODEL_URI"
+    return f"{Stage(service).env_prefix}MODEL_URI"
 
 
 def _targets(versions: dict[str, str]) -> list[tuple[str, str, str, bool]]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from marrowscope.stages import Stage
 from services.runtime.settings import ServiceSettings
 
 
 class CelltypeSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MS_CELLTYPE_")
+    model_config = SettingsConfigDict(env_prefix=Stage.CELLTYPE.env_prefix)
 
-    model_name: str = "celltype"
-    grpc_port: int = 50052
-    metrics_port: int = 9102
-    model_uri: str | None = "models:/marrowscope-celltype@champion"
+    model_name: str = Stage.CELLTYPE.value
+    grpc_port: int = Stage.CELLTYPE.grpc_port
+    metrics_port: int = Stage.CELLTYPE.metrics_port
+    model_uri: str | None = f"models:/{Stage.CELLTYPE.registered_name}@champion"
     chunk_size: int = Field(256, ge=1, description="crops per forward pass (bounds GPU memory)")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from marrowscope.stages import Stage
 from services.runtime.settings import ServiceSettings
 
 
 class EnsembleSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MS_ENSEMBLE_")
+    model_config = SettingsConfigDict(env_prefix=Stage.ENSEMBLE.env_prefix)
 
-    model_name: str = "ensemble"
-    grpc_port: int = 50053
-    metrics_port: int = 9103
-    model_uri: str | None = "models:/marrowscope-ensemble@champion"
+    model_name: str = Stage.ENSEMBLE.value
+    grpc_port: int = Stage.ENSEMBLE.grpc_port
+    metrics_port: int = Stage.ENSEMBLE.metrics_port
+    model_uri: str | None = f"models:/{Stage.ENSEMBLE.registered_name}@champion"

@@ -38,12 +38,13 @@ from marrowscope.errors import InvalidInput, ModelNotReady
 from marrowscope.inference import EnsemblePredictor
 from marrowscope.models import feature_units
 from marrowscope.models.config import ensemble_targets
+from marrowscope.stages import LINEAGE_UPSTREAMS
 from marrowscope.targets import genetic_target, output_of
 from services.common import PredictorHandler, bytes_tensor, decode_names
 from services.ensemble.config import EnsembleSettings
 from services.runtime.handler import Parameters, Tensors, TensorSpec
 
-UPSTREAMS: tuple[str, ...] = ("segmentation", "celltype")
+UPSTREAMS: tuple[str, ...] = LINEAGE_UPSTREAMS
 LINEAGE_TAG_PREFIX = "marrowscope.lineage."
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from marrowscope.stages import Stage
 from services.runtime.settings import ServiceSettings
 
 
 class ExplainSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MS_EXPLAIN_")
+    model_config = SettingsConfigDict(env_prefix=Stage.EXPLAIN.env_prefix)
 
-    model_name: str = "explain"
-    grpc_port: int = 50055
-    metrics_port: int = 9105
+    model_name: str = Stage.EXPLAIN.value
+    grpc_port: int = Stage.EXPLAIN.grpc_port
+    metrics_port: int = Stage.EXPLAIN.metrics_port
     model_uri: str | None = Field(
-        "models:/marrowscope-npm1@champion",
+        f"models:/{Stage.EXPLAIN.registered_name}@champion",
         description="the default npm1 model: explained when a request names no target_version",
     )
     target_cache_size: int = Field(

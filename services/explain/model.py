@@ -36,15 +36,16 @@ import numpy as np
 
 from marrowscope.errors import InvalidInput, ModelNotFound
 from marrowscope.inference import Npm1Predictor, autocast_context
+from marrowscope.stages import Stage
 from services.common import int_parameter, load_predictor, release_torch_memory, str_parameter
 from services.explain.config import ExplainSettings
 from services.runtime.handler import FairTurns, ModelHandler, Parameters, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
 
-TARGET_MODELS = ("npm1",)
+TARGET_MODELS: tuple[str, ...] = (Stage.NPM1,)
 MODES = ("cells", "grid")
-NPM1_REGISTERED_NAME = "marrowscope-npm1"
+NPM1_REGISTERED_NAME = Stage.NPM1.registered_name
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class ExplainHandler(ModelHandler):
 
     # -- inference -----------------------------------------------------------------------
     def preprocess(self, inputs: Tensors, parameters: Parameters) -> _Job:
-        target_model = str_parameter(parameters, "target_model", "npm1", TARGET_MODELS)
+        target_model = str_parameter(parameters, "target_model", Stage.NPM1, TARGET_MODELS)
         del target_model  # one explainable model today; the check keeps others out
         mode = str_parameter(parameters, "mode", "cells", MODES)
         image, boxes = inputs["IMAGE"][0], inputs["BOXES"]

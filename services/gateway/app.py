@@ -1,5 +1,7 @@
-"""App factory: `create_app(settings)` wires the job store, blob store, model clients,
-metrics, routers and (when `EMBEDDED_WORKER`) a worker loop into one FastAPI app."""
+"""App factory: `create_app(settings)` builds the service container (`container.Services`)
+once and wires it, the routers and (when `EMBEDDED_WORKER`) a worker loop into one FastAPI
+app. Only `__main__` imports this module: the routers and the worker reach the shared
+objects through the container, never through the app."""
 
 from __future__ import annotations
 
@@ -8,23 +10,19 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine
-from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.auth import RateLimiter
-from services.gateway.blobs import BlobStore
-from services.gateway.clients import ModelClients, load_clients
+from services.gateway.auth import verify_key
 from services.gateway.config import GatewaySettings
-from services.gateway.db import make_engine, make_sessionmaker
+from services.gateway.container import build_services
 from services.gateway.errors import ApiError, http_error_code
-from services.gateway.guard import AuthFailureLimiter, RequestGuard
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.guard import RequestGuard
+from services.gateway.routers import analyses, health, reports
+from services.gateway.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +35,6 @@ key's rate limit (see `Retry-After`). Each key belongs to one tenant and sees on
 tenant's analyses (another tenant's id answers 404); `admin` keys see every tenant.
 Errors are JSON `{"error": code, "detail": text}`.
 AI-generated decision support; not a diagnosis."""
-
-
-@dataclass
-class Services:
-    """Everything the routes and workers share; built once per app / worker process."""
-
-    settings: GatewaySettings
-    engine: Engine
-    sessions: sessionmaker
-    blobs: BlobStore
-    metrics: GatewayMetrics
-    limiter: RateLimiter
-    auth_failures: AuthFailureLimiter | None = None
-    clients: ModelClients | None = None
-    tasks: list[asyncio.Task] = field(default_factory=list)
-
-    def make_clients(self) -> ModelClients:
-        self.clients = load_clients(self.settings)
-        return self.clients
-
-
-def build_services(settings: GatewaySettings) -> Services:
-    """Create the folders, run the migrations and build the shared objects."""
-    from services.gateway.migrations import upgrade_head
-    from services.gateway.store import status_counts
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.image_root.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
-    upgrade_head(engine)
-    sessions = make_sessionmaker(engine)
-    metrics = GatewayMetrics()
-
-    def counts() -> dict[str, int]:
-        with sessions() as session:
-            return status_counts(session)
-
-    metrics.watch_jobs(counts)
-    return Services(
-        settings=settings,
-        engine=engine,
-        sessions=sessions,
-        blobs=BlobStore(settings.image_root),
-        metrics=metrics,
-        limiter=RateLimiter(settings.rate_limit_per_min),
-        auth_failures=AuthFailureLimiter(settings.auth_failures_per_min),
-    )
 
 
 DOCS_ASSETS = "/docs/assets"
@@ -119,8 +70,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         clients = services.make_clients()
         stop = asyncio.Event()
         if settings.embedded_worker:
-            from services.gateway.worker import Worker
-
             worker = Worker(
                 settings=settings,
                 sessions=services.sessions,
@@ -151,8 +100,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     _local_docs(app)
 
     def key_is_valid(key: str) -> bool:
-        from services.gateway.auth import verify_key
-
         with services.sessions() as session:
             return verify_key(session, key) is not None
 
@@ -200,8 +147,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             {"error": "internal_error", "detail": f"internal error, quote id {error_id}"},
             status_code=500,
         )
-
-    from services.gateway.routers import analyses, health, reports
 
     app.include_router(health.router)
     app.include_router(analyses.router)

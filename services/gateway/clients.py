@@ -1,8 +1,9 @@
-"""The `ModelClients` protocol the pipeline calls, its data types, and plugin loading.
+"""The `ModelClients` protocol the pipeline calls and its data types.
 
 The production implementation is `oip.OipModelClients` (tritonclient.grpc.aio, Open
-Inference Protocol v2). `MS_GATEWAY_CLIENTS_FACTORY=module:function` replaces it: the
-function receives the `GatewaySettings` and returns any object satisfying the protocol
+Inference Protocol v2). `MS_GATEWAY_CLIENTS_FACTORY=module:function` replaces it
+(`container.load_clients`, so this module imports no implementation of it): the function
+receives the `GatewaySettings` and returns any object satisfying the protocol
 (tests inject slow or failing clients into a real gateway process this way).
 
 Errors: implementations raise `ServiceCallError(service, code, message)` with `code` a gRPC
@@ -12,14 +13,11 @@ retries `UNAVAILABLE` and `DEADLINE_EXCEEDED` only.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from services.gateway.config import GatewaySettings
 
 TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
@@ -190,20 +188,3 @@ class ModelClients(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def load_clients(settings: GatewaySettings) -> ModelClients:
-    """The configured implementation: the plugin factory when set, else OIP over gRPC."""
-    if settings.clients_factory:
-        module_name, _, func_name = settings.clients_factory.partition(":")
-        if not func_name:
-            raise ValueError("MS_GATEWAY_CLIENTS_FACTORY must read module:function")
-        factory = getattr(importlib.import_module(module_name), func_name)
-        clients = factory(settings)
-    else:
-        from services.gateway.oip import OipModelClients
-
-        clients = OipModelClients.from_settings(settings)
-    if not isinstance(clients, ModelClients):
-        raise TypeError(f"{settings.clients_factory} did not return a ModelClients")
-    return clients

@@ -8,7 +8,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SERVICES: tuple[str, ...] = ("segmentation", "celltype", "ensemble", "npm1", "explain")
+from marrowscope.stages import SERVED, Stage
+
+SERVICES: tuple[str, ...] = SERVED
 
 UM_PER_PX_RANGE = (0.05, 5.0)
 """Physically plausible pixel sizes (um) of a smear image: 100x oil objectives give ~0.07,
@@ -44,11 +46,11 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
 
-    segmentation_addr: str = "127.0.0.1:50051"
-    celltype_addr: str = "127.0.0.1:50052"
-    ensemble_addr: str = "127.0.0.1:50053"
-    npm1_addr: str = "127.0.0.1:50054"
-    explain_addr: str = "127.0.0.1:50055"
+    segmentation_addr: str = f"127.0.0.1:{Stage.SEGMENTATION.grpc_port}"
+    celltype_addr: str = f"127.0.0.1:{Stage.CELLTYPE.grpc_port}"
+    ensemble_addr: str = f"127.0.0.1:{Stage.ENSEMBLE.grpc_port}"
+    npm1_addr: str = f"127.0.0.1:{Stage.NPM1.grpc_port}"
+    explain_addr: str = f"127.0.0.1:{Stage.EXPLAIN.grpc_port}"
     lb_policy: str = Field("", pattern="^(|round_robin)$")
     """`round_robin`: balance every model call over all replicas of a service (needs a
     headless Service: the address names every pod); empty = one connection per address."""

@@ -1,4 +1,9 @@
-"""FastAPI dependencies and their `Annotated` aliases."""
+"""FastAPI dependencies and their `Annotated` aliases, and the caller-scoped access every
+router shares (`get_analysis`, `audit`).
+
+Routers import this module, the store, schemas and errors; never `app`, `worker` or another
+router (tests/gateway/test_import_graph.py), so the request path has no import cycle.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from services.gateway.app import Services
+from services.gateway import store
 from services.gateway.auth import Principal, verify_key
 from services.gateway.config import GatewaySettings
+from services.gateway.container import Services
+from services.gateway.db import Analysis
 from services.gateway.errors import ApiError
 
 
@@ -85,3 +92,32 @@ def require(scope: str):
 SubmitKey = Annotated[Principal, Depends(require("submit"))]
 ReadKey = Annotated[Principal, Depends(require("read"))]
 AdminKey = Annotated[Principal, Depends(require("admin"))]
+
+
+def get_analysis(session: Session, analysis_id: str, principal: Principal) -> Analysis:
+    """The analysis if the caller's tenant may see it; else 404 (never 403: no existence
+    leak across tenants)."""
+    a = store.get_analysis(session, analysis_id=analysis_id, tenant=principal.visible_tenant)
+    if a is None:
+        raise ApiError(404, "not_found", f"no analysis {analysis_id}")
+    return a
+
+
+def audit(
+    session: Session,
+    principal: Principal,
+    action: str,
+    *,
+    resource: str | None = None,
+    detail: str | None = None,
+) -> None:
+    """Record who (key and tenant) did `action` on `resource`."""
+    store.audit(
+        session,
+        key_id=principal.key_id,
+        key_name=principal.name,
+        tenant=principal.tenant,
+        action=action,
+        resource=resource,
+        detail=detail,
+    )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marrowscope.stages import Stage
 from marrowscope.targets import genetic_targets
 from services.gateway.balancing import BalancedClients, Resolver, dns_resolver
 from services.gateway.clients import (
@@ -187,7 +188,7 @@ class OipModelClients:
         inputs = [self._input("IMAGE", np.array([image], dtype=np.object_), "BYTES")]
         if um_per_px is not None:
             inputs.append(self._input("UM_PER_PX", np.array([um_per_px], np.float32), "FP32"))
-        r = await self._infer("segmentation", inputs, version=version, timeout=timeout)
+        r = await self._infer(Stage.SEGMENTATION, inputs, version=version, timeout=timeout)
         boxes = np.asarray(r.as_numpy("BOXES"), np.float32).reshape(-1, 4)
         names = _strings(r.as_numpy("FEATURE_NAMES"))
         feats = r.as_numpy("FEATURES")
@@ -209,7 +210,7 @@ class OipModelClients:
 
     async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
         r = await self._infer(
-            "celltype", [self._input("CROPS", crops, "UINT8")], version=version, timeout=timeout
+            Stage.CELLTYPE, [self._input("CROPS", crops, "UINT8")], version=version, timeout=timeout
         )
         names = _strings(r.as_numpy("NAMES"))
         probs = np.asarray(r.as_numpy("PROBS"), np.float32).reshape(len(crops), len(names))
@@ -224,7 +225,7 @@ class OipModelClients:
                 "FEATURE_NAMES", np.array([n.encode() for n in names], dtype=np.object_), "BYTES"
             ),
         ]
-        r = await self._infer("ensemble", inputs, version=version, timeout=timeout)
+        r = await self._infer(Stage.ENSEMBLE, inputs, version=version, timeout=timeout)
         params = r.get_response().parameters
         lineage = {
             k.removeprefix("lineage_"): v.string_param
@@ -249,7 +250,7 @@ class OipModelClients:
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         r = await self._infer(
-            "npm1",
+            Stage.NPM1,
             [self._input("IMAGE", image[None].astype(np.uint8), "UINT8")],
             version=version,
             timeout=timeout,
@@ -272,7 +273,7 @@ class OipModelClients:
         ]
         params = {"target_model": target_model, "target_version": target_version, "mode": "cells"}
         r = await self._infer(
-            "explain", inputs, version=version, timeout=timeout, parameters=params
+            Stage.EXPLAIN, inputs, version=version, timeout=timeout, parameters=params
         )
         return Explanation(
             np.asarray(r.as_numpy("HEATMAP"), np.float32),

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
 from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
@@ -256,7 +257,7 @@ class Pipeline:
                 len(repeats),
                 repeats,
             )
-        needed = ["segmentation", "celltype", "ensemble", "npm1"] + (["explain"] if explain else [])
+        needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
         infos = await asyncio.gather(
             *(self.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t)) for s in needed)
         )
@@ -535,7 +536,7 @@ class Pipeline:
     def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
         """The ensemble must have been trained on the pinned segmentation/celltype versions."""
         problems = []
-        for upstream in ("segmentation", "celltype"):
+        for upstream in LINEAGE_UPSTREAMS:
             want = lineage.get(upstream)
             if want != versions[upstream]:
                 local = versions[upstream].startswith("local-")

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import sessionmaker
 
+from marrowscope.stages import Stage
 from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
+from services.gateway.container import build_services
 from services.gateway.db import now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
@@ -37,7 +39,7 @@ from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
-OPTIONAL_SERVICES = frozenset({"explain"})
+OPTIONAL_SERVICES = frozenset({Stage.EXPLAIN})
 """Needed only by analyses that ask for explanations (`options.explain`)."""
 
 
@@ -364,8 +366,6 @@ class Worker:
 
 async def serve_workers(settings: GatewaySettings) -> None:
     """Standalone worker process: migrate, then run until SIGTERM/SIGINT."""
-    from services.gateway.app import build_services
-
     services = build_services(settings)
     clients = services.make_clients()
     if settings.metrics_port:

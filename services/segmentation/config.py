@@ -6,18 +6,19 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from marrowscope.imaging import ImageLimits
+from marrowscope.stages import Stage
 from services.runtime.settings import ServiceSettings
 
 _LIMITS = ImageLimits()
 
 
 class SegmentationSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MS_SEGMENTATION_")
+    model_config = SettingsConfigDict(env_prefix=Stage.SEGMENTATION.env_prefix)
 
-    model_name: str = "segmentation"
-    grpc_port: int = 50051
-    metrics_port: int = 9101
-    model_uri: str | None = "models:/marrowscope-segmentation@champion"
+    model_name: str = Stage.SEGMENTATION.value
+    grpc_port: int = Stage.SEGMENTATION.grpc_port
+    metrics_port: int = Stage.SEGMENTATION.metrics_port
+    model_uri: str | None = f"models:/{Stage.SEGMENTATION.registered_name}@champion"
     max_image_bytes: int = Field(_LIMITS.max_bytes, ge=1, description="largest encoded IMAGE")
     max_image_pixels: int = Field(
         _LIMITS.max_pixels,

@@ -13,9 +13,16 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, 
 from sqlalchemy.exc import IntegrityError
 
 from services.gateway import store
-from services.gateway.auth import Principal
 from services.gateway.db import Analysis
-from services.gateway.deps import ReadKey, ServicesDep, SessionDep, SettingsDep, SubmitKey
+from services.gateway.deps import (
+    ReadKey,
+    ServicesDep,
+    SessionDep,
+    SettingsDep,
+    SubmitKey,
+    audit,
+    get_analysis,
+)
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import (
     AnalysisAccepted,
@@ -59,35 +66,6 @@ def to_public(session, a: Analysis) -> AnalysisPublic:
         ],
         result=store.result_of(session, analysis_id=a.id),
     )
-
-
-def audit(
-    session,
-    principal: Principal,
-    action: str,
-    *,
-    resource: str | None = None,
-    detail: str | None = None,
-) -> None:
-    """Record who (key and tenant) did `action` on `resource`."""
-    store.audit(
-        session,
-        key_id=principal.key_id,
-        key_name=principal.name,
-        tenant=principal.tenant,
-        action=action,
-        resource=resource,
-        detail=detail,
-    )
-
-
-def get_analysis(session, analysis_id: str, principal: Principal) -> Analysis:
-    """The analysis if the caller's tenant may see it; else 404 (never 403: no existence
-    leak across tenants)."""
-    a = store.get_analysis(session, analysis_id=analysis_id, tenant=principal.visible_tenant)
-    if a is None:
-        raise ApiError(404, "not_found", f"no analysis {analysis_id}")
-    return a
 
 
 @router.post(

@@ -11,13 +11,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
+from marrowscope.imaging import decode_image
 from services.gateway import store
 from services.gateway.auth import Principal
 from services.gateway.db import AuditLog
-from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep
+from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, audit, get_analysis
 from services.gateway.errors import ApiError, error_responses
+from services.gateway.fhir import build_bundle
+from services.gateway.render import heatmap_png, overlay_png
 from services.gateway.result import AnalysisResult
-from services.gateway.routers.analyses import audit, get_analysis
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
@@ -61,8 +63,6 @@ def get_report(
     session.commit()
     if format == "json":
         return JSONResponse(result)
-    from services.gateway.fhir import build_bundle
-
     bundle = build_bundle(
         analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
         result=result,
@@ -75,8 +75,6 @@ def get_report(
 def _image(
     services, session, analysis_id: str, k: int, principal: Principal
 ) -> tuple[np.ndarray, dict]:
-    from marrowscope.imaging import decode_image
-
     _, result = _finished_result(session, analysis_id, principal)
     images = {im["index"]: im for im in result["images"]}
     if k not in images:
@@ -97,8 +95,6 @@ def heatmap(
     principal: ReadKey, services: ServicesDep, session: SessionDep, analysis_id: str, k: int
 ) -> Response:
     """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
-    from services.gateway.render import heatmap_png
-
     rgb, entry = _image(services, session, analysis_id, k, principal)
     if not entry.get("heatmap_sha256"):
         raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
@@ -118,8 +114,6 @@ def overlay(
 ) -> Response:
     """Cell boxes coloured by type on image k; with explanations, line width and opacity
     grow with each cell's importance."""
-    from services.gateway.render import overlay_png
-
     rgb, entry = _image(services, session, analysis_id, k, principal)
     audit(session, principal, "overlay", resource=analysis_id, detail=str(k))
     session.commit()
