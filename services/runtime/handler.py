@@ -258,7 +258,8 @@ class ModelHandler:
 
     def postprocess(self, outputs: Any, parameters: Parameters) -> Tensors:
         """Turn model output into ``{output name: np.ndarray}``; default: pass through."""
-        return outputs
+        tensors: Tensors = outputs  # ``infer`` checks the names and dtypes either way
+        return tensors
 
     def stop(self) -> None:
         """Release the model (GPU memory, files). Override and call ``super().stop()``."""
