@@ -215,7 +215,9 @@ class ModelHandler:
     """
 
     inputs: ClassVar[tuple[TensorSpec, ...]] = ()
-    outputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    """Set on the class; a handler whose outputs depend on the loaded version may set them
+    per instance in ``__init__`` (the ensemble: one output per target of its config)."""
     batchable: ClassVar[bool] = False
     platform: ClassVar[str] = "python"
     max_concurrency: int = 1
