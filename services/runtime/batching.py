@@ -42,9 +42,9 @@ from services.runtime.handler import (
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-T = TypeVar("T")
-Ts = TypeVarTuple("Ts")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 # one queued call of a ModelThread: (its future, fn, args, kwargs); None ends a thread
 _WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -73,8 +73,8 @@ class ModelThread(Executor):
             t.start()
         _LIVE_THREADS.add(self)
 
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        future: Future[T] = Future()
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError(f"{self.name}: cannot schedule work after shutdown")
@@ -193,7 +193,7 @@ class ModelWorker:
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
-    async def call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+    async def call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """Run ``fn(*args)`` in the handler's thread (load, warmup, stop)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
