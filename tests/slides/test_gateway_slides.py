@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -100,6 +99,16 @@ def test_slide_by_reference_becomes_a_case_with_its_regions(slide_gateway, small
         assert again.status_code == 200 and again.json()["id"] == aid
         fhir = client.get(f"/v1/analyses/{aid}/report?format=fhir", headers=keys["reader"])
         assert fhir.status_code == 200
+        resources = [e["resource"] for e in fhir.json()["entry"]]
+        urls = [m["content"]["url"] for m in resources if m["resourceType"] == "Media"]
+        assert any(u.endswith(f"/v1/analyses/{aid}/slide.png") for u in urls)
+        (obs,) = [
+            o
+            for o in resources
+            if o["resourceType"] == "Observation"
+            and o["code"]["coding"][0]["code"] == "slide-regions"
+        ]
+        assert obs["valueInteger"] == len(regions) == len(obs["component"])
 
 
 def test_a_smaller_cell_target_uses_fewer_regions(slide_gateway) -> None:
