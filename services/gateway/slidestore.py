@@ -2,8 +2,8 @@
 
 Slides are gigabytes, so the LIS usually does not upload them: it names a slide in a store the
 gateway can read (`SlideRef(store, path)`), a local/NFS root or an object-store URL read
-through fsspec (`s3://bucket/prefix`, `gs://...`, `memory://...` in tests). Not wired into the
-routes yet; the slide orchestration calls `SlideStore.fetch` / `save_upload`.
+through fsspec (`s3://bucket/prefix`, `gs://...`, `memory://...` in tests), or uploads it
+(`PUT /v1/slide-uploads`, `save_upload`). `source_path` turns either into a local file.
 
 Path confinement: a reference is a relative POSIX path inside its store's root. Absolute
 paths, `..` segments, backslashes, NUL and empty segments are refused before any file system
