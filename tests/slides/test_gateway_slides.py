@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from marrowscope.roi import RoiConfig
 from services.gateway.auth import create_key
 from services.gateway.pipeline import Cancelled
 from services.gateway.slidejob import expand_slide
-from tests.gateway.conftest import gateway, make_settings, png, wait_status  # noqa: F401
+from tests.gateway.conftest import gateway, make_settings, png, spawn, wait_status  # noqa: F401
 from training.data.synth_slide import ZONE, load_truth
 
 REGION_UM = 128.0  # the small slide's zone block: 256 px at 0.5 um/px
@@ -248,3 +249,58 @@ def test_a_slide_without_pixel_size_needs_one(slide_gateway, slide_root) -> None
             "/v1/slides", json=_meta(store="lab", path="nompp.tiff"), headers=keys["lis"]
         )
     assert (r.status_code, r.json()["error"]) == (422, "slide_no_pixel_size"), r.text
+
+
+@pytest.mark.slow
+def test_kill_9_mid_slide_resumes_with_the_tiles_already_cut(
+    tmp_path, slide_root, spawn, port_factory
+) -> None:
+    """A gateway killed while a slide analysis runs: the next one takes it over after the
+    lease, keeps the tiles cut once (no duplicate images) and completes it."""
+    import time
+
+    import httpx
+    from sqlalchemy import create_engine, text
+
+    from tests.gateway.conftest import create_key_cli, settings_env
+
+    env = settings_env(
+        tmp_path / "gw",
+        MS_TEST_FAKE_SEG_DELAY_S="30",
+        MS_GATEWAY_SLIDE_ROOTS=json.dumps({"lab": str(slide_root)}),
+        MS_GATEWAY_SLIDE_REGION_UM=str(REGION_UM),
+    )
+    key = {"X-API-Key": create_key_cli(env)}
+    port = port_factory()
+    gw = spawn(env, port, log=tmp_path / "gw1.log")
+    gw.wait_healthy()
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        r = c.post("/v1/slides", json=_meta(store="lab", path="2026/small.tiff"), headers=key)
+        assert r.status_code == 202, r.text
+        url = r.headers["Location"]
+        end = time.monotonic() + 120
+        while True:  # the slide is cut and the pipeline is stuck in segmentation
+            body = c.get(url, headers=key).json()
+            if body["status"] == "running" and body["images"]:
+                break
+            assert time.monotonic() < end, body
+            time.sleep(0.1)
+    cut = [im["sha256"] for im in body["images"]]
+    gw.kill()
+
+    gw2 = spawn({**env, "MS_TEST_FAKE_SEG_DELAY_S": "0"}, port, log=tmp_path / "gw2.log")
+    gw2.wait_healthy()
+    with httpx.Client(base_url=gw2.url, timeout=10) as c:
+        end = time.monotonic() + 120
+        while (done := c.get(url, headers=key).json())["status"] in ("queued", "running"):
+            assert time.monotonic() < end, done
+            time.sleep(0.1)
+    assert done["status"] == "succeeded", done
+    assert [im["sha256"] for im in done["images"]] == cut
+    assert len(done["result"]["slide"]["regions"]) == len(cut) == done["result"]["n_images"]
+    eng = create_engine(f"sqlite:///{tmp_path / 'gw' / 'gateway.db'}")
+    with eng.connect() as conn:
+        attempts = conn.execute(text("SELECT attempts FROM analyses")).scalar_one()
+        rows = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+    eng.dispose()
+    assert attempts == 2 and rows == len(cut)
