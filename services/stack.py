@@ -32,6 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gateway_url_of(proc: Proc) -> str:
+    return f"http://127.0.0.1:{proc.ports['http']}"
+
+
 class StackError(RuntimeError):
     """A process of the stack failed to start or become ready; the message names it."""
 
@@ -42,6 +46,8 @@ class Proc:
     popen: subprocess.Popen
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    service: str = ""
+    """The model service this process runs (empty for the gateway); replicas share it."""
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -60,6 +66,10 @@ class LocalStack:
         model_uris: optional per-service MODEL_URI overrides (e.g. a local directory).
         alias: registry alias the services follow (default `champion`).
         env: extra environment for every process (e.g. `MS_GATEWAY_MIN_CELLS`).
+        replicas: processes per model service (default 1), e.g. `{"segmentation": 2}`: the
+            first is named after the service, the others `<service>-<k>`, each on its own
+            ports; the gateway gets the static list `ipv4:a:p,b:p` and balances every call
+            over it (`MS_GATEWAY_LB_POLICY=round_robin`, `services.gateway.balancing`).
     """
 
     workdir: Path
@@ -69,6 +79,7 @@ class LocalStack:
     env: Mapping[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = MODEL_SERVICES
     with_gateway: bool = True
+    replicas: Mapping[str, int] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     gateway_url: str = ""
 
@@ -84,7 +95,9 @@ class LocalStack:
         env.update(self.env)
         return env
 
-    def _spawn(self, name: str, module: str, env: dict[str, str], ports: dict[str, int]) -> Proc:
+    def _spawn(
+        self, name: str, module: str, env: dict[str, str], ports: dict[str, int], service: str = ""
+    ) -> Proc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"{name}.log"
         fh = log_path.open("ab")
@@ -97,12 +110,12 @@ class LocalStack:
             start_new_session=True,
         )
         fh.close()
-        proc = Proc(name, popen, log_path, ports)
+        proc = Proc(name, popen, log_path, ports, service)
         self.procs[name] = proc
         log.info("started %s (pid %d, ports %s)", name, popen.pid, ports)
         return proc
 
-    def _spawn_service(self, name: str, ports: dict[str, int]) -> Proc:
+    def _spawn_service(self, name: str, ports: dict[str, int], proc_name: str = "") -> Proc:
         stage = Stage(name)
         prefix = stage.env_prefix
         env = self._base_env()
@@ -116,13 +129,25 @@ class LocalStack:
             }
         )
         env.update({k: v for k, v in self.env.items() if k.startswith(prefix)})
-        return self._spawn(name, f"services.{name}", env, ports)
+        return self._spawn(proc_name or name, f"services.{name}", env, ports, name)
+
+    def replica_names(self, name: str) -> list[str]:
+        """Process names of a model service's replicas: `name`, `name-1`, ..."""
+        n = self.replicas.get(name, 1)
+        if n < 1:
+            raise ValueError(f"replicas of {name} must be >= 1, got {n}")
+        return [name] + [f"{name}-{k}" for k in range(1, n)]
 
     def start(self, timeout_s: float = 180.0) -> LocalStack:
+        unknown = set(self.replicas) - set(self.services)
+        if unknown:
+            raise ValueError(f"replicas for services not started: {', '.join(sorted(unknown))}")
         for name in self.services:
-            self._spawn_service(name, {"grpc": free_port(), "metrics": free_port()})
+            for proc_name in self.replica_names(name):
+                self._spawn_service(name, {"grpc": free_port(), "metrics": free_port()}, proc_name)
         for name in self.services:
-            self.wait_grpc_ready(name, timeout_s)
+            for proc_name in self.replica_names(name):
+                self.wait_grpc_ready(proc_name, timeout_s)
         if self.with_gateway:
             self.start_gateway(timeout_s)
         return self
@@ -139,26 +164,46 @@ class LocalStack:
         old = self.procs[name]
         if old.popen.poll() is None:
             raise StackError(f"{name} is still running")
-        proc = self._spawn_service(name, old.ports)
+        proc = self._spawn_service(old.service or name, old.ports, name)
         self.wait_grpc_ready(name, timeout_s)
         return proc
 
     def grpc_addr(self, name: str) -> str:
+        """host:port of one process (a service's first replica, or `<service>-<k>`)."""
         return f"127.0.0.1:{self.procs[name].ports['grpc']}"
+
+    def service_target(self, name: str) -> str:
+        """The gateway's address for a service: host:port, or with several replicas the
+        static gRPC list `ipv4:127.0.0.1:a,127.0.0.1:b` (balanced per call)."""
+        addrs = [self.grpc_addr(p) for p in self.replica_names(name)]
+        return addrs[0] if len(addrs) == 1 else "ipv4:" + ",".join(addrs)
 
     def gateway_env(self) -> dict[str, str]:
         env = self._base_env()
-        env.update({f"MS_GATEWAY_{n.upper()}_ADDR": self.grpc_addr(n) for n in self.services})
+        env.update({f"MS_GATEWAY_{n.upper()}_ADDR": self.service_target(n) for n in self.services})
+        if any(len(self.replica_names(n)) > 1 for n in self.services):
+            # without it gRPC's pick_first would send every call to the first replica
+            env.setdefault("MS_GATEWAY_LB_POLICY", "round_robin")
         env.setdefault("MS_GATEWAY_DATA_DIR", str(self.workdir / "gateway"))
         return env
 
-    def start_gateway(self, timeout_s: float = 120.0) -> Proc:
+    def start_gateway(
+        self,
+        timeout_s: float = 120.0,
+        *,
+        name: str = "gateway",
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
+        """Start a gateway and wait for `/readyz`. `name` other than `gateway` starts another
+        one beside it (its URL is `gateway_url_of(proc)`; give it its own
+        `MS_GATEWAY_DATA_DIR` in `env`, which overrides `gateway_env()`)."""
         port = free_port()
-        env = self.gateway_env()
-        env["MS_GATEWAY_PORT"] = str(port)
-        proc = self._spawn("gateway", "services.gateway", env, {"http": port})
-        self.gateway_url = f"http://127.0.0.1:{port}"
-        self.wait_http_ready(proc, f"{self.gateway_url}/readyz", timeout_s)
+        full = {**self.gateway_env(), **(env or {}), "MS_GATEWAY_PORT": str(port)}
+        proc = self._spawn(name, "services.gateway", full, {"http": port})
+        url = gateway_url_of(proc)
+        if name == "gateway":
+            self.gateway_url = url
+        self.wait_http_ready(proc, f"{url}/readyz", timeout_s)
         return proc
 
     def _check_alive(self, proc: Proc) -> None:
@@ -207,8 +252,8 @@ class LocalStack:
         )
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM every process (gateway first), then SIGKILL what outlives the grace."""
-        order = sorted(self.procs.values(), key=lambda p: p.name != "gateway")
+        """SIGTERM every process (gateways first), then SIGKILL what outlives the grace."""
+        order = sorted(self.procs.values(), key=lambda p: bool(p.service))
         for proc in order:
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
