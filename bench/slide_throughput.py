@@ -249,6 +249,7 @@ def throughput(stack, keys: dict[str, str], slide: str, plan: Plan) -> dict:
         "rows": rows,
         "summary": summary,
         "scaling_ratio": round(harness.median(ratios), 3),
+        "scaling_ratios_per_repeat": [round(r, 3) for r in ratios],
         "segmentation_calls_per_replica": {
             str(replicas): {k: int(v) for k, v in calls[name].items()} for name, replicas in CONFIGS
         },
@@ -285,7 +286,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     slides = workdir / "slides"
     result: dict = {
         "machine": harness.machine(args.threads),
-        "models": f"untrained, {plan.sizes.name} sizes",
+        "models": f"untrained ({plan.sizes.name} sizes)",
         "slides_are_synthetic": True,
         "plan": {k: v for k, v in asdict(plan).items() if k != "sizes"},
     }
@@ -341,7 +342,7 @@ def markdown(result: dict) -> str:
     lines = [
         "## Slide throughput",
         "",
-        f"{result['models']} models, synthetic slides, on {mach['cpu_model']} "
+        f"Models {result['models']}, synthetic slides, on {mach['cpu_model']} "
         f"({mach['usable_cores']} usable cores, load {mach['load_average_at_start']} at start); "
         "throughput evidence only.",
         "",
@@ -356,7 +357,8 @@ def markdown(result: dict) -> str:
             for n, s in (("1", s1), ("2", s2))
         ),
         "",
-        f"Scaling ratio 2/1 replicas: **{t['scaling_ratio']}** (median of per-repeat ratios); "
+        f"Scaling ratio 2/1 replicas: **{t['scaling_ratio']}** (median of the per-repeat "
+        f"ratios {t['scaling_ratios_per_repeat']}); "
         f"segmentation calls per replica with 2: {calls}.",
         "",
         f"Gateway peak RSS (embedded worker): {m['small_slide_peak_rss_mib']:.0f} MiB on the "
