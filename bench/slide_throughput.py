@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from bench import fixtures, harness
 
@@ -61,7 +62,6 @@ class Plan:
     slide_wh: tuple[int, int]
     block: int
     tile: int
-    levels: tuple[int, ...]
     region_um: float
     cell_target: int | None
     repeats: int
@@ -74,38 +74,87 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     if args.quick:
         return Plan(
-            fixtures.TINY,
-            (2048, 1536),
-            256,
-            256,
-            (1, 4, 16),
-            128.0,
-            20,
-            args.repeats or 1,
-            0,
-            0.0,
-            args.large_size or (3072, 2048),
-            240.0,
+            sizes=fixtures.TINY,
+            slide_wh=(2048, 1536),
+            block=256,
+            tile=256,
+            region_um=128.0,
+            cell_target=20,
+            repeats=args.repeats or 1,
+            warmup=0,
+            large_seconds=0.0,
+            large_wh=args.large_size or (3072, 2048),
+            timeout_s=240.0,
         )
     return Plan(
-        fixtures.DEMO,
-        (6144, 4096),
-        512,
-        512,
-        (1, 4, 16, 64),
-        256.0,
-        None,
-        args.repeats or 2,
-        1,
-        args.large_seconds,
-        args.large_size,
-        900.0,
+        sizes=fixtures.DEMO,
+        slide_wh=(6144, 4096),
+        block=512,
+        tile=512,
+        region_um=256.0,
+        cell_target=None,
+        repeats=args.repeats or 2,
+        warmup=1,
+        large_seconds=args.large_seconds,
+        large_wh=args.large_size,
+        timeout_s=900.0,
     )
 
 
-def large_size(px_per_s: float, seconds: float, block: int) -> tuple[int, int]:
-    """The largest AIM_WH-shaped slide (multiples of `block`) written in about `seconds`."""
-    scale = min(1.0, math.sqrt(px_per_s * seconds / (AIM_WH[0] * AIM_WH[1])))
+def levels_for(width: int, height: int) -> tuple[int, ...]:
+    """Pyramid downsamples: 4 for ROI scoring (~2 um/px), the smallest level at most 4096 px
+    (the thumbnail's source). No lower level than needed: one tile of a low level renders
+    every cell under it (a level-64 tile costs ~25 level-0 tiles), so small slides spent most
+    of their write time on a mostly padded level 64."""
+    levels = [1, 4, 16]
+    while max(width, height) / levels[-1] > 4096:
+        levels.append(levels[-1] * 4)
+    return tuple(levels)
+
+
+def large_size(plan: Plan, seconds: float, seed: int) -> tuple[int, int]:
+    """The largest AIM_WH-shaped slide (multiples of `plan.block`) the generator writes in
+    about `seconds`: tiles of an AIM_WH slide are rendered and timed per level (level 0: the
+    mean of 12), and the write time of a size is predicted as its tiles x time per level."""
+    from training.data.synth_slide import SlideSpec, render_region, zone_map
+
+    w0, h0 = (side // plan.block * plan.block for side in AIM_WH)
+    spec = SlideSpec(w0, h0, block=plan.block, tile=plan.tile, seed=seed)
+    zmap = zone_map(spec)
+    rng = np.random.default_rng(seed)
+    render_region(spec, zmap, w0 // 2, h0 // 2, plan.tile, plan.tile, 1)  # warm-up, untimed
+    per_tile = {}
+    for ds in levels_for(w0, h0):
+        # level 0: tiles anywhere (glass is cheaper); lower levels: one tile in the band
+        n, lo, hi = (12, 0.0, 1.0) if ds == 1 else (1, 0.1, 0.8)
+        t = time.perf_counter()
+        for _ in range(n):
+            x = int(rng.uniform(lo, hi) * w0 / ds) // plan.tile * plan.tile * ds
+            y = int(rng.uniform(lo, hi) * h0 / ds) // plan.tile * plan.tile * ds
+            render_region(spec, zmap, x, y, plan.tile, plan.tile, ds)
+        per_tile[ds] = (time.perf_counter() - t) / n
+
+    def predict(w: int, h: int) -> float:
+        return sum(
+            math.ceil(w / ds / plan.tile) * math.ceil(h / ds / plan.tile) * per_tile[ds]
+            for ds in levels_for(w, h)
+        )
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predict(*_scaled(mid, plan.block)) <= seconds else (lo, mid)
+    wh = _scaled(lo, plan.block)
+    log.info(
+        "large slide %s: predicted %.0f s to write (s per tile by level %s)",
+        wh,
+        predict(*wh),
+        {k: round(v, 3) for k, v in per_tile.items()},
+    )
+    return wh
+
+
+def _scaled(scale: float, block: int) -> tuple[int, int]:
     w, h = (max(4, int(side * scale) // block) * block for side in AIM_WH)
     return w, h
 
@@ -114,7 +163,7 @@ def write(path: Path, wh: tuple[int, int], plan: Plan, seed: int) -> dict:
     from training.data.synth_slide import SlideSpec, write_slide
 
     w, h = (side // plan.block * plan.block for side in wh)
-    spec = SlideSpec(w, h, block=plan.block, tile=plan.tile, levels=plan.levels, seed=seed)
+    spec = SlideSpec(w, h, block=plan.block, tile=plan.tile, levels=levels_for(w, h), seed=seed)
     t = time.perf_counter()
     write_slide(path, spec)
     seconds = time.perf_counter() - t
@@ -291,8 +340,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "plan": {k: v for k, v in asdict(plan).items() if k != "sizes"},
     }
     small = write(slides / "throughput.tiff", plan.slide_wh, plan, seed=1)
-    px_per_s = small["width"] * small["height"] / max(small["write_s"], 1e-3)
-    wh = plan.large_wh or large_size(px_per_s, plan.large_seconds, plan.block)
+    wh = plan.large_wh or large_size(plan, plan.large_seconds, seed=2)
     large = write(slides / "large.tiff", wh, plan, seed=2)
     result["slides"] = {"throughput": small, "large": {**large, "aimed_wh": list(AIM_WH)}}
 
