@@ -4,8 +4,10 @@
         --segmentation models:/marrowscope-segmentation/3 --celltype models:/marrowscope-celltype/5
 
 Features come from running the *registered* segmentation and celltype versions over every
-case (`marrowscope.inference.analyse_case`, the same code path as serving), so the
-ensemble sees in training what it will see in production; those versions are recorded as
+case (`marrowscope.inference.analyse_case`: the case analysis of `marrowscope.case` that the
+gateway runs over its model services, with the predictors in process; tests/e2e/
+test_case_parity.py checks both give the same case vector), so the ensemble sees in
+training what it will see in production; those versions are recorded as
 lineage (`marrowscope.lineage.segmentation|celltype`). Features are cached per
 (data hash, upstream versions) in the output folder. Evaluation: case-grouped k-fold CV on
 the train+val cases (config `cv_folds`, 3 as in the paper) and the held-out test cases:

@@ -43,7 +43,13 @@ from datetime import UTC, datetime
 import numpy as np
 
 from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
-from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
+from services.gateway.calls import (
+    PipelineFailure,
+    ServedCellModels,
+    ServiceCalls,
+    TransientFailure,
+)
+from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.morphology import morphology_calls
@@ -52,16 +58,6 @@ from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
 log = logging.getLogger(__name__)
-
-
-class PipelineFailure(Exception):
-    """The analysis fails with this reason (shown to the LIS)."""
-
-
-class TransientFailure(PipelineFailure):
-    """A model service stayed UNAVAILABLE / DEADLINE_EXCEEDED through the call's retries
-    while the run still had time: the worker requeues the analysis. (A run that used up its
-    whole deadline fails: rerunning it would cost the same.)"""
 
 
 class Cancelled(Exception):
@@ -98,15 +94,6 @@ def distinct_images(images: list[CaseImage]) -> tuple[list[CaseImage], list[int]
             seen.add(im.sha256)
             kept.append(im)
     return kept, repeats
-
-
-class Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
 
 
 def _input_hw(info: ModelInfo, name: str, *, square: bool = False) -> tuple[int, int]:
@@ -160,93 +147,20 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.stage_seconds.labels(stage).observe(dt)
 
-    async def call(self, service: str, make: Callable[[float], Awaitable]):
-        """Run `make(timeout)` with the remaining deadline, retrying transient failures."""
-        from tenacity import (
-            AsyncRetrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_exponential,
-        )
-
-        attempts = 0
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, ServiceCallError) and exc.transient
-
-        def out_of_time(_state) -> bool:
-            return self.deadline.remaining() <= 0.05
-
-        def before_sleep(state) -> None:
-            exc = state.outcome.exception()
-            log.warning(
-                "%s call failed (%s), attempt %d; retrying",
-                service,
-                getattr(exc, "code", exc),
-                state.attempt_number,
-            )
-            if self.metrics is not None:
-                self.metrics.call_retries.labels(service, getattr(exc, "code", "?")).inc()
-
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.s.call_attempts) | out_of_time,
-                wait=wait_exponential(multiplier=self.s.retry_initial_s, max=self.s.retry_max_s),
-                retry=retry_if_exception(transient),
-                before_sleep=before_sleep,
-                reraise=True,
-            ):
-                with attempt:
-                    remaining = self.deadline.remaining()
-                    if remaining <= 0:
-                        raise PipelineFailure(self._deadline_reason(service))
-                    attempts += 1
-                    try:
-                        # wait_for guards against a client that ignores its timeout
-                        return await asyncio.wait_for(make(remaining), remaining + 1.0)
-                    except TimeoutError:
-                        raise ServiceCallError(
-                            service, "DEADLINE_EXCEEDED", "no answer within the deadline"
-                        ) from None
-        except ServiceCallError as exc:
-            if self.deadline.remaining() <= 0.05:
-                raise PipelineFailure(self._deadline_reason(service)) from exc
-            if exc.transient:
-                raise TransientFailure(
-                    f"{service} service unavailable after {attempts} attempts ({exc.code})"
-                ) from exc
-            raise PipelineFailure(f"{service} service error {exc.code}: {exc.message}") from exc
-
-    def _deadline_reason(self, service: str) -> str:
-        return f"deadline of {self.s.deadline_s:g} s exceeded while calling the {service} service"
-
     async def run(
         self, *, analysis_id: str, images: list[CaseImage], explain: bool = False
     ) -> Outcome:
         """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
-        self.deadline = Deadline(self.s.deadline_s)
+        self.calls = ServiceCalls(self.s, self.metrics)
         try:
             return await self._run(analysis_id, images, explain)
         except PipelineFailure as exc:
             return Outcome("failed", str(exc), None, transient=isinstance(exc, TransientFailure))
 
-    def _check_version(self, service: str, pinned: str, answered: str) -> None:
-        if answered and answered != pinned:
-            raise PipelineFailure(
-                f"{service} answered with model version {answered} but "
-                f"{pinned} was pinned for this analysis"
-            )
-
     async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
+        from marrowscope import case
         from marrowscope.errors import InvalidInput
-        from marrowscope.features import CellCall, case_features, differential
-        from marrowscope.imaging import (
-            CELL_CROP_PAD_FRACTION,
-            crop_cells,
-            decode_image,
-            resize_for_model,
-        )
-        from marrowscope.taxonomy import COUNTED_CODES, NON_NUCLEATED_DETECTOR_LABELS
+        from marrowscope.imaging import decode_image, resize_for_model
 
         t0 = time.monotonic()
         images, repeats = distinct_images(images)
@@ -259,82 +173,59 @@ class Pipeline:
             )
         needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
         infos = await asyncio.gather(
-            *(self.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t)) for s in needed)
+            *(
+                self.calls.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t))
+                for s in needed
+            )
         )
         pinned = dict(zip(needed, infos, strict=True))
         versions = {s: i.version for s, i in pinned.items()}
-        crop = _input_hw(pinned["celltype"], "CROPS", square=True)[0]
+        models = ServedCellModels(
+            self.clients,
+            self.calls,
+            segmentation_version=versions["segmentation"],
+            celltype_version=versions["celltype"],
+            crop_size=_input_hw(pinned["celltype"], "CROPS", square=True)[0],
+            batch=self.s.celltype_batch,
+        )
         npm1_hw = _input_hw(pinned["npm1"], "IMAGE")
         self._timed("pin", t0)
         await self.checkpoint("pinned")
 
         per_image: list[dict] = []
-        cells: list = []
+        analysed: list[case.ImageAnalysis] = []
         pixels: dict[int, np.ndarray] = {}  # npm1-sized copies; full-size decodes are dropped
         shapes: dict[int, tuple[int, int]] = {}
-        units: list[str] = []
         for im in images:
             t = time.monotonic()
             um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
-            seg = await self.call(
-                "segmentation",
-                lambda tm, im=im, um=um: self.clients.segment(
-                    im.data, version=versions["segmentation"], timeout=tm, um_per_px=um
-                ),
-            )
-            self._check_version("segmentation", versions["segmentation"], seg.model_version)
-            # a service that does not say its unit measured in um exactly when given a size
-            unit = seg.length_unit or ("px" if um is None else "um")
-            if unit not in ("um", "px"):
-                raise PipelineFailure(f"segmentation reported an unknown length unit {unit!r}")
-            units.append(unit)
+            rgb = decode_image(im.data, limits=self.limits)
+            pixels[im.index] = resize_for_model(rgb, npm1_hw)
+            shapes[im.index] = rgb.shape[:2]
+            smear = case.SmearImage(rgb, um, im.data)
+            found = await models.detect(smear)
             self._timed("segmentation", t)
             await self.checkpoint("segmentation")
 
             t = time.monotonic()
-            rgb = decode_image(im.data, limits=self.limits)
-            pixels[im.index] = resize_for_model(rgb, npm1_hw)
-            shapes[im.index] = rgb.shape[:2]
-            to_classify = [
-                i for i, lab in enumerate(seg.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS
-            ]
+            try:
+                analysis = await case.analyse_detections(models, smear, found)
+            except InvalidInput as exc:
+                raise PipelineFailure(
+                    f"model outputs do not fit the case features: {exc}"
+                ) from None
+            analysed.append(analysis)
+            det = analysis.detections
             img_cells = [
                 {
-                    "box": [float(v) for v in seg.boxes[i]],
+                    "box": [float(v) for v in det.boxes[i]],
                     "detector_label": lab,
-                    "score": float(seg.scores[i]),
-                    "cell_type": None,
-                    "confidence": None,
+                    "score": float(det.scores[i]),
+                    "cell_type": None if call is None else call.cell_type,
+                    "confidence": None if call is None else call.probs[call.cell_type],
                 }
-                for i, lab in enumerate(seg.labels)
+                for i, (lab, call) in enumerate(zip(det.labels, analysis.calls, strict=True))
             ]
-            if to_classify:
-                crops = crop_cells(rgb, seg.boxes[to_classify], crop, CELL_CROP_PAD_FRACTION)
-                for start in range(0, len(to_classify), self.s.celltype_batch):
-                    batch = crops[start : start + self.s.celltype_batch]
-                    cls = await self.call(
-                        "celltype",
-                        lambda tm, b=batch: self.clients.classify(
-                            b, version=versions["celltype"], timeout=tm
-                        ),
-                    )
-                    self._check_version("celltype", versions["celltype"], cls.model_version)
-                    for row, i in zip(
-                        cls.probs, to_classify[start : start + len(batch)], strict=True
-                    ):
-                        probs = {n: float(p) for n, p in zip(cls.names, row, strict=True)}
-                        morph = {
-                            n: float(v)
-                            for n, v in zip(seg.feature_names, seg.features[i], strict=True)
-                        }
-                        call = CellCall(probs=probs, morph=morph)
-                        try:
-                            code = call.cell_type
-                        except KeyError as exc:
-                            raise PipelineFailure(f"celltype output lacks class {exc}") from None
-                        cells.append(call)
-                        img_cells[i]["cell_type"] = code
-                        img_cells[i]["confidence"] = probs[code]
             per_image.append(
                 {
                     "index": im.index,
@@ -343,23 +234,24 @@ class Pipeline:
                     "height": rgb.shape[0],
                     "um_per_px": um,
                     "um_per_px_source": um_source,
-                    "n_detected": len(seg.labels),
-                    "n_counted": sum(c["cell_type"] in COUNTED_CODES for c in img_cells),
+                    "n_detected": len(det),
+                    "n_counted": analysis.n_counted,
                     "cells": img_cells,
-                    "_boxes": seg.boxes,
+                    "_boxes": det.boxes,
                 }
             )
-            del rgb  # before the next image is decoded
+            del rgb, smear  # before the next image is decoded
             self._timed("celltype", t)
             await self.checkpoint("celltype")
 
         t = time.monotonic()
-        n_counted = sum(c.cell_type in COUNTED_CODES for c in cells)
         try:
-            diff = differential(cells)
-            names, vector = case_features(cells)
+            summary = case.summarise(analysed)
         except InvalidInput as exc:
             raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
+        n_counted, diff = summary.n_counted, summary.differential
+        names, vector = summary.feature_names, summary.features
+        units = [a.length_unit for a in analysed]
         base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
         base["duplicate_images_ignored"] = len(repeats)
         base["morphometrics_unit"] = features_unit = case_unit(units)
@@ -381,14 +273,10 @@ class Pipeline:
                 stage_seconds=dict(self.stage_seconds),
             )
             return Outcome("abstained", reason, _finalize(base))
-        named = dict(zip(names, (float(v) for v in vector), strict=True))
-        base["attribute_fractions"] = {
-            k.removeprefix("frac_attr_"): v for k, v in named.items() if k.startswith("frac_attr_")
-        }
+        base["attribute_fractions"] = summary.attribute_fractions()
         base["morphometrics"] = {
-            k.removeprefix("mean_"): {"mean": v, "std": named.get("std_" + k[5:], 0.0)}
-            for k, v in named.items()
-            if k.startswith("mean_")
+            f: {"mean": mean, "std": std}
+            for f, (mean, std) in summary.morphometric_summary().items()
         }
         self._timed("aggregate", t)
         await self.checkpoint("aggregate")
@@ -516,13 +404,13 @@ class Pipeline:
         self, vector: np.ndarray, names: list[str], versions: dict[str, str]
     ) -> EnsembleOutput:
         t = time.monotonic()
-        out = await self.call(
+        out = await self.calls.call(
             "ensemble",
             lambda tm: self.clients.ensemble(
                 np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm
             ),
         )
-        self._check_version("ensemble", versions["ensemble"], out.model_version)
+        self.calls.check_version("ensemble", versions["ensemble"], out.model_version)
         self._timed("ensemble", t)
         for what, v in (
             ("probability", out.p_aml),
@@ -556,7 +444,7 @@ class Pipeline:
 
         async def one(im: CaseImage) -> float:
             x = pixels[im.index]
-            p = await self.call(
+            p = await self.calls.call(
                 "npm1", lambda tm: self.clients.npm1(x, version=version, timeout=tm)
             )
             if not 0.0 <= p <= 1.0 or not np.isfinite(p):
@@ -581,7 +469,7 @@ class Pipeline:
             importance: list[float] = []
             heatmap: np.ndarray | None = None
             for start in range(0, max(len(scaled), 1), step):
-                out = await self.call(
+                out = await self.calls.call(
                     "explain",
                     lambda tm, x=x, b=scaled[start : start + step]: self.clients.explain(
                         x,
