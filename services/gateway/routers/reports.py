@@ -19,7 +19,7 @@ from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, au
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.fhir import build_bundle
 from services.gateway.render import heatmap_png, overlay_png
-from services.gateway.result import AnalysisResult
+from services.gateway.result import AnalysisResult, ImageResult
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
@@ -27,6 +27,7 @@ FHIR_JSON = "application/fhir+json"
 
 
 def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[object, dict]:
+    """The analysis and its stored result JSON (as stored: the JSON report returns it)."""
     a = get_analysis(session, analysis_id, principal)
     result = store.result_of(session, analysis_id=analysis_id)
     if result is None:
@@ -65,7 +66,7 @@ def get_report(
         return JSONResponse(result)
     bundle = build_bundle(
         analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
-        result=result,
+        result=AnalysisResult.model_validate(result),
         # the configured public URL, never the request's Host header (client-controlled)
         base_url=request.app.state.services.settings.public_base_url,
     )
@@ -74,13 +75,13 @@ def get_report(
 
 def _image(
     services, session, analysis_id: str, k: int, principal: Principal
-) -> tuple[np.ndarray, dict]:
+) -> tuple[np.ndarray, ImageResult]:
     _, result = _finished_result(session, analysis_id, principal)
-    images = {im["index"]: im for im in result["images"]}
+    images = {im.index: im for im in AnalysisResult.model_validate(result).images}
     if k not in images:
         raise ApiError(404, "not_found", f"analysis has no image {k}")
     entry = images[k]
-    return decode_image(services.blobs.get(entry["sha256"])), entry
+    return decode_image(services.blobs.get(entry.sha256)), entry
 
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -96,9 +97,9 @@ def heatmap(
 ) -> Response:
     """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
     rgb, entry = _image(services, session, analysis_id, k, principal)
-    if not entry.get("heatmap_sha256"):
+    if not entry.heatmap_sha256:
         raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
-    hm = np.load(io.BytesIO(services.blobs.get(entry["heatmap_sha256"])), allow_pickle=False)
+    hm = np.load(io.BytesIO(services.blobs.get(entry.heatmap_sha256)), allow_pickle=False)
     audit(session, principal, "heatmap", resource=analysis_id, detail=str(k))
     session.commit()
     return Response(heatmap_png(rgb, hm), media_type="image/png")
@@ -117,7 +118,7 @@ def overlay(
     rgb, entry = _image(services, session, analysis_id, k, principal)
     audit(session, principal, "overlay", resource=analysis_id, detail=str(k))
     session.commit()
-    return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
+    return Response(overlay_png(rgb, entry.cells), media_type="image/png")
 
 
 @router.get("/v1/schemas/result")
