@@ -58,7 +58,7 @@ from services.gateway.calls import (
     ServiceCalls,
     TransientFailure,
 )
-from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo
+from services.gateway.clients import EnsembleOutput, FeatureUnits, ModelClients, ModelInfo
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.morphology import morphology_calls
@@ -466,7 +466,7 @@ class Pipeline:
     def _aml_abstention(
         self,
         features_unit: str,
-        model,
+        model: FeatureUnits,
         images: list[ImageResult],
         *,
         ensemble_version: str,
