@@ -3,7 +3,9 @@
 `ServiceCalls.call(service, make)` runs `make(timeout)` with the time left of the run's
 deadline as its gRPC timeout, retrying UNAVAILABLE / DEADLINE_EXCEEDED with exponential
 backoff (tenacity); `check_version` refuses an answer from another version than the one
-pinned for the analysis.
+pinned for the analysis. `metadata`, `ensemble`, `npm1` and `explain` are the calls of the
+pipeline's later steps, each with the checks of its answer (probabilities in [0, 1], one
+importance per cell; explain boxes sent in chunks of `explain_max_boxes`).
 
 `ServedCellModels` is `marrowscope.case.CellModels` over the segmentation and celltype
 services, so the gateway runs the same case analysis as training (`marrowscope.case`):
@@ -26,7 +28,7 @@ import numpy as np
 from marrowscope.case import CellTypes, Detections, MeasuredDetections, SmearImage
 from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.stages import Stage
-from services.gateway.clients import ModelClients, ServiceCallError
+from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 
@@ -56,7 +58,13 @@ class Deadline:
 class ServiceCalls:
     """The calls of one run: one deadline (`settings.deadline_s`, from construction)."""
 
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        clients: ModelClients,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.clients = clients
         self.s = settings
         self.metrics = metrics
         self.deadline = Deadline(settings.deadline_s)
@@ -130,6 +138,70 @@ class ServiceCalls:
                 f"{pinned} was pinned for this analysis"
             )
 
+    async def metadata(self, service: str) -> ModelInfo:
+        return await self.call(
+            service, lambda timeout: self.clients.metadata(service, timeout=timeout)
+        )
+
+    async def ensemble(self, vector: np.ndarray, names: list[str], version: str) -> EnsembleOutput:
+        """P(AML), the genetic heads and their thresholds for the case vector float32[F]."""
+        out = await self.call(
+            Stage.ENSEMBLE,
+            lambda timeout: self.clients.ensemble(
+                np.asarray(vector, np.float32), names, version=version, timeout=timeout
+            ),
+        )
+        self.check_version(Stage.ENSEMBLE, version, out.model_version)
+        for what, v in (
+            ("probability", out.p_aml),
+            *((f"P({t.upper()})", p) for t, p in out.p_targets.items()),
+            *((f"{t.upper()} threshold", th) for t, th in out.thresholds.items()),
+        ):
+            if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
+                raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
+        return out
+
+    async def npm1(self, image: np.ndarray, version: str) -> float:
+        """P(NPM1 mutated) of one image uint8[h, w, 3] at the npm1 input size."""
+        p = await self.call(
+            Stage.NPM1, lambda timeout: self.clients.npm1(image, version=version, timeout=timeout)
+        )
+        if not 0.0 <= p <= 1.0 or not np.isfinite(p):
+            raise PipelineFailure(f"npm1 returned an invalid probability {p!r}")
+        return float(p)
+
+    async def explain(
+        self, image: np.ndarray, boxes: np.ndarray, *, version: str, npm1_version: str
+    ) -> tuple[list[float], np.ndarray]:
+        """(one occlusion importance per box, the heatmap float32[h', w']) of the npm1 model
+        at `npm1_version` on `image` (its input size), boxes float32[N, 4] x1, y1, x2, y2 in
+        it."""
+        # the explain service caps boxes per call (MAX_BOXES): send chunks; its cells-mode
+        # heatmap is zero outside the boxes, so chunks paint disjoint parts of one map
+        step = self.s.explain_max_boxes
+        importance: list[float] = []
+        heatmap: np.ndarray | None = None
+        for start in range(0, max(len(boxes), 1), step):
+            out = await self.call(
+                Stage.EXPLAIN,
+                lambda timeout, b=boxes[start : start + step]: self.clients.explain(
+                    image,
+                    b,
+                    version=version,
+                    target_model=Stage.NPM1,
+                    target_version=npm1_version,
+                    timeout=timeout,
+                ),
+            )
+            importance.extend(float(v) for v in out.cell_importance)
+            part = np.asarray(out.heatmap, np.float32)
+            heatmap = part if heatmap is None else np.where(part != 0, part, heatmap)
+        if len(importance) != len(boxes) or heatmap is None:
+            raise PipelineFailure(
+                f"explain returned {len(importance)} importances for {len(boxes)} cells"
+            )
+        return importance, heatmap
+
 
 class ServedCellModels:
     """`marrowscope.case.CellModels` over the segmentation and celltype services at the
@@ -139,7 +211,6 @@ class ServedCellModels:
 
     def __init__(
         self,
-        clients: ModelClients,
         calls: ServiceCalls,
         *,
         segmentation_version: str,
@@ -147,7 +218,7 @@ class ServedCellModels:
         crop_size: int,
         batch: int,
     ) -> None:
-        self.clients = clients
+        self.clients = calls.clients
         self.calls = calls
         self.segmentation_version = segmentation_version
         self.celltype_version = celltype_version

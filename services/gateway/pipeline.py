@@ -201,7 +201,7 @@ class Pipeline:
         self, *, analysis_id: str, images: list[CaseImage], explain: bool = False
     ) -> Outcome:
         """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
-        self.calls = ServiceCalls(self.s, self.metrics)
+        self.calls = ServiceCalls(self.clients, self.s, self.metrics)
         try:
             return await self._run(analysis_id, images, explain)
         except PipelineFailure as exc:
@@ -241,15 +241,9 @@ class Pipeline:
         """Step 1: the version of every needed service, and the input sizes it fixes."""
         t = time.monotonic()
         needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
-        infos = await asyncio.gather(
-            *(
-                self.calls.call(s, lambda tm, s=s: self.clients.metadata(s, timeout=tm))
-                for s in needed
-            )
-        )
+        infos = await asyncio.gather(*(self.calls.metadata(s) for s in needed))
         by_stage = dict(zip(needed, infos, strict=True))
         cells = ServedCellModels(
-            self.clients,
             self.calls,
             segmentation_version=by_stage[Stage.SEGMENTATION].version,
             celltype_version=by_stage[Stage.CELLTYPE].version,
@@ -493,21 +487,8 @@ class Pipeline:
         self, vector: np.ndarray, names: list[str], versions: dict[str, str]
     ) -> EnsembleOutput:
         t = time.monotonic()
-        out = await self.calls.call(
-            "ensemble",
-            lambda tm: self.clients.ensemble(
-                np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm
-            ),
-        )
-        self.calls.check_version("ensemble", versions["ensemble"], out.model_version)
+        out = await self.calls.ensemble(vector, names, versions["ensemble"])
         self._timed("ensemble", t)
-        for what, v in (
-            ("probability", out.p_aml),
-            *((f"P({t.upper()})", p) for t, p in out.p_targets.items()),
-            *((f"{t.upper()} threshold", th) for t, th in out.thresholds.items()),
-        ):
-            if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
-                raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
         return out
 
     def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
@@ -533,12 +514,7 @@ class Pipeline:
         t = time.monotonic()
 
         async def one(a: AnalysedImage) -> None:
-            p = await self.calls.call(
-                "npm1", lambda tm: self.clients.npm1(a.npm1_input, version=version, timeout=tm)
-            )
-            if not 0.0 <= p <= 1.0 or not np.isfinite(p):
-                raise PipelineFailure(f"npm1 returned an invalid probability {p!r}")
-            a.entry.p_npm1 = float(p)
+            a.entry.p_npm1 = await self.calls.npm1(a.npm1_input, version)
 
         await asyncio.gather(*(one(a) for a in analysed))
         self._timed("npm1", t)
@@ -554,35 +530,16 @@ class Pipeline:
             (h, w), (hh, ww) = a.shape, x.shape[:2]
             sy, sx = hh / h, ww / w
             boxes = np.asarray(a.analysis.detections.boxes, np.float32).reshape(-1, 4)
-            scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
-            # the explain service caps boxes per call (MAX_BOXES): send chunks; its cells-mode
-            # heatmap is zero outside the boxes, so chunks paint disjoint parts of one map
-            step = self.s.explain_max_boxes
-            importance: list[float] = []
-            heatmap: np.ndarray | None = None
-            for start in range(0, max(len(scaled), 1), step):
-                out = await self.calls.call(
-                    "explain",
-                    lambda tm, x=x, b=scaled[start : start + step]: self.clients.explain(
-                        x,
-                        b,
-                        version=versions["explain"],
-                        target_model="npm1",
-                        target_version=versions["npm1"],
-                        timeout=tm,
-                    ),
-                )
-                importance.extend(float(v) for v in out.cell_importance)
-                part = np.asarray(out.heatmap, np.float32)
-                heatmap = part if heatmap is None else np.where(part != 0, part, heatmap)
-            if len(importance) != len(boxes):
-                raise PipelineFailure(
-                    f"explain returned {len(importance)} importances for {len(boxes)} cells"
-                )
+            importance, heatmap = await self.calls.explain(
+                x,
+                boxes * np.array([sx, sy, sx, sy], np.float32),
+                version=versions["explain"],
+                npm1_version=versions["npm1"],
+            )
             for cell, imp in zip(a.entry.cells, importance, strict=True):
                 cell.importance = imp
             buf = io.BytesIO()
-            np.save(buf, np.asarray(heatmap, np.float32), allow_pickle=False)
+            np.save(buf, heatmap, allow_pickle=False)
             data = buf.getvalue()
             sha = hashlib.sha256(data).hexdigest()
             artifacts[sha] = data
