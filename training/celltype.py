@@ -37,23 +37,18 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    amp_context,
-    build_job_config,
-    check_args,
-    data_hash,
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import data_hash
+from training.engine import (
+    AmpStep,
     device_and_amp,
-    finish,
+    epoch_generator,
     fit,
-    mlflow_run,
     progress,
-    run_main,
     seed_everything,
+    train_batches,
 )
+from training.tracking import MODEL_SUBDIR, finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "celltype"
@@ -408,7 +403,7 @@ def train(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = AmpStep(optimizer, amp=amp)
     tr = splits["train"]
     x_all = torch.from_numpy(tr.crops)
     y_all = torch.from_numpy(tr.cells)
@@ -419,35 +414,27 @@ def train(
     sample_w = torch.from_numpy(np.maximum(counts, 1.0)[tr.cells] ** -balance)
 
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
+        g = epoch_generator(config["seed"], epoch)
         if balance > 0:  # draw an epoch of cells with weight count^-balance (rare classes)
             order = torch.multinomial(sample_w, len(y_all), replacement=True, generator=g)
         else:
             order = torch.randperm(len(y_all), generator=g)
-        batches = order.split(config["batch_size"])
-        limit = config["max_steps_per_epoch"] or len(batches)
-        total = 0.0
-        for idx in progress(batches[:limit], desc=f"epoch {epoch + 1}"):
-            x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
-            x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
-            with amp_context(amp):
-                loss = batch_loss(
-                    model,
-                    x,
-                    y_all[idx].to(device),
-                    None if a_all is None else a_all[idx].to(device),
-                    config["cell_head"],
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total += loss.item()
-        return total / max(1, min(limit, len(batches)))
+        chunks = order.split(config["batch_size"])
+        chunks = chunks[: config["max_steps_per_epoch"] or len(chunks)]
+
+        def batches():  # augmented here, outside the autocast of the loss
+            for idx in chunks:
+                x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
+                x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
+                yield x, y_all[idx].to(device), None if a_all is None else a_all[idx].to(device)
+
+        return train_batches(
+            batches(),
+            lambda b: batch_loss(model, *b, config["cell_head"]),
+            step,
+            desc=f"epoch {epoch + 1}",
+            total=len(chunks),
+        )
 
     def typer() -> CellTyper:
         from pathlib import Path
@@ -466,7 +453,7 @@ def train(
     out = args.output / (f"trial-{trial.number}" if trial is not None else "")
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -474,7 +461,6 @@ def train(
         output=out,
         config=config.as_dict(),
         resume=args.resume,
-        scaler=scaler,
         trial=trial,
         monitor="val_macro_f1",
         checkpoint=trial is None,
@@ -517,17 +503,11 @@ def save_predictions(path, splits: dict[str, tuple[np.ndarray, CropSet]]) -> Non
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.celltype",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return add_common_args(p)
+    return job_parser(JOB, __doc__)
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
-    config = build_job_config(JOB, args)
+    config = job_config(JOB, args)
     if args.hpo_trials:
         from training.hpo import run_hpo
 

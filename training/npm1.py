@@ -21,23 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    amp_context,
-    build_job_config,
-    check_args,
-    data_hash,
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import data_hash
+from training.engine import (
+    AmpStep,
     device_and_amp,
-    finish,
+    epoch_generator,
     fit,
-    mlflow_run,
-    progress,
-    run_main,
     seed_everything,
+    train_batches,
 )
+from training.tracking import MODEL_SUBDIR, finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "npm1"
@@ -207,35 +201,30 @@ def train(
         weight_decay=config["weight_decay"],
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = AmpStep(optimizer, amp=amp)
+
+    def batch_loss(batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(model(x.to(device)).float(), y.to(device))
 
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
         loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
             train_data,  # type: ignore[arg-type]  # a map-style Dataset by duck typing
             batch_size=config["batch_size"],
             shuffle=True,
-            generator=g,
+            generator=epoch_generator(config["seed"], epoch),
             num_workers=0,
             drop_last=len(train_data) > config["batch_size"],
         )
         limit = config["max_steps_per_epoch"] or len(loader)
-        total, n = 0.0, 0
-        for x, y in progress(loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))):
-            if n >= limit:
-                break
-            with amp_context(amp):
-                loss = F.binary_cross_entropy_with_logits(model(x.to(device)).float(), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total, n = total + loss.item(), n + 1
-        return total / max(n, 1)
+        return train_batches(
+            loader,
+            batch_loss,
+            step,
+            desc=f"epoch {epoch + 1}",
+            limit=limit,
+            total=min(limit, len(loader)),
+        )
 
     def predictor() -> Npm1Predictor:
         return Npm1Predictor(
@@ -257,7 +246,7 @@ def train(
 
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -265,7 +254,6 @@ def train(
         output=output or args.output,
         config=config.as_dict(),
         resume=args.resume and checkpoint,
-        scaler=scaler,
         trial=trial,
         monitor="val_auroc",
         checkpoint=checkpoint,
@@ -329,17 +317,11 @@ def cross_validate(config: JobConfig, args: argparse.Namespace, records: list) -
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.npm1",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return add_common_args(p)
+    return job_parser(JOB, __doc__)
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
-    config = build_job_config(JOB, args)
+    config = job_config(JOB, args)
     from training.common_data import load_cases
 
     records = aml_records(load_cases(args.data, config))
