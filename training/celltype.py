@@ -41,14 +41,16 @@ from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
 from training.common_data import data_hash
 from training.engine import (
     AmpStep,
+    build_for_training,
     device_and_amp,
     epoch_generator,
     fit,
     progress,
     seed_everything,
     train_batches,
+    unsaved_predictor,
 )
-from training.tracking import MODEL_SUBDIR, finish, mlflow_run
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "celltype"
@@ -364,7 +366,7 @@ def train(
 
     from marrowscope.imaging import CELL_CROP_PAD_FRACTION
     from marrowscope.inference import CellTyper
-    from marrowscope.models import LoadedModel, build_model, make_config
+    from marrowscope.models import make_config
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
@@ -393,12 +395,7 @@ def train(
             "config_name": config["config_name"],
         },
     )
-    model = build_model(model_config)
-    if config.get("init_weights"):
-        from marrowscope.models.weights import load_initial_weights
-
-        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
-    model.to(device)
+    model = build_for_training(model_config, device, config.get("init_weights"))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
@@ -437,13 +434,7 @@ def train(
         )
 
     def typer() -> CellTyper:
-        from pathlib import Path
-
-        return CellTyper(
-            LoadedModel(model, model_config, "0" * 64, Path(".")),
-            device=device.type,
-            autocast="fp16" if amp else "none",
-        )
+        return unsaved_predictor(CellTyper, model, model_config, device, amp)
 
     def validate(epoch: int) -> dict[str, float]:
         m = evaluate_probs(typer().predict(splits["val"].crops), splits["val"])
@@ -520,19 +511,17 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             train_trial=lambda cfg, trial: train(cfg, args, trial=trial, splits=splits)[2],
         )
         return None
-    from marrowscope.models import save_model
 
     with mlflow_run(args, JOB, config) as run:
         model, model_config, metrics = train(config, args)
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
-            data_digest=model_config["training"]["data_hash"],
         )
     return metrics
 

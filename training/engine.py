@@ -44,6 +44,7 @@ PROGRESS_INTERVAL_S = 30.0
 """Longest silence of a loop wrapped in `progress` when stderr is not a terminal."""
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 # ---------------------------------------------------------------- seeding
 
@@ -118,6 +119,52 @@ class AmpStep:
         return loss.item()
 
 
+def build_for_training(
+    model_config: dict[str, Any], device: torch.device, init_weights: str | None = None
+) -> torch.nn.Module:
+    """The module of `model_config` on `device`; with `init_weights` (a weights file, e.g.
+    ImageNet), its backbone starts from those tensors (`load_initial_weights`)."""
+    from marrowscope.models import build_model
+
+    model = build_model(model_config)
+    if init_weights:
+        from marrowscope.models.weights import load_initial_weights
+
+        load_initial_weights(model, model_config, init_weights, scope="backbone")
+    return model.to(device)
+
+
+def unsaved_predictor(
+    cls: Callable[..., P],
+    model: torch.nn.Module,
+    model_config: dict[str, Any],
+    device: torch.device,
+    amp: bool,
+) -> P:
+    """A serving predictor class (`Detector`, `CellTyper`, `Npm1Predictor`) around the model
+    being trained, so validation runs the serving code path; it has no saved digest."""
+    from marrowscope.models import LoadedModel
+
+    loaded = LoadedModel(module=model, config=model_config, digest="0" * 64, directory=Path("."))
+    return cls(loaded, device=device.type, autocast="fp16" if amp else "none")
+
+
+def epoch_loader(
+    dataset: Any, *, batch_size: int, seed: int, epoch: int, **kwargs: Any
+) -> torch.utils.data.DataLoader[Any]:
+    """A DataLoader over a map-style `dataset` shuffled by `epoch_generator(seed, epoch)`;
+    `kwargs` go to the DataLoader (collate_fn, num_workers, drop_last)."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=epoch_generator(seed, epoch),
+        **kwargs,
+    )
+
+
 def train_batches(
     batches: Iterable[T],
     loss_of: Callable[[T], torch.Tensor],
@@ -129,7 +176,10 @@ def train_batches(
 ) -> float:
     """Mean loss over the batches (at most `limit`, 0 = all): `loss_of(batch)` under the
     step's autocast, then `step`. Work that must not run in fp16 (augmentation) belongs in
-    the `batches` iterable, which is advanced outside the autocast context."""
+    the `batches` iterable, which is advanced outside the autocast context. `total`
+    (for progress) defaults to the batches' length, capped at `limit`."""
+    if total is None and hasattr(batches, "__len__"):
+        total = min(limit, len(batches)) if limit else len(batches)  # type: ignore[arg-type]
     loss_sum, n = 0.0, 0
     for batch in progress(batches, desc=desc, total=total):
         if limit and n >= limit:

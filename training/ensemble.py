@@ -41,7 +41,7 @@ import numpy as np
 from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
 from training.common_data import data_hash
 from training.engine import AmpStep, epoch_generator, fit, progress, seed_everything
-from training.tracking import MODEL_SUBDIR, finish, mlflow_run, tracking_uri
+from training.tracking import finish, mlflow_run, tracking_uri
 
 log = logging.getLogger(__name__)
 JOB = "ensemble"
@@ -498,7 +498,6 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
         return None
 
-    from marrowscope.models import save_model
     from training.evaluate_metrics import binary_plots, binary_report, log_plots
 
     with mlflow_run(args, JOB, config) as run:
@@ -544,12 +543,12 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             metrics.update(target_metrics)
             log_plots(target_plots)
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
             data_digest=digest,

@@ -37,7 +37,7 @@ import numpy as np
 
 from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
 from training.engine import AmpStep, device_and_amp, progress, seed_everything
-from training.tracking import MODEL_SUBDIR, finish, mlflow_run
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "nucseg"
@@ -348,10 +348,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             "cv_folds": cfg["cv_folds"] if wbc is not None and not args.no_cv else 0,
             "seconds": results["seconds"],
         }
-        from marrowscope.models import save_model
-
-        model_dir = save_model(module, model_config, args.output / MODEL_SUBDIR)
         results["metrics"] = metrics
+        args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "nucseg_results.json").write_text(json.dumps(results, indent=2))
         import mlflow
 
@@ -360,7 +358,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             kind=KIND,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=module,
+            model_config=model_config,
             metrics=metrics,
             config=cfg,
             data_digest=_data_digest(args.data, cfg),

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from training.cli import JobConfig, job_config, job_parser, run_main
 from training.common_data import DetectionItem, data_hash, detection_items, is_voc, read_rgb
 from training.engine import (
     AmpStep,
+    build_for_training,
     device_and_amp,
-    epoch_generator,
+    epoch_loader,
     fit,
     progress,
     seed_everything,
     train_batches,
+    unsaved_predictor,
 )
-from training.tracking import MODEL_SUBDIR, finish, mlflow_run
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "segmentation"
@@ -136,7 +137,6 @@ def train(
     import torch
 
     from marrowscope.inference import Detector
-    from marrowscope.models import LoadedModel, build_model
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
@@ -149,12 +149,7 @@ def train(
         raise ValueError(f"split classes differ: {classes} vs {eval_classes}")
     digest = data_hash(args.data)
     model_config = detector_config(config, classes, digest)
-    model = build_model(model_config)
-    if config.get("init_weights"):
-        from marrowscope.models.weights import load_initial_weights
-
-        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
-    model.to(device)
+    model = build_for_training(model_config, device, config.get("init_weights"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
@@ -174,11 +169,11 @@ def train(
     )
 
     def train_epoch(epoch: int) -> float:
-        loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
-            data,  # type: ignore[arg-type]  # a map-style Dataset by duck typing
+        loader = epoch_loader(
+            data,
             batch_size=config["batch_size"],
-            shuffle=True,
-            generator=epoch_generator(config["seed"], epoch),
+            seed=config["seed"],
+            epoch=epoch,
             collate_fn=lambda b: tuple(zip(*b, strict=True)),
             num_workers=config["num_workers"],
         )
@@ -195,21 +190,12 @@ def train(
                     group["lr"] = lr
             return detection_loss(model, images, targets)
 
-        limit = config["max_steps_per_epoch"] or len(loader)
         return train_batches(
-            loader,
-            batch_loss,
-            step,
-            desc=f"epoch {epoch + 1}",
-            limit=limit,
-            total=min(limit, len(loader)),
+            loader, batch_loss, step, desc=f"epoch {epoch + 1}", limit=config["max_steps_per_epoch"]
         )
 
     def wrap() -> Detector:
-        loaded = LoadedModel(
-            module=model, config=model_config, digest="0" * 64, directory=Path(".")
-        )
-        return Detector(loaded, device=device.type, autocast="fp16" if amp else "none")
+        return unsaved_predictor(Detector, model, model_config, device, amp)
 
     validate = None
     every = config["eval_every"] or (1 if trial is not None else 0)
@@ -268,11 +254,9 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             train_trial=lambda cfg, trial: train(cfg, args, trial=trial)[2],
         )
         return None
-    from marrowscope.models import save_model
 
     with mlflow_run(args, JOB, config) as run:
         model, model_config, metrics, _ = train(config, args)
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         import mlflow
 
         mlflow.set_tag("marrowscope.data_format", "voc" if is_voc(args.data) else "coco")
@@ -280,10 +264,10 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
-            data_digest=model_config["training"]["data_hash"],
         )
     return metrics
 

@@ -3,7 +3,7 @@ end-of-job metrics, registration and promotion.
 
 `mlflow_run` opens the run in `--experiment` (default `marrowscope-train-<job>`) with the
 config logged; `training.engine.fit` logs each epoch's row through `log_epoch`; `finish`
-writes `<output>/metrics.json` and registers `<output>/model/` (`MODEL_SUBDIR`).
+saves `<output>/model/` (`MODEL_SUBDIR`), writes `<output>/metrics.json` and registers the model.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.cli import JobConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +71,24 @@ def finish(
     kind: str,
     args: argparse.Namespace,
     run: Any,
-    model_dir: Path,
+    model: torch.nn.Module,
+    model_config: dict[str, Any],
     metrics: dict[str, float],
     config: JobConfig,
-    data_digest: str,
+    data_digest: str | None = None,
     lineage: dict[str, str] | None = None,
 ) -> str | None:
-    """Log final metrics, write `<output>/metrics.json`, register (unless --no-register) and
-    promote (with --promote). Returns the registered version or None."""
+    """Save the model to `<output>/model/` (safetensors + config.json), log final metrics,
+    write `<output>/metrics.json`, register (unless --no-register) with `data_digest`
+    (default: the model config's `training.data_hash`) and promote (with --promote).
+    Returns the registered version or None."""
     import mlflow
     from marrowscope import registry
+    from marrowscope.models import save_model
 
+    model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
+    if data_digest is None:
+        data_digest = model_config["training"]["data_hash"]
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     (args.output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if args.no_register:
