@@ -4,17 +4,20 @@ optimiser step, checkpoint/resume, the epoch loop and progress logging.
 A job builds its data, model, loss and metrics and hands them here (as torchvision's
 detection references keep `engine.py` beside `train.py`):
 
+    seed_everything(seed)
+    device, amp = device_and_amp(args.device, config["amp"])
+    model = build_for_training(model_config, device)
     step = AmpStep(optimizer, amp=amp)
 
     def train_epoch(epoch: int) -> float:
-        batches = loader(epoch_generator(seed, epoch))
-        return train_batches(batches, loss_of, step, desc=f"epoch {epoch + 1}")
+        loader = epoch_loader(dataset, batch_size=8, seed=seed, epoch=epoch)
+        return train_batches(loader, loss_of, step, desc=f"epoch {epoch + 1}")
 
     fit(model=model, step=step, scheduler=scheduler, epochs=n, train_epoch=train_epoch, ...)
 
-`fit` is seeded by the caller (`seed_everything`), resumable from `<output>/checkpoint.pt`,
-logs one line per epoch, and `progress` adds a line at least every `PROGRESS_INTERVAL_S`
-seconds inside long loops when stderr is not a terminal (Kubernetes Job logs, CI).
+`fit` resumes from `<output>/checkpoint.pt` and logs one line per epoch; `progress` (used
+by `train_batches`) adds a line inside a long loop once `PROGRESS_INTERVAL_S` seconds have
+passed since the last one, when stderr is not a terminal (Kubernetes Job logs, CI).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_INTERVAL_S = 30.0
-"""Longest silence of a loop wrapped in `progress` when stderr is not a terminal."""
+"""Seconds between progress lines of a loop wrapped in `progress` (stderr not a terminal)."""
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -77,18 +80,6 @@ def device_and_amp(setting: str, amp: bool) -> tuple[torch.device, bool]:
     return device, bool(amp) and device.type == "cuda"
 
 
-def amp_context(enabled: bool):
-    import torch
-
-    from marrowscope.inference import autocast_context
-
-    return (
-        autocast_context(torch.device("cuda"), "fp16")
-        if enabled
-        else autocast_context(torch.device("cpu"), "none")
-    )
-
-
 class AmpStep:
     """One optimiser step per loss: fp16 autocast + GradScaler when `amp` (CUDA), plain
     backward/step otherwise. `steps` counts the steps taken by this object."""
@@ -102,8 +93,14 @@ class AmpStep:
         self.steps = 0
 
     def autocast(self):
-        """The context the forward pass and the loss run in."""
-        return amp_context(self.amp)
+        """The context the forward pass and the loss run in (fp16 on CUDA with `amp`)."""
+        import torch
+
+        from marrowscope.inference import autocast_context
+
+        if self.amp:
+            return autocast_context(torch.device("cuda"), "fp16")
+        return autocast_context(torch.device("cpu"), "none")
 
     def __call__(self, loss: torch.Tensor) -> float:
         """Backward and optimiser step on `loss` (a scalar tensor); returns its value."""
