@@ -115,6 +115,11 @@ class Outcome:
         """The report as the JSON the job store keeps (None when failed)."""
         return None if self.report is None else self.report.model_dump(mode="json")
 
+    @result.setter
+    def result(self, value: dict | None) -> None:
+        """Replace the report by a result JSON (the worker adds a slide's `slide` section)."""
+        self.report = None if value is None else AnalysisResult.model_validate(value)
+
 
 def distinct_images(images: list[CaseImage]) -> tuple[list[CaseImage], list[int]]:
     """(the first image of each content digest, the indexes of the repeats ignored)."""

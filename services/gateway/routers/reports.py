@@ -41,6 +41,14 @@ def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[o
     return a, result
 
 
+def _finished_report(
+    session, analysis_id: str, principal: Principal
+) -> tuple[object, AnalysisResult]:
+    """The analysis and its result as the model (results of older schema versions too)."""
+    a, result = _finished_result(session, analysis_id, principal)
+    return a, AnalysisResult.model_validate(result)
+
+
 @router.get(
     "/v1/analyses/{analysis_id}/report",
     responses={
@@ -76,8 +84,8 @@ def get_report(
 def _image(
     services, session, analysis_id: str, k: int, principal: Principal
 ) -> tuple[np.ndarray, ImageResult]:
-    _, result = _finished_result(session, analysis_id, principal)
-    images = {im.index: im for im in AnalysisResult.model_validate(result).images}
+    _, report = _finished_report(session, analysis_id, principal)
+    images = {im.index: im for im in report.images}
     if k not in images:
         raise ApiError(404, "not_found", f"analysis has no image {k}")
     entry = images[k]
@@ -119,6 +127,24 @@ def overlay(
     audit(session, principal, "overlay", resource=analysis_id, detail=str(k))
     session.commit()
     return Response(overlay_png(rgb, entry.cells), media_type="image/png")
+
+
+@router.get(
+    "/v1/analyses/{analysis_id}/slide.png",
+    response_class=Response,
+    responses={**PNG, **error_responses(401, 403, 404, 409, 429)},
+)
+def slide_thumbnail(
+    principal: ReadKey, services: ServicesDep, session: SessionDep, analysis_id: str
+) -> Response:
+    """A whole-slide analysis: the slide's thumbnail with the selected regions outlined and
+    numbered (region k of `result.slide.regions` is labelled k + 1)."""
+    _, report = _finished_report(session, analysis_id, principal)
+    if report.slide is None:
+        raise ApiError(404, "no_slide", "this analysis was not submitted as a whole slide")
+    audit(session, principal, "slide_thumbnail", resource=analysis_id)
+    session.commit()
+    return Response(services.blobs.get(report.slide.thumbnail_sha256), media_type="image/png")
 
 
 @router.get("/v1/schemas/result")
