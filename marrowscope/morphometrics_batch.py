@@ -114,24 +114,24 @@ def mask_features(
     closely). A row whose cell or nucleus (cut to the cell) is empty keeps the default
     zeros with `segmentation_ok = 0`."""
     out = np.zeros((len(crops), len(FEATURE_NAMES)), np.float32)
-    cells, nuclei, valid = [], [], []
+    boxed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for i, (crop, (cell, nucleus)) in enumerate(zip(crops, masks, strict=True)):
         cell = np.asarray(cell, dtype=bool)
         nucleus = np.asarray(nucleus, dtype=bool) & cell
         if cell.shape != crop.shape[:2] or nucleus.shape != crop.shape[:2]:
             raise ValueError(f"mask shapes {cell.shape}, {nucleus.shape} != crop {crop.shape[:2]}")
-        cells.append(cell)
-        nuclei.append(nucleus)
-        if cell.any() and nucleus.any():
-            valid.append(i)
+        if not cell.any() or not nucleus.any():
+            continue
+        # every feature is translation-invariant: keep only the cell's bounding box
+        rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        boxed[i] = (crop[box], cell[box], nucleus[box])
     dev = torch.device(device)
-    for chunk in _chunks(valid, [crops[i].shape[:2] for i in valid]):
+    valid = list(boxed)
+    for chunk in _chunks(valid, [boxed[i][1].shape for i in valid]):
+        parts = [boxed[i] for i in chunk]
         out[chunk] = _chunk_features(
-            [crops[i] for i in chunk],
-            [cells[i] for i in chunk],
-            [nuclei[i] for i in chunk],
-            scale,
-            dev,
+            [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], scale, dev
         )
     return out
 
