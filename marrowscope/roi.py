@@ -6,20 +6,25 @@ module scores a grid of candidate regions at low magnification with image statis
 measure exactly those things, then picks regions spread over the slide until the case has
 enough nucleated cells (default 500, a manual differential) or the slide is exhausted.
 
-Features per region (`RegionFeatures`), all computed at the scoring magnification:
-- `coverage`: fraction of pixels that are not glass (glass = bright and unsaturated, relative
-  to the slide's own glass brightness, so illumination does not matter);
+Features per region (`RegionFeatures`), all computed at the scoring magnification on the
+region white-balanced to the slide's own glass colour (`StainReference`: real
+May-Grunwald-Giemsa glass is cream, synthetic glass grey; neither illumination nor tint may
+read as cells):
+- `coverage`: fraction of pixels that are not glass (optical density or saturation above
+  the balanced glass);
 - `overlap`: fraction of covered pixels darker than a single red-cell layer can be (cells on
   top of each other add optical density);
 - `sharpness`: mean absolute Laplacian over covered pixels, relative to the covered pixels'
   contrast (a defocused field has its edges smoothed away);
 - `debris`: fraction of near-black pixels (stain precipitate, dirt);
-- `nuclei`: nucleated cells, counted as connected purple (nuclear stain) blobs of nuclear size;
+- `nuclei`: nucleated cells, counted as connected purple blobs of nuclear size (purple = bluer
+  than the slide's own red cells, `NUCLEUS_HUE_FACTOR`);
 - `stain`: mean saturation of covered pixels (a washed-out field has none).
 
 The score multiplies one factor per requirement so that any single failure (thick, edge,
-blurred, dirty, empty) rules a region out; `measure_roi` in `training/roi.py` checks it on
-synthetic slides with a known zone map (monolayer precision, AUROC).
+blurred, dirty, empty) rules a region out; `training/evaluate_roi.py` measures it on
+synthetic slides with a known zone map (monolayer precision, AUROC) and runs it on the 43
+real overview fields (docs/SLIDES.md).
 """
 
 from __future__ import annotations
@@ -135,29 +140,35 @@ def _optical_density(rgb: np.ndarray, background: tuple[float, float, float]) ->
     return -np.log(np.clip(rgb.astype(np.float32) / glass, 1e-3, 1.0))
 
 
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(values))  # type: ignore[no-untyped-call]
+
+
 def stain_reference(rgb: np.ndarray) -> StainReference:
     """The colour references of a slide from a low-magnification image of it (uint8
     [h, w, 3]): glass = the per-channel median of the bright class of an Otsu split of
     luminance; red-cell hue = the median blue/green OD ratio of the pixels darker than glass
     by an Otsu split of total OD (at least `COVER_OD`). `DEFAULT_REFERENCE`'s hue when
-    fewer than 1 % of the pixels are covered, its glass when the image is flat."""
-    from skimage.filters import threshold_otsu
-
+    fewer than 1 % of the pixels are covered; a flat image is all glass when bright (its own
+    colour), else `DEFAULT_REFERENCE`'s glass."""
     f = rgb.reshape(-1, 3).astype(np.float32)
+    hue = DEFAULT_REFERENCE.red_cell_blue_green
+    if f.shape[0] == 0:
+        return DEFAULT_REFERENCE
     lum = f.mean(axis=1)
-    if f.shape[0] == 0 or float(np.ptp(lum)) < 1.0:
-        glass = tuple(float(v) for v in f.mean(axis=0)) if f.size else DEFAULT_REFERENCE.background
-        return StainReference(glass, DEFAULT_REFERENCE.red_cell_blue_green)  # type: ignore[arg-type]
-    bright = f[lum > threshold_otsu(lum)]
-    background = (float(v) for v in np.median(bright, axis=0))
-    bg = tuple(background)
-    od = _optical_density(f, bg)  # type: ignore[arg-type]
+    if float(np.ptp(lum)) < 1.0:
+        r, g, b = f[0] if lum[0] > 128 else DEFAULT_REFERENCE.background
+        return StainReference((float(r), float(g), float(b)), hue)
+    r, g, b = np.median(f[lum > _otsu(lum)], axis=0)
+    background = (float(r), float(g), float(b))
+    od = _optical_density(f, background)
     total = od.sum(axis=1)
-    covered = total > max(float(threshold_otsu(total)), COVER_OD)
-    if covered.mean() < 0.01:
-        return StainReference(bg, DEFAULT_REFERENCE.red_cell_blue_green)  # type: ignore[arg-type]
-    ratio = od[covered, 2] / np.maximum(od[covered, 1], 1e-3)
-    return StainReference(bg, float(np.median(ratio)))  # type: ignore[arg-type]
+    covered = total > max(_otsu(total), COVER_OD)
+    if covered.mean() >= 0.01:
+        hue = float(np.median(od[covered, 2] / np.maximum(od[covered, 1], 1e-3)))
+    return StainReference(background, hue)
 
 
 def region_features(
