@@ -125,7 +125,10 @@ def mask_features(
         # every feature is translation-invariant: keep only the cell's bounding box
         rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
         box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        boxed[i] = (crop[box], cell[box], nucleus[box])
+        parts = crop[box], cell[box], nucleus[box]
+        if parts[1].shape[0] > parts[1].shape[1]:  # and transposed (so is every feature)
+            parts = parts[0].transpose(1, 0, 2), parts[1].T, parts[2].T
+        boxed[i] = parts
     dev = torch.device(device)
     valid = list(boxed)
     for chunk in _chunks(valid, [boxed[i][1].shape for i in valid]):
@@ -137,8 +140,8 @@ def mask_features(
 
 
 def _chunks(rows: list[int], shapes: list[tuple[int, int]]) -> list[list[int]]:
-    """Rows grouped by crop area (little padding), at most `CHUNK_PIXELS` padded per group."""
-    order = sorted(range(len(rows)), key=lambda k: shapes[k][0] * shapes[k][1])
+    """Rows grouped by crop shape (little padding), at most `CHUNK_PIXELS` padded per group."""
+    order = sorted(range(len(rows)), key=lambda k: shapes[k])
     groups: list[list[int]] = []
     current: list[int] = []
     h = w = 0
@@ -184,7 +187,8 @@ def _chunk_features(
     y_mean, y_std = _colour(rgb, cyto_t)
     luma = torch.tensor(_LUMA, device=device, dtype=rgb.dtype)
     lum = (rgb * luma[None, :, None, None]).sum(1)
-    colour_range = _quantile(lum, cell_t, 0.95) - _quantile(lum, cell_t, 0.05)
+    p05, p95 = _quantiles(lum, cell_t, (0.05, 0.95))
+    colour_range = p95 - p05
 
     cols = {
         "cell_area": c_area * scale**2,
@@ -306,14 +310,24 @@ def _colour(rgb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return mean, var.sqrt()
 
 
-def _quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile (numpy's default linear interpolation) of values [B, H, W] over each
-    non-empty bool [B, H, W] mask."""
-    flat = values.masked_fill(~mask, math.inf).flatten(1).sort(1).values
+def _quantiles(values: torch.Tensor, mask: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
+    """The q-quantiles (numpy's default linear interpolation) of values [B, H, W] in [0, 1]
+    over each non-empty bool [B, H, W] mask, FloatTensor[B] per q.
+
+    One sort of the masked values of all crops together (key: crop index + value / 2; the
+    indices come out of `nonzero` in order), not of the padded batch."""
+    index, yy, xx = mask.nonzero(as_tuple=True)
+    base = index.double()
+    ordered = (
+        torch.sort(base + values[index, yy, xx].double().clamp(0.0, 1.0) / 2).values - base
+    ) * 2
     n = mask.flatten(1).sum(1)
-    pos = q * (n - 1).double()
-    lo = pos.floor().long()
-    hi = torch.minimum(lo + 1, n - 1)
-    a = flat.gather(1, lo[:, None])[:, 0].double()
-    b = flat.gather(1, hi[:, None])[:, 0].double()
-    return a + (b - a) * (pos - lo.double())
+    start = torch.cumsum(n, 0) - n
+    out = []
+    for q in qs:
+        pos = q * (n - 1).double()
+        lo = pos.floor().long()
+        hi = torch.minimum(lo + 1, n - 1)
+        a, c = ordered[start + lo], ordered[start + hi]
+        out.append(a + (c - a) * (pos - lo.double()))
+    return out
