@@ -46,13 +46,16 @@ def nucseg_dir(root: Path) -> Path:
     """An untrained nucseg model directory (module docstring: biased head)."""
     import torch
 
-    from marrowscope.models import build_model, make_config, save_model
+    from marrowscope.models import make_config, save_model
+    from marrowscope.models.nucseg import NucSegNet
 
     config = make_config("nucseg", "unet", input_size=[64, 64], base_channels=8, depth=3)
     torch.manual_seed(0)
-    module = build_model(config)
+    module = NucSegNet(config)
+    bias = module.head.bias
+    assert bias is not None  # a Conv2d built with bias=True
     with torch.no_grad():
-        module.head.bias.copy_(torch.tensor([-20.0, 0.0, 0.0]))
+        bias.copy_(torch.tensor([-20.0, 0.0, 0.0]))
     return save_model(module, config, root / "nucseg")
 
 

@@ -125,10 +125,10 @@ def mask_features(
         # every feature is translation-invariant: keep only the cell's bounding box
         rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
         box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        parts = crop[box], cell[box], nucleus[box]
-        if parts[1].shape[0] > parts[1].shape[1]:  # and transposed (so is every feature)
-            parts = parts[0].transpose(1, 0, 2), parts[1].T, parts[2].T
-        boxed[i] = parts
+        c, m, n = crop[box], cell[box], nucleus[box]
+        if m.shape[0] > m.shape[1]:  # and transposed (so is every feature)
+            c, m, n = c.transpose(1, 0, 2), m.T, n.T
+        boxed[i] = (c, m, n)
     dev = torch.device(device)
     valid = list(boxed)
     for chunk in _chunks(valid, [boxed[i][1].shape for i in valid]):
