@@ -45,7 +45,8 @@ class SegmentationSettings(ServiceSettings):
         description="compute the per-cell features of an image as one batch of tensors on the "
         "model's device (marrowscope.morphometrics_batch: the same masks, features within its "
         "documented tolerance); off: per cell with scikit-image. Off by default: on one CPU "
-        "core it measured only 1.1-1.2x more cells/s (bench/segmentation_cells.py)",
+        "core the service measured 1.10x the cells/s with the classical split and 0.97x "
+        "with the learned one (bench/segmentation_cells.py; the split dominates on a CPU)",
     )
     morphometrics_margin: float = Field(
         0.15,
