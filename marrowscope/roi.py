@@ -125,6 +125,9 @@ DEFAULT_REFERENCE = StainReference((236.0, 234.0, 238.0), 0.76)
 NUCLEUS_HUE_FACTOR = 0.8
 COVER_OD = 0.25
 COVER_SATURATION = 0.12
+REFERENCE_PIXELS = 1 << 18
+"""`stain_reference` reads at most this many pixels (evenly strided): medians and Otsu
+thresholds do not need more, and its memory then stays flat whatever the overview size."""
 
 
 def _hsv_parts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +156,8 @@ def stain_reference(rgb: np.ndarray) -> StainReference:
     by an Otsu split of total OD (at least `COVER_OD`). `DEFAULT_REFERENCE`'s hue when
     fewer than 1 % of the pixels are covered; a flat image is all glass when bright (its own
     colour), else `DEFAULT_REFERENCE`'s glass."""
-    f = rgb.reshape(-1, 3).astype(np.float32)
+    flat = rgb.reshape(-1, 3)
+    f = flat[:: max(1, -(-len(flat) // REFERENCE_PIXELS))].astype(np.float32)
     hue = DEFAULT_REFERENCE.red_cell_blue_green
     if f.shape[0] == 0:
         return DEFAULT_REFERENCE
