@@ -293,8 +293,7 @@ def _tiles(spec: SlideSpec, zmap: np.ndarray, ds: int) -> Iterator[np.ndarray]:
 def write_slide(path: Path, spec: SlideSpec) -> dict:
     """Write a pyramidal tiled TIFF (deflate, one page per level, pixel size recorded) and a
     JSON sidecar `<stem>.json` with the spec, zone names, zone map and nucleated-cell counts.
-    Memory: tiles are rendered one at a time and compressed 32 at a time. Returns the
-    sidecar dict."""
+    Memory: one tile rendered at a time. Returns the sidecar dict."""
     import tifffile
 
     zmap = zone_map(spec)
@@ -312,9 +311,6 @@ def write_slide(path: Path, spec: SlideSpec) -> dict:
                 photometric="rgb",
                 compression="zlib",
                 compressionargs={"level": 1},
-                # tifffile gathers up to `buffersize` bytes of tiles (default 512 MB) before
-                # compressing them in threads: keep that to 32 tiles so memory stays bounded
-                buffersize=32 * spec.tile * spec.tile * 3,
                 subfiletype=0 if ds == 1 else 1,
                 resolution=(res / ds, res / ds),
                 resolutionunit="CENTIMETER",
