@@ -78,7 +78,8 @@ class CellCall:
 
 
 class DifferentialEntry(NamedTuple):
-    count: int
+    # shadows tuple.count(); the field name is the API (`entry.count`, gateway and tests)
+    count: int  # type: ignore[assignment]
     fraction: float
     ci_low: float
     ci_high: float

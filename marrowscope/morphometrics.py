@@ -161,7 +161,8 @@ def _check_image(image: np.ndarray, what: str) -> None:
 def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     from scipy import ndimage as ndi
 
-    return ndi.gaussian_filter(x, sigma, mode="nearest")
+    smoothed: np.ndarray = ndi.gaussian_filter(x, sigma, mode="nearest")  # scipy: untyped
+    return smoothed
 
 
 def central_component(mask: np.ndarray, centre: tuple[float, float] | None) -> np.ndarray:
@@ -180,11 +181,13 @@ def central_component(mask: np.ndarray, centre: tuple[float, float] | None) -> n
     sy, sx = max(h / 4, 1.0), max(w / 4, 1.0)
     weight = np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2) / 2)
     scores = ndi.sum(weight, labels, index=np.arange(1, n + 1))
-    return labels == (int(np.argmax(scores)) + 1)
+    largest: np.ndarray = labels == (int(np.argmax(scores)) + 1)  # ndi.label: untyped
+    return largest
 
 
 def _luminance(rgb01: np.ndarray) -> np.ndarray:
-    return rgb01 @ np.array([0.299, 0.587, 0.114])
+    lum: np.ndarray = rgb01 @ np.array([0.299, 0.587, 0.114])  # numpy types `@` as Any
+    return lum
 
 
 def segment_cell(crop: np.ndarray, centre: tuple[float, float] | None = None) -> np.ndarray:
@@ -231,7 +234,9 @@ def segment_nucleus(crop: np.ndarray, cell_mask: np.ndarray) -> np.ndarray:
     nucleus = (purple > filters.threshold_otsu(inside)) & cell_mask
     min_size = max(4, int(0.01 * cell_mask.sum()))
     nucleus = morphology.remove_small_objects(nucleus, max_size=min_size)
-    return morphology.remove_small_holes(nucleus, max_size=100) & cell_mask
+    # skimage is unannotated: its result (and so the `&`) is Any
+    filled: np.ndarray = morphology.remove_small_holes(nucleus, max_size=100) & cell_mask
+    return filled
 
 
 def _shape(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -262,7 +267,9 @@ def _colour(rgb01: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return px.mean(axis=0), px.std(axis=0)
 
 
-def _features(crop: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, scale: float) -> dict:
+def _features(
+    crop: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, scale: float
+) -> dict[str, float]:
     feats = _default_features()
     cyto = cell & ~nucleus
     c_area, c_per, c_ecc, c_sol = _shape(cell)

@@ -143,7 +143,7 @@ def _ensure_registered(client: MlflowClient, name: str) -> None:
 
 def register_model_dir(
     kind: str,
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike[str],
     *,
     metrics: dict[str, float],
     params: dict[str, Any],
@@ -183,7 +183,7 @@ def register_model_dir(
     client = get_client(uri)
     _ensure_registered(client, name)
     own_run = run_id is None
-    if own_run:
+    if run_id is None:  # (not `own_run`: this narrows run_id to str below)
         run = client.create_run(_experiment_id(client, uri), run_name=f"register-{kind}")
         run_id = run.info.run_id
         for key, value in params.items():
@@ -311,7 +311,7 @@ def _download(mv: Any, tracking: str, cache_dir: Path) -> Path:
     import mlflow.artifacts
 
     store = hashlib.sha256(tracking.encode()).hexdigest()[:10]
-    target = cache_dir / store / mv.name / str(mv.version)
+    target: Path = cache_dir / store / mv.name / str(mv.version)
     expected = mv.tags.get(TAG_DIGEST)
     if target.is_dir():
         if _cache_entry_ok(target, expected):
@@ -343,7 +343,7 @@ def resolve(
     *,
     name: str | None = None,
     tracking_uri: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ResolvedModel:
     """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION`, a bare version (needs `name`)
     or a local model directory to files on disk. Raises ModelNotFound."""

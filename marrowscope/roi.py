@@ -146,7 +146,7 @@ def _optical_density(rgb: np.ndarray, background: tuple[float, float, float]) ->
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
-    return float(threshold_otsu(values))  # type: ignore[no-untyped-call]
+    return float(threshold_otsu(values))
 
 
 def stain_reference(rgb: np.ndarray) -> StainReference:

@@ -19,6 +19,7 @@ codes; the table and the reason for every non-obvious choice are in its docstrin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def source_code(source: str, folder: str) -> str | None:
         ) from None
 
 
-def coco_categories() -> list[dict]:
+def coco_categories() -> list[dict[str, Any]]:
     """COCO `categories` entries for the taxonomy (id, name=code, supercategory=lineage)."""
     return [
         {

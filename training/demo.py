@@ -8,7 +8,10 @@
 4. submits held-out cases (AML NPM1-mutated, AML wild type, control) through the REST API the
    LIS uses, polls them, prints a summary per case and writes JSON/FHIR reports, overlays and
    heatmaps to the output folder,
-5. stops every process it started.
+5. writes one synthetic whole slide (pyramidal TIFF) into a slide store the gateway reads and
+   analyses it end to end (`POST /v1/slides`: ROI selection, tiles, the same pipeline), with
+   its thumbnail of the regions used (`--no-slide` skips it),
+6. stops every process it started.
 
 A second run reuses the cohort and the promoted models when they are still the champions for
 the same data, so it only serves and analyses; it also reuses its gateway API key (stored
@@ -67,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="cpu-demo", help="training config (training/configs)")
     p.add_argument("--retrain", action="store_true", help="train again even if champions exist")
     p.add_argument("--no-explain", action="store_true", help="skip occlusion heatmaps")
+    p.add_argument("--no-slide", action="store_true", help="skip the whole-slide case")
     p.add_argument(
         "--min-cells",
         type=int,
@@ -352,6 +356,75 @@ def analyse(client, data: Path, record, um_per_px: float | None, explain: bool, 
     return body
 
 
+DEMO_SLIDE_CELLS = 150
+"""Cell target of the demo slide: a few regions, so the demo stays within minutes."""
+
+
+def write_demo_slide(slides_dir: Path, um_per_px: float) -> Path:
+    """A small synthetic whole slide (zones: glass, thick area, monolayer, feathered edge, out
+    of focus, debris) at the cohort's pixel size, written once and reused."""
+    from training.data.synth_slide import SlideSpec, write_slide
+
+    path = slides_dir / "demo-slide.tiff"
+    if not path.is_file():
+        spec = SlideSpec(
+            width=4096, height=3072, block=512, levels=(1, 4, 16), mpp=um_per_px, seed=7
+        )
+        write_slide(path, spec)
+    return path
+
+
+def analyse_slide(client, name: str, out: Path) -> dict:
+    """Submit the demo slide by reference to the `demo` slide store; wait; keep the reports
+    and the thumbnail."""
+    metadata = {
+        "accession_id": "DEMO-SLIDE-1",
+        "specimen_type": "bone_marrow_smear",
+        "stain": "MGG",
+        "slide": {"store": "demo", "path": name, "cell_target": DEMO_SLIDE_CELLS},
+    }
+    response = client.post("/v1/slides", json=metadata, headers={"Idempotency-Key": "demo-slide-1"})
+    response.raise_for_status()
+    analysis_id = response.json()["id"]
+    t0 = time.monotonic()
+    while (body := client.get(f"/v1/analyses/{analysis_id}").raise_for_status().json())[
+        "status"
+    ] not in TERMINAL:
+        if time.monotonic() - t0 > 600:
+            raise TimeoutError(f"slide analysis {analysis_id} still {body['status']} after 600 s")
+        time.sleep(0.5)
+    body["_wall_s"] = time.monotonic() - t0
+    slide_dir = out / "slide"
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    (slide_dir / "analysis.json").write_text(json.dumps(body, indent=2))
+    if body["status"] in ("succeeded", "abstained"):
+        for fmt in ("json", "fhir"):
+            report = client.get(f"/v1/analyses/{analysis_id}/report", params={"format": fmt})
+            if report.status_code == 200:
+                (slide_dir / f"report.{fmt}.json").write_text(report.text)
+        thumb = client.get(f"/v1/analyses/{analysis_id}/slide.png")
+        if thumb.status_code == 200:
+            (slide_dir / "thumbnail.png").write_bytes(thumb.content)
+    return body
+
+
+def slide_lines(body: dict) -> list[str]:
+    lines = [f"== whole slide (synthetic) -> {body['status']} in {body['_wall_s']:.1f} s"]
+    if body.get("reason"):
+        lines.append(f"   reason: {body['reason']}")
+    result = body.get("result") or {}
+    slide = result.get("slide")
+    if slide:
+        p = result.get("p_aml")
+        lines.append(
+            f"   {len(slide['regions'])} of {slide['candidates']} regions selected "
+            f"({slide['stop_reason']}, target {slide['cell_target']} cells): "
+            f"{slide['cells_counted']} nucleated cells counted, ~{slide['cells_estimated']} "
+            f"estimated at low power; P(AML) {'n/a' if p is None else f'{100 * p:.1f}%'}"
+        )
+    return lines
+
+
 def summary_lines(label: str, record, body: dict) -> list[str]:
     truth = (
         f"truth: AML={record.aml_label} NPM1={record.npm1_status} blasts={record.blast_pct:.1f}%"
@@ -408,10 +481,16 @@ def main(args: argparse.Namespace) -> int:
     import httpx
 
     gateway_dir = args.workdir / "gateway"
+    slides_dir = args.workdir / "slides"
+    slides_dir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(
         workdir=args.workdir / "stack",
         tracking_uri=tracking_uri,
-        env={"MS_GATEWAY_MIN_CELLS": str(args.min_cells), "MS_GATEWAY_DATA_DIR": str(gateway_dir)},
+        env={
+            "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
+            "MS_GATEWAY_DATA_DIR": str(gateway_dir),
+            "MS_GATEWAY_SLIDE_ROOTS": json.dumps({"demo": str(slides_dir)}),
+        },
     )
     lines: list[str] = []
     failures = 0
@@ -444,6 +523,14 @@ def main(args: argparse.Namespace) -> int:
                 )
                 failures += body["status"] == "failed"
                 lines += summary_lines(label, record, body)
+            if not args.no_slide:
+                known = sorted(v for v in scales.values() if v) or [0.5]
+                mpp = known[len(known) // 2]
+                slide = write_demo_slide(slides_dir, mpp)
+                say(f"submitting a synthetic whole slide ({slide.name}, {mpp:g} um/px)")
+                body = analyse_slide(client, slide.name, args.out)
+                failures += body["status"] == "failed"
+                lines += slide_lines(body)
     lines.append(f"(all figures on SYNTHETIC data; reports, overlays and heatmaps in {args.out})")
     text = "\n".join(lines)
     print("\n" + text)

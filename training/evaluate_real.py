@@ -174,7 +174,7 @@ def _stain_sentence(xs: dict[str, Any]) -> str:
     if len(by_aug) < 2:
         return ""
     means = {a: float(np.mean(v)) for a, v in by_aug.items()}
-    best = max(means, key=means.get)
+    best = max(means, key=means.__getitem__)
     return (
         "Cross-source macro-F1, mean of both directions, by stain augmentation: "
         + ", ".join(f"{a} {m:.3f}" for a, m in sorted(means.items()))

@@ -31,6 +31,11 @@ class EnsembleNet(nn.Module):
     """`forward(x FloatTensor[B, F])` -> logits FloatTensor[B] (P(AML) = sigmoid) for a
     single-target net, FloatTensor[B, T] (columns in `targets` order) for several."""
 
+    # registered buffers (FloatTensor[F]): declared so they type as tensors, not as
+    # nn.Module.__getattr__'s Tensor | Module
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         from marrowscope.models.config import ensemble_targets
@@ -62,7 +67,7 @@ class EnsembleNet(nn.Module):
         self.feature_std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.mlp((x - self.feature_mean) / self.feature_std)
+        logits: torch.Tensor = self.mlp((x - self.feature_mean) / self.feature_std)
         return logits.squeeze(-1) if len(self.targets) == 1 else logits
 
     @torch.inference_mode()

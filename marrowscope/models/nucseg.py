@@ -84,7 +84,8 @@ class NucSegNet(nn.Module):
         for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
-        return self.head(x)[..., :h, :w]
+        logits: torch.Tensor = self.head(x)
+        return logits[..., :h, :w]
 
 
 def crops_to_batch(crops: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -152,7 +153,7 @@ class LearnedSplitter:
         from marrowscope.models import load_model
 
         loaded = load_model(directory)
-        if loaded.config["kind"] != cls.kind:
+        if loaded.config["kind"] != cls.kind or not isinstance(loaded.module, NucSegNet):
             raise InvalidInput(f"{directory} holds a {loaded.config['kind']} model, not nucseg")
         return cls(
             loaded.module,

@@ -94,7 +94,7 @@ class EnsembleHandler(PredictorHandler):
         TensorSpec("FEATURES", "FP32", (1, -1)),
         TensorSpec("FEATURE_NAMES", "BYTES", (-1,)),
     )
-    outputs = (TensorSpec("P_AML", "FP32", (1,)),)
+    outputs: tuple[TensorSpec, ...] = (TensorSpec("P_AML", "FP32", (1,)),)
     """AML-only default; ``__init__`` sets the loaded version's outputs (one per target)."""
     batchable = False
     predictor_cls = EnsemblePredictor

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowscope.errors import InvalidInput, ModelNotFound
+from marrowscope.errors import InvalidInput, ModelNotFound, ModelNotReady
 from marrowscope.inference import Npm1Predictor, autocast_context
 from marrowscope.stages import Stage
 from services.common import int_parameter, load_predictor, release_torch_memory, str_parameter
@@ -88,7 +88,7 @@ class ExplainHandler(ModelHandler):
         super().load()
 
     def warmup(self) -> None:
-        h, w = self.default.input_size
+        h, w = self._loaded().input_size
         image = np.full((1, h, w, 3), 235, np.uint8)
         box = np.array([[w / 4, h / 4, w / 2, h / 2]], np.float32)
         self.infer({"IMAGE": image, "BOXES": box}, {})
@@ -104,9 +104,14 @@ class ExplainHandler(ModelHandler):
         """The npm1 predictor of ``version`` ("" = this service's own); ModelNotFound if
         the registry has no such version."""
         if not version or version == self.version:
-            return self.default
+            return self._loaded()
         with self._cache_lock:
             return self._other(version)
+
+    def _loaded(self) -> Npm1Predictor:
+        if self.default is None:  # infer() refuses requests before load(), so only a bug
+            raise ModelNotReady(f"model {self.name} version {self.version} is not loaded")
+        return self.default
 
     def _other(self, version: str) -> Npm1Predictor:
         if version in self._others:

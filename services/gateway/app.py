@@ -21,7 +21,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.container import build_services
 from services.gateway.errors import ApiError, http_error_code
 from services.gateway.guard import RequestGuard
-from services.gateway.routers import analyses, health, reports
+from services.gateway.routers import analyses, health, reports, slides
 from services.gateway.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(
         RequestGuard,
         max_request_bytes=settings.max_request_bytes,
+        # a slide upload is one streamed file, bounded by the slide limit instead
+        body_limits={"/v1/slide-uploads": settings.max_slide_bytes},
         key_is_valid=key_is_valid,
         auth_failures=services.auth_failures,
         metrics=services.metrics,
@@ -151,4 +153,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(analyses.router)
     app.include_router(reports.router)
+    app.include_router(slides.router)
     return app

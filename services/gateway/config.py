@@ -112,6 +112,13 @@ class GatewaySettings(BaseSettings):
     """Local copies of object-store slides; default `<data_dir>/slides`."""
     max_slide_bytes: int = Field(20 * 1024**3, gt=0)
     """Largest slide accepted (upload or store reference); above it: 413."""
+    slide_cell_target: int = Field(500, ge=1, le=100_000)
+    """Nucleated cells a slide's region selection aims for (a manual differential counts
+    500); a request may ask for another target (`slide.cell_target`)."""
+    slide_max_regions: int = Field(64, ge=1, le=1000)
+    """Most regions cut from one slide (each becomes one image of the case)."""
+    slide_region_um: float = Field(256.0, gt=10, le=2000)
+    """Side of a candidate region in micrometres."""
 
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)

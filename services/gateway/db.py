@@ -147,6 +147,21 @@ class AuditLog(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class SlideJob(Base):
+    """A whole-slide analysis (`POST /v1/slides`): where the slide is, and once the worker has
+    cut it into tiles (the analysis's images), the selection report and the thumbnail."""
+
+    __tablename__ = "slide_jobs"
+
+    analysis_id: Mapped[str] = mapped_column(ForeignKey("analyses.id"), primary_key=True)
+    source_json: Mapped[str] = mapped_column(Text)
+    regions_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    regions_done: Mapped[int] = mapped_column(Integer, default=0)
+    selection_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    thumbnail_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expanded_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Idempotency(Base):
     """Idempotency keys are unique per tenant, so a LIS that rotates its API key still replays
     its earlier submissions, and two tenants never see each other's keys."""

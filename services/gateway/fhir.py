@@ -238,6 +238,11 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
                 {"comment": f"image {im['index']} {kind}", "link": {"reference": ref}}
             )
 
+    slide = result.get("slide")
+    if slide:
+        media_links.append(_slide_media(slide, analysis["id"], base_url, meta, dev_ref, entries))
+        results.append(_slide_regions(slide, observation))
+
     if result["outcome"] == "abstained":
         conclusion = f"No AI call: {result['abstain_reason']}"
     else:
@@ -316,6 +321,64 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         ],
     }
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
+
+
+def _slide_media(
+    slide: dict, analysis_id: str, base_url: str, meta: dict, dev_ref: dict, entries: list
+) -> dict:
+    """The slide thumbnail with the selected regions drawn, as a Media entry; its link."""
+    ref = f"urn:uuid:{uuid.uuid4()}"
+    entries.append(
+        (
+            ref,
+            {
+                "resourceType": "Media",
+                "meta": meta,
+                "status": "completed",
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/media-type",
+                            "code": "image",
+                        }
+                    ]
+                },
+                "device": dev_ref,
+                "content": {
+                    "contentType": "image/png",
+                    "url": f"{base_url}/v1/analyses/{analysis_id}/slide.png",
+                    "title": f"slide thumbnail: {len(slide['regions'])} regions selected, "
+                    "numbered in selection order",
+                },
+            },
+        )
+    )
+    return {"comment": "slide thumbnail with the selected regions", "link": {"reference": ref}}
+
+
+def _slide_regions(slide: dict, observation) -> str:
+    """One Observation: how many regions were used and why the selection stopped, with a
+    component per region (its level-0 box and the nucleated cells counted in it)."""
+    return observation(
+        "slide-regions",
+        "Whole-slide regions analysed (automatic ROI selection)",
+        valueInteger=len(slide["regions"]),
+        note=[
+            {
+                "text": f"{slide['cells_counted']} nucleated cells counted in "
+                f"{len(slide['regions'])} of {slide['candidates']} candidate regions; target "
+                f"{slide['cell_target']} cells; stopped: {slide['stop_reason']}"
+            }
+        ],
+        component=[
+            {
+                "code": {"text": f"region {r['index'] + 1}"},
+                "valueString": f"x={r['x']} y={r['y']} w={r['width']} h={r['height']} "
+                f"(level-0 px); score {r['score']:.2f}; cells counted {r['n_counted']}",
+            }
+            for r in slide["regions"]
+        ],
+    )
 
 
 def _morphology_observation(

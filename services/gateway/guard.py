@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 from starlette.datastructures import Headers
@@ -146,11 +146,13 @@ class RequestGuard:
         *,
         max_request_bytes: int,
         key_is_valid: Callable[[str], bool],
+        body_limits: Mapping[str, int] | None = None,
         auth_failures: AuthFailureLimiter,
         metrics=None,
     ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.body_limits = dict(body_limits or {})
         self.key_is_valid = key_is_valid
         self.auth_failures = auth_failures
         self.metrics = metrics
@@ -180,7 +182,7 @@ class RequestGuard:
             if refused is not None:
                 await _json(send_counted, *refused)
                 return
-            limit = self.max_request_bytes
+            limit = self._limit(scope)
 
             async def receive_limited() -> Message:
                 nonlocal received
@@ -230,15 +232,24 @@ class RequestGuard:
             declared = int(headers.get("content-length", ""))
         except ValueError:
             return None
-        if declared > self.max_request_bytes:
+        limit = self._limit(scope)
+        if declared > limit:
             return (
                 413,
                 "request_too_large",
-                f"the request body is {declared} bytes; the limit is {self.max_request_bytes} "
-                "(MS_GATEWAY_MAX_REQUEST_BYTES)",
+                f"the request body is {declared} bytes; the limit is {limit} "
+                f"({self._limit_setting(scope)})",
                 (("connection", "close"),),
             )
         return None
+
+    def _limit(self, scope: Scope) -> int:
+        return self.body_limits.get(scope.get("path", ""), self.max_request_bytes)
+
+    def _limit_setting(self, scope: Scope) -> str:
+        if scope.get("path", "") in self.body_limits:
+            return "MS_GATEWAY_MAX_SLIDE_BYTES"
+        return "MS_GATEWAY_MAX_REQUEST_BYTES"
 
     def _count(self, scope: Scope, status: int, client: str) -> None:
         if status == 401 and scope.get("path", "").startswith("/v1/"):

@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.3").
+"""The versioned JSON result of an analysis (`schema_version` "1.4").
 
 Exported as JSON Schema at `GET /v1/schemas/result`. Compatible additions (new optional
 fields) bump the minor version; anything else bumps the major version. Results stored under
@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.3"
+RESULT_SCHEMA_VERSION = "1.4"
 
 
 class _Model(BaseModel):
@@ -144,12 +144,48 @@ class ImageResult(_Model):
     cells: list[Cell]
 
 
+class SlideRegion(_Model):
+    """One region the slide's ROI selection picked; it is image `index` of the case."""
+
+    index: int = Field(description="the case image this region became (selection order)")
+    x: int = Field(description="left edge, level-0 pixels of the slide")
+    y: int = Field(description="top edge, level-0 pixels")
+    width: int
+    height: int
+    row: int = Field(description="row of the region grid")
+    col: int = Field(description="column of the region grid")
+    score: float = Field(ge=0, le=1, description="ROI quality (monolayer, focus, stain, debris)")
+    cells_estimated: int = Field(ge=0, description="nucleated cells estimated at low power")
+    n_counted: int | None = Field(None, ge=0, description="nucleated cells the pipeline counted")
+    size_um: float | None = Field(None, description="region side in micrometres")
+    overlay: str = Field(description="relative URL of the region's cell overlay")
+
+
+class SlideSummary(_Model):
+    """How a whole slide became this case (analyses submitted with `POST /v1/slides`)."""
+
+    source: dict[str, str] = Field(description="{store, path} or {upload}")
+    width: int = Field(description="level-0 width in pixels")
+    height: int
+    levels: int
+    vendor: str
+    um_per_px: float | None
+    regions: list[SlideRegion]
+    candidates: int = Field(ge=0, description="regions of the grid that were scored")
+    cell_target: int = Field(ge=1, description="nucleated cells the selection aimed for")
+    cells_estimated: int = Field(ge=0, description="cells the selected regions hold (low power)")
+    cells_counted: int = Field(ge=0, description="nucleated cells counted in them")
+    stop_reason: Literal["target_reached", "slide_exhausted"]
+    thumbnail: str = Field(description="relative URL: the slide with the regions drawn")
+    thumbnail_sha256: str
+
+
 class AnalysisResult(_Model):
     """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     outcome: Literal["succeeded", "abstained"]
     abstain_reason: str | None = None
@@ -195,6 +231,9 @@ class AnalysisResult(_Model):
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     explained: bool = False
     images: list[ImageResult]
+    slide: SlideSummary | None = Field(
+        None, description="whole-slide analyses only (1.4): regions used and the thumbnail"
+    )
     generated_at: str
     disclaimer: str = (
         "AI-generated decision support; not a diagnosis. Review by a qualified "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.gateway.config import UM_PER_PX_RANGE, check_um_per_px
 from services.gateway.result import AnalysisResult
@@ -58,6 +58,61 @@ class AnalysisCreate(BaseModel):
     )
 
 
+class SlideSource(BaseModel):
+    """Which slide: one in a configured slide store (`store` + `path`, relative to the store's
+    root) or one uploaded with `PUT /v1/slide-uploads` (`upload`, the id it returned)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    store: str | None = Field(None, min_length=1, max_length=64, description="slide store name")
+    path: str | None = Field(None, min_length=1, max_length=1024, description="path in the store")
+    upload: str | None = Field(None, max_length=80, description="id from PUT /v1/slide-uploads")
+    cell_target: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="nucleated cells the region selection aims for "
+        "(default MS_GATEWAY_SLIDE_CELL_TARGET, 500)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SlideSource:
+        by_ref = self.store is not None or self.path is not None
+        if by_ref == (self.upload is not None):
+            raise ValueError("give either store and path, or upload")
+        if by_ref and (self.store is None or self.path is None):
+            raise ValueError("a slide reference needs both store and path")
+        return self
+
+    def source(self) -> dict[str, str]:
+        if self.upload is not None:
+            return {"upload": self.upload}
+        assert self.store is not None and self.path is not None
+        return {"store": self.store, "path": self.path}
+
+
+class SlideAnalysisCreate(AnalysisCreate):
+    """The JSON body of `POST /v1/slides`: the case metadata of `POST /v1/analyses` plus the
+    slide. `options.um_per_px` overrides the pixel size the slide file records."""
+
+    slide: SlideSource
+
+
+class SlideUploaded(BaseModel):
+    upload: str = Field(description='name this slide as {"upload": ...} in POST /v1/slides')
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    levels: int
+    um_per_px: float | None
+
+
+class SlideProgress(BaseModel):
+    regions_total: int | None = Field(None, description="regions selected (None: not yet)")
+    regions_done: int = Field(0, description="regions cut into tiles so far")
+
+
 class ImagePublic(BaseModel):
     index: int
     sha256: str
@@ -85,6 +140,9 @@ class AnalysisPublic(BaseModel):
     )
     cancel_requested: bool = False
     images: list[ImagePublic]
+    slide: SlideProgress | None = Field(
+        None, description="whole-slide analyses: how far cutting the slide into tiles is"
+    )
     result: AnalysisResult | None = None
 
 

@@ -2,8 +2,8 @@
 
 Slides are gigabytes, so the LIS usually does not upload them: it names a slide in a store the
 gateway can read (`SlideRef(store, path)`), a local/NFS root or an object-store URL read
-through fsspec (`s3://bucket/prefix`, `gs://...`, `memory://...` in tests). Not wired into the
-routes yet; the slide orchestration calls `SlideStore.fetch` / `save_upload`.
+through fsspec (`s3://bucket/prefix`, `gs://...`, `memory://...` in tests), or uploads it
+(`PUT /v1/slide-uploads`, `save_upload`). `source_path` turns either into a local file.
 
 Path confinement: a reference is a relative POSIX path inside its store's root. Absolute
 paths, `..` segments, backslashes, NUL and empty segments are refused before any file system
@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ class SlideStore:
         self.roots = dict(roots)
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
+
+    @classmethod
+    def from_settings(cls, settings) -> SlideStore:
+        """The gateway's configured stores (`MS_GATEWAY_SLIDE_ROOTS`), cache and size limit."""
+        return cls(
+            settings.slide_roots,
+            cache_dir=settings.slide_cache_dir,
+            max_bytes=settings.max_slide_bytes,
+        )
 
     def _root(self, store: str) -> str:
         try:
@@ -174,3 +184,41 @@ async def save_upload(
         Path(tmp).unlink(missing_ok=True)
         raise
     return final, size, digest.hexdigest()
+
+
+UPLOAD_ID = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
+UPLOAD_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".dcm", ".ndpi", ".scn", ".bif"})
+
+
+def upload_dir(root: Path, tenant: str) -> Path:
+    """Uploaded slides of one tenant (a tenant can only name its own uploads)."""
+    return root / "uploads" / hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+
+def upload_suffix(name: str | None) -> str:
+    """The file suffix OpenSlide may need to recognise an uploaded slide, from its name."""
+    suffix = Path(name or "slide.tiff").suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise SlideStoreError(
+            400, "bad_slide_name", f"slide file name must end in one of {sorted(UPLOAD_SUFFIXES)}"
+        )
+    return suffix
+
+
+def source_path(store: SlideStore, source: Mapping[str, str], *, tenant: str) -> Path:
+    """A local path for a slide source: `{"store", "path"}` (fetched from an object store
+    into the cache when needed) or `{"upload"}` (an id `PUT /v1/slide-uploads` returned)."""
+    if "upload" in source:
+        upload = source["upload"]
+        if not UPLOAD_ID.match(upload):
+            raise SlideStoreError(400, "bad_upload_id", "upload id is not one this gateway issued")
+        path = upload_dir(store.cache_dir, tenant) / upload
+        if not path.is_file():
+            raise SlideStoreError(404, "upload_not_found", f"no uploaded slide {upload!r}")
+        return path
+    return store.fetch(SlideRef(source["store"], source["path"]))
+
+
+def is_local(store: SlideStore, source: Mapping[str, str]) -> bool:
+    """Whether the source can be opened without copying (uploads and local roots)."""
+    return "upload" in source or store._local_root(store._root(source["store"])) is not None

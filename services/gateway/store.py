@@ -33,6 +33,7 @@ from services.gateway.db import (
     Image,
     Outbox,
     Result,
+    SlideJob,
     new_id,
     now,
 )
@@ -152,6 +153,76 @@ def images_of(session: Session, *, analysis_id: str) -> list[Image]:
 def result_of(session: Session, *, analysis_id: str) -> dict | None:
     row = session.get(Result, analysis_id)
     return None if row is None else json.loads(row.result_json)
+
+
+# -- whole slides ------------------------------------------------------------------------------
+def add_slide_job(session: Session, *, analysis_id: str, source: dict) -> SlideJob:
+    job = SlideJob(analysis_id=analysis_id, source_json=json.dumps(source, sort_keys=True))
+    session.add(job)
+    return job
+
+
+def slide_job(session: Session, *, analysis_id: str) -> SlideJob | None:
+    return session.get(SlideJob, analysis_id)
+
+
+def _owned(session: Session, analysis_id: str, owner: str) -> Analysis | None:
+    a = session.get(Analysis, analysis_id)
+    if a is None or a.lease_owner != owner or a.status != "running":
+        return None
+    return a
+
+
+def slide_progress(
+    session: Session, *, analysis_id: str, owner: str, done: int, total: int
+) -> tuple[bool, bool]:
+    """Record `done` of `total` regions cut; returns (still owned, cancel requested)."""
+    a = _owned(session, analysis_id, owner)
+    job = session.get(SlideJob, analysis_id)
+    if a is None or job is None:
+        return False, False
+    job.regions_done, job.regions_total = done, total
+    a.stage, a.updated_at = "slide_tiles", now()
+    return True, bool(a.cancel_requested)
+
+
+def attach_tiles(
+    session: Session,
+    *,
+    analysis_id: str,
+    owner: str,
+    tiles: list[NewImage],
+    um_per_px: float | None,
+    selection: dict,
+    thumbnail_sha256: str,
+) -> bool:
+    """The slide's tiles become the analysis's images (once: a retaken analysis whose slide
+    was already cut keeps its tiles); False when the lease was lost."""
+    a = _owned(session, analysis_id, owner)
+    job = session.get(SlideJob, analysis_id)
+    if a is None or job is None:
+        return False
+    if job.expanded_at is not None:
+        return True
+    for k, im in enumerate(tiles):
+        session.add(
+            Image(
+                analysis_id=analysis_id,
+                idx=k,
+                sha256=im.sha256,
+                size_bytes=im.size_bytes,
+                width=im.width,
+                height=im.height,
+                format=im.format,
+                um_per_px=um_per_px,
+            )
+        )
+    a.n_images = len(tiles)
+    job.selection_json = json.dumps(selection, sort_keys=True)
+    job.thumbnail_sha256 = thumbnail_sha256
+    job.regions_done = job.regions_total = len(tiles)
+    job.expanded_at = now()
+    return True
 
 
 def get_analysis(session: Session, *, analysis_id: str, tenant: str | None) -> Analysis | None:
@@ -462,8 +533,10 @@ def fail_waited_too_long(session: Session, *, window_s: float, why: str) -> list
 
 
 def referenced_blobs(session: Session) -> set[str]:
-    """Every sha256 the job store points at: images and result artifacts (heatmaps)."""
+    """Every sha256 the job store points at: images (slide tiles included), result artifacts
+    (heatmaps) and slide thumbnails."""
     refs = set(session.scalars(select(Image.sha256)))
+    refs.update(s for s in session.scalars(select(SlideJob.thumbnail_sha256)) if s is not None)
     for text_ in session.scalars(select(Result.result_json)):
         for entry in json.loads(text_).get("images", []):
             if entry.get("heatmap_sha256"):

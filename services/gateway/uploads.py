@@ -15,12 +15,15 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError
 from services.gateway.schemas import AnalysisCreate
+
+M = TypeVar("M", bound=AnalysisCreate)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class CheckedImage:
     format: str
 
 
-def parse_metadata(raw: str | bytes | None, settings: GatewaySettings) -> AnalysisCreate:
+def parse_metadata(
+    raw: str | bytes | None, settings: GatewaySettings, model: type[M] = AnalysisCreate
+) -> M:
     if raw is None or (isinstance(raw, str | bytes) and not raw.strip()):
         raise ApiError(422, "invalid_metadata", "the multipart part 'metadata' (JSON) is missing")
     if len(raw) > settings.max_metadata_bytes:
@@ -48,7 +53,7 @@ def parse_metadata(raw: str | bytes | None, settings: GatewaySettings) -> Analys
     if not isinstance(doc, dict):
         raise ApiError(422, "invalid_metadata", "metadata must be a JSON object")
     try:
-        meta = AnalysisCreate.model_validate(doc)
+        meta = model.model_validate(doc)
     except ValidationError as exc:
         parts = [
             "{}: {}".format(".".join(str(p) for p in e["loc"]) or "metadata", e["msg"])

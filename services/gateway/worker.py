@@ -26,16 +26,20 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import sessionmaker
 
+from marrowscope.roi import RoiConfig
+from marrowscope.slides import SlideError
 from marrowscope.stages import Stage
 from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
 from services.gateway.container import build_services
-from services.gateway.db import now
+from services.gateway.db import DEFAULT_TENANT, now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
+from services.gateway.slidejob import expand_slide
+from services.gateway.slidestore import SlideStore, SlideStoreError, source_path
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class _Claimed:
     id: str
     metadata: dict
     attempts: int
+    tenant: str = DEFAULT_TENANT
 
     @property
     def needs(self) -> frozenset[str]:
@@ -158,7 +163,7 @@ class Worker:
             if a is None:
                 return None
             log.info("claimed analysis %s (attempt %d)", a.id, a.attempts)
-            return _Claimed(a.id, json.loads(a.metadata_json), a.attempts)
+            return _Claimed(a.id, json.loads(a.metadata_json), a.attempts, a.tenant)
 
     def _release(self, analysis_id: str, delay_s: float = 0.0) -> None:
         with self.sessions.begin() as session:
@@ -204,6 +209,11 @@ class Worker:
     # -- one analysis ---------------------------------------------------------------------
     async def process(self, claimed: _Claimed) -> None:
         analysis_id = claimed.id
+        with self.sessions() as session:
+            job = store.slide_job(session, analysis_id=analysis_id)
+            slide_cut = None if job is None else job.expanded_at is not None
+        if slide_cut is False and not await self._cut_slide(claimed):
+            return
         with self.sessions() as session:
             rows = store.images_of(session, analysis_id=analysis_id)
         images = [CaseImage(r.idx, r.sha256, self.blobs.get(r.sha256), r.um_per_px) for r in rows]
@@ -268,6 +278,8 @@ class Worker:
             self.metrics.finished.labels("failed").inc()
             log.info("analysis %s failed: requeue window over", analysis_id)
             return
+        if slide_cut is not None and outcome.result is not None:
+            outcome.result = await asyncio.to_thread(self._with_slide, analysis_id, outcome.result)
         try:
             for data in outcome.artifacts.values():
                 await asyncio.to_thread(self.blobs.put, data)
@@ -293,6 +305,147 @@ class Worker:
             log.info("analysis %s %s", analysis_id, outcome.status)
         else:
             log.warning("analysis %s: outcome discarded, lease lost", analysis_id)
+
+    # -- whole slides ---------------------------------------------------------------------
+    async def _cut_slide(self, claimed: _Claimed) -> bool:
+        """Select the slide's regions and make them the analysis's images (`slidejob`).
+        False when the analysis ended here: the slide cannot become a case (failed with the
+        slide's error code), cancelled between tiles, or the lease was lost."""
+        analysis_id = claimed.id
+        spec = claimed.metadata.get("slide") or {}
+        um_per_px = claimed.metadata.get("options", {}).get("um_per_px")
+        config = RoiConfig(
+            region_um=self.s.slide_region_um,
+            cell_target=spec.get("cell_target") or self.s.slide_cell_target,
+            max_regions=self.s.slide_max_regions,
+        )
+        with self.sessions() as session:
+            job = store.slide_job(session, analysis_id=analysis_id)
+            assert job is not None
+            source = json.loads(job.source_json)
+
+        async def progress(done: int, total: int) -> None:
+            owned, cancel = await asyncio.to_thread(self._slide_progress, analysis_id, done, total)
+            if not owned:
+                raise Cancelled("lease lost")
+            if cancel:
+                raise Cancelled("cancelled by request")
+
+        async def cut() -> bool:
+            path = await asyncio.to_thread(
+                source_path, SlideStore.from_settings(self.s), source, tenant=claimed.tenant
+            )
+            exp = await expand_slide(
+                path,
+                config=config,
+                put_blob=self.blobs.put,
+                checkpoint=progress,
+                um_per_px=um_per_px,
+            )
+            thumb_sha, _ = await asyncio.to_thread(self.blobs.put, exp.thumbnail)
+            selection = {
+                **exp.selection,
+                "regions": [t.region for t in exp.tiles],
+                "slide": exp.slide,
+                "um_per_px": exp.um_per_px,
+                "source": source,
+            }
+            tiles = [
+                store.NewImage(t.sha256, t.size_bytes, t.width, t.height, "png") for t in exp.tiles
+            ]
+
+            def attach() -> bool:
+                with self.sessions.begin() as session:
+                    return store.attach_tiles(
+                        session,
+                        analysis_id=analysis_id,
+                        owner=self.owner,
+                        tiles=tiles,
+                        um_per_px=exp.um_per_px,
+                        selection=selection,
+                        thumbnail_sha256=thumb_sha,
+                    )
+
+            if not await asyncio.to_thread(attach):
+                raise Cancelled("lease lost")
+            log.info(
+                "analysis %s: slide cut into %d tiles (%s, ~%d cells)",
+                analysis_id,
+                len(tiles),
+                exp.selection["stop_reason"],
+                exp.selection["cells"],
+            )
+            return True
+
+        run = asyncio.create_task(cut())
+        lost = asyncio.Event()
+        beat = asyncio.create_task(self._beat(analysis_id, run, lost))
+        try:
+            return await run
+        except Cancelled as exc:
+            if str(exc) != "lease lost" and await asyncio.to_thread(
+                self._finish, analysis_id, status="cancelled", reason="cancelled by request"
+            ):
+                self.metrics.finished.labels("cancelled").inc()
+            return False
+        except asyncio.CancelledError:
+            if lost.is_set():
+                log.warning("analysis %s: lease lost while cutting the slide", analysis_id)
+                return False
+            raise
+        except (SlideError, SlideStoreError) as exc:
+            code = exc.code if isinstance(exc, SlideError) else exc.code
+            log.warning("analysis %s: slide refused: %s", analysis_id, exc)
+            if await asyncio.to_thread(
+                self._finish, analysis_id, status="failed", reason=f"slide_{code}: {exc.message}"
+            ):
+                self.metrics.finished.labels("failed").inc()
+            return False
+        finally:
+            beat.cancel()
+
+    def _slide_progress(self, analysis_id: str, done: int, total: int) -> tuple[bool, bool]:
+        with self.sessions.begin() as session:
+            return store.slide_progress(
+                session, analysis_id=analysis_id, owner=self.owner, done=done, total=total
+            )
+
+    def _with_slide(self, analysis_id: str, result: dict) -> dict:
+        """The result with its `slide` section: the regions used, with the cells the pipeline
+        counted in each, and the thumbnail (validated against the result schema)."""
+        from services.gateway.result import AnalysisResult
+
+        with self.sessions() as session:
+            job = store.slide_job(session, analysis_id=analysis_id)
+            assert job is not None and job.selection_json is not None
+            sel = json.loads(job.selection_json)
+            thumb = job.thumbnail_sha256
+        counted = {im["index"]: im["n_counted"] for im in result.get("images", [])}
+        regions = [
+            {
+                **r,
+                "n_counted": counted.get(r["index"]),
+                "overlay": f"/v1/analyses/{analysis_id}/images/{r['index']}/overlay.png",
+            }
+            for r in sel["regions"]
+        ]
+        result = {
+            **result,
+            "slide": {
+                "source": sel["source"],
+                **sel["slide"],
+                "um_per_px": sel["um_per_px"],
+                "regions": regions,
+                "candidates": sel["candidates"],
+                "cell_target": sel["target"],
+                "cells_estimated": sel["cells"],
+                "cells_counted": sum(v or 0 for v in counted.values()),
+                "stop_reason": sel["stop_reason"],
+                "thumbnail": f"/v1/analyses/{analysis_id}/slide.png",
+                "thumbnail_sha256": thumb,
+            },
+        }
+        return AnalysisResult.model_validate(result).model_dump(mode="json")
 
     async def _beat(self, analysis_id: str, run: asyncio.Task, lost: asyncio.Event) -> None:
         """Renew the lease during long stages; stop the run when the lease is lost."""

@@ -25,10 +25,10 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
 import numpy as np
 
@@ -42,6 +42,11 @@ from services.runtime.handler import (
 
 log = logging.getLogger(__name__)
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+# one queued call of a ModelThread: (its future, fn, args, kwargs); None ends a thread
+_WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 _LIVE_THREADS: weakref.WeakSet[ModelThread] = weakref.WeakSet()
 
@@ -56,9 +61,7 @@ class ModelThread(Executor):
 
     def __init__(self, name: str, max_workers: int = 1) -> None:
         self.name = name
-        self._work: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = (
-            queue.SimpleQueue()
-        )
+        self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._shutdown = False
         self._running = 0
@@ -70,8 +73,8 @@ class ModelThread(Executor):
             t.start()
         _LIVE_THREADS.add(self)
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError(f"{self.name}: cannot schedule work after shutdown")
@@ -146,22 +149,25 @@ class _Pending:
     inputs: Tensors
     parameters: Parameters
     rows: int
-    key: Any
-    future: asyncio.Future = field(repr=False)
+    key: Hashable
+    future: asyncio.Future[InferResult] = field(repr=False)
     enqueued: float = 0.0
     cancellation: Cancellation = NEVER_CANCELLED
 
 
-def _batch_key(inputs: Tensors, parameters: Parameters) -> tuple[Any, int] | None:
+def _batch_key(inputs: Tensors, parameters: Parameters) -> tuple[Hashable, int] | None:
     """(key, rows) of a request, or None when it cannot share a batch (no common dim 0)."""
-    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
-    if len(rows) != 1 or None in rows:
+    dims: set[int | None] = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(dims) != 1:
+        return None
+    (rows,) = dims
+    if rows is None:
         return None
     key = (
         tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())),
         tuple(sorted(parameters.items())),
     )
-    return key, rows.pop()
+    return key, rows
 
 
 class ModelWorker:
@@ -185,9 +191,9 @@ class ModelWorker:
         self._executor = ModelThread(f"model-{handler.name}-{handler.version}", threads)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._backlog: collections.deque[_Pending] = collections.deque()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """Run ``fn(*args)`` in the handler's thread (load, warmup, stop)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -228,12 +234,17 @@ class ModelWorker:
         if timeout_s is not None and timeout_s <= 0:
             return not self._executor.busy
         # join in a throw-away daemon thread: the loop's executor may itself be shut down
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
 
         def join() -> None:
             ended = self._executor.join(timeout_s)
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ended))
+
+            def report() -> None:
+                if not done.done():
+                    done.set_result(ended)
+
+            loop.call_soon_threadsafe(report)
 
         threading.Thread(target=join, name="join-model-thread", daemon=True).start()
         ended = await done
@@ -263,9 +274,8 @@ class ModelWorker:
         if self._on_batch is not None:
             self._on_batch(size)
 
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        if timeout is None:
-            return await self._queue.get()
+    async def _next(self, timeout: float) -> _Pending | None:
+        """The next queued request, or None when none arrives within ``timeout`` seconds."""
         if timeout <= 0:
             return None if self._queue.empty() else self._queue.get_nowait()
         try:
@@ -274,19 +284,19 @@ class ModelWorker:
             return None
 
     async def _collect(self) -> list[_Pending]:
-        first = self._backlog.popleft() if self._backlog else await self._next(None)
+        first = self._backlog.popleft() if self._backlog else await self._queue.get()
         batch, rows = [first], first.rows
         deadline = first.enqueued + self.max_queue_delay_s
         # Matching requests already waiting in the backlog join first, in arrival order.
-        for item in list(self._backlog):
+        for waiting in list(self._backlog):
             if (
                 len(batch) < self.max_batch_size
-                and item.key == first.key
-                and rows + item.rows <= self.max_batch_size
+                and waiting.key == first.key
+                and rows + waiting.rows <= self.max_batch_size
             ):
-                self._backlog.remove(item)
-                batch.append(item)
-                rows += item.rows
+                self._backlog.remove(waiting)
+                batch.append(waiting)
+                rows += waiting.rows
         while len(batch) < self.max_batch_size and rows < self.max_batch_size:
             item = await self._next(deadline - time.perf_counter())
             if item is None:

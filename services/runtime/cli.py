@@ -13,6 +13,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
@@ -29,7 +30,7 @@ def _description(settings_cls: type[BaseSettings], name: str) -> str | None:
     """A subclass that only changes a default (``grpc_port: int = 50055``) drops the base
     field's description; take the nearest one up the class hierarchy."""
     for cls in settings_cls.__mro__:
-        fields = getattr(cls, "model_fields", None) or {}
+        fields: dict[str, FieldInfo] = getattr(cls, "model_fields", None) or {}
         if name in fields and fields[name].description:
             return fields[name].description
     return None

@@ -29,6 +29,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -76,7 +77,8 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+# grpc ships no type information, so its base class is Any to mypy
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps exceptions of unary RPCs through ``status_for`` and counts requests refused
     for their size (module docstring); streams pass through."""
 
@@ -94,7 +96,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         method = handler_call_details.method
 
-        async def mapped(requests: AsyncIterator, context: grpc.aio.ServicerContext):
+        # messages are Any: one interceptor serves every method, each with its own types
+        async def mapped(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             try:
                 request = await anext(aiter(requests))
             except StopAsyncIteration:

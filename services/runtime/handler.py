@@ -215,7 +215,9 @@ class ModelHandler:
     """
 
     inputs: ClassVar[tuple[TensorSpec, ...]] = ()
-    outputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    """Set on the class; a handler whose outputs depend on the loaded version may set them
+    per instance in ``__init__`` (the ensemble: one output per target of its config)."""
     batchable: ClassVar[bool] = False
     platform: ClassVar[str] = "python"
     max_concurrency: int = 1
@@ -258,7 +260,8 @@ class ModelHandler:
 
     def postprocess(self, outputs: Any, parameters: Parameters) -> Tensors:
         """Turn model output into ``{output name: np.ndarray}``; default: pass through."""
-        return outputs
+        tensors: Tensors = outputs  # ``infer`` checks the names and dtypes either way
+        return tensors
 
     def stop(self) -> None:
         """Release the model (GPU memory, files). Override and call ``super().stop()``."""

@@ -45,8 +45,8 @@ class LoadedVersion:
     worker: ModelWorker
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    retire_task: asyncio.Task | None = None
-    unload_task: asyncio.Task | None = None
+    retire_task: asyncio.Task[None] | None = None
+    unload_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -74,7 +74,7 @@ class ModelRepository:
         self._loaded: dict[str, LoadedVersion] = {}
         self._current: LoadedVersion | None = None
         self._lock = asyncio.Lock()
-        self._poll_task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task[None] | None = None
         self._retiring: set[LoadedVersion] = set()
         self._closing = False
         # registry calls and downloads: a daemon thread, so a hung one cannot delay exit
@@ -207,7 +207,7 @@ class ModelRepository:
 
     def _unload(
         self, entry: LoadedVersion, timeout: float | None, exiting: bool = False
-    ) -> asyncio.Task:
+    ) -> asyncio.Task[None]:
         """The (single) task that drains and stops ``entry``."""
         if entry.unload_task is None:
             entry.unload_task = asyncio.create_task(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -77,7 +78,7 @@ def registry_resolver(model_uri: str, handler_factory: HandlerFactory) -> Resolv
     return resolve_now
 
 
-def _reflection_pool():
+def _reflection_pool() -> DescriptorPool:
     """Our private descriptor pool (see codegen) plus the health and reflection protos, so
     that reflection can describe every service this server offers."""
     pool = pb.DESCRIPTOR.pool
@@ -92,7 +93,7 @@ def _reflection_pool():
 class ModelServer:
     """One model name served over OIP gRPC; ``start()``, load, then ``shutdown()``."""
 
-    def __init__(self, settings: ServiceSettings, *, metrics: RuntimeMetrics | None = None):
+    def __init__(self, settings: ServiceSettings, *, metrics: RuntimeMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or RuntimeMetrics()
         self.health = HealthServicer()
@@ -123,7 +124,10 @@ class ModelServer:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        # protoc's grpc plugin writes no annotations (and no .pyi) for the *_pb2_grpc module
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            self.servicer, server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),

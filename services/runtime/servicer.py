@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Mapping
 
+import grpc
 import numpy as np
 
 from marrowscope.errors import InvalidInput, ModelNotFound
@@ -84,7 +85,9 @@ def _tensor_from_raw(buf: bytes, datatype: str, shape: tuple[int, ...], name: st
     return np.frombuffer(buf, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _tensor_from_contents(contents, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _tensor_from_contents(
+    contents: pb.InferTensorContents, datatype: str, shape: tuple[int, ...], name: str
+) -> np.ndarray:
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"input {name}: {datatype} must be sent as raw_input_contents")
@@ -152,7 +155,7 @@ def _element_bytes(item: object) -> bytes:
 def tensor_to_raw(array: np.ndarray) -> bytes:
     """Raw OIP bytes of a tensor (little-endian; BYTES length-prefixed)."""
     if datatype_of(array) == "BYTES":
-        parts = []
+        parts: list[bytes] = []
         for item in array.reshape(-1):
             data = _element_bytes(item)
             parts += (_LEN.pack(len(data)), data)
@@ -218,24 +221,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFound(f"unknown model {name!r}; served: {sorted(self.repositories)}")
         return repo
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         ready = not self.draining and all(r.ready for r in self.repositories.values())
         return pb.ServerReadyResponse(ready=ready)
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         repo = self._repository(request.name)
         ready = repo.ready and (not request.version or request.version in repo.versions)
         return pb.ModelReadyResponse(ready=ready and not self.draining)
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=self.server_name, version=self.server_version, extensions=[]
         )
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         repo = self._repository(request.name)
         handler = repo.get(request.version or None).handler
         return pb.ModelMetadataResponse(
@@ -246,7 +259,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[_tensor_metadata(s) for s in handler.outputs],
         )
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         started = time.perf_counter()
         known = request.model_name in self.repositories
         model = request.model_name if known else UNKNOWN
@@ -312,7 +327,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 DEADLINE_TOLERANCE_S = 0.25
 
 
-def _outcome(error: BaseException | None, context) -> str:
+def _outcome(error: BaseException | None, context: grpc.aio.ServicerContext) -> str:
     """The ``status`` label: what the client got (``ok`` or the lower-case status name)."""
     if isinstance(error, asyncio.CancelledError):
         remaining = context.time_remaining()

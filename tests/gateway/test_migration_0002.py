@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from services.gateway.db import make_engine, make_sessionmaker
+from services.gateway.migrations import head_revision
 from tests.gateway import test_postgres
 
 pg_database = test_postgres.pg_database  # fixture: a fresh database, dropped afterwards
@@ -61,7 +62,10 @@ def _check_upgrade(engine) -> None:
     _at_0001(engine)
     upgrade_head(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert (
+            conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            == head_revision()
+        )
         assert set(conn.execute(text("SELECT tenant FROM analyses")).scalars()) == {"default"}
         assert set(conn.execute(text("SELECT tenant FROM api_keys")).scalars()) == {"default"}
         assert conn.execute(text("SELECT tenant FROM audit_log")).scalar() == "default"

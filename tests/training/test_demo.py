@@ -10,6 +10,7 @@ import os
 import stat
 
 from marrowscope.paths import PROJECT_ROOT
+from tests.gateway.conftest import gateway, make_settings  # noqa: F401
 from training.demo import DEMO_KEY_NAME, ensure_key, gateway_accepts, keys_cli
 
 
@@ -54,3 +55,19 @@ def test_demo_key_is_reused_and_a_rejected_one_is_replaced(tmp_path):
     assert second != first and accepted(second) and not accepted(first)
     assert key_file.read_text().strip() == second
     assert _active_demo_ids(env) == [second.split("_")[1]]
+
+
+def test_demo_slide_is_written_and_analysed_end_to_end(tmp_path, gateway):  # noqa: F811
+    """The demo's whole-slide step against a real gateway app (test model clients)."""
+    from training.demo import analyse_slide, slide_lines, write_demo_slide
+
+    slides = tmp_path / "slides"
+    path = write_demo_slide(slides, 0.5)
+    assert path.is_file() and write_demo_slide(slides, 0.5) == path  # written once
+    client, _, keys = gateway(slide_roots={"demo": str(slides)})
+    client.headers.update(keys["lis"])
+    with client:
+        body = analyse_slide(client, path.name, tmp_path / "out")
+    assert body["status"] == "succeeded", body
+    assert (tmp_path / "out" / "slide" / "thumbnail.png").stat().st_size > 0
+    assert "regions selected" in "\n".join(slide_lines(body))

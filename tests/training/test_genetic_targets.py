@@ -11,7 +11,7 @@ import pytest
 
 from marrowscope.models import ModelConfigError, build_model, load_model, make_config, save_model
 from marrowscope.targets import APL, BY_CODE, NPM1, genetic_target, output_of
-from training.common import JobConfig, UsageError, load_job_config
+from training.cli import JobConfig, UsageError, load_job_config
 from training.data.manifest import CaseRecord
 
 NAMES = ["a", "b", "c"]

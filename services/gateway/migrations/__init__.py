@@ -45,3 +45,15 @@ def upgrade_head(engine: Engine) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     log.info("job store schema at head")
+
+
+def head_revision() -> str:
+    """The newest revision in `versions/` (what `upgrade_head` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    from services.gateway.db import make_engine
+
+    script = ScriptDirectory.from_config(alembic_config(make_engine("sqlite://")))
+    head = script.get_current_head()
+    assert head is not None
+    return head

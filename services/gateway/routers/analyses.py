@@ -30,6 +30,7 @@ from services.gateway.schemas import (
     AnalysisPublic,
     ErrorPublic,
     ImagePublic,
+    SlideProgress,
     ts,
 )
 from services.gateway.uploads import check_uploads, content_hash, parse_metadata
@@ -40,6 +41,7 @@ router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 
 def to_public(session, a: Analysis) -> AnalysisPublic:
     images = store.images_of(session, analysis_id=a.id)
+    job = store.slide_job(session, analysis_id=a.id)
     return AnalysisPublic(
         id=a.id,
         status=a.status,
@@ -64,6 +66,9 @@ def to_public(session, a: Analysis) -> AnalysisPublic:
             )
             for i in images
         ],
+        slide=None
+        if job is None
+        else SlideProgress(regions_total=job.regions_total, regions_done=job.regions_done),
         result=store.result_of(session, analysis_id=a.id),
     )
 

@@ -120,6 +120,25 @@ def overlay(
     return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
 
 
+@router.get(
+    "/v1/analyses/{analysis_id}/slide.png",
+    response_class=Response,
+    responses={**PNG, **error_responses(401, 403, 404, 409, 429)},
+)
+def slide_thumbnail(
+    principal: ReadKey, services: ServicesDep, session: SessionDep, analysis_id: str
+) -> Response:
+    """A whole-slide analysis: the slide's thumbnail with the selected regions outlined and
+    numbered (region k of `result.slide.regions` is labelled k + 1)."""
+    _, result = _finished_result(session, analysis_id, principal)
+    slide = result.get("slide")
+    if not slide:
+        raise ApiError(404, "no_slide", "this analysis was not submitted as a whole slide")
+    audit(session, principal, "slide_thumbnail", resource=analysis_id)
+    session.commit()
+    return Response(services.blobs.get(slide["thumbnail_sha256"]), media_type="image/png")
+
+
 @router.get("/v1/schemas/result")
 def result_schema() -> dict:
     """JSON Schema of the versioned analysis result (`schema_version`)."""

@@ -1,0 +1,200 @@
+"""`/v1/slides` and `/v1/slide-uploads`: a whole scanned slide as the unit of work.
+
+A LIS names a slide the gateway can read (`{"slide": {"store": "pathology", "path":
+"2026/ACC-1.svs"}}`, a configured slide store) or uploads it first (`PUT /v1/slide-uploads`,
+streamed to disk, size-limited by `MS_GATEWAY_MAX_SLIDE_BYTES`) and names the upload. The
+analysis is then queued like any other: a worker scores the slide's regions, cuts the selected
+ones into tiles (the case's images) and runs the pipeline on them (`services/gateway/slidejob`).
+The analysis is read, cancelled, retried and reported through `/v1/analyses/{id}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.exc import IntegrityError
+
+from marrowscope.slides import SlideError, open_slide
+from services.gateway import store
+from services.gateway.deps import ServicesDep, SettingsDep, SubmitKey, audit, get_analysis
+from services.gateway.errors import ApiError, error_responses
+from services.gateway.schemas import AnalysisAccepted, SlideAnalysisCreate, SlideUploaded
+from services.gateway.slidestore import (
+    SlideStore,
+    SlideStoreError,
+    is_local,
+    save_upload,
+    source_path,
+    upload_dir,
+    upload_suffix,
+)
+from services.gateway.uploads import content_hash, parse_metadata
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["slides"])
+
+
+def _store_error(exc: SlideStoreError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message)
+
+
+def _slide_error(exc: SlideError) -> ApiError:
+    return ApiError(422, f"slide_{exc.code}", exc.message)
+
+
+def _check_slide(path: Path, um_per_px: float | None) -> tuple[tuple[int, int], int, float | None]:
+    """Open the slide once (format, truncation, levels); (dimensions, levels, um/px)."""
+    with open_slide(path) as slide:
+        mpp = um_per_px or slide.info.mpp
+        if mpp is None:
+            raise SlideError(
+                "no_pixel_size",
+                "the slide records no pixel size; give options.um_per_px (region selection and "
+                "morphometrics need micrometres per pixel)",
+            )
+        return slide.info.dimensions, slide.level_count, mpp
+
+
+@router.put(
+    "/slide-uploads",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SlideUploaded,
+    responses=error_responses(400, 401, 403, 413, 422, 429),
+)
+async def upload_slide(
+    principal: SubmitKey,
+    settings: SettingsDep,
+    request: Request,
+    name: Annotated[
+        str | None, Query(max_length=255, description="file name; its suffix names the format")
+    ] = None,
+) -> SlideUploaded:
+    """Stream a slide file (the raw request body, any Content-Type) to the gateway's upload
+    area. Larger than `MS_GATEWAY_MAX_SLIDE_BYTES`: 413 (from Content-Length before reading,
+    else at the limit, the partial file removed). The slide is opened once to check it; a file
+    that is not a readable slide gets 422 and is not kept. The same file uploaded twice is one
+    upload (named by its SHA-256)."""
+    try:
+        suffix = upload_suffix(name)
+        declared = request.headers.get("content-length")
+        assert settings.slide_cache_dir is not None
+        path, size, sha = await save_upload(
+            request.stream(),
+            upload_dir(settings.slide_cache_dir, principal.tenant),
+            max_bytes=settings.max_slide_bytes,
+            declared_length=int(declared) if declared and declared.isdigit() else None,
+            suffix=suffix,
+        )
+    except SlideStoreError as exc:
+        raise _store_error(exc) from None
+    try:
+        (w, h), levels, mpp = await asyncio.to_thread(_check_slide_any, path)
+    except SlideError as exc:
+        path.unlink(missing_ok=True)
+        raise _slide_error(exc) from None
+    log.info("slide upload %s (%d bytes)", path.name, size)
+    return SlideUploaded(
+        upload=path.name,
+        sha256=sha,
+        size_bytes=size,
+        width=w,
+        height=h,
+        levels=levels,
+        um_per_px=mpp,
+    )
+
+
+def _check_slide_any(path: Path) -> tuple[tuple[int, int], int, float | None]:
+    with open_slide(path) as slide:
+        return slide.info.dimensions, slide.level_count, slide.info.mpp
+
+
+@router.post(
+    "/slides",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AnalysisAccepted,
+    responses={
+        200: {"model": AnalysisAccepted, "description": "Idempotent replay"},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+    },
+)
+def submit_slide(
+    principal: SubmitKey,
+    services: ServicesDep,
+    settings: SettingsDep,
+    response: Response,
+    body: SlideAnalysisCreate,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> AnalysisAccepted:
+    """Queue a whole-slide analysis (JSON body: `SlideAnalysisCreate`). The slide reference is
+    checked now (store known, path confined to its root, file present and within the size
+    limit; a local slide or an upload is opened to check its format and pixel size); the
+    regions are selected and cut by the worker. Same Idempotency-Key + same body -> the same
+    analysis (200); same key + different body -> 409."""
+    # the same checks as a multipart submission's metadata (webhook policy included)
+    meta = parse_metadata(body.model_dump_json(), settings, SlideAnalysisCreate)
+    slides = SlideStore.from_settings(settings)
+    source = meta.slide.source()
+    try:
+        if is_local(slides, source):
+            path = source_path(slides, source, tenant=principal.tenant)
+            _check_slide(path, meta.options.um_per_px)
+    except SlideStoreError as exc:
+        raise _store_error(exc) from None
+    except SlideError as exc:
+        raise _slide_error(exc) from None
+    meta_doc = meta.model_dump(mode="json")
+    digest = content_hash(meta_doc, [])
+
+    def replay(analysis_id: str) -> AnalysisAccepted:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Location"] = f"/v1/analyses/{analysis_id}"
+        response.headers["Idempotent-Replayed"] = "true"
+        with services.sessions() as session:
+            a = get_analysis(session, analysis_id, principal)
+            return AnalysisAccepted(id=a.id, status=a.status, location=f"/v1/analyses/{a.id}")
+
+    def find() -> str | None:
+        if not idempotency_key:
+            return None
+        with services.sessions() as session:
+            try:
+                return store.find_idempotent(
+                    session, tenant=principal.tenant, key=idempotency_key, content_hash=digest
+                )
+            except store.Conflict as exc:
+                raise ApiError(409, "idempotency_conflict", str(exc)) from None
+
+    if existing := find():
+        return replay(existing)
+    try:
+        with services.sessions.begin() as session:
+            a = store.create_analysis(
+                session,
+                metadata=meta_doc,
+                content_hash=digest,
+                key_id=principal.key_id,
+                idempotency_key=idempotency_key,
+                tenant=principal.tenant,
+                images=[],
+            )
+            store.add_slide_job(session, analysis_id=a.id, source=source)
+            audit(session, principal, "submit_slide", resource=a.id, detail=_describe(source))
+            analysis_id = a.id
+    except IntegrityError:
+        if existing := find():  # a concurrent request with the same key won the race
+            return replay(existing)
+        raise
+    log.info("accepted slide analysis %s (%s)", analysis_id, _describe(source))
+    response.headers["Location"] = f"/v1/analyses/{analysis_id}"
+    return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
+
+
+def _describe(source: dict[str, str]) -> str:
+    if "upload" in source:
+        return f"upload {source['upload'][:16]}"
+    return f"{source['store']}:{source['path']}"
