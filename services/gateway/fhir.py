@@ -215,27 +215,9 @@ def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") 
             entries.append(
                 (
                     ref,
-                    {
-                        "resourceType": "Media",
-                        "meta": meta,
-                        "status": "completed",
-                        "type": {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/media-type",
-                                    "code": "image",
-                                }
-                            ]
-                        },
-                        "device": dev_ref,
-                        "width": im.width,
-                        "height": im.height,
-                        "content": {
-                            "contentType": "image/png",
-                            "url": url,
-                            "title": f"image {im.index}: {what}",
-                        },
-                    },
+                    _media(
+                        meta, dev_ref, url, f"image {im.index}: {what}", size=(im.width, im.height)
+                    ),
                 )
             )
             media_links.append({"comment": f"image {im.index} {kind}", "link": {"reference": ref}})
@@ -326,36 +308,35 @@ def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") 
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
 
 
+def _media(
+    meta: dict, dev_ref: dict, url: str, title: str, *, size: tuple[int, int] | None = None
+) -> dict:
+    """A PNG the gateway serves at `url`, as a FHIR Media resource (width/height when known)."""
+    media: dict = {
+        "resourceType": "Media",
+        "meta": meta,
+        "status": "completed",
+        "type": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}
+            ]
+        },
+        "device": dev_ref,
+    }
+    if size is not None:
+        media["width"], media["height"] = size
+    media["content"] = {"contentType": "image/png", "url": url, "title": title}
+    return media
+
+
 def _slide_media(
     slide: SlideSummary, analysis_id: str, base_url: str, meta: dict, dev_ref: dict, entries: list
 ) -> dict:
     """The slide thumbnail with the selected regions drawn, as a Media entry; its link."""
     ref = f"urn:uuid:{uuid.uuid4()}"
-    entries.append(
-        (
-            ref,
-            {
-                "resourceType": "Media",
-                "meta": meta,
-                "status": "completed",
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/media-type",
-                            "code": "image",
-                        }
-                    ]
-                },
-                "device": dev_ref,
-                "content": {
-                    "contentType": "image/png",
-                    "url": f"{base_url}/v1/analyses/{analysis_id}/slide.png",
-                    "title": f"slide thumbnail: {len(slide.regions)} regions selected, "
-                    "numbered in selection order",
-                },
-            },
-        )
-    )
+    url = f"{base_url}/v1/analyses/{analysis_id}/slide.png"
+    title = f"slide thumbnail: {len(slide.regions)} regions selected, numbered in selection order"
+    entries.append((ref, _media(meta, dev_ref, url, title)))
     return {"comment": "slide thumbnail with the selected regions", "link": {"reference": ref}}
 
 
