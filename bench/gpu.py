@@ -1,7 +1,8 @@
 """GPU throughput at the paper's resolutions: fp32 vs bf16/fp16 autocast, channels_last,
-torch.compile. Run through `bench/gpu.sh` on a CUDA machine; writes gpu.json and gpu.md
-to $OUT (or bench/results/). `--smoke` runs the same code paths at tiny sizes on CPU so CI
-can check the script without a GPU.
+torch.compile, and a whole slide's model work (slides per hour per GPU). Run through
+`bench/gpu.sh` on a CUDA machine; writes gpu.json and gpu.md to $OUT (or bench/results/).
+`--smoke` runs the same code paths at tiny sizes on CPU so CI can check the script without
+a GPU.
 """
 
 from __future__ import annotations
@@ -264,26 +265,95 @@ def bench_explain(b: Bench, sizes: dict, npm1: torch.nn.Module, smoke: bool) -> 
         )
 
 
+SLIDE_CELL_TARGET = 500
+"""Nucleated cells a slide's region selection aims for (the gateway's default)."""
+
+
+def bench_slide(b: Bench, sizes: dict, smoke: bool) -> None:
+    """One slide's model work at the paper's resolution: each tile (a 2560x1920 region with
+    ~150 cells) is detected, split into nucleus/cytoplasm by the learned U-Net on the device
+    with batched mask statistics (`measure_cells(batched=True)`), and its crops typed;
+    slides/hour = 3600 / (tiles to reach SLIDE_CELL_TARGET cells x seconds per tile).
+    Untrained weights (throughput only); ROI scoring and tile decoding are CPU work outside
+    this figure."""
+    from marrowscope.models.nucseg import LearnedSplitter, NucSegNet
+    from marrowscope.morphometrics import measure_cells
+
+    h, w = sizes["segmentation"]
+    n_cells = 150 if not smoke else 6
+    side = 70 if not smoke else 12
+    detector = (
+        build_model(
+            make_config(
+                "detector",
+                "fasterrcnn_resnet50_fpn_v2",
+                classes=["cell", "RBC"],
+                min_size=h,
+                max_size=w,
+            )
+        )
+        .to(b.device)
+        .eval()
+    )
+    split_config = make_config("nucseg", "unet", input_size=[64, 64], base_channels=8, depth=3)
+    splitter = LearnedSplitter(
+        NucSegNet(split_config), split_config, device=b.device, batch_size=256
+    )
+    s = sizes["crop"]
+    typer = build_model(make_config("celltype", "xception41", crop_size=s)).to(b.device).eval()
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    x1 = rng.uniform(0, w - side, n_cells)
+    y1 = rng.uniform(0, h - side, n_cells)
+    boxes = np.stack([x1, y1, x1 + side, y1 + side], 1).astype(np.float32)
+    image = torch.from_numpy(tile).to(b.device).permute(2, 0, 1).float() / 255
+    crops = torch.rand(n_cells, 3, s, s, device=b.device)
+    tiles = -(-SLIDE_CELL_TARGET // n_cells)
+    for prec, dtype in precisions(b.device).items():
+        if prec == "fp16":
+            continue
+
+        def run(dtype=dtype):
+            with torch.inference_mode(), autocast(b.device, dtype):
+                detector([image])
+            measure_cells(tile, boxes, 0.25, splitter=splitter, batched=True, device=b.device)
+            with torch.inference_mode(), autocast(b.device, dtype):
+                typer(crops)
+
+        row = b.measure(
+            "slide tile (detect + learned split + type)",
+            prec,
+            1,
+            run,
+            resolution=f"{w}x{h}",
+            cells=n_cells,
+            tiles_per_slide=tiles,
+        )
+        if row is not None and "median_s" in row:
+            row["slides_per_hour"] = round(3600 / (tiles * row["median_s"]), 1)
+            print(json.dumps({"slides_per_hour": row["slides_per_hour"], "mode": prec}), flush=True)
+
+
 def write(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"Device: {meta['device']} · torch {meta['torch']}",
         "",
-        "| model | mode | resolution | batch | items/s | median s/call | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mode | resolution | batch | items/s | median s/call | peak GiB | slides/h |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['model']} | {r['mode']} | {r.get('resolution', '')} | "
-                f"{r.get('batch', '')} | error: {r['error']} | | |"
+                f"{r.get('batch', '')} | error: {r['error']} | | | |"
             )
             continue
         lines.append(
             f"| {r['model']} | {r['mode']} | {r.get('resolution', '')} | "
             f"{r.get('batch', r.get('cells', ''))} | {r['items_per_s']} | "
-            f"{r['median_s']} | {r.get('peak_mem_gib', '')} |"
+            f"{r['median_s']} | {r.get('peak_mem_gib', '')} | {r.get('slides_per_hour', '')} |"
         )
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -307,6 +377,7 @@ def main(args: argparse.Namespace) -> dict:
     bench_explain(b, sizes, bench_npm1_model, args.smoke)
     bench_segmentation(b, sizes)
     bench_celltype(b, sizes)
+    bench_slide(b, sizes, args.smoke)
     meta["wall_s"] = round(time.perf_counter() - b.start, 1)
     write(b.rows, meta, Path(args.out))
     return {"meta": meta, "rows": b.rows}

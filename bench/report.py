@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.segmentation_cells import markdown as segmentation_cells_markdown
+
 
 def _f(value, digits: int = 3) -> str:
     if value is None:
@@ -97,6 +99,9 @@ def render(r: dict) -> str:
             f"{_ms(i['p50_s'])} / {_ms(i['p99_s'])} | {_ms(g['p50_s'])} / "
             f"{_ms(g['p99_s'])} | {g['errors'] + i['errors']} |"
         )
+
+    if r.get("segmentation_cells"):
+        lines += ["", *segmentation_cells_markdown(r["segmentation_cells"])]
 
     p = r.get("peer") or {}
     lines += ["", "## Peer: npm1 on our runtime vs Ray Serve", ""]

@@ -1,5 +1,6 @@
 """`make bench`: served vs in-process throughput, dynamic batching, the whole pipeline,
-memory, cold start, the synthetic generator and a Ray Serve peer; JSON + Markdown results.
+memory, cold start, the synthetic generator, a Ray Serve peer and the segmentation
+service's per-cell vs batched morphometrics; JSON + Markdown results.
 
     python -m bench.run                 # demo sizes, ~10-15 min on 2 cores
     python -m bench.run --quick --out /tmp/b   # tiny sizes, one repeat (tests)
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fixtures, harness, measure, workloads
+from bench import fixtures, harness, measure, segmentation_cells, workloads
 from bench.report import write_markdown
 from marrowscope.stages import PIPELINE_MODELS
 
@@ -241,6 +242,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         measure.cold_start(name, tracking_uri, workdir, env, args.cold_repeats)
         for name in args.cold_services
     ]
+    save(result, args.out)
+    result["segmentation_cells"] = segmentation_cells.run(
+        workdir / "segcells",
+        sizes=sizes if args.quick else segmentation_cells.PAPER_LIKE,
+        threads=args.threads,
+        repeats=args.repeats,
+        target_s=2 * args.target_s,
+    )
     save(result, args.out)
 
     images = fixtures.synth_images(2, sizes.image)

@@ -13,8 +13,10 @@ Every predictor wraps a `marrowscope.models.LoadedModel` (from `load_model` or
   whose names differ from the model's (`InvalidInput`).
 - `Npm1Predictor.predict(images uint8[B, H, W, 3] at .input_size) -> float32[B]`;
   `.prepare(image)` resizes any image to the input size; `predict_case(images)` = mean.
-- `analyse_case(images, detector, celltyper, ...) -> CaseAnalysis`: detection,
-  morphometrics, cell typing and the case feature vector, in the order the gateway uses.
+- `InProcessModels(detector, celltyper)`: the predictors as the model calls of
+  `marrowscope.case`; `analyse_case(images, detector, celltyper, ...) -> CaseAnalysis`
+  runs the case analysis the gateway runs over its services (`Detections`,
+  `ImageAnalysis`, `CaseAnalysis` and `cell_calls` are `marrowscope.case`'s).
 
 No grpc here; device (`cpu` default, `cuda`, `auto`) and autocast (`none|fp16|bf16`, CUDA
 only) are constructor arguments.
@@ -25,20 +27,44 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marrowscope.case import (
+    CaseAnalysis,
+    CellTypes,
+    Detections,
+    ImageAnalysis,
+    LengthUnit,
+    MeasuredDetections,
+    SmearImage,
+    cell_calls,
+)
 from marrowscope.errors import InvalidInput
 from marrowscope.imaging import CELL_CROP_PAD_FRACTION
-from marrowscope.taxonomy import NON_NUCLEATED_DETECTOR_LABELS
 
 if TYPE_CHECKING:
     import torch
 
-    from marrowscope.features import CellCall, DifferentialEntry
     from marrowscope.models import LoadedModel
+
+__all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
+    "CaseAnalysis",
+    "CellTyper",
+    "Detections",
+    "Detector",
+    "EnsemblePredictor",
+    "ImageAnalysis",
+    "InProcessModels",
+    "Npm1Predictor",
+    "analyse_case",
+    "autocast_context",
+    "cell_calls",
+    "load_predictor",
+    "select_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +140,6 @@ class _Predictor:
 
     def _amp(self) -> contextlib.AbstractContextManager[Any]:
         return autocast_context(self.device, self.autocast)
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Detections of one image: boxes float32[N, 4] (x1, y1, x2, y2 pixels), scores
-    float32[N] in [0, 1] (descending), labels: N class names from the detector config."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def select(self, keep: np.ndarray | Sequence[int]) -> Detections:
-        keep = np.asarray(keep, dtype=np.int64)
-        return Detections(self.boxes[keep], self.scores[keep], tuple(self.labels[i] for i in keep))
 
 
 class Detector(_Predictor):
@@ -338,59 +347,40 @@ def load_predictor(
     return cls(loaded, device=device, autocast=autocast, version=resolved.version)
 
 
-@dataclass(frozen=True)
-class ImageAnalysis:
-    """One image of a case: every detection, the morphometrics of each (float32[N, F] in
-    `morphometrics.FEATURE_NAMES` order), and `cell_types` (code per detection, None for
-    detections not sent to the cell typer, e.g. red cells)."""
+class InProcessModels:
+    """`marrowscope.case.CellModels` over in-process predictors: the detector with its
+    morphometrics (classical nucleus/cytoplasm split, as the segmentation service serves
+    without a splitter) and the cell typer with its own crop size and padding."""
 
-    detections: Detections
-    morphometrics: np.ndarray
-    cell_types: tuple[str | None, ...]
-
-
-@dataclass(frozen=True)
-class CaseAnalysis:
-    images: list[ImageAnalysis]
-    cells: list[CellCall]
-    """Every classified cell (RBC-typed ones included; `case_features` leaves them out)."""
-    feature_names: tuple[str, ...]
-    features: np.ndarray
-    """float32[F], `marrowscope.features.case_features` of `cells`."""
-    differential: dict[str, DifferentialEntry] = field(repr=False)
+    def __init__(
+        self, detector: Detector, celltyper: CellTyper, *, score_threshold: float | None = None
+    ) -> None:
+        self.detector = detector
+        self.celltyper = celltyper
+        self.score_threshold = score_threshold
 
     @property
-    def n_detected(self) -> int:
-        return sum(len(im.detections) for im in self.images)
+    def crop_size(self) -> int:
+        return self.celltyper.crop_size
 
     @property
-    def n_counted(self) -> int:
-        from marrowscope.taxonomy import COUNTED_CODES
+    def crop_pad_fraction(self) -> float:
+        return self.celltyper.crop_pad_fraction
 
-        return sum(c.cell_type in COUNTED_CODES for c in self.cells)
+    async def detect(self, image: SmearImage) -> MeasuredDetections:
+        from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
 
+        pixels = _check_image(image.pixels)
+        det = self.detector.predict(pixels, self.score_threshold)
+        # at the precision the segmentation service gets it (UM_PER_PX is FP32 on the wire),
+        # so that training measures areas exactly as serving does
+        um = None if image.um_per_px is None else float(np.float32(image.um_per_px))
+        morph = measure_cells(pixels, det.boxes, um)
+        unit: LengthUnit = "px" if um is None else "um"
+        return MeasuredDetections(det, morph, FEATURE_NAMES, unit)
 
-def cell_calls(
-    probs: np.ndarray, names: Sequence[str], morph: np.ndarray, morph_names: Sequence[str]
-) -> list[CellCall]:
-    """`CellCall`s from celltype probabilities float[N, K] (`names`) and morphometrics
-    float[N, F] (`morph_names`). Raises InvalidInput when the cell typer lacks a taxonomy
-    code or attribute the case features need (as the gateway does)."""
-    from marrowscope.features import CellCall
-    from marrowscope.taxonomy import ATTRIBUTE_CODES, COUNTED_CODES
-
-    missing = [c for c in (*COUNTED_CODES, *ATTRIBUTE_CODES) if c not in names]
-    if missing:
-        raise InvalidInput(f"celltype outputs lack {missing}, which the case features need")
-    if len(probs) != len(morph):
-        raise InvalidInput(f"{len(probs)} probability rows but {len(morph)} morphometric rows")
-    return [
-        CellCall(
-            probs={n: float(p) for n, p in zip(names, row, strict=True)},
-            morph={n: float(v) for n, v in zip(morph_names, m, strict=True)},
-        )
-        for row, m in zip(probs, morph, strict=True)
-    ]
+    async def type_cells(self, crops: np.ndarray) -> CellTypes:
+        return CellTypes(self.celltyper.predict(crops), self.celltyper.names)
 
 
 def analyse_case(
@@ -401,33 +391,20 @@ def analyse_case(
     um_per_px: float | Sequence[float | None] | None = None,
     score_threshold: float | None = None,
 ) -> CaseAnalysis:
-    """Run detection, morphometrics and cell typing over the images of one case.
+    """`marrowscope.case.analyse_case` with the in-process predictors: detection,
+    morphometrics, cell typing, the case feature vector and the differential, by the code
+    the gateway runs over its model services.
 
     images: uint8[H, W, 3] RGB each. um_per_px: one value, one per image, or None (areas in
-    px^2). Detections labelled RBC or Platelets are measured but not typed; every other
-    detection is cropped (`celltyper.crops`) and typed. Returns the cells, the case feature
-    vector and the differential.
+    px^2). Detections labelled RBC or Platelets are measured but not typed.
     """
-    from marrowscope.features import case_features, differential
-    from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
+    from marrowscope import case
 
     if not images:
         raise InvalidInput("a case needs at least one image")
     scales = list(um_per_px) if isinstance(um_per_px, Sequence) else [um_per_px] * len(images)
     if len(scales) != len(images):
         raise InvalidInput(f"{len(scales)} um_per_px values for {len(images)} images")
-    per_image, cells = [], []
-    for image, scale in zip(images, scales, strict=True):
-        det = detector.predict(_check_image(image), score_threshold)
-        morph = measure_cells(image, det.boxes, scale)
-        typed = [i for i, lab in enumerate(det.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS]
-        types: list[str | None] = [None] * len(det)
-        if typed:
-            probs = celltyper.predict(celltyper.crops(image, det.boxes[typed]))
-            calls = cell_calls(probs, celltyper.names, morph[typed], FEATURE_NAMES)
-            for i, call in zip(typed, calls, strict=True):
-                types[i] = call.cell_type
-            cells.extend(calls)
-        per_image.append(ImageAnalysis(det, morph, tuple(types)))
-    names, vector = case_features(cells)
-    return CaseAnalysis(per_image, cells, names, vector, differential(cells))
+    models = InProcessModels(detector, celltyper, score_threshold=score_threshold)
+    smears = [case.SmearImage(im, scale) for im, scale in zip(images, scales, strict=True)]
+    return case.run_now(case.analyse_case(models, smears))

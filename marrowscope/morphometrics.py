@@ -58,11 +58,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from marrowscope.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +379,9 @@ def measure_cells(
     um_per_px: float | None = None,
     margin: float = 0.15,
     splitter: Splitter | None = None,
+    *,
+    batched: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Features of every detected cell of an image: float32 [N, F] in `FEATURE_NAMES` order.
 
@@ -386,7 +392,9 @@ def measure_cells(
     is linear in the total box area, not in the image size. Degenerate boxes (empty after
     clipping) give a default row with `segmentation_ok = 0`. With a `splitter` all crops
     of the image go to it in one call (one batch through a learned model) and the features
-    come from its masks.
+    come from its masks. `batched=True` computes the features of all crops as tensors
+    (`marrowscope.morphometrics_batch`, on `device`, default the splitter's device or the
+    CPU): the same masks, the same features within that module's documented tolerance.
     """
     _check_image(image, "image")
     scale = _check_scale(um_per_px)
@@ -406,13 +414,17 @@ def measure_cells(
         if window is None:
             continue  # default row, segmentation_ok = 0
         (y0, y1, x0, x1), centre = window
-        if splitter is None:
+        if splitter is None and not batched:
             out[i] = _measure(image[y0:y1, x0:x1], None, scale, centre).as_vector()
         else:
             rows.append(i)
             crops.append(image[y0:y1, x0:x1])
             centres.append(centre)
-    if splitter is not None and crops:
+    if crops and batched:
+        from marrowscope.morphometrics_batch import measure_crops
+
+        out[rows] = measure_crops(crops, centres, scale, splitter=splitter, device=device)
+    elif crops and splitter is not None:
         masks = splitter.split(crops, centres)
         if len(masks) != len(crops):
             raise RuntimeError(f"splitter returned {len(masks)} mask pairs for {len(crops)} crops")

@@ -6,20 +6,25 @@ module scores a grid of candidate regions at low magnification with image statis
 measure exactly those things, then picks regions spread over the slide until the case has
 enough nucleated cells (default 500, a manual differential) or the slide is exhausted.
 
-Features per region (`RegionFeatures`), all computed at the scoring magnification:
-- `coverage`: fraction of pixels that are not glass (glass = bright and unsaturated, relative
-  to the slide's own glass brightness, so illumination does not matter);
+Features per region (`RegionFeatures`), all computed at the scoring magnification on the
+region white-balanced to the slide's own glass colour (`StainReference`: real
+May-Grunwald-Giemsa glass is cream, synthetic glass grey; neither illumination nor tint may
+read as cells):
+- `coverage`: fraction of pixels that are not glass (optical density or saturation above
+  the balanced glass);
 - `overlap`: fraction of covered pixels darker than a single red-cell layer can be (cells on
   top of each other add optical density);
 - `sharpness`: mean absolute Laplacian over covered pixels, relative to the covered pixels'
   contrast (a defocused field has its edges smoothed away);
 - `debris`: fraction of near-black pixels (stain precipitate, dirt);
-- `nuclei`: nucleated cells, counted as connected purple (nuclear stain) blobs of nuclear size;
+- `nuclei`: nucleated cells, counted as connected purple blobs of nuclear size (purple = bluer
+  than the slide's own red cells, `NUCLEUS_HUE_FACTOR`);
 - `stain`: mean saturation of covered pixels (a washed-out field has none).
 
 The score multiplies one factor per requirement so that any single failure (thick, edge,
-blurred, dirty, empty) rules a region out; `measure_roi` in `training/roi.py` checks it on
-synthetic slides with a known zone map (monolayer precision, AUROC).
+blurred, dirty, empty) rules a region out; `training/evaluate_roi.py` measures it on
+synthetic slides with a known zone map (monolayer precision, AUROC) and runs it on the 43
+real overview fields (docs/SLIDES.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from marrowscope.errors import InvalidInput
 from marrowscope.slides import Slide, SlideError
 
 log = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ class Selection:
     candidates: int
     target: int
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, int | str]:
         return {
             "regions": len(self.regions),
             "cells": self.cells,
@@ -98,6 +104,32 @@ class Selection:
 
 
 # -- features ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StainReference:
+    """A slide's own colour references, read from its overview (`stain_reference`).
+
+    background: RGB of its glass (May-Grunwald-Giemsa glass is often cream or yellow, never
+    the synthetic grey); red_cell_blue_green: median blue/green optical-density ratio of its
+    covered pixels, which red cells dominate in every zone (the hue nuclei are told from).
+    """
+
+    background: tuple[float, float, float]
+    red_cell_blue_green: float
+
+
+# The synthetic generator's red cells (OD_RBC in training/data/synth_slide.py), the fallback
+# for a slide with too few covered pixels to measure.
+DEFAULT_REFERENCE = StainReference((236.0, 234.0, 238.0), 0.76)
+# A nucleus is bluer than the slide's red cells by this factor in blue/green OD: synthetic
+# nuclei 0.43 vs red cells 0.76 (0.57 x), real MGG overviews about 0.3 vs 0.6.
+NUCLEUS_HUE_FACTOR = 0.8
+COVER_OD = 0.25
+COVER_SATURATION = 0.12
+REFERENCE_PIXELS = 1 << 18
+"""`stain_reference` reads at most this many pixels (evenly strided): medians and Otsu
+thresholds do not need more, and its memory then stays flat whatever the overview size."""
+
+
 def _hsv_parts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     f = rgb.astype(np.float32)
     mx, mn = f.max(axis=-1), f.min(axis=-1)
@@ -105,35 +137,70 @@ def _hsv_parts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mx, sat
 
 
-def glass_level(rgb: np.ndarray) -> float:
-    """The slide's glass brightness: a high percentile of the max channel (robust to a few
-    saturated pixels and to slides that are mostly cells)."""
-    mx, _ = _hsv_parts(rgb)
-    return float(np.percentile(mx, 98))
+def _optical_density(rgb: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
+    """float32 [..., 3] optical density per channel against the slide's own glass colour."""
+    glass = np.maximum(np.asarray(background, np.float32), 1.0)
+    return -np.log(np.clip(rgb.astype(np.float32) / glass, 1e-3, 1.0))
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(values))
+
+
+def stain_reference(rgb: np.ndarray) -> StainReference:
+    """The colour references of a slide from a low-magnification image of it (uint8
+    [h, w, 3]): glass = the per-channel median of the bright class of an Otsu split of
+    luminance; red-cell hue = the median blue/green OD ratio of the pixels darker than glass
+    by an Otsu split of total OD (at least `COVER_OD`). `DEFAULT_REFERENCE`'s hue when
+    fewer than 1 % of the pixels are covered; a flat image is all glass when bright (its own
+    colour), else `DEFAULT_REFERENCE`'s glass."""
+    flat = rgb.reshape(-1, 3)
+    f = flat[:: max(1, -(-len(flat) // REFERENCE_PIXELS))].astype(np.float32)
+    hue = DEFAULT_REFERENCE.red_cell_blue_green
+    if f.shape[0] == 0:
+        return DEFAULT_REFERENCE
+    lum = f.mean(axis=1)
+    if float(np.ptp(lum)) < 1.0:
+        r, g, b = f[0] if lum[0] > 128 else DEFAULT_REFERENCE.background
+        return StainReference((float(r), float(g), float(b)), hue)
+    r, g, b = np.median(f[lum > _otsu(lum)], axis=0)
+    background = (float(r), float(g), float(b))
+    od = _optical_density(f, background)
+    total = od.sum(axis=1)
+    covered = total > max(_otsu(total), COVER_OD)
+    if covered.mean() >= 0.01:
+        hue = float(np.median(od[covered, 2] / np.maximum(od[covered, 1], 1e-3)))
+    return StainReference(background, hue)
 
 
 def region_features(
-    rgb: np.ndarray, *, glass: float, um_per_px: float, config: RoiConfig
+    rgb: np.ndarray, *, reference: StainReference, um_per_px: float, config: RoiConfig
 ) -> RegionFeatures:
-    """Statistics of one region image uint8[h, w, 3] at `um_per_px`."""
+    """Statistics of one region image uint8[h, w, 3] at `um_per_px`, white-balanced to the
+    slide's own glass (`reference`), so that the same constants hold for grey synthetic glass
+    and the cream glass of real May-Grunwald-Giemsa smears."""
     from scipy import ndimage
 
-    f = rgb.astype(np.float32)
-    mx, sat = _hsv_parts(rgb)
-    od = -np.log(np.clip(f / max(glass, 1.0), 1e-3, 1.0))  # optical density per channel
+    od = _optical_density(rgb, reference.background)
+    balanced = 255.0 * np.exp(-od)  # the region as if its glass were white
+    mx, sat = _hsv_parts(balanced)
     total_od = od.sum(axis=-1)
-    covered = (total_od > 0.25) | (sat > 0.12)
+    covered = (total_od > COVER_OD) | (sat > COVER_SATURATION)
     coverage = float(covered.mean())
     n_cov = max(int(covered.sum()), 1)
-    # One red-cell layer reaches ~1.1 total OD; overlaps add up beyond it.
-    overlap = float(((total_od > 1.45) & covered).sum() / n_cov)
-    grey = f.mean(axis=-1)
+    # Nuclear stain: bluer than the slide's red cells (hue), green absorbed most, not black.
+    purple = od[..., 2] < NUCLEUS_HUE_FACTOR * reference.red_cell_blue_green * od[..., 1]
+    # One red-cell layer reaches ~1.1 total OD; overlaps add up beyond it. Nuclei are dense
+    # too but have the nuclear hue: a field rich in nucleated cells is not a thick one.
+    overlap = float(((total_od > 1.45) & covered & ~purple).sum() / n_cov)
+    grey = balanced.mean(axis=-1)
     lap = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 0.5)))
     contrast = float(grey[covered].std()) if covered.any() else 0.0
     sharpness = float(lap[covered].mean() / (contrast + 1.0)) if covered.any() else 0.0
-    debris = float((mx < 0.35 * glass).mean())
-    # Nuclear stain: blue and red dense while green absorbs most (purple), not near-black.
-    nuc_mask = (od[..., 1] > 0.8) & (od[..., 2] < 0.75 * od[..., 1]) & (mx >= 0.35 * glass)
+    debris = float((mx < 0.35 * 255.0).mean())
+    nuc_mask = (od[..., 1] > 0.8) & purple & (mx >= 0.35 * 255.0)
     nuc_mask = ndimage.binary_opening(nuc_mask)
     labels, n = ndimage.label(nuc_mask)
     nuclei = 0
@@ -189,10 +256,11 @@ def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
     side = max(8, round(size0 / ds))  # at the read level
     out_side = max(8, round(config.region_um / config.scoring_um_per_px))
     width, height = slide.info.dimensions
-    # Glass brightness from the smallest level that fits (the overview).
+    # Glass colour and red-cell hue from the smallest level that fits (the overview).
     smallest = slide.level_count - 1
     sw, sh = slide.info.level_dimensions[smallest]
-    glass = glass_level(slide.read_level(smallest)) if sw * sh <= slide.max_region_pixels else 235.0
+    fits = sw * sh <= slide.max_region_pixels
+    reference = stain_reference(slide.read_level(smallest)) if fits else DEFAULT_REFERENCE
     um_px = config.region_um / out_side
     regions: list[Region] = []
     for row in range(height // size0):
@@ -200,8 +268,10 @@ def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
             x, y = col * size0, row * size0
             img = slide.read_region((x, y), level, (side, side))
             if side != out_side:
-                img = np.asarray(Image.fromarray(img).resize((out_side, out_side), Image.BILINEAR))
-            feats = region_features(img, glass=glass, um_per_px=um_px, config=config)
+                img = np.asarray(
+                    Image.fromarray(img).resize((out_side, out_side), Image.Resampling.BILINEAR)
+                )
+            feats = region_features(img, reference=reference, um_per_px=um_px, config=config)
             regions.append(Region(row, col, x, y, size0, feats, quality_score(feats)))
     return regions
 
@@ -209,17 +279,34 @@ def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
 def score_image(
     rgb: np.ndarray, *, um_per_px: float, config: RoiConfig | None = None
 ) -> list[Region]:
-    """Score the region grid of an in-memory low-magnification field (the 43 real overview
-    fields): the same features and score as `score_slide`; coordinates are pixels of `rgb`."""
+    """Score the region grid of an in-memory low-magnification field (e.g. the 43 real
+    overview fields) with the same features and score as `score_slide`: the field is resized
+    to `scoring_um_per_px` first, as `score_slide` resizes each region; coordinates and sizes
+    are pixels of `rgb`."""
+    from PIL import Image
+
     config = config or RoiConfig()
-    side = max(8, round(config.region_um / um_per_px))
-    glass = glass_level(rgb)
+    if um_per_px <= 0:
+        raise InvalidInput(f"um_per_px must be positive, got {um_per_px}")
+    factor = um_per_px / config.scoring_um_per_px
+    h, w = rgb.shape[:2]
+    small = rgb
+    if abs(factor - 1.0) > 1e-6:
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    side = max(8, round(config.region_um / config.scoring_um_per_px))  # at scoring scale
+    side0 = max(1, round(config.region_um / um_per_px))  # in pixels of rgb
+    reference = stain_reference(small)
     out: list[Region] = []
-    for row in range(rgb.shape[0] // side):
-        for col in range(rgb.shape[1] // side):
-            img = rgb[row * side : (row + 1) * side, col * side : (col + 1) * side]
-            feats = region_features(img, glass=glass, um_per_px=um_per_px, config=config)
-            out.append(Region(row, col, col * side, row * side, side, feats, quality_score(feats)))
+    for row in range(small.shape[0] // side):
+        for col in range(small.shape[1] // side):
+            img = small[row * side : (row + 1) * side, col * side : (col + 1) * side]
+            feats = region_features(
+                img, reference=reference, um_per_px=config.scoring_um_per_px, config=config
+            )
+            out.append(
+                Region(row, col, col * side0, row * side0, side0, feats, quality_score(feats))
+            )
     return out
 
 
@@ -254,5 +341,5 @@ def select_regions(regions: list[Region], config: RoiConfig | None = None) -> Se
     return Selection(chosen, cells, stop, len(regions), config.cell_target)
 
 
-def features_dict(r: Region) -> dict:
+def features_dict(r: Region) -> dict[str, float]:
     return {**asdict(r.features), "score": r.score}

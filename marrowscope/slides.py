@@ -21,10 +21,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from marrowscope.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import openslide
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class Slide:
         self.max_region_pixels = max_region_pixels
         if not self.path.is_file():
             raise SlideError("not_found", f"no slide file {self.path.name!r}")
+        self._osr: openslide.OpenSlide | None = None
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -98,13 +103,14 @@ class Slide:
             ) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError("corrupt", f"{self.path.name!r} cannot be opened: {exc}") from exc
-        props = self._osr.properties
+        osr = self._osr
+        props = osr.properties
         mpp = props.get(openslide.PROPERTY_NAME_MPP_X)
         try:
             self.info = SlideInfo(
                 vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "unknown",
-                level_dimensions=tuple(tuple(d) for d in self._osr.level_dimensions),
-                level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+                level_dimensions=tuple((int(w), int(h)) for w, h in osr.level_dimensions),
+                level_downsamples=tuple(float(d) for d in osr.level_downsamples),
                 mpp=float(mpp) if mpp else None,
             )
         except openslide.OpenSlideError as exc:
@@ -117,6 +123,11 @@ class Slide:
         if osr is not None:
             osr.close()
             self._osr = None
+
+    def _reader(self) -> openslide.OpenSlide:
+        if self._osr is None:
+            raise RuntimeError(f"slide {self.path.name!r} is closed")
+        return self._osr
 
     def __enter__(self) -> Slide:
         return self
@@ -134,7 +145,7 @@ class Slide:
     def level_for_downsample(self, downsample: float) -> int:
         """The level whose downsample is largest but not above `downsample` (read less, then
         resize a little), as OpenSlide's get_best_level_for_downsample."""
-        return int(self._osr.get_best_level_for_downsample(downsample))
+        return int(self._reader().get_best_level_for_downsample(downsample))
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -157,7 +168,7 @@ class Slide:
         import openslide
 
         try:
-            rgba = self._osr.read_region((int(location[0]), int(location[1])), level, (w, h))
+            rgba = self._reader().read_region((int(location[0]), int(location[1])), level, (w, h))
         except openslide.OpenSlideError as exc:
             raise SlideError(
                 "corrupt",
@@ -168,7 +179,8 @@ class Slide:
         # OpenSlide returns premultiplied RGBA; alpha 0 where nothing was scanned -> white glass.
         alpha = arr[..., 3:4].astype(np.uint16)
         rgb = arr[..., :3].astype(np.uint16) + (255 - alpha)
-        return np.minimum(rgb, 255).astype(np.uint8)
+        out: np.ndarray = np.minimum(rgb, 255).astype(np.uint8)
+        return out
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level, for the small levels only (the overview used by ROI scoring):

@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from training.common import UsageError, progress, run_main
+from training.cli import UsageError, run_main
 from training.data.deepapl import DEFAULT_ROOT
+from training.engine import progress
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def train_quick_typer(
 
     from marrowscope.models import build_model, make_config, save_model
     from training.celltype import augment, batch_loss, outputs
-    from training.common import seed_everything
+    from training.engine import AmpStep, epoch_generator, seed_everything
 
     if (out / "config.json").is_file():
         return out
@@ -174,18 +175,16 @@ def train_quick_typer(
     )
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=1e-4)
+    step = AmpStep(optimizer, amp=False)
     start, epoch = time.monotonic(), 0
     model.train()
     while time.monotonic() - start < minutes * 60:
-        g = torch.Generator().manual_seed(epoch)
         total, steps = 0.0, 0
-        for batch in torch.randperm(len(y), generator=g).split(64):
+        order = torch.randperm(len(y), generator=epoch_generator(0, epoch))
+        for batch in progress(order.split(64), desc=f"quick typer epoch {epoch + 1}"):
             xb = augment(x[batch].permute(0, 3, 1, 2).float().div(255.0))
-            loss = batch_loss(model, xb, y[batch], None, "softmax")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
+            total += step(batch_loss(model, xb, y[batch], None, "softmax"))
+            steps += 1
             if time.monotonic() - start > minutes * 60:
                 break
         epoch += 1
@@ -291,7 +290,7 @@ def sign_out_differential(cohort: AplCohort) -> tuple[list[str], np.ndarray]:
 def ensemble_fit_predict(names, table: np.ndarray, y: np.ndarray, config, out: Path):
     """A `fit_predict` training the product's ensemble net (`train_mlp`, targets aml + apl)
     per fold and returning its P(APL | AML); every patient here is AML (aml label 1)."""
-    from training.common import JobConfig
+    from training.cli import JobConfig
     from training.ensemble import train_mlp
 
     labels = np.stack([np.ones(len(y)), y], axis=1).astype(np.float32)
@@ -390,7 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         repeated_grouped_cv,
         summarise,
     )
-    from training.common import JobConfig, load_job_config
+    from training.cli import JobConfig, load_job_config
 
     if args.celltype_model is None and args.train_typer_minutes <= 0:
         raise UsageError("give --celltype-model or a positive --train-typer-minutes")

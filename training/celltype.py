@@ -37,23 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    amp_context,
-    build_job_config,
-    check_args,
-    data_hash,
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import data_hash
+from training.engine import (
+    AmpStep,
+    build_for_training,
     device_and_amp,
-    finish,
+    epoch_generator,
     fit,
-    mlflow_run,
     progress,
-    run_main,
     seed_everything,
+    train_batches,
+    unsaved_predictor,
 )
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "celltype"
@@ -369,7 +366,7 @@ def train(
 
     from marrowscope.imaging import CELL_CROP_PAD_FRACTION
     from marrowscope.inference import CellTyper
-    from marrowscope.models import LoadedModel, build_model, make_config
+    from marrowscope.models import make_config
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
@@ -398,17 +395,12 @@ def train(
             "config_name": config["config_name"],
         },
     )
-    model = build_model(model_config)
-    if config.get("init_weights"):
-        from marrowscope.models.weights import load_initial_weights
-
-        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
-    model.to(device)
+    model = build_for_training(model_config, device, config.get("init_weights"))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = AmpStep(optimizer, amp=amp)
     tr = splits["train"]
     x_all = torch.from_numpy(tr.crops)
     y_all = torch.from_numpy(tr.cells)
@@ -419,44 +411,30 @@ def train(
     sample_w = torch.from_numpy(np.maximum(counts, 1.0)[tr.cells] ** -balance)
 
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
+        g = epoch_generator(config["seed"], epoch)
         if balance > 0:  # draw an epoch of cells with weight count^-balance (rare classes)
             order = torch.multinomial(sample_w, len(y_all), replacement=True, generator=g)
         else:
             order = torch.randperm(len(y_all), generator=g)
-        batches = order.split(config["batch_size"])
-        limit = config["max_steps_per_epoch"] or len(batches)
-        total = 0.0
-        for idx in progress(batches[:limit], desc=f"epoch {epoch + 1}"):
-            x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
-            x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
-            with amp_context(amp):
-                loss = batch_loss(
-                    model,
-                    x,
-                    y_all[idx].to(device),
-                    None if a_all is None else a_all[idx].to(device),
-                    config["cell_head"],
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total += loss.item()
-        return total / max(1, min(limit, len(batches)))
+        chunks = order.split(config["batch_size"])
+        chunks = chunks[: config["max_steps_per_epoch"] or len(chunks)]
+
+        def batches():  # augmented here, outside the autocast of the loss
+            for idx in chunks:
+                x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
+                x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
+                yield x, y_all[idx].to(device), None if a_all is None else a_all[idx].to(device)
+
+        return train_batches(
+            batches(),
+            lambda b: batch_loss(model, *b, config["cell_head"]),
+            step,
+            desc=f"epoch {epoch + 1}",
+            total=len(chunks),
+        )
 
     def typer() -> CellTyper:
-        from pathlib import Path
-
-        return CellTyper(
-            LoadedModel(model, model_config, "0" * 64, Path(".")),
-            device=device.type,
-            autocast="fp16" if amp else "none",
-        )
+        return unsaved_predictor(CellTyper, model, model_config, device, amp)
 
     def validate(epoch: int) -> dict[str, float]:
         m = evaluate_probs(typer().predict(splits["val"].crops), splits["val"])
@@ -466,7 +444,7 @@ def train(
     out = args.output / (f"trial-{trial.number}" if trial is not None else "")
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -474,7 +452,6 @@ def train(
         output=out,
         config=config.as_dict(),
         resume=args.resume,
-        scaler=scaler,
         trial=trial,
         monitor="val_macro_f1",
         checkpoint=trial is None,
@@ -517,17 +494,11 @@ def save_predictions(path, splits: dict[str, tuple[np.ndarray, CropSet]]) -> Non
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.celltype",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return add_common_args(p)
+    return job_parser(JOB, __doc__)
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
-    config = build_job_config(JOB, args)
+    config = job_config(JOB, args)
     if args.hpo_trials:
         from training.hpo import run_hpo
 
@@ -540,19 +511,17 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             train_trial=lambda cfg, trial: train(cfg, args, trial=trial, splits=splits)[2],
         )
         return None
-    from marrowscope.models import save_model
 
     with mlflow_run(args, JOB, config) as run:
         model, model_config, metrics = train(config, args)
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
-            data_digest=model_config["training"]["data_hash"],
         )
     return metrics
 

@@ -1,4 +1,5 @@
-"""Dataset access shared by the training jobs: case splits, detection sets, image reading.
+"""Dataset access shared by the training jobs: case splits, detection sets, image reading,
+the data hash recorded with every model version.
 
 Splits are made once per dataset with a fixed `split_seed` (config `common.split_seed`),
 grouped by patient and stratified by control / NPM1-mutated / wild-type AML, so every job
@@ -8,13 +9,14 @@ whose `split` column is filled is used as it is.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from training.common import UsageError
+from training.cli import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,26 @@ def is_voc(data_dir: Path) -> bool:
     return (Path(data_dir) / "Annotations").is_dir() and not (
         Path(data_dir) / "annotations.json"
     ).is_file()
+
+
+def data_hash(data_dir: Path) -> str:
+    """sha256 over the files that define a dataset's labels and splits (annotations.json and
+    cases.csv, or a VOC folder's XML files and split lists, or an ImageFolder's file list)."""
+    data_dir = Path(data_dir)
+    h = hashlib.sha256()
+    files = [data_dir / n for n in ("annotations.json", "cases.csv") if (data_dir / n).is_file()]
+    if not files and (data_dir / "Annotations").is_dir():
+        files = sorted((data_dir / "Annotations").glob("*.xml")) + sorted(
+            (data_dir / "ImageSets" / "Main").glob("*.txt")
+        )
+    if files:
+        for f in files:
+            h.update(str(f.relative_to(data_dir)).encode() + b"\0")
+            h.update(f.read_bytes())
+    else:  # single-cell ImageFolder: names and sizes (hashing every pixel is not needed)
+        for f in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(data_dir)}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 def load_cases(data_dir: Path, config) -> list:

@@ -4,8 +4,10 @@
         --segmentation models:/marrowscope-segmentation/3 --celltype models:/marrowscope-celltype/5
 
 Features come from running the *registered* segmentation and celltype versions over every
-case (`marrowscope.inference.analyse_case`, the same code path as serving), so the
-ensemble sees in training what it will see in production; those versions are recorded as
+case (`marrowscope.inference.analyse_case`: the case analysis of `marrowscope.case` that the
+gateway runs over its model services, with the predictors in process; tests/e2e/
+test_case_parity.py checks both give the same case vector), so the ensemble sees in
+training what it will see in production; those versions are recorded as
 lineage (`marrowscope.lineage.segmentation|celltype`). Features are cached per
 (data hash, upstream versions) in the output folder. Evaluation: case-grouped k-fold CV on
 the train+val cases (config `cv_folds`, 3 as in the paper) and the held-out test cases:
@@ -38,21 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    build_job_config,
-    check_args,
-    data_hash,
-    finish,
-    fit,
-    mlflow_run,
-    progress,
-    run_main,
-    seed_everything,
-)
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import data_hash
+from training.engine import AmpStep, epoch_generator, fit, progress, seed_everything
+from training.tracking import finish, mlflow_run, tracking_uri
 
 log = logging.getLogger(__name__)
 JOB = "ensemble"
@@ -272,15 +263,14 @@ def train_mlp(
     x = torch.from_numpy(x_train)
     y = torch.from_numpy(y_train)
 
+    step = AmpStep(optimizer, amp=False)
+
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
+        order = torch.randperm(len(y), generator=epoch_generator(config["seed"], epoch))
         total, n = 0.0, 0
-        for idx in torch.randperm(len(y), generator=g).split(config["batch_size"]):
-            loss = ensemble_loss(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
+        for idx in order.split(config["batch_size"]):
+            loss = step(ensemble_loss(model(x[idx]), y[idx]))
+            total, n = total + loss * len(idx), n + len(idx)
         return total / n
 
     validate = None
@@ -302,7 +292,7 @@ def train_mlp(
 
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -422,12 +412,7 @@ def target_report(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.ensemble",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_args(p)
+    p = job_parser(JOB, __doc__)
     p.add_argument(
         "--segmentation",
         default="models:/marrowscope-segmentation@champion",
@@ -443,7 +428,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _upstream(args: argparse.Namespace):
     from marrowscope.inference import load_predictor
-    from training.common import tracking_uri
 
     seg = load_predictor(
         args.segmentation,
@@ -463,8 +447,7 @@ def _upstream(args: argparse.Namespace):
     return seg, cel
 
 
-def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
+def _check_upstream_flags(args: argparse.Namespace) -> None:
     if not args.no_register:
         for flag, uri in (("--segmentation", args.segmentation), ("--celltype", args.celltype)):
             if not uri.startswith("models:/"):
@@ -472,7 +455,10 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
                     f"{flag} {uri!r}: lineage needs a registered version (models:/NAME/VERSION "
                     "or @ALIAS); use --no-register to train on a local model directory"
                 )
-    config = build_job_config(JOB, args)
+
+
+def main(args: argparse.Namespace) -> dict[str, float] | None:
+    config = job_config(JOB, args, check=_check_upstream_flags)
     from training.common_data import load_cases
 
     records = load_cases(args.data, config)
@@ -514,7 +500,6 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
         return None
 
-    from marrowscope.models import save_model
     from training.evaluate_metrics import binary_plots, binary_report, log_plots
 
     with mlflow_run(args, JOB, config) as run:
@@ -560,12 +545,12 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             metrics.update(target_metrics)
             log_plots(target_plots)
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
             data_digest=digest,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from training.common import JobConfig, UsageError, load_job_config
+from training.cli import JobConfig, UsageError, load_job_config
 
 log = logging.getLogger(__name__)
 KINDS = ("detection", "celltype", "npm1", "ensemble")

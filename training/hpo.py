@@ -25,7 +25,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from training.common import JobConfig, UsageError, mlflow_run, tracking_uri
+from training.cli import JobConfig, UsageError
+from training.tracking import mlflow_run, tracking_uri
 
 log = logging.getLogger(__name__)
 

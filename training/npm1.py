@@ -21,23 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    amp_context,
-    build_job_config,
-    check_args,
-    data_hash,
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import data_hash
+from training.engine import (
+    AmpStep,
+    build_for_training,
     device_and_amp,
-    finish,
+    epoch_loader,
     fit,
-    mlflow_run,
-    progress,
-    run_main,
     seed_everything,
+    train_batches,
+    unsaved_predictor,
 )
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "npm1"
@@ -146,7 +142,7 @@ def train(
     import torch.nn.functional as F
 
     from marrowscope.inference import Npm1Predictor
-    from marrowscope.models import LoadedModel, build_model, make_config
+    from marrowscope.models import make_config
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
@@ -175,12 +171,7 @@ def train(
             "config_name": config["config_name"],
         },
     )
-    model = build_model(model_config)
-    if config.get("init_weights"):
-        from marrowscope.models.weights import load_initial_weights
-
-        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
-    model.to(device)
+    model = build_for_training(model_config, device, config.get("init_weights"))
     train_data = Npm1Images(
         args.data,
         train_records,
@@ -207,42 +198,27 @@ def train(
         weight_decay=config["weight_decay"],
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = AmpStep(optimizer, amp=amp)
+
+    def batch_loss(batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(model(x.to(device)).float(), y.to(device))
 
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
-            train_data,  # type: ignore[arg-type]  # a map-style Dataset by duck typing
+        loader = epoch_loader(
+            train_data,
             batch_size=config["batch_size"],
-            shuffle=True,
-            generator=g,
+            seed=config["seed"],
+            epoch=epoch,
             num_workers=0,
             drop_last=len(train_data) > config["batch_size"],
         )
-        limit = config["max_steps_per_epoch"] or len(loader)
-        total, n = 0.0, 0
-        for x, y in progress(loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))):
-            if n >= limit:
-                break
-            with amp_context(amp):
-                loss = F.binary_cross_entropy_with_logits(model(x.to(device)).float(), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total, n = total + loss.item(), n + 1
-        return total / max(n, 1)
+        return train_batches(
+            loader, batch_loss, step, desc=f"epoch {epoch + 1}", limit=config["max_steps_per_epoch"]
+        )
 
     def predictor() -> Npm1Predictor:
-        return Npm1Predictor(
-            LoadedModel(model, model_config, "0" * 64, Path(".")),
-            device=device.type,
-            autocast="fp16" if amp else "none",
-        )
+        return unsaved_predictor(Npm1Predictor, model, model_config, device, amp)
 
     validate = None
     if val_data is not None and len({r.npm1_label for r in val_records}) == 2:
@@ -257,7 +233,7 @@ def train(
 
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -265,7 +241,6 @@ def train(
         output=output or args.output,
         config=config.as_dict(),
         resume=args.resume and checkpoint,
-        scaler=scaler,
         trial=trial,
         monitor="val_auroc",
         checkpoint=checkpoint,
@@ -329,17 +304,11 @@ def cross_validate(config: JobConfig, args: argparse.Namespace, records: list) -
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.npm1",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return add_common_args(p)
+    return job_parser(JOB, __doc__)
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
-    config = build_job_config(JOB, args)
+    config = job_config(JOB, args)
     from training.common_data import load_cases
 
     records = aml_records(load_cases(args.data, config))
@@ -366,7 +335,6 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         run_hpo(args, config, job=JOB, monitor="auroc", train_trial=trial_fn)
         return None
 
-    from marrowscope.models import save_model
     from training.evaluate_metrics import binary_plots, log_plots
 
     with mlflow_run(args, JOB, config) as run:
@@ -378,15 +346,14 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             binary_plots(y, scores, args.output / "plots", prefix="npm1_", title="NPM1 (test)")
         )
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         finish(
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
-            data_digest=model_config["training"]["data_hash"],
         )
     return metrics
 

@@ -35,19 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    UsageError,
-    add_common_args,
-    build_job_config,
-    check_args,
-    device_and_amp,
-    finish,
-    mlflow_run,
-    run_main,
-    seed_everything,
-)
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.engine import AmpStep, device_and_amp, progress, seed_everything
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "nucseg"
@@ -122,7 +112,7 @@ def synthetic_cells(
     cells = Cells()
     for k, spec in enumerate(sample_cohort(seed, cases, config)):
         image, instances = render_image(case_rng(seed, k, 7), spec, config)
-        hw = image.shape[:2]
+        height, width = hw = image.shape[:2]
         for j, inst in enumerate(instances):
             if inst.nucleus_mask is None or inst.code in NON_NUCLEATED_DETECTOR_LABELS:
                 continue
@@ -136,8 +126,8 @@ def synthetic_cells(
             if window is None:
                 continue
             (y0, y1, x0, x1), centre = window
-            cell = inst.full_mask(*hw)[y0:y1, x0:x1]
-            nucleus = inst.full_mask(*hw, nucleus=True)[y0:y1, x0:x1]
+            cell = inst.full_mask(height, width)[y0:y1, x0:x1]
+            nucleus = inst.full_mask(height, width, nucleus=True)[y0:y1, x0:x1]
             label = np.where(nucleus, 2, np.where(cell, 1, 0)).astype(np.uint8)
             cells.add(image[y0:y1, x0:x1], label, centre, f"{seed}-{k}-{j}", inst.code)
     return cells
@@ -228,18 +218,15 @@ def train_model(cfg: JobConfig, train_cells: Cells, device, *, seed: int):
     steps = cfg["epochs"] * cfg["steps_per_epoch"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
+    optimizer_step = AmpStep(opt, amp=False)
     t0 = time.perf_counter()
     model.train()
     running = 0.0
-    for step in range(steps):
+    for step in progress(range(steps), desc="nucseg steps"):
         idx = torch.randint(0, len(x_all), (cfg["batch_size"],), generator=gen)
         x, y = augment(x_all[idx], y_all[idx], gen)
-        loss = loss_fn(model(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        value = optimizer_step(loss_fn(model(x.to(device)), y.to(device)))
         sched.step()
-        value = float(loss.detach())
         running = 0.9 * running + 0.1 * value if step else value
         if (step + 1) % cfg["steps_per_epoch"] == 0:
             log.info("step %d/%d loss %.4f", step + 1, steps, running)
@@ -287,21 +274,22 @@ def _score_all(cells: Cells, module, model_config) -> dict[str, list[dict]]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
+    p = job_parser(JOB, __doc__)
     p.add_argument(
         "--no-cv", action="store_true", help="skip the wbc-seg cross-validation (faster)"
     )
     return p
 
 
-def main(args: argparse.Namespace) -> dict[str, float]:
-    check_args(args, needs_data=False)
+def _check_flags(args: argparse.Namespace) -> None:
     if args.hpo_trials:
         raise UsageError("--hpo-trials is not supported by the nucseg job")
     if args.data is not None and not (args.data / "masks").is_dir():
         raise UsageError(f"--data {args.data} has no masks/ (expected the wbc-seg folder)")
-    cfg = build_job_config(JOB, args)
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    cfg = job_config(JOB, args, needs_data=False, check=_check_flags)
     device, _ = device_and_amp(args.device, False)
     if cfg["threads"] > 0:
         import torch
@@ -360,10 +348,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             "cv_folds": cfg["cv_folds"] if wbc is not None and not args.no_cv else 0,
             "seconds": results["seconds"],
         }
-        from marrowscope.models import save_model
-
-        model_dir = save_model(module, model_config, args.output / MODEL_SUBDIR)
         results["metrics"] = metrics
+        args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "nucseg_results.json").write_text(json.dumps(results, indent=2))
         import mlflow
 
@@ -372,7 +358,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             kind=KIND,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=module,
+            model_config=model_config,
             metrics=metrics,
             config=cfg,
             data_digest=_data_digest(args.data, cfg),

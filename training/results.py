@@ -107,7 +107,7 @@ def _run(module: str, flags: list[str], *, reuse: bool = False) -> dict[str, Any
     registered model version is still the newest one: stages run in order)."""
     import importlib
 
-    from training.common import load_job_config
+    from training.cli import load_job_config
 
     command = f"python -m training.{module} " + shlex.join(flags)
     # the same command with an edited config section is a different run

@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
-from training.common import (
-    MODEL_SUBDIR,
-    JobConfig,
-    add_common_args,
-    amp_context,
-    build_job_config,
-    check_args,
-    data_hash,
+from training.cli import JobConfig, job_config, job_parser, run_main
+from training.common_data import DetectionItem, data_hash, detection_items, is_voc, read_rgb
+from training.engine import (
+    AmpStep,
+    build_for_training,
     device_and_amp,
-    finish,
+    epoch_loader,
     fit,
-    mlflow_run,
     progress,
-    run_main,
     seed_everything,
+    train_batches,
+    unsaved_predictor,
 )
-from training.common_data import DetectionItem, detection_items, is_voc, read_rgb
+from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "segmentation"
@@ -141,7 +137,6 @@ def train(
     import torch
 
     from marrowscope.inference import Detector
-    from marrowscope.models import LoadedModel, build_model
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
@@ -154,18 +149,13 @@ def train(
         raise ValueError(f"split classes differ: {classes} vs {eval_classes}")
     digest = data_hash(args.data)
     model_config = detector_config(config, classes, digest)
-    model = build_model(model_config)
-    if config.get("init_weights"):
-        from marrowscope.models.weights import load_initial_weights
-
-        load_initial_weights(model, model_config, config["init_weights"], scope="backbone")
-    model.to(device)
+    model = build_for_training(model_config, device, config.get("init_weights"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    step = AmpStep(optimizer, amp=amp)
     data = DetectionDataset(train_items, classes, augment=config["flips"])
     log.info(
         "detector %s, classes %s, %d train / %d %s images, device %s%s",
@@ -177,55 +167,35 @@ def train(
         device,
         " (AMP)" if amp else "",
     )
-    step = {"n": 0}
 
     def train_epoch(epoch: int) -> float:
-        g = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
-        loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
-            data,  # type: ignore[arg-type]  # a map-style Dataset by duck typing
+        loader = epoch_loader(
+            data,
             batch_size=config["batch_size"],
-            shuffle=True,
-            generator=g,
+            seed=config["seed"],
+            epoch=epoch,
             collate_fn=lambda b: tuple(zip(*b, strict=True)),
             num_workers=config["num_workers"],
         )
-        limit = config["max_steps_per_epoch"] or len(loader)
-        total, n = 0.0, 0
-        for images, targets in progress(
-            loader, desc=f"epoch {epoch + 1}", total=min(limit, len(loader))
-        ):
-            if n >= limit:
-                break
+
+        def batch_loss(batch) -> Any:
+            images, targets = batch
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             warm = config["warmup_steps"]
-            if warm and step["n"] < warm:  # linear warm-up from lr/10 (detectors diverge otherwise)
-                for g_ in optimizer.param_groups:
-                    g_["lr"] = (
-                        config["lr"]
-                        * (config["lr_gamma"] ** epoch)
-                        * (0.1 + 0.9 * step["n"] / warm)
-                    )
-            with amp_context(amp):
-                loss = detection_loss(model, images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total += loss.item()
-            n += 1
-            step["n"] += 1
-        return total / max(n, 1)
+            # linear warm-up from lr/10 over the first steps (detectors diverge otherwise)
+            if warm and step.steps < warm:
+                lr = config["lr"] * config["lr_gamma"] ** epoch * (0.1 + 0.9 * step.steps / warm)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            return detection_loss(model, images, targets)
+
+        return train_batches(
+            loader, batch_loss, step, desc=f"epoch {epoch + 1}", limit=config["max_steps_per_epoch"]
+        )
 
     def wrap() -> Detector:
-        loaded = LoadedModel(
-            module=model, config=model_config, digest="0" * 64, directory=Path(".")
-        )
-        return Detector(loaded, device=device.type, autocast="fp16" if amp else "none")
+        return unsaved_predictor(Detector, model, model_config, device, amp)
 
     validate = None
     every = config["eval_every"] or (1 if trial is not None else 0)
@@ -247,7 +217,7 @@ def train(
     out = args.output / (f"trial-{trial.number}" if trial is not None else "")
     fit(
         model=model,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
         epochs=config["epochs"],
         train_epoch=train_epoch,
@@ -255,7 +225,6 @@ def train(
         output=out,
         config=config.as_dict(),
         resume=args.resume,
-        scaler=scaler,
         trial=trial,
         monitor="val_map50",
         checkpoint=trial is None,
@@ -269,17 +238,11 @@ def train(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.segmentation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return add_common_args(p)
+    return job_parser(JOB, __doc__)
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
-    check_args(args)
-    config = build_job_config(JOB, args)
+    config = job_config(JOB, args)
     if args.hpo_trials:
         from training.hpo import run_hpo
 
@@ -291,11 +254,9 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             train_trial=lambda cfg, trial: train(cfg, args, trial=trial)[2],
         )
         return None
-    from marrowscope.models import save_model
 
     with mlflow_run(args, JOB, config) as run:
         model, model_config, metrics, _ = train(config, args)
-        model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
         import mlflow
 
         mlflow.set_tag("marrowscope.data_format", "voc" if is_voc(args.data) else "coco")
@@ -303,10 +264,10 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             kind=JOB,
             args=args,
             run=run,
-            model_dir=model_dir,
+            model=model,
+            model_config=model_config,
             metrics=metrics,
             config=config,
-            data_digest=model_config["training"]["data_hash"],
         )
     return metrics
 

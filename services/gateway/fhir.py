@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from marrowscope.targets import GeneticTarget, genetic_targets
+from services.gateway.result import AnalysisResult, GeneticMorphologyCall, SlideSummary
 
 LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
 UCUM = "http://unitsofmeasure.org"
@@ -60,9 +61,10 @@ def _withheld(reason: str, detail: str | None) -> dict:
     }
 
 
-def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
-    """analysis: {id, accession_id, finished_at (datetime|None)}; result: AnalysisResult
-    dict. Returns the Bundle as a JSON-ready dict, validated by fhir.resources R4B."""
+def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") -> dict:
+    """analysis: {id, accession_id, finished_at (datetime|None)}; result: the analysis's
+    result (a stored one: `AnalysisResult.model_validate`). Returns the Bundle as a
+    JSON-ready dict, validated by fhir.resources R4B."""
     from fhir.resources.R4B.bundle import Bundle
 
     meta = {"security": [AIAST]}
@@ -78,10 +80,10 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         "deviceName": [{"name": "MarrowScope", "type": "user-friendly-name"}],
         "type": {"text": "AI software for bone-marrow smear analysis (decision support)"},
         "version": [
-            {"type": {"text": stage}, "value": v["version"]}
-            for stage, v in sorted(result["model_versions"].items())
+            {"type": {"text": stage}, "value": v.version}
+            for stage, v in sorted(result.model_versions.items())
         ],
-        "note": [{"text": result["disclaimer"]}],
+        "note": [{"text": result.disclaimer}],
     }
 
     def observation(code: str, display: str, **value) -> str:
@@ -109,63 +111,65 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         return ref
 
     results: list[str] = []
-    if result.get("p_aml") is not None:
-        interp = "POS" if result["aml_positive"] else "NEG"
+    if result.p_aml is not None:
+        interp = "POS" if result.aml_positive else "NEG"
         results.append(
             observation(
                 "p-aml",
                 "Probability of acute myeloid leukemia (AI)",
-                valueQuantity=_prob(result["p_aml"]),
+                valueQuantity=_prob(result.p_aml),
                 interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-                note=[{"text": f"threshold {result['aml_threshold']}"}],
+                note=[{"text": f"threshold {result.aml_threshold}"}],
             )
         )
-    aml = result.get("aml") or {}
-    if result["outcome"] == "succeeded" and aml.get("status") == "abstained":
+    aml = result.aml
+    if result.outcome == "succeeded" and aml is not None and aml.status == "abstained":
         results.append(
             observation(
                 "p-aml",
                 "Probability of acute myeloid leukemia (AI)",
-                dataAbsentReason=_withheld(aml["reason"], aml["detail"]),
+                dataAbsentReason=_withheld(aml.reason, aml.detail),
             )
         )
-    if result.get("p_npm1") is not None:
-        interp = "POS" if result["npm1_positive"] else "NEG"
+    if result.p_npm1 is not None:
+        interp = "POS" if result.npm1_positive else "NEG"
         results.append(
             observation(
                 "p-npm1-mutated",
                 "Probability of NPM1 mutation (AI, mean over images)",
-                valueQuantity=_prob(result["p_npm1"]),
+                valueQuantity=_prob(result.p_npm1),
                 interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
-                note=[{"text": f"threshold {result['npm1_threshold']}"}],
+                note=[{"text": f"threshold {result.npm1_threshold}"}],
             )
         )
     morph_texts = []
     for target in genetic_targets():
-        morph = result.get(target.report_entry) or {}
-        ref = _morphology_observation(observation, target, morph, result["outcome"])
+        morph: GeneticMorphologyCall | None = getattr(result, target.report_entry, None)
+        if morph is None:
+            continue
+        ref = _morphology_observation(observation, target, morph, result.outcome)
         if ref is not None:
             results.append(ref)
-        if morph.get("status") == "predicted":
-            morph_texts.append(f"; P({target.name} | AML) by morphology {morph['p']:.3f}")
-        elif morph.get("status") == "abstained":
+        if morph.status == "predicted":
+            morph_texts.append(f"; P({target.name} | AML) by morphology {morph.p:.3f}")
+        elif morph.status == "abstained":
             morph_texts.append(f"; {target.code.upper()} by morphology withheld")
-    by_code = {d["code"]: d for d in result["differential"]}
-    if result.get("blast_percent") is not None and "BLA" in by_code:
+    by_code = {d.code: d for d in result.differential}
+    if result.blast_percent is not None and "BLA" in by_code:
         b = by_code["BLA"]
         results.append(
             observation(
                 "blast-percent",
                 "Blasts per 100 counted nucleated cells (AI count)",
-                valueQuantity=_pct(result["blast_percent"]),
+                valueQuantity=_pct(result.blast_percent),
                 component=[
                     {
                         "code": _code("ci95-low", "Wilson 95% CI lower bound"),
-                        "valueQuantity": _pct(100 * b["ci_low"]),
+                        "valueQuantity": _pct(100 * b.ci_low),
                     },
                     {
                         "code": _code("ci95-high", "Wilson 95% CI upper bound"),
-                        "valueQuantity": _pct(100 * b["ci_high"]),
+                        "valueQuantity": _pct(100 * b.ci_high),
                     },
                 ],
             )
@@ -174,87 +178,68 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
         observation(
             "counted-cells",
             "Nucleated cells counted (AI)",
-            valueInteger=int(result["n_cells_counted"]),
+            valueInteger=int(result.n_cells_counted),
         )
     )
-    for d in result["differential"]:
+    for d in result.differential:
         results.append(
             observation(
-                f"count-{d['code']}",
-                f"{d['name']} count (AI)",
-                valueInteger=int(d["count"]),
+                f"count-{d.code}",
+                f"{d.name} count (AI)",
+                valueInteger=int(d.count),
                 component=[
                     {
                         "code": _code("fraction", "fraction of counted cells"),
-                        "valueQuantity": _pct(100 * d["fraction"]),
+                        "valueQuantity": _pct(100 * d.fraction),
                     },
                     {
                         "code": _code("ci95-low", "Wilson 95% CI lower bound"),
-                        "valueQuantity": _pct(100 * d["ci_low"]),
+                        "valueQuantity": _pct(100 * d.ci_low),
                     },
                     {
                         "code": _code("ci95-high", "Wilson 95% CI upper bound"),
-                        "valueQuantity": _pct(100 * d["ci_high"]),
+                        "valueQuantity": _pct(100 * d.ci_high),
                     },
                 ],
             )
         )
 
     media_links = []
-    for im in result["images"]:
+    for im in result.images:
         kinds = [("overlay", "cell boxes coloured by type")]
-        if im.get("heatmap_sha256"):
+        if im.heatmap_sha256:
             kinds.append(("heatmap", "occlusion heatmap (NPM1 model)"))
         for kind, what in kinds:
             ref = f"urn:uuid:{uuid.uuid4()}"
-            url = f"{base_url}/v1/analyses/{analysis['id']}/images/{im['index']}/{kind}.png"
+            url = f"{base_url}/v1/analyses/{analysis['id']}/images/{im.index}/{kind}.png"
             entries.append(
                 (
                     ref,
-                    {
-                        "resourceType": "Media",
-                        "meta": meta,
-                        "status": "completed",
-                        "type": {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/media-type",
-                                    "code": "image",
-                                }
-                            ]
-                        },
-                        "device": dev_ref,
-                        "width": im["width"],
-                        "height": im["height"],
-                        "content": {
-                            "contentType": "image/png",
-                            "url": url,
-                            "title": f"image {im['index']}: {what}",
-                        },
-                    },
+                    _media(
+                        meta, dev_ref, url, f"image {im.index}: {what}", size=(im.width, im.height)
+                    ),
                 )
             )
-            media_links.append(
-                {"comment": f"image {im['index']} {kind}", "link": {"reference": ref}}
-            )
+            media_links.append({"comment": f"image {im.index} {kind}", "link": {"reference": ref}})
 
-    slide = result.get("slide")
-    if slide:
-        media_links.append(_slide_media(slide, analysis["id"], base_url, meta, dev_ref, entries))
-        results.append(_slide_regions(slide, observation))
+    if result.slide is not None:
+        media_links.append(
+            _slide_media(result.slide, analysis["id"], base_url, meta, dev_ref, entries)
+        )
+        results.append(_slide_regions(result.slide, observation))
 
-    if result["outcome"] == "abstained":
-        conclusion = f"No AI call: {result['abstain_reason']}"
+    if result.outcome == "abstained":
+        conclusion = f"No AI call: {result.abstain_reason}"
     else:
         aml_text = (
-            f"P(AML) {result['p_aml']:.3f}"
-            if result["p_aml"] is not None
-            else f"P(AML) withheld ({aml.get('reason')}: {aml.get('detail')})"
+            f"P(AML) {result.p_aml:.3f}"
+            if result.p_aml is not None
+            else f"P(AML) withheld ({aml and aml.reason}: {aml and aml.detail})"
         )
         conclusion = (
-            f"{aml_text}; P(NPM1 mutated) {result['p_npm1']:.3f}{''.join(morph_texts)}; "
-            f"blasts {result['blast_percent']:.1f}% of "
-            f"{result['n_cells_counted']} counted cells. {result['disclaimer']}"
+            f"{aml_text}; P(NPM1 mutated) {result.p_npm1:.3f}{''.join(morph_texts)}; "
+            f"blasts {result.blast_percent:.1f}% of "
+            f"{result.n_cells_counted} counted cells. {result.disclaimer}"
         )
     report = {
         "resourceType": "DiagnosticReport",
@@ -323,81 +308,83 @@ def build_bundle(*, analysis: dict, result: dict, base_url: str = "") -> dict:
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
 
 
+def _media(
+    meta: dict, dev_ref: dict, url: str, title: str, *, size: tuple[int, int] | None = None
+) -> dict:
+    """A PNG the gateway serves at `url`, as a FHIR Media resource (width/height when known)."""
+    media: dict = {
+        "resourceType": "Media",
+        "meta": meta,
+        "status": "completed",
+        "type": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}
+            ]
+        },
+        "device": dev_ref,
+    }
+    if size is not None:
+        media["width"], media["height"] = size
+    media["content"] = {"contentType": "image/png", "url": url, "title": title}
+    return media
+
+
 def _slide_media(
-    slide: dict, analysis_id: str, base_url: str, meta: dict, dev_ref: dict, entries: list
+    slide: SlideSummary, analysis_id: str, base_url: str, meta: dict, dev_ref: dict, entries: list
 ) -> dict:
     """The slide thumbnail with the selected regions drawn, as a Media entry; its link."""
     ref = f"urn:uuid:{uuid.uuid4()}"
-    entries.append(
-        (
-            ref,
-            {
-                "resourceType": "Media",
-                "meta": meta,
-                "status": "completed",
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/media-type",
-                            "code": "image",
-                        }
-                    ]
-                },
-                "device": dev_ref,
-                "content": {
-                    "contentType": "image/png",
-                    "url": f"{base_url}/v1/analyses/{analysis_id}/slide.png",
-                    "title": f"slide thumbnail: {len(slide['regions'])} regions selected, "
-                    "numbered in selection order",
-                },
-            },
-        )
-    )
+    url = f"{base_url}/v1/analyses/{analysis_id}/slide.png"
+    title = f"slide thumbnail: {len(slide.regions)} regions selected, numbered in selection order"
+    entries.append((ref, _media(meta, dev_ref, url, title)))
     return {"comment": "slide thumbnail with the selected regions", "link": {"reference": ref}}
 
 
-def _slide_regions(slide: dict, observation) -> str:
+def _slide_regions(slide: SlideSummary, observation: Callable[..., str]) -> str:
     """One Observation: how many regions were used and why the selection stopped, with a
     component per region (its level-0 box and the nucleated cells counted in it)."""
     return observation(
         "slide-regions",
         "Whole-slide regions analysed (automatic ROI selection)",
-        valueInteger=len(slide["regions"]),
+        valueInteger=len(slide.regions),
         note=[
             {
-                "text": f"{slide['cells_counted']} nucleated cells counted in "
-                f"{len(slide['regions'])} of {slide['candidates']} candidate regions; target "
-                f"{slide['cell_target']} cells; stopped: {slide['stop_reason']}"
+                "text": f"{slide.cells_counted} nucleated cells counted in "
+                f"{len(slide.regions)} of {slide.candidates} candidate regions; target "
+                f"{slide.cell_target} cells; stopped: {slide.stop_reason}"
             }
         ],
         component=[
             {
-                "code": {"text": f"region {r['index'] + 1}"},
-                "valueString": f"x={r['x']} y={r['y']} w={r['width']} h={r['height']} "
-                f"(level-0 px); score {r['score']:.2f}; cells counted {r['n_counted']}",
+                "code": {"text": f"region {r.index + 1}"},
+                "valueString": f"x={r.x} y={r.y} w={r.width} h={r.height} "
+                f"(level-0 px); score {r.score:.2f}; cells counted {r.n_counted}",
             }
-            for r in slide["regions"]
+            for r in slide.regions
         ],
     )
 
 
 def _morphology_observation(
-    observation: Callable[..., str], target: GeneticTarget, morph: dict, outcome: str
+    observation: Callable[..., str],
+    target: GeneticTarget,
+    morph: GeneticMorphologyCall,
+    outcome: str,
 ) -> str | None:
     """The `<target>_morphology` entry as an Observation (reference), None when there is
     nothing to say (no such output, or the whole case abstained)."""
-    status = morph.get("status")
+    status = morph.status
     if status == "predicted":
-        interp = "POS" if morph["positive"] else "NEG"
+        interp = "POS" if morph.positive else "NEG"
         return observation(
             target.fhir_code,
             target.fhir_display,
-            valueQuantity=_prob(morph["p"]),
+            valueQuantity=_prob(morph.p),
             interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
             note=[
                 {
-                    "text": f"conditional on AML; threshold {morph['threshold']} "
-                    f"({morph['threshold_source']})"
+                    "text": f"conditional on AML; threshold {morph.threshold} "
+                    f"({morph.threshold_source})"
                 }
             ],
         )
@@ -407,7 +394,7 @@ def _morphology_observation(
         return observation(
             target.fhir_code,
             target.fhir_display,
-            dataAbsentReason=_withheld(morph["reason"], morph["detail"]),
+            dataAbsentReason=_withheld(morph.reason, morph.detail),
         )
     if status == "not_applicable":
         # called non-AML: the head (trained on AML cases) has nothing to say about the case
@@ -417,9 +404,9 @@ def _morphology_observation(
             dataAbsentReason={
                 "coding": [
                     {"system": DATA_ABSENT, "code": "not-applicable"},
-                    {"system": LOCAL_SYSTEM, "code": morph["reason"]},
+                    {"system": LOCAL_SYSTEM, "code": morph.reason},
                 ],
-                "text": morph["detail"],
+                "text": morph.detail,
             },
         )
     return None

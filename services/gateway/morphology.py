@@ -20,21 +20,22 @@ from marrowscope.targets import BY_CODE, NPM1, GeneticTarget, genetic_targets
 from services.gateway.clients import EnsembleOutput, ModelInfo
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.result import AmlCall, GeneticMorphologyCall
 
 
 def genetic_morphology(
     target: GeneticTarget,
-    aml: dict,
+    aml: AmlCall,
     answer: EnsembleOutput | None,
     *,
     ensemble: ModelInfo,
     settings: GatewaySettings,
     metrics: GatewayMetrics | None = None,
     aml_positive: bool | None = None,
-) -> dict:
-    """The result's `<target>_morphology` block (`result.GeneticMorphologyCall`).
+) -> GeneticMorphologyCall:
+    """The result's `<target>_morphology` block.
 
-    aml: the result's `aml` block (`status`, `reason`, `detail`); answer: what the pinned
+    aml: the result's `aml` call (`status`, `reason`, `detail`); answer: what the pinned
     ensemble answered, None when it was not called (too few cells: its metadata then says
     whether the version has the head); aml_positive: the report's AML call (None when not
     made). not_available (no head) wins over abstained. A case called non-AML gets
@@ -49,51 +50,49 @@ def genetic_morphology(
     model_threshold = None if answer is None else answer.threshold(target.code)
     deployment = float(getattr(settings, target.gateway_threshold_setting, 0.5))
     threshold = deployment if model_threshold is None else model_threshold
-    call = {
-        "status": "predicted",
-        "p": None,
-        "positive": None,
-        "threshold": threshold,
-        "threshold_source": "deployment" if model_threshold is None else "model",
-        "reason": None,
-        "detail": None,
-        "model_version": ensemble.version,
-    }
+    source = "deployment" if model_threshold is None else "model"
     if not has_head:
-        call.update(
-            status="not_available",
-            reason=target.missing_reason,
-            detail=f"ensemble version {ensemble.version} has no {target.code.upper()} output "
-            + ("(trained for AML only)" if aml_only else f"(no {target.output})"),
+        status, reason = "not_available", target.missing_reason
+        detail = f"ensemble version {ensemble.version} has no {target.code.upper()} output " + (
+            "(trained for AML only)" if aml_only else f"(no {target.output})"
         )
-    elif aml["status"] == "abstained":
+    elif aml.status == "abstained":
         # the same features as P(AML): the same reasons to distrust them
-        call.update(status="abstained", reason=aml["reason"], detail=aml["detail"])
+        status, reason, detail = "abstained", aml.reason, aml.detail
     elif aml_positive is False:
-        call.update(
-            status="not_applicable",
-            reason="not_aml",
-            detail=f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
-            f"P({target.name} | AML) is reported only for cases called AML",
+        status, reason = "not_applicable", "not_aml"
+        detail = (
+            f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
+            f"P({target.name} | AML) is reported only for cases called AML"
         )
     else:
-        call.update(p=p, positive=p >= threshold)
+        status, reason, detail = "predicted", None, None
+    call = GeneticMorphologyCall(
+        status=status,
+        p=p if status == "predicted" else None,
+        positive=p >= threshold if status == "predicted" else None,
+        threshold=threshold,
+        threshold_source=source,
+        reason=reason,
+        detail=detail,
+        model_version=ensemble.version,
+    )
     if metrics is not None:
         if target is NPM1:
-            metrics.npm1_morphology.labels(call["status"]).inc()
-        metrics.genetic_morphology.labels(target.code, call["status"]).inc()
+            metrics.npm1_morphology.labels(call.status).inc()
+        metrics.genetic_morphology.labels(target.code, call.status).inc()
     return call
 
 
 def morphology_calls(
-    aml: dict,
+    aml: AmlCall,
     answer: EnsembleOutput | None,
     *,
     ensemble: ModelInfo,
     settings: GatewaySettings,
     metrics: GatewayMetrics | None = None,
     aml_positive: bool | None = None,
-) -> dict[str, dict]:
+) -> dict[str, GeneticMorphologyCall]:
     """`{report_entry: call}` for every genetic target (`npm1_morphology`, `apl_morphology`)."""
     return {
         t.report_entry: genetic_morphology(

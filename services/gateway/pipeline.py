@@ -1,12 +1,19 @@
 """Orchestration of one case over the model services (behind the `ModelClients` protocol).
 
-Order: pin versions (ModelMetadata of every needed service) -> per image: segmentation,
-crops of the counted (non-RBC) cells at the celltype crop size, celltype in batches ->
-quality control (fewer than MIN_CELLS counted cells: abstain, no probability) -> per case:
-differential with Wilson CIs and the case feature vector (`marrowscope.features`) ->
-concurrently: ensemble P(AML) (+ lineage check, + `morphology` P(NPM1 | AML)), npm1 per image
-(P(NPM1) of the case = mean of the per-image probabilities), explanations when asked
-(explain, mode cells, target npm1 at its pinned version).
+Steps of `Pipeline._run`, one method each:
+1. `_pin`: ModelMetadata of every needed service; those versions serve the whole analysis.
+2. `_analyse_image`, per image: the case analysis of `marrowscope.case` over the
+   segmentation and celltype services (`calls.ServedCellModels`: detection with
+   morphometrics, crops of the typed (non-RBC) cells at the celltype crop size, typing in
+   batches, cell calls).
+3. `_aggregate`: differential with Wilson CIs and the case feature vector; quality control
+   (fewer than MIN_CELLS counted cells: the case abstains, no probability).
+4. `_predict`, concurrently: ensemble P(AML) (+ lineage check, + `morphology` P(NPM1 | AML)),
+   npm1 per image (P(NPM1) of the case = mean of the per-image probabilities) and
+5. `_explain` when asked (explain, mode cells, target npm1 at its pinned version).
+Then `_conclude` sets the calls. The result is an `AnalysisResult` from step 2 on: each
+step fills in typed parts (`ImageResult`, `AmlCall`, `GeneticMorphologyCall`, ...), and
+`Outcome.result` is its JSON.
 
 Duplicates: an image whose bytes (sha256) already occur earlier in the case is analysed once
 (`distinct_images`; the report's `duplicate_images_ignored`): one image sent 32 times had
@@ -42,26 +49,43 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from marrowscope import case
+from marrowscope.errors import InvalidInput
 from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
-from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
+from services.gateway.calls import (
+    PipelineFailure,
+    ServedCellModels,
+    ServiceCalls,
+    TransientFailure,
+)
+from services.gateway.clients import EnsembleOutput, FeatureUnits, ModelClients, ModelInfo
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.morphology import morphology_calls
 from services.gateway.plausibility import image_too_small, implausible_cell_size
-from services.gateway.result import RESULT_SCHEMA_VERSION
+from services.gateway.result import (
+    RESULT_SCHEMA_VERSION,
+    AmlCall,
+    AnalysisResult,
+    Cell,
+    DifferentialEntry,
+    ImageResult,
+    MorphometricSummary,
+    StageVersion,
+)
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
 log = logging.getLogger(__name__)
 
-
-class PipelineFailure(Exception):
-    """The analysis fails with this reason (shown to the LIS)."""
-
-
-class TransientFailure(PipelineFailure):
-    """A model service stayed UNAVAILABLE / DEADLINE_EXCEEDED through the call's retries
-    while the run still had time: the worker requeues the analysis. (A run that used up its
-    whole deadline fails: rerunning it would cost the same.)"""
+__all__ = [
+    "Cancelled",
+    "CaseImage",
+    "Outcome",
+    "Pipeline",
+    "PipelineFailure",
+    "TransientFailure",
+    "distinct_images",
+]
 
 
 class Cancelled(Exception):
@@ -80,11 +104,21 @@ class CaseImage:
 class Outcome:
     status: str  # succeeded | abstained | failed
     reason: str | None
-    result: dict | None
+    report: AnalysisResult | None
     artifacts: dict[str, bytes] = field(default_factory=dict)
     """sha256 -> bytes the worker stores in the blob store (heatmaps as .npy)."""
     transient: bool = False
     """A failure caused by an unavailable or slow model service (may succeed later)."""
+
+    @property
+    def result(self) -> dict | None:
+        """The report as the JSON the job store keeps (None when failed)."""
+        return None if self.report is None else self.report.model_dump(mode="json")
+
+    @result.setter
+    def result(self, value: dict | None) -> None:
+        """Replace the report by a result JSON (the worker adds a slide's `slide` section)."""
+        self.report = None if value is None else AnalysisResult.model_validate(value)
 
 
 def distinct_images(images: list[CaseImage]) -> tuple[list[CaseImage], list[int]]:
@@ -100,15 +134,6 @@ def distinct_images(images: list[CaseImage]) -> tuple[list[CaseImage], list[int]
     return kept, repeats
 
 
-class Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
-
 def _input_hw(info: ModelInfo, name: str, *, square: bool = False) -> tuple[int, int]:
     spec = info.inputs.get(name)
     if spec is None or len(spec.shape) != 4 or min(spec.shape[1:3]) <= 0:
@@ -121,13 +146,30 @@ def _input_hw(info: ModelInfo, name: str, *, square: bool = False) -> tuple[int,
     return h, w
 
 
-def _finalize(result: dict) -> dict:
-    """Drop working fields and validate against the published result schema."""
-    from services.gateway.result import AnalysisResult
+@dataclass(frozen=True)
+class Pinned:
+    """What the metadata of the versions pinned for one analysis fixes."""
 
-    for entry in result["images"]:
-        entry.pop("_boxes", None)
-    return AnalysisResult.model_validate(result).model_dump(mode="json")
+    infos: dict[str, ModelInfo]
+    cells: ServedCellModels
+    """The case analysis's model calls at the pinned segmentation and celltype versions."""
+    npm1_hw: tuple[int, int]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {s: info.version for s, info in self.infos.items()}
+
+
+@dataclass(eq=False)
+class AnalysedImage:
+    """One image after step 2: its result entry, its cells, and what steps 4-5 need."""
+
+    entry: ImageResult
+    analysis: case.ImageAnalysis
+    npm1_input: np.ndarray
+    """uint8[h, w, 3] at the npm1 input size (also the explained image)."""
+    shape: tuple[int, int]
+    """(H, W) of the submitted image."""
 
 
 class Pipeline:
@@ -160,95 +202,17 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.stage_seconds.labels(stage).observe(dt)
 
-    async def call(self, service: str, make: Callable[[float], Awaitable]):
-        """Run `make(timeout)` with the remaining deadline, retrying transient failures."""
-        from tenacity import (
-            AsyncRetrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_exponential,
-        )
-
-        attempts = 0
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, ServiceCallError) and exc.transient
-
-        def out_of_time(_state) -> bool:
-            return self.deadline.remaining() <= 0.05
-
-        def before_sleep(state) -> None:
-            exc = state.outcome.exception()
-            log.warning(
-                "%s call failed (%s), attempt %d; retrying",
-                service,
-                getattr(exc, "code", exc),
-                state.attempt_number,
-            )
-            if self.metrics is not None:
-                self.metrics.call_retries.labels(service, getattr(exc, "code", "?")).inc()
-
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.s.call_attempts) | out_of_time,
-                wait=wait_exponential(multiplier=self.s.retry_initial_s, max=self.s.retry_max_s),
-                retry=retry_if_exception(transient),
-                before_sleep=before_sleep,
-                reraise=True,
-            ):
-                with attempt:
-                    remaining = self.deadline.remaining()
-                    if remaining <= 0:
-                        raise PipelineFailure(self._deadline_reason(service))
-                    attempts += 1
-                    try:
-                        # wait_for guards against a client that ignores its timeout
-                        return await asyncio.wait_for(make(remaining), remaining + 1.0)
-                    except TimeoutError:
-                        raise ServiceCallError(
-                            service, "DEADLINE_EXCEEDED", "no answer within the deadline"
-                        ) from None
-        except ServiceCallError as exc:
-            if self.deadline.remaining() <= 0.05:
-                raise PipelineFailure(self._deadline_reason(service)) from exc
-            if exc.transient:
-                raise TransientFailure(
-                    f"{service} service unavailable after {attempts} attempts ({exc.code})"
-                ) from exc
-            raise PipelineFailure(f"{service} service error {exc.code}: {exc.message}") from exc
-
-    def _deadline_reason(self, service: str) -> str:
-        return f"deadline of {self.s.deadline_s:g} s exceeded while calling the {service} service"
-
     async def run(
         self, *, analysis_id: str, images: list[CaseImage], explain: bool = False
     ) -> Outcome:
         """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
-        self.deadline = Deadline(self.s.deadline_s)
+        self.calls = ServiceCalls(self.clients, self.s, self.metrics)
         try:
             return await self._run(analysis_id, images, explain)
         except PipelineFailure as exc:
             return Outcome("failed", str(exc), None, transient=isinstance(exc, TransientFailure))
 
-    def _check_version(self, service: str, pinned: str, answered: str) -> None:
-        if answered and answered != pinned:
-            raise PipelineFailure(
-                f"{service} answered with model version {answered} but "
-                f"{pinned} was pinned for this analysis"
-            )
-
     async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
-        from marrowscope.errors import InvalidInput
-        from marrowscope.features import CellCall, case_features, differential
-        from marrowscope.imaging import (
-            CELL_CROP_PAD_FRACTION,
-            crop_cells,
-            decode_image,
-            resize_for_model,
-        )
-        from marrowscope.taxonomy import COUNTED_CODES, NON_NUCLEATED_DETECTOR_LABELS
-
-        t0 = time.monotonic()
         images, repeats = distinct_images(images)
         if repeats:
             log.warning(
@@ -257,280 +221,279 @@ class Pipeline:
                 len(repeats),
                 repeats,
             )
-        needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
-        infos = await asyncio.gather(
-            *(self.call(s, lambda t, s=s: self.clients.metadata(s, timeout=t)) for s in needed)
-        )
-        pinned = dict(zip(needed, infos, strict=True))
-        versions = {s: i.version for s, i in pinned.items()}
-        crop = _input_hw(pinned["celltype"], "CROPS", square=True)[0]
-        npm1_hw = _input_hw(pinned["npm1"], "IMAGE")
-        self._timed("pin", t0)
-        await self.checkpoint("pinned")
-
-        per_image: list[dict] = []
-        cells: list = []
-        pixels: dict[int, np.ndarray] = {}  # npm1-sized copies; full-size decodes are dropped
-        shapes: dict[int, tuple[int, int]] = {}
-        units: list[str] = []
-        for im in images:
-            t = time.monotonic()
-            um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
-            seg = await self.call(
-                "segmentation",
-                lambda tm, im=im, um=um: self.clients.segment(
-                    im.data, version=versions["segmentation"], timeout=tm, um_per_px=um
-                ),
-            )
-            self._check_version("segmentation", versions["segmentation"], seg.model_version)
-            # a service that does not say its unit measured in um exactly when given a size
-            unit = seg.length_unit or ("px" if um is None else "um")
-            if unit not in ("um", "px"):
-                raise PipelineFailure(f"segmentation reported an unknown length unit {unit!r}")
-            units.append(unit)
-            self._timed("segmentation", t)
-            await self.checkpoint("segmentation")
-
-            t = time.monotonic()
-            rgb = decode_image(im.data, limits=self.limits)
-            pixels[im.index] = resize_for_model(rgb, npm1_hw)
-            shapes[im.index] = rgb.shape[:2]
-            to_classify = [
-                i for i, lab in enumerate(seg.labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS
-            ]
-            img_cells = [
-                {
-                    "box": [float(v) for v in seg.boxes[i]],
-                    "detector_label": lab,
-                    "score": float(seg.scores[i]),
-                    "cell_type": None,
-                    "confidence": None,
-                }
-                for i, lab in enumerate(seg.labels)
-            ]
-            if to_classify:
-                crops = crop_cells(rgb, seg.boxes[to_classify], crop, CELL_CROP_PAD_FRACTION)
-                for start in range(0, len(to_classify), self.s.celltype_batch):
-                    batch = crops[start : start + self.s.celltype_batch]
-                    cls = await self.call(
-                        "celltype",
-                        lambda tm, b=batch: self.clients.classify(
-                            b, version=versions["celltype"], timeout=tm
-                        ),
-                    )
-                    self._check_version("celltype", versions["celltype"], cls.model_version)
-                    for row, i in zip(
-                        cls.probs, to_classify[start : start + len(batch)], strict=True
-                    ):
-                        probs = {n: float(p) for n, p in zip(cls.names, row, strict=True)}
-                        morph = {
-                            n: float(v)
-                            for n, v in zip(seg.feature_names, seg.features[i], strict=True)
-                        }
-                        call = CellCall(probs=probs, morph=morph)
-                        try:
-                            code = call.cell_type
-                        except KeyError as exc:
-                            raise PipelineFailure(f"celltype output lacks class {exc}") from None
-                        cells.append(call)
-                        img_cells[i]["cell_type"] = code
-                        img_cells[i]["confidence"] = probs[code]
-            per_image.append(
-                {
-                    "index": im.index,
-                    "sha256": im.sha256,
-                    "width": rgb.shape[1],
-                    "height": rgb.shape[0],
-                    "um_per_px": um,
-                    "um_per_px_source": um_source,
-                    "n_detected": len(seg.labels),
-                    "n_counted": sum(c["cell_type"] in COUNTED_CODES for c in img_cells),
-                    "cells": img_cells,
-                    "_boxes": seg.boxes,
-                }
-            )
-            del rgb  # before the next image is decoded
-            self._timed("celltype", t)
-            await self.checkpoint("celltype")
-
+        pinned = await self._pin(explain)
+        analysed = [await self._analyse_image(im, pinned) for im in images]
         t = time.monotonic()
-        n_counted = sum(c.cell_type in COUNTED_CODES for c in cells)
-        try:
-            diff = differential(cells)
-            names, vector = case_features(cells)
-        except InvalidInput as exc:
-            raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
-        base = self._base_result(analysis_id, images, per_image, diff, versions, n_counted)
-        base["duplicate_images_ignored"] = len(repeats)
-        base["morphometrics_unit"] = features_unit = case_unit(units)
-        if n_counted < self.s.min_cells:
-            reason = (
-                f"too few cells for a reliable call: {n_counted} counted (non-RBC) cells, "
-                f"at least {self.s.min_cells} needed"
-            )
+        summary = self._aggregate(analysed)
+        report = self._report(analysis_id, analysed, summary, pinned, repeats=len(repeats))
+        if summary.n_counted < self.s.min_cells:
             self._timed("aggregate", t)
-            self._count_aml_abstention("too_few_cells")
-            aml = {"status": "abstained", "reason": "too_few_cells", "detail": reason}
-            base.update(
-                outcome="abstained",
-                abstain_reason=reason,
-                aml=aml,
-                **morphology_calls(
-                    aml, None, ensemble=pinned["ensemble"], settings=self.s, metrics=self.metrics
-                ),
-                stage_seconds=dict(self.stage_seconds),
-            )
-            return Outcome("abstained", reason, _finalize(base))
-        named = dict(zip(names, (float(v) for v in vector), strict=True))
-        base["attribute_fractions"] = {
-            k.removeprefix("frac_attr_"): v for k, v in named.items() if k.startswith("frac_attr_")
-        }
-        base["morphometrics"] = {
-            k.removeprefix("mean_"): {"mean": v, "std": named.get("std_" + k[5:], 0.0)}
-            for k, v in named.items()
-            if k.startswith("mean_")
+            return self._too_few_cells(report, pinned)
+        report.attribute_fractions = summary.attribute_fractions()
+        report.morphometrics = {
+            f: MorphometricSummary(mean=mean, std=std)
+            for f, (mean, std) in summary.morphometric_summary().items()
         }
         self._timed("aggregate", t)
         await self.checkpoint("aggregate")
 
+        ens, artifacts = await self._predict(analysed, summary, pinned, explain)
+        self._check_lineage(ens.lineage, pinned.versions)
+        await self.checkpoint("report")
+        return self._conclude(report, analysed, ens, pinned, explain, artifacts)
+
+    async def _pin(self, explain: bool) -> Pinned:
+        """Step 1: the version of every needed service, and the input sizes it fixes."""
+        t = time.monotonic()
+        needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
+        infos = await asyncio.gather(*(self.calls.metadata(s) for s in needed))
+        by_stage = dict(zip(needed, infos, strict=True))
+        cells = ServedCellModels(
+            self.calls,
+            segmentation_version=by_stage[Stage.SEGMENTATION].version,
+            celltype_version=by_stage[Stage.CELLTYPE].version,
+            crop_size=_input_hw(by_stage[Stage.CELLTYPE], "CROPS", square=True)[0],
+            batch=self.s.celltype_batch,
+        )
+        pinned = Pinned(by_stage, cells, _input_hw(by_stage[Stage.NPM1], "IMAGE"))
+        self._timed("pin", t)
+        await self.checkpoint("pinned")
+        return pinned
+
+    async def _analyse_image(self, im: CaseImage, pinned: Pinned) -> AnalysedImage:
+        """Step 2 for one image: decode, detect, type; the full-size pixels are dropped on
+        return, before the next image is decoded (only the npm1-sized copy is kept)."""
+        from marrowscope.imaging import decode_image, resize_for_model
+
+        t = time.monotonic()
+        um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
+        rgb = decode_image(im.data, limits=self.limits)
+        smear = case.SmearImage(rgb, um, im.data)
+        found = await pinned.cells.detect(smear)
+        self._timed("segmentation", t)
+        await self.checkpoint("segmentation")
+
+        t = time.monotonic()
+        try:
+            analysis = await case.analyse_detections(pinned.cells, smear, found)
+        except InvalidInput as exc:
+            raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
+        det = analysis.detections
+        entry = ImageResult(
+            index=im.index,
+            sha256=im.sha256,
+            width=rgb.shape[1],
+            height=rgb.shape[0],
+            um_per_px=um,
+            um_per_px_source=um_source,
+            n_detected=len(det),
+            n_counted=analysis.n_counted,
+            cells=[
+                Cell(
+                    box=[float(v) for v in det.boxes[i]],
+                    detector_label=label,
+                    score=float(det.scores[i]),
+                    cell_type=None if call is None else call.cell_type,
+                    confidence=None if call is None else call.probs[call.cell_type],
+                )
+                for i, (label, call) in enumerate(zip(det.labels, analysis.calls, strict=True))
+            ],
+        )
+        analysed = AnalysedImage(
+            entry, analysis, resize_for_model(rgb, pinned.npm1_hw), rgb.shape[:2]
+        )
+        self._timed("celltype", t)
+        await self.checkpoint("celltype")
+        return analysed
+
+    def _aggregate(self, analysed: list[AnalysedImage]) -> case.CaseAnalysis:
+        """Step 3: the differential and the case vector over every image's cells."""
+        try:
+            return case.summarise([a.analysis for a in analysed])
+        except InvalidInput as exc:
+            raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
+
+    def _report(
+        self,
+        analysis_id: str,
+        analysed: list[AnalysedImage],
+        summary: case.CaseAnalysis,
+        pinned: Pinned,
+        *,
+        repeats: int,
+    ) -> AnalysisResult:
+        """The result of an abstained case; the later steps add the calls."""
+        from marrowscope.taxonomy import BLAST, cell_type
+
+        differential = [
+            DifferentialEntry(
+                code=code,
+                name=cell_type(code).name,
+                count=d.count,
+                fraction=d.fraction,
+                ci_low=d.ci_low,
+                ci_high=d.ci_high,
+            )
+            for code, d in summary.differential.items()
+        ]
+        blasts = summary.differential.get(BLAST)
+        n_counted = summary.n_counted
+        return AnalysisResult(
+            schema_version=RESULT_SCHEMA_VERSION,
+            analysis_id=analysis_id,
+            outcome="abstained",
+            aml_threshold=self.s.aml_threshold,
+            npm1_threshold=self.s.npm1_threshold,
+            n_images=len(analysed),
+            duplicate_images_ignored=repeats,
+            n_cells_detected=summary.n_detected,
+            n_cells_counted=n_counted,
+            blast_percent=None if blasts is None or not n_counted else 100 * blasts.fraction,
+            differential=differential,
+            morphometrics_unit=case_unit([a.analysis.length_unit for a in analysed]),
+            model_versions={
+                s: StageVersion(model=s, version=v) for s, v in pinned.versions.items()
+            },
+            images=[a.entry for a in analysed],
+            generated_at=datetime.now(UTC).isoformat(),
+        )
+
+    def _too_few_cells(self, report: AnalysisResult, pinned: Pinned) -> Outcome:
+        """Quality control of step 3: no probability from too few cells."""
+        reason = (
+            f"too few cells for a reliable call: {report.n_cells_counted} counted (non-RBC) "
+            f"cells, at least {self.s.min_cells} needed"
+        )
+        self._count_aml_abstention("too_few_cells")
+        report.abstain_reason = reason
+        report.aml = AmlCall(status="abstained", reason="too_few_cells", detail=reason)
+        self._set_morphology(report, None, pinned)
+        report.stage_seconds = dict(self.stage_seconds)
+        return Outcome("abstained", reason, report)
+
+    def _set_morphology(
+        self,
+        report: AnalysisResult,
+        ens: EnsembleOutput | None,
+        pinned: Pinned,
+        aml_positive: bool | None = None,
+    ) -> None:
+        calls = morphology_calls(
+            report.aml,
+            ens,
+            ensemble=pinned.infos[Stage.ENSEMBLE],
+            aml_positive=aml_positive,
+            settings=self.s,
+            metrics=self.metrics,
+        )
+        for entry, call in calls.items():
+            setattr(report, entry, call)
+
+    async def _predict(
+        self,
+        analysed: list[AnalysedImage],
+        summary: case.CaseAnalysis,
+        pinned: Pinned,
+        explain: bool,
+    ) -> tuple[EnsembleOutput, dict[str, bytes]]:
+        """Steps 4 and 5 concurrently: the ensemble's answer; each image's `p_npm1` and,
+        when asked, its cells' importances and heatmap (returned as artifacts)."""
+        versions = pinned.versions
         artifacts: dict[str, bytes] = {}
         try:
             async with asyncio.TaskGroup() as tg:
-                ens_task = tg.create_task(self._ensemble(vector, list(names), versions))
-                npm1_task = tg.create_task(self._npm1(images, pixels, versions["npm1"]))
-                expl_task = (
-                    tg.create_task(self._explain(per_image, pixels, shapes, versions, artifacts))
-                    if explain
-                    else None
+                ens_task = tg.create_task(
+                    self._ensemble(summary.features, list(summary.feature_names), versions)
                 )
+                tg.create_task(self._npm1(analysed, versions["npm1"]))
+                if explain:
+                    tg.create_task(self._explain(analysed, versions, artifacts))
         except BaseExceptionGroup as group:
             # surface the first domain error (siblings were cancelled by the TaskGroup)
             for exc in group.exceptions:
                 if isinstance(exc, PipelineFailure | Cancelled):
                     raise exc from group
             raise
-        ens, p_npm1_each = ens_task.result(), npm1_task.result()
-        p_aml, lineage = ens.p_aml, ens.lineage
-        self._check_lineage(lineage, versions)
-        await self.checkpoint("report")
+        return ens_task.result(), artifacts
 
-        p_npm1 = float(np.mean(list(p_npm1_each.values())))
-        for entry in per_image:
-            entry["p_npm1"] = p_npm1_each[entry["index"]]
-        if expl_task is not None:
-            expl_task.result()
+    def _conclude(
+        self,
+        report: AnalysisResult,
+        analysed: list[AnalysedImage],
+        ens: EnsembleOutput,
+        pinned: Pinned,
+        explain: bool,
+        artifacts: dict[str, bytes],
+    ) -> Outcome:
+        """The calls of a case with enough cells: P(AML) unless withheld, P(NPM1), and the
+        genetic lesions by morphology."""
+        p_npm1 = float(np.mean([a.entry.p_npm1 for a in analysed]))
         abstention = self._aml_abstention(
-            features_unit, ens.feature_units, per_image, ensemble_version=versions["ensemble"]
+            report.morphometrics_unit,
+            ens.feature_units,
+            report.images,
+            ensemble_version=pinned.versions["ensemble"],
         )
-        aml = {"status": "predicted", "model_length_unit": ens.feature_units.length}
+        p_aml: float | None = ens.p_aml
         reason = None
-        if abstention is not None:
+        if abstention is None:
+            aml = AmlCall(status="predicted", model_length_unit=ens.feature_units.length)
+        else:
             # features in another unit than the model learned: the number means nothing
             p_aml = None
-            aml.update(status="abstained", **abstention)
+            aml = AmlCall(
+                status="abstained", model_length_unit=ens.feature_units.length, **abstention
+            )
             reason = f"P(AML) withheld ({abstention['reason']}): {abstention['detail']}"
             self._count_aml_abstention(abstention["reason"])
-            log.warning("analysis %s: P(AML) withheld: %s", analysis_id, abstention["reason"])
+            log.warning(
+                "analysis %s: P(AML) withheld: %s", report.analysis_id, abstention["reason"]
+            )
         aml_positive = None if p_aml is None else p_aml >= self.s.aml_threshold
-        base.update(
-            outcome="succeeded",
-            p_aml=p_aml,
-            aml=aml,
-            aml_positive=aml_positive,
-            p_npm1=p_npm1,
-            npm1_positive=p_npm1 >= self.s.npm1_threshold,
-            **morphology_calls(
-                aml,
-                ens,
-                ensemble=pinned["ensemble"],
-                aml_positive=aml_positive,
-                settings=self.s,
-                metrics=self.metrics,
-            ),
-            lineage=lineage,
-            explained=explain,
-            stage_seconds=dict(self.stage_seconds),
-        )
-        return Outcome("succeeded", reason, _finalize(base), artifacts)
+        report.outcome = "succeeded"
+        report.p_aml = p_aml
+        report.aml = aml
+        report.aml_positive = aml_positive
+        report.p_npm1 = p_npm1
+        report.npm1_positive = p_npm1 >= self.s.npm1_threshold
+        self._set_morphology(report, ens, pinned, aml_positive)
+        report.lineage = ens.lineage
+        report.explained = explain
+        report.stage_seconds = dict(self.stage_seconds)
+        return Outcome("succeeded", reason, report, artifacts)
 
     def _aml_abstention(
-        self, features_unit: str, model, per_image: list[dict], *, ensemble_version: str
+        self,
+        features_unit: str,
+        model: FeatureUnits,
+        images: list[ImageResult],
+        *,
+        ensemble_version: str,
     ) -> dict | None:
         """The first reason to withhold P(AML): units, pixel size range, image size, cell size."""
+        entries = [im.model_dump() for im in images]  # plausibility reads result entries
         return (
             aml_abstention(
                 features_unit,
                 model,
                 ensemble_version=ensemble_version,
-                um_per_px=[e["um_per_px"] for e in per_image],
+                um_per_px=[im.um_per_px for im in images],
                 tolerance=self.s.pixel_size_tolerance,
             )
-            or image_too_small(per_image)
-            or implausible_cell_size(per_image)
+            or image_too_small(entries)
+            or implausible_cell_size(entries)
         )
 
     def _count_aml_abstention(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.aml_abstained.labels(reason).inc()
 
-    def _base_result(self, analysis_id, images, per_image, diff, versions, n_counted) -> dict:
-        from marrowscope.taxonomy import BLAST, cell_type
-
-        entries = [
-            {
-                "code": code,
-                "name": cell_type(code).name,
-                "count": d.count,
-                "fraction": d.fraction,
-                "ci_low": d.ci_low,
-                "ci_high": d.ci_high,
-            }
-            for code, d in diff.items()
-        ]
-        blasts = next((e for e in entries if e["code"] == BLAST), None)
-        for entry in per_image:
-            entry.setdefault("p_npm1", None)
-            entry.setdefault("heatmap_sha256", None)
-        return {
-            "schema_version": RESULT_SCHEMA_VERSION,
-            "analysis_id": analysis_id,
-            "outcome": "abstained",
-            "abstain_reason": None,
-            "p_aml": None,
-            "aml_threshold": self.s.aml_threshold,
-            "aml_positive": None,
-            "p_npm1": None,
-            "npm1_threshold": self.s.npm1_threshold,
-            "npm1_positive": None,
-            "n_images": len(images),
-            "n_cells_detected": sum(e["n_detected"] for e in per_image),
-            "n_cells_counted": n_counted,
-            "blast_percent": None if blasts is None or not n_counted else 100 * blasts["fraction"],
-            "differential": entries,
-            "model_versions": {s: {"model": s, "version": v} for s, v in versions.items()},
-            "images": per_image,
-            "generated_at": datetime.now(UTC).isoformat(),
-        }
-
     async def _ensemble(
         self, vector: np.ndarray, names: list[str], versions: dict[str, str]
     ) -> EnsembleOutput:
         t = time.monotonic()
-        out = await self.call(
-            "ensemble",
-            lambda tm: self.clients.ensemble(
-                np.asarray(vector, np.float32), names, version=versions["ensemble"], timeout=tm
-            ),
-        )
-        self._check_version("ensemble", versions["ensemble"], out.model_version)
+        out = await self.calls.ensemble(vector, names, versions["ensemble"])
         self._timed("ensemble", t)
-        for what, v in (
-            ("probability", out.p_aml),
-            *((f"P({t.upper()})", p) for t, p in out.p_targets.items()),
-            *((f"{t.upper()} threshold", th) for t, th in out.thresholds.items()),
-        ):
-            if v is not None and not 0.0 <= v <= 1.0:  # NaN fails the comparison too
-                raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
         return out
 
     def _check_lineage(self, lineage: dict[str, str], versions: dict[str, str]) -> None:
@@ -551,60 +514,39 @@ class Pipeline:
         if problems:
             raise PipelineFailure("incompatible pipeline: " + "; ".join(problems))
 
-    async def _npm1(self, images, pixels, version) -> dict[int, float]:
+    async def _npm1(self, analysed: list[AnalysedImage], version: str) -> None:
+        """Step 4: each image's `p_npm1` from its npm1-sized copy."""
         t = time.monotonic()
 
-        async def one(im: CaseImage) -> float:
-            x = pixels[im.index]
-            p = await self.call(
-                "npm1", lambda tm: self.clients.npm1(x, version=version, timeout=tm)
-            )
-            if not 0.0 <= p <= 1.0 or not np.isfinite(p):
-                raise PipelineFailure(f"npm1 returned an invalid probability {p!r}")
-            return float(p)
+        async def one(a: AnalysedImage) -> None:
+            a.entry.p_npm1 = await self.calls.npm1(a.npm1_input, version)
 
-        probs = await asyncio.gather(*(one(im) for im in images))
+        await asyncio.gather(*(one(a) for a in analysed))
         self._timed("npm1", t)
-        return {im.index: p for im, p in zip(images, probs, strict=True)}
 
-    async def _explain(self, per_image, pixels, shapes, versions, artifacts) -> None:
+    async def _explain(
+        self, analysed: list[AnalysedImage], versions: dict[str, str], artifacts: dict[str, bytes]
+    ) -> None:
+        """Step 5: each cell's occlusion importance and each image's heatmap (an artifact
+        named by its sha256), on the npm1 input of the pinned npm1 version."""
         t = time.monotonic()
-        for entry in per_image:
-            x = pixels[entry["index"]]  # the npm1 input: explain targets npm1
-            (h, w), (hh, ww) = shapes[entry["index"]], x.shape[:2]
+        for a in analysed:
+            x = a.npm1_input  # explain targets npm1
+            (h, w), (hh, ww) = a.shape, x.shape[:2]
             sy, sx = hh / h, ww / w
-            boxes = np.asarray(entry["_boxes"], np.float32).reshape(-1, 4)
-            scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
-            # the explain service caps boxes per call (MAX_BOXES): send chunks; its cells-mode
-            # heatmap is zero outside the boxes, so chunks paint disjoint parts of one map
-            step = self.s.explain_max_boxes
-            importance: list[float] = []
-            heatmap: np.ndarray | None = None
-            for start in range(0, max(len(scaled), 1), step):
-                out = await self.call(
-                    "explain",
-                    lambda tm, x=x, b=scaled[start : start + step]: self.clients.explain(
-                        x,
-                        b,
-                        version=versions["explain"],
-                        target_model="npm1",
-                        target_version=versions["npm1"],
-                        timeout=tm,
-                    ),
-                )
-                importance.extend(float(v) for v in out.cell_importance)
-                part = np.asarray(out.heatmap, np.float32)
-                heatmap = part if heatmap is None else np.where(part != 0, part, heatmap)
-            if len(importance) != len(boxes):
-                raise PipelineFailure(
-                    f"explain returned {len(importance)} importances for {len(boxes)} cells"
-                )
-            for cell, imp in zip(entry["cells"], importance, strict=True):
-                cell["importance"] = imp
+            boxes = np.asarray(a.analysis.detections.boxes, np.float32).reshape(-1, 4)
+            importance, heatmap = await self.calls.explain(
+                x,
+                boxes * np.array([sx, sy, sx, sy], np.float32),
+                version=versions["explain"],
+                npm1_version=versions["npm1"],
+            )
+            for cell, imp in zip(a.entry.cells, importance, strict=True):
+                cell.importance = imp
             buf = io.BytesIO()
-            np.save(buf, np.asarray(heatmap, np.float32), allow_pickle=False)
+            np.save(buf, heatmap, allow_pickle=False)
             data = buf.getvalue()
             sha = hashlib.sha256(data).hexdigest()
             artifacts[sha] = data
-            entry["heatmap_sha256"] = sha
+            a.entry.heatmap_sha256 = sha
         self._timed("explain", t)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
+
+from services.gateway.result import Cell
 
 # One colour per taxonomy code (RBC grey); unknown codes fall back to white.
 TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -55,22 +58,22 @@ def heatmap_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45) 
     return _png(Image.blend(Image.fromarray(image), colour, alpha))
 
 
-def overlay_png(image: np.ndarray, cells: list[dict]) -> bytes:
+def overlay_png(image: np.ndarray, cells: Sequence[Cell]) -> bytes:
     """Boxes coloured by cell type; with importances the line width (1..6 px) and opacity
-    grow with the cell's normalised importance. cells: result `Cell` dicts."""
+    grow with the cell's normalised importance. cells: the image's result cells."""
     from PIL import Image, ImageDraw
 
     base = Image.fromarray(image).convert("RGBA")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    imps = [c.get("importance") for c in cells if c.get("importance") is not None]
+    imps = [c.importance for c in cells if c.importance is not None]
     lo, hi = (min(imps), max(imps)) if imps else (0.0, 0.0)
     for c in cells:
-        code = c.get("cell_type") or c.get("detector_label") or ""
+        code = c.cell_type or c.detector_label or ""
         rgb = TYPE_COLOURS.get(code, (255, 255, 255))
-        imp = c.get("importance")
+        imp = c.importance
         w = (imp - lo) / (hi - lo) if imp is not None and hi > lo else (1.0 if imp else 0.5)
         width = 1 + int(round(5 * w)) if imps else 2
         opacity = int(110 + 145 * w) if imps else 230
-        draw.rectangle([float(v) for v in c["box"]], outline=(*rgb, opacity), width=width)
+        draw.rectangle([float(v) for v in c.box], outline=(*rgb, opacity), width=width)
     return _png(Image.alpha_composite(base, layer).convert("RGB"))

@@ -1,6 +1,9 @@
 """The versioned JSON result of an analysis (`schema_version` "1.4").
 
-Exported as JSON Schema at `GET /v1/schemas/result`. Compatible additions (new optional
+One model from the first stage to the renderers: the pipeline fills it in step by step
+(`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
+and the overlay images (`render`) are built from it. Exported as JSON Schema at
+`GET /v1/schemas/result` (`AnalysisResult.model_json_schema()`). Compatible additions (new optional
 fields) bump the minor version; anything else bumps the major version. Results stored under
 an older minor version still validate (their new fields are absent / None).
 

@@ -85,6 +85,25 @@ def find_idempotent(session: Session, *, tenant: str, key: str, content_hash: st
     return row.analysis_id
 
 
+def _add_images(
+    session: Session, analysis_id: str, images: list[NewImage], um_per_px: float | None
+) -> None:
+    """The analysis's image rows, indexed in order."""
+    for k, im in enumerate(images):
+        session.add(
+            Image(
+                analysis_id=analysis_id,
+                idx=k,
+                sha256=im.sha256,
+                size_bytes=im.size_bytes,
+                width=im.width,
+                height=im.height,
+                format=im.format,
+                um_per_px=um_per_px,
+            )
+        )
+
+
 def create_analysis(
     session: Session,
     *,
@@ -117,19 +136,7 @@ def create_analysis(
     )
     session.add(analysis)
     session.flush()
-    for k, im in enumerate(images):
-        session.add(
-            Image(
-                analysis_id=analysis.id,
-                idx=k,
-                sha256=im.sha256,
-                size_bytes=im.size_bytes,
-                width=im.width,
-                height=im.height,
-                format=im.format,
-                um_per_px=metadata.get("options", {}).get("um_per_px"),
-            )
-        )
+    _add_images(session, analysis.id, images, metadata.get("options", {}).get("um_per_px"))
     if idempotency_key is not None and key_id is not None:
         session.add(
             Idempotency(
@@ -204,19 +211,7 @@ def attach_tiles(
         return False
     if job.expanded_at is not None:
         return True
-    for k, im in enumerate(tiles):
-        session.add(
-            Image(
-                analysis_id=analysis_id,
-                idx=k,
-                sha256=im.sha256,
-                size_bytes=im.size_bytes,
-                width=im.width,
-                height=im.height,
-                format=im.format,
-                um_per_px=um_per_px,
-            )
-        )
+    _add_images(session, analysis_id, tiles, um_per_px)
     a.n_images = len(tiles)
     job.selection_json = json.dumps(selection, sort_keys=True)
     job.thumbnail_sha256 = thumbnail_sha256

@@ -394,10 +394,12 @@ class Worker:
                 return False
             raise
         except (SlideError, SlideStoreError) as exc:
-            code = exc.code if isinstance(exc, SlideError) else exc.code
             log.warning("analysis %s: slide refused: %s", analysis_id, exc)
             if await asyncio.to_thread(
-                self._finish, analysis_id, status="failed", reason=f"slide_{code}: {exc.message}"
+                self._finish,
+                analysis_id,
+                status="failed",
+                reason=f"slide_{exc.code}: {exc.message}",
             ):
                 self.metrics.finished.labels("failed").inc()
             return False

@@ -110,6 +110,8 @@ class SegmentationHandler(PredictorHandler):
             request.um_per_px,
             margin=self.settings.morphometrics_margin,
             splitter=self.splitter,
+            batched=self.settings.morphometrics_batched,
+            device=self.predictor.device,
         )
         return {
             "BOXES": det.boxes.astype(np.float32).reshape(-1, 4),

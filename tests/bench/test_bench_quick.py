@@ -44,12 +44,19 @@ def test_quick_bench_writes_complete_results(tmp_path):
         "peak_rss_bytes",
         "generator_images_per_s",
         "peer",
+        "segmentation_cells",
     } <= set(result)
     assert result["machine"]["logical_cores"] >= 1 and result["machine"]["torch"]
     assert {(r["model"], r["concurrency"]) for r in result["per_model"]} == {
         (m, c) for m in ("segmentation", "celltype", "ensemble", "npm1") for c in (1, 2)
     }
-    for row in [*result["per_model"], *result["pipeline"], result["batching"]]:
+    segcells = result["segmentation_cells"]["rows"]
+    assert [r["split"] for r in segcells] == ["classical", "learned"]
+    assert all(r["cells_per_image"] >= 1 for r in segcells)
+    assert all(
+        _finite_positive(r[s]["cells_per_s"]) for r in segcells for s in ("batched", "per_cell")
+    )
+    for row in [*result["per_model"], *result["pipeline"], result["batching"], *segcells]:
         assert _finite_positive(row["throughput_ratio"]), row
         sides = [k for k, v in row.items() if isinstance(v, dict)]
         assert len(sides) == 2 and all(row[s]["errors"] == 0 for s in sides), row

@@ -142,7 +142,7 @@ def test_a_case_called_non_aml_gets_no_apl_probability(make_settings, p_aml, sta
         from services.gateway.fhir import build_bundle
 
         bundle = build_bundle(
-            analysis={"id": "a", "accession_id": "ACC-1", "finished_at": None}, result=out.result
+            analysis={"id": "a", "accession_id": "ACC-1", "finished_at": None}, result=out.report
         )
         (obs,) = [
             e["resource"]

@@ -259,7 +259,7 @@ def test_a_case_called_non_aml_gets_no_npm1_morphology_probability(make_settings
         from services.gateway.fhir import build_bundle
 
         bundle = build_bundle(
-            analysis={"id": "a", "accession_id": "ACC-1", "finished_at": None}, result=out.result
+            analysis={"id": "a", "accession_id": "ACC-1", "finished_at": None}, result=out.report
         )
         (obs,) = [
             e["resource"]

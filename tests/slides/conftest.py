@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gateway.conftest import gateway, make_settings, spawn  # noqa: F401 - fixtures
 from training.data.synth_slide import SlideSpec, write_slide
 
 SMALL = SlideSpec(width=3072, height=2048, block=256, tile=256, levels=(1, 4, 16), seed=3)

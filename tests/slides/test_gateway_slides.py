@@ -17,7 +17,7 @@ from marrowscope.roi import RoiConfig
 from services.gateway.auth import create_key
 from services.gateway.pipeline import Cancelled
 from services.gateway.slidejob import expand_slide
-from tests.gateway.conftest import gateway, make_settings, png, spawn, wait_status  # noqa: F401
+from tests.gateway.conftest import png, wait_status
 from training.data.synth_slide import ZONE, load_truth
 
 REGION_UM = 128.0  # the small slide's zone block: 256 px at 0.5 um/px
@@ -42,7 +42,7 @@ def slide_root(tmp_path: Path, small_slide: Path) -> Path:
 
 
 @pytest.fixture
-def slide_gateway(gateway, slide_root: Path):  # noqa: F811 - pytest fixture
+def slide_gateway(gateway, slide_root: Path):
     def start(**overrides):
         return gateway(
             slide_roots={"lab": str(slide_root)},

@@ -52,3 +52,45 @@ def test_empty_glass_is_not_a_smear() -> None:
     with pytest.raises(SlideError) as exc:
         select_regions(score_image(glass, um_per_px=2.0))
     assert exc.value.code == "not_a_smear"
+
+
+def _cream(rgb: np.ndarray) -> np.ndarray:
+    """The same field on the cream glass of a real May-Grunwald-Giemsa smear (per-channel
+    gain: grey synthetic glass 236/234/238 -> about 253/228/201)."""
+    gain = np.array([253 / 236, 228 / 234, 201 / 238])
+    return np.clip(np.round(rgb * gain), 0, 255).astype(np.uint8)
+
+
+def test_cream_glass_scores_like_grey_glass(small_slide: Path) -> None:
+    """The defect found on the 43 real overviews: absolute saturation and OD constants read
+    tinted glass as cells, so every real field was `not_a_smear`. Scores are now computed
+    against the slide's own glass colour and red-cell hue."""
+    spec, zmap, _ = load_truth(small_slide)
+    with open_slide(small_slide) as slide:
+        field = slide.read_region((0, 0), 1, (768, 512))  # 2 um/px, the scoring scale
+    cfg = RoiConfig(region_um=spec.block * spec.mpp)
+    grey = score_image(field, um_per_px=2.0, config=cfg)
+    cream = score_image(_cream(field), um_per_px=2.0, config=cfg)
+    y = [zmap[r.row, r.col] == ZONE["monolayer"] for r in cream]
+    assert roc_auc_score(y, [r.score for r in cream]) >= 0.95
+    assert np.allclose([r.score for r in cream], [r.score for r in grey], atol=0.1)
+    assert [r.features.nuclei for r in cream] == pytest.approx(
+        [r.features.nuclei for r in grey], abs=2
+    )
+
+
+def test_score_image_resamples_to_the_scoring_scale(small_slide: Path) -> None:
+    spec, _, _ = load_truth(small_slide)
+    with open_slide(small_slide) as slide:
+        fine = slide.read_region((0, 0), 1, (768, 512))
+    cfg = RoiConfig(region_um=spec.block * spec.mpp)
+    from PIL import Image
+
+    twice = np.asarray(Image.fromarray(fine).resize((1536, 1024), Image.Resampling.BILINEAR))
+    a, b = (
+        score_image(fine, um_per_px=2.0, config=cfg),
+        score_image(twice, um_per_px=1.0, config=cfg),
+    )
+    assert [(r.row, r.col) for r in a] == [(r.row, r.col) for r in b]
+    assert b[1].x == 2 * a[1].x and b[1].size == 2 * a[1].size  # pixels of the given image
+    assert np.corrcoef([r.score for r in a], [r.score for r in b])[0, 1] > 0.95

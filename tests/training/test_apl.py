@@ -129,7 +129,7 @@ def test_cohort_from_the_shared_reader_and_cells_decoded_once(tmp_path):
 
 def test_reader_errors_are_usage_errors(tmp_path):
     from training.apl import read_cohort
-    from training.common import UsageError
+    from training.cli import UsageError
 
     (tmp_path / "patients.csv").write_text("patient_id,diagnosis\nP1,CML\n")
     (tmp_path / "cells.csv").write_text("patient_id,cell_class,file\n")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.training.conftest import job_args
 from training import celltype
-from training.common import JobConfig, load_job_config
+from training.cli import JobConfig, load_job_config
 
 DEEPAPL_CLASSES = ("Blast, no lineage spec", "Lymphocyte", "Smudge cells", "")
 PBC_CLASSES = ("lymphocyte", "platelet")

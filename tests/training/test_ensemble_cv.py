@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.common import JobConfig, load_job_config
+from training.cli import JobConfig, load_job_config
 from training.data.manifest import CaseRecord
 from training.ensemble import cross_validate
 
@@ -117,7 +117,7 @@ def test_masked_loss_ignores_controls_and_unknown_status():
 
 
 def test_npm1_target_without_npm1_labels_is_refused_with_the_fix():
-    from training.common import UsageError
+    from training.cli import UsageError
     from training.ensemble import check_target_labels
 
     records, _, _ = _cohort(12)
@@ -148,7 +148,7 @@ def test_npm1_target_without_npm1_labels_is_refused_with_the_fix():
 
 
 def test_bad_targets_are_a_usage_error():
-    from training.common import UsageError
+    from training.cli import UsageError
     from training.ensemble import job_targets
 
     assert job_targets(JobConfig.of("ensemble", load_job_config("ensemble", "cpu-tiny"))) == [

@@ -176,7 +176,7 @@ def test_ensemble_evaluation_reports_the_npm1_output(tmp_path, tiny_cohort):
 
     from marrowscope.inference import load_predictor
     from tests.fixtures_mlflow import make_tiny_model_dir
-    from training.common import JobConfig, load_job_config
+    from training.cli import JobConfig, load_job_config
     from training.common_data import load_cases
     from training.evaluate import evaluate_ensemble
 

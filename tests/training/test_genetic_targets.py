@@ -11,7 +11,7 @@ import pytest
 
 from marrowscope.models import ModelConfigError, build_model, load_model, make_config, save_model
 from marrowscope.targets import APL, BY_CODE, NPM1, genetic_target, output_of
-from training.common import JobConfig, UsageError, load_job_config
+from training.cli import JobConfig, UsageError, load_job_config
 from training.data.manifest import CaseRecord
 
 NAMES = ["a", "b", "c"]
@@ -136,6 +136,7 @@ def test_a_third_target_is_one_registry_entry(monkeypatch):
     from services.gateway.clients import EnsembleOutput, ModelInfo
     from services.gateway.config import GatewaySettings
     from services.gateway.morphology import morphology_calls
+    from services.gateway.result import AmlCall
     from training.ensemble import target_labels, threshold_hyperparameters
     from training.promote import default_floors
 
@@ -170,12 +171,12 @@ def test_a_third_target_is_one_registry_entry(monkeypatch):
         {"targets": ["aml", "flt3"], "hyperparameters": {"flt3_score_threshold": 0.4}}
     ) == {"flt3_threshold": "0.4"}
     calls = morphology_calls(
-        {"status": "predicted"},
+        AmlCall(status="predicted"),
         EnsembleOutput(0.9, {}, "2", p_targets={"flt3": 0.8}, thresholds={"flt3": 0.4}),
         ensemble=ModelInfo("ensemble", "2"),
         settings=GatewaySettings(),  # no flt3 setting: the 0.5 default
         aml_positive=True,
     )
     assert set(calls) == {"npm1_morphology", "apl_morphology", "flt3_morphology"}
-    assert (calls["flt3_morphology"]["p"], calls["flt3_morphology"]["positive"]) == (0.8, True)
-    assert calls["npm1_morphology"]["status"] == "not_available"
+    assert (calls["flt3_morphology"].p, calls["flt3_morphology"].positive) == (0.8, True)
+    assert calls["npm1_morphology"].status == "not_available"

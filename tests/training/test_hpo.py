@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from training.common import JobConfig, load_job_config
+from training.cli import JobConfig, load_job_config
 
 
 def _args(tmp_path, tracking: str, **over) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def test_pruned_trials_are_recorded_and_nested_under_the_worker_run(tmp_path, sq
     import optuna
 
     import mlflow
-    from training.common import fit  # noqa: F401  (the objective below mimics fit's reporting)
+    from training.engine import fit  # noqa: F401  (the objective below mimics fit's reporting)
     from training.hpo import run_hpo
 
     values = load_job_config("ensemble", "cpu-tiny")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from training import results
-from training.common import UsageError, load_job_config
+from training.cli import UsageError, load_job_config
 
 
 def _section_sha(job: str, config: str) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from tests.training.conftest import job_args
 from training import celltype
-from training.common import JobConfig, load_job_config
+from training.cli import JobConfig, load_job_config
 
 
 def _config(**over) -> JobConfig:
@@ -100,7 +100,7 @@ def test_resume_continues_at_the_right_epoch_with_identical_result(
 def test_resume_refuses_a_changed_config(tiny_cohort, tmp_path, sqlite_tracking):
     import pytest
 
-    from training.common import UsageError
+    from training.cli import UsageError
 
     celltype.main(
         job_args(

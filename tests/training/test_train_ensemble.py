@@ -8,7 +8,7 @@ import pytest
 from tests import fixtures_mlflow
 from tests.training.conftest import job_args
 from training import celltype, ensemble, segmentation
-from training.common import UsageError
+from training.cli import UsageError
 
 mlflow_server = fixtures_mlflow.mlflow_server
 
@@ -22,7 +22,7 @@ def _latest(client, kind: str):
 
 def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, mlflow_server):
     from marrowscope import registry
-    from training.common import data_hash
+    from training.common_data import data_hash
 
     common = ["--data", tiny_cohort, "--config", "cpu-tiny", "--tracking-uri", mlflow_server]
     # an untrained detector scores below 0.9 everywhere: no cells, so the feature pass is quick
@@ -70,7 +70,7 @@ def test_ensemble_trains_on_registered_upstream_versions(tiny_cohort, tmp_path, 
         assert float(ens_v.tags[f"marrowscope.metric.{name}"]) == pytest.approx(metrics[name])
     assert metrics["npm1_auroc_ci_low"] <= metrics["npm1_auroc"] <= metrics["npm1_auroc_ci_high"]
     assert metrics["npm1_threshold"] == 0.5 and metrics["threshold"] == 0.0
-    from training.common import JobConfig, load_job_config
+    from training.cli import JobConfig, load_job_config
     from training.common_data import load_cases
 
     test = [

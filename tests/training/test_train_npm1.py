@@ -7,7 +7,7 @@ import torch
 
 from tests.training.conftest import job_args
 from training import npm1
-from training.common import JobConfig, load_job_config
+from training.cli import JobConfig, load_job_config
 from training.common_data import load_cases, read_rgb
 
 

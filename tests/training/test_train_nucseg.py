@@ -13,7 +13,7 @@ from PIL import Image
 from marrowscope.registry import get_client, registered_name
 from tests.training.conftest import job_args
 from training import nucseg
-from training.common import UsageError
+from training.cli import UsageError
 
 
 @pytest.fixture(scope="module")

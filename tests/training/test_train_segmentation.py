@@ -7,13 +7,13 @@ import torch
 
 from tests.training.conftest import job_args
 from training import segmentation
-from training.common import UsageError
+from training.cli import UsageError
 from training.common_data import detection_items
 
 
 def test_loss_decreases_on_a_fixed_batch(tiny_cohort):
     from marrowscope.models import build_model, make_config
-    from training.common import JobConfig, load_job_config
+    from training.cli import JobConfig, load_job_config
 
     torch.manual_seed(0)
     config = JobConfig.of("segmentation", load_job_config("segmentation", "cpu-tiny"))
@@ -43,7 +43,7 @@ def test_loss_decreases_on_a_fixed_batch(tiny_cohort):
 
 
 def test_flips_move_boxes_with_the_image(tiny_cohort):
-    from training.common import JobConfig, load_job_config
+    from training.cli import JobConfig, load_job_config
 
     config = JobConfig.of("segmentation", load_job_config("segmentation", "cpu-tiny"))
     items, classes = detection_items(tiny_cohort, "train", config)

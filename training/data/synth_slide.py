@@ -131,10 +131,11 @@ def _centres(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Jittered-grid centres (um) of the cells whose centre may fall in [x0, x1) x [y0, y1):
     (cx, cy, i, j). The same (i, j) gives the same centre in every tile and level."""
-    i = np.arange(math.floor(x0 / spacing) - 1, math.ceil(x1 / spacing) + 1)
-    j = np.arange(math.floor(y0 / spacing) - 1, math.ceil(y1 / spacing) + 1)
-    i, j = np.meshgrid(i, j)
-    i, j = i.ravel(), j.ravel()
+    gi, gj = np.meshgrid(
+        np.arange(math.floor(x0 / spacing) - 1, math.ceil(x1 / spacing) + 1),
+        np.arange(math.floor(y0 / spacing) - 1, math.ceil(y1 / spacing) + 1),
+    )
+    i, j = gi.ravel(), gj.ravel()
     cx = (i + 0.5 + jitter * (_hash01(i, j, seed, salt) - 0.5)) * spacing
     cy = (j + 0.5 + jitter * (_hash01(i, j, seed, salt + 1) - 0.5)) * spacing
     return cx, cy, i, j
@@ -292,7 +293,7 @@ def _tiles(spec: SlideSpec, zmap: np.ndarray, ds: int) -> Iterator[np.ndarray]:
 def write_slide(path: Path, spec: SlideSpec) -> dict:
     """Write a pyramidal tiled TIFF (deflate, one page per level, pixel size recorded) and a
     JSON sidecar `<stem>.json` with the spec, zone names, zone map and nucleated-cell counts.
-    Memory: one tile at a time. Returns the sidecar dict."""
+    Memory: one tile rendered at a time. Returns the sidecar dict."""
     import tifffile
 
     zmap = zone_map(spec)

@@ -19,7 +19,7 @@ from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, au
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.fhir import build_bundle
 from services.gateway.render import heatmap_png, overlay_png
-from services.gateway.result import AnalysisResult
+from services.gateway.result import AnalysisResult, ImageResult
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
@@ -27,6 +27,7 @@ FHIR_JSON = "application/fhir+json"
 
 
 def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[object, dict]:
+    """The analysis and its stored result JSON (as stored: the JSON report returns it)."""
     a = get_analysis(session, analysis_id, principal)
     result = store.result_of(session, analysis_id=analysis_id)
     if result is None:
@@ -38,6 +39,14 @@ def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[o
             + "; no report available",
         )
     return a, result
+
+
+def _finished_report(
+    session, analysis_id: str, principal: Principal
+) -> tuple[object, AnalysisResult]:
+    """The analysis and its result as the model (results of older schema versions too)."""
+    a, result = _finished_result(session, analysis_id, principal)
+    return a, AnalysisResult.model_validate(result)
 
 
 @router.get(
@@ -65,7 +74,7 @@ def get_report(
         return JSONResponse(result)
     bundle = build_bundle(
         analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
-        result=result,
+        result=AnalysisResult.model_validate(result),
         # the configured public URL, never the request's Host header (client-controlled)
         base_url=request.app.state.services.settings.public_base_url,
     )
@@ -74,13 +83,13 @@ def get_report(
 
 def _image(
     services, session, analysis_id: str, k: int, principal: Principal
-) -> tuple[np.ndarray, dict]:
-    _, result = _finished_result(session, analysis_id, principal)
-    images = {im["index"]: im for im in result["images"]}
+) -> tuple[np.ndarray, ImageResult]:
+    _, report = _finished_report(session, analysis_id, principal)
+    images = {im.index: im for im in report.images}
     if k not in images:
         raise ApiError(404, "not_found", f"analysis has no image {k}")
     entry = images[k]
-    return decode_image(services.blobs.get(entry["sha256"])), entry
+    return decode_image(services.blobs.get(entry.sha256)), entry
 
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -96,9 +105,9 @@ def heatmap(
 ) -> Response:
     """Occlusion heatmap (npm1 model) blended over image k; needs `options.explain`."""
     rgb, entry = _image(services, session, analysis_id, k, principal)
-    if not entry.get("heatmap_sha256"):
+    if not entry.heatmap_sha256:
         raise ApiError(404, "no_heatmap", "this analysis was not run with options.explain")
-    hm = np.load(io.BytesIO(services.blobs.get(entry["heatmap_sha256"])), allow_pickle=False)
+    hm = np.load(io.BytesIO(services.blobs.get(entry.heatmap_sha256)), allow_pickle=False)
     audit(session, principal, "heatmap", resource=analysis_id, detail=str(k))
     session.commit()
     return Response(heatmap_png(rgb, hm), media_type="image/png")
@@ -117,7 +126,7 @@ def overlay(
     rgb, entry = _image(services, session, analysis_id, k, principal)
     audit(session, principal, "overlay", resource=analysis_id, detail=str(k))
     session.commit()
-    return Response(overlay_png(rgb, entry["cells"]), media_type="image/png")
+    return Response(overlay_png(rgb, entry.cells), media_type="image/png")
 
 
 @router.get(
@@ -130,13 +139,12 @@ def slide_thumbnail(
 ) -> Response:
     """A whole-slide analysis: the slide's thumbnail with the selected regions outlined and
     numbered (region k of `result.slide.regions` is labelled k + 1)."""
-    _, result = _finished_result(session, analysis_id, principal)
-    slide = result.get("slide")
-    if not slide:
+    _, report = _finished_report(session, analysis_id, principal)
+    if report.slide is None:
         raise ApiError(404, "no_slide", "this analysis was not submitted as a whole slide")
     audit(session, principal, "slide_thumbnail", resource=analysis_id)
     session.commit()
-    return Response(services.blobs.get(slide["thumbnail_sha256"]), media_type="image/png")
+    return Response(services.blobs.get(report.slide.thumbnail_sha256), media_type="image/png")
 
 
 @router.get("/v1/schemas/result")

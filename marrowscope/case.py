@@ -1,0 +1,279 @@
+"""The cell analysis of one case, written once for serving and training.
+
+Which detections count, how they are cropped and typed, the per-cell calls, the
+differential and the case feature vector (the ensemble's input) live here. The model calls
+come in through `CellModels`: the gateway passes its model services
+(`services.gateway.calls.ServedCellModels`, gRPC), training, benchmarks and notebooks the
+in-process predictors (`marrowscope.inference.InProcessModels`). Both therefore compute
+the case vector the ensemble learned from with the same code.
+
+Per image (`analyse_image` = `CellModels.detect`, then `analyse_detections`):
+
+1. detect: boxes, scores and detector labels of every detection, with its morphometrics
+   (`MeasuredDetections`; lengths in um when the image has a pixel size, else px);
+2. which count: every detection except the non-nucleated detector labels
+   (`taxonomy.NON_NUCLEATED_DETECTOR_LABELS`: red cells, platelets) is typed; those stay
+   in the image's detections (a report draws them) but are never typed;
+3. crop: square crops at the typer's crop size with its context padding
+   (`imaging.crop_cells`, as training cut them);
+4. type: probabilities per cell code and attribute (`CellModels.type_cells`);
+5. call: one `features.CellCall` per typed detection (argmax type, attribute
+   probabilities, morphometrics); a typer without a code or attribute the case features
+   need is refused (`InvalidInput`).
+
+Per case (`summarise`): the differential with Wilson intervals and the case vector of all
+typed cells (`marrowscope.features`). `analyse_case` runs both over a list of images.
+
+Async because served calls wait on the network; in-process calls answer at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+import numpy as np
+
+from marrowscope.errors import InvalidInput
+from marrowscope.taxonomy import NON_NUCLEATED_DETECTOR_LABELS
+
+if TYPE_CHECKING:
+    from marrowscope.features import CellCall, DifferentialEntry
+
+LengthUnit = Literal["um", "px"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image: boxes float32[N, 4] (x1, y1, x2, y2 pixels), scores
+    float32[N] in [0, 1] (descending), labels: N class names from the detector config."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep: np.ndarray | Sequence[int]) -> Detections:
+        keep = np.asarray(keep, dtype=np.int64)
+        return Detections(self.boxes[keep], self.scores[keep], tuple(self.labels[i] for i in keep))
+
+
+@dataclass(frozen=True, eq=False)
+class SmearImage:
+    """One image of a case.
+
+    pixels: uint8[H, W, 3] RGB, the pixels cells are cropped from; um_per_px: micrometres
+    per pixel (None: morphometrics in px); encoded: the file as submitted (PNG/JPEG/TIFF)
+    when there is one, which a served detector is sent instead of re-encoded pixels.
+    """
+
+    pixels: np.ndarray
+    um_per_px: float | None = None
+    encoded: bytes | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class MeasuredDetections:
+    """What `CellModels.detect` finds on one image: the detections, their morphometrics
+    float32[N, F] named by `morphometric_names`, and the unit of those lengths."""
+
+    detections: Detections
+    morphometrics: np.ndarray
+    morphometric_names: tuple[str, ...]
+    length_unit: LengthUnit
+
+
+@dataclass(frozen=True, eq=False)
+class CellTypes:
+    """probs float32[B, K] in [0, 1], columns named by `names` (cell codes, then
+    attribute codes)."""
+
+    probs: np.ndarray
+    names: tuple[str, ...]
+
+
+class CellModels(Protocol):
+    """The model calls of a case analysis."""
+
+    @property
+    def crop_size(self) -> int:
+        """Side S of the square crops the typer takes (px)."""
+        ...
+
+    @property
+    def crop_pad_fraction(self) -> float:
+        """Context around each box in the crops, as a fraction of the box side."""
+        ...
+
+    async def detect(self, image: SmearImage) -> MeasuredDetections:
+        """Every detection of the image with its morphometrics at `image.um_per_px`."""
+        ...
+
+    async def type_cells(self, crops: np.ndarray) -> CellTypes:
+        """crops uint8[B, S, S, 3] RGB -> probabilities of every code and attribute."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class ImageAnalysis:
+    """One image of a case: every detection, the morphometrics of each (float32[N, F] named
+    by `morphometric_names`), and `calls` (one per detection, None for detections not sent
+    to the cell typer, e.g. red cells)."""
+
+    detections: Detections
+    morphometrics: np.ndarray
+    morphometric_names: tuple[str, ...]
+    calls: tuple[CellCall | None, ...]
+    length_unit: LengthUnit
+
+    @property
+    def cell_types(self) -> tuple[str | None, ...]:
+        """The type code per detection (None: not typed)."""
+        return tuple(None if c is None else c.cell_type for c in self.calls)
+
+    @property
+    def cells(self) -> list[CellCall]:
+        """The typed detections' calls, in detection order."""
+        return [c for c in self.calls if c is not None]
+
+    @property
+    def n_counted(self) -> int:
+        """Typed cells of a counted code (red cells a typer calls RBC are not)."""
+        from marrowscope.taxonomy import COUNTED_CODES
+
+        return sum(code in COUNTED_CODES for code in self.cell_types)
+
+
+@dataclass(frozen=True, eq=False)
+class CaseAnalysis:
+    images: list[ImageAnalysis]
+    cells: list[CellCall]
+    """Every typed cell (red-cell-typed ones included; `case_features` leaves them out)."""
+    feature_names: tuple[str, ...]
+    features: np.ndarray
+    """float32[F], `marrowscope.features.case_features` of `cells`."""
+    differential: dict[str, DifferentialEntry]
+
+    @property
+    def n_detected(self) -> int:
+        return sum(len(im.detections) for im in self.images)
+
+    @property
+    def n_counted(self) -> int:
+        """Typed cells of a counted code (what the differential counts)."""
+        return sum(im.n_counted for im in self.images)
+
+    def named_features(self) -> dict[str, float]:
+        return dict(zip(self.feature_names, (float(v) for v in self.features), strict=True))
+
+    def attribute_fractions(self) -> dict[str, float]:
+        """Attribute -> its mean probability over the counted blasts (`frac_attr_*`)."""
+        return {
+            k.removeprefix("frac_attr_"): v
+            for k, v in self.named_features().items()
+            if k.startswith("frac_attr_")
+        }
+
+    def morphometric_summary(self) -> dict[str, tuple[float, float]]:
+        """Morphometric feature -> (mean, population std) over the counted cells."""
+        named = self.named_features()
+        return {
+            k.removeprefix("mean_"): (v, named.get("std_" + k.removeprefix("mean_"), 0.0))
+            for k, v in named.items()
+            if k.startswith("mean_")
+        }
+
+
+def typed_detections(labels: Sequence[str]) -> list[int]:
+    """Indexes of the detections the cell typer sees: all but the non-nucleated detector
+    labels (red cells, platelets), which are measured but never typed."""
+    return [i for i, lab in enumerate(labels) if lab not in NON_NUCLEATED_DETECTOR_LABELS]
+
+
+def cell_calls(
+    probs: np.ndarray, names: Sequence[str], morph: np.ndarray, morph_names: Sequence[str]
+) -> list[CellCall]:
+    """`CellCall`s from celltype probabilities float[N, K] (`names`) and morphometrics
+    float[N, F] (`morph_names`). Raises InvalidInput when the cell typer lacks a taxonomy
+    code or attribute the case features need."""
+    from marrowscope.features import CellCall
+    from marrowscope.taxonomy import ATTRIBUTE_CODES, COUNTED_CODES
+
+    missing = [c for c in (*COUNTED_CODES, *ATTRIBUTE_CODES) if c not in names]
+    if missing:
+        raise InvalidInput(f"celltype outputs lack {missing}, which the case features need")
+    if len(probs) != len(morph):
+        raise InvalidInput(f"{len(probs)} probability rows but {len(morph)} morphometric rows")
+    return [
+        CellCall(
+            probs={n: float(p) for n, p in zip(names, row, strict=True)},
+            morph={n: float(v) for n, v in zip(morph_names, m, strict=True)},
+        )
+        for row, m in zip(probs, morph, strict=True)
+    ]
+
+
+async def analyse_detections(
+    models: CellModels, image: SmearImage, found: MeasuredDetections
+) -> ImageAnalysis:
+    """Steps 2-5 of the module doc for one image whose detections are `found`."""
+    from marrowscope.imaging import crop_cells
+
+    det = found.detections
+    typed = typed_detections(det.labels)
+    calls: list[CellCall | None] = [None] * len(det)
+    if typed:
+        crops = crop_cells(
+            image.pixels, det.boxes[typed], models.crop_size, models.crop_pad_fraction
+        )
+        types = await models.type_cells(crops)
+        if types.probs.shape[0] != len(typed):
+            raise InvalidInput(f"cell typer answered {types.probs.shape[0]} rows for {len(typed)}")
+        typed_calls = cell_calls(
+            types.probs, types.names, found.morphometrics[typed], found.morphometric_names
+        )
+        for i, call in zip(typed, typed_calls, strict=True):
+            calls[i] = call
+    return ImageAnalysis(
+        det, found.morphometrics, found.morphometric_names, tuple(calls), found.length_unit
+    )
+
+
+async def analyse_image(models: CellModels, image: SmearImage) -> ImageAnalysis:
+    """Detect, measure, crop, type and call the cells of one image."""
+    return await analyse_detections(models, image, await models.detect(image))
+
+
+def summarise(images: Sequence[ImageAnalysis]) -> CaseAnalysis:
+    """The differential and the case vector over the typed cells of every image.
+
+    Raises InvalidInput when a cell lacks a probability or summary feature, or holds a
+    value the case features refuse (`features.case_features`)."""
+    from marrowscope.features import case_features, differential
+
+    cells = [c for im in images for c in im.cells]
+    names, vector = case_features(cells)
+    return CaseAnalysis(list(images), cells, names, vector, differential(cells))
+
+
+async def analyse_case(models: CellModels, images: Sequence[SmearImage]) -> CaseAnalysis:
+    """`analyse_image` over the images of one case (in order), then `summarise`."""
+    if not images:
+        raise InvalidInput("a case needs at least one image")
+    return summarise([await analyse_image(models, image) for image in images])
+
+
+def run_now(analysis: Coroutine[Any, Any, T]) -> T:
+    """The result of a case-analysis coroutine whose model calls never wait (in-process
+    predictors), without an event loop: so it runs the same inside a running loop (a
+    notebook, a benchmark) as in a script. Raises RuntimeError when a call does wait."""
+    try:
+        analysis.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    analysis.close()
+    raise RuntimeError("run_now needs model calls that never wait; await the analysis instead")
