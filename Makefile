@@ -46,6 +46,7 @@ docs: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.slide_throughput --out bench/results
 
 loadtest: setup
 	$(PY) -m loadtests.run
