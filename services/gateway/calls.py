@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,6 +45,18 @@ class TransientFailure(PipelineFailure):
     """A model service stayed UNAVAILABLE / DEADLINE_EXCEEDED through the call's retries
     while the run still had time: the worker requeues the analysis. (A run that used up its
     whole deadline fails: rerunning it would cost the same.)"""
+
+
+async def gather_or_cancel(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """The results of `calls` run concurrently, in order; when one raises, the others are
+    cancelled (one failed call fails the analysis) and its exception propagates."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 class Deadline:
@@ -281,13 +293,7 @@ class ServedCellModels:
             return probs, tuple(cls.names)
 
         starts = range(0, len(crops), self.batch)
-        tasks = [asyncio.ensure_future(one(crops[s : s + self.batch])) for s in starts]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:  # one failure fails the analysis: stop the other calls
-            for task in tasks:
-                task.cancel()
-            raise
+        answers = await gather_or_cancel([one(crops[s : s + self.batch]) for s in starts])
         if not answers:
             return CellTypes(np.zeros((0, 0), np.float32), ())
         names = answers[0][1]

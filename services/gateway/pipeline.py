@@ -69,6 +69,7 @@ from services.gateway.calls import (
     ServedCellModels,
     ServiceCalls,
     TransientFailure,
+    gather_or_cancel,
 )
 from services.gateway.clients import EnsembleOutput, FeatureUnits, ModelClients, ModelInfo
 from services.gateway.config import GatewaySettings
@@ -341,13 +342,7 @@ class Pipeline:
                     raise PipelineFailure(f"segmentation answer does not fit: {exc}") from None
                 return found, case.single_cell_crop(rgb, crop_size), (rgb.shape[:2], um, um_source)
 
-        tasks = [asyncio.ensure_future(measure(im)) for im in images]
-        try:
-            measured = await asyncio.gather(*tasks)
-        except BaseException:  # one failure fails the case: stop the other calls
-            for task in tasks:
-                task.cancel()
-            raise
+        measured = await gather_or_cancel([measure(im) for im in images])
         self._timed("segmentation", t)
         await self.checkpoint("segmentation")
 

@@ -12,15 +12,13 @@ is checked here is what reaches it. Skipped when ../shared/data is absent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
 
 from marrowscope.taxonomy import ATTRIBUTE_CODES, COUNTED_CODES
-from services.gateway.clients import EnsembleOutput
 from tests import fixtures_mlflow
-from tests.gateway.fakes import FakeModelClients
+from tests.e2e.test_case_parity import _ServedCells as ParityClients
 from tests.services import conftest as service_fixtures
 
 mlflow_server = fixtures_mlflow.mlflow_server
@@ -29,26 +27,13 @@ serve_registered = service_fixtures.serve_registered
 
 ALIAS = "test-cells-case"
 UM_PER_PX = 0.2  # DeepAPL crops are halved CellaVision images (about 0.1 um/px at source)
-STAGES = ("segmentation", "celltype")
+STAGES = ("segmentation", "celltype")  # the real services; the rest from the fakes
 N_CROPS = 20
 
 
-class _ServedCells(FakeModelClients):
-    """Segmentation and celltype from the real services; the fakes' ensemble (recording
-    the case vector, reporting the served versions as its lineage). npm1 is never called."""
-
-    def __init__(self, oip) -> None:
-        super().__init__()
-        self.oip = oip
-        self.sent: list[tuple[np.ndarray, list[str]]] = []
-        self.pinned: dict[str, str] = {}
-
-    async def metadata(self, service, *, timeout):
-        if service not in STAGES:
-            return await super().metadata(service, timeout=timeout)
-        info = await self.oip.metadata(service, timeout=timeout)
-        self.pinned[service] = info.version
-        return info
+class _ServedCells(ParityClients):
+    """test_case_parity's clients (real segmentation and celltype, the fakes' recording
+    ensemble) with the BOXES_IN of a single-cell case forwarded, and calls counted."""
 
     async def segment(self, image, *, version, timeout, um_per_px=None, boxes=None):
         self._enter("segmentation", version)
@@ -58,12 +43,7 @@ class _ServedCells(FakeModelClients):
 
     async def classify(self, crops, *, version, timeout):
         self._enter("celltype", version)
-        return await self.oip.classify(crops, version=version, timeout=timeout)
-
-    async def ensemble(self, features, names, *, version, timeout) -> EnsembleOutput:
-        self.sent.append((np.array(features), list(names)))
-        out = await super().ensemble(features, names, version=version, timeout=timeout)
-        return dataclasses.replace(out, lineage=dict(self.pinned))
+        return await super().classify(crops, version=version, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
