@@ -21,6 +21,14 @@ Per image (`analyse_image` = `CellModels.detect`, then `analyse_detections`):
    probabilities, morphometrics); a typer without a code or attribute the case features
    need is refused (`InvalidInput`).
 
+Per single-cell image (`analyse_cell_image`; a CellaVision-type export holds one cell per
+image): no detection. The image is one detection, its whole area (`whole_image_box`,
+labelled `SINGLE_CELL_LABEL`), measured by `CellModels.measure`; the typer's crop is the
+whole image resized to the crop size (`single_cell_crop`: `imaging.resize_for_model`, no
+context padding, exactly as `training.data.singlecell.load_crops` prepared real single-cell
+crops for the typer). `analyse_cell_images` types the crops of many images in one
+`type_cells` call (`call_cell_images` then makes one `ImageAnalysis` per image).
+
 Per case (`summarise`): the differential with Wilson intervals and the case vector of all
 typed cells (`marrowscope.features`). `analyse_case` runs both over a list of images.
 
@@ -43,6 +51,9 @@ if TYPE_CHECKING:
 
 LengthUnit = Literal["um", "px"]
 T = TypeVar("T")
+SINGLE_CELL_LABEL = "cell"
+"""Detector label of the one detection of a single-cell image: nucleated (not in
+`taxonomy.NON_NUCLEATED_DETECTOR_LABELS`), so it is typed and counted."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,12 @@ class CellModels(Protocol):
 
     async def detect(self, image: SmearImage) -> MeasuredDetections:
         """Every detection of the image with its morphometrics at `image.um_per_px`."""
+        ...
+
+    async def measure(self, image: SmearImage, boxes: np.ndarray) -> MeasuredDetections:
+        """No detection: exactly `boxes` float32[N, 4] (x1, y1, x2, y2 pixels inside the
+        image), in that order, with scores 1.0, labels `SINGLE_CELL_LABEL` and their
+        morphometrics at `image.um_per_px`."""
         ...
 
     async def type_cells(self, crops: np.ndarray) -> CellTypes:
@@ -248,6 +265,66 @@ async def analyse_image(models: CellModels, image: SmearImage) -> ImageAnalysis:
     return await analyse_detections(models, image, await models.detect(image))
 
 
+def whole_image_box(pixels: np.ndarray) -> np.ndarray:
+    """float32[1, 4]: the box (0, 0, W, H) of an image uint8[H, W, 3]."""
+    h, w = pixels.shape[:2]
+    return np.array([[0.0, 0.0, float(w), float(h)]], np.float32)
+
+
+def single_cell_crop(pixels: np.ndarray, crop_size: int) -> np.ndarray:
+    """uint8[S, S, 3]: a single-cell image resized whole to the typer's crop size (no
+    context padding: the image is already a crop around its cell)."""
+    from marrowscope.imaging import resize_for_model
+
+    return resize_for_model(pixels, (crop_size, crop_size))
+
+
+async def measure_cell_image(models: CellModels, image: SmearImage) -> MeasuredDetections:
+    """The one detection of a single-cell image (its whole area) with its morphometrics."""
+    found = await models.measure(image, whole_image_box(image.pixels))
+    if len(found.detections) != 1 or len(found.morphometrics) != 1:
+        raise InvalidInput(
+            f"measuring one box answered {len(found.detections)} detections and "
+            f"{len(found.morphometrics)} morphometric rows"
+        )
+    return found
+
+
+def call_cell_images(found: Sequence[MeasuredDetections], types: CellTypes) -> list[ImageAnalysis]:
+    """One `ImageAnalysis` per single-cell image: its one detection (`found[k]`) called from
+    row k of `types`. Raises InvalidInput when the rows do not match the images."""
+    if types.probs.shape[0] != len(found):
+        raise InvalidInput(f"cell typer answered {types.probs.shape[0]} rows for {len(found)}")
+    out = []
+    for k, f in enumerate(found):
+        (call,) = cell_calls(
+            types.probs[k : k + 1], types.names, f.morphometrics, f.morphometric_names
+        )
+        out.append(
+            ImageAnalysis(
+                f.detections, f.morphometrics, f.morphometric_names, (call,), f.length_unit
+            )
+        )
+    return out
+
+
+async def analyse_cell_images(
+    models: CellModels, images: Sequence[SmearImage]
+) -> list[ImageAnalysis]:
+    """Measure each single-cell image, type all their crops in one `type_cells` call."""
+    if not images:
+        return []
+    found = [await measure_cell_image(models, image) for image in images]
+    crops = np.stack([single_cell_crop(image.pixels, models.crop_size) for image in images])
+    return call_cell_images(found, await models.type_cells(crops))
+
+
+async def analyse_cell_image(models: CellModels, image: SmearImage) -> ImageAnalysis:
+    """Measure, crop, type and call the one cell of a single-cell image."""
+    (analysis,) = await analyse_cell_images(models, [image])
+    return analysis
+
+
 def summarise(images: Sequence[ImageAnalysis]) -> CaseAnalysis:
     """The differential and the case vector over the typed cells of every image.
 
@@ -260,10 +337,15 @@ def summarise(images: Sequence[ImageAnalysis]) -> CaseAnalysis:
     return CaseAnalysis(list(images), cells, names, vector, differential(cells))
 
 
-async def analyse_case(models: CellModels, images: Sequence[SmearImage]) -> CaseAnalysis:
-    """`analyse_image` over the images of one case (in order), then `summarise`."""
+async def analyse_case(
+    models: CellModels, images: Sequence[SmearImage], *, cells: bool = False
+) -> CaseAnalysis:
+    """`analyse_image` over the images of one case (in order), then `summarise`; with
+    `cells`, each image is one cell (`analyse_cell_images`)."""
     if not images:
         raise InvalidInput("a case needs at least one image")
+    if cells:
+        return summarise(await analyse_cell_images(models, images))
     return summarise([await analyse_image(models, image) for image in images])
 
 

@@ -379,6 +379,17 @@ class InProcessModels:
         unit: LengthUnit = "px" if um is None else "um"
         return MeasuredDetections(det, morph, FEATURE_NAMES, unit)
 
+    async def measure(self, image: SmearImage, boxes: np.ndarray) -> MeasuredDetections:
+        from marrowscope.case import SINGLE_CELL_LABEL
+        from marrowscope.morphometrics import FEATURE_NAMES, measure_cells
+
+        pixels = _check_image(image.pixels)
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        um = None if image.um_per_px is None else float(np.float32(image.um_per_px))
+        det = Detections(b, np.ones(len(b), np.float32), (SINGLE_CELL_LABEL,) * len(b))
+        unit: LengthUnit = "px" if um is None else "um"
+        return MeasuredDetections(det, measure_cells(pixels, b, um), FEATURE_NAMES, unit)
+
     async def type_cells(self, crops: np.ndarray) -> CellTypes:
         return CellTypes(self.celltyper.predict(crops), self.celltyper.names)
 
@@ -390,13 +401,15 @@ def analyse_case(
     *,
     um_per_px: float | Sequence[float | None] | None = None,
     score_threshold: float | None = None,
+    cells: bool = False,
 ) -> CaseAnalysis:
     """`marrowscope.case.analyse_case` with the in-process predictors: detection,
     morphometrics, cell typing, the case feature vector and the differential, by the code
     the gateway runs over its model services.
 
     images: uint8[H, W, 3] RGB each. um_per_px: one value, one per image, or None (areas in
-    px^2). Detections labelled RBC or Platelets are measured but not typed.
+    px^2). Detections labelled RBC or Platelets are measured but not typed. `cells`: each
+    image is one cell (a single-cell export), measured and typed whole, no detection.
     """
     from marrowscope import case
 
@@ -407,4 +420,4 @@ def analyse_case(
         raise InvalidInput(f"{len(scales)} um_per_px values for {len(images)} images")
     models = InProcessModels(detector, celltyper, score_threshold=score_threshold)
     smears = [case.SmearImage(im, scale) for im, scale in zip(images, scales, strict=True)]
-    return case.run_now(case.analyse_case(models, smears))
+    return case.run_now(case.analyse_case(models, smears, cells=cells))

@@ -138,3 +138,25 @@ def test_analyse_case_builds_the_case_vector(models):
 def test_cell_calls_need_every_code():
     with pytest.raises(InvalidInput, match="lack"):
         cell_calls(np.zeros((1, 2)), ["BLA", "LYT"], np.zeros((1, 1)), ["cell_area"])
+
+
+def test_analyse_case_of_single_cell_images_measures_each_image_whole(models):
+    from marrowscope.case import SINGLE_CELL_LABEL
+    from marrowscope.imaging import resize_for_model
+    from marrowscope.morphometrics import measure_cells
+
+    det, typer = Detector(load_model(models["seg"])), CellTyper(load_model(models["cel"]))
+    images = [_image(5, (60, 64)), _image(6, (72, 70))]
+    result = analyse_case(images, det, typer, um_per_px=0.27, cells=True)
+    assert result.n_detected == len(result.cells) == 2  # an untrained typer may say RBC
+    for im, pixels in zip(result.images, images, strict=True):
+        h, w = pixels.shape[:2]
+        assert im.detections.labels == (SINGLE_CELL_LABEL,)
+        assert im.detections.boxes.tolist() == [[0.0, 0.0, w, h]]
+        want = measure_cells(pixels, im.detections.boxes, float(np.float32(0.27)))
+        np.testing.assert_array_equal(im.morphometrics, want)
+        crop = resize_for_model(pixels, (typer.crop_size, typer.crop_size))[None]
+        (call,) = im.cells
+        assert call.probs == pytest.approx(
+            dict(zip(typer.names, typer.predict(crop)[0], strict=True))
+        )

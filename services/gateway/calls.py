@@ -9,9 +9,10 @@ importance per cell; explain boxes sent in chunks of `explain_max_boxes`).
 
 `ServedCellModels` is `marrowscope.case.CellModels` over the segmentation and celltype
 services, so the gateway runs the same case analysis as training (`marrowscope.case`):
-detection sends the file as submitted with the image's pixel size, typing sends the crops
-in batches of `celltype_batch` at the crop size the pinned celltype version's metadata
-states (the service refuses a model trained with another padding than
+detection sends the file as submitted with the image's pixel size (`measure` adds the boxes
+to measure: the segmentation service's BOXES_IN, no detection), typing sends the crops in
+batches of `celltype_batch`, at most `cells_concurrency` calls at once, at the crop size the
+pinned celltype version's metadata states (the service refuses a model trained with another padding than
 `CELL_CROP_PAD_FRACTION`).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,6 +45,18 @@ class TransientFailure(PipelineFailure):
     """A model service stayed UNAVAILABLE / DEADLINE_EXCEEDED through the call's retries
     while the run still had time: the worker requeues the analysis. (A run that used up its
     whole deadline fails: rerunning it would cost the same.)"""
+
+
+async def gather_or_cancel(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """The results of `calls` run concurrently, in order; when one raises, the others are
+    cancelled (one failed call fails the analysis) and its exception propagates."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 class Deadline:
@@ -217,6 +230,7 @@ class ServedCellModels:
         celltype_version: str,
         crop_size: int,
         batch: int,
+        concurrency: int = 1,
     ) -> None:
         self.clients = calls.clients
         self.calls = calls
@@ -224,8 +238,20 @@ class ServedCellModels:
         self.celltype_version = celltype_version
         self.crop_size = crop_size
         self.batch = batch
+        self.concurrency = concurrency
 
     async def detect(self, image: SmearImage) -> MeasuredDetections:
+        return await self._segment(image, None)
+
+    async def measure(self, image: SmearImage, boxes: np.ndarray) -> MeasuredDetections:
+        found = await self._segment(image, np.asarray(boxes, np.float32).reshape(-1, 4))
+        if len(found.detections) != len(boxes):
+            raise PipelineFailure(
+                f"segmentation measured {len(found.detections)} boxes for {len(boxes)} sent"
+            )
+        return found
+
+    async def _segment(self, image: SmearImage, boxes: np.ndarray | None) -> MeasuredDetections:
         from marrowscope.imaging import encode_png
 
         data = image.encoded if image.encoded is not None else encode_png(image.pixels)
@@ -233,7 +259,11 @@ class ServedCellModels:
         seg = await self.calls.call(
             Stage.SEGMENTATION,
             lambda timeout: self.clients.segment(
-                data, version=self.segmentation_version, timeout=timeout, um_per_px=um
+                data,
+                version=self.segmentation_version,
+                timeout=timeout,
+                um_per_px=um,
+                **({} if boxes is None else {"boxes": boxes}),
             ),
         )
         self.calls.check_version(Stage.SEGMENTATION, self.segmentation_version, seg.model_version)
@@ -245,21 +275,28 @@ class ServedCellModels:
         return MeasuredDetections(detections, seg.features, tuple(seg.feature_names), unit)
 
     async def type_cells(self, crops: np.ndarray) -> CellTypes:
-        probs: list[np.ndarray] = []
-        names: tuple[str, ...] | None = None
-        for start in range(0, len(crops), self.batch):
-            batch = crops[start : start + self.batch]
-            cls = await self.calls.call(
-                Stage.CELLTYPE,
-                lambda timeout, b=batch: self.clients.classify(
-                    b, version=self.celltype_version, timeout=timeout
-                ),
-            )
+        """Batches of `batch` crops, at most `concurrency` calls in flight, answers in order."""
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(batch: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+            async with slots:
+                cls = await self.calls.call(
+                    Stage.CELLTYPE,
+                    lambda timeout: self.clients.classify(
+                        batch, version=self.celltype_version, timeout=timeout
+                    ),
+                )
             self.calls.check_version(Stage.CELLTYPE, self.celltype_version, cls.model_version)
-            if names is not None and tuple(cls.names) != names:
-                raise PipelineFailure("celltype answered other output names within one analysis")
-            names = tuple(cls.names)
-            probs.append(np.asarray(cls.probs, np.float32))
-        if names is None:
+            probs = np.asarray(cls.probs, np.float32)
+            if probs.shape[0] != len(batch):
+                raise PipelineFailure(f"celltype answered {probs.shape[0]} rows for {len(batch)}")
+            return probs, tuple(cls.names)
+
+        starts = range(0, len(crops), self.batch)
+        answers = await gather_or_cancel([one(crops[s : s + self.batch]) for s in starts])
+        if not answers:
             return CellTypes(np.zeros((0, 0), np.float32), ())
-        return CellTypes(np.concatenate(probs), names)
+        names = answers[0][1]
+        if any(n != names for _, n in answers):
+            raise PipelineFailure("celltype answered other output names within one analysis")
+        return CellTypes(np.concatenate([p for p, _ in answers]), names)

@@ -149,9 +149,16 @@ class ModelClients(Protocol):
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo: ...
 
     async def segment(
-        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+        self,
+        image: bytes,
+        *,
+        version: str,
+        timeout: float,
+        um_per_px: float | None = None,
+        boxes: np.ndarray | None = None,
     ) -> Segmentation:
-        """image: the encoded file as uploaded (PNG/JPEG/TIFF)."""
+        """image: the encoded file as uploaded (PNG/JPEG/TIFF). boxes: float32[N, 4] x1, y1,
+        x2, y2 pixels to measure instead of detecting (the service's BOXES_IN)."""
         ...
 
     async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:

@@ -87,11 +87,20 @@ class GatewaySettings(BaseSettings):
     """Cells per explain call; an image with more is explained in several calls. Keep it at
     or below the explain service's MAX_BOXES."""
     celltype_batch: int = Field(64, ge=1)
+    cells_concurrency: int = Field(4, ge=1)
+    """Model calls in flight at once for the crops of a case: celltype batches, and the
+    per-image segmentation calls of a single-cell case (`"input": "cells"`)."""
     allow_local_lineage: bool = False
     """Accept a missing/mismatching ensemble lineage when the upstream pinned versions are
     local directories (`local-...`); never for registry versions."""
 
     max_images: int = Field(32, ge=1)
+    max_cell_images: int = Field(2000, ge=1)
+    """Images per single-cell case (`"input": "cells"`), instead of `max_images`: an
+    analyser exports a few hundred crops per case."""
+    max_cell_image_pixels: int = Field(1024 * 1024, gt=0)
+    """Largest image of a single-cell case (width x height); above it: 422
+    not_a_cell_image (a field sent as a cell)."""
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0)
     """Per image file."""
     max_pixels: int = Field(40_000_000, gt=0)

@@ -236,8 +236,13 @@ def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") 
             if result.p_aml is not None
             else f"P(AML) withheld ({aml and aml.reason}: {aml and aml.detail})"
         )
+        npm1_text = (  # None on a succeeded case: single-cell images, no field to read
+            "P(NPM1 mutated) not applicable (single-cell images)"
+            if result.p_npm1 is None
+            else f"P(NPM1 mutated) {result.p_npm1:.3f}"
+        )
         conclusion = (
-            f"{aml_text}; P(NPM1 mutated) {result.p_npm1:.3f}{''.join(morph_texts)}; "
+            f"{aml_text}; {npm1_text}{''.join(morph_texts)}; "
             f"blasts {result.blast_percent:.1f}% of "
             f"{result.n_cells_counted} counted cells. {result.disclaimer}"
         )

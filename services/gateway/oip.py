@@ -183,11 +183,20 @@ class OipModelClients:
         return inp
 
     async def segment(
-        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+        self,
+        image: bytes,
+        *,
+        version: str,
+        timeout: float,
+        um_per_px: float | None = None,
+        boxes: np.ndarray | None = None,
     ) -> Segmentation:
         inputs = [self._input("IMAGE", np.array([image], dtype=np.object_), "BYTES")]
         if um_per_px is not None:
             inputs.append(self._input("UM_PER_PX", np.array([um_per_px], np.float32), "FP32"))
+        if boxes is not None:
+            b = np.ascontiguousarray(np.asarray(boxes, np.float32).reshape(-1, 4))
+            inputs.append(self._input("BOXES_IN", b, "FP32"))
         r = await self._infer(Stage.SEGMENTATION, inputs, version=version, timeout=timeout)
         boxes = np.asarray(r.as_numpy("BOXES"), np.float32).reshape(-1, 4)
         names = _strings(r.as_numpy("FEATURE_NAMES"))

@@ -15,6 +15,17 @@ Then `_conclude` sets the calls. The result is an `AnalysisResult` from step 2 o
 step fills in typed parts (`ImageResult`, `AmlCall`, `GeneticMorphologyCall`, ...), and
 `Outcome.result` is its JSON.
 
+Single-cell cases (`input` "cells", a CellaVision-type export: each image is one cell):
+`_analyse_cells` replaces step 2. No detection: each image is measured whole
+(`case.measure_cell_image`: segmentation with BOXES_IN, at most `cells_concurrency` calls
+at once) and resized whole to the crop size (`case.single_cell_crop`); the crops of all
+images are typed together in batches of `celltype_batch` (`cells_concurrency` calls in
+flight), so a 600-crop case costs ~10 celltype calls, not 600. The whole-image npm1 model
+is not pinned or run (it reads fields of view, not crops: `p_npm1` None), explain is refused
+(the metadata schema already rejects it), and the checks that assume fields
+(`plausibility.image_too_small`, `implausible_cell_size`: a crop is small and its box holds
+background) are skipped; the pixel-size rules of `units` stay.
+
 Duplicates: an image whose bytes (sha256) already occur earlier in the case is analysed once
 (`distinct_images`; the report's `duplicate_images_ignored`): one image sent 32 times had
 counted as 352 cells and passed the cell floor.
@@ -46,6 +57,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 import numpy as np
 
@@ -57,6 +69,7 @@ from services.gateway.calls import (
     ServedCellModels,
     ServiceCalls,
     TransientFailure,
+    gather_or_cancel,
 )
 from services.gateway.clients import EnsembleOutput, FeatureUnits, ModelClients, ModelInfo
 from services.gateway.config import GatewaySettings
@@ -76,6 +89,7 @@ from services.gateway.result import (
 from services.gateway.units import aml_abstention, case_unit, resolve_pixel_size
 
 log = logging.getLogger(__name__)
+InputKind = Literal["fields", "cells"]
 
 __all__ = [
     "Cancelled",
@@ -153,7 +167,8 @@ class Pinned:
     infos: dict[str, ModelInfo]
     cells: ServedCellModels
     """The case analysis's model calls at the pinned segmentation and celltype versions."""
-    npm1_hw: tuple[int, int]
+    npm1_hw: tuple[int, int] | None
+    """The npm1 input size (None: npm1 not pinned, a single-cell case)."""
 
     @property
     def versions(self) -> dict[str, str]:
@@ -166,8 +181,9 @@ class AnalysedImage:
 
     entry: ImageResult
     analysis: case.ImageAnalysis
-    npm1_input: np.ndarray
-    """uint8[h, w, 3] at the npm1 input size (also the explained image)."""
+    npm1_input: np.ndarray | None
+    """uint8[h, w, 3] at the npm1 input size (also the explained image); None for a
+    single-cell image (npm1 not run)."""
     shape: tuple[int, int]
     """(H, W) of the submitted image."""
 
@@ -203,16 +219,26 @@ class Pipeline:
             self.metrics.stage_seconds.labels(stage).observe(dt)
 
     async def run(
-        self, *, analysis_id: str, images: list[CaseImage], explain: bool = False
+        self,
+        *,
+        analysis_id: str,
+        images: list[CaseImage],
+        explain: bool = False,
+        input_kind: InputKind = "fields",
     ) -> Outcome:
-        """Analyse one case. Raises Cancelled; failures come back as Outcome('failed')."""
+        """Analyse one case (`input_kind` cells: each image is one cell). Raises Cancelled;
+        failures come back as Outcome('failed')."""
         self.calls = ServiceCalls(self.clients, self.s, self.metrics)
         try:
-            return await self._run(analysis_id, images, explain)
+            if input_kind == "cells" and explain:
+                raise PipelineFailure("explain is not available for a single-cell case")
+            return await self._run(analysis_id, images, explain, cells=input_kind == "cells")
         except PipelineFailure as exc:
             return Outcome("failed", str(exc), None, transient=isinstance(exc, TransientFailure))
 
-    async def _run(self, analysis_id: str, images: list[CaseImage], explain: bool) -> Outcome:
+    async def _run(
+        self, analysis_id: str, images: list[CaseImage], explain: bool, *, cells: bool
+    ) -> Outcome:
         images, repeats = distinct_images(images)
         if repeats:
             log.warning(
@@ -221,8 +247,11 @@ class Pipeline:
                 len(repeats),
                 repeats,
             )
-        pinned = await self._pin(explain)
-        analysed = [await self._analyse_image(im, pinned) for im in images]
+        pinned = await self._pin(explain, cells=cells)
+        if cells:
+            analysed = await self._analyse_cells(images, pinned)
+        else:
+            analysed = [await self._analyse_image(im, pinned) for im in images]
         t = time.monotonic()
         summary = self._aggregate(analysed)
         report = self._report(analysis_id, analysed, summary, pinned, repeats=len(repeats))
@@ -240,22 +269,25 @@ class Pipeline:
         ens, artifacts = await self._predict(analysed, summary, pinned, explain)
         self._check_lineage(ens.lineage, pinned.versions)
         await self.checkpoint("report")
-        return self._conclude(report, analysed, ens, pinned, explain, artifacts)
+        return self._conclude(report, analysed, ens, pinned, explain, artifacts, cells=cells)
 
-    async def _pin(self, explain: bool) -> Pinned:
+    async def _pin(self, explain: bool, *, cells: bool = False) -> Pinned:
         """Step 1: the version of every needed service, and the input sizes it fixes."""
         t = time.monotonic()
-        needed = [*PIPELINE_MODELS, *([Stage.EXPLAIN] if explain else [])]
+        models = [s for s in PIPELINE_MODELS if not (cells and s == Stage.NPM1)]
+        needed = [*models, *([Stage.EXPLAIN] if explain else [])]
         infos = await asyncio.gather(*(self.calls.metadata(s) for s in needed))
         by_stage = dict(zip(needed, infos, strict=True))
-        cells = ServedCellModels(
+        served = ServedCellModels(
             self.calls,
             segmentation_version=by_stage[Stage.SEGMENTATION].version,
             celltype_version=by_stage[Stage.CELLTYPE].version,
             crop_size=_input_hw(by_stage[Stage.CELLTYPE], "CROPS", square=True)[0],
             batch=self.s.celltype_batch,
+            concurrency=self.s.cells_concurrency,
         )
-        pinned = Pinned(by_stage, cells, _input_hw(by_stage[Stage.NPM1], "IMAGE"))
+        npm1 = by_stage.get(Stage.NPM1)
+        pinned = Pinned(by_stage, served, None if npm1 is None else _input_hw(npm1, "IMAGE"))
         self._timed("pin", t)
         await self.checkpoint("pinned")
         return pinned
@@ -278,30 +310,54 @@ class Pipeline:
             analysis = await case.analyse_detections(pinned.cells, smear, found)
         except InvalidInput as exc:
             raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
-        det = analysis.detections
-        entry = ImageResult(
-            index=im.index,
-            sha256=im.sha256,
-            width=rgb.shape[1],
-            height=rgb.shape[0],
-            um_per_px=um,
-            um_per_px_source=um_source,
-            n_detected=len(det),
-            n_counted=analysis.n_counted,
-            cells=[
-                Cell(
-                    box=[float(v) for v in det.boxes[i]],
-                    detector_label=label,
-                    score=float(det.scores[i]),
-                    cell_type=None if call is None else call.cell_type,
-                    confidence=None if call is None else call.probs[call.cell_type],
-                )
-                for i, (label, call) in enumerate(zip(det.labels, analysis.calls, strict=True))
-            ],
-        )
+        assert pinned.npm1_hw is not None  # pinned for every fields case
         analysed = AnalysedImage(
-            entry, analysis, resize_for_model(rgb, pinned.npm1_hw), rgb.shape[:2]
+            _image_entry(im, rgb.shape[:2], um, um_source, analysis),
+            analysis,
+            resize_for_model(rgb, pinned.npm1_hw),
+            rgb.shape[:2],
         )
+        self._timed("celltype", t)
+        await self.checkpoint("celltype")
+        return analysed
+
+    async def _analyse_cells(self, images: list[CaseImage], pinned: Pinned) -> list[AnalysedImage]:
+        """Step 2 of a single-cell case: each image measured whole (at most
+        `cells_concurrency` segmentation calls at once) and cut to its crop, then every
+        crop of the case typed in batches; only the crops are kept, never the pixels."""
+        from marrowscope.imaging import decode_image
+
+        t = time.monotonic()
+        slots = asyncio.Semaphore(self.s.cells_concurrency)
+        crop_size = pinned.cells.crop_size
+
+        async def measure(im: CaseImage) -> tuple[case.MeasuredDetections, np.ndarray, tuple]:
+            async with slots:
+                um, um_source = resolve_pixel_size(im.um_per_px, self.s.default_um_per_px)
+                rgb = decode_image(im.data, limits=self.limits)
+                smear = case.SmearImage(rgb, um, im.data)
+                try:
+                    found = await case.measure_cell_image(pinned.cells, smear)
+                except InvalidInput as exc:
+                    raise PipelineFailure(f"segmentation answer does not fit: {exc}") from None
+                return found, case.single_cell_crop(rgb, crop_size), (rgb.shape[:2], um, um_source)
+
+        measured = await gather_or_cancel([measure(im) for im in images])
+        self._timed("segmentation", t)
+        await self.checkpoint("segmentation")
+
+        t = time.monotonic()
+        types = await pinned.cells.type_cells(np.stack([crop for _, crop, _ in measured]))
+        try:
+            analyses = case.call_cell_images([found for found, _, _ in measured], types)
+        except InvalidInput as exc:
+            raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
+        analysed = [
+            AnalysedImage(_image_entry(im, shape, um, source, analysis), analysis, None, shape)
+            for im, (_, _, (shape, um, source)), analysis in zip(
+                images, measured, analyses, strict=True
+            )
+        ]
         self._timed("celltype", t)
         await self.checkpoint("celltype")
         return analysed
@@ -405,7 +461,8 @@ class Pipeline:
                 ens_task = tg.create_task(
                     self._ensemble(summary.features, list(summary.feature_names), versions)
                 )
-                tg.create_task(self._npm1(analysed, versions["npm1"]))
+                if pinned.npm1_hw is not None:  # not for single-cell cases
+                    tg.create_task(self._npm1(analysed, versions["npm1"]))
                 if explain:
                     tg.create_task(self._explain(analysed, versions, artifacts))
         except BaseExceptionGroup as group:
@@ -424,15 +481,19 @@ class Pipeline:
         pinned: Pinned,
         explain: bool,
         artifacts: dict[str, bytes],
+        *,
+        cells: bool = False,
     ) -> Outcome:
-        """The calls of a case with enough cells: P(AML) unless withheld, P(NPM1), and the
-        genetic lesions by morphology."""
-        p_npm1 = float(np.mean([a.entry.p_npm1 for a in analysed]))
+        """The calls of a case with enough cells: P(AML) unless withheld, P(NPM1) (not for
+        single cells), and the genetic lesions by morphology."""
+        npm1 = [a.entry.p_npm1 for a in analysed if a.entry.p_npm1 is not None]
+        p_npm1 = None if cells else float(np.mean(npm1))
         abstention = self._aml_abstention(
             report.morphometrics_unit,
             ens.feature_units,
             report.images,
             ensemble_version=pinned.versions["ensemble"],
+            fields=not cells,
         )
         p_aml: float | None = ens.p_aml
         reason = None
@@ -455,7 +516,7 @@ class Pipeline:
         report.aml = aml
         report.aml_positive = aml_positive
         report.p_npm1 = p_npm1
-        report.npm1_positive = p_npm1 >= self.s.npm1_threshold
+        report.npm1_positive = None if p_npm1 is None else p_npm1 >= self.s.npm1_threshold
         self._set_morphology(report, ens, pinned, aml_positive)
         report.lineage = ens.lineage
         report.explained = explain
@@ -469,20 +530,22 @@ class Pipeline:
         images: list[ImageResult],
         *,
         ensemble_version: str,
+        fields: bool = True,
     ) -> dict | None:
-        """The first reason to withhold P(AML): units, pixel size range, image size, cell size."""
-        entries = [im.model_dump() for im in images]  # plausibility reads result entries
-        return (
-            aml_abstention(
-                features_unit,
-                model,
-                ensemble_version=ensemble_version,
-                um_per_px=[im.um_per_px for im in images],
-                tolerance=self.s.pixel_size_tolerance,
-            )
-            or image_too_small(entries)
-            or implausible_cell_size(entries)
+        """The first reason to withhold P(AML): units, pixel size range, and for fields of
+        view image size and cell size (a single-cell crop is small, and its box, the whole
+        image, holds background)."""
+        units = aml_abstention(
+            features_unit,
+            model,
+            ensemble_version=ensemble_version,
+            um_per_px=[im.um_per_px for im in images],
+            tolerance=self.s.pixel_size_tolerance,
         )
+        if units is not None or not fields:
+            return units
+        entries = [im.model_dump() for im in images]  # plausibility reads result entries
+        return image_too_small(entries) or implausible_cell_size(entries)
 
     def _count_aml_abstention(self, reason: str) -> None:
         if self.metrics is not None:
@@ -519,6 +582,7 @@ class Pipeline:
         t = time.monotonic()
 
         async def one(a: AnalysedImage) -> None:
+            assert a.npm1_input is not None  # fields only
             a.entry.p_npm1 = await self.calls.npm1(a.npm1_input, version)
 
         await asyncio.gather(*(one(a) for a in analysed))
@@ -532,6 +596,7 @@ class Pipeline:
         t = time.monotonic()
         for a in analysed:
             x = a.npm1_input  # explain targets npm1
+            assert x is not None  # explain is refused for single-cell cases
             (h, w), (hh, ww) = a.shape, x.shape[:2]
             sy, sx = hh / h, ww / w
             boxes = np.asarray(a.analysis.detections.boxes, np.float32).reshape(-1, 4)
@@ -550,3 +615,35 @@ class Pipeline:
             artifacts[sha] = data
             a.entry.heatmap_sha256 = sha
         self._timed("explain", t)
+
+
+def _image_entry(
+    im: CaseImage,
+    shape: tuple[int, int],
+    um: float | None,
+    um_source: str,
+    analysis: case.ImageAnalysis,
+) -> ImageResult:
+    """The result entry of one image: every detection (a single-cell image: its one cell,
+    boxed whole) with its detector label, score and call."""
+    det = analysis.detections
+    return ImageResult(
+        index=im.index,
+        sha256=im.sha256,
+        width=shape[1],
+        height=shape[0],
+        um_per_px=um,
+        um_per_px_source=um_source,
+        n_detected=len(det),
+        n_counted=analysis.n_counted,
+        cells=[
+            Cell(
+                box=[float(v) for v in det.boxes[i]],
+                detector_label=label,
+                score=float(det.scores[i]),
+                cell_type=None if call is None else call.cell_type,
+                confidence=None if call is None else call.probs[call.cell_type],
+            )
+            for i, (label, call) in enumerate(zip(det.labels, analysis.calls, strict=True))
+        ],
+    )

@@ -130,6 +130,9 @@ class Cell(_Model):
 
 
 class ImageResult(_Model):
+    """One image of the case; for a single-cell case (metadata input cells) `cells` holds
+    exactly one cell, detector_label `cell`, score 1.0, whose box is the whole image."""
+
     index: int
     sha256: str
     width: int
@@ -142,7 +145,7 @@ class ImageResult(_Model):
         description="where um_per_px came from: options.um_per_px, the deployment's "
         "MS_GATEWAY_DEFAULT_UM_PER_PX, or none (morphometrics in px)",
     )
-    p_npm1: float | None = None
+    p_npm1: float | None = Field(None, description="whole-image P(NPM1); None for single cells")
     heatmap_sha256: str | None = Field(None, description="float32 heatmap artifact (explain)")
     cells: list[Cell]
 
@@ -197,10 +200,15 @@ class AnalysisResult(_Model):
     aml_threshold: float
     aml_positive: bool | None = None
     p_npm1: float | None = Field(
-        None, ge=0, le=1, description="mean of the per-image P(NPM1 mutated) over the case's images"
+        None,
+        ge=0,
+        le=1,
+        description="mean of the per-image P(NPM1 mutated) over the case's images; None when "
+        "abstained, and not applicable (None) for a single-cell case (metadata input cells): "
+        "the whole-image NPM1 model reads fields of view, not single-cell crops",
     )
     npm1_threshold: float
-    npm1_positive: bool | None = None
+    npm1_positive: bool | None = Field(None, description="p_npm1 >= npm1_threshold")
     npm1_morphology: GeneticMorphologyCall | None = Field(
         None,
         description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None before 1.2",

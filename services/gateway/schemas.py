@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from services.gateway.config import UM_PER_PX_RANGE, check_um_per_px
 from services.gateway.result import AnalysisResult
@@ -52,10 +61,36 @@ class AnalysisCreate(BaseModel):
         "bone_marrow_aspirate"
     )
     stain: Literal["MGG", "Wright", "Wright-Giemsa", "Giemsa"] = "MGG"
+    input: Literal["fields", "cells"] = Field(
+        "fields",
+        description="fields: each image is a field of view; cells are detected on it. cells: "
+        "each image is one cell (a CellaVision-type single-cell export): no detection, the "
+        "whole image is the cell's box, measured and typed; up to MS_GATEWAY_MAX_CELL_IMAGES "
+        "images of at most MS_GATEWAY_MAX_CELL_IMAGE_PIXELS each; the whole-image NPM1 model "
+        "is not run (p_npm1 None) and options.explain is refused",
+    )
     options: AnalysisOptions = Field(default_factory=AnalysisOptions)
     webhook_url: AnyHttpUrl | None = Field(
         None, description="POSTed a signed notification when the analysis finishes"
     )
+
+    @model_validator(mode="after")
+    def _cells_not_explained(self) -> AnalysisCreate:
+        if self.input == "cells" and self.options.explain:
+            raise ValueError(
+                "options.explain is not available with input cells: occlusion over a "
+                "single-cell image says nothing about which cells drove the call"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _fields_by_default(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # the stored metadata and the Idempotency-Key content hash of a fields case stay
+        # what they were before `input` existed
+        doc = handler(self)
+        if doc.get("input") == "fields":
+            del doc["input"]
+        return doc
 
 
 class SlideSource(BaseModel):
@@ -96,6 +131,12 @@ class SlideAnalysisCreate(AnalysisCreate):
     slide. `options.um_per_px` overrides the pixel size the slide file records."""
 
     slide: SlideSource
+
+    @model_validator(mode="after")
+    def _slide_is_fields(self) -> SlideAnalysisCreate:
+        if self.input != "fields":
+            raise ValueError("a slide is cut into fields: input must be fields")
+        return self
 
 
 class SlideUploaded(BaseModel):

@@ -93,9 +93,12 @@ def header_pixels(data: bytes) -> int:
         return 0
 
 
-def check_uploads(uploads: Sequence, settings: GatewaySettings) -> list[CheckedImage]:
+def check_uploads(
+    uploads: Sequence, settings: GatewaySettings, *, cells: bool = False
+) -> list[CheckedImage]:
     """Read and validate the uploaded files (FastAPI `UploadFile`s) of one case: per-file
-    size, the case's pixel budget from the headers, then a full decode of each in turn."""
+    size, the case's pixel budget from the headers, then a full decode of each in turn.
+    `cells` (a single-cell case): each image also at most `max_cell_image_pixels`."""
     from services.gateway.guard import malloc_trim
 
     blobs: list[tuple[bytes, str | None]] = []
@@ -108,7 +111,10 @@ def check_uploads(uploads: Sequence, settings: GatewaySettings) -> list[CheckedI
                 f"image {k} is {upload.size} bytes; the limit is {settings.max_upload_bytes}",
             )
         data = upload.file.read(settings.max_upload_bytes + 1)
-        case_pixels += header_pixels(data)
+        pixels = header_pixels(data)
+        if cells:
+            check_cell_size(pixels, index=k, filename=upload.filename, settings=settings)
+        case_pixels += pixels
         if case_pixels > settings.max_case_pixels:
             raise ApiError(
                 413,
@@ -121,9 +127,28 @@ def check_uploads(uploads: Sequence, settings: GatewaySettings) -> list[CheckedI
         check_image(data, index=k, filename=name, settings=settings)
         for k, (data, name) in enumerate(blobs)
     ]
+    if cells:  # the decoded size, in case a header understated it
+        for k, (c, (_, name)) in enumerate(zip(checked, blobs, strict=True)):
+            check_cell_size(c.width * c.height, index=k, filename=name, settings=settings)
     if case_pixels >= 4_000_000:  # the decodes were freed; hand their pages back
         malloc_trim()
     return checked
+
+
+def check_cell_size(
+    pixels: int, *, index: int, filename: str | None, settings: GatewaySettings
+) -> None:
+    """422 not_a_cell_image when an image of a single-cell case is larger than a cell crop
+    can be (`max_cell_image_pixels`): most likely a field of view sent as a cell."""
+    if pixels > settings.max_cell_image_pixels:
+        label = f"image {index}" + (f" ({filename})" if filename else "")
+        raise ApiError(
+            422,
+            "not_a_cell_image",
+            f"{label} has {pixels} pixels; an image of a single-cell case (input cells) holds "
+            f"at most {settings.max_cell_image_pixels} (MS_GATEWAY_MAX_CELL_IMAGE_PIXELS): "
+            "send fields of view with input fields",
+        )
 
 
 def check_image(

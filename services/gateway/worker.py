@@ -233,6 +233,7 @@ class Worker:
                 analysis_id=analysis_id,
                 images=images,
                 explain=bool(claimed.metadata.get("options", {}).get("explain")),
+                input_kind=claimed.metadata.get("input", "fields"),
             )
         )
         lost = asyncio.Event()

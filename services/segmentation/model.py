@@ -3,7 +3,11 @@
 Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
 - in  ``IMAGE`` BYTES [1]: one encoded PNG/JPEG/TIFF (decoded with
   `marrowscope.imaging.decode_image` under the service's size/pixel limits);
-  optional ``UM_PER_PX`` FP32 [1]: micrometres per pixel (areas in um^2, else px^2).
+  optional ``UM_PER_PX`` FP32 [1]: micrometres per pixel (areas in um^2, else px^2);
+  optional ``BOXES_IN`` FP32 [N, 4] x1, y1, x2, y2 pixels inside the image: detection is
+  skipped and exactly these boxes are measured, answered in the given order with SCORES 1.0
+  and LABELS `marrowscope.case.SINGLE_CELL_LABEL` (a nucleated label: typed and counted).
+  A single-cell image (a CellaVision-type crop) is sent with its whole-image box.
 - out ``BOXES`` FP32 [N, 4] x1, y1, x2, y2 pixels of the decoded image; ``SCORES`` FP32 [N]
   in [0, 1], descending; ``LABELS`` BYTES [N] detector class names (taxonomy codes, e.g.
   ``BLA``, ``RBC``); ``FEATURES`` FP32 [N, F] `marrowscope.morphometrics.measure_cells` rows;
@@ -21,6 +25,9 @@ the classical split (`marrowscope.morphometrics`) and logs why: a missing splitt
 not take cell detection down.
 
 Not batchable: N differs per image, so one request is one predict call.
+
+BOXES_IN must be finite, shaped [N, 4] with x1 <= x2, y1 <= y2 and inside the image
+(0 <= x <= W, 0 <= y <= H); anything else is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -46,12 +53,14 @@ SPLITTER_NAME = "marrowscope-nucseg"
 class _Request:
     image: np.ndarray  # uint8[H, W, 3]
     um_per_px: float | None
+    boxes: np.ndarray | None = None  # float32[N, 4] to measure instead of detecting
 
 
 class SegmentationHandler(PredictorHandler):
     inputs = (
         TensorSpec("IMAGE", "BYTES", (1,)),
         TensorSpec("UM_PER_PX", "FP32", (1,), optional=True),
+        TensorSpec("BOXES_IN", "FP32", (-1, 4), optional=True),
     )
     outputs = (
         TensorSpec("BOXES", "FP32", (-1, 4)),
@@ -95,9 +104,20 @@ class SegmentationHandler(PredictorHandler):
             raise InvalidInput("IMAGE must hold the encoded image bytes")
         image = decode_image(data, limits=self.settings.image_limits())
         um = inputs.get("UM_PER_PX")
-        return _Request(image, None if um is None else positive_scale(um[0], "UM_PER_PX"))
+        boxes = inputs.get("BOXES_IN")
+        return _Request(
+            image,
+            None if um is None else positive_scale(um[0], "UM_PER_PX"),
+            None if boxes is None else boxes_inside(boxes, image.shape[:2]),
+        )
 
     def predict(self, request: _Request) -> tuple[_Request, Detections]:
+        if request.boxes is not None:
+            from marrowscope.case import SINGLE_CELL_LABEL
+
+            n = len(request.boxes)
+            given = Detections(request.boxes, np.ones(n, np.float32), (SINGLE_CELL_LABEL,) * n)
+            return request, given
         return request, self.predictor.predict(request.image, self.settings.score_threshold)
 
     def postprocess(self, outputs: tuple[_Request, Detections], parameters: Parameters) -> Tensors:
@@ -121,6 +141,22 @@ class SegmentationHandler(PredictorHandler):
             "FEATURE_NAMES": bytes_tensor(FEATURE_NAMES),
             "LENGTH_UNIT": bytes_tensor(["px" if request.um_per_px is None else "um"]),
         }
+
+
+def boxes_inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """`BOXES_IN` as float32[N, 4] after checking it: finite, x1 <= x2 and y1 <= y2, inside
+    an image of `shape` (H, W). Raises InvalidInput otherwise."""
+    b = np.asarray(boxes, np.float32)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise InvalidInput(f"BOXES_IN must be shaped [N, 4], got {list(b.shape)}")
+    if not np.isfinite(b).all():
+        raise InvalidInput("BOXES_IN holds NaN or infinite coordinates")
+    h, w = shape
+    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise InvalidInput("BOXES_IN needs x1 <= x2 and y1 <= y2 in every box")
+    if (b < 0).any() or (b[:, [0, 2]] > w).any() or (b[:, [1, 3]] > h).any():
+        raise InvalidInput(f"BOXES_IN must lie inside the {w}x{h} image")
+    return b
 
 
 def load_splitter(settings: SegmentationSettings) -> Any:

@@ -14,6 +14,8 @@ Knobs (environment, read when the factory is called):
                           config) | um | px
   MS_TEST_FAKE_ENSEMBLE_TARGETS  aml (default: no NPM1 head) | aml,npm1 (also P(NPM1 | AML))
   MS_TEST_FAKE_NPM1_THRESHOLD    threshold the two-target ensemble reports (default: none)
+Segmentation with boxes (the service's BOXES_IN) measures exactly those boxes, labelled
+"cell" with score 1.0, as the real service does for single-cell cases.
 Outputs are computed from the pixels (blast fraction from crop brightness, P(AML) from the
 case's blast fraction), so they are functions of the input, not constants.
 """
@@ -70,6 +72,10 @@ class FakeModelClients:
         self.calls: dict[str, int] = {}
         self.seen_versions: dict[str, set[str]] = {}
         self.seen_um_per_px: list[float | None] = []
+        self.measured_boxes: list[np.ndarray] = []
+        """The BOXES_IN of every measure-only segmentation call."""
+        self.batch_sizes: list[int] = []
+        """Crops per celltype call."""
         self.down_file: str | None = None
 
     def _down_now(self) -> tuple[frozenset[str], frozenset[str]]:
@@ -106,7 +112,13 @@ class FakeModelClients:
         return ModelInfo(service, VERSIONS[service], inputs, outputs.get(service, {}))
 
     async def segment(
-        self, image: bytes, *, version: str, timeout: float, um_per_px: float | None = None
+        self,
+        image: bytes,
+        *,
+        version: str,
+        timeout: float,
+        um_per_px: float | None = None,
+        boxes: np.ndarray | None = None,
     ) -> Segmentation:
         self._enter("segmentation", version)
         if self.seg_delay_s:
@@ -116,21 +128,29 @@ class FakeModelClients:
         rgb = decode_image(image)
         h, w = rgb.shape[:2]
         rng = np.random.default_rng(int(hashlib.sha256(image).hexdigest()[:8], 16))
-        side = max(4.0, min(h, w) / 8)
-        x1 = rng.uniform(0, w - side, self.cells)
-        y1 = rng.uniform(0, h - side, self.cells)
-        boxes = np.stack([x1, y1, x1 + side, y1 + side], 1).astype(np.float32)
-        labels = [
-            "RBC" if i % 8 == 7 else COUNTED_CODES[i % len(COUNTED_CODES)]
-            for i in range(self.cells)
-        ]
+        if boxes is not None:  # BOXES_IN: exactly these boxes, measured, as the service does
+            self.measured_boxes.append(np.asarray(boxes, np.float32))
+            n = len(boxes)
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            labels = ["cell"] * n
+            scores = np.ones(n, np.float32)
+        else:
+            n = self.cells
+            side = max(4.0, min(h, w) / 8)
+            x1 = rng.uniform(0, w - side, n)
+            y1 = rng.uniform(0, h - side, n)
+            boxes = np.stack([x1, y1, x1 + side, y1 + side], 1).astype(np.float32)
+            labels = [
+                "RBC" if i % 8 == 7 else COUNTED_CODES[i % len(COUNTED_CODES)] for i in range(n)
+            ]
+            scores = rng.uniform(0.5, 1, n).astype(np.float32)
         names = [*MORPH_SUMMARY_FEATURES, "segmentation_ok"]
-        feats = rng.uniform(0.1, 1.0, (self.cells, len(names))).astype(np.float32)
+        feats = rng.uniform(0.1, 1.0, (n, len(names))).astype(np.float32)
         feats[:, -1] = 1.0
         self.seen_um_per_px.append(um_per_px)
         return Segmentation(
             boxes,
-            rng.uniform(0.5, 1, self.cells).astype(np.float32),
+            scores,
             labels,
             feats,
             names,
@@ -140,6 +160,7 @@ class FakeModelClients:
 
     async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
         self._enter("celltype", version)
+        self.batch_sizes.append(len(crops))
         assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP, CROP, 3), crops.shape
         names = [*CODES, *ATTRIBUTE_CODES]
         bright = crops.reshape(len(crops), -1).mean(1) / 255.0

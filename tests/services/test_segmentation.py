@@ -54,7 +54,7 @@ def test_metadata_and_infer_with_scale(client, service):
         client,
         "segmentation",
         service.version,
-        {"IMAGE": ("BYTES", [1]), "UM_PER_PX": ("FP32", [1])},
+        {"IMAGE": ("BYTES", [1]), "UM_PER_PX": ("FP32", [1]), "BOXES_IN": ("FP32", [-1, 4])},
     )
     inputs = _image_bytes(encode_png(_smear())) + [
         infer_input("UM_PER_PX", np.array([0.3], np.float32), "FP32")
@@ -150,3 +150,60 @@ def test_bad_inputs_get_status_and_service_stays_healthy(client, service, inputs
         client.infer("segmentation", _image_bytes(encode_png(_smear()))).as_numpy("BOXES")
         is not None
     )
+
+
+def _boxes_in(boxes) -> list:
+    return [infer_input("BOXES_IN", np.asarray(boxes, np.float32).reshape(-1, 4), "FP32")]
+
+
+def test_boxes_in_measures_exactly_the_given_boxes(client, service):
+    from marrowscope.case import SINGLE_CELL_LABEL
+    from marrowscope.morphometrics import measure_cells
+    from marrowscope.taxonomy import NON_NUCLEATED_DETECTOR_LABELS
+
+    image = _smear(96, 128)
+    boxes = np.array([[0, 0, 128, 96], [10.5, 20, 40, 60]], np.float32)
+    scale = [infer_input("UM_PER_PX", np.array([0.3], np.float32), "FP32")]
+    r = client.infer("segmentation", _image_bytes(encode_png(image)) + scale + _boxes_in(boxes))
+    np.testing.assert_array_equal(r.as_numpy("BOXES"), boxes)
+    np.testing.assert_array_equal(r.as_numpy("SCORES"), np.ones(2, np.float32))
+    labels = [x.decode() for x in r.as_numpy("LABELS")]
+    assert (
+        labels == [SINGLE_CELL_LABEL] * 2 and SINGLE_CELL_LABEL not in NON_NUCLEATED_DETECTOR_LABELS
+    )
+    assert [x.decode() for x in r.as_numpy("LENGTH_UNIT")] == ["um"]
+    # the same rows as measuring the boxes in process (the classical split, as served)
+    want = measure_cells(image, boxes, float(np.float32(0.3)))
+    np.testing.assert_allclose(r.as_numpy("FEATURES"), want, rtol=1e-6)
+    empty = client.infer(
+        "segmentation", _image_bytes(encode_png(image)) + _boxes_in(np.zeros((0, 4)))
+    )
+    assert empty.as_numpy("BOXES").shape == (0, 4)
+    assert empty.as_numpy("FEATURES").shape == (0, len(FEATURE_NAMES))
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [[0, 0, 129, 96]],  # outside the 128x96 image
+        [[-1, 0, 20, 20]],
+        [[0, 0, 20, 97]],
+        [[20, 0, 10, 20]],  # x1 > x2
+        [[0, np.nan, 20, 20]],
+        [[0, 0, np.inf, 20]],
+    ],
+    ids=["right", "left", "bottom", "inverted", "nan", "inf"],
+)
+def test_bad_boxes_in_is_invalid_argument(client, service, boxes):
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("segmentation", _image_bytes(encode_png(_smear())) + _boxes_in(boxes))
+    assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()
+    assert "BOXES_IN" in info.value.message()
+    check_still_healthy(service)
+
+
+def test_boxes_in_of_the_wrong_shape_is_invalid_argument(client, service):
+    bad = [infer_input("BOXES_IN", np.zeros((2, 3), np.float32), "FP32")]
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("segmentation", _image_bytes(encode_png(_smear())) + bad)
+    assert status_of(info.value) == "INVALID_ARGUMENT", info.value.message()

@@ -83,6 +83,12 @@ def to_public(session, a: Analysis) -> AnalysisPublic:
             "description": "Idempotent replay: the analysis already exists",
         },
         **error_responses(401, 403, 409, 413, 422, 429),
+        422: {
+            "model": ErrorPublic,
+            "description": "invalid_metadata, no_images, invalid_image, webhooks_disabled, "
+            "webhook_url_refused, or not_a_cell_image (input cells: an image larger than "
+            "MS_GATEWAY_MAX_CELL_IMAGE_PIXELS)",
+        },
         413: {
             "model": ErrorPublic,
             "description": "image_too_large, too_many_images, case_too_large (pixels) or "
@@ -101,17 +107,21 @@ def submit_analysis(
 ) -> AnalysisAccepted:
     """Accept a case. Images are decoded and validated now; on any bad input nothing is
     stored. Same Idempotency-Key + same content -> the same analysis (200); same key +
-    different content -> 409."""
+    different content -> 409. `"input": "cells"` in the metadata: each image is one cell
+    (a single-cell export), up to MS_GATEWAY_MAX_CELL_IMAGES of them."""
     meta = parse_metadata(metadata, settings)
     if not images:
         raise ApiError(422, "no_images", "at least one image is required")
-    if len(images) > settings.max_images:
+    cells = meta.input == "cells"
+    most = settings.max_cell_images if cells else settings.max_images
+    if len(images) > most:
         raise ApiError(
             413,
             "too_many_images",
-            f"{len(images)} images; at most {settings.max_images} per analysis",
+            f"{len(images)} images; at most {most} per analysis"
+            + (" of single cells (MS_GATEWAY_MAX_CELL_IMAGES)" if cells else ""),
         )
-    checked = check_uploads(images, settings)
+    checked = check_uploads(images, settings, cells=cells)
     meta_doc = meta.model_dump(mode="json")
     digest = content_hash(meta_doc, checked)
 
