@@ -90,6 +90,10 @@ class GatewaySettings(BaseSettings):
     cells_concurrency: int = Field(4, ge=1)
     """Model calls in flight at once for the crops of a case: celltype batches, and the
     per-image segmentation calls of a single-cell case (`"input": "cells"`)."""
+    image_concurrency: int = Field(2, ge=1, le=64)
+    """Images (or slide tiles) of one case analysed at once (decode, detect, type): the
+    per-case bound that lets several segmentation replicas work on one case; each image
+    holds its decoded pixels while it runs, so memory is this many images."""
     allow_local_lineage: bool = False
     """Accept a missing/mismatching ensemble lineage when the upstream pinned versions are
     local directories (`local-...`); never for registry versions."""

@@ -251,7 +251,13 @@ class Pipeline:
         if cells:
             analysed = await self._analyse_cells(images, pinned)
         else:
-            analysed = [await self._analyse_image(im, pinned) for im in images]
+            slots = asyncio.Semaphore(self.s.image_concurrency)
+
+            async def one(im: CaseImage) -> AnalysedImage:
+                async with slots:
+                    return await self._analyse_image(im, pinned)
+
+            analysed = await gather_or_cancel([one(im) for im in images])
         t = time.monotonic()
         summary = self._aggregate(analysed)
         report = self._report(analysis_id, analysed, summary, pinned, repeats=len(repeats))
@@ -294,7 +300,8 @@ class Pipeline:
 
     async def _analyse_image(self, im: CaseImage, pinned: Pinned) -> AnalysedImage:
         """Step 2 for one image: decode, detect, type; the full-size pixels are dropped on
-        return, before the next image is decoded (only the npm1-sized copy is kept)."""
+        return (only the npm1-sized copy is kept), and at most `image_concurrency` images of
+        a case run at once."""
         from marrowscope.imaging import decode_image, resize_for_model
 
         t = time.monotonic()

@@ -56,10 +56,13 @@ class _Claimed:
 
     @property
     def needs(self) -> frozenset[str]:
-        """The model services this analysis calls."""
-        if self.metadata.get("options", {}).get("explain"):
-            return frozenset(SERVICES)
-        return frozenset(SERVICES) - OPTIONAL_SERVICES
+        """The model services this analysis calls (a single-cell case never calls npm1)."""
+        needs = frozenset(SERVICES)
+        if not self.metadata.get("options", {}).get("explain"):
+            needs -= OPTIONAL_SERVICES
+        if self.metadata.get("input") == "cells":
+            needs -= {Stage.NPM1}
+        return needs
 
 
 class Worker:

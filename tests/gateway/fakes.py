@@ -73,6 +73,9 @@ class FakeModelClients:
         self.seen_versions: dict[str, set[str]] = {}
         self.seen_um_per_px: list[float | None] = []
         self.measured_boxes: list[np.ndarray] = []
+        self.segmenting = 0
+        self.max_segmenting = 0
+        """Segmentation calls in flight now / at most (per-case image concurrency)."""
         """The BOXES_IN of every measure-only segmentation call."""
         self.batch_sizes: list[int] = []
         """Crops per celltype call."""
@@ -121,10 +124,16 @@ class FakeModelClients:
         boxes: np.ndarray | None = None,
     ) -> Segmentation:
         self._enter("segmentation", version)
-        if self.seg_delay_s:
-            await asyncio.sleep(min(self.seg_delay_s, timeout))
-            if self.seg_delay_s > timeout:  # what a gRPC call does when its timeout passes
-                raise ServiceCallError("segmentation", "DEADLINE_EXCEEDED", "deadline passed")
+        self.segmenting += 1
+        self.max_segmenting = max(self.max_segmenting, self.segmenting)
+        try:
+            if self.seg_delay_s:
+                await asyncio.sleep(min(self.seg_delay_s, timeout))
+                if self.seg_delay_s > timeout:  # what a gRPC call does when its timeout passes
+                    raise ServiceCallError("segmentation", "DEADLINE_EXCEEDED", "deadline passed")
+            await asyncio.sleep(0)  # a real call yields: concurrent images overlap here
+        finally:
+            self.segmenting -= 1
         rgb = decode_image(image)
         h, w = rgb.shape[:2]
         rng = np.random.default_rng(int(hashlib.sha256(image).hexdigest()[:8], 16))

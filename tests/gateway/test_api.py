@@ -234,3 +234,19 @@ def test_explain_calls_are_chunked_to_the_service_box_cap(gateway):
         assert len(cells) > 2
         assert all(c["importance"] is not None for c in cells)
         assert services.clients.calls["explain"] == -(-len(cells) // 2)
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_images_of_a_case_are_analysed_at_most_image_concurrency_at_once(
+    gateway, monkeypatch, concurrency
+):
+    """The per-case bound: several segmentation replicas can work on one case (a slide's
+    tiles), never more than MS_GATEWAY_IMAGE_CONCURRENCY images at once; order is kept."""
+    monkeypatch.setenv("MS_TEST_FAKE_SEG_DELAY_S", "0.05")
+    client, services, keys = gateway(image_concurrency=str(concurrency))
+    with client:
+        r = _submit(client, keys, *(png(seed=s) for s in range(6)))
+        body = wait_status(client.get, r.json()["id"], keys["lis"])
+    assert body["status"] == "succeeded", body
+    assert services.clients.max_segmenting == concurrency
+    assert [im["index"] for im in body["result"]["images"]] == list(range(6))
