@@ -1,5 +1,5 @@
 """FastAPI dependencies and their `Annotated` aliases, and the caller-scoped access every
-router shares (`get_analysis`, `audit`).
+router shares (`get_analysis`, `audit`, the Idempotency-Key replay of the submit routes).
 
 Routers import this module, the store, schemas and errors; never `app`, `worker` or another
 router (tests/gateway/test_import_graph.py), so the request path has no import cycle.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -20,6 +20,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.container import Services
 from services.gateway.db import Analysis
 from services.gateway.errors import ApiError
+from services.gateway.schemas import AnalysisAccepted
 
 
 def get_services(request: Request) -> Services:
@@ -121,3 +122,31 @@ def audit(
         resource=resource,
         detail=detail,
     )
+
+
+def find_idempotent(
+    services: Services, principal: Principal, key: str | None, digest: str
+) -> str | None:
+    """The analysis `key` already names in the caller's tenant for this content (`digest`),
+    or None (no key, or a new one); 409 when the key names different content."""
+    if not key:
+        return None
+    with services.sessions() as session:
+        try:
+            return store.find_idempotent(
+                session, tenant=principal.tenant, key=key, content_hash=digest
+            )
+        except store.Conflict as exc:
+            raise ApiError(409, "idempotency_conflict", str(exc)) from None
+
+
+def replay(
+    services: Services, principal: Principal, response: Response, analysis_id: str
+) -> AnalysisAccepted:
+    """An idempotent replay: 200 with the existing analysis and `Idempotent-Replayed`."""
+    response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/analyses/{analysis_id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    with services.sessions() as session:
+        a = get_analysis(session, analysis_id, principal)
+        return AnalysisAccepted(id=a.id, status=a.status, location=f"/v1/analyses/{a.id}")

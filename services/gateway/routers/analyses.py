@@ -21,7 +21,9 @@ from services.gateway.deps import (
     SettingsDep,
     SubmitKey,
     audit,
+    find_idempotent,
     get_analysis,
+    replay,
 )
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import (
@@ -125,19 +127,8 @@ def submit_analysis(
     meta_doc = meta.model_dump(mode="json")
     digest = content_hash(meta_doc, checked)
 
-    def replay(analysis_id: str) -> AnalysisAccepted:
-        response.status_code = status.HTTP_200_OK
-        response.headers["Location"] = f"/v1/analyses/{analysis_id}"
-        response.headers["Idempotent-Replayed"] = "true"
-        with services.sessions() as session:
-            a = get_analysis(session, analysis_id, principal)
-            return AnalysisAccepted(id=a.id, status=a.status, location=f"/v1/analyses/{a.id}")
-
-    if idempotency_key:
-        with services.sessions() as session:
-            existing = _find(session, principal.tenant, idempotency_key, digest)
-        if existing:
-            return replay(existing)
+    if existing := find_idempotent(services, principal, idempotency_key, digest):
+        return replay(services, principal, response, existing)
 
     # Blobs are content-addressed and may already belong to other analyses (or to the
     # concurrent request that wins an idempotency race), so the request path never deletes
@@ -162,22 +153,13 @@ def submit_analysis(
             audit(session, principal, "submit", resource=a.id, detail=f"{len(checked)} images")
             analysis_id = a.id
     except IntegrityError:
-        if idempotency_key:  # a concurrent request with the same key won the race
-            with services.sessions() as session:
-                existing = _find(session, principal.tenant, idempotency_key, digest)
-            if existing:
-                return replay(existing)
+        # a concurrent request with the same key won the race
+        if existing := find_idempotent(services, principal, idempotency_key, digest):
+            return replay(services, principal, response, existing)
         raise
     log.info("accepted analysis %s (%d images)", analysis_id, len(checked))
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
     return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
-
-
-def _find(session, tenant: str, key: str, digest: str) -> str | None:
-    try:
-        return store.find_idempotent(session, tenant=tenant, key=key, content_hash=digest)
-    except store.Conflict as exc:
-        raise ApiError(409, "idempotency_conflict", str(exc)) from None
 
 
 @router.get("", response_model=AnalysisPage, responses=error_responses(401, 403, 429))

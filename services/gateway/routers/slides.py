@@ -20,7 +20,14 @@ from sqlalchemy.exc import IntegrityError
 
 from marrowscope.slides import SlideError, open_slide
 from services.gateway import store
-from services.gateway.deps import ServicesDep, SettingsDep, SubmitKey, audit, get_analysis
+from services.gateway.deps import (
+    ServicesDep,
+    SettingsDep,
+    SubmitKey,
+    audit,
+    find_idempotent,
+    replay,
+)
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import AnalysisAccepted, SlideAnalysisCreate, SlideUploaded
 from services.gateway.slidestore import (
@@ -150,27 +157,8 @@ def submit_slide(
     meta_doc = meta.model_dump(mode="json")
     digest = content_hash(meta_doc, [])
 
-    def replay(analysis_id: str) -> AnalysisAccepted:
-        response.status_code = status.HTTP_200_OK
-        response.headers["Location"] = f"/v1/analyses/{analysis_id}"
-        response.headers["Idempotent-Replayed"] = "true"
-        with services.sessions() as session:
-            a = get_analysis(session, analysis_id, principal)
-            return AnalysisAccepted(id=a.id, status=a.status, location=f"/v1/analyses/{a.id}")
-
-    def find() -> str | None:
-        if not idempotency_key:
-            return None
-        with services.sessions() as session:
-            try:
-                return store.find_idempotent(
-                    session, tenant=principal.tenant, key=idempotency_key, content_hash=digest
-                )
-            except store.Conflict as exc:
-                raise ApiError(409, "idempotency_conflict", str(exc)) from None
-
-    if existing := find():
-        return replay(existing)
+    if existing := find_idempotent(services, principal, idempotency_key, digest):
+        return replay(services, principal, response, existing)
     try:
         with services.sessions.begin() as session:
             a = store.create_analysis(
@@ -186,8 +174,9 @@ def submit_slide(
             audit(session, principal, "submit_slide", resource=a.id, detail=_describe(source))
             analysis_id = a.id
     except IntegrityError:
-        if existing := find():  # a concurrent request with the same key won the race
-            return replay(existing)
+        # a concurrent request with the same key won the race
+        if existing := find_idempotent(services, principal, idempotency_key, digest):
+            return replay(services, principal, response, existing)
         raise
     log.info("accepted slide analysis %s (%s)", analysis_id, _describe(source))
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
