@@ -260,7 +260,9 @@ class Pipeline:
             analysed = await gather_or_cancel([one(im) for im in images])
         t = time.monotonic()
         summary = self._aggregate(analysed)
-        report = self._report(analysis_id, analysed, summary, pinned, repeats=len(repeats))
+        report = self._report(
+            analysis_id, analysed, summary, pinned, repeats=len(repeats), cells=cells
+        )
         if summary.n_counted < self.s.min_cells:
             self._timed("aggregate", t)
             return self._too_few_cells(report, pinned)
@@ -384,6 +386,7 @@ class Pipeline:
         pinned: Pinned,
         *,
         repeats: int,
+        cells: bool = False,
     ) -> AnalysisResult:
         """The result of an abstained case; the later steps add the calls."""
         from marrowscope.taxonomy import BLAST, cell_type
@@ -404,6 +407,7 @@ class Pipeline:
         return AnalysisResult(
             schema_version=RESULT_SCHEMA_VERSION,
             analysis_id=analysis_id,
+            input="cells" if cells else "fields",
             outcome="abstained",
             aml_threshold=self.s.aml_threshold,
             npm1_threshold=self.s.npm1_threshold,

@@ -193,6 +193,12 @@ class AnalysisResult(_Model):
 
     schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = RESULT_SCHEMA_VERSION
     analysis_id: str
+    input: Literal["fields", "cells", "slide"] = Field(
+        "fields",
+        description="what the case was made of (1.4): fields of view, single-cell images "
+        "(`metadata.input = cells`: one cell per image, no whole-image NPM1 call) or a whole "
+        "slide (`POST /v1/slides`: the selected regions, see `slide`)",
+    )
     outcome: Literal["succeeded", "abstained"]
     abstain_reason: str | None = None
     aml: AmlCall | None = Field(None, description="whether P(AML) was computed (None before 1.1)")

@@ -437,6 +437,7 @@ class Worker:
         ]
         result = {
             **result,
+            "input": "slide",
             "slide": {
                 "source": sel["source"],
                 **sel["slide"],

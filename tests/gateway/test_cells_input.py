@@ -48,6 +48,7 @@ def test_600_crop_case_is_typed_in_batches_with_one_cell_per_image(gateway):
     assert max(fake.batch_sizes) == 64
     assert "npm1" not in fake.calls and "npm1" not in res["model_versions"]
     assert res["duplicate_images_ignored"] == 2 and res["n_images"] == 600
+    assert res["input"] == "cells"
     assert res["n_cells_detected"] == res["n_cells_counted"] == 600
     assert sum(d["count"] for d in res["differential"]) == 600
     for im in res["images"]:
