@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ import httpx
 import numpy as np
 
 from bench.fixtures import create_api_key
-from bench.harness import machine
+from bench.harness import RssSampler, machine
 
 log = logging.getLogger("bench.gateway_memory")
 MIB = 1024 * 1024
@@ -59,17 +58,6 @@ def _rss(pid: int) -> int:
     return 0
 
 
-class _Sampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, _rss(self.pid))
-            time.sleep(0.02)
-
-
 def _free_port() -> int:
     import socket
 
@@ -89,7 +77,7 @@ def measure(name: str, url: str, key: str, pid: int, cases: list[list[bytes]]) -
         return r.status_code
 
     before = _rss(pid)
-    sampler = _Sampler(pid)
+    sampler = RssSampler(pid, every_s=0.02)
     sampler.start()
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(cases)) as pool:

@@ -220,3 +220,28 @@ def machine(threads: int) -> dict:
     except ImportError:
         info["ray"] = None
     return info
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS (bytes) of one process, sampled every `every_s` until `stop` is set."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        import psutil
+
+        super().__init__(daemon=True)
+        self.proc, self.every_s = psutil.Process(pid), every_s
+        self.peak, self.samples, self.stop = 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.samples += 1
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> RssSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()

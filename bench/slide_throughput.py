@@ -35,7 +35,6 @@ import math
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import httpx
 import numpy as np
 
 from bench import fixtures, harness
+from bench.harness import RssSampler
 
 log = logging.getLogger("bench.slide_throughput")
 MIB = 1024 * 1024
@@ -178,31 +178,6 @@ def write(path: Path, wh: tuple[int, int], plan: Plan, seed: int) -> dict:
     }
     log.info("wrote %s", info)
     return info
-
-
-class RssSampler(threading.Thread):
-    """Peak RSS (bytes) of one process, sampled every `every_s` until `stop` is set."""
-
-    def __init__(self, pid: int, every_s: float = 0.05) -> None:
-        import psutil
-
-        super().__init__(daemon=True)
-        self.proc, self.every_s = psutil.Process(pid), every_s
-        self.peak, self.samples, self.stop = 0, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self.samples += 1
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> RssSampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.join()
 
 
 def segmentation_calls(stack) -> dict[str, float]:
