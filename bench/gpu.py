@@ -107,21 +107,17 @@ def precisions(device: torch.device) -> dict[str, torch.dtype | None]:
     return PRECISIONS if device.type == "cuda" else {"fp32": None}
 
 
+def paper_detector(device: torch.device, h: int, w: int) -> torch.nn.Module:
+    """The segmentation detector (Faster R-CNN ResNet50-FPN v2) for h x w input, untrained."""
+    config = make_config(
+        "detector", "fasterrcnn_resnet50_fpn_v2", classes=["cell", "RBC"], min_size=h, max_size=w
+    )
+    return build_model(config).to(device).eval()
+
+
 def bench_segmentation(b: Bench, sizes: dict) -> None:
     h, w = sizes["segmentation"]
-    model = (
-        build_model(
-            make_config(
-                "detector",
-                "fasterrcnn_resnet50_fpn_v2",
-                classes=["cell", "RBC"],
-                min_size=h,
-                max_size=w,
-            )
-        )
-        .to(b.device)
-        .eval()
-    )
+    model = paper_detector(b.device, h, w)
     image = torch.rand(3, h, w, device=b.device)
     for prec, dtype in precisions(b.device).items():
 
@@ -282,19 +278,7 @@ def bench_slide(b: Bench, sizes: dict, smoke: bool) -> None:
     h, w = sizes["segmentation"]
     n_cells = 150 if not smoke else 6
     side = 70 if not smoke else 12
-    detector = (
-        build_model(
-            make_config(
-                "detector",
-                "fasterrcnn_resnet50_fpn_v2",
-                classes=["cell", "RBC"],
-                min_size=h,
-                max_size=w,
-            )
-        )
-        .to(b.device)
-        .eval()
-    )
+    detector = paper_detector(b.device, h, w)
     split_config = make_config("nucseg", "unet", input_size=[64, 64], base_channels=8, depth=3)
     splitter = LearnedSplitter(
         NucSegNet(split_config), split_config, device=b.device, batch_size=256
