@@ -244,6 +244,9 @@ def retry_analysis(principal: SubmitKey, services: ServicesDep, analysis_id: str
                 f"analysis is {a.status}; only failed or cancelled analyses can be retried",
             )
         audit(session, principal, "retry", resource=a.id, detail=detail)
+        # the state this request produced (queued), read before the commit: an embedded
+        # worker may claim the analysis the moment it is committed
+        session.refresh(a)
+        public = to_public(session, a)
     log.info("analysis %s requeued by an explicit retry", analysis_id)
-    with services.sessions() as session:
-        return to_public(session, get_analysis(session, analysis_id, principal))
+    return public
