@@ -308,6 +308,27 @@ def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
     return key
 
 
+def wait_and_keep(client, analysis_id: str, folder: Path, timeout_s: float = 600) -> dict:
+    """Poll the analysis until it ends; write its status (`analysis.json`, with `_wall_s`)
+    and, when it has a result, its JSON and FHIR reports to `folder`."""
+    t0 = time.monotonic()
+    while (body := client.get(f"/v1/analyses/{analysis_id}").raise_for_status().json())[
+        "status"
+    ] not in TERMINAL:
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"analysis {analysis_id} still {body['status']} after {timeout_s} s")
+        time.sleep(0.5)
+    body["_wall_s"] = time.monotonic() - t0
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "analysis.json").write_text(json.dumps(body, indent=2))
+    if body["status"] in ("succeeded", "abstained"):
+        for fmt in ("json", "fhir"):
+            report = client.get(f"/v1/analyses/{analysis_id}/report", params={"format": fmt})
+            if report.status_code == 200:
+                (folder / f"report.{fmt}.json").write_text(report.text)
+    return body
+
+
 def analyse(client, data: Path, record, um_per_px: float | None, explain: bool, out: Path) -> dict:
     """Submit one case with the pixel size of its images and wait for the outcome.
 
@@ -331,23 +352,9 @@ def analyse(client, data: Path, record, um_per_px: float | None, explain: bool, 
     )
     response.raise_for_status()
     analysis_id = response.json()["id"]
-    t0 = time.monotonic()
-    while True:
-        body = client.get(f"/v1/analyses/{analysis_id}").raise_for_status().json()
-        if body["status"] in TERMINAL:
-            break
-        if time.monotonic() - t0 > 600:
-            raise TimeoutError(f"analysis {analysis_id} still {body['status']} after 600 s")
-        time.sleep(0.5)
-    body["_wall_s"] = time.monotonic() - t0
     case_dir = out / record.case_id
-    case_dir.mkdir(parents=True, exist_ok=True)
-    (case_dir / "analysis.json").write_text(json.dumps(body, indent=2))
+    body = wait_and_keep(client, analysis_id, case_dir)
     if body["status"] in ("succeeded", "abstained"):
-        for fmt in ("json", "fhir"):
-            report = client.get(f"/v1/analyses/{analysis_id}/report", params={"format": fmt})
-            if report.status_code == 200:
-                (case_dir / f"report.{fmt}.json").write_text(report.text)
         for k in range(len(record.image_paths)):
             for kind in ("overlay", "heatmap"):
                 png = client.get(f"/v1/analyses/{analysis_id}/images/{k}/{kind}.png")
@@ -403,23 +410,10 @@ def analyse_slide(client, name: str, out: Path) -> dict:
         "/v1/slides", json=metadata, headers={"Idempotency-Key": f"demo-slide-{name}"}
     )
     response.raise_for_status()
-    analysis_id = response.json()["id"]
-    t0 = time.monotonic()
-    while (body := client.get(f"/v1/analyses/{analysis_id}").raise_for_status().json())[
-        "status"
-    ] not in TERMINAL:
-        if time.monotonic() - t0 > 600:
-            raise TimeoutError(f"slide analysis {analysis_id} still {body['status']} after 600 s")
-        time.sleep(0.5)
-    body["_wall_s"] = time.monotonic() - t0
     slide_dir = out / "slide"
-    slide_dir.mkdir(parents=True, exist_ok=True)
-    (slide_dir / "analysis.json").write_text(json.dumps(body, indent=2))
+    body = wait_and_keep(client, response.json()["id"], slide_dir)
     if body["status"] in ("succeeded", "abstained"):
-        for fmt in ("json", "fhir"):
-            report = client.get(f"/v1/analyses/{analysis_id}/report", params={"format": fmt})
-            if report.status_code == 200:
-                (slide_dir / f"report.{fmt}.json").write_text(report.text)
+        analysis_id = body["id"]
         thumb = client.get(f"/v1/analyses/{analysis_id}/slide.png")
         if thumb.status_code == 200:
             (slide_dir / "thumbnail.png").write_bytes(thumb.content)
