@@ -275,9 +275,10 @@ def batch_loss(model, x, cells, attributes, cell_head: str):
     return loss
 
 
-def augment(x, stain: str = "none", strength: float = 0.0):
+def augment(x, stain: str = "none", strength: float = 0.0, geometry: float = 0.0):
     """Random flips and 90-degree rotations of a batch [B, 3, S, S] (training split only),
-    then the colour / stain jitter named by `stain` (see `stain_jitter`)."""
+    a per-image zoom / shift (`geometric_jitter`) and then the colour / stain jitter named
+    by `stain` (see `stain_jitter`)."""
     import torch
 
     if torch.rand(()) < 0.5:
@@ -285,7 +286,28 @@ def augment(x, stain: str = "none", strength: float = 0.0):
     if torch.rand(()) < 0.5:
         x = x.flip(2)
     x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
-    return stain_jitter(x, stain, strength)
+    return stain_jitter(geometric_jitter(x, geometry), stain, strength)
+
+
+def geometric_jitter(x, amount: float):
+    """Per-image random rotation (any angle), zoom U(1 - a, 1 + a) and shift U(-a, a) of
+    the crop side, with border reflection. Why: scanners and analysers differ in pixel size
+    and in how they centre the cell; the typer must not key on either. 0 returns x."""
+    import torch
+    import torch.nn.functional as F
+
+    if amount <= 0:
+        return x
+    b = x.shape[0]
+    angle = torch.rand(b, device=x.device) * (2 * torch.pi)
+    zoom = 1 + (torch.rand(b, device=x.device) * 2 - 1) * amount
+    shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * amount * 2  # grid units: side = 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (as scikit-image's rgb_from_hed); Giemsa-type
@@ -381,6 +403,8 @@ def train(
         "stain_aug": config.get("stain_aug", "none"),
         "stain_strength": config.get("stain_strength", 0.0),
         "class_balance": config.get("class_balance", 0.0),
+        "geometric_aug": config.get("geometric_aug", 0.0),
+        "lr_schedule": config.get("lr_schedule", "exponential"),
     }
     model_config = make_config(
         "celltype",
@@ -388,6 +412,7 @@ def train(
         outputs=outputs(),
         crop_size=config["crop_size"],
         cell_head=config["cell_head"],
+        stain_norm=config.get("stain_norm", "none"),
         hyperparameters=hp,
         training={
             "data_hash": data_hash(args.data),
@@ -399,7 +424,16 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
+    if config.get("lr_schedule", "exponential") == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, config["epochs"]), eta_min=config["lr"] * 0.01
+        )
+    elif config.get("lr_schedule", "exponential") == "exponential":
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
+    else:
+        raise UsageError(
+            f"lr_schedule must be exponential or cosine, got {config['lr_schedule']!r}"
+        )
     step = AmpStep(optimizer, amp=amp)
     tr = splits["train"]
     x_all = torch.from_numpy(tr.crops)
@@ -422,7 +456,12 @@ def train(
         def batches():  # augmented here, outside the autocast of the loss
             for idx in chunks:
                 x = x_all[idx].permute(0, 3, 1, 2).float().div(255.0).to(device)
-                x = augment(x, config.get("stain_aug", "none"), config.get("stain_strength", 0.0))
+                x = augment(
+                    x,
+                    config.get("stain_aug", "none"),
+                    config.get("stain_strength", 0.0),
+                    config.get("geometric_aug", 0.0),
+                )
                 yield x, y_all[idx].to(device), None if a_all is None else a_all[idx].to(device)
 
         return train_batches(
@@ -457,9 +496,17 @@ def train(
         checkpoint=trial is None,
     )
     model.eval()
+    target = float(config.get("blast_recall_target", 0.0))
+    if target > 0 and trial is None and len(splits["val"].cells):
+        bias = blast_operating_point(typer().predict(splits["val"].crops), splits["val"], target)
+        model_config["logit_bias"] = {"BLA": bias}
+        model.logit_bias[model.outputs.index("BLA")] = bias
+        metrics_extra = {"blast_logit_bias": bias}
+    else:
+        metrics_extra = {}
     held_out = splits["val"] if trial is not None else splits["test"]
     probs = typer().predict(held_out.crops)
-    metrics = evaluate_probs(probs, held_out)
+    metrics = {**evaluate_probs(probs, held_out), **metrics_extra}
     if trial is None and held_out.groups is not None:  # real sets: keep per-cell answers
         saved = {"test": (probs, held_out)}
         if "external" in splits:
@@ -477,6 +524,32 @@ def train(
 
 
 PREDICTIONS_FILE = "predictions.npz"
+
+
+def blast_operating_point(probs: np.ndarray, data: CropSet, target: float) -> float:
+    """The smallest logit added to BLA (0 to 4 in steps of 0.05) at which blast recall on
+    `data` (the validation patients) reaches `target`; 4 when none does.
+
+    Why: a missed blast costs more than a blast called on a monocyte (the blast count drives
+    the AML call), so the typer's operating point is set for blast recall on patients it did
+    not learn from, and the same bias is applied wherever the model runs (its config)."""
+    from marrowscope.taxonomy import CODES
+
+    bla = CODES.index("BLA")
+    is_bla = data.cells == bla
+    if not is_bla.any():
+        return 0.0
+    logp = np.log(np.clip(probs[:, : len(CODES)], 1e-12, None))
+    for bias in np.arange(0.0, 4.0001, 0.05):
+        logp_b = logp.copy()
+        logp_b[:, bla] += bias
+        if float((logp_b[is_bla].argmax(1) == bla).mean()) >= target:
+            log.info(
+                "blast operating point: BLA logit +%.2f (val blast recall >= %.2f)", bias, target
+            )
+            return round(float(bias), 2)
+    log.warning("val blast recall stays below %.2f up to a BLA logit of +4", target)
+    return 4.0
 
 
 def save_predictions(path, splits: dict[str, tuple[np.ndarray, CropSet]]) -> None:

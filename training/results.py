@@ -10,9 +10,10 @@ splits it by patient, trains segmentation -> celltype -> ensemble (on features o
 registered upstream versions, with its NPM1-by-morphology output) and the whole-image npm1
 CNN, and reports detection mAP@0.5, celltype macro-F1, AML AUROC and both NPM1 AUROCs with
 bootstrap 95 % CIs on the held-out test cases. Figures from
-(b) are SYNTHETIC: functional evidence only. (c) trains the cell typer on ../shared/data
-(DeepAPL + PBC, `real-cpu` config or `--profile gpu` for paper-gpu), then the cross-source
-runs with and without stain augmentation, and reports on DeepAPL's held-out patients
+(b) are SYNTHETIC: functional evidence only. (c) runs the cross-source comparison of stain
+augmentation / normalisation (one source trained on, the other tested), then trains the
+cell typer on ../shared/data (DeepAPL + PBC, `real-cpu` config with the comparison's best
+stain option, or `--profile gpu` for paper-gpu) and reports on DeepAPL's held-out patients
 (`real_cells.md`, see `real`). Every job runs in-process through its
 `main(args)` with the exact flags written into the Markdown.
 """
@@ -270,8 +271,15 @@ def synthetic(workdir: Path, tracking: str, cases: int, reuse: bool = False) -> 
 
 # Cross-source runs (stain robustness, measured): train on one source, test on the other's
 # shared classes; shorter than the main run so the comparison fits the CPU budget.
-REAL_STAIN_OPTIONS = ("none", "both")
-REAL_XS_FLAGS = ["--set", "epochs=3", "--set", "max_steps_per_epoch=80"]
+# The stain-robustness comparison: colour augmentation in training (`stain_aug`), colour
+# normalisation inside the model (`stain_norm`), both, or neither.
+REAL_STAIN_OPTIONS: dict[str, tuple[str, str]] = {
+    "none": ("none", "none"),
+    "aug": ("both", "none"),
+    "norm": ("none", "background"),
+    "aug+norm": ("both", "background"),
+}
+REAL_XS_FLAGS = ["--set", "epochs=6", "--set", "max_steps_per_epoch=40"]
 REAL_MIN_TEST_CELLS = 50
 REAL_N_BOOT = 1000
 
@@ -306,18 +314,16 @@ def real_cells(
     common = ["--data", str(data), "--tracking-uri", tracking, "--no-register"]
     base = _real_flags(profile, workdir)
     runs: dict[str, dict[str, Any]] = {}
-    runs["main"] = _run(
-        "celltype", [*common, "--output", str(workdir / f"real-{profile}"), *base], reuse=reuse
-    )
-    if profile == "cpu":
-        for aug in REAL_STAIN_OPTIONS:
+    stain: list[str] = []
+    if profile == "cpu":  # the comparison first: its winner is the main run's stain setting
+        for option, (aug, norm) in REAL_STAIN_OPTIONS.items():
             for src in ("deepapl", "pbc"):
-                runs[f"xs_{src}_{aug}"] = _run(
+                runs[f"xs_{src}_{option}"] = _run(
                     "celltype",
                     [
                         *common,
                         "--output",
-                        str(workdir / f"xs-{src}-{aug}"),
+                        str(workdir / f"xs-{src}-{option}"),
                         *base[:2],
                         "--set",
                         base[3],
@@ -325,10 +331,23 @@ def real_cells(
                         f'real_train_sources=["{src}"]',
                         "--set",
                         f"stain_aug={aug}",
+                        "--set",
+                        f"stain_norm={norm}",
                         *REAL_XS_FLAGS,
                     ],
                     reuse=reuse,
                 )
+        best = best_stain_option(
+            {k: _cross_source(v) for k, v in runs.items() if k.startswith("xs_")}
+        )
+        aug, norm = REAL_STAIN_OPTIONS[best]
+        stain = ["--set", f"stain_aug={aug}", "--set", f"stain_norm={norm}"]
+        log.info("stain option %s (best mean cross-source macro-F1): %s", best, " ".join(stain))
+    runs["main"] = _run(
+        "celltype",
+        [*common, "--output", str(workdir / f"real-{profile}"), *base, *stain],
+        reuse=reuse,
+    )
     return write_real_report(workdir, runs, profile)
 
 
@@ -339,19 +358,37 @@ def _placeholder(text: str, workdir: Path) -> str:
     return text.replace(str(PROJECT_ROOT), ".")
 
 
+def _cross_source(run: dict[str, Any]) -> dict[str, Any]:
+    from training.evaluate_real import cross_source
+
+    out = Path(run["command"].split("--output ")[1].split()[0])
+    return cross_source(out / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS)
+
+
+def best_stain_option(xs: dict[str, dict[str, Any]]) -> str:
+    """The option (`xs_<source>_<option>` keys) with the highest cross-source macro-F1
+    averaged over both directions; ties go to the earlier option of REAL_STAIN_OPTIONS."""
+    import numpy as np
+
+    by_option: dict[str, list[float]] = {}
+    for key, r in xs.items():
+        by_option.setdefault(key.split("_", 2)[2], []).append(r["external"]["macro_f1"])
+    means = {o: float(np.mean(v)) for o, v in by_option.items() if not np.isnan(np.mean(v))}
+    if not means:
+        raise SystemExit("the cross-source runs gave no figure to choose a stain option by")
+    order = list(REAL_STAIN_OPTIONS)
+    return max(means, key=lambda o: (means[o], -order.index(o) if o in order else 0))
+
+
 def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: str) -> dict:
     """Figures from the runs' predictions.npz files (see `training.evaluate_real`)."""
-    from training.evaluate_real import cross_source, real_report
+    from training.evaluate_real import real_report
 
     main_dir = Path(runs["main"]["command"].split("--output ")[1].split()[0])
     rep = real_report(
         main_dir / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
     )
-    xs = {}
-    for key, res in runs.items():
-        if key.startswith("xs_"):
-            out = Path(res["command"].split("--output ")[1].split()[0])
-            xs[key] = cross_source(out / "predictions.npz")
+    xs = {key: _cross_source(res) for key, res in runs.items() if key.startswith("xs_")}
     payload = {
         "profile": profile,
         "machine": _machine(),

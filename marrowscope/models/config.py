@@ -39,7 +39,7 @@ ARCHS: dict[str, tuple[str, ...]] = {
         "fasterrcnn_mobilenet_v3_large_fpn",
     ),
     # Paper: Xception (timm names); resnet18 / tiny_cnn for CPU-sized configs.
-    "celltype": ("xception41", "legacy_xception", "xception65", "resnet18", "tiny_cnn"),
+    "celltype": ("xception41", "legacy_xception", "xception65", "resnet18", "cellnet", "tiny_cnn"),
     "ensemble": ("mlp",),
     # Paper: ResNet50 on the whole 2000x1500 image; resnet18 for CPU-sized configs.
     "npm1": ("resnet50", "resnet18"),
@@ -98,6 +98,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         # "sigmoid": one independent head per cell type (as the paper's per-type
         # classifiers); "softmax": cell types are mutually exclusive (CE loss).
         "cell_head": "sigmoid",
+        # per-image colour normalisation inside the model (marrowscope.models.celltype)
+        "stain_norm": "none",
+        # cell code -> logit added before the cell head: the chosen operating point
+        "logit_bias": {},
     },
     # Training fills feature_units from its data (`units_from_pixel_sizes`).
     "ensemble": {
@@ -253,6 +257,16 @@ def _validate_celltype(config: dict[str, Any]) -> None:
         _fail(config, f"crop_size must be >= 16 px, got {config['crop_size']}")
     if config["cell_head"] not in ("sigmoid", "softmax"):
         _fail(config, f"cell_head must be 'sigmoid' or 'softmax', got {config['cell_head']!r}")
+    if config.get("stain_norm", "none") not in ("none", "background", "instance"):
+        _fail(
+            config, f"stain_norm must be none, background or instance, got {config['stain_norm']!r}"
+        )
+    bias = config.get("logit_bias") or {}
+    if not isinstance(bias, dict) or any(
+        k not in outputs or k in ATTRIBUTE_CODES or not isinstance(v, int | float) or v != v
+        for k, v in bias.items()
+    ):
+        _fail(config, f"logit_bias must map cell codes of outputs to numbers, got {bias!r}")
     _check_mean_std(config)
 
 

@@ -150,6 +150,8 @@ def test_missing_config_or_directory(tmp_path):
         ("celltype", "tiny_cnn", {"outputs": ["auer_rod", "BLA"]}, "cell codes first"),
         ("celltype", "tiny_cnn", {"outputs": ["XYZ"]}, "neither cell codes"),
         ("celltype", "tiny_cnn", {"cell_head": "relu"}, "cell_head"),
+        ("celltype", "cellnet", {"stain_norm": "macenko"}, "stain_norm"),
+        ("celltype", "cellnet", {"logit_bias": {"auer_rod": 1.0}}, "logit_bias"),
         ("ensemble", "mlp", {}, "feature_names"),
         ("npm1", "resnet18", {"input_size": [64]}, r"\[H, W\]"),
         ("npm1", "resnet18", {"std": [0, 1, 1]}, "positive"),
@@ -187,6 +189,43 @@ def test_celltype_probabilities_and_loss():
         loss.backward()
         with pytest.raises(InvalidInput, match="cell_targets"):
             celltype_loss(logits, torch.tensor([0, 1, 2, 3]), attrs, cell_head=head)
+
+
+def test_logit_bias_moves_the_decision_and_travels_with_the_config(tmp_path):
+    config = make_config("celltype", "tiny_cnn", crop_size=32, outputs=["BLA", "LYT"])
+    model = build_model(config).eval()
+    crops = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    before = model.predict_proba(crops)
+    biased = make_config(
+        "celltype", "tiny_cnn", crop_size=32, outputs=["BLA", "LYT"], logit_bias={"BLA": 50.0}
+    )
+    path = save_model(model, biased, tmp_path / "m")
+    after = load_model(path).module.predict_proba(crops)
+    assert (after[:, 0] > 0.99).all() and not torch.allclose(before, after)
+
+
+def test_stain_normalisation_undoes_a_scanner_colour_cast():
+    from marrowscope.models.celltype import stain_normalise
+
+    g = torch.Generator().manual_seed(0)
+    cell = torch.rand(2, 3, 24, 24, generator=g) * 0.5 + 0.2
+    cell[:, :, :, :8] = 0.9  # glass on a third of the image
+    cast = cell * torch.tensor([0.95, 0.85, 0.75]).view(1, 3, 1, 1)  # a yellowish scanner
+    assert stain_normalise(cell, "none") is cell
+    for mode in ("background", "instance"):
+        a, b = stain_normalise(cell, mode), stain_normalise(cast, mode)
+        assert a.shape == cell.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # the cast is gone
+    torch.testing.assert_close(  # background: the glass becomes white
+        stain_normalise(cast, "background")[:, :, :, :8], torch.ones(2, 3, 24, 8)
+    )
+    with pytest.raises(InvalidInput, match="stain_norm"):
+        stain_normalise(cell, "macenko")
+    model = build_model(
+        make_config("celltype", "cellnet", crop_size=32, stain_norm="background")
+    ).eval()
+    with torch.inference_mode():  # the model normalises: the same cell under both scanners
+        torch.testing.assert_close(model(cell), model(cast), atol=1e-4, rtol=0)
 
 
 def test_ensemble_standardisation_travels_with_weights(saved_ensemble):

@@ -122,6 +122,18 @@ def test_stain_jitter_changes_colour_and_stays_in_range():
         celltype.stain_jitter(x, "macenko", 0.1)
 
 
+def test_geometric_jitter_keeps_shape_and_range_and_moves_pixels():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 24, 24)
+    assert celltype.geometric_jitter(x, 0.0) is x
+    y = celltype.geometric_jitter(x, 0.1)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert (y - x).abs().mean() > 0.05  # rotated / zoomed: not the same pixels
+    # a uniform image stays uniform (reflection padding brings in no black border)
+    flat = torch.full((2, 3, 24, 24), 0.7)
+    torch.testing.assert_close(celltype.geometric_jitter(flat, 0.2), flat)
+
+
 def test_attribute_loss_is_masked_on_rows_without_labels():
     from marrowscope.models import build_model, make_config
 
@@ -152,3 +164,20 @@ def test_synthetic_crops_bring_attribute_labels_real_ones_stay_unlabelled(real_r
     assert np.isnan(mixed.attributes[:n]).all()
     assert np.isfinite(mixed.attributes[n:]).all() and mixed.attributes[n:].sum() > 0
     assert set(mixed.sources[n:].tolist()) == {"synthetic"}
+
+
+def test_blast_operating_point_is_the_smallest_bias_reaching_the_target():
+    from marrowscope.taxonomy import CODES
+
+    bla, lyt = CODES.index("BLA"), CODES.index("LYT")
+    cells = np.array([bla] * 4 + [lyt] * 4)
+    probs = np.full((8, len(celltype.outputs())), 1e-3, np.float32)
+    probs[:, lyt] = 0.6
+    probs[:4, bla] = [0.7, 0.5, 0.3, 0.1]  # blasts the typer ranks 1st, then below LYT
+    data = celltype.CropSet(np.zeros((8, 1, 1, 3), np.uint8), cells, None, None, None)
+    assert celltype.blast_operating_point(probs, data, 0.25) == 0.0
+    # the 2nd blast needs log(0.6 / 0.5) = 0.18 -> 0.2 on the 0.05 grid
+    assert celltype.blast_operating_point(probs, data, 0.5) == pytest.approx(0.2)
+    assert celltype.blast_operating_point(probs, data, 1.0) == pytest.approx(1.8)
+    no_blasts = celltype.CropSet(data.crops[4:], cells[4:], None, None, None)
+    assert celltype.blast_operating_point(probs[4:], no_blasts, 0.9) == 0.0

@@ -77,3 +77,29 @@ def test_written_report_has_no_absolute_paths(tmp_path, monkeypatch):
     assert "--output DIR/real-cpu" in md and "--data ../shared/data" in md
     assert md.startswith("# Cell typer on real leukemic cells") and "**Real data.**" in md
     assert json.loads(js)["cross_source"]["xs_deepapl_none"]["shared_classes"]
+
+
+def test_cross_source_leaves_out_classes_too_small_on_either_side(tmp_path):
+    _preds(tmp_path / "p.npz", n_pat=10, per=30, external=True)  # ~100 cells per class
+    big = evaluate_real.cross_source(tmp_path / "p.npz", min_cells=50)
+    assert sorted(big["shared_classes"]) == ["BLA", "KSC", "LYT"]
+    assert big["external"]["n_cells"] == 300
+    small = evaluate_real.cross_source(tmp_path / "p.npz", min_cells=1000)
+    assert small["shared_classes"] == [] and small["min_cells"] == 1000
+    assert np.isnan(small["external"]["macro_f1"])
+
+
+def test_the_stain_option_with_the_best_mean_of_both_directions_wins():
+    def r(f1):
+        return {"external": {"macro_f1": f1}}
+
+    xs = {
+        "xs_deepapl_none": r(0.50), "xs_pbc_none": r(0.40),  # mean 0.45
+        "xs_deepapl_aug": r(0.70), "xs_pbc_aug": r(0.30),  # mean 0.50
+        "xs_deepapl_norm": r(0.60), "xs_pbc_norm": r(0.50),  # mean 0.55: best
+        "xs_deepapl_aug+norm": r(0.55), "xs_pbc_aug+norm": r(0.55),  # tie: the earlier wins
+    }  # fmt: skip
+    assert results.best_stain_option(xs) == "norm"
+    assert results.best_stain_option({"xs_pbc_aug": r(0.5), "xs_pbc_none": r(0.5)}) == "none"
+    with pytest.raises(SystemExit, match="no figure"):
+        results.best_stain_option({"xs_pbc_none": r(float("nan"))})
