@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +148,31 @@ def train_mil(
             loss.backward()
             optimizer.step()
     return model.eval()
+
+
+def save_mil(
+    model: GatedAttentionMIL,
+    directory: Path | str,
+    *,
+    celltype: dict[str, str],
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a registrable `mil` model (safetensors + config.json) whose config
+    records D and the celltype model (`{"name", "version"}`) whose embeddings it learned:
+    promotion refuses it beside another celltype version (`training.promote`)."""
+    from marrowscope.models import make_config, save_model
+
+    config = make_config(
+        "mil",
+        "gated_attention",
+        embedding_dim=model.d_in,
+        hidden=model.hidden,
+        attention=model.attention,
+        dropout=model.dropout,
+        celltype=dict(celltype),
+        training=dict(training or {}),
+    )
+    return save_model(model, config, directory)
 
 
 def logistic_fit_predict(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> FitPredict:

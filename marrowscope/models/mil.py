@@ -33,7 +33,7 @@ class GatedAttentionMIL(nn.Module):
 
     def __init__(self, d_in: int, hidden: int = 64, attention: int = 32, dropout: float = 0.25):
         super().__init__()
-        self.d_in = d_in
+        self.d_in, self.hidden, self.attention, self.dropout = d_in, hidden, attention, dropout
         self.register_buffer("mean", torch.zeros(d_in))
         self.register_buffer("std", torch.ones(d_in))
         self.embed = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout))
