@@ -670,14 +670,22 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
             f"Better of (a) and (b): `{r['better_of_ensemble_and_mil']}`.",
             "",
-            "Served: the ensemble's APL head (`targets` with `apl`: `P_APL`, report "
-            "`apl_morphology`). Serving MIL instead needs a new input path: the celltype "
-            "service returning each cell's penultimate embedding (an `EMBEDDINGS` FP32 [B, D] "
-            "output), the gateway collecting them over the case's images, a `mil` model kind "
-            "(safetensors + config, lineage pinned to the celltype version whose embeddings "
-            "it learned) behind its own OIP model or the ensemble service (`CELL_EMBEDDINGS` "
-            "FP32 [N, D] -> `P_APL`, `ATTENTION` FP32 [N]), and the attention weights written "
-            "to the report's per-cell `importance`.",
+            "Served: both paths exist; the default is still the ensemble's APL head "
+            "(`targets` with `apl`: `P_APL`, report `apl_morphology` with `model: "
+            '"ensemble"`), so nothing changes until a deployment switches. To serve MIL: '
+            "write and register the model (`--save-mil DIR --register-mil` with a "
+            "registered `--celltype-model`; config pinned to that celltype version), "
+            "promote it (`python -m training.promote --model mil --version V`; refused "
+            "unless that celltype version is serving), set "
+            "`MS_ENSEMBLE_MIL_MODEL_URI=models:/marrowscope-mil@champion` (the ensemble "
+            "service then also serves the OIP model `mil`: `CELL_EMBEDDINGS` FP32 [N, D] "
+            "-> `P_APL`, `ATTENTION` FP32 [N]) and `MS_GATEWAY_APL_MODEL=mil`. The "
+            "gateway then asks celltype for each cell's `EMBEDDINGS`, sends all of a "
+            'case\'s typed cells in one call, reports `apl_morphology` with `model: "mil"`'
+            " and writes each cell's attention to `attention` and `importance` (schema "
+            "1.5). Without a usable MIL model the APL entry is `not_available` and the "
+            "rest of the report stands. MIL's lead here (0.839 vs 0.813) is inside both "
+            "CIs, so the switch is a deployment choice, not a default.",
             "",
             f"Cell typer: {typer['source']} ({typer['arch']}, {typer['crop_size']} px crops, "
             f"embedding {typer['embedding_dim']}-d; `{typer['uri']}`). Morphometrics from up to "

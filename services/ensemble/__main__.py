@@ -21,10 +21,10 @@ def build(settings: EnsembleSettings, resolved):
 
 def extra_models(settings: EnsembleSettings) -> dict:
     """``{"mil": resolver}`` when ``mil_model_uri`` is set (the MIL model beside the
-    ensemble, `services.ensemble.mil`), else nothing."""
+    ensemble, `services.ensemble.model`), else nothing."""
     if not settings.mil_model_uri:
         return {}
-    from services.ensemble.mil import MIL_MODEL_NAME, MilHandler
+    from services.ensemble.model import MIL_MODEL_NAME, MilHandler
     from services.runtime.server import registry_resolver
 
     return {

@@ -24,7 +24,7 @@ TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 MIL_MODEL = "mil"
 """OIP model name of the MIL model (P(APL | AML) from cell embeddings), served by the
-ensemble service (`services.ensemble.mil`)."""
+ensemble service (`services.ensemble.model`)."""
 
 
 class ServiceCallError(Exception):
