@@ -16,7 +16,9 @@ Per image (`analyse_image` = `CellModels.detect`, then `analyse_detections`):
    in the image's detections (a report draws them) but are never typed;
 3. crop: square crops at the typer's crop size with its context padding
    (`imaging.crop_cells`, as training cut them);
-4. type: probabilities per cell code and attribute (`CellModels.type_cells`);
+4. type: probabilities per cell code and attribute (`CellModels.type_cells`), and with
+   `embeddings` each typed cell's penultimate celltype embedding float32[D] (what a MIL
+   model reads: `ImageAnalysis.embeddings`, `CaseAnalysis.embeddings`);
 5. call: one `features.CellCall` per typed detection (argmax type, attribute
    probabilities, morphometrics); a typer without a code or attribute the case features
    need is refused (`InvalidInput`).
@@ -101,10 +103,12 @@ class MeasuredDetections:
 @dataclass(frozen=True, eq=False)
 class CellTypes:
     """probs float32[B, K] in [0, 1], columns named by `names` (cell codes, then
-    attribute codes)."""
+    attribute codes); embeddings float32[B, D], the typer's penultimate embedding per crop,
+    only when asked for (`type_cells(..., embeddings=True)`), else None."""
 
     probs: np.ndarray
     names: tuple[str, ...]
+    embeddings: np.ndarray | None = None
 
 
 class CellModels(Protocol):
@@ -130,8 +134,9 @@ class CellModels(Protocol):
         morphometrics at `image.um_per_px`."""
         ...
 
-    async def type_cells(self, crops: np.ndarray) -> CellTypes:
-        """crops uint8[B, S, S, 3] RGB -> probabilities of every code and attribute."""
+    async def type_cells(self, crops: np.ndarray, *, embeddings: bool = False) -> CellTypes:
+        """crops uint8[B, S, S, 3] RGB -> probabilities of every code and attribute; with
+        `embeddings`, also each crop's penultimate embedding (`CellTypes.embeddings`)."""
         ...
 
 
@@ -146,6 +151,9 @@ class ImageAnalysis:
     morphometric_names: tuple[str, ...]
     calls: tuple[CellCall | None, ...]
     length_unit: LengthUnit
+    embeddings: np.ndarray | None = None
+    """float32[n_typed, D]: the typed detections' embeddings in detection order (the rows of
+    `cells`), when the analysis asked for them; else None."""
 
     @property
     def cell_types(self) -> tuple[str | None, ...]:
@@ -174,6 +182,18 @@ class CaseAnalysis:
     features: np.ndarray
     """float32[F], `marrowscope.features.case_features` of `cells`."""
     differential: dict[str, DifferentialEntry]
+
+    @property
+    def embeddings(self) -> np.ndarray | None:
+        """float32[len(cells), D]: every typed cell's embedding, in `cells` order (images in
+        order, then detection order); None unless every image carries them."""
+        parts = [im.embeddings for im in self.images]
+        if not parts or any(p is None for p in parts):
+            return None
+        rows = [p for p in parts if p is not None and len(p)]  # an image may type no cell
+        if not rows:
+            return np.zeros((0, 0), np.float32)
+        return np.concatenate(rows).astype(np.float32, copy=False)
 
     @property
     def n_detected(self) -> int:
@@ -234,35 +254,54 @@ def cell_calls(
     ]
 
 
+def _check_embeddings(types: CellTypes, rows: int) -> np.ndarray:
+    if types.embeddings is None:
+        raise InvalidInput("cell typer answered no embeddings, which were asked for")
+    emb = np.asarray(types.embeddings, np.float32)
+    if emb.ndim != 2 or emb.shape[0] != rows:
+        raise InvalidInput(f"cell typer answered embeddings {list(emb.shape)} for {rows} crops")
+    return emb
+
+
 async def analyse_detections(
-    models: CellModels, image: SmearImage, found: MeasuredDetections
+    models: CellModels, image: SmearImage, found: MeasuredDetections, *, embeddings: bool = False
 ) -> ImageAnalysis:
-    """Steps 2-5 of the module doc for one image whose detections are `found`."""
+    """Steps 2-5 of the module doc for one image whose detections are `found` (with
+    `embeddings`, the typed cells' embeddings too)."""
     from marrowscope.imaging import crop_cells
 
     det = found.detections
     typed = typed_detections(det.labels)
     calls: list[CellCall | None] = [None] * len(det)
+    emb: np.ndarray | None = np.zeros((0, 0), np.float32) if embeddings else None
     if typed:
         crops = crop_cells(
             image.pixels, det.boxes[typed], models.crop_size, models.crop_pad_fraction
         )
-        types = await models.type_cells(crops)
+        types = await (
+            models.type_cells(crops, embeddings=True) if embeddings else models.type_cells(crops)
+        )
         if types.probs.shape[0] != len(typed):
             raise InvalidInput(f"cell typer answered {types.probs.shape[0]} rows for {len(typed)}")
+        if embeddings:
+            emb = _check_embeddings(types, len(typed))
         typed_calls = cell_calls(
             types.probs, types.names, found.morphometrics[typed], found.morphometric_names
         )
         for i, call in zip(typed, typed_calls, strict=True):
             calls[i] = call
     return ImageAnalysis(
-        det, found.morphometrics, found.morphometric_names, tuple(calls), found.length_unit
+        det, found.morphometrics, found.morphometric_names, tuple(calls), found.length_unit, emb
     )
 
 
-async def analyse_image(models: CellModels, image: SmearImage) -> ImageAnalysis:
+async def analyse_image(
+    models: CellModels, image: SmearImage, *, embeddings: bool = False
+) -> ImageAnalysis:
     """Detect, measure, crop, type and call the cells of one image."""
-    return await analyse_detections(models, image, await models.detect(image))
+    return await analyse_detections(
+        models, image, await models.detect(image), embeddings=embeddings
+    )
 
 
 def whole_image_box(pixels: np.ndarray) -> np.ndarray:
@@ -292,9 +331,11 @@ async def measure_cell_image(models: CellModels, image: SmearImage) -> MeasuredD
 
 def call_cell_images(found: Sequence[MeasuredDetections], types: CellTypes) -> list[ImageAnalysis]:
     """One `ImageAnalysis` per single-cell image: its one detection (`found[k]`) called from
-    row k of `types`. Raises InvalidInput when the rows do not match the images."""
+    row k of `types` (with its embedding row when `types` has embeddings). Raises
+    InvalidInput when the rows do not match the images."""
     if types.probs.shape[0] != len(found):
         raise InvalidInput(f"cell typer answered {types.probs.shape[0]} rows for {len(found)}")
+    emb = None if types.embeddings is None else _check_embeddings(types, len(found))
     out = []
     for k, f in enumerate(found):
         (call,) = cell_calls(
@@ -302,20 +343,29 @@ def call_cell_images(found: Sequence[MeasuredDetections], types: CellTypes) -> l
         )
         out.append(
             ImageAnalysis(
-                f.detections, f.morphometrics, f.morphometric_names, (call,), f.length_unit
+                f.detections,
+                f.morphometrics,
+                f.morphometric_names,
+                (call,),
+                f.length_unit,
+                None if emb is None else emb[k : k + 1],
             )
         )
     return out
 
 
 async def analyse_cell_images(
-    models: CellModels, images: Sequence[SmearImage]
+    models: CellModels, images: Sequence[SmearImage], *, embeddings: bool = False
 ) -> list[ImageAnalysis]:
     """Measure each single-cell image, type all their crops in one `type_cells` call."""
     if not images:
         return []
     found = [await measure_cell_image(models, image) for image in images]
     crops = np.stack([single_cell_crop(image.pixels, models.crop_size) for image in images])
+    if embeddings:
+        types = await models.type_cells(crops, embeddings=True)
+        _check_embeddings(types, len(images))
+        return call_cell_images(found, types)
     return call_cell_images(found, await models.type_cells(crops))
 
 
@@ -338,15 +388,22 @@ def summarise(images: Sequence[ImageAnalysis]) -> CaseAnalysis:
 
 
 async def analyse_case(
-    models: CellModels, images: Sequence[SmearImage], *, cells: bool = False
+    models: CellModels,
+    images: Sequence[SmearImage],
+    *,
+    cells: bool = False,
+    embeddings: bool = False,
 ) -> CaseAnalysis:
     """`analyse_image` over the images of one case (in order), then `summarise`; with
-    `cells`, each image is one cell (`analyse_cell_images`)."""
+    `cells`, each image is one cell (`analyse_cell_images`); with `embeddings`, the typed
+    cells' embeddings too (`CaseAnalysis.embeddings`)."""
     if not images:
         raise InvalidInput("a case needs at least one image")
     if cells:
-        return summarise(await analyse_cell_images(models, images))
-    return summarise([await analyse_image(models, image) for image in images])
+        return summarise(await analyse_cell_images(models, images, embeddings=embeddings))
+    return summarise(
+        [await analyse_image(models, image, embeddings=embeddings) for image in images]
+    )
 
 
 def run_now(analysis: Coroutine[Any, Any, T]) -> T:

@@ -218,8 +218,31 @@ class CellTyper(_Predictor):
 
         return crop_cells(_check_image(image), boxes, self.crop_size, self.crop_pad_fraction)
 
+    @property
+    def embedding_dim(self) -> int:
+        """D of the penultimate embedding (the backbone's features, the head's input)."""
+        module: Any = self.module
+        return int(module.head.in_features)
+
     def predict(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """crops uint8[B, S, S, 3] (S = `crop_size`) -> probabilities float32[B, K]."""
+        probs, _ = self._forward(crops, batch_size, embeddings=False)
+        return probs
+
+    def predict_with_embeddings(
+        self, crops: np.ndarray, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities float32[B, K], penultimate embeddings float32[B, D]) from one
+        forward pass; the probabilities are exactly `predict`'s. The embedding is the
+        backbone's output before the head's dropout and linear layer: what a MIL model
+        (`marrowscope.models.mil`) learns from."""
+        probs, embeds = self._forward(crops, batch_size, embeddings=True)
+        assert embeds is not None
+        return probs, embeds
+
+    def _forward(
+        self, crops: np.ndarray, batch_size: int, *, embeddings: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         crops = np.asarray(crops)
@@ -232,14 +255,19 @@ class CellTyper(_Predictor):
                 f"crops are {crops.shape[1]}x{crops.shape[2]}; the model takes "
                 f"{self.crop_size}x{self.crop_size}"
             )
+        module: Any = self.module
         out = np.zeros((crops.shape[0], len(self.names)), dtype=np.float32)
+        embeds = np.zeros((crops.shape[0], self.embedding_dim), np.float32) if embeddings else None
         for start in range(0, crops.shape[0], batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
             with torch.inference_mode(), self._amp():
                 x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-                probs = self.module.probabilities(self.module(x))  # type: ignore[operator]
+                h = module.backbone(module.normalize(x))
+                probs = module.probabilities(module.head(module.dropout(h)))
             out[start : start + len(x)] = probs.float().cpu().numpy()
-        return out
+            if embeds is not None:
+                embeds[start : start + len(x)] = h.float().cpu().numpy()
+        return out, embeds
 
 
 class EnsemblePredictor(_Predictor):
@@ -325,11 +353,33 @@ class Npm1Predictor(_Predictor):
         return float(np.mean([self.predict(self.prepare(im)[None])[0] for im in images]))
 
 
+class MilPredictor(_Predictor):
+    """P(APL | AML) and per-cell attention from a case's cell embeddings
+    (`marrowscope.models.mil`; the config pins the celltype model they come from)."""
+
+    kind = "mil"
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.config["embedding_dim"])
+
+    @property
+    def celltype(self) -> dict[str, str]:
+        """{"name", "version"}: the celltype model whose embeddings it learned."""
+        return dict(self.config["celltype"])
+
+    def predict(self, embeddings: np.ndarray) -> tuple[float, np.ndarray]:
+        """embeddings float[N, D] (N >= 1) -> (P(APL | AML), attention float32[N], sum 1)."""
+        module: Any = self.module
+        return module.predict(embeddings)  # type: ignore[no-any-return]
+
+
 _PREDICTORS: dict[str, type[_Predictor]] = {
     "detector": Detector,
     "celltype": CellTyper,
     "ensemble": EnsemblePredictor,
     "npm1": Npm1Predictor,
+    "mil": MilPredictor,
 }
 
 
@@ -390,7 +440,10 @@ class InProcessModels:
         unit: LengthUnit = "px" if um is None else "um"
         return MeasuredDetections(det, measure_cells(pixels, b, um), FEATURE_NAMES, unit)
 
-    async def type_cells(self, crops: np.ndarray) -> CellTypes:
+    async def type_cells(self, crops: np.ndarray, *, embeddings: bool = False) -> CellTypes:
+        if embeddings:
+            probs, embeds = self.celltyper.predict_with_embeddings(crops)
+            return CellTypes(probs, self.celltyper.names, embeds)
         return CellTypes(self.celltyper.predict(crops), self.celltyper.names)
 
 

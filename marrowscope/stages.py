@@ -10,6 +10,7 @@ A stage is a trained model in the registry, a gRPC model service, or both:
 | npm1         | marrowscope-npm1            | 50054 / 9104                  |
 | explain      | (loads marrowscope-npm1)    | 50055 / 9105                  |
 | nucseg       | marrowscope-nucseg          | none: inside segmentation     |
+| mil          | marrowscope-mil             | none: inside ensemble (OIP model `mil`) |
 
 The string values are what every wire format, environment name (`MS_<STAGE>_...`), MLflow
 name and metric label already uses, so `Stage.NPM1 == "npm1"` and a `Stage` goes wherever
@@ -31,6 +32,9 @@ class Stage(StrEnum):
     EXPLAIN = "explain"
     NUCSEG = "nucseg"
     """The learned nucleus/cytoplasm split, served inside the segmentation service."""
+    MIL = "mil"
+    """Attention MIL over the celltype embeddings (P(APL | AML)), served inside the ensemble
+    service as its own OIP model `mil` when `MS_ENSEMBLE_MIL_MODEL_URI` is set."""
 
     def __repr__(self) -> str:
         # as the plain string: messages that quote a stage (`{kind!r}`, lists of kinds) read
@@ -98,12 +102,13 @@ _MODEL_KIND: dict[Stage, str] = {
     Stage.ENSEMBLE: "ensemble",
     Stage.NPM1: "npm1",
     Stage.NUCSEG: "nucseg",
+    Stage.MIL: "mil",
 }
 
 SERVED: tuple[Stage, ...] = tuple(s for s in Stage if s.served)
 """The model services, in pipeline order: segmentation, celltype, ensemble, npm1, explain."""
 REGISTERED: tuple[Stage, ...] = tuple(s for s in Stage if s.registered)
-"""The registry's model kinds: segmentation, celltype, ensemble, npm1, nucseg."""
+"""The registry's model kinds: segmentation, celltype, ensemble, npm1, nucseg, mil."""
 PIPELINE_MODELS: tuple[Stage, ...] = tuple(s for s in SERVED if s.registered)
 """The models a case is run through, each trained, registered and served on its own:
 segmentation, celltype, ensemble, npm1 (what the demo trains and a rollout pins)."""

@@ -126,7 +126,7 @@ def mlflow_server(request: pytest.FixtureRequest) -> str:
 
 
 def make_tiny_model_dir(kind: str, directory: Path, *, seed: int = 0, **fields) -> Path:
-    """Save a tiny CPU model of registry `kind` (segmentation|celltype|ensemble|npm1|nucseg).
+    """Save a tiny CPU model of registry `kind` (segmentation|celltype|ensemble|npm1|nucseg|mil).
 
     Ensemble feature names default to `marrowscope.features.case_feature_names()` so that
     promotion's config gate passes; celltype outputs default to the full taxonomy.
@@ -156,6 +156,15 @@ def make_tiny_model_dir(kind: str, directory: Path, *, seed: int = 0, **fields) 
     elif kind == "nucseg":
         fields = {"input_size": [32, 32], "base_channels": 4, "depth": 2, **fields}
         config = make_config("nucseg", "unet", **fields)
+    elif kind == "mil":
+        fields = {
+            "embedding_dim": 64,  # the tiny_cnn celltype's
+            "hidden": 8,
+            "attention": 4,
+            "celltype": {"name": "marrowscope-celltype", "version": "1"},
+            **fields,
+        }
+        config = make_config("mil", "gated_attention", **fields)
     else:
         raise ValueError(kind)
     return save_model(build_model(config), config, directory)

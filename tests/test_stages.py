@@ -16,7 +16,7 @@ from training import rollout
 
 def test_names_and_orders_are_the_strings_they_replace():
     assert SERVED == ("segmentation", "celltype", "ensemble", "npm1", "explain")
-    assert REGISTERED == ("segmentation", "celltype", "ensemble", "npm1", "nucseg")
+    assert REGISTERED == ("segmentation", "celltype", "ensemble", "npm1", "nucseg", "mil")
     assert PIPELINE_MODELS == ("segmentation", "celltype", "ensemble", "npm1")
     assert LINEAGE_UPSTREAMS == ("segmentation", "celltype")
     # quoted and formatted exactly like the plain strings (error messages, env names, JSON)
@@ -34,6 +34,7 @@ def test_registry_names_and_followers():
         "ensemble": "ensemble",
         "npm1": "npm1",
         "nucseg": "nucseg",
+        "mil": "mil",
     }
     assert registry.kind_of("detector") == Stage.SEGMENTATION
     assert rollout.FOLLOWERS == {"npm1": ("explain",)}

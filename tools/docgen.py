@@ -60,7 +60,7 @@ _BEGIN = re.compile(r"^<!-- BEGIN GENERATED: (.*?) -->$", re.MULTILINE)
 
 # Sentinel sizes in the symbolic model configs: a dimension equal to one of them came from
 # that config field, so it is printed as the letter instead of a number.
-_H, _W, _S = 1_000_003, 1_000_033, 1_000_037
+_H, _W, _S, _D = 1_000_003, 1_000_033, 1_000_037, 1_000_039
 _SYMBOLIC_FIELDS: dict[str, dict[str, Any]] = {
     "npm1": {"input_size": [_H, _W]},
     "celltype": {"crop_size": _S},
@@ -68,14 +68,17 @@ _SYMBOLIC_FIELDS: dict[str, dict[str, Any]] = {
         "feature_names": ["feature"],
         "feature_units": {"length": "px", "um_per_px": None},
     },
+    "mil": {"embedding_dim": _D, "celltype": {"name": "marrowscope-celltype", "version": "1"}},
 }
-_SYMBOLS: dict[int, str] = {_H: "H", _W: "W", _S: "S"}
+_SYMBOLS: dict[int, str] = {_H: "H", _W: "W", _S: "S", _D: "D"}
 _LENGTH_SYMBOLS: dict[str, tuple[str, str]] = {"celltype": ("outputs", "K")}
 """kind -> (list-valued config field, letter for its length)."""
 _SYMBOL_MEANING: dict[str, str] = {
     "H": "`H`, `W`: the loaded npm1 model's `input_size` (config.json)",
     "S": "`S`: the loaded celltype model's `crop_size`",
     "K": "`K`: the celltype model's `outputs` (cell codes, then attribute codes)",
+    "D": "`D`: the MIL model's `embedding_dim`: the celltype backbone's embedding size, which "
+    "the celltype ModelMetadata shows for `EMBEDDINGS` once a version is loaded",
 }
 
 

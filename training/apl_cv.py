@@ -6,20 +6,24 @@ they are compared on identical folds: for each repeat a fresh `StratifiedGroupKF
 sides of a fold. A model is a `fit_predict(train_rows, test_rows, fit_seed) -> scores`
 callable. `summarise` turns the out-of-fold scores into the reported figures.
 
-`GatedAttentionMIL` is the gated-attention pooling of Ilse et al. (ICML 2018), the
-aggregation SCEMILA and DeepAPL use: a patient's cells are embedded, each gets an
-attention weight (softmax over the bag) and the weighted mean is classified. The weights
-are the per-cell importance a report would show.
+`GatedAttentionMIL` (`marrowscope.models.mil`, the served `mil` model kind) is the
+gated-attention pooling of Ilse et al. (ICML 2018), the aggregation SCEMILA and DeepAPL use:
+a patient's cells are embedded, each gets an attention weight (softmax over the bag) and the
+weighted mean is classified. The weights are the per-cell importance a report shows.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from marrowscope.models.mil import GatedAttentionMIL
 
 log = logging.getLogger(__name__)
 
@@ -79,35 +83,6 @@ def summarise(y: np.ndarray, oof: np.ndarray, *, n_boot: int = 2000, seed: int =
 
 
 # ------------------------------------------------------------------ attention MIL
-
-
-class GatedAttentionMIL(nn.Module):
-    """`forward(bag FloatTensor[N, D])` -> (logit FloatTensor[], attention FloatTensor[N]
-    summing to 1). Inputs are standardised with stored statistics (`fit_standardisation`)."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, d_in: int, hidden: int = 64, attention: int = 32, dropout: float = 0.25):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(d_in))
-        self.register_buffer("std", torch.ones(d_in))
-        self.embed = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.v = nn.Linear(hidden, attention)
-        self.u = nn.Linear(hidden, attention)
-        self.w = nn.Linear(attention, 1)
-        self.classify = nn.Linear(hidden, 1)
-
-    @torch.no_grad()
-    def fit_standardisation(self, cells: np.ndarray) -> None:
-        x = torch.as_tensor(cells, dtype=torch.float32)
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
-
-    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed((bag - self.mean) / self.std)
-        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1).softmax(0)
-        return self.classify(a @ h).squeeze(-1), a
 
 
 def mil_fit_predict(
@@ -173,6 +148,31 @@ def train_mil(
             loss.backward()
             optimizer.step()
     return model.eval()
+
+
+def save_mil(
+    model: GatedAttentionMIL,
+    directory: Path | str,
+    *,
+    celltype: dict[str, str],
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a registrable `mil` model (safetensors + config.json) whose config
+    records D and the celltype model (`{"name", "version"}`) whose embeddings it learned:
+    promotion refuses it beside another celltype version (`training.promote`)."""
+    from marrowscope.models import make_config, save_model
+
+    config = make_config(
+        "mil",
+        "gated_attention",
+        embedding_dim=model.d_in,
+        hidden=model.hidden,
+        attention=model.attention,
+        dropout=model.dropout,
+        celltype=dict(celltype),
+        training=dict(training or {}),
+    )
+    return save_model(model, config, directory)
 
 
 def logistic_fit_predict(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> FitPredict:

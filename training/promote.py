@@ -23,6 +23,10 @@ Gates, evaluated on every candidate before anything moves (a set is all or nothi
   `um_per_px`). Unknown units (models from before they were recorded) pass, shown.
 - `lineage`: the ensemble that will serve (candidate or current champion) was built on the
   segmentation and celltype versions that will serve with it (champions after promotion).
+  For a MIL model (`mil`, P(APL | AML) from cell embeddings) or a celltype candidate: the
+  MIL model that will serve was trained on the embeddings of the celltype version that
+  will serve (its config's `celltype.version`); embeddings of another celltype model mean
+  something else, so such a MIL model is refused.
 - `nc_error`, `vs_classical` (nucseg, the learned nucleus/cytoplasm split): median |N:C
   error| `nc_abs_err` <= the ceiling (`NUCSEG_NC_ERROR_CEILING`, 0.10, overridable with
   `--floor nucseg.nc_abs_err=...`, read as a ceiling) and, in every domain it was measured
@@ -65,6 +69,7 @@ PRIMARY_METRIC = {
     Stage.ENSEMBLE: "auroc",
     Stage.NPM1: "auroc",
     Stage.NUCSEG: "cell_dice",
+    Stage.MIL: "apl_auroc",
 }
 DEFAULT_FLOORS: dict[str, dict[str, float]] = {
     Stage.SEGMENTATION: {"map50": 0.5},
@@ -75,6 +80,8 @@ DEFAULT_FLOORS: dict[str, dict[str, float]] = {
     Stage.ENSEMBLE: {"auroc": 0.75, **{f"{t.code}_auroc": t.floor for t in GENETIC_TARGETS}},
     Stage.NPM1: {"auroc": 0.65},
     Stage.NUCSEG: {"cell_dice": 0.90},
+    # the ensemble's apl head floor (Eckardt 2022: 0.8575)
+    Stage.MIL: {"apl_auroc": 0.75},
 }
 NUCSEG_NC_ERROR_CEILING = 0.10
 """Median |N:C error| a learned split may have (the classical split: 0.059 on wbc-seg,
@@ -270,7 +277,34 @@ def _nucseg_gates(
     return [("nc_error", nc), ("vs_classical", vs)]
 
 
+def _mil_lineage(serving: dict[str, _Version | None]) -> tuple[bool, str]:
+    """The MIL model that will serve learned the embeddings of the celltype that will."""
+    mil, celltype = serving.get(Stage.MIL), serving[Stage.CELLTYPE]
+    if mil is None:
+        return True, "no MIL model serves"
+    pinned = (mil.config or {}).get("celltype") or {}
+    want = str(pinned.get("version", "")) if isinstance(pinned, dict) else ""
+    if not want:
+        return False, f"mil v{mil.version} records no celltype version (config celltype)"
+    if celltype is None:
+        return False, f"mil v{mil.version} needs celltype v{want}, but no celltype would serve"
+    if celltype.version != want:
+        return False, (
+            f"mil v{mil.version} learned the embeddings of celltype v{want}, but celltype "
+            f"v{celltype.version} would serve: its embeddings mean something else; retrain "
+            "the MIL model on that celltype's embeddings (training.apl --save-mil) or promote "
+            "a consistent set with --pipeline"
+        )
+    return True, f"mil v{mil.version} learned celltype v{want}'s embeddings"
+
+
 def _lineage_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool, str]:
+    if c.kind == Stage.MIL:
+        return _mil_lineage(serving)
+    if c.kind == Stage.CELLTYPE:
+        ok, detail = _mil_lineage(serving)
+        if not ok:
+            return ok, detail
     ensemble = serving[Stage.ENSEMBLE]
     if c.kind in (Stage.NPM1, Stage.NUCSEG):
         return True, "no upstream models"
@@ -368,6 +402,17 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
     if c.kind == Stage.NUCSEG:
         source = config.get("nucleus_source", "learned")
         return True, f"input {config['input_size']}, nucleus {source}"
+    if c.kind == Stage.MIL:
+        name = config["celltype"]["name"]
+        if name != Stage.CELLTYPE.registered_name:
+            return False, (
+                f"celltype {name!r} is not the served celltype model "
+                f"{Stage.CELLTYPE.registered_name!r}"
+            )
+        return (
+            True,
+            f"{config['embedding_dim']}-d embeddings of {name} v{config['celltype']['version']}",
+        )
     return True, f"input {config['input_size']}"
 
 

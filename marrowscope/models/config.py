@@ -3,7 +3,7 @@
 A config fully determines the architecture, so `build_model(config)` followed by loading
 the safetensors weights reproduces the trained module without unpickling anything.
 
-Common keys: `kind` (`detector|celltype|ensemble|npm1`), `arch`, `schema_version`,
+Common keys: `kind` (`detector|celltype|ensemble|npm1|nucseg|mil`), `arch`, `schema_version`,
 `hyperparameters` (dict), `training` (dict: data hash, seeds, ...). Per-kind keys are listed
 in `REQUIRED_KEYS`; `make_config` fills paper/CPU defaults for them.
 
@@ -29,7 +29,7 @@ from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1", "nucseg")
+KINDS: tuple[str, ...] = ("detector", "celltype", "ensemble", "npm1", "nucseg", "mil")
 
 ARCHS: dict[str, tuple[str, ...]] = {
     # Paper: Faster R-CNN with a ResNet50-FPN backbone; MobileNetV3 for CPU-sized configs.
@@ -45,6 +45,8 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "npm1": ("resnet50", "resnet18"),
     # Learned nucleus/cytoplasm split over one cell crop (marrowscope.models.nucseg).
     "nucseg": ("unet",),
+    # Gated-attention MIL over the celltype model's cell embeddings (marrowscope.models.mil).
+    "mil": ("gated_attention",),
 }
 
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -53,6 +55,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "ensemble": ("feature_names", "hidden", "dropout"),
     "npm1": ("input_size", "mean", "std"),
     "nucseg": ("input_size", "base_channels", "depth", "mean", "std"),
+    "mil": ("embedding_dim", "hidden", "attention", "dropout", "celltype"),
 }
 
 DETECTOR_FPN_LEVELS: dict[str, int] = {
@@ -123,6 +126,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         # nucleus inside it (training picks whichever scores better on held-out cells)
         "nucleus_source": "learned",
     },
+    # embedding_dim and celltype (the lineage: whose embeddings) come from training.
+    "mil": {"hidden": 64, "attention": 32, "dropout": 0.25, "target": "apl"},
 }
 
 
@@ -414,12 +419,34 @@ def _validate_nucseg(config: dict[str, Any]) -> None:
     _check_mean_std(config)
 
 
+def _validate_mil(config: dict[str, Any]) -> None:
+    for key in ("embedding_dim", "hidden", "attention"):
+        _positive_int(config, key, config[key])
+    dropout = config["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
+    if config.get("target", "apl") != "apl":
+        _fail(config, f"target must be 'apl' (the one MIL target), got {config['target']!r}")
+    lineage = config["celltype"]
+    if (
+        not isinstance(lineage, dict)
+        or set(lineage) != {"name", "version"}
+        or not all(isinstance(v, str) and v for v in lineage.values())
+    ):
+        _fail(
+            config,
+            "celltype must be {'name': ..., 'version': ...} (non-empty strings): the celltype "
+            f"model whose embeddings the MIL model learned, got {lineage!r}",
+        )
+
+
 _VALIDATORS = {
     "detector": _validate_detector,
     "celltype": _validate_celltype,
     "ensemble": _validate_ensemble,
     "npm1": _validate_npm1,
     "nucseg": _validate_nucseg,
+    "mil": _validate_mil,
 }
 
 

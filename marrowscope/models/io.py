@@ -46,7 +46,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """A freshly initialised module for a validated config (no weights are downloaded).
 
     detector -> torchvision `FasterRCNN`; celltype -> `CellTypeClassifier`;
-    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`; nucseg -> `NucSegNet`.
+    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`; nucseg -> `NucSegNet`; mil -> `GatedAttentionMIL`.
     """
     validate_config(config)
     kind = config["kind"]
@@ -66,6 +66,10 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         from marrowscope.models.nucseg import NucSegNet
 
         return NucSegNet(config)
+    if kind == "mil":
+        from marrowscope.models.mil import build_mil
+
+        return build_mil(config)
     from marrowscope.models.npm1 import Npm1Classifier
 
     return Npm1Classifier(config)

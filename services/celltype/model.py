@@ -7,6 +7,11 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   trained with another padding is refused at load, since clients cannot see it).
 - out ``PROBS`` FP32 [B, K] in [0, 1]; ``NAMES`` BYTES [K]: cell codes, then attribute codes
   (the model config's ``outputs``).
+- out ``EMBEDDINGS`` FP32 [B, D], only for a request with the (bool) parameter
+  ``embeddings`` true: each crop's penultimate embedding (the backbone's features, the head's
+  input; D fixed per loaded version in ModelMetadata), what a MIL model learns from
+  (`marrowscope.models.mil`). Computed in the same forward pass; requests without the
+  parameter pay nothing and get no EMBEDDINGS (naming the output alone does not compute it).
 
 Batchable: concurrent requests are joined along B (dynamic batching by the runtime).
 """
@@ -17,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowscope.errors import ModelNotReady
+from marrowscope.errors import InvalidInput, ModelNotReady
 from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.inference import CellTyper
 from services.celltype.config import CelltypeSettings
 from services.common import PredictorHandler, bytes_tensor
 from services.runtime.handler import Parameters, Tensors, TensorSpec
+
+EMBEDDINGS_PARAMETER = "embeddings"
 
 
 class CelltypeHandler(PredictorHandler):
@@ -48,14 +55,39 @@ class CelltypeHandler(PredictorHandler):
         self.outputs = (  # type: ignore[misc]
             TensorSpec("PROBS", "FP32", (-1, len(self.names))),
             TensorSpec("NAMES", "BYTES", (len(self.names),), batch_axis=False),
+            TensorSpec("EMBEDDINGS", "FP32", (-1, -1)),
         )
+
+    def load(self) -> None:
+        super().load()
+        # D is the loaded backbone's: ModelMetadata shows it from here on
+        probs, names = self.outputs[:2]
+        embeddings = TensorSpec("EMBEDDINGS", "FP32", (-1, self.predictor.embedding_dim))
+        self.outputs = (probs, names, embeddings)  # type: ignore[misc]
 
     def warmup(self) -> None:
         size = self.inputs[0].shape[1]
         self.infer({"CROPS": np.full((2, size, size, 3), 200, np.uint8)}, {})
 
-    def predict(self, inputs: Tensors) -> np.ndarray:
-        return self.predictor.predict(inputs["CROPS"], batch_size=self.settings.chunk_size)
+    def preprocess(self, inputs: Tensors, parameters: Parameters) -> tuple[np.ndarray, bool]:
+        want = parameters.get(EMBEDDINGS_PARAMETER, False)
+        if not isinstance(want, bool):
+            raise InvalidInput(f"parameter {EMBEDDINGS_PARAMETER} must be a bool, got {want!r}")
+        return inputs["CROPS"], want
 
-    def postprocess(self, probs: np.ndarray, parameters: Parameters) -> Tensors:
-        return {"PROBS": probs.astype(np.float32, copy=False), "NAMES": bytes_tensor(self.names)}
+    def predict(self, batch: tuple[np.ndarray, bool]) -> tuple[np.ndarray, np.ndarray | None]:
+        crops, want = batch
+        size = self.settings.chunk_size
+        if want:
+            probs, embeds = self.predictor.predict_with_embeddings(crops, batch_size=size)
+            return probs, embeds
+        return self.predictor.predict(crops, batch_size=size), None
+
+    def postprocess(
+        self, answer: tuple[np.ndarray, np.ndarray | None], parameters: Parameters
+    ) -> Tensors:
+        probs, embeds = answer
+        out = {"PROBS": probs.astype(np.float32, copy=False), "NAMES": bytes_tensor(self.names)}
+        if embeds is not None:
+            out["EMBEDDINGS"] = embeds.astype(np.float32, copy=False)
+        return out

@@ -19,12 +19,29 @@ def build(settings: EnsembleSettings, resolved):
     return handler(resolved.local_dir, settings, tags=resolved.tags)
 
 
+def extra_models(settings: EnsembleSettings) -> dict:
+    """``{"mil": resolver}`` when ``mil_model_uri`` is set (the MIL model beside the
+    ensemble, `services.ensemble.model`), else nothing."""
+    if not settings.mil_model_uri:
+        return {}
+    from services.ensemble.model import MIL_MODEL_NAME, MilHandler
+    from services.runtime.server import registry_resolver
+
+    return {
+        MIL_MODEL_NAME: registry_resolver(
+            settings.mil_model_uri, lambda resolved: MilHandler(resolved.local_dir, settings)
+        )
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return service_main(
         EnsembleSettings,
         build,
         argv,
-        "Serve the ensemble model (P(AML), P(NPM1 | AML)) over the Open Inference Protocol (gRPC).",
+        "Serve the ensemble model (P(AML), P(NPM1 | AML)) over the Open Inference Protocol "
+        "(gRPC), and the MIL model (P(APL | AML) from cell embeddings) when configured.",
+        extra=extra_models,
     )
 
 

@@ -25,6 +25,19 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   withholds P(AML) when a case's features are in another unit.
 
 Not batchable: the names travel with every vector, and the model is a tiny MLP.
+
+MIL model (`MilHandler`, OIP model ``mil``, served by the same process when
+``MS_ENSEMBLE_MIL_MODEL_URI`` is set): P(APL | AML) and per-cell attention from a case's cell
+embeddings (`marrowscope.models.mil`).
+- in  ``CELL_EMBEDDINGS`` FP32 [N, D]: every typed cell of the case (N >= 1), each the
+  celltype service's ``EMBEDDINGS`` row for it; D must equal the config's
+  ``embedding_dim`` (fixed in ModelMetadata), values finite, else INVALID_ARGUMENT.
+- out ``P_APL`` FP32 [1] in [0, 1]: P(APL | AML); ``ATTENTION`` FP32 [N]: each cell's
+  attention weight, in input order, summing to 1.
+- response parameters (string) ``lineage_celltype_model`` / ``lineage_celltype``: the
+  celltype model name and version whose embeddings it learned (config ``celltype``); the
+  gateway reports no MIL P(APL) when that is not the celltype version it pinned.
+Not batchable: one bag per case, bags differ in N.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowscope.errors import InvalidInput, ModelNotReady
-from marrowscope.inference import EnsemblePredictor
+from marrowscope.inference import EnsemblePredictor, MilPredictor
 from marrowscope.models import feature_units
 from marrowscope.models.config import ensemble_targets
 from marrowscope.stages import LINEAGE_UPSTREAMS
@@ -43,6 +56,7 @@ from marrowscope.targets import genetic_target, output_of
 from services.common import PredictorHandler, bytes_tensor, decode_names
 from services.ensemble.config import EnsembleSettings
 from services.runtime.handler import Parameters, Tensors, TensorSpec
+from services.runtime.settings import ServiceSettings
 
 UPSTREAMS: tuple[str, ...] = LINEAGE_UPSTREAMS
 LINEAGE_TAG_PREFIX = "marrowscope.lineage."
@@ -142,3 +156,42 @@ class EnsembleHandler(PredictorHandler):
 
     def postprocess(self, p: dict[str, np.ndarray], parameters: Parameters) -> Tensors:
         return {output_of(t): p[t].astype(np.float32, copy=False).reshape(1) for t in self.targets}
+
+
+MIL_MODEL_NAME = "mil"
+
+
+class MilHandler(PredictorHandler):
+    batchable = False
+    predictor_cls = MilPredictor
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("P_APL", "FP32", (1,)),
+        TensorSpec("ATTENTION", "FP32", (-1,)),
+    )
+
+    def __init__(self, local_dir: str | Path, settings: ServiceSettings) -> None:
+        super().__init__(local_dir, settings)
+        if self.config["kind"] != "mil":
+            raise ModelNotReady(f"{local_dir} holds a {self.config['kind']} model, not mil")
+        self.embedding_dim = int(self.config["embedding_dim"])
+        # per loaded version: ModelMetadata shows the D this version reads
+        spec = TensorSpec("CELL_EMBEDDINGS", "FP32", (-1, self.embedding_dim))
+        self.inputs = (spec,)  # type: ignore[misc]
+        celltype = self.config["celltype"]
+        self.response_parameters = {
+            "lineage_celltype_model": str(celltype["name"]),
+            "lineage_celltype": str(celltype["version"]),
+        }
+
+    def warmup(self) -> None:
+        self.infer({"CELL_EMBEDDINGS": np.zeros((2, self.embedding_dim), np.float32)}, {})
+
+    def predict(self, inputs: Tensors) -> tuple[float, np.ndarray]:
+        return self.predictor.predict(inputs["CELL_EMBEDDINGS"])  # type: ignore[no-any-return]
+
+    def postprocess(self, answer: tuple[float, np.ndarray], parameters: Parameters) -> Tensors:
+        p, attention = answer
+        return {
+            "P_APL": np.array([p], np.float32),
+            "ATTENTION": np.asarray(attention, np.float32).reshape(-1),
+        }

@@ -29,7 +29,14 @@ import numpy as np
 from marrowscope.case import CellTypes, Detections, MeasuredDetections, SmearImage
 from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.stages import Stage
-from services.gateway.clients import EnsembleOutput, ModelClients, ModelInfo, ServiceCallError
+from services.gateway.clients import (
+    MIL_MODEL,
+    EnsembleOutput,
+    MilOutput,
+    ModelClients,
+    ModelInfo,
+    ServiceCallError,
+)
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 
@@ -174,6 +181,32 @@ class ServiceCalls:
                 raise PipelineFailure(f"ensemble returned an invalid {what} {v!r}")
         return out
 
+    async def mil(self, embeddings: np.ndarray, version: str) -> MilOutput:
+        """P(APL | AML) and one attention weight per cell from embeddings float32[N, D]
+        (the MIL model at `version`); the weights are checked (finite, >= 0, one per cell,
+        summing to 1 within 1e-3) and renormalised to sum to 1 exactly."""
+        out = await self.call(
+            MIL_MODEL,
+            lambda timeout: self.clients.mil(
+                np.asarray(embeddings, np.float32), version=version, timeout=timeout
+            ),
+        )
+        self.check_version(MIL_MODEL, version, out.model_version)
+        if not 0.0 <= out.p_apl <= 1.0:  # NaN fails the comparison too
+            raise PipelineFailure(f"mil returned an invalid probability {out.p_apl!r}")
+        a = np.asarray(out.attention, np.float64).reshape(-1)
+        if len(a) != len(embeddings):
+            raise PipelineFailure(f"mil returned {len(a)} attention weights for {len(embeddings)}")
+        if not np.isfinite(a).all() or (a < 0).any() or abs(a.sum() - 1.0) > 1e-3:
+            raise PipelineFailure("mil returned attention weights that are not a distribution")
+        return MilOutput(
+            out.p_apl,
+            (a / a.sum()).astype(np.float32),
+            out.model_version,
+            out.lineage_celltype,
+            out.lineage_celltype_model,
+        )
+
     async def npm1(self, image: np.ndarray, version: str) -> float:
         """P(NPM1 mutated) of one image uint8[h, w, 3] at the npm1 input size."""
         p = await self.call(
@@ -274,29 +307,43 @@ class ServedCellModels:
         detections = Detections(seg.boxes, seg.scores, tuple(seg.labels))
         return MeasuredDetections(detections, seg.features, tuple(seg.feature_names), unit)
 
-    async def type_cells(self, crops: np.ndarray) -> CellTypes:
-        """Batches of `batch` crops, at most `concurrency` calls in flight, answers in order."""
+    async def type_cells(self, crops: np.ndarray, *, embeddings: bool = False) -> CellTypes:
+        """Batches of `batch` crops, at most `concurrency` calls in flight, answers in order;
+        with `embeddings`, each crop's embedding too (celltype's EMBEDDINGS output)."""
         slots = asyncio.Semaphore(self.concurrency)
+        ask = {"embeddings": True} if embeddings else {}
 
-        async def one(batch: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+        async def one(batch: np.ndarray) -> tuple[np.ndarray, tuple[str, ...], np.ndarray | None]:
             async with slots:
                 cls = await self.calls.call(
                     Stage.CELLTYPE,
                     lambda timeout: self.clients.classify(
-                        batch, version=self.celltype_version, timeout=timeout
+                        batch, version=self.celltype_version, timeout=timeout, **ask
                     ),
                 )
             self.calls.check_version(Stage.CELLTYPE, self.celltype_version, cls.model_version)
             probs = np.asarray(cls.probs, np.float32)
             if probs.shape[0] != len(batch):
                 raise PipelineFailure(f"celltype answered {probs.shape[0]} rows for {len(batch)}")
-            return probs, tuple(cls.names)
+            emb = None
+            if embeddings:
+                if cls.embeddings is None or len(cls.embeddings) != len(batch):
+                    raise PipelineFailure(f"celltype answered no embedding per crop ({len(batch)})")
+                emb = np.asarray(cls.embeddings, np.float32)
+            return probs, tuple(cls.names), emb
 
         starts = range(0, len(crops), self.batch)
         answers = await gather_or_cancel([one(crops[s : s + self.batch]) for s in starts])
         if not answers:
-            return CellTypes(np.zeros((0, 0), np.float32), ())
+            empty = np.zeros((0, 0), np.float32)
+            return CellTypes(empty, (), empty if embeddings else None)
         names = answers[0][1]
-        if any(n != names for _, n in answers):
+        if any(n != names for _, n, _ in answers):
             raise PipelineFailure("celltype answered other output names within one analysis")
-        return CellTypes(np.concatenate([p for p, _ in answers]), names)
+        probs = np.concatenate([p for p, _, _ in answers])
+        if not embeddings:
+            return CellTypes(probs, names)
+        parts = [e for _, _, e in answers if e is not None]
+        if len({e.shape[1] for e in parts}) != 1:
+            raise PipelineFailure("celltype answered embeddings of different sizes")
+        return CellTypes(probs, names, np.concatenate(parts))

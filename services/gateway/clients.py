@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
+MIL_MODEL = "mil"
+"""OIP model name of the MIL model (P(APL | AML) from cell embeddings), served by the
+ensemble service (`services.ensemble.model`)."""
+
+
 class ServiceCallError(Exception):
     """A model service call failed; `code` is the gRPC status name."""
 
@@ -75,11 +80,26 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class Classification:
-    """probs float32[B, K] named by names (K: cell codes, then attribute codes)."""
+    """probs float32[B, K] named by names (K: cell codes, then attribute codes);
+    embeddings float32[B, D] (each crop's penultimate embedding) only when asked for."""
 
     probs: np.ndarray
     names: list[str]
     model_version: str
+    embeddings: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class MilOutput:
+    """The MIL model's answer for one case: P(APL | AML), attention float32[N] (one weight
+    per cell embedding sent, in order), the celltype model and version whose embeddings it
+    learned (its lineage response parameters; "" when not reported)."""
+
+    p_apl: float
+    attention: np.ndarray
+    model_version: str
+    lineage_celltype: str = ""
+    lineage_celltype_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,8 +181,11 @@ class ModelClients(Protocol):
         x2, y2 pixels to measure instead of detecting (the service's BOXES_IN)."""
         ...
 
-    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
-        """crops: uint8[B, S, S, 3] RGB at the celltype model's crop size."""
+    async def classify(
+        self, crops: np.ndarray, *, version: str, timeout: float, embeddings: bool = False
+    ) -> Classification:
+        """crops: uint8[B, S, S, 3] RGB at the celltype model's crop size; with `embeddings`
+        also the EMBEDDINGS output (request parameter `embeddings`)."""
         ...
 
     async def ensemble(
@@ -174,6 +197,11 @@ class ModelClients(Protocol):
 
     async def npm1(self, image: np.ndarray, *, version: str, timeout: float) -> float:
         """image: uint8[H, W, 3] RGB already at the npm1 model's input size."""
+        ...
+
+    async def mil(self, embeddings: np.ndarray, *, version: str, timeout: float) -> MilOutput:
+        """embeddings: float32[N, D], the case's typed cells' celltype embeddings (the OIP
+        model `mil`, served by the ensemble service; `metadata("mil")` pins it)."""
         ...
 
     async def explain(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,7 +82,15 @@ class GatewaySettings(BaseSettings):
     """Fewer counted (non-RBC) cells over the case -> status `abstained`, no probability."""
     npm1_threshold: float = Field(0.5, ge=0, le=1)
     apl_threshold: float = Field(0.5, ge=0, le=1)
-    """Threshold of the APL-by-morphology call when the ensemble records none."""
+    """Threshold of the APL-by-morphology call when the ensemble records none (and of the
+    MIL model's call)."""
+    apl_model: Literal["ensemble", "mil"] = "ensemble"
+    """Which model reports P(APL | AML): `ensemble` (its `apl` head over the case vector) or
+    `mil` (the attention-MIL model over the cells' celltype embeddings, served as the OIP
+    model `mil` by the ensemble service with `MS_ENSEMBLE_MIL_MODEL_URI`; its attention
+    weights become each cell's `importance`). With `mil` and no (usable) MIL model the
+    report's `apl_morphology` is not_available with the reason; the rest of the case
+    reports."""
     aml_threshold: float = Field(0.5, ge=0, le=1)
     explain_max_boxes: int = Field(1024, ge=1)
     """Cells per explain call; an image with more is explained in several calls. Keep it at

@@ -370,6 +370,17 @@ def _slide_regions(slide: SlideSummary, observation: Callable[..., str]) -> str:
     )
 
 
+def _morphology_method(morph: GeneticMorphologyCall) -> dict:
+    """Observation.method naming the model that produced the call (result 1.5 `model`)."""
+    if morph.model == "mil":
+        text = f"attention MIL over the cells' celltype embeddings (mil {morph.model_version})"
+    elif morph.model == "ensemble":
+        text = f"ensemble genetic head over the case features (ensemble {morph.model_version})"
+    else:
+        return {}
+    return {"method": {"text": text}}
+
+
 def _morphology_observation(
     observation: Callable[..., str],
     target: GeneticTarget,
@@ -384,6 +395,7 @@ def _morphology_observation(
         return observation(
             target.fhir_code,
             target.fhir_display,
+            **_morphology_method(morph),
             valueQuantity=_prob(morph.p),
             interpretation=[{"coding": [{"system": INTERPRETATION, "code": interp}]}],
             note=[

@@ -12,12 +12,16 @@ them too. They are separate from the whole-image NPM1 model, whose `p_npm1` /
 Each threshold is the one the model records (`<target>_threshold` response parameter), else
 the gateway's setting named by the target (`npm1_threshold`, `apl_threshold`);
 `threshold_source` says which.
+
+With `apl_model` mil the APL call comes from the MIL model instead (`mil_morphology`: its
+P(APL | AML) over the cells' embeddings, `model` mil, the deployment's `apl_threshold`),
+under the same rules: withheld when P(AML) is, not_applicable for a case called non-AML.
 """
 
 from __future__ import annotations
 
 from marrowscope.targets import BY_CODE, NPM1, GeneticTarget, genetic_targets
-from services.gateway.clients import EnsembleOutput, ModelInfo
+from services.gateway.clients import EnsembleOutput, MilOutput, ModelInfo
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.result import AmlCall, GeneticMorphologyCall
@@ -76,11 +80,61 @@ def genetic_morphology(
         reason=reason,
         detail=detail,
         model_version=ensemble.version,
+        model="ensemble",
     )
     if metrics is not None:
         if target is NPM1:
             metrics.npm1_morphology.labels(call.status).inc()
         metrics.genetic_morphology.labels(target.code, call.status).inc()
+    return call
+
+
+def mil_morphology(
+    aml: AmlCall,
+    answer: MilOutput | None,
+    problem: tuple[str, str] | None,
+    *,
+    mil_version: str,
+    p_aml: float | None,
+    aml_positive: bool | None,
+    settings: GatewaySettings,
+    metrics: GatewayMetrics | None = None,
+) -> GeneticMorphologyCall:
+    """The result's `apl_morphology` from the MIL model (`model` mil).
+
+    problem: (reason, detail) when the MIL model cannot answer (not served, another
+    embedding size or celltype lineage): not_available, which wins as for a missing head.
+    Otherwise abstained when P(AML) was withheld, not_applicable for a case called non-AML,
+    predicted when the model answered."""
+    threshold = float(settings.apl_threshold)
+    p = None if answer is None else answer.p_apl
+    if problem is not None:
+        status, reason, detail = "not_available", problem[0], problem[1]
+    elif aml.status == "abstained":
+        status, reason, detail = "abstained", aml.reason, aml.detail
+    elif aml_positive is False:
+        status, reason = "not_applicable", "not_aml"
+        detail = (
+            f"P(AML) {p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
+            "P(APL | AML) is reported only for cases called AML"
+        )
+    elif p is None:
+        status, reason, detail = "not_available", "no_mil_model", "the MIL model did not answer"
+    else:
+        status, reason, detail = "predicted", None, None
+    call = GeneticMorphologyCall(
+        status=status,
+        p=p if status == "predicted" else None,
+        positive=p >= threshold if status == "predicted" and p is not None else None,
+        threshold=threshold,
+        threshold_source="deployment",
+        reason=reason,
+        detail=detail,
+        model_version=mil_version,
+        model="mil",
+    )
+    if metrics is not None:
+        metrics.genetic_morphology.labels("apl", call.status).inc()
     return call
 
 
@@ -92,8 +146,10 @@ def morphology_calls(
     settings: GatewaySettings,
     metrics: GatewayMetrics | None = None,
     aml_positive: bool | None = None,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, GeneticMorphologyCall]:
-    """`{report_entry: call}` for every genetic target (`npm1_morphology`, `apl_morphology`)."""
+    """`{report_entry: call}` for every genetic target (`npm1_morphology`, `apl_morphology`)
+    but those in `skip` (target codes another model answers)."""
     return {
         t.report_entry: genetic_morphology(
             t,
@@ -105,4 +161,5 @@ def morphology_calls(
             aml_positive=aml_positive,
         )
         for t in genetic_targets()
+        if t.code not in skip
     }

@@ -17,10 +17,12 @@ from marrowscope.stages import Stage
 from marrowscope.targets import genetic_targets
 from services.gateway.balancing import BalancedClients, Resolver, dns_resolver
 from services.gateway.clients import (
+    MIL_MODEL,
     Classification,
     EnsembleOutput,
     Explanation,
     FeatureUnits,
+    MilOutput,
     ModelInfo,
     Segmentation,
     ServiceCallError,
@@ -133,9 +135,13 @@ class OipModelClients:
         except InferenceServerException as exc:
             raise ServiceCallError(service, _code(exc), exc.message() or str(exc)) from exc
 
+    def _client(self, model: str) -> Any:
+        """The client of the service that serves `model` (the MIL model: the ensemble's)."""
+        return self._clients[Stage.ENSEMBLE if model == MIL_MODEL else model]
+
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
         md = await self._call(
-            service, self._clients[service].get_model_metadata(service, client_timeout=timeout)
+            service, self._client(service).get_model_metadata(service, client_timeout=timeout)
         )
         if not md.versions:
             raise ServiceCallError(service, "FAILED_PRECONDITION", "model reports no version")
@@ -157,7 +163,7 @@ class OipModelClients:
     ):
         return await self._call(
             service,
-            self._clients[service].infer(
+            self._client(service).infer(
                 service,
                 inputs,
                 model_version=version,
@@ -217,13 +223,52 @@ class OipModelClients:
             unit[0] if unit else None,
         )
 
-    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
+    async def classify(
+        self, crops: np.ndarray, *, version: str, timeout: float, embeddings: bool = False
+    ) -> Classification:
         r = await self._infer(
-            Stage.CELLTYPE, [self._input("CROPS", crops, "UINT8")], version=version, timeout=timeout
+            Stage.CELLTYPE,
+            [self._input("CROPS", crops, "UINT8")],
+            version=version,
+            timeout=timeout,
+            parameters={"embeddings": True} if embeddings else None,
         )
         names = _strings(r.as_numpy("NAMES"))
         probs = np.asarray(r.as_numpy("PROBS"), np.float32).reshape(len(crops), len(names))
-        return Classification(probs, names, self._version(r))
+        emb = None
+        if embeddings:
+            raw = r.as_numpy("EMBEDDINGS")
+            if raw is None:
+                raise ServiceCallError(
+                    Stage.CELLTYPE, "INVALID_ARGUMENT", "celltype answered no EMBEDDINGS"
+                )
+            emb = np.asarray(raw, np.float32).reshape(len(crops), -1)
+        return Classification(probs, names, self._version(r), emb)
+
+    async def mil(self, embeddings: np.ndarray, *, version: str, timeout: float) -> MilOutput:
+        r = await self._infer(
+            MIL_MODEL,
+            [self._input("CELL_EMBEDDINGS", np.asarray(embeddings, np.float32), "FP32")],
+            version=version,
+            timeout=timeout,
+        )
+        params = r.get_response().parameters
+
+        def text(key: str) -> str:
+            p = params.get(key)
+            return p.string_param if p is not None else ""
+
+        p = r.as_numpy("P_APL")
+        attention = r.as_numpy("ATTENTION")
+        if p is None or attention is None:
+            raise ServiceCallError(MIL_MODEL, "INVALID_ARGUMENT", "mil answered no P_APL/ATTENTION")
+        return MilOutput(
+            float(np.asarray(p).reshape(-1)[0]),
+            np.asarray(attention, np.float32).reshape(-1),
+            self._version(r),
+            text("lineage_celltype"),
+            text("lineage_celltype_model"),
+        )
 
     async def ensemble(
         self, features: np.ndarray, names: list[str], *, version: str, timeout: float

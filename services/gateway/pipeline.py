@@ -11,6 +11,13 @@ Steps of `Pipeline._run`, one method each:
 4. `_predict`, concurrently: ensemble P(AML) (+ lineage check, + `morphology` P(NPM1 | AML)),
    npm1 per image (P(NPM1) of the case = mean of the per-image probabilities) and
 5. `_explain` when asked (explain, mode cells, target npm1 at its pinned version).
+With `apl_model` mil (`MS_GATEWAY_APL_MODEL`), step 1 also pins the MIL model (OIP model
+`mil` on the ensemble service), step 2 asks celltype for each typed cell's embedding, and
+step 4 sends the case's embeddings (every typed cell of every image: fields, cells and slide
+regions alike) to the MIL model once: its P(APL | AML) is the report's `apl_morphology`
+(`model` mil) and its attention weights each cell's `attention` and `importance`. No MIL
+model, one of another embedding size, or one built on another celltype version than the
+pinned one: `apl_morphology` is not_available with the reason; the rest of the case reports.
 Then `_conclude` sets the calls. The result is an `AnalysisResult` from step 2 on: each
 step fills in typed parts (`ImageResult`, `AmlCall`, `GeneticMorphologyCall`, ...), and
 `Outcome.result` is its JSON.
@@ -71,10 +78,17 @@ from services.gateway.calls import (
     TransientFailure,
     gather_or_cancel,
 )
-from services.gateway.clients import EnsembleOutput, FeatureUnits, ModelClients, ModelInfo
+from services.gateway.clients import (
+    MIL_MODEL,
+    EnsembleOutput,
+    FeatureUnits,
+    MilOutput,
+    ModelClients,
+    ModelInfo,
+)
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.morphology import morphology_calls
+from services.gateway.morphology import mil_morphology, morphology_calls
 from services.gateway.plausibility import image_too_small, implausible_cell_size
 from services.gateway.result import (
     RESULT_SCHEMA_VERSION,
@@ -169,10 +183,27 @@ class Pinned:
     """The case analysis's model calls at the pinned segmentation and celltype versions."""
     npm1_hw: tuple[int, int] | None
     """The npm1 input size (None: npm1 not pinned, a single-cell case)."""
+    mil: ModelInfo | None = None
+    """The MIL model pinned for P(APL | AML) (`apl_model` mil and a usable one is served)."""
+    mil_problem: tuple[str, str] | None = None
+    """(reason, detail) why the MIL model cannot answer (`apl_model` mil only)."""
 
     @property
     def versions(self) -> dict[str, str]:
         return {s: info.version for s, info in self.infos.items()}
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether the case's cells need their celltype embeddings (a MIL model is pinned)."""
+        return self.mil is not None
+
+
+@dataclass(frozen=True)
+class MilAnswer:
+    """What step 4 got from the MIL model: its answer, or why there is none."""
+
+    output: MilOutput | None
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(eq=False)
@@ -274,10 +305,12 @@ class Pipeline:
         self._timed("aggregate", t)
         await self.checkpoint("aggregate")
 
-        ens, artifacts = await self._predict(analysed, summary, pinned, explain)
+        ens, artifacts, mil = await self._predict(analysed, summary, pinned, explain)
         self._check_lineage(ens.lineage, pinned.versions)
         await self.checkpoint("report")
-        return self._conclude(report, analysed, ens, pinned, explain, artifacts, cells=cells)
+        return self._conclude(
+            report, analysed, ens, pinned, explain, artifacts, cells=cells, mil=mil
+        )
 
     async def _pin(self, explain: bool, *, cells: bool = False) -> Pinned:
         """Step 1: the version of every needed service, and the input sizes it fixes."""
@@ -295,10 +328,41 @@ class Pipeline:
             concurrency=self.s.cells_concurrency,
         )
         npm1 = by_stage.get(Stage.NPM1)
-        pinned = Pinned(by_stage, served, None if npm1 is None else _input_hw(npm1, "IMAGE"))
+        mil, problem = None, None
+        if self.s.apl_model == "mil":
+            mil, problem = await self._pin_mil(by_stage[Stage.CELLTYPE])
+        if mil is not None:
+            by_stage[MIL_MODEL] = mil
+        pinned = Pinned(
+            by_stage, served, None if npm1 is None else _input_hw(npm1, "IMAGE"), mil, problem
+        )
         self._timed("pin", t)
         await self.checkpoint("pinned")
         return pinned
+
+    async def _pin_mil(
+        self, celltype: ModelInfo
+    ) -> tuple[ModelInfo | None, tuple[str, str] | None]:
+        """The MIL model's metadata, or why it cannot serve this case (not served; its
+        embedding size is not the pinned celltype version's). Transient failures propagate."""
+        try:
+            info = await self.calls.metadata(MIL_MODEL)
+        except TransientFailure:
+            raise
+        except PipelineFailure as exc:
+            log.warning("no MIL model for P(APL): %s", exc)
+            return None, ("no_mil_model", f"no MIL model is served ({exc})")
+        want = info.inputs.get("CELL_EMBEDDINGS")
+        have = celltype.outputs.get("EMBEDDINGS")
+        d_mil = None if want is None or len(want.shape) != 2 else want.shape[1]
+        d_ct = None if have is None or len(have.shape) != 2 else have.shape[1]
+        if d_mil is None or d_ct is None or d_mil != d_ct or d_mil <= 0:
+            return None, (
+                "mil_lineage_mismatch",
+                f"MIL version {info.version} reads {d_mil}-d cell embeddings, celltype version "
+                f"{celltype.version} answers {d_ct or 'no'} embeddings",
+            )
+        return info, None
 
     async def _analyse_image(self, im: CaseImage, pinned: Pinned) -> AnalysedImage:
         """Step 2 for one image: decode, detect, type; the full-size pixels are dropped on
@@ -316,7 +380,9 @@ class Pipeline:
 
         t = time.monotonic()
         try:
-            analysis = await case.analyse_detections(pinned.cells, smear, found)
+            analysis = await case.analyse_detections(
+                pinned.cells, smear, found, embeddings=pinned.embeddings
+            )
         except InvalidInput as exc:
             raise PipelineFailure(f"model outputs do not fit the case features: {exc}") from None
         assert pinned.npm1_hw is not None  # pinned for every fields case
@@ -356,7 +422,8 @@ class Pipeline:
         await self.checkpoint("segmentation")
 
         t = time.monotonic()
-        types = await pinned.cells.type_cells(np.stack([crop for _, crop, _ in measured]))
+        crops = np.stack([crop for _, crop, _ in measured])
+        types = await pinned.cells.type_cells(crops, embeddings=pinned.embeddings)
         try:
             analyses = case.call_cell_images([found for found, _, _ in measured], types)
         except InvalidInput as exc:
@@ -434,7 +501,7 @@ class Pipeline:
         self._count_aml_abstention("too_few_cells")
         report.abstain_reason = reason
         report.aml = AmlCall(status="abstained", reason="too_few_cells", detail=reason)
-        self._set_morphology(report, None, pinned)
+        self._set_morphology(report, None, pinned, mil=MilAnswer(None, pinned.mil_problem))
         report.stage_seconds = dict(self.stage_seconds)
         return Outcome("abstained", reason, report)
 
@@ -444,7 +511,12 @@ class Pipeline:
         ens: EnsembleOutput | None,
         pinned: Pinned,
         aml_positive: bool | None = None,
+        *,
+        mil: MilAnswer | None = None,
     ) -> None:
+        """The genetic-lesion calls: the ensemble's heads, and with `apl_model` mil the APL
+        call from the MIL model's answer (`mil`) instead."""
+        use_mil = self.s.apl_model == "mil"
         calls = morphology_calls(
             report.aml,
             ens,
@@ -452,7 +524,20 @@ class Pipeline:
             aml_positive=aml_positive,
             settings=self.s,
             metrics=self.metrics,
+            skip=("apl",) if use_mil else (),
         )
+        if use_mil:
+            answer = mil or MilAnswer(None, pinned.mil_problem)
+            calls["apl_morphology"] = mil_morphology(
+                report.aml,
+                answer.output,
+                answer.problem,
+                mil_version="" if pinned.mil is None else pinned.mil.version,
+                p_aml=report.p_aml,
+                aml_positive=aml_positive,
+                settings=self.s,
+                metrics=self.metrics,
+            )
         for entry, call in calls.items():
             setattr(report, entry, call)
 
@@ -462,16 +547,20 @@ class Pipeline:
         summary: case.CaseAnalysis,
         pinned: Pinned,
         explain: bool,
-    ) -> tuple[EnsembleOutput, dict[str, bytes]]:
+    ) -> tuple[EnsembleOutput, dict[str, bytes], MilAnswer | None]:
         """Steps 4 and 5 concurrently: the ensemble's answer; each image's `p_npm1` and,
-        when asked, its cells' importances and heatmap (returned as artifacts)."""
+        when asked, its cells' importances and heatmap (returned as artifacts); the MIL
+        model's answer when one is pinned."""
         versions = pinned.versions
         artifacts: dict[str, bytes] = {}
+        mil_task = None
         try:
             async with asyncio.TaskGroup() as tg:
                 ens_task = tg.create_task(
                     self._ensemble(summary.features, list(summary.feature_names), versions)
                 )
+                if pinned.mil is not None:
+                    mil_task = tg.create_task(self._mil(summary, pinned))
                 if pinned.npm1_hw is not None:  # not for single-cell cases
                     tg.create_task(self._npm1(analysed, versions["npm1"]))
                 if explain:
@@ -482,7 +571,8 @@ class Pipeline:
                 if isinstance(exc, PipelineFailure | Cancelled):
                     raise exc from group
             raise
-        return ens_task.result(), artifacts
+        mil = mil_task.result() if mil_task is not None else None
+        return ens_task.result(), artifacts, mil
 
     def _conclude(
         self,
@@ -494,6 +584,7 @@ class Pipeline:
         artifacts: dict[str, bytes],
         *,
         cells: bool = False,
+        mil: MilAnswer | None = None,
     ) -> Outcome:
         """The calls of a case with enough cells: P(AML) unless withheld, P(NPM1) (not for
         single cells), and the genetic lesions by morphology."""
@@ -528,9 +619,14 @@ class Pipeline:
         report.aml_positive = aml_positive
         report.p_npm1 = p_npm1
         report.npm1_positive = None if p_npm1 is None else p_npm1 >= self.s.npm1_threshold
-        self._set_morphology(report, ens, pinned, aml_positive)
+        self._set_morphology(report, ens, pinned, aml_positive, mil=mil)
         report.lineage = ens.lineage
         report.explained = explain
+        if mil is not None and mil.output is not None:
+            _write_attention(analysed, mil.output.attention, importance=not explain)
+            report.importance_source = "mil_attention"
+        if explain:
+            report.importance_source = "explain_occlusion"
         report.stage_seconds = dict(self.stage_seconds)
         return Outcome("succeeded", reason, report, artifacts)
 
@@ -588,6 +684,40 @@ class Pipeline:
         if problems:
             raise PipelineFailure("incompatible pipeline: " + "; ".join(problems))
 
+    async def _mil(self, summary: case.CaseAnalysis, pinned: Pinned) -> MilAnswer:
+        """Step 4 with a MIL model: one call with every typed cell's embedding. A version the
+        service no longer has, an invalid answer or a model built on another celltype version
+        give no answer but the reason (the APL call is then not_available); transient
+        failures propagate (the analysis is retried)."""
+        assert pinned.mil is not None
+        t = time.monotonic()
+        embeddings = summary.embeddings
+        if embeddings is None or len(embeddings) != len(summary.cells):
+            raise PipelineFailure("the case's cells lack their celltype embeddings")
+        try:
+            out = await self.calls.mil(embeddings, pinned.mil.version)
+        except TransientFailure:
+            raise
+        except PipelineFailure as exc:
+            log.warning("MIL model gave no P(APL): %s", exc)
+            return MilAnswer(None, ("no_mil_model", f"MIL {pinned.mil.version}: {exc}"))
+        finally:
+            self._timed("mil", t)
+        celltype = pinned.versions[Stage.CELLTYPE]
+        if out.lineage_celltype != celltype:
+            if not (self.s.allow_local_lineage and celltype.startswith("local-")):
+                return MilAnswer(
+                    None,
+                    (
+                        "mil_lineage_mismatch",
+                        f"MIL {pinned.mil.version} learned the embeddings of celltype "
+                        f"{out.lineage_celltype or '(not reported)'}, pinned celltype is "
+                        f"{celltype}",
+                    ),
+                )
+            log.warning("MIL lineage not verified (local celltype model, allowed)")
+        return MilAnswer(out)
+
     async def _npm1(self, analysed: list[AnalysedImage], version: str) -> None:
         """Step 4: each image's `p_npm1` from its npm1-sized copy."""
         t = time.monotonic()
@@ -626,6 +756,21 @@ class Pipeline:
             artifacts[sha] = data
             a.entry.heatmap_sha256 = sha
         self._timed("explain", t)
+
+
+def _write_attention(
+    analysed: list[AnalysedImage], attention: np.ndarray, *, importance: bool
+) -> None:
+    """Each typed cell's MIL attention weight (rows in case order: images in order, then
+    typed detections in order) into its `attention`, and `importance` unless explained."""
+    weights = iter(np.asarray(attention, np.float64).tolist())
+    for a in analysed:
+        for cell, call in zip(a.entry.cells, a.analysis.calls, strict=True):
+            if call is None:
+                continue
+            cell.attention = min(1.0, max(0.0, next(weights)))
+            if importance:
+                cell.importance = cell.attention
 
 
 def _image_entry(

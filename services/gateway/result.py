@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.4").
+"""The versioned JSON result of an analysis (`schema_version` "1.5").
 
 One model from the first stage to the renderers: the pipeline fills it in step by step
 (`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
@@ -14,6 +14,12 @@ whole-image `p_npm1`, whose fields keep their meaning).
 1.3: `duplicate_images_ignored`; `aml.reason` also pixel_size_out_of_range, image_too_small,
 implausible_cell_size. `apl_morphology` (P(APL | AML) from the ensemble's APL head), the same shape as
 `npm1_morphology`: one `GeneticMorphologyCall` per genetic target of `marrowscope.targets`.
+1.4: `input` (fields | cells | slide), `slide`.
+1.5: `<target>_morphology.model` (which model produced the call: `ensemble`, its genetic
+head, or `mil`, the attention-MIL model over the cells' celltype embeddings, when the
+deployment serves APL from it: `MS_GATEWAY_APL_MODEL=mil`); per cell `attention` (the MIL
+model's attention weight, summing to 1 over the case's typed cells) and `importance_source`
+(what the per-cell `importance` holds); reasons `no_mil_model`, `mil_lineage_mismatch`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.4"
+RESULT_SCHEMA_VERSION = "1.5"
 
 
 class _Model(BaseModel):
@@ -85,13 +91,15 @@ class AmlCall(_Model):
 class GeneticMorphologyCall(_Model):
     """A genetic lesion by morphology: P(lesion | AML) from one of the ensemble's genetic
     heads (`marrowscope.targets`: NPM1 mutated, APL), read from the same case features as
-    P(AML). Independent of the whole-image `p_npm1`; withheld whenever P(AML) is
+    P(AML), or for APL from the attention-MIL model over the cells' embeddings (`model`
+    mil). Independent of the whole-image `p_npm1`; withheld whenever P(AML) is
     (`aml.status` abstained)."""
 
     status: Literal["predicted", "abstained", "not_available", "not_applicable"] = Field(
         description="predicted: `p` is set; abstained: withheld for the reason P(AML) was "
         "(same features); not_available: the pinned ensemble version has no output for this "
-        "target; not_applicable: the case is called non-AML (p_aml below aml_threshold), and "
+        "target (model mil: no MIL model is served, or it was built on another celltype "
+        "version than the pinned one); not_applicable: the case is called non-AML (p_aml below aml_threshold), and "
         "the head, trained on AML cases only, says nothing about it"
     )
     p: float | None = Field(
@@ -107,15 +115,27 @@ class GeneticMorphologyCall(_Model):
         "setting (MS_GATEWAY_NPM1_THRESHOLD, MS_GATEWAY_APL_THRESHOLD; the model records "
         "none, or was not called)"
     )
-    reason: AmlAbstentionReason | Literal["no_npm1_output", "no_apl_output", "not_aml"] | None = (
-        Field(
-            None,
-            description="machine-readable: the `aml.reason` when abstained; no_<target>_output "
-            "when not_available; not_aml when not_applicable",
-        )
+    reason: (
+        AmlAbstentionReason
+        | Literal[
+            "no_npm1_output", "no_apl_output", "not_aml", "no_mil_model", "mil_lineage_mismatch"
+        ]
+        | None
+    ) = Field(
+        None,
+        description="machine-readable: the `aml.reason` when abstained; no_<target>_output "
+        "(ensemble) or no_mil_model / mil_lineage_mismatch (mil) when not_available; not_aml "
+        "when not_applicable",
     )
     detail: str | None = Field(None, description="the reason for people")
-    model_version: str = Field(description="the pinned ensemble version")
+    model_version: str = Field(description="the pinned version of `model`")
+    model: Literal["ensemble", "mil"] | None = Field(
+        None,
+        description="the model that produced the call (1.5): ensemble (its head for this "
+        "target, over the case features) or mil (APL only: gated-attention MIL over the "
+        "typed cells' celltype embeddings; its attention is each cell's `attention`); None "
+        "before 1.5",
+    )
 
 
 class Cell(_Model):
@@ -126,7 +146,19 @@ class Cell(_Model):
     score: float
     cell_type: str | None = Field(None, description="argmax counted type; None for RBC")
     confidence: float | None = None
-    importance: float | None = Field(None, description="occlusion importance (explain only)")
+    importance: float | None = Field(
+        None,
+        description="the cell's importance, per the result's `importance_source`: the MIL "
+        "model's attention weight (mil_attention: over the case's typed cells the weights sum "
+        "to 1; None for untyped detections) or the npm1 occlusion importance (explain)",
+    )
+    attention: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the MIL model's attention weight (1.5; only when `apl_morphology.model` "
+        "is mil and it answered): the case's typed cells' weights sum to 1",
+    )
 
 
 class ImageResult(_Model):
@@ -191,7 +223,7 @@ class AnalysisResult(_Model):
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     input: Literal["fields", "cells", "slide"] = Field(
         "fields",
@@ -247,6 +279,12 @@ class AnalysisResult(_Model):
     )
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     explained: bool = False
+    importance_source: Literal["mil_attention", "explain_occlusion"] | None = Field(
+        None,
+        description="what each cell's `importance` holds (1.5): explain_occlusion when the "
+        "analysis was explained (the npm1 occlusion importance), else mil_attention when the "
+        "MIL model answered (its attention, as `attention`); None: no importance",
+    )
     images: list[ImageResult]
     slide: SlideSummary | None = Field(
         None, description="whole-slide analyses only (1.4): regions used and the thumbnail"

@@ -74,10 +74,13 @@ def service_main(
     build: Callable[[Any, Any], ModelHandler],
     argv: Sequence[str] | None = None,
     description: str = "",
+    extra: Callable[[Any], dict[str, Any]] | None = None,
 ) -> int:
     """The ``main()`` of a model service: parse the command line, read the settings, serve
-    ``build(settings, resolved_model)`` (see ``server.run_service``)."""
+    ``build(settings, resolved_model)`` (see ``server.run_service``); ``extra(settings)``
+    names further models of the process (name -> resolver)."""
     from services.runtime.server import run_service
 
     settings = parse_cli(settings_cls, argv, description)
-    return run_service(lambda resolved: build(settings, resolved), settings)
+    more = extra(settings) if extra is not None else None
+    return run_service(lambda resolved: build(settings, resolved), settings, extra=more)

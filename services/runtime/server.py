@@ -91,28 +91,44 @@ def _reflection_pool() -> DescriptorPool:
 
 
 class ModelServer:
-    """One model name served over OIP gRPC; ``start()``, load, then ``shutdown()``."""
+    """One model name served over OIP gRPC; ``start()``, load, then ``shutdown()``.
 
-    def __init__(self, settings: ServiceSettings, *, metrics: RuntimeMetrics | None = None) -> None:
+    ``extra_models``: further model names served by the same process, each its own
+    repository (versions, polling, health entry), e.g. the ensemble service's ``mil``. The
+    overall health ("" service) is SERVING once every model is loaded.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        metrics: RuntimeMetrics | None = None,
+        extra_models: tuple[str, ...] = (),
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or RuntimeMetrics()
         self.health = HealthServicer()
-        self.repository = ModelRepository(
-            settings.model_name,
-            metrics=self.metrics,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
-            version_grace_s=settings.version_grace_s,
-            on_change=self._update_health,
-        )
+        self.repository = self._repository(settings.model_name)
+        self.extra = {name: self._repository(name) for name in extra_models}
         self.servicer = InferenceServicer(
-            {settings.model_name: self.repository},
+            {settings.model_name: self.repository, **self.extra},
             metrics=self.metrics,
             max_message_bytes=settings.max_message_bytes,
         )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+
+    def _repository(self, name: str) -> ModelRepository:
+        s = self.settings
+        return ModelRepository(
+            name,
+            metrics=self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000,
+            version_grace_s=s.version_grace_s,
+            on_change=self._update_health,
+        )
 
     async def start(self) -> None:
         """Listen (gRPC + metrics); health stays NOT_SERVING until a version is loaded."""
@@ -153,12 +169,18 @@ class ModelServer:
 
     async def _update_health(self) -> None:
         status = _SERVING if self.repository.ready else _NOT_SERVING
-        await self.health.set("", status)
+        every = self.repository.ready and all(r.ready for r in self.extra.values())
+        await self.health.set("", _SERVING if every else _NOT_SERVING)
         await self.health.set(self.settings.model_name, status)
+        for name, repo in self.extra.items():
+            await self.health.set(name, _SERVING if repo.ready else _NOT_SERVING)
 
-    async def load(self, resolver: Resolver) -> None:
-        """Load the resolver's version and keep polling (``poll_interval_s``)."""
+    async def load(self, resolver: Resolver, extra: dict[str, Resolver] | None = None) -> None:
+        """Load the resolver's version (and each extra model's from ``extra``: name ->
+        resolver), and keep polling (``poll_interval_s``)."""
         await self.repository.start(resolver, self.settings.poll_interval_s)
+        for name, extra_resolver in (extra or {}).items():
+            await self.extra[name].start(extra_resolver, self.settings.poll_interval_s)
 
     async def load_local(self, handler: ModelHandler, version: str) -> None:
         """Serve a fixed handler (no registry, no polling)."""
@@ -182,16 +204,17 @@ class ModelServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(max(0.0, grace - reserve))
-        await self.repository.close(
-            timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), exiting=True
-        )
+        for repo in (self.repository, *self.extra.values()):
+            await repo.close(timeout_s=max(0.0, deadline - reserve / 2 - loop.time()), exiting=True)
         self.metrics.close()
         log.info("stopped")
 
 
-async def serve(settings: ServiceSettings, resolver: Resolver) -> int:
+async def serve(
+    settings: ServiceSettings, resolver: Resolver, extra: dict[str, Resolver] | None = None
+) -> int:
     """Run until SIGTERM/SIGINT; 0 after a graceful stop, 1 when the first load failed."""
-    server = ModelServer(settings)
+    server = ModelServer(settings, extra_models=tuple(extra or {}))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -199,7 +222,7 @@ async def serve(settings: ServiceSettings, resolver: Resolver) -> int:
         loop.add_signal_handler(sig, stop.set)
     code = 0
     try:
-        loading = asyncio.create_task(server.load(resolver))
+        loading = asyncio.create_task(server.load(resolver, extra))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done() and loading.exception() is not None:
@@ -221,12 +244,14 @@ def run_service(
     settings: ServiceSettings,
     *,
     resolver: Resolver | None = None,
+    extra: dict[str, Resolver] | None = None,
 ) -> NoReturn | int:
     """Entry point of a model service: serves until SIGTERM/SIGINT, then ends the process
     with its exit code (returns only the code 2 of a missing model URI).
 
     Without ``resolver`` the model comes from ``settings.model_uri`` through
-    ``marrowscope.registry.resolve`` and ``handler_factory(resolved_model)``.
+    ``marrowscope.registry.resolve`` and ``handler_factory(resolved_model)``. ``extra``:
+    further models of the process (name -> resolver, ``ModelServer.extra_models``).
 
     Model and registry work runs in daemon threads (``batching.ModelThread``) and the
     process ends with ``os._exit`` after the graceful shutdown, so that a forward pass still
@@ -240,7 +265,7 @@ def run_service(
         resolver = registry_resolver(settings.model_uri, handler_factory)
     loop = asyncio.new_event_loop()
     try:
-        code = loop.run_until_complete(serve(settings, resolver))
+        code = loop.run_until_complete(serve(settings, resolver, extra))
     finally:
         _cancel_leftover_tasks(loop)
         loop.close()

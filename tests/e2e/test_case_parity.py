@@ -180,3 +180,68 @@ def test_served_and_in_process_case_analysis_agree(models):
     assert result["morphometrics"] == {
         f: {"mean": m, "std": s} for f, (m, s) in local.morphometric_summary().items()
     }
+
+
+def test_served_and_in_process_cell_embeddings_agree(models):
+    """The celltype service's EMBEDDINGS (asked for by `ServedCellModels`) are the in-process
+    typer's, row for row over the case's typed cells, and asking for them changes no call."""
+    import torch
+
+    from marrowscope import case
+    from marrowscope.inference import CellTyper, Detector, InProcessModels
+    from marrowscope.models import load_model
+    from services.gateway.calls import ServedCellModels, ServiceCalls
+    from services.gateway.config import GatewaySettings
+    from services.gateway.oip import OipModelClients
+
+    model_dirs, services = models
+    images = [_smear(3), _smear(4)]
+    smears = [case.SmearImage(im, UM_PER_PX, _png(im)) for im in images]
+
+    async def served():
+        oip = OipModelClients({s: services[s].address for s in STAGES})
+        try:
+            calls = ServiceCalls(oip, GatewaySettings(deadline_s=120))
+            seg = await oip.metadata("segmentation", timeout=10)
+            cel = await oip.metadata("celltype", timeout=10)
+            cells = ServedCellModels(
+                calls,
+                segmentation_version=seg.version,
+                celltype_version=cel.version,
+                crop_size=cel.inputs["CROPS"].shape[1],
+                batch=7,  # several celltype calls per image
+            )
+            return (
+                await case.analyse_case(cells, smears, embeddings=True),
+                await case.analyse_case(cells, smears),
+                cel,
+            )
+        finally:
+            await oip.close()
+
+    with_emb, plain, cel_info = asyncio.run(served())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        typer = CellTyper(load_model(model_dirs["celltype"]))
+        local = case.run_now(
+            case.analyse_case(
+                InProcessModels(
+                    Detector(load_model(model_dirs["segmentation"])), typer, score_threshold=0.0
+                ),
+                smears,
+                embeddings=True,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+    served_emb, local_emb = with_emb.embeddings, local.embeddings
+    assert served_emb is not None and local_emb is not None
+    assert served_emb.shape == (len(with_emb.cells), typer.embedding_dim) == local_emb.shape
+    assert cel_info.outputs["EMBEDDINGS"].shape == (-1, typer.embedding_dim)
+    np.testing.assert_allclose(served_emb, local_emb, atol=1e-5)
+    assert np.abs(served_emb).sum() > 0
+    # the embeddings cost no change to the case: same calls, same vector
+    assert plain.embeddings is None
+    np.testing.assert_array_equal(with_emb.features, plain.features)
+    np.testing.assert_array_equal(with_emb.features, local.features)

@@ -14,6 +14,13 @@ Knobs (environment, read when the factory is called):
                           config) | um | px
   MS_TEST_FAKE_ENSEMBLE_TARGETS  aml (default: no NPM1 head) | aml,npm1 (also P(NPM1 | AML))
   MS_TEST_FAKE_NPM1_THRESHOLD    threshold the two-target ensemble reports (default: none)
+  MS_TEST_FAKE_MIL        none (default: the ensemble service serves no `mil` model, its
+                          metadata is NOT_FOUND) | match (a MIL model built on the served
+                          celltype version) | other_celltype (built on another version) |
+                          other_dim (reads embeddings of another size)
+Celltype answers EMBEDDINGS [B, EMB_D] (functions of the crop's pixels) when asked; the
+fake MIL model attends by the first embedding value and reads P(APL) from the attended
+cells, so both are functions of the cells.
 Segmentation with boxes (the service's BOXES_IN) measures exactly those boxes, labelled
 "cell" with score 1.0, as the real service does for single-cell cases.
 Outputs are computed from the pixels (blast fraction from crop brightness, P(AML) from the
@@ -37,6 +44,7 @@ from services.gateway.clients import (
     EnsembleOutput,
     Explanation,
     FeatureUnits,
+    MilOutput,
     ModelInfo,
     Segmentation,
     ServiceCallError,
@@ -44,6 +52,8 @@ from services.gateway.clients import (
 )
 
 VERSIONS = {"segmentation": "3", "celltype": "5", "ensemble": "2", "npm1": "7", "explain": "1"}
+MIL_VERSION = "4"
+EMB_D = 4
 CROP = 16
 NPM1_HW = (48, 64)
 
@@ -60,8 +70,14 @@ class FakeModelClients:
         targets: tuple[str, ...] = ("aml",),
         npm1_threshold: float | None = None,
         apl_threshold: float | None = None,
+        mil: str = "none",
     ) -> None:
         self.cells = cells
+        self.mil_mode = mil
+        self.mil_bags: list[np.ndarray] = []
+        """The CELL_EMBEDDINGS of every MIL call."""
+        self.embedding_requests = 0
+        """Celltype calls that asked for EMBEDDINGS."""
         self.targets = targets
         self.npm1_threshold = npm1_threshold
         self.apl_threshold = apl_threshold
@@ -103,7 +119,17 @@ class FakeModelClients:
             raise ServiceCallError(service, "UNAVAILABLE", "connection refused (test)")
 
     async def metadata(self, service: str, *, timeout: float) -> ModelInfo:
-        self._enter(service)
+        self._enter("ensemble" if service == "mil" else service)
+        if service == "mil":
+            if self.mil_mode == "none":
+                raise ServiceCallError("mil", "NOT_FOUND", "model 'mil' is not served (test)")
+            d = EMB_D + 1 if self.mil_mode == "other_dim" else EMB_D
+            return ModelInfo(
+                "mil",
+                MIL_VERSION,
+                {"CELL_EMBEDDINGS": TensorSpec("FP32", (-1, d))},
+                {"P_APL": TensorSpec("FP32", (1,)), "ATTENTION": TensorSpec("FP32", (-1,))},
+            )
         inputs = {
             "celltype": {"CROPS": TensorSpec("UINT8", (-1, CROP, CROP, 3))},
             "npm1": {"IMAGE": TensorSpec("UINT8", (1, *NPM1_HW, 3))},
@@ -111,7 +137,10 @@ class FakeModelClients:
             "segmentation": {"IMAGE": TensorSpec("BYTES", (1,))},
             "ensemble": {"FEATURES": TensorSpec("FP32", (1, -1))},
         }[service]
-        outputs = {"ensemble": {output_of(t): TensorSpec("FP32", (1,)) for t in self.targets}}
+        outputs = {
+            "ensemble": {output_of(t): TensorSpec("FP32", (1,)) for t in self.targets},
+            "celltype": {"EMBEDDINGS": TensorSpec("FP32", (-1, EMB_D))},
+        }
         return ModelInfo(service, VERSIONS[service], inputs, outputs.get(service, {}))
 
     async def segment(
@@ -167,7 +196,9 @@ class FakeModelClients:
             "px" if um_per_px is None else "um",
         )
 
-    async def classify(self, crops: np.ndarray, *, version: str, timeout: float) -> Classification:
+    async def classify(
+        self, crops: np.ndarray, *, version: str, timeout: float, embeddings: bool = False
+    ) -> Classification:
         self._enter("celltype", version)
         self.batch_sizes.append(len(crops))
         assert crops.dtype == np.uint8 and crops.shape[1:] == (CROP, CROP, 3), crops.shape
@@ -178,7 +209,23 @@ class FakeModelClients:
         probs[:, CODES.index("BLA")] = 1.0 - bright
         probs[:, CODES.index("NGS")] = bright
         probs[:, len(CODES) :] = 0.3
-        return Classification(probs, names, version)
+        if not embeddings:
+            return Classification(probs, names, version)
+        self.embedding_requests += 1
+        rgb = crops.reshape(len(crops), -1, 3).mean(1) / 255.0
+        emb = np.concatenate([1.0 - bright[:, None], rgb], 1).astype(np.float32)
+        return Classification(probs, names, version, emb)
+
+    async def mil(self, embeddings: np.ndarray, *, version: str, timeout: float) -> MilOutput:
+        self._enter("ensemble", version)
+        assert embeddings.dtype == np.float32 and embeddings.shape[1] == EMB_D, embeddings.shape
+        self.mil_bags.append(embeddings)
+        z = 8.0 * embeddings[:, 0]
+        a = np.exp(z - z.max())
+        a = (a / a.sum()).astype(np.float32)
+        p = float(1 / (1 + np.exp(-6.0 * (float(a @ embeddings[:, 0]) - 0.5))))
+        lineage = VERSIONS["celltype"] if self.mil_mode != "other_celltype" else "1"
+        return MilOutput(p, a, version, lineage, "marrowscope-celltype")
 
     async def ensemble(
         self, features: np.ndarray, names: list[str], *, version: str, timeout: float
@@ -269,6 +316,7 @@ def make_clients(settings) -> FakeModelClients:
             if env.get("MS_TEST_FAKE_APL_THRESHOLD")
             else None
         ),
+        mil=env.get("MS_TEST_FAKE_MIL", "none"),
     )
     clients.down_file = env.get("MS_TEST_FAKE_DOWN_FILE") or None
     return clients

@@ -40,7 +40,7 @@ def test_three_target_ensemble_reports_apl_beside_npm1(gateway, monkeypatch):
 
     assert body["status"] == "succeeded", body
     res = body["result"]
-    assert res["schema_version"] == "1.4"
+    assert res["schema_version"] == "1.5"
     apl, npm1 = res["apl_morphology"], res["npm1_morphology"]
     assert apl["status"] == npm1["status"] == "predicted"
     assert apl["p"] == pytest.approx(_fake_p_apl(res), abs=1e-6)
@@ -80,6 +80,7 @@ def test_npm1_only_ensemble_reports_apl_not_available(gateway, monkeypatch):
         "reason": "no_apl_output",
         "detail": "ensemble version 2 has no APL output (no P_APL)",
         "model_version": "2",
+        "model": "ensemble",
     }
     assert "p-apl-morphology" not in observations and "APL" not in conclusion
 

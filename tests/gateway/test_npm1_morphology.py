@@ -66,7 +66,7 @@ def test_two_target_ensemble_predicts_npm1_by_morphology_beside_the_image_call(
 
     assert body["status"] == "succeeded" and body["reason"] is None, body
     res = body["result"]
-    assert res["schema_version"] == "1.4" and res["aml"]["status"] == "predicted"
+    assert res["schema_version"] == "1.5" and res["aml"]["status"] == "predicted"
     call = res["npm1_morphology"]
     assert call["status"] == "predicted" and call["reason"] is None
     assert call["p"] == pytest.approx(_fake_p_npm1(res), abs=1e-6)
@@ -157,6 +157,7 @@ def test_aml_only_ensemble_reports_morphology_not_available(gateway):
         "reason": "no_npm1_output",
         "detail": "ensemble version 2 has no NPM1 output (trained for AML only)",
         "model_version": "2",
+        "model": "ensemble",
     }
     assert "p-npm1-morphology" not in observations and "p-npm1-mutated" in observations
     assert "morphology" not in conclusion
@@ -239,6 +240,7 @@ def test_results_stored_as_schema_1_1_still_validate():
                     "threshold": 0.5,
                     "threshold_source": "model",
                     "model_version": "2",
+                    "model": "ensemble",
                 },
             }
         )

@@ -37,7 +37,12 @@ def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, 
     md = client.get_model_metadata("celltype")
     typer = CellTyper(load_model(model_dir))
     k = len(typer.names)
-    assert {t.name: list(t.shape) for t in md.outputs} == {"PROBS": [-1, k], "NAMES": [k]}
+    d = typer.embedding_dim
+    assert {t.name: list(t.shape) for t in md.outputs} == {
+        "PROBS": [-1, k],
+        "NAMES": [k],
+        "EMBEDDINGS": [-1, d],
+    }
     crops = np.random.default_rng(1).integers(0, 256, (3, CROP, CROP, 3), dtype=np.uint8)
     r = client.infer("celltype", [infer_input("CROPS", crops, "UINT8")])
     assert r.get_response().model_version == service.version
@@ -45,6 +50,29 @@ def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, 
     probs = r.as_numpy("PROBS")
     assert probs.shape == (3, k) and ((probs >= 0) & (probs <= 1)).all()
     np.testing.assert_allclose(probs, typer.predict(crops), atol=1e-5)
+    # embeddings only when asked for: a plain request gets none
+    assert r.as_numpy("EMBEDDINGS") is None
+
+
+def test_embeddings_when_asked_match_in_process(client, model_dir):
+    typer = CellTyper(load_model(model_dir))
+    crops = np.random.default_rng(2).integers(0, 256, (4, CROP, CROP, 3), dtype=np.uint8)
+    r = client.infer(
+        "celltype", [infer_input("CROPS", crops, "UINT8")], parameters={"embeddings": True}
+    )
+    probs, embeds = typer.predict_with_embeddings(crops)
+    got = r.as_numpy("EMBEDDINGS")
+    assert got.shape == (4, typer.embedding_dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, embeds, atol=1e-5)
+    # the same forward pass: the probabilities are the plain request's
+    np.testing.assert_allclose(r.as_numpy("PROBS"), probs, atol=1e-5)
+    np.testing.assert_allclose(probs, typer.predict(crops), atol=1e-6)
+    assert np.abs(got).sum() > 0
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(
+            "celltype", [infer_input("CROPS", crops, "UINT8")], parameters={"embeddings": "yes"}
+        )
+    assert "INVALID_ARGUMENT" in str(err.value.status()) and "must be a bool" in str(err.value)
 
 
 def test_zero_crops(client):

@@ -97,6 +97,28 @@ def test_attention_mil_learns_a_few_cell_signal_and_attends_to_those_cells():
     assert float(attention[:4].sum()) > 4 / 40 * 2  # the planted cells get more than their share
 
 
+def test_trained_mil_saves_as_a_registrable_model_pinned_to_its_celltype(tmp_path):
+    from marrowscope.inference import MilPredictor
+    from marrowscope.models import load_model, read_config
+    from training.apl_cv import save_mil, train_mil
+
+    bags, y = _bags(12)
+    model = train_mil(bags, y, seed=0, epochs=2)
+    celltype = {"name": "marrowscope-celltype", "version": "6"}
+    directory = save_mil(model, tmp_path / "mil", celltype=celltype, training={"x": 1})
+    config = read_config(directory)
+    assert config["kind"] == "mil" and config["celltype"] == celltype
+    assert config["embedding_dim"] == bags[0].shape[1] and config["training"] == {"x": 1}
+    served = MilPredictor(load_model(directory))
+    import torch
+
+    with torch.inference_mode():
+        logit, attention = model(torch.as_tensor(bags[3]))
+    p, a = served.predict(bags[3])
+    assert p == pytest.approx(float(torch.sigmoid(logit)), abs=1e-6)
+    np.testing.assert_allclose(a, attention.numpy(), atol=1e-6)
+
+
 def test_cohort_from_the_shared_reader_and_cells_decoded_once(tmp_path):
     from marrowscope.imaging import encode_png
     from training.apl import load_cells, read_cohort, sign_out_codes, sign_out_differential
