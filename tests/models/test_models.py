@@ -35,7 +35,12 @@ def tiny_config(kind: str, arch: str) -> dict:
     return make_config(kind, arch, input_size=[64, 80])
 
 
-CASES = [(kind, arch) for kind, archs in ARCHS.items() for arch in archs if arch != "xception65"]
+CASES = [  # mil: its own round trip in tests/models/test_mil.py (needs lineage keys)
+    (kind, arch)
+    for kind, archs in ARCHS.items()
+    for arch in archs
+    if arch != "xception65" and kind != "mil"
+]
 
 
 def tiny_input(kind: str, config: dict):
