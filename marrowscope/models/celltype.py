@@ -152,9 +152,14 @@ class CellTypeClassifier(nn.Module):
             persistent=False,
         )
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x FloatTensor[B, 3, S, S] RGB in [0, 1] -> the penultimate embedding
+        FloatTensor[B, D] (after the in-model stain normalisation, before the head's dropout
+        and linear layer): the one input path of `forward` and of every predictor."""
+        return self.backbone(self.normalize(stain_normalise(x, self.stain_norm)))  # type: ignore[no-any-return]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(stain_normalise(x, self.stain_norm))
-        return self.head(self.dropout(self.backbone(x)))  # type: ignore[no-any-return]
+        return self.head(self.dropout(self.embed(x)))  # type: ignore[no-any-return]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, K] -> probabilities [B, K] (cell part per `cell_head`, attributes sigmoid).

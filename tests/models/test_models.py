@@ -233,6 +233,31 @@ def test_stain_normalisation_undoes_a_scanner_colour_cast():
         torch.testing.assert_close(model(cell), model(cast), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("stain_norm", ["none", "background", "instance"])
+def test_the_predictor_runs_the_model_s_own_input_path(tmp_path, stain_norm):
+    """Serving and validation (`CellTyper`) see exactly what the model's forward sees,
+    stain normalisation included: a merge once left it out of the predictor, so a model
+    trained with `stain_norm` was validated and served on unnormalised colours."""
+    import numpy as np
+
+    from marrowscope.inference import CellTyper
+
+    config = make_config(
+        "celltype", "cellnet", crop_size=32, outputs=["BLA", "LYT"], stain_norm=stain_norm
+    )
+    model = build_model(config).eval()
+    typer = CellTyper(load_model(save_model(model, config, tmp_path / "m")))
+    crops = np.random.default_rng(0).integers(40, 256, (5, 32, 32, 3), dtype=np.uint8)
+    crops[:, :, :10] = (250, 230, 200)  # a yellowish glass: background scaling is not 1
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        expected = model.probabilities(model(x)).numpy()
+    probs, embeds = typer.predict_with_embeddings(crops)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_allclose(typer.predict(crops), expected, atol=1e-5)
+    assert embeds.shape == (5, model.head.in_features)
+
+
 def test_ensemble_standardisation_travels_with_weights(saved_ensemble):
     path, module = saved_ensemble
     loaded = load_model(path).module
