@@ -27,6 +27,29 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.result import AmlCall, GeneticMorphologyCall
 
 
+def _aml_gate(
+    aml: AmlCall,
+    aml_positive: bool | None,
+    p_aml: float | None,
+    lesion: str,
+    settings: GatewaySettings,
+) -> tuple[str, str | None, str | None] | None:
+    """(status, reason, detail) when the AML call rules out a P(lesion | AML) finding, else
+    None. A genetic head reads the same features as P(AML), so whatever withholds P(AML)
+    withholds it too (abstained); a case called non-AML gets not_applicable."""
+    if aml.status == "abstained":
+        return "abstained", aml.reason, aml.detail
+    if aml_positive is False:
+        shown = "n/a" if p_aml is None else f"{p_aml:.3f}"
+        return (
+            "not_applicable",
+            "not_aml",
+            f"P(AML) {shown} is below the AML threshold {settings.aml_threshold}: "
+            f"P({lesion} | AML) is reported only for cases called AML",
+        )
+    return None
+
+
 def genetic_morphology(
     target: GeneticTarget,
     aml: AmlCall,
@@ -52,6 +75,7 @@ def genetic_morphology(
     outputs = set(ensemble.outputs) if answer is None else set(answer.p_targets)
     aml_only = not outputs & ({t.output for t in genetic_targets()} | set(BY_CODE))
     model_threshold = None if answer is None else answer.threshold(target.code)
+    p_aml = None if answer is None else answer.p_aml
     deployment = float(getattr(settings, target.gateway_threshold_setting, 0.5))
     threshold = deployment if model_threshold is None else model_threshold
     source = "deployment" if model_threshold is None else "model"
@@ -60,15 +84,8 @@ def genetic_morphology(
         detail = f"ensemble version {ensemble.version} has no {target.code.upper()} output " + (
             "(trained for AML only)" if aml_only else f"(no {target.output})"
         )
-    elif aml.status == "abstained":
-        # the same features as P(AML): the same reasons to distrust them
-        status, reason, detail = "abstained", aml.reason, aml.detail
-    elif aml_positive is False:
-        status, reason = "not_applicable", "not_aml"
-        detail = (
-            f"P(AML) {answer.p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
-            f"P({target.name} | AML) is reported only for cases called AML"
-        )
+    elif (gate := _aml_gate(aml, aml_positive, p_aml, target.name, settings)) is not None:
+        status, reason, detail = gate
     else:
         status, reason, detail = "predicted", None, None
     call = GeneticMorphologyCall(
@@ -110,14 +127,8 @@ def mil_morphology(
     p = None if answer is None else answer.p_apl
     if problem is not None:
         status, reason, detail = "not_available", problem[0], problem[1]
-    elif aml.status == "abstained":
-        status, reason, detail = "abstained", aml.reason, aml.detail
-    elif aml_positive is False:
-        status, reason = "not_applicable", "not_aml"
-        detail = (
-            f"P(AML) {p_aml:.3f} is below the AML threshold {settings.aml_threshold}: "
-            "P(APL | AML) is reported only for cases called AML"
-        )
+    elif (gate := _aml_gate(aml, aml_positive, p_aml, "APL", settings)) is not None:
+        status, reason, detail = gate
     elif p is None:
         status, reason, detail = "not_available", "no_mil_model", "the MIL model did not answer"
     else:
