@@ -108,7 +108,9 @@ class ServiceProcess:
                     f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
             try:
-                if self.health(self.name) == health_pb2.HealthCheckResponse.SERVING:
+                # the whole server (""): its own model and every extra model of the process
+                # (the ensemble process's `mil` loads after the ensemble)
+                if self.health("") == health_pb2.HealthCheckResponse.SERVING:
                     return self
             except grpc.RpcError:
                 pass  # not listening or not loaded yet
