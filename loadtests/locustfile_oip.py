@@ -46,6 +46,9 @@ def _load(environment, **_kwargs) -> None:
     )
 
 
+_EXIT_GRACE_S = 10.0
+
+
 @events.quit.add_listener
 def _exit_even_if_grpc_stalls(exit_code: int, **_kwargs) -> None:
     """Bound the interpreter's finalisation: with grpc under gevent it can stall after the
@@ -62,9 +65,6 @@ def _exit_even_if_grpc_stalls(exit_code: int, **_kwargs) -> None:
         os._exit(exit_code)
 
     get_original("_thread", "start_new_thread")(watchdog, ())
-
-
-_EXIT_GRACE_S = 10.0
 
 
 class OipUser(User):

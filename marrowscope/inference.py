@@ -262,8 +262,8 @@ class CellTyper(_Predictor):
             x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
             with torch.inference_mode(), self._amp():
                 x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-                h = module.embed(x)  # the model's own input path (stain norm included)
-                probs = module.probabilities(module.head(module.dropout(h)))
+                h = module.embed(x)  # the model's forward, split at the embedding
+                probs = module.probabilities(module.classify(h))
             out[start : start + len(x)] = probs.float().cpu().numpy()
             if embeds is not None:
                 embeds[start : start + len(x)] = h.float().cpu().numpy()

@@ -158,8 +158,12 @@ class CellTypeClassifier(nn.Module):
         and linear layer): the one input path of `forward` and of every predictor."""
         return self.backbone(self.normalize(stain_normalise(x, self.stain_norm)))  # type: ignore[no-any-return]
 
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The embedding FloatTensor[B, D] (`embed`) -> logits FloatTensor[B, K]."""
+        return self.head(self.dropout(h))  # type: ignore[no-any-return]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.embed(x)))  # type: ignore[no-any-return]
+        return self.classify(self.embed(x))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, K] -> probabilities [B, K] (cell part per `cell_head`, attributes sigmoid).
