@@ -41,6 +41,7 @@ from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
 from training.common_data import data_hash
 from training.engine import (
     AmpStep,
+    WeightEMA,
     build_for_training,
     device_and_amp,
     epoch_generator,
@@ -405,6 +406,7 @@ def train(
         "class_balance": config.get("class_balance", 0.0),
         "geometric_aug": config.get("geometric_aug", 0.0),
         "lr_schedule": config.get("lr_schedule", "exponential"),
+        "weight_ema": config.get("weight_ema", 0.0),
     }
     model_config = make_config(
         "celltype",
@@ -434,7 +436,8 @@ def train(
         raise UsageError(
             f"lr_schedule must be exponential or cosine, got {config['lr_schedule']!r}"
         )
-    step = AmpStep(optimizer, amp=amp)
+    decay = float(config.get("weight_ema", 0.0))
+    step = AmpStep(optimizer, amp=amp, ema=WeightEMA(model, decay) if decay > 0 else None)
     tr = splits["train"]
     x_all = torch.from_numpy(tr.crops)
     y_all = torch.from_numpy(tr.cells)

@@ -22,6 +22,7 @@ passed since the last one, when stderr is not a terminal (Kubernetes Job logs, C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,17 +81,75 @@ def device_and_amp(setting: str, amp: bool) -> tuple[torch.device, bool]:
     return device, bool(amp) and device.type == "cuda"
 
 
+class WeightEMA:
+    """An exponential moving average of a module's floating-point weights and buffers,
+    updated after every optimiser step (`AmpStep(..., ema=...)`).
+
+    Why: the last weights of a run carry the noise of its last batches; their average over
+    the last few hundred steps is a flatter, steadier model (Polyak averaging, as timm's
+    ModelEmaV2). The decay ramps up as `min(decay, (1 + n) / (10 + n))` after n updates, so
+    the average does not remember the random initialisation. Validation and the saved
+    model use the average (`fit`); the optimiser keeps training the raw weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise UsageError(f"weight_ema must be in (0, 1), got {decay}")
+        self.model = model
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if v.dtype.is_floating_point
+        }
+
+    def update(self) -> None:
+        import torch
+
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if k in self.shadow:
+                    self.shadow[k].lerp_(v.detach(), 1.0 - d)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The module holds the average inside the block, its raw weights again after."""
+        state = self.model.state_dict()
+        raw = {k: state[k].detach().clone() for k in self.shadow}
+        self.model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(raw, strict=False)
+
+    def apply(self) -> None:
+        """Leave the average in the module (the end of training)."""
+        self.model.load_state_dict(self.shadow, strict=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
 class AmpStep:
     """One optimiser step per loss: fp16 autocast + GradScaler when `amp` (CUDA), plain
-    backward/step otherwise. `steps` counts the steps taken by this object."""
+    backward/step otherwise. `steps` counts the steps taken by this object; with `ema`
+    (a `WeightEMA` of the trained module), the average is updated after each step."""
 
-    def __init__(self, optimizer: Any, *, amp: bool) -> None:
+    def __init__(self, optimizer: Any, *, amp: bool, ema: WeightEMA | None = None) -> None:
         import torch
 
         self.optimizer = optimizer
         self.amp = amp
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
         self.steps = 0
+        self.ema = ema
 
     def autocast(self):
         """The context the forward pass and the loss run in (fp16 on CUDA with `amp`)."""
@@ -113,6 +172,8 @@ class AmpStep:
             loss.backward()
             self.optimizer.step()
         self.steps += 1
+        if self.ema is not None:
+            self.ema.update()
         return loss.item()
 
 
@@ -226,12 +287,14 @@ def save_checkpoint(
     scaler: Any,
     history: list[dict[str, float]],
     config: dict[str, Any],
+    ema: WeightEMA | None = None,
 ) -> None:
     """Everything needed to continue after `epoch` (0-based, completed), written atomically.
     Loaded with `torch.load(weights_only=True)`: tensors and plain containers only."""
     import torch
 
     state = {
+        "ema": ema.state_dict() if ema is not None else None,
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -290,9 +353,11 @@ def fit(
     metrics (logged to the active MLflow run at step=epoch), scheduler step, checkpoint, and
     one log line per epoch.
 
-    With `resume`, model/optimizer/scheduler/scaler/RNG states come from the checkpoint, so
-    the continued run equals an uninterrupted one. With an Optuna `trial`, `monitor` is
-    reported each epoch and `optuna.TrialPruned` raised when the pruner says so.
+    With `resume`, model/optimizer/scheduler/scaler/RNG (and weight-average) states come
+    from the checkpoint, so the continued run equals an uninterrupted one. When the step
+    keeps a `WeightEMA`, validation runs on the average and the model ends holding it.
+    With an Optuna `trial`, `monitor` is reported each epoch and `optuna.TrialPruned`
+    raised when the pruner says so.
     """
     from training.tracking import log_epoch
 
@@ -308,6 +373,8 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
+        if step.ema is not None and state.get("ema") is not None:
+            step.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         result.history = list(state["history"])
         result.start_epoch = state["epoch"] + 1
@@ -320,7 +387,8 @@ def fit(
         row = {"epoch": epoch, "train_loss": loss}
         if validate is not None:
             model.eval()
-            row.update(validate(epoch))
+            with step.ema.averaged() if step.ema is not None else contextlib.nullcontext():
+                row.update(validate(epoch))
         if scheduler is not None:
             scheduler.step()
         result.history.append(row)
@@ -342,6 +410,7 @@ def fit(
                 scaler=scaler,
                 history=result.history,
                 config=config,
+                ema=step.ema,
             )
         if trial is not None and monitor is not None and monitor in row:
             import optuna
@@ -349,6 +418,8 @@ def fit(
             trial.report(row[monitor], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({monitor}={row[monitor]:.4g})")
+    if step.ema is not None:  # the trained model is the average (validated as such)
+        step.ema.apply()
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -146,3 +146,77 @@ def test_amp_step_goes_through_the_grad_scaler_and_fit_checkpoints_its_state(tmp
     )
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     assert state["scaler"] is not None and state["epoch"] == 0
+
+
+def test_weight_ema_averages_every_step_and_fit_validates_and_ends_on_the_average(tmp_path):
+    """The average follows lerp(shadow, w, 1 - d) with the ramped decay d; validation sees
+    the average and the raw weights come back for training; the model ends on the average
+    and the checkpoint carries it (for resume)."""
+    import torch
+
+    from training.engine import CHECKPOINT_FILE, WeightEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.5)
+    step = AmpStep(torch.optim.SGD(model.parameters(), lr=0.5), amp=False, ema=ema)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    seen: list[torch.Tensor] = []
+
+    def train_epoch(epoch: int) -> float:
+        loss = train_batches(
+            [0, 1], lambda _: torch.nn.functional.mse_loss(model(x), y), step, desc="e"
+        )
+        return loss
+
+    def validate(epoch: int) -> dict[str, float]:
+        seen.append(model[0].weight.detach().clone())
+        return {}
+
+    def track(n_updates_before: int) -> None:  # what the average must hold after one step
+        d = min(0.5, (1 + n_updates_before) / (10 + n_updates_before))
+        for k, v in model.state_dict().items():
+            if k in expected:
+                expected[k] = expected[k] * d + v.detach() * (1 - d)
+
+    # one epoch by hand, checking the rule after each step
+    for n in range(2):
+        with step.autocast():
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        step(loss)
+        track(n)
+        for k in expected:
+            torch.testing.assert_close(ema.shadow[k], expected[k])
+    raw = model[0].weight.detach().clone()
+    with ema.averaged():
+        torch.testing.assert_close(model[0].weight, ema.shadow["0.weight"])
+    torch.testing.assert_close(model[0].weight, raw)  # training continues on the raw weights
+    assert not torch.equal(raw, ema.shadow["0.weight"])
+
+    fit(
+        model=model,
+        step=step,
+        scheduler=None,
+        epochs=1,
+        train_epoch=train_epoch,
+        validate=validate,
+        output=tmp_path,
+        config={"epochs": 1},
+    )
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["ema"]["updates"] == 4
+    torch.testing.assert_close(state["ema"]["shadow"]["0.weight"], ema.shadow["0.weight"])
+    torch.testing.assert_close(seen[0], ema.shadow["0.weight"])  # validated on the average
+    torch.testing.assert_close(model[0].weight, ema.shadow["0.weight"])  # ends on it
+    assert not torch.equal(state["model"]["0.weight"], ema.shadow["0.weight"])  # raw saved
+
+
+def test_weight_ema_refuses_a_decay_outside_0_1():
+    import torch
+
+    from training.cli import UsageError
+    from training.engine import WeightEMA
+
+    with pytest.raises(UsageError, match="weight_ema"):
+        WeightEMA(torch.nn.Linear(2, 2), decay=1.0)

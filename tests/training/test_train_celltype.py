@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tests.training.conftest import job_args
@@ -59,9 +60,12 @@ def test_training_crops_equal_serving_crops(tiny_cohort):
     np.testing.assert_array_equal(served, data.crops)
 
 
+@pytest.mark.parametrize("ema", [[], ["--set", "weight_ema=0.9"]], ids=["raw", "weight-ema"])
 def test_resume_continues_at_the_right_epoch_with_identical_result(
-    tiny_cohort, tmp_path, sqlite_tracking
+    tiny_cohort, tmp_path, sqlite_tracking, ema
 ):
+    """With a weight average, its state rides in the checkpoint: a resumed run saves the
+    same averaged model as an uninterrupted one."""
     from marrowscope.models import load_model
 
     def run(out, epochs, *extra):
@@ -79,6 +83,7 @@ def test_resume_continues_at_the_right_epoch_with_identical_result(
                 "--no-register",
                 "--tracking-uri",
                 sqlite_tracking,
+                *ema,
                 *extra,
             )
         )
