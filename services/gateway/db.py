@@ -22,8 +22,12 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from marrowscope.stages import SERVED, Stage
 
 STATUSES = ("queued", "running", "succeeded", "failed", "abstained", "cancelled")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "abstained", "cancelled"})
@@ -74,9 +78,37 @@ class Analysis(Base):
     """A requeued analysis is not claimed before this time (backoff after an outage)."""
     requeues: Mapped[int] = mapped_column(Integer, default=0)
     """Times a model-service outage sent it back to the queue (drives the backoff)."""
+    needs_npm1: Mapped[bool] = mapped_column(Boolean, server_default=true())
+    """Calls the npm1 service: every case but a single-cell one (`optional_needs`)."""
+    needs_explain: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    """Calls the explain service: the case asked for explanations (`optional_needs`)."""
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Every model service this analysis calls; while one of them is down no worker
+        claims it (`store.claim_next`)."""
+        return CORE_SERVICES | {s for s, column in NEEDS.items() if getattr(self, column.key)}
 
 
 Index("ix_analyses_claim", Analysis.status, Analysis.lease_until)
+NEEDS = {Stage.NPM1: Analysis.needs_npm1, Stage.EXPLAIN: Analysis.needs_explain}
+"""The model services only some analyses call, each with the column that says whether an
+analysis does: the claim query filters on it, `Analysis.needs` reads it."""
+CORE_SERVICES = frozenset(SERVED) - NEEDS.keys()
+"""The model services every analysis calls (segmentation, celltype, ensemble)."""
+
+
+def optional_needs(metadata: dict) -> frozenset[str]:
+    """The optional services a new analysis with `metadata` calls: npm1 reads whole fields,
+    so a single-cell case (`"input": "cells"`) never calls it; explain only when the case
+    asks for explanations (`options.explain`). Stored in the `NEEDS` columns at submission
+    (migration 0004 backfilled older analyses the same way)."""
+    needs = set()
+    if metadata.get("input") != "cells":
+        needs.add(Stage.NPM1)
+    if metadata.get("options", {}).get("explain"):
+        needs.add(Stage.EXPLAIN)
+    return frozenset(needs)
 
 
 class Image(Base):

@@ -11,9 +11,13 @@ over after the lease expires.
 Tenancy: every read, list, cancel and retry takes the caller's `tenant` (None = admin, every
 tenant); an analysis of another tenant is simply not found, so ids do not leak existence.
 
-Outages: a worker whose analysis failed only because a model service was unavailable puts it
-back in the queue (`requeue`) with a `not_before` time (exponential backoff) instead of
-failing it, until its requeue window since `queued_at` has passed.
+Outages: a worker passes the model services that are down to `claim_next`, which takes only
+an analysis that calls none of them (`Analysis.needs`: a single-cell case runs while npm1 is
+down); the others wait in the queue, burning no attempts, until `fail_waited_too_long` fails
+those still waiting past their requeue window. A worker whose analysis failed only because a
+model service was unavailable puts it back in the queue (`requeue_or_fail`) with a
+`not_before` time (exponential backoff) instead of failing it, until its requeue window since
+`queued_at` has passed.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, false, func, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from services.gateway.db import (
+    CORE_SERVICES,
     DEFAULT_TENANT,
     FINAL_STATUSES,
+    NEEDS,
     Analysis,
     AuditLog,
     Idempotency,
@@ -36,6 +42,7 @@ from services.gateway.db import (
     SlideJob,
     new_id,
     now,
+    optional_needs,
 )
 
 
@@ -115,6 +122,7 @@ def create_analysis(
     tenant: str = DEFAULT_TENANT,
 ) -> Analysis:
     t = now()
+    needs = optional_needs(metadata)
     analysis = Analysis(
         id=new_id(),
         status="queued",
@@ -133,6 +141,7 @@ def create_analysis(
         created_at=t,
         updated_at=t,
         queued_at=t,
+        **{column.key: service in needs for service, column in NEEDS.items()},
     )
     session.add(analysis)
     session.flush()
@@ -305,17 +314,28 @@ def status_counts(session: Session) -> dict[str, int]:
 # ---- workers -------------------------------------------------------------------------------
 
 
-def _claimable(t: float):
+def _needs_any(services: frozenset[str]) -> ColumnElement[bool]:
+    """SQL: the analysis calls at least one of `services` (`Analysis.needs` as a filter)."""
+    if services & CORE_SERVICES:
+        return true()
+    return or_(false(), *(column for s, column in NEEDS.items() if s in services))
+
+
+def _claimable(t: float, down: frozenset[str]) -> ColumnElement[bool]:
     queued = (Analysis.status == "queued") & (
         Analysis.not_before.is_(None) | (Analysis.not_before <= t)
     )
-    return or_(queued, (Analysis.status == "running") & (Analysis.lease_until < t))
+    taken_over = (Analysis.status == "running") & (Analysis.lease_until < t)
+    return or_(queued, taken_over) & not_(_needs_any(down))
 
 
-def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | None:
-    """Take the oldest queued (or lease-expired) analysis for `owner`, or None."""
+def claim_next(
+    session: Session, *, owner: str, lease_s: float, down: frozenset[str] = frozenset()
+) -> Analysis | None:
+    """Take the oldest queued (or lease-expired) analysis for `owner` that calls none of the
+    model services `down`, or None."""
     t = now()
-    q = select(Analysis.id).where(_claimable(t)).order_by(Analysis.created_at).limit(1)
+    q = select(Analysis.id).where(_claimable(t, down)).order_by(Analysis.created_at).limit(1)
     if session.bind.dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     analysis_id = session.scalar(q)
@@ -323,7 +343,7 @@ def claim_next(session: Session, *, owner: str, lease_s: float) -> Analysis | No
         return None
     res = session.execute(
         update(Analysis)
-        .where(Analysis.id == analysis_id, _claimable(t))
+        .where(Analysis.id == analysis_id, _claimable(t, down))
         .values(
             status="running",
             lease_owner=owner,
@@ -508,23 +528,31 @@ def requeue_or_fail(
     return "queued"
 
 
-def fail_waited_too_long(session: Session, *, window_s: float, why: str) -> list[str]:
-    """Queued analyses whose requeue window has passed while a model service they need is
-    down (the caller checked): fail them with `why` rather than keep the LIS waiting."""
+def fail_waited_too_long(
+    session: Session, *, window_s: float, down: frozenset[str]
+) -> list[tuple[str, str]]:
+    """Queued analyses that call a model service `down` and whose requeue window has passed:
+    fail them rather than keep the LIS waiting (an analysis that needs none of them is
+    claimable and left alone). Returns (analysis id, reason) of each."""
     t = now()
     start = func.coalesce(Analysis.queued_at, Analysis.created_at)
     rows = list(
-        session.scalars(select(Analysis).where(Analysis.status == "queued", start + window_s < t))
-    )
-    for a in rows:
-        _finish(
-            session,
-            a,
-            status="failed",
-            reason=f"{why} for longer than the requeue window ({window_s:g} s); "
-            f"POST /v1/analyses/{a.id}/retry once it is back",
+        session.scalars(
+            select(Analysis).where(
+                Analysis.status == "queued", start + window_s < t, _needs_any(down)
+            )
         )
-    return [a.id for a in rows]
+    )
+    failed = []
+    for a in rows:
+        waited_for = ", ".join(sorted(a.needs & down))
+        reason = (
+            f"model service(s) {waited_for} not ready for longer than the requeue window "
+            f"({window_s:g} s); POST /v1/analyses/{a.id}/retry once it is back"
+        )
+        _finish(session, a, status="failed", reason=reason)
+        failed.append((a.id, reason))
+    return failed
 
 
 def referenced_blobs(session: Session) -> set[str]:

@@ -4,11 +4,14 @@
 PostgreSQL job store); the API process runs the same loop when `EMBEDDED_WORKER` is true.
 
 Outages: before claiming, a worker asks the model services whether they are ready (at most
-every `READY_CHECK_S`) and claims nothing while one every analysis needs is down (an
-analysis that asks for explanations goes back to the queue while `explain` is down); a
-run that still meets an unavailable service after its call retries is requeued with backoff
-instead of failed, within `REQUEUE_WINDOW_S` of its submission. So a model service that is
-down for a while delays analyses instead of failing the queue.
+every `READY_CHECK_S`). While one that every analysis calls (segmentation, celltype,
+ensemble) is down it claims nothing; while only npm1 or explain is down it claims the
+analyses that do not call it (`Analysis.needs`: a single-cell case never calls npm1, only a
+case with `options.explain` calls explain), and the others wait in the queue without
+burning attempts. An analysis still waiting for a down service `REQUEUE_WINDOW_S` after its
+submission fails. A run that still meets an unavailable service after its call retries is
+requeued with backoff instead of failed, within the same window. So a model service that is
+down for a while delays the analyses that need it instead of failing the queue.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ from sqlalchemy.orm import sessionmaker
 
 from marrowscope.roi import RoiConfig
 from marrowscope.slides import SlideError
-from marrowscope.stages import Stage
 from services.gateway import store
 from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
 from services.gateway.container import build_services
-from services.gateway.db import DEFAULT_TENANT, now
+from services.gateway.db import CORE_SERVICES, DEFAULT_TENANT, now
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
@@ -43,8 +45,6 @@ from services.gateway.slidestore import SlideStore, SlideStoreError, source_path
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
-OPTIONAL_SERVICES = frozenset({Stage.EXPLAIN})
-"""Needed only by analyses that ask for explanations (`options.explain`)."""
 
 
 @dataclass
@@ -53,16 +53,6 @@ class _Claimed:
     metadata: dict
     attempts: int
     tenant: str = DEFAULT_TENANT
-
-    @property
-    def needs(self) -> frozenset[str]:
-        """The model services this analysis calls (a single-cell case never calls npm1)."""
-        needs = frozenset(SERVICES)
-        if not self.metadata.get("options", {}).get("explain"):
-            needs -= OPTIONAL_SERVICES
-        if self.metadata.get("input") == "cells":
-            needs -= {Stage.NPM1}
-        return needs
 
 
 class Worker:
@@ -129,23 +119,20 @@ class Worker:
         while not stop.is_set():
             down = await self.services_down()
             try:
-                if down - OPTIONAL_SERVICES:
+                if down & CORE_SERVICES:
                     # nothing can run: claim nothing, burn no attempts; fail only what has
                     # waited past its requeue window; look again at the next readiness check
-                    await asyncio.to_thread(self._expire_waiting, down - OPTIONAL_SERVICES)
+                    await asyncio.to_thread(self._expire_waiting, down)
                     await self._sleep(stop, max(self.s.poll_interval_s, self.s.ready_check_s))
                     continue
-                claimed = await asyncio.to_thread(self._claim)
+                # npm1 or explain down: only the analyses that call it stay queued
+                claimed = await asyncio.to_thread(self._claim, down)
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 await self._sleep(stop, self.s.poll_interval_s * 4)
                 continue
             if claimed is None:
                 await self._sleep(stop, self.s.poll_interval_s)
-                continue
-            if claimed.needs & down:  # explain is down and this analysis asked for it
-                why = "{} service not ready".format(", ".join(sorted(claimed.needs & down)))
-                await asyncio.to_thread(self._requeue, claimed.id, why, self.s.ready_check_s)
                 continue
             job = asyncio.create_task(self.process(claimed))
             stopper = asyncio.create_task(stop.wait())
@@ -157,12 +144,15 @@ class Worker:
                 await asyncio.to_thread(self._release, claimed.id)
             stopper.cancel()
 
-    def _claim(self) -> _Claimed | None:
+    def _claim(self, down: frozenset[str]) -> _Claimed | None:
+        """The oldest claimable analysis that calls none of the services `down`, or None."""
         with self.sessions.begin() as session:
             for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
                 log.error("analysis %s failed: its workers kept dying", analysis_id)
+        if down:
+            self._expire_waiting(down)
         with self.sessions.begin() as session:
-            a = store.claim_next(session, owner=self.owner, lease_s=self.s.lease_s)
+            a = store.claim_next(session, owner=self.owner, lease_s=self.s.lease_s, down=down)
             if a is None:
                 return None
             log.info("claimed analysis %s (attempt %d)", a.id, a.attempts)
@@ -174,16 +164,18 @@ class Worker:
         log.info("released analysis %s back to the queue", analysis_id)
 
     def _expire_waiting(self, down: frozenset[str]) -> None:
-        why = "model service(s) {} not ready".format(", ".join(sorted(down)))
+        """Fail the queued analyses that call a service `down` past their requeue window."""
         with self.sessions.begin() as session:
-            failed = store.fail_waited_too_long(session, window_s=self.s.requeue_window_s, why=why)
-        for analysis_id in failed:
-            log.error("analysis %s failed: %s past its requeue window", analysis_id, why)
+            failed = store.fail_waited_too_long(
+                session, window_s=self.s.requeue_window_s, down=down
+            )
+        for analysis_id, reason in failed:
+            log.error("analysis %s failed: %s", analysis_id, reason)
             self.metrics.finished.labels("failed").inc()
 
-    def _requeue(self, analysis_id: str, reason: str, delay_s: float | None = None) -> str | None:
-        """Back to the queue after `reason` (backoff, or a fixed `delay_s`), or failed when
-        its requeue window is over."""
+    def _requeue(self, analysis_id: str, reason: str) -> str | None:
+        """Back to the queue after `reason` with backoff, or failed when its requeue window
+        is over."""
         with self.sessions.begin() as session:
             return store.requeue_or_fail(
                 session,
@@ -191,8 +183,8 @@ class Worker:
                 owner=self.owner,
                 reason=reason,
                 window_s=self.s.requeue_window_s,
-                backoff_s=delay_s or self.s.requeue_backoff_s,
-                backoff_max_s=delay_s or self.s.requeue_backoff_max_s,
+                backoff_s=self.s.requeue_backoff_s,
+                backoff_max_s=self.s.requeue_backoff_max_s,
             )
 
     def _heartbeat(self, analysis_id: str, stage: str | None) -> tuple[bool, bool]:
