@@ -17,6 +17,10 @@ import numpy as np
 
 from marrowscope.errors import InvalidInput
 
+PROMYELOCYTE = "PMO"
+"""Read as a blast equivalent in the `blast_equivalents` figure (WHO: the abnormal
+promyelocytes of APL count toward the blast percentage)."""
+
 
 def load_predictions(path: Path, split: str) -> dict[str, np.ndarray]:
     path = Path(path)
@@ -87,6 +91,41 @@ def patient_bootstrap(
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
+def patient_dependence(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, names: list[str], classes: list[int]
+) -> dict[str, dict[str, Any]]:
+    """How much each class's F1 rests on single patients: for each class of `classes`, its
+    test cells, the patients holding them, the share of the two largest, and the range of
+    its F1 when any one test patient is left out (every patient, so a patient who only
+    receives false positives counts too).
+
+    Why: a class whose cells come from two or three patients measures those patients'
+    sign-out habits as much as the typer (the bootstrap CI shows the spread, not where it
+    comes from)."""
+    out: dict[str, dict[str, Any]] = {}
+    ids = np.unique(groups)
+    for k in classes:
+        per_patient = np.array([int(((y == k) & (groups == g)).sum()) for g in ids])
+        top2 = np.sort(per_patient)[::-1][:2]
+        loo = [macro_f1(y[groups != g], p[groups != g], [k]) for g in ids]
+        out[names[k]] = {
+            "cells": int(per_patient.sum()),
+            "patients": int((per_patient > 0).sum()),
+            "top2_share": float(top2.sum() / max(per_patient.sum(), 1)),
+            "f1": macro_f1(y, p, [k]),
+            "f1_leave_one_patient_out": [float(min(loo)), float(max(loo))],
+        }
+    return out
+
+
+def merged(y: np.ndarray, p: np.ndarray, into: int, members: list[int]) -> tuple:
+    """Labels and predictions with every class of `members` relabelled `into`."""
+    y2, p2 = y.copy(), p.copy()
+    for m in members:
+        y2[y2 == m], p2[p2 == m] = into, into
+    return y2, p2
+
+
 def calibration(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict[str, Any]:
     """Expected calibration error of the top-class confidence (equal-width bins) and the
     reliability table (bin, n, mean confidence, accuracy)."""
@@ -122,6 +161,11 @@ def real_report(path: Path, *, min_cells: int = 50, n_boot: int = 1000) -> dict[
     present = sorted(set(y.tolist()) | set(p.tolist()))
     confusion = [[int(((y == t) & (p == q)).sum()) for q in present] for t in present]
     conf = probs.max(1) / np.maximum(probs.sum(1), 1e-12)
+    # blast equivalents (WHO: the abnormal promyelocytes of APL count as blasts): PMO read as
+    # BLA on both sides, the bar's other classes unchanged
+    pmo = names.index(PROMYELOCYTE)
+    y_be, p_be = merged(y, p, blast, [pmo])
+    big_be = [k for k in big if k != pmo]
     return {
         "n_cells": int(len(y)),
         "n_patients": int(len(np.unique(groups))),
@@ -135,6 +179,17 @@ def real_report(path: Path, *, min_cells: int = 50, n_boot: int = 1000) -> dict[
         "per_class": per_class(y, p, names),
         "confusion": {"labels": [names[k] for k in present], "matrix": confusion},
         "calibration": calibration(conf, (y == p).astype(float)),
+        "patient_dependence": patient_dependence(y, p, groups, names, big),
+        "blast_equivalents": {
+            "classes": [names[k] for k in big_be],
+            "macro_f1": macro_f1(y_be, p_be, big_be),
+            "macro_f1_ci": list(
+                patient_bootstrap(
+                    y_be, p_be, groups, lambda a, b: macro_f1(a, b, big_be), n_boot=n_boot
+                )
+            ),
+            "recall": recall(y_be, p_be, blast),
+        },
         "n_boot": n_boot,
     }
 
@@ -190,6 +245,39 @@ def _stain_sentence(xs: dict[str, Any]) -> str:
     )
 
 
+def _dependence_lines(t: dict[str, Any]) -> list[str]:
+    """The "how much rests on single patients" section (absent in older payloads)."""
+    dep, be = t.get("patient_dependence"), t.get("blast_equivalents")
+    if not dep or not be:
+        return []
+    lines = [
+        "",
+        "## How much each figure rests on single patients",
+        "",
+        "Per class of the bar: the held-out patients holding its cells, the share of the two "
+        "largest, and the range of its F1 when any one of the "
+        f"{t['n_patients']} test patients is left out.",
+        "",
+        "| class | test cells | patients | two largest | F1 | F1, one patient left out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for code, d in dep.items():
+        lo, hi = d["f1_leave_one_patient_out"]
+        lines.append(
+            f"| {code} | {d['cells']} | {d['patients']} | {d['top2_share']:.0%} | "
+            f"{d['f1']:.3f} | {lo:.3f}-{hi:.3f} |"
+        )
+    lines += [
+        "",
+        f"Blast equivalents (WHO counts the abnormal promyelocytes of APL toward the blast "
+        f"percentage): with {PROMYELOCYTE} read as BLA on both sides, macro-F1 over "
+        f"{', '.join(be['classes'])} is {_fmt_ci(be['macro_f1'], be['macro_f1_ci'])} and "
+        f"blast-equivalent recall {be['recall']:.3f}. This is a reading aid, not the bar: "
+        "the differential reports PMO and BLA apart.",
+    ]
+    return lines
+
+
 def real_markdown(payload: dict[str, Any]) -> str:
     """The committed report (no absolute paths: commands carry DIR)."""
     t = payload["test"]
@@ -243,6 +331,7 @@ def real_markdown(payload: dict[str, Any]) -> str:
     ]
     for label, row in zip(t["confusion"]["labels"], t["confusion"]["matrix"], strict=True):
         lines.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
+    lines += _dependence_lines(t)
     cal = t["calibration"]
     lines += [
         "",

@@ -103,3 +103,39 @@ def test_the_stain_option_with_the_best_mean_of_both_directions_wins():
     assert results.best_stain_option({"xs_pbc_aug": r(0.5), "xs_pbc_none": r(0.5)}) == "none"
     with pytest.raises(SystemExit, match="no figure"):
         results.best_stain_option({"xs_pbc_none": r(float("nan"))})
+
+
+def test_patient_dependence_shows_a_class_that_rests_on_one_patient():
+    """PMO held by two patients, one of them all called BLA: leaving that patient out lifts
+    the PMO F1 to 1; BLA, spread over every patient, barely moves. Reading PMO as BLA
+    (blast equivalents) removes the PMO/BLA confusion."""
+    names = list(CODES)
+    bla, pmo, lyt = (names.index(c) for c in ("BLA", "PMO", "LYT"))
+    y, p, g = [], [], []
+    for i in range(6):
+        y += [bla] * 20 + [lyt] * 20
+        p += [bla] * 20 + [lyt] * 20
+        g += [f"P{i}"] * 40
+    y += [pmo] * 10 + [pmo] * 10  # P0: PMO read right; P1: PMO all called BLA
+    p += [pmo] * 10 + [bla] * 10
+    g += ["P0"] * 10 + ["P1"] * 10
+    y_, p_, g_ = np.array(y), np.array(p), np.array(g)
+    dep = evaluate_real.patient_dependence(y_, p_, g_, names, [bla, pmo])
+    assert dep["PMO"]["patients"] == 2 and dep["PMO"]["top2_share"] == 1.0
+    assert dep["PMO"]["f1"] == pytest.approx(2 * 10 / (20 + 10))
+    assert dep["PMO"]["f1_leave_one_patient_out"][1] == pytest.approx(1.0)  # P1 left out
+    assert dep["BLA"]["patients"] == 6 and dep["BLA"]["top2_share"] == pytest.approx(2 / 6)
+    y_be, p_be = evaluate_real.merged(y_, p_, bla, [pmo])
+    assert (y_be == p_be).all()
+
+
+def test_the_report_carries_the_patient_dependence_and_blast_equivalents(tmp_path):
+    _preds(tmp_path / "p.npz")
+    rep = evaluate_real.real_report(tmp_path / "p.npz", min_cells=50, n_boot=20)
+    assert set(rep["patient_dependence"]) == {"BLA", "LYT", "KSC"}
+    be = rep["blast_equivalents"]
+    assert be["classes"] == rep["classes_min_cells"]  # no PMO in this set: nothing merges
+    assert be["macro_f1"] == pytest.approx(rep["macro_f1"])
+    assert be["recall"] == pytest.approx(rep["blast_recall"])
+    md = evaluate_real._dependence_lines(rep)
+    assert any(line.startswith("| KSC |") for line in md)
