@@ -278,6 +278,49 @@ def _dependence_lines(t: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _splits_lines(payload: dict[str, Any]) -> list[str]:
+    """The same recipe on other patient splits (`training.results.REAL_SPLIT_SEEDS`)."""
+    other = payload.get("other_splits") or {}
+    if not other:
+        return []
+    rows = {"split_0": payload["test"], **other}
+    lines = [
+        "",
+        "## Other patient splits (same recipe, other held-out patients)",
+        "",
+        "`split_seed` 0 is the main run above; each other row trains and tests the same "
+        "recipe on another patient-grouped split (the bar's classes are those with >= 50 test "
+        "cells in that split).",
+        "",
+        "| split | test patients | test cells | bar classes | macro-F1 (95 % CI) | blast recall "
+        "| PMO F1 (test cells) | blast-equivalent macro-F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        pmo = r["per_class"].get(PROMYELOCYTE, {"f1": float("nan"), "support": 0})
+        lines.append(
+            f"| {key.removeprefix('split_')} | {r['n_patients']} | {r['n_cells']} | "
+            f"{', '.join(r['classes_min_cells'])} | {_fmt_ci(r['macro_f1'], r['macro_f1_ci'])} "
+            f"| {r['blast_recall']:.3f} | {pmo['f1']:.3f} ({pmo['support']}) | "
+            f"{r['blast_equivalents']['macro_f1']:.3f} |"
+        )
+    f1s = [r["macro_f1"] for r in rows.values()]
+    recalls = [r["blast_recall"] for r in rows.values()]
+    lines += [
+        "",
+        f"Over the {len(rows)} splits: macro-F1 mean {np.mean(f1s):.3f} (range "
+        f"{min(f1s):.3f}-{max(f1s):.3f}), blast recall mean {np.mean(recalls):.3f} (range "
+        f"{min(recalls):.3f}-{max(recalls):.3f}).",
+        "",
+        "Commands:",
+        "",
+        "```",
+        *[payload["runs"][k]["command"] for k in other],
+        "```",
+    ]
+    return lines
+
+
 def real_markdown(payload: dict[str, Any]) -> str:
     """The committed report (no absolute paths: commands carry DIR)."""
     t = payload["test"]
@@ -332,6 +375,7 @@ def real_markdown(payload: dict[str, Any]) -> str:
     for label, row in zip(t["confusion"]["labels"], t["confusion"]["matrix"], strict=True):
         lines.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
     lines += _dependence_lines(t)
+    lines += _splits_lines(payload)
     cal = t["calibration"]
     lines += [
         "",

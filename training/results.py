@@ -282,6 +282,10 @@ REAL_STAIN_OPTIONS: dict[str, tuple[str, str]] = {
 REAL_XS_FLAGS = ["--set", "epochs=6", "--set", "max_steps_per_epoch=40"]
 REAL_MIN_TEST_CELLS = 50
 REAL_N_BOOT = 1000
+REAL_SPLIT_SEEDS = (1, 2)
+"""Other patient splits (`split_seed`) of the main CPU run, same recipe and stain option:
+how much the held-out figures depend on which patients happen to be held out (the bar is
+read on split 0; a figure that only one split reaches does not generalise)."""
 
 
 def _real_flags(profile: str, workdir: Path) -> list[str]:
@@ -348,6 +352,20 @@ def real_cells(
         [*common, "--output", str(workdir / f"real-{profile}"), *base, *stain],
         reuse=reuse,
     )
+    for seed in REAL_SPLIT_SEEDS if profile == "cpu" else ():
+        runs[f"split_{seed}"] = _run(
+            "celltype",
+            [
+                *common,
+                "--output",
+                str(workdir / f"real-{profile}-split{seed}"),
+                *base,
+                *stain,
+                "--set",
+                f"split_seed={seed}",
+            ],
+            reuse=reuse,
+        )
     return write_real_report(workdir, runs, profile)
 
 
@@ -358,11 +376,15 @@ def _placeholder(text: str, workdir: Path) -> str:
     return text.replace(str(PROJECT_ROOT), ".")
 
 
+def _output_of(run: dict[str, Any]) -> Path:
+    """The `--output` folder of a run's recorded command."""
+    return Path(run["command"].split("--output ")[1].split()[0])
+
+
 def _cross_source(run: dict[str, Any]) -> dict[str, Any]:
     from training.evaluate_real import cross_source
 
-    out = Path(run["command"].split("--output ")[1].split()[0])
-    return cross_source(out / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS)
+    return cross_source(_output_of(run) / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS)
 
 
 def best_stain_option(xs: dict[str, dict[str, Any]]) -> str:
@@ -384,17 +406,25 @@ def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: s
     """Figures from the runs' predictions.npz files (see `training.evaluate_real`)."""
     from training.evaluate_real import real_report
 
-    main_dir = Path(runs["main"]["command"].split("--output ")[1].split()[0])
+    main_dir = _output_of(runs["main"])
     rep = real_report(
         main_dir / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
     )
     xs = {key: _cross_source(res) for key, res in runs.items() if key.startswith("xs_")}
+    splits = {
+        key: real_report(
+            _output_of(res) / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
+        )
+        for key, res in runs.items()
+        if key.startswith("split_")
+    }
     payload = {
         "profile": profile,
         "machine": _machine(),
         "runs": {k: {**v, "command": _placeholder(v["command"], workdir)} for k, v in runs.items()},
         "test": rep,
         "cross_source": xs,
+        "other_splits": splits,
     }
     from training.evaluate_real import real_markdown
 

@@ -69,6 +69,10 @@ def test_written_report_has_no_absolute_paths(tmp_path, monkeypatch):
         "xs_deepapl_none": {"command": f"python -m training.celltype --data {data} --output "
                             f"{work / 'xs-deepapl-none'} --config real-cpu", "seconds": 60.0},
     }  # fmt: skip
+    _preds(work / "real-cpu-split1" / "predictions.npz", seed=2, acc=0.6)
+    runs["split_1"] = {"command": f"python -m training.celltype --data {data} --output "
+                       f"{work / 'real-cpu-split1'} --config real-cpu --set split_seed=1",
+                       "seconds": 600.0}  # fmt: skip
     results.write_real_report(work, runs, "cpu")
     md = (tmp_path / "bench" / "real_cells.md").read_text()
     js = (tmp_path / "bench" / "real_cells.json").read_text()
@@ -77,6 +81,13 @@ def test_written_report_has_no_absolute_paths(tmp_path, monkeypatch):
     assert "--output DIR/real-cpu" in md and "--data ../shared/data" in md
     assert md.startswith("# Cell typer on real leukemic cells") and "**Real data.**" in md
     assert json.loads(js)["cross_source"]["xs_deepapl_none"]["shared_classes"]
+    # the other split is its own row, scored from its own predictions (accuracy 0.6, not 0.8)
+    other = json.loads(js)["other_splits"]["split_1"]
+    main = json.loads(js)["test"]
+    assert other["macro_f1"] < main["macro_f1"] - 0.1
+    rows = [line for line in md.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and f"{other['macro_f1']:.3f}" in rows[1]
+    assert "--output DIR/real-cpu-split1" in md
 
 
 def test_cross_source_leaves_out_classes_too_small_on_either_side(tmp_path):
