@@ -141,3 +141,19 @@ def test_resume_refuses_a_changed_config(tiny_cohort, tmp_path, sqlite_tracking)
                 sqlite_tracking,
             )
         )
+
+
+def test_a_mixed_validation_split_is_also_scored_per_source():
+    """DeepAPL cells all right, PBC cells all wrong: the pooled figure hides what each source
+    says; a single-source split adds nothing."""
+    from training.celltype import CropSet, outputs, per_source_macro_f1
+
+    cells = np.array([0, 1, 0, 1, 0, 1])
+    probs = np.zeros((6, len(outputs())), np.float32)
+    probs[np.arange(6), [0, 1, 0, 1, 1, 0]] = 1.0  # the last two (PBC) swapped
+    sources = np.array(["deepapl"] * 4 + ["pbc"] * 2)
+    data = CropSet(np.zeros((6, 1, 1, 3), np.uint8), cells, None, None, sources)
+    out = per_source_macro_f1(probs, data, prefix="val_")
+    assert out == {"val_macro_f1_deepapl": 1.0, "val_macro_f1_pbc": 0.0}
+    one = CropSet(data.crops, cells, None, None, np.array(["deepapl"] * 6))
+    assert per_source_macro_f1(probs, one, prefix="val_") == {}
