@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,10 +27,27 @@ log = logging.getLogger(__name__)
 MODEL_SERVICES: tuple[str, ...] = SERVED
 
 
+_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+FREE_PORT_TRIES = 100
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that is free now and that this process has not handed out before.
+
+    Why the memory: the port is only bound later, by the child process, and the kernel may
+    give two `bind(0)` calls the same ephemeral port once the first probe socket is closed. A
+    stack asks for a service's gRPC and metrics ports back to back, so both could be the same
+    port and the service dies on its second bind (seen in CI: both 49475)."""
+    with _PORTS_LOCK:
+        for _ in range(FREE_PORT_TRIES):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise RuntimeError(f"no loopback port not handed out before in {FREE_PORT_TRIES} tries")
 
 
 def gateway_url_of(proc: Proc) -> str:

@@ -30,9 +30,11 @@ def shared_data():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """`services.stack.free_port`: one allocator for the tests and the stack, so no two
+    callers in this process get the same port."""
+    from services.stack import free_port as allocate
+
+    return allocate()
 
 
 @pytest.fixture
