@@ -406,18 +406,14 @@ def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: s
     """Figures from the runs' predictions.npz files (see `training.evaluate_real`)."""
     from training.evaluate_real import real_report
 
-    main_dir = _output_of(runs["main"])
-    rep = real_report(
-        main_dir / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
-    )
-    xs = {key: _cross_source(res) for key, res in runs.items() if key.startswith("xs_")}
-    splits = {
-        key: real_report(
-            _output_of(res) / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
+    def report(run: dict[str, Any]) -> dict[str, Any]:
+        return real_report(
+            _output_of(run) / "predictions.npz", min_cells=REAL_MIN_TEST_CELLS, n_boot=REAL_N_BOOT
         )
-        for key, res in runs.items()
-        if key.startswith("split_")
-    }
+
+    rep = report(runs["main"])
+    xs = {key: _cross_source(res) for key, res in runs.items() if key.startswith("xs_")}
+    splits = {key: report(res) for key, res in runs.items() if key.startswith("split_")}
     payload = {
         "profile": profile,
         "machine": _machine(),

@@ -119,10 +119,11 @@ class Worker:
         while not stop.is_set():
             down = await self.services_down()
             try:
-                if down & CORE_SERVICES:
-                    # nothing can run: claim nothing, burn no attempts; fail only what has
-                    # waited past its requeue window; look again at the next readiness check
+                if down:  # fail what has waited for a down service past its requeue window
                     await asyncio.to_thread(self._expire_waiting, down)
+                if down & CORE_SERVICES:
+                    # nothing can run: claim nothing, burn no attempts; look again at the
+                    # next readiness check
                     await self._sleep(stop, max(self.s.poll_interval_s, self.s.ready_check_s))
                     continue
                 # npm1 or explain down: only the analyses that call it stay queued
@@ -149,8 +150,6 @@ class Worker:
         with self.sessions.begin() as session:
             for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
                 log.error("analysis %s failed: its workers kept dying", analysis_id)
-        if down:
-            self._expire_waiting(down)
         with self.sessions.begin() as session:
             a = store.claim_next(session, owner=self.owner, lease_s=self.s.lease_s, down=down)
             if a is None:
