@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test demo lint docs bench protos lock mlflow loadtest clean
+.PHONY: setup test demo serve lint docs bench protos lock mlflow loadtest clean
 
 $(STAMP): requirements.in constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: setup
 
 demo: setup
 	$(PY) -m training.demo
+
+# The demo's promoted models as a running stack (gateway on :8080) until Ctrl-C.
+serve: setup
+	$(PY) -m training.serve
 
 # mypy's paths and strictness are in pyproject.toml ([tool.mypy]); .pre-commit-config.yaml
 # runs the same three checks. The first mypy run builds .mypy_cache (minutes); later runs

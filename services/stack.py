@@ -98,6 +98,8 @@ class LocalStack:
     services: tuple[str, ...] = MODEL_SERVICES
     with_gateway: bool = True
     replicas: Mapping[str, int] = field(default_factory=dict)
+    gateway_port: int | None = None
+    """The gateway's HTTP port (default: a free loopback port; `make serve` asks for 8080)."""
     procs: dict[str, Proc] = field(default_factory=dict)
     gateway_url: str = ""
 
@@ -215,7 +217,7 @@ class LocalStack:
         """Start a gateway and wait for `/readyz`. `name` other than `gateway` starts another
         one beside it (its URL is `gateway_url_of(proc)`; give it its own
         `MS_GATEWAY_DATA_DIR` in `env`, which overrides `gateway_env()`)."""
-        port = free_port()
+        port = self.gateway_port if name == "gateway" and self.gateway_port else free_port()
         full = {**self.gateway_env(), **(env or {}), "MS_GATEWAY_PORT": str(port)}
         proc = self._spawn(name, "services.gateway", full, {"http": port})
         url = gateway_url_of(proc)

@@ -256,6 +256,16 @@ def pick_cases(data: Path) -> list:
     return chosen
 
 
+STACK_SETTINGS = "stack.json"
+"""The demo's serving settings in its work directory: the MLflow store and the environment the
+stack ran with, so `python -m training.serve` serves exactly what the demo analysed with."""
+
+
+def write_stack_settings(workdir: Path, tracking_uri: str, env: dict[str, str]) -> None:
+    payload = {"tracking_uri": tracking_uri, "env": env}
+    (workdir / STACK_SETTINGS).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def keys_cli(argv: list[str], env: dict[str, str]) -> str:
     """stdout of `python -m services.gateway.keys ARGV` against the gateway of `env`."""
     return subprocess.run(
@@ -505,16 +515,15 @@ def main(args: argparse.Namespace) -> int:
     gateway_dir = args.workdir / "gateway"
     slides_dir = args.workdir / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(
-        workdir=args.workdir / "stack",
-        tracking_uri=tracking_uri,
-        env={
-            "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
-            "MS_GATEWAY_DATA_DIR": str(gateway_dir),
-            "MS_GATEWAY_SLIDE_ROOTS": json.dumps({"demo": str(slides_dir)}),
-            "MS_GATEWAY_SLIDE_REGION_UM": f"{DEMO_SLIDE_BLOCK * mpp:.1f}",
-        },
-    )
+    stack_env = {
+        "MS_GATEWAY_MIN_CELLS": str(args.min_cells),
+        "MS_GATEWAY_DATA_DIR": str(gateway_dir),
+        "MS_GATEWAY_SLIDE_ROOTS": json.dumps({"demo": str(slides_dir)}),
+        "MS_GATEWAY_SLIDE_REGION_UM": f"{DEMO_SLIDE_BLOCK * mpp:.1f}",
+    }
+    # `make serve` starts the same stack later from these settings (training.serve).
+    write_stack_settings(args.workdir, tracking_uri, stack_env)
+    stack = LocalStack(workdir=args.workdir / "stack", tracking_uri=tracking_uri, env=stack_env)
     lines: list[str] = []
     failures = 0
     say("starting the five model services and the gateway")
