@@ -8,11 +8,18 @@ import socket
 import pytest
 
 from marrowscope.paths import shared_data_dir
+from tests.ci_skips import (  # noqa: F401 - hooks: a needed PostgreSQL/real data must not skip in CI
+    pytest_collection_modifyitems,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+    register_markers,
+)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
+    register_markers(config)
     try:
         import torch
 

@@ -68,6 +68,7 @@ def test_unknown_source_folder_is_a_clear_error():
         taxonomy.source_code("matek", "BLA")
 
 
+@pytest.mark.real_data
 def test_shared_readme_folder_names_are_all_mapped():
     """The class names DeepAPL's README lists are every one in the table (no silent drop)."""
     from pathlib import Path

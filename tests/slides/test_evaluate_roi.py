@@ -42,6 +42,7 @@ def test_blank_field_is_refused_with_a_reason() -> None:
     assert not row["smear"] and row["why"] == "no_nucleated_cells" and not selected
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not OVERVIEWS.is_file(), reason="real overviews not present")
 def test_main_writes_the_report(tmp_path: Path) -> None:
     args = evaluate_roi.get_args_parser().parse_args(

@@ -161,6 +161,7 @@ def test_reader_errors_are_usage_errors(tmp_path):
         read_cohort(tmp_path / "absent")
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not DEEPAPL.is_dir(), reason="real DeepAPL data not present (../shared/data)")
 def test_real_deepapl_cohort_reads_as_documented():
     from training.apl import read_cohort, sign_out_codes

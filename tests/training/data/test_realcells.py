@@ -121,6 +121,7 @@ def test_pbc_reader_and_file_split(tmp_path):
     assert sorted(labels.tolist()).count("test") == 2 and list(labels).count("val") == 2
 
 
+@pytest.mark.real_data
 def test_a_few_real_files_read():
     if not (SHARED / "deepapl" / "cells.csv").is_file() or not (SHARED / "pbc").is_dir():
         pytest.skip("../shared/data (deepapl, pbc) is absent: real data not on this machine")
