@@ -140,6 +140,7 @@ def synthetic_heatmap(result: AnalysisResult, shape: tuple[int, int]) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> None:
+    from services.gateway.hl7 import build_oru
     from services.gateway.pdf import Figure, build_pdf
     from services.gateway.reading import CaseHeader
     from services.gateway.render import heatmap_png, overlay_png
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     pdf = build_pdf(case=case, result=result, figure=figure, note=SYNTHETIC_NOTE)
     (args.out / "report.pdf").write_bytes(pdf)
+    url = f"https://marrowscope.example/v1/analyses/{case.analysis_id}/report?format=pdf"
+    oru = build_oru(case=case, result=result, control_id=f"{case.analysis_id}-1", pdf_url=url)
+    (args.out / "oru.hl7").write_text(oru.replace("\r", "\n") + "\n")
     subprocess.run(
         ["pdftoppm", "-png", "-r", "80", str(args.out / "report.pdf"), str(args.out / "report")],
         check=True,
