@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Literal, Protocol
 
 from marrowscope.targets import GeneticTarget, genetic_targets
 from services.gateway.result import AnalysisResult, GeneticMorphologyCall, ImageResult
@@ -35,6 +35,33 @@ class CaseHeader:
     finished_at: datetime | None = None
     patient_id: str | None = None
     patient_name: str | None = None
+
+
+class StoredAnalysis(Protocol):
+    """The job store's analysis row, as far as a report reads it (`db.Analysis`)."""
+
+    id: str
+    accession: str
+    specimen_type: str
+    stain: str
+    created_at: float
+    finished_at: float | None
+
+
+def case_header(a: StoredAnalysis) -> CaseHeader:
+    """The order side of the reports from a stored analysis (REST: no patient data)."""
+
+    def ts(t: float | None) -> datetime | None:
+        return None if t is None else datetime.fromtimestamp(t, UTC)
+
+    return CaseHeader(
+        analysis_id=a.id,
+        accession=a.accession,
+        specimen_type=a.specimen_type,
+        stain=a.stain,
+        submitted_at=ts(a.created_at),
+        finished_at=ts(a.finished_at),
+    )
 
 
 @dataclass(frozen=True)

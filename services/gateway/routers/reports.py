@@ -19,7 +19,7 @@ from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, au
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.fhir import build_bundle
 from services.gateway.pdf import build_pdf, figure_from_blobs
-from services.gateway.reading import CaseHeader
+from services.gateway.reading import case_header
 from services.gateway.render import heatmap_png, overlay_png
 from services.gateway.result import AnalysisResult, ImageResult
 from services.gateway.schemas import ts
@@ -79,7 +79,7 @@ def get_report(
     report = AnalysisResult.model_validate(result)
     services = request.app.state.services
     pdf = build_pdf(
-        case=_case_header(a), result=report, figure=figure_from_blobs(services.blobs, report)
+        case=case_header(a), result=report, figure=figure_from_blobs(services.blobs, report)
     )
     if format == "pdf":
         name = f"marrowscope-{a.id}.pdf"
@@ -94,18 +94,6 @@ def get_report(
         presented_form=pdf,
     )
     return JSONResponse(bundle, media_type=FHIR_JSON)
-
-
-def _case_header(a) -> CaseHeader:
-    """The order side of the reports from the stored analysis (no patient data: REST)."""
-    return CaseHeader(
-        analysis_id=a.id,
-        accession=a.accession,
-        specimen_type=a.specimen_type,
-        stain=a.stain,
-        submitted_at=ts(a.created_at),
-        finished_at=ts(a.finished_at),
-    )
 
 
 def _image(
