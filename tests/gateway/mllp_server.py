@@ -1,9 +1,11 @@
 """A real MLLP receiver for the tests: framed messages in (0x0B ... 0x1C 0x0D), one framed
-hl7apy-built ACK out per message, with the MSA-1 code the test chooses (AA, AE, AR)."""
+hl7apy-built ACK out per message, with the MSA-1 code the test chooses (AA, AE, AR);
+optionally over TLS (`self_signed` makes a certificate for 127.0.0.1)."""
 
 from __future__ import annotations
 
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,7 +37,12 @@ class MllpServer:
     """Receives on 127.0.0.1:`port`; `answer(message) -> MSA-1 code` decides each ACK.
     `received` lists every message in arrival order (ER7, CR-separated)."""
 
-    def __init__(self, port: int = 0, answer: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        answer: Callable[[str], str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.received: list[str] = []
         self.answer = answer or (lambda _message: "AA")
         self._lock = threading.Lock()
@@ -43,6 +50,11 @@ class MllpServer:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
+                if tls is not None:
+                    try:
+                        self.request = tls.wrap_socket(self.request, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return  # the client refused our certificate
                 buf = b""
                 while True:
                     data = self.request.recv(65536)
@@ -75,3 +87,43 @@ class MllpServer:
     def messages(self) -> list[str]:
         with self._lock:
             return list(self.received)
+
+
+def self_signed(directory) -> tuple[str, str]:
+    """(certificate, key) PEM paths of a fresh self-signed certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-lis")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "lis.pem", directory / "lis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)

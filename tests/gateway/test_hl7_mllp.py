@@ -4,15 +4,19 @@ parked (and requeued by a person)."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
 
+import pytest
 from sqlalchemy import select
 
 from services.gateway import hl7outbox
 from services.gateway.db import AuditLog, Hl7Outbox
+from services.gateway.mllp import Hl7Destination, MllpError, send
 from tests.conftest import free_port
 from tests.gateway.conftest import files, meta, png, wait_status
-from tests.gateway.mllp_server import MllpServer
+from tests.gateway.mllp_server import MllpServer, self_signed
 
 BASE_URL = "https://marrowscope.example"
 
@@ -140,3 +144,22 @@ def test_application_error_is_retried_and_reject_parked(gateway):
                 "delivery after requeue",
             )
     assert len(lis.messages()) == 2
+
+
+def test_mllp_over_tls_checks_the_receivers_certificate(tmp_path):
+    cert, key = self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    message = "MSH|^~\\&|MARROWSCOPE||||20261207120000||ORU^R01^ORU_R01|CTRL1|P|2.5.1"
+    with MllpServer(tls=server_tls) as lis:
+        trusted = Hl7Destination(
+            host="127.0.0.1", port=lis.port, tls=True, ca_file=cert, ack_timeout_s=10
+        )
+        ack = asyncio.run(send(trusted, message))
+        assert (ack.code, ack.control_id) == ("AA", "CTRL1")
+        assert lis.messages() == [message]
+        # the system CA store does not know the LIS's self-signed certificate: refused
+        untrusted = trusted.model_copy(update={"ca_file": None})
+        with pytest.raises(MllpError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            asyncio.run(send(untrusted, message))
+    assert lis.messages() == [message]  # nothing was sent over the refused connection
