@@ -127,6 +127,33 @@ def synthetic_case(
     return image, result
 
 
+def withheld(result: AnalysisResult) -> AnalysisResult:
+    """`result` with P(AML) withheld (pixel_size_required), NPM1 by morphology withheld with
+    it and APL by morphology not applicable: every not-predicted status a report words."""
+    aml, npm1, apl = result.aml, result.npm1_morphology, result.apl_morphology
+    assert aml is not None and npm1 is not None and apl is not None
+    none = {"p": None, "positive": None}
+    return result.model_copy(
+        update={
+            "p_aml": None,
+            "aml_positive": None,
+            "aml": aml.model_copy(
+                update={
+                    "status": "abstained",
+                    "reason": "pixel_size_required",
+                    "detail": "send options.um_per_px",
+                }
+            ),
+            "npm1_morphology": npm1.model_copy(
+                update={"status": "abstained", "reason": "pixel_size_required", **none}
+            ),
+            "apl_morphology": apl.model_copy(
+                update={"status": "not_applicable", "reason": "not_aml", **none}
+            ),
+        }
+    )
+
+
 def synthetic_heatmap(result: AnalysisResult, shape: tuple[int, int]) -> np.ndarray:
     """float32[h, w]: a Gaussian bump on every blast of image 0 (coarse, like occlusion)."""
     h, w = shape

@@ -11,7 +11,7 @@ import pytest
 from services.gateway.hl7 import Hl7Options, build_oru
 from services.gateway.hl7codes import CODING_SYSTEM, code_table
 from services.gateway.reading import CaseHeader, SignOut
-from tools.report_sample import synthetic_case
+from tools.report_sample import synthetic_case, withheld
 
 CASE = CaseHeader(
     analysis_id="a1",
@@ -105,33 +105,13 @@ def test_oru_values_are_the_results(result):
 
 
 def test_withheld_and_not_applicable_calls_say_why(result):
-    withheld = result.model_copy(
-        update={
-            "p_aml": None,
-            "aml_positive": None,
-            "aml": result.aml.model_copy(
-                update={
-                    "status": "abstained",
-                    "reason": "pixel_size_required",
-                    "detail": "send um/px",
-                }
-            ),
-            "apl_morphology": result.apl_morphology.model_copy(
-                update={
-                    "status": "not_applicable",
-                    "p": None,
-                    "positive": None,
-                    "reason": "not_aml",
-                }
-            ),
-        }
-    )
-    got = _parse(build_oru(case=CASE, result=withheld, control_id="a1-2"))
+    got = _parse(build_oru(case=CASE, result=withheld(result), control_id="a1-2"))
     vt, parts, flag, status, *_ = _one(got, "p-aml")
     assert (parts, flag or None, status) == ([], None, "X")
     assert _one(got, "aml-status")[1][0] == "abstained"
     reason = _one(got, "aml-reason")
-    assert reason[1][:2] == ["pixel_size_required", "send um/px"] and reason[4] == ["send um/px"]
+    detail = "send options.um_per_px"
+    assert reason[1][:2] == ["pixel_size_required", detail] and reason[4] == [detail]
     assert _one(got, "p-apl-morphology")[3] == "N"
     assert _one(got, "apl-morphology-status")[1][0] == "not_applicable"
     assert _one(got, "apl-morphology-reason")[1][0] == "not_aml"

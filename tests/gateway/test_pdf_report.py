@@ -18,7 +18,7 @@ from services.gateway.pdf import Figure, build_pdf
 from services.gateway.reading import CaseHeader, SignOut
 from services.gateway.render import heatmap_png, overlay_png
 from tests.gateway.conftest import files, meta, png, wait_status
-from tools.report_sample import synthetic_case, synthetic_heatmap
+from tools.report_sample import synthetic_case, synthetic_heatmap, withheld
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pdftoppm") is None, reason="poppler-utils (pdftoppm, pdftotext) not installed"
@@ -102,31 +102,10 @@ def test_signed_out_report_names_the_reviewer(case, tmp_path):
 
 
 def test_withheld_call_says_why(case, tmp_path):
-    result, _ = case
-    withheld = result.model_copy(
-        update={
-            "p_aml": None,
-            "aml_positive": None,
-            "aml": result.aml.model_copy(
-                update={
-                    "status": "abstained",
-                    "reason": "pixel_size_required",
-                    "detail": "send options.um_per_px",
-                }
-            ),
-            "npm1_morphology": result.npm1_morphology.model_copy(
-                update={
-                    "status": "abstained",
-                    "p": None,
-                    "positive": None,
-                    "reason": "pixel_size_required",
-                }
-            ),
-        }
-    )
-    text = _read(build_pdf(case=CASE, result=withheld), tmp_path)["text"]
+    text = _read(build_pdf(case=CASE, result=withheld(case[0])), tmp_path)["text"]
     assert "withheld (pixel_size_required): send options.um_per_px" in text
     assert "withheld with P(AML) (pixel_size_required)" in text
+    assert "not applicable: the case is called non-AML (not_aml)" in text
 
 
 def test_pdf_endpoint_and_fhir_presented_form(gateway, tmp_path):
