@@ -154,6 +154,28 @@ def withheld(result: AnalysisResult) -> AnalysisResult:
     )
 
 
+def too_few_cells() -> AnalysisResult:
+    """A case that abstained as a whole (3 counted cells): no calls, no image shown."""
+    detail = "too few cells for a reliable call: 3 counted (non-RBC) cells, at least 20 needed"
+    return AnalysisResult.model_validate(
+        {
+            "analysis_id": "a-few",
+            "outcome": "abstained",
+            "abstain_reason": detail,
+            "aml": {"status": "abstained", "reason": "too_few_cells", "detail": detail},
+            "aml_threshold": 0.5,
+            "npm1_threshold": 0.5,
+            "n_images": 1,
+            "n_cells_detected": 3,
+            "n_cells_counted": 3,
+            "differential": [],
+            "model_versions": {"segmentation": {"model": "segmentation", "version": "3"}},
+            "images": [],
+            "generated_at": "2026-12-07T12:00:00+00:00",
+        }
+    )
+
+
 def synthetic_heatmap(result: AnalysisResult, shape: tuple[int, int]) -> np.ndarray:
     """float32[h, w]: a Gaussian bump on every blast of image 0 (coarse, like occlusion)."""
     h, w = shape

@@ -311,13 +311,14 @@ def build_oru(
         status=aml_status,
         p=result.p_aml,
         positive=result.aml_positive,
-        reason=(aml.reason if aml is not None else None) or result.abstain_reason,
-        detail=aml.detail if aml is not None else None,
+        # results before schema 1.1 have no `aml`: only the free-text abstain_reason
+        reason=aml.reason if aml is not None else ("abstained" if result.abstain_reason else None),
+        detail=aml.detail if aml is not None else result.abstain_reason,
         notes=notes,
     )
     _genetic(b, result)
     if result.p_npm1 is not None:
-        flag = "A" if result.npm1_positive else "N"
+        flag = "A" if result.npm1_positive else "N"  # the whole-image model's call
         b.number(
             "p-npm1-mutated",
             result.p_npm1,

@@ -27,6 +27,7 @@ from services.gateway.reading import (
     CaseHeader,
     SignOut,
     aml_text,
+    call_word,
     genetic_calls,
     genetic_text,
     most_informative_image,
@@ -222,7 +223,8 @@ def _findings(result: AnalysisResult, st: dict[str, Any]) -> Any:
         rows.append(
             [
                 _p("P(NPM1 mutated)<br/>whole image", st["base"]),
-                f"{result.p_npm1:.3f} (threshold {result.npm1_threshold:g})",
+                f"{result.p_npm1:.3f} ({call_word(result.npm1_positive)} at threshold "
+                f"{result.npm1_threshold:g})",
                 _p(WHOLE_IMAGE_NPM1_MEANING, st["small"]),
             ]
         )

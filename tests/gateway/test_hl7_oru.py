@@ -11,7 +11,7 @@ import pytest
 from services.gateway.hl7 import Hl7Options, build_oru
 from services.gateway.hl7codes import CODING_SYSTEM, code_table
 from services.gateway.reading import CaseHeader, SignOut
-from tools.report_sample import synthetic_case, withheld
+from tools.report_sample import synthetic_case, too_few_cells, withheld
 
 CASE = CaseHeader(
     analysis_id="a1",
@@ -116,6 +116,15 @@ def test_withheld_and_not_applicable_calls_say_why(result):
     assert _one(got, "apl-morphology-status")[1][0] == "not_applicable"
     assert _one(got, "apl-morphology-reason")[1][0] == "not_aml"
     assert "report-pdf" not in got["obs"]  # no URL given: left out, not sent empty
+
+
+def test_abstained_case_sends_the_reason_code():
+    got = _parse(build_oru(case=CASE, result=too_few_cells(), control_id="a1-5"))
+    assert _one(got, "p-aml")[3] == "X"
+    assert _one(got, "aml-status")[1][0] == "abstained"
+    assert _one(got, "aml-reason")[1][0] == "too_few_cells"
+    assert int(_one(got, "counted-cells")[1][0]) == 3
+    assert not any(c.startswith("count-") for c in got["obs"])  # no differential to send
 
 
 @pytest.mark.parametrize(("amended", "status"), [(False, "F"), (True, "C")])

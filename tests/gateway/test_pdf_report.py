@@ -18,7 +18,7 @@ from services.gateway.pdf import Figure, build_pdf
 from services.gateway.reading import CaseHeader, SignOut
 from services.gateway.render import heatmap_png, overlay_png
 from tests.gateway.conftest import files, meta, png, wait_status
-from tools.report_sample import synthetic_case, synthetic_heatmap, withheld
+from tools.report_sample import synthetic_case, synthetic_heatmap, too_few_cells, withheld
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pdftoppm") is None, reason="poppler-utils (pdftoppm, pdftotext) not installed"
@@ -106,6 +106,12 @@ def test_withheld_call_says_why(case, tmp_path):
     assert "withheld (pixel_size_required): send options.um_per_px" in text
     assert "withheld with P(AML) (pixel_size_required)" in text
     assert "not applicable: the case is called non-AML (not_aml)" in text
+
+
+def test_abstained_case_is_one_page_with_the_reason(tmp_path):
+    got = _read(build_pdf(case=CASE, result=too_few_cells()), tmp_path)
+    assert len(got["pages"]) == 1 and got["images"] == []
+    assert "no AI call: too few cells for a reliable call: 3 counted" in got["text"]
 
 
 def test_pdf_endpoint_and_fhir_presented_form(gateway, tmp_path):
