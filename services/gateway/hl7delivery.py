@@ -46,6 +46,7 @@ def _options(d: Hl7Destination) -> Hl7Options:
         receiving_facility=d.receiving_facility,
         processing_id=d.processing_id,
         pdf=d.pdf,
+        site_codes=d.site_codes,
     )
 
 

@@ -40,6 +40,10 @@ class Hl7Destination(BaseModel):
     sending_facility: str = ""
     processing_id: Literal["P", "D", "T"] = "P"
     pdf: Literal["reference", "embed", "none"] = "reference"
+    site_codes: dict[str, tuple[str, str, str]] = Field(
+        default_factory=dict,
+        description="local code -> (code, text, coding system) the site reads (its own or LOINC)",
+    )
     ack_timeout_s: float = Field(30.0, gt=0)
     max_error_attempts: int = Field(
         5, ge=1, description="AE answers (application error) before the message is parked"
