@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test demo serve lint docs bench protos lock mlflow loadtest clean
+.PHONY: setup sysdeps test demo serve lint docs bench protos lock mlflow loadtest clean
 
 $(STAMP): requirements.in constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,22 @@ $(STAMP): requirements.in constraints.txt pyproject.toml
 	$(PIP) install --no-deps -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) protos
+setup: $(STAMP) protos sysdeps
+
+# System tools the tests use: poppler-utils (pdftoppm, pdftotext, pdfimages, pdffonts) reads
+# the PDF report as a person would. Installed with apt where it can be; elsewhere the PDF
+# tests skip with the reason, so setup never fails on a machine without apt.
+sysdeps:
+	@if command -v pdftoppm >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "sysdeps: no apt-get; install poppler-utils by hand (PDF report tests skip)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq poppler-utils) || echo "sysdeps: apt-get failed (PDF report tests skip)"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq poppler-utils) || echo "sysdeps: apt-get failed (PDF report tests skip)"; \
+	else \
+		echo "sysdeps: not root and no sudo; apt-get install poppler-utils (PDF report tests skip)"; \
+	fi
 
 # OIP and gateway stubs are generated, not committed (grpcio-tools pins protobuf codegen).
 protos: $(STAMP)

@@ -329,8 +329,17 @@ def settings_table() -> str:
     return "".join(out)
 
 
+def hl7_code_table() -> str:
+    """Every local HL7 observation code (``services.gateway.hl7codes.code_table``)."""
+    from services.gateway.hl7codes import code_table
+
+    rows = [[f"`{c.code}`", c.text, c.value_type, c.unit] for c in code_table().values()]
+    return _table(["code", "text", "OBX-2", "unit (UCUM)"], rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "cell-codes": cell_code_table,
+    "hl7-codes": hl7_code_table,
     "attributes": attribute_table,
     "tensors": tensor_table,
     "settings": settings_table,

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marrowscope.stages import SERVED, Stage
+from services.gateway.mllp import Hl7Destination
 
 SERVICES: tuple[str, ...] = SERVED
 
@@ -153,6 +154,12 @@ class GatewaySettings(BaseSettings):
     webhook_allow_cidrs: str = ""
     """Comma-separated networks webhooks may reach although not public, e.g. the LIS at
     `10.20.0.0/16`; checked on the resolved address at every send (`webhooks`)."""
+    hl7_destinations: dict[str, Hl7Destination] = Field(default_factory=dict)
+    """HL7 v2 results over MLLP, per tenant: a JSON object tenant -> {host, port, tls,
+    ca_file, cert_file, key_file, receiving_application, receiving_facility, pdf
+    (reference | embed | none), ack_timeout_s, max_error_attempts} (`mllp.Hl7Destination`;
+    docs/HL7.md). A tenant listed here gets an ORU^R01 for every result, from the outbox
+    (`hl7delivery`, retried with the webhook backoff settings)."""
 
     embedded_worker: bool = True
     workers: int = Field(1, ge=1)

@@ -153,6 +153,33 @@ class Outbox(Base):
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class Hl7Outbox(Base):
+    """HL7 v2 result messages to send over MLLP (`hl7outbox`), written in the same
+    transaction as the result. One row per analysis and event (finished; later signed_out,
+    amended), sent in `seq` order per analysis; `message` / `ack`: the last ones exchanged."""
+
+    __tablename__ = "hl7_outbox"
+    __table_args__ = (UniqueConstraint("analysis_id", "event", name="uq_hl7_outbox_event"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    analysis_id: Mapped[str] = mapped_column(ForeignKey("analyses.id"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    """pending, delivered (AA), parked (AR, or AE too often: a person decides)"""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_answers: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=now)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    control_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ack: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 

@@ -15,11 +15,13 @@ value: `dataAbsentReason` not-performed plus the local abstention code (e.g.
 `marrowscope.targets`) is an Observation `p-npm1-morphology` / `p-apl-morphology` (NPM1's
 beside the whole-image `p-npm1-mutated`); withheld with P(AML), it carries the same
 dataAbsentReason, not_applicable (called non-AML) a `not-applicable` one; an ensemble
-without that output adds no Observation.
+without that output adds no Observation. The PDF report (`services.gateway.pdf`) rides along
+as the DiagnosticReport's `presentedForm` (base64 `application/pdf`).
 """
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -61,10 +63,17 @@ def _withheld(reason: str, detail: str | None) -> dict:
     }
 
 
-def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") -> dict:
+def build_bundle(
+    *,
+    analysis: dict,
+    result: AnalysisResult,
+    base_url: str = "",
+    presented_form: bytes | None = None,
+) -> dict:
     """analysis: {id, accession_id, finished_at (datetime|None)}; result: the analysis's
-    result (a stored one: `AnalysisResult.model_validate`). Returns the Bundle as a
-    JSON-ready dict, validated by fhir.resources R4B."""
+    result (a stored one: `AnalysisResult.model_validate`); presented_form: the PDF report
+    (`services.gateway.pdf`), embedded as the DiagnosticReport's `presentedForm`. Returns
+    the Bundle as a JSON-ready dict, validated by fhir.resources R4B."""
     from fhir.resources.R4B.bundle import Bundle
 
     meta = {"security": [AIAST]}
@@ -280,6 +289,15 @@ def build_bundle(*, analysis: dict, result: AnalysisResult, base_url: str = "") 
     }
     if media_links:
         report["media"] = media_links
+    if presented_form is not None:
+        report["presentedForm"] = [
+            {
+                "contentType": "application/pdf",
+                "language": "en",
+                "data": base64.b64encode(presented_form).decode("ascii"),
+                "title": f"MarrowScope report {analysis['accession_id']}",
+            }
+        ]
     provenance = {
         "resourceType": "Provenance",
         "meta": meta,

@@ -91,6 +91,13 @@ class GatewayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.hl7_messages = Counter(
+            "marrowscope_gateway_hl7_messages_total",
+            "HL7 ORU^R01 delivery attempts over MLLP by outcome: delivered (AA), retry (no "
+            "connection or ACK, or AE), parked (AR, or AE too often: waits for a person)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "marrowscope_gateway_http_requests_total",
             "HTTP requests by route template (unmatched: no route), method and status",

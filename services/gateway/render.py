@@ -77,3 +77,11 @@ def overlay_png(image: np.ndarray, cells: Sequence[Cell]) -> bytes:
         opacity = int(110 + 145 * w) if imps else 230
         draw.rectangle([float(v) for v in c.box], outline=(*rgb, opacity), width=width)
     return _png(Image.alpha_composite(base, layer).convert("RGB"))
+
+
+def colour_scale_png(width: int = 256, height: int = 12) -> bytes:
+    """The heatmap's colour scale as a horizontal bar, low importance (left) to high."""
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return _png(Image.fromarray(_colormap(ramp)))

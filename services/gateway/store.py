@@ -23,11 +23,13 @@ model service was unavailable puts it back in the queue (`requeue_or_fail`) with
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, false, func, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
+from services.gateway import hl7outbox
 from services.gateway.db import (
     CORE_SERVICES,
     DEFAULT_TENANT,
@@ -418,9 +420,12 @@ def finish(
     reason: str | None = None,
     result: dict | None = None,
     schema_version: str | None = None,
+    hl7_tenants: Collection[str] = (),
 ) -> bool:
     """Write the outcome (and the webhook outbox row) in one transaction; only the lease
-    owner may (owner None: unconditional, for housekeeping). False when the lease was lost."""
+    owner may (owner None: unconditional, for housekeeping). False when the lease was lost.
+    A result of a tenant in `hl7_tenants` (those with an HL7 destination) also gets its
+    ORU^R01 outbox row (`hl7outbox`), in the same transaction."""
     a = session.get(Analysis, analysis_id, with_for_update=True)
     if a is None or a.status in FINAL_STATUSES:
         return False
@@ -435,6 +440,8 @@ def finish(
             )
         )
     _finish(session, a, status=status, reason=reason)
+    if result is not None and a.tenant in hl7_tenants:
+        hl7outbox.enqueue(session, analysis_id=a.id, tenant=a.tenant, event="finished")
     return True
 
 

@@ -37,6 +37,7 @@ from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
 from services.gateway.container import build_services
 from services.gateway.db import CORE_SERVICES, DEFAULT_TENANT, now
+from services.gateway.hl7delivery import Hl7Dispatcher
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
@@ -108,7 +109,20 @@ class Worker:
             for _ in range(self.s.workers):
                 tg.create_task(self._job_loop(stop))
             tg.create_task(self._outbox_loop(stop))
+            if self.s.hl7_destinations:
+                tg.create_task(self._hl7_dispatcher().run(stop))
         log.info("worker %s stopped", self.owner)
+
+    def _hl7_dispatcher(self) -> Hl7Dispatcher:
+        return Hl7Dispatcher(
+            sessions=self.sessions,
+            blobs=self.blobs,
+            destinations=self.s.hl7_destinations,
+            base_url=self.s.public_base_url,
+            metrics=self.metrics,
+            poll_s=self.s.poll_interval_s,
+            backoff=(self.s.webhook_backoff_s, self.s.webhook_backoff_max_s),
+        )
 
     @staticmethod
     async def _sleep(stop: asyncio.Event, seconds: float) -> None:
@@ -198,7 +212,13 @@ class Worker:
 
     def _finish(self, analysis_id: str, **kw) -> bool:
         with self.sessions.begin() as session:
-            return store.finish(session, analysis_id=analysis_id, owner=self.owner, **kw)
+            return store.finish(
+                session,
+                analysis_id=analysis_id,
+                owner=self.owner,
+                hl7_tenants=self.s.hl7_destinations.keys(),
+                **kw,
+            )
 
     # -- one analysis ---------------------------------------------------------------------
     async def process(self, claimed: _Claimed) -> None:

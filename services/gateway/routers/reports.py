@@ -18,12 +18,15 @@ from services.gateway.db import AuditLog
 from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, audit, get_analysis
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.fhir import build_bundle
+from services.gateway.pdf import build_pdf, figure_from_blobs
+from services.gateway.reading import case_header
 from services.gateway.render import heatmap_png, overlay_png
 from services.gateway.result import AnalysisResult, ImageResult
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
 FHIR_JSON = "application/fhir+json"
+PDF = "application/pdf"
 
 
 def _finished_result(session, analysis_id: str, principal: Principal) -> tuple[object, dict]:
@@ -53,8 +56,8 @@ def _finished_report(
     "/v1/analyses/{analysis_id}/report",
     responses={
         200: {
-            "content": {"application/json": {}, FHIR_JSON: {}},
-            "description": "AnalysisResult JSON or a FHIR R4B Bundle",
+            "content": {"application/json": {}, FHIR_JSON: {}, PDF: {}},
+            "description": "AnalysisResult JSON, a FHIR R4B Bundle or the PDF report",
         },
         **error_responses(401, 403, 404, 409, 429),
     },
@@ -64,19 +67,31 @@ def get_report(
     session: SessionDep,
     request: Request,
     analysis_id: str,
-    format: Annotated[Literal["json", "fhir"], Query()] = "json",
+    format: Annotated[Literal["json", "fhir", "pdf"], Query()] = "json",
 ) -> Response:
-    """The result as JSON (`AnalysisResult`) or as a FHIR R4B DiagnosticReport Bundle."""
+    """The result as JSON (`AnalysisResult`), as a FHIR R4B DiagnosticReport Bundle (the PDF
+    embedded as `presentedForm`) or as the PDF report (PDF/A-2b, `services.gateway.pdf`)."""
     a, result = _finished_result(session, analysis_id, principal)
     audit(session, principal, "report", resource=a.id, detail=format)
     session.commit()
     if format == "json":
         return JSONResponse(result)
+    report = AnalysisResult.model_validate(result)
+    services = request.app.state.services
+    pdf = build_pdf(
+        case=case_header(a), result=report, figure=figure_from_blobs(services.blobs, report)
+    )
+    if format == "pdf":
+        name = f"marrowscope-{a.id}.pdf"
+        return Response(
+            pdf, media_type=PDF, headers={"Content-Disposition": f'inline; filename="{name}"'}
+        )
     bundle = build_bundle(
         analysis={"id": a.id, "accession_id": a.accession, "finished_at": ts(a.finished_at)},
-        result=AnalysisResult.model_validate(result),
+        result=report,
         # the configured public URL, never the request's Host header (client-controlled)
-        base_url=request.app.state.services.settings.public_base_url,
+        base_url=services.settings.public_base_url,
+        presented_form=pdf,
     )
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
