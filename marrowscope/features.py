@@ -169,11 +169,17 @@ def differential(cells: Sequence[CellCall]) -> dict[str, DifferentialEntry]:
 
     With no counted cells every entry is (0, 0.0, 0.0, 1.0).
     """
-    counted = _counted(cells)
+    return differential_of_codes([code for code, _ in _counted(cells)])
+
+
+def differential_of_codes(codes: Sequence[str]) -> dict[str, DifferentialEntry]:
+    """`differential` from the cells' type codes alone (the reviewer's labels, say): codes
+    outside `COUNTED_CODES` (RBC, smudge cells, artefacts, ...) are left out of the count."""
+    counted = [c for c in codes if c in COUNTED_CODES]
     n = len(counted)
     out = {}
     for code in COUNTED_CODES:
-        k = sum(c == code for c, _ in counted)
+        k = sum(c == code for c in counted)
         low, high = wilson_interval(k, n)
         out[code] = DifferentialEntry(k, k / n if n else 0.0, low, high)
     return out

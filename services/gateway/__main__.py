@@ -1,11 +1,19 @@
-"""`python -m services.gateway`: serve the API with uvicorn (and, by default, a worker)."""
+"""`python -m services.gateway`: serve the API with uvicorn (and, by default, a worker).
+
+`python -m services.gateway users ...` manages the review app's reviewer accounts
+(`services.gateway.users`)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["users"]:
+        from services.gateway.users import main as users
+
+        sys.exit(users(sys.argv[2:]))
     import uvicorn
 
     from services.gateway.app import create_app

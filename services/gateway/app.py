@@ -21,6 +21,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.container import build_services
 from services.gateway.errors import ApiError, http_error_code
 from services.gateway.guard import RequestGuard
+from services.gateway.review import router as review
 from services.gateway.routers import analyses, health, reports, slides
 from services.gateway.worker import Worker
 
@@ -154,4 +155,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(analyses.router)
     app.include_router(reports.router)
     app.include_router(slides.router)
+    review.mount(app, services)
     return app

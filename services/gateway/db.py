@@ -235,6 +235,53 @@ class Idempotency(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class Reviewer(Base):
+    """A person who reviews and signs out cases in the review app (`/review`): distinct from
+    the LIS's API keys. Local accounts carry an argon2id hash; OIDC accounts none."""
+
+    __tablename__ = "reviewers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    display_name: Mapped[str] = mapped_column(String(256))
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
+    roles: Mapped[str] = mapped_column(String(128), default="review")
+    password_hash: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    disabled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ReviewSession(Base):
+    """A server-side login session: the cookie holds a random token, the table its SHA-256,
+    so a leaked database row cannot be replayed as a cookie."""
+
+    __tablename__ = "review_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reviewer_id: Mapped[str] = mapped_column(ForeignKey("reviewers.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class CaseReview(Base):
+    """The reviewer's state of one analysis: corrected cell labels, sign-out and amendments.
+    `revision` grows with every change; a change sent against an older revision is refused
+    (optimistic locking: two reviewers never overwrite each other's edits)."""
+
+    __tablename__ = "case_reviews"
+
+    analysis_id: Mapped[str] = mapped_column(ForeignKey("analyses.id"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="in_review")
+    labels_json: Mapped[str] = mapped_column(Text, default="{}")
+    signed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    signed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    amendments: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 def make_engine(url: str) -> Engine:
     """Engine for `url`. SQLite: WAL, a busy timeout and `BEGIN IMMEDIATE` transactions, so
     writers serialise instead of failing with "database is locked" on lock upgrades."""

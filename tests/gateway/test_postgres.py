@@ -85,4 +85,4 @@ def test_two_workers_kill_one(tmp_path, spawn, port_factory, pg_database):
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     eng.dispose()
     assert max(attempts) == 2 and min(attempts) == 1  # exactly the killed one was retaken
-    assert version == head_revision() == "0005"
+    assert version == head_revision() == "0006"

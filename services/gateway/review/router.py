@@ -1,0 +1,473 @@
+"""The review app's pages under `/review`: login, the worklist, a case with its cell gallery,
+and the reviewer's actions (relabel cells, sign out, reopen).
+
+Server-rendered (Jinja2 templates beside this module, one small stylesheet and script in
+`static/`, no build step). Authentication is a server-side session cookie
+(`accounts.open_session`): HttpOnly, SameSite=Strict, Secure unless the deployment turns
+it off for plain-HTTP development, expiring with the session. Every POST carries the
+session's CSRF token; a POST with an `Origin` header from another origin is refused too.
+No patient data goes into a URL: cases are addressed by the analysis id only, and the
+accession is shown on the page, never put in a query string by the app.
+"""
+
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import func, select
+
+from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
+from services.gateway import store
+from services.gateway.container import Services
+from services.gateway.db import Analysis, CaseReview, Reviewer
+from services.gateway.errors import ApiError
+from services.gateway.review import accounts, cases
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+COOKIE = "ms_review"
+PAGE_SIZE = 25
+SORTS = {
+    "newest": Analysis.created_at.desc(),
+    "oldest": Analysis.created_at.asc(),
+    "accession": Analysis.accession.asc(),
+}
+TYPE_COLOURS = {
+    "BLA": "#d62728",
+    "PMO": "#ff7f0e",
+    "MYB": "#bcbd22",
+    "MMZ": "#8c564b",
+    "NGB": "#e377c2",
+    "NGS": "#9467bd",
+    "EOS": "#f7b6d2",
+    "BAS": "#17becf",
+    "MON": "#2ca02c",
+    "LYT": "#1f77b4",
+    "PLM": "#aec7e8",
+    "EBO": "#98df8a",
+    "RBC": "#c7c7c7",
+    "KSC": "#7f7f7f",
+    "PLT": "#dbdb8d",
+    "ART": "#525252",
+    "NIF": "#9edae5",
+}
+"""One colour per taxonomy code, shared by the gallery, the legend and the field overlays."""
+
+
+class ReviewSettings(BaseSettings):
+    """The review app's settings; each field reads `MS_GATEWAY_REVIEW_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="MS_GATEWAY_REVIEW_", extra="ignore")
+
+    enabled: bool = True
+    """Serve the review app at /review."""
+    session_ttl_s: float = 8 * 3600.0
+    """A login lasts this long (a working day), then the reviewer logs in again."""
+    cookie_secure: bool = True
+    """Send the session cookie over HTTPS only; false only for plain-HTTP development."""
+    login_failures: int = 5
+    """Failed logins allowed per username and, separately, per address within the window."""
+    login_window_s: float = 300.0
+
+
+def _page_context(request: Request, **values: Any) -> dict[str, Any]:
+    return {"request": request, "colours": TYPE_COLOURS, **values}
+
+
+class _LoginRequired(Exception):
+    pass
+
+
+def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    throttle = accounts.LoginThrottle(settings.login_failures, settings.login_window_s)
+    router = APIRouter(prefix="/review", include_in_schema=False)
+
+    def current(request: Request) -> accounts.ActiveSession:
+        with services.sessions() as session:
+            active = accounts.resolve_session(session, request.cookies.get(COOKIE))
+        if active is None:
+            raise ApiError(401, "unauthenticated", "log in at /review/login")
+        return active
+
+    Active = Annotated[accounts.ActiveSession, Depends(current)]
+
+    def page_session(request: Request) -> accounts.ActiveSession | None:
+        with services.sessions() as session:
+            return accounts.resolve_session(session, request.cookies.get(COOKIE))
+
+    MaybeActive = Annotated[accounts.ActiveSession | None, Depends(page_session)]
+    to_login = RedirectResponse("/review/login", status_code=303)
+
+    def same_origin(request: Request) -> None:
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+            raise ApiError(403, "forbidden", "cross-origin form posts are refused")
+
+    def checked(active: accounts.ActiveSession, request: Request, token: str | None) -> None:
+        same_origin(request)
+        if not accounts.csrf_ok(active.csrf_token, token):
+            raise ApiError(403, "csrf_failed", "the form's CSRF token is missing or wrong")
+
+    def render(name: str, request: Request, status: int = 200, **values: Any) -> HTMLResponse:
+        response = templates.TemplateResponse(
+            request, name, _page_context(request, **values), status_code=status
+        )
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"
+        )
+        return response
+
+    @router.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request) -> Response:
+        return render("login.html", request, error=None)
+
+    @router.post("/login", response_class=HTMLResponse)
+    def login(
+        request: Request,
+        username: Annotated[str, Form(max_length=128)],
+        password: Annotated[str, Form(max_length=1024)],
+    ) -> Response:
+        same_origin(request)
+        address = request.client.host if request.client else "unknown"
+        wait = throttle.wait_s(username=username, address=address)
+        if wait > 0:
+            response = render(
+                "login.html",
+                request,
+                status=429,
+                error=f"too many failed logins: try again in {int(wait) + 1} s",
+            )
+            response.headers["Retry-After"] = str(int(wait) + 1)
+            return response
+        with services.sessions() as session, session.begin():
+            who = accounts.authenticate(session, username=username, password=password)
+            if who is None:
+                throttle.failed(username=username, address=address)
+                log.info("review login failed")  # no username: it may be a mistyped password
+                return render("login.html", request, status=401, error="wrong username or password")
+            opened = accounts.open_session(
+                session, reviewer_id=who.id, ttl_s=settings.session_ttl_s
+            )
+            store.audit(
+                session,
+                key_id=None,
+                key_name=f"reviewer:{who.username}",
+                tenant=who.tenant,
+                action="review.login",
+            )
+        response = RedirectResponse("/review/", status_code=303)
+        response.set_cookie(
+            COOKIE,
+            opened.token,
+            max_age=int(settings.session_ttl_s),
+            httponly=True,
+            secure=settings.cookie_secure,
+            samesite="strict",
+            path="/review",
+        )
+        return response
+
+    @router.post("/logout")
+    def logout(
+        request: Request, active: Active, csrf: Annotated[str | None, Form()] = None
+    ) -> Response:
+        checked(active, request, csrf)
+        with services.sessions() as session, session.begin():
+            accounts.close_session(session, active.token_hash)
+        response = RedirectResponse("/review/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/review")
+        return response
+
+    @router.get("/", response_class=HTMLResponse)
+    def worklist(
+        request: Request,
+        active: MaybeActive,
+        status: str = "",
+        review: str = "",
+        sort: str = "newest",
+        page: int = 1,
+    ) -> Response:
+        if active is None:
+            return to_login
+        who = active.reviewer
+        page = max(1, page)
+        with services.sessions() as session:
+            q = select(Analysis, CaseReview).outerjoin(
+                CaseReview, CaseReview.analysis_id == Analysis.id
+            )
+            if who.visible_tenant is not None:
+                q = q.where(Analysis.tenant == who.visible_tenant)
+            if status:
+                q = q.where(Analysis.status == status)
+            if review == "signed_out":
+                q = q.where(CaseReview.state == "signed_out")
+            elif review == "open":
+                q = q.where((CaseReview.state.is_(None)) | (CaseReview.state != "signed_out"))
+            total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+            rows = session.execute(
+                q.order_by(SORTS.get(sort, SORTS["newest"]), Analysis.id)
+                .limit(PAGE_SIZE)
+                .offset((page - 1) * PAGE_SIZE)
+            ).all()
+            items = [_row(session, a, r) for a, r in rows]
+        return render(
+            "worklist.html",
+            request,
+            who=who,
+            csrf=active.csrf_token,
+            items=items,
+            total=total,
+            page=page,
+            pages=max(1, -(-total // PAGE_SIZE)),
+            filters={"status": status, "review": review, "sort": sort},
+        )
+
+    def load_case(active: accounts.ActiveSession, analysis_id: str) -> tuple[Analysis, dict]:
+        with services.sessions() as session:
+            a = store.get_analysis(
+                session, analysis_id=analysis_id, tenant=active.reviewer.visible_tenant
+            )
+            if a is None:
+                raise ApiError(404, "not_found", f"no analysis {analysis_id}")
+            result = store.result_of(session, analysis_id=a.id)
+        if result is None or a.status not in cases.REVIEWABLE_STATUSES:
+            raise ApiError(409, "not_reviewable", f"analysis {a.id} is {a.status}: no result yet")
+        return a, result
+
+    def case_page(
+        request: Request,
+        active: accounts.ActiveSession,
+        analysis_id: str,
+        *,
+        error: str = "",
+        status: int = 200,
+        sort: str = "confidence",
+    ) -> HTMLResponse:
+        a, result = load_case(active, analysis_id)
+        with services.sessions() as session:
+            review = cases.review_of(session, a.id)
+            signer = session.get(Reviewer, review.signed_by) if review.signed_by else None
+        labels = cases.labels_of(review)
+        cells = cases.cells_of(result, labels)
+        key = (
+            (lambda c: -(c.attention or c.importance or 0.0))
+            if sort == "importance"
+            else (lambda c: c.confidence if c.confidence is not None else 2.0)
+        )
+        groups: dict[str, list[cases.CellView]] = {}
+        for cell in sorted(cells, key=key):
+            groups.setdefault(cell.code or "unclassified", []).append(cell)
+        order = [c.code for c in CELL_TYPES] + ["unclassified"]
+        model_diff = cases.differential_of(cells, reviewed=False)
+        reviewed_diff = cases.differential_of(cells, reviewed=True)
+        return render(
+            "case.html",
+            request,
+            status=status,
+            who=active.reviewer,
+            csrf=active.csrf_token,
+            analysis=a,
+            result=result,
+            review=review,
+            signer=signer.display_name if signer else None,
+            groups=[(code, groups[code]) for code in order if code in groups],
+            counted_codes=COUNTED_CODES,
+            cell_types=CELL_TYPES,
+            model_diff=model_diff,
+            reviewed_diff=reviewed_diff,
+            n_corrected=len(labels),
+            error=error,
+            sort=sort,
+        )
+
+    @router.get("/cases/{analysis_id}", response_class=HTMLResponse)
+    def case_view(
+        request: Request, active: MaybeActive, analysis_id: str, sort: str = "confidence"
+    ) -> Response:
+        if active is None:
+            return to_login
+        return case_page(request, active, analysis_id, sort=sort)
+
+    @router.get("/cases/{analysis_id}/images/{index}")
+    def field_image(active: Active, analysis_id: str, index: int) -> Response:
+        a, _ = load_case(active, analysis_id)
+        with services.sessions() as session:
+            image = next(
+                (im for im in store.images_of(session, analysis_id=a.id) if im.idx == index), None
+            )
+        if image is None:
+            raise ApiError(404, "not_found", f"no image {index} in analysis {a.id}")
+        data = services.blobs.get(image.sha256)
+        media = {"png": "image/png", "jpeg": "image/jpeg"}.get(image.format.lower())
+        if media is None:  # TIFF and the rest: browsers show PNG
+            from PIL import Image as PILImage
+
+            with PILImage.open(io.BytesIO(data)) as im:
+                out = io.BytesIO()
+                im.convert("RGB").save(out, format="PNG")
+            data, media = out.getvalue(), "image/png"
+        return Response(data, media_type=media, headers={"Cache-Control": "private, no-store"})
+
+    @router.get("/cases/{analysis_id}/cells/{cell_id}.png")
+    def cell_crop(active: Active, analysis_id: str, cell_id: str) -> Response:
+        from PIL import Image as PILImage
+
+        a, result = load_case(active, analysis_id)
+        cell = next((c for c in cases.cells_of(result, {}) if c.id == cell_id), None)
+        if cell is None:
+            raise ApiError(404, "not_found", f"no cell {cell_id} in analysis {a.id}")
+        with services.sessions() as session:
+            images = {im.idx: im.sha256 for im in store.images_of(session, analysis_id=a.id)}
+        data = services.blobs.get(images[cell.image])
+        with PILImage.open(io.BytesIO(data)) as im:
+            x1, y1, x2, y2 = cell.box
+            pad = 0.15 * max(x2 - x1, y2 - y1)
+            box = (
+                max(0, int(x1 - pad)),
+                max(0, int(y1 - pad)),
+                min(im.width, int(x2 + pad) + 1),
+                min(im.height, int(y2 + pad) + 1),
+            )
+            crop = im.convert("RGB").crop(box)
+            crop.thumbnail((128, 128))
+            out = io.BytesIO()
+            crop.save(out, format="PNG")
+        return Response(
+            out.getvalue(), media_type="image/png", headers={"Cache-Control": "private, no-store"}
+        )
+
+    def act(
+        request: Request,
+        active: accounts.ActiveSession,
+        analysis_id: str,
+        change: Any,
+    ) -> Response:
+        try:
+            with services.sessions() as session, session.begin():
+                change(session)
+        except cases.StaleRevision as exc:
+            return case_page(request, active, analysis_id, error=str(exc), status=409)
+        except cases.ReviewError as exc:
+            return case_page(request, active, analysis_id, error=str(exc), status=400)
+        return RedirectResponse(f"/review/cases/{analysis_id}", status_code=303)
+
+    @router.post("/cases/{analysis_id}/relabel")
+    def relabel(
+        request: Request,
+        active: Active,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        code: Annotated[str, Form(max_length=8)],
+        cells_: Annotated[list[str], Form(alias="cell")] = [],  # noqa: B006 (FastAPI form)
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        checked(active, request, csrf)
+        _, result = load_case(active, analysis_id)
+        return act(
+            request,
+            active,
+            analysis_id,
+            lambda s: cases.relabel(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                cell_ids=cells_,
+                code=code,
+                who=active.reviewer,
+            ),
+        )
+
+    @router.post("/cases/{analysis_id}/sign-out")
+    def sign_out(
+        request: Request,
+        active: Active,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        comment: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        checked(active, request, csrf)
+        load_case(active, analysis_id)
+        return act(
+            request,
+            active,
+            analysis_id,
+            lambda s: cases.sign_out(
+                s, analysis_id=analysis_id, revision=revision, comment=comment, who=active.reviewer
+            ),
+        )
+
+    @router.post("/cases/{analysis_id}/reopen")
+    def reopen(
+        request: Request,
+        active: Active,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        reason: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        checked(active, request, csrf)
+        load_case(active, analysis_id)
+        return act(
+            request,
+            active,
+            analysis_id,
+            lambda s: cases.reopen(
+                s, analysis_id=analysis_id, revision=revision, reason=reason, who=active.reviewer
+            ),
+        )
+
+    return router
+
+
+def _row(session: Any, a: Analysis, review: CaseReview | None) -> dict[str, Any]:
+    result = store.result_of(session, analysis_id=a.id) or {}
+    meta = json.loads(a.metadata_json or "{}")
+    flags = []
+    if a.status == "abstained" and a.reason:
+        flags.append(a.reason)
+    aml = result.get("aml") or {}
+    if aml.get("status") == "abstained":
+        flags.append(f"P(AML) withheld: {aml.get('reason')}")
+    genetic = {}
+    for target in ("npm1", "apl"):
+        call = result.get(f"{target}_morphology") or {}
+        if call:
+            genetic[target.upper()] = (
+                f"{call['p']:.2f}" if call.get("p") is not None else call.get("status", "")
+            )
+    return {
+        "id": a.id,
+        "accession": a.accession,
+        "status": a.status,
+        "input": meta.get("input") or result.get("input") or "fields",
+        "p_aml": result.get("p_aml"),
+        "genetic": genetic,
+        "flags": flags,
+        "review": review.state if review else "in_review",
+        "amendments": review.amendments if review else 0,
+        "created": a.created_at,
+    }
+
+
+def mount(app: Any, services: Services, settings: ReviewSettings | None = None) -> None:
+    """Add the review app (its pages, and its static files at /review/static) to `app`."""
+    settings = settings or ReviewSettings()
+    if not settings.enabled:
+        return
+    app.mount("/review/static", StaticFiles(directory=str(HERE / "static")), name="review-static")
+    app.include_router(build_router(services, settings))

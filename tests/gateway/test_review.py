@@ -1,0 +1,279 @@
+"""The review app over real HTTP: a real gateway process (FakeModelClients for the models),
+reviewer accounts made with the real CLI, logins, the worklist, a case's gallery and crops,
+relabelling with CSRF and optimistic locking, sign-out and reopening, tenant isolation,
+throttling and session expiry. Every refused change is checked to have changed nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from marrowscope.paths import PROJECT_ROOT
+from services.gateway.review.accounts import LoginThrottle
+from tests.conftest import free_port
+from tests.gateway.conftest import create_key_cli, files, meta, png, settings_env, wait_status
+
+PASSWORD = "correct horse battery"
+
+
+def users_cli(env: dict[str, str], *argv: str, password: str | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "services.gateway", "users", *argv],
+        env={**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)},
+        cwd=PROJECT_ROOT,
+        input=(password + "\n") if password is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from tests.gateway.conftest import GatewayProcess
+
+    root = tmp_path_factory.mktemp("review")
+    env = settings_env(
+        root / "gw",
+        MS_TEST_FAKE_CELLS="12",
+        MS_GATEWAY_MIN_CELLS="5",
+        MS_GATEWAY_REVIEW_COOKIE_SECURE="false",
+        MS_GATEWAY_REVIEW_SESSION_TTL_S="600",
+    )
+    for name, tenant in (("dr.meyer", "default"), ("dr.other", "site-b")):
+        out = users_cli(
+            env,
+            "add",
+            "--username",
+            name,
+            "--name",
+            name.title(),
+            "--tenant",
+            tenant,
+            "--password-stdin",
+            password=PASSWORD,
+        )
+        assert out.returncode == 0, out.stderr
+    proc = GatewayProcess(env, free_port(), log=root / "gateway.log")
+    try:
+        proc.wait_healthy()
+        key = {"X-API-Key": create_key_cli(env)}
+        with httpx.Client(base_url=proc.url, timeout=60) as lis:
+            r = lis.post(
+                "/v1/analyses",
+                files=files(png(160, 120, 1), png(160, 120, 2), metadata=meta(accession_id="R-1")),
+                headers=key,
+            )
+            assert r.status_code == 202, r.text
+            body = wait_status(lis.get, r.json()["id"], key)
+            assert body["status"] == "succeeded", body
+        yield proc, env, body
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def login(url: str, username: str = "dr.meyer", password: str = PASSWORD) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/review/login", data={"username": username, "password": password})
+        assert r.status_code == 303, r.text
+        yield client
+
+
+def csrf_and_revision(page: str) -> tuple[str, int]:
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    revision = re.search(r'name="revision" value="(\d+)"', page)
+    assert csrf and revision, page[:500]
+    return csrf.group(1), int(revision.group(1))
+
+
+def reviewed_count(page: str, code: str) -> int:
+    row = re.search(rf"</span>{code}</th>\s*<td>(\d+) [^<]*</td>\s*<td[^>]*>(\d+) ", page)
+    return int(row.group(2)) if row else 0
+
+
+def test_users_cli_refuses_weak_passwords_and_never_lists_hashes(app) -> None:
+    _, env, _ = app
+    weak = users_cli(env, "add", "--username", "dr.weak", "--password-stdin", password="short")
+    assert weak.returncode == 2 and "12 characters" in weak.stderr
+    taken = users_cli(env, "add", "--username", "dr.meyer", "--password-stdin", password=PASSWORD)
+    assert taken.returncode == 2 and "exists already" in taken.stderr
+    listed = users_cli(env, "list")
+    assert listed.returncode == 0 and "dr.meyer" in listed.stdout and "dr.weak" not in listed.stdout
+    assert "$argon2" not in listed.stdout
+
+
+def test_login_sets_a_strict_http_only_session_cookie(app) -> None:
+    proc, _, _ = app
+    with httpx.Client(base_url=proc.url, timeout=60) as anon:
+        assert anon.get("/review/").headers["location"] == "/review/login"
+        wrong = anon.post("/review/login", data={"username": "dr.meyer", "password": "nope" * 4})
+        assert wrong.status_code == 401 and "wrong username or password" in wrong.text
+        ok = anon.post("/review/login", data={"username": "dr.meyer", "password": PASSWORD})
+    assert ok.status_code == 303
+    cookie = ok.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/review" in cookie
+
+
+def test_worklist_shows_the_tenant_s_cases_only(app) -> None:
+    proc, _, body = app
+    with login(proc.url) as me:
+        page = me.get("/review/").text
+        assert "R-1" in page and f"/review/cases/{body['id']}" in page
+    with login(proc.url, "dr.other") as other:
+        assert "R-1" not in other.get("/review/").text
+        assert other.get(f"/review/cases/{body['id']}").status_code == 404
+
+
+def test_case_view_groups_cells_and_serves_their_crops(app) -> None:
+    proc, _, body = app
+    with login(proc.url) as me:
+        page = me.get(f"/review/cases/{body['id']}").text
+        ids = re.findall(r'name="cell" value="([\d.]+)"', page)
+        n_cells = sum(len(im["cells"]) for im in body["result"]["images"])
+        assert len(ids) == n_cells > 0
+        assert "<svg viewBox" in page and "<title>" in page  # boxes with hover text
+        crop = me.get(f"/review/cases/{body['id']}/cells/{ids[0]}.png")
+        assert crop.status_code == 200
+        assert Image.open(io.BytesIO(crop.content)).size[0] > 4
+        assert me.get(f"/review/cases/{body['id']}/cells/99.99.png").status_code == 404
+
+
+def test_relabel_needs_csrf_and_the_current_revision_and_is_audited(app) -> None:
+    proc, env, body = app
+    case = f"/review/cases/{body['id']}"
+    with login(proc.url) as me:
+        page = me.get(case).text
+        csrf, revision = csrf_and_revision(page)
+        cells = re.findall(r'name="cell" value="([\d.]+)"', page)[:2]
+        before = reviewed_count(page, "EBO")
+        form = {"revision": str(revision), "code": "EBO", "cell": cells}
+        assert me.post(f"{case}/relabel", data=form).status_code == 403  # no CSRF token
+        assert me.post(f"{case}/relabel", data={**form, "csrf": "forged"}).status_code == 403
+        hostile = me.post(
+            f"{case}/relabel", data={**form, "csrf": csrf}, headers={"Origin": "https://evil.test"}
+        )
+        assert hostile.status_code == 403
+        assert reviewed_count(me.get(case).text, "EBO") == before, "a refused post changed labels"
+        bad = me.post(f"{case}/relabel", data={**form, "csrf": csrf, "code": "XYZ"})
+        assert bad.status_code == 400 and "unknown cell type" in bad.text
+        missing = me.post(f"{case}/relabel", data={**form, "csrf": csrf, "cell": ["42.0"]})
+        assert missing.status_code == 400 and "no cell 42.0" in missing.text
+        done = me.post(f"{case}/relabel", data={**form, "csrf": csrf})
+        assert done.status_code == 303
+        page = me.get(case).text
+        assert reviewed_count(page, "EBO") == before + len(cells) - _already(body, cells, "EBO")
+        stale = me.post(f"{case}/relabel", data={**form, "csrf": csrf, "code": "LYT"})
+        assert stale.status_code == 409 and "another reviewer" in stale.text
+        assert csrf_and_revision(me.get(case).text)[1] == revision + 1
+    audit = sqlite_rows(env, "select key_name, action, detail from audit_log")
+    relabels = [r for r in audit if r[1] == "review.relabel"]
+    assert relabels and relabels[-1][0] == "reviewer:dr.meyer"
+    assert f"{cells[0]}: " in relabels[-1][2] and "-> EBO" in relabels[-1][2]
+
+
+def _already(body: dict, cell_ids: list[str], code: str) -> int:
+    n = 0
+    for cid in cell_ids:
+        i, j = (int(x) for x in cid.split("."))
+        image = next(im for im in body["result"]["images"] if im["index"] == i)
+        n += image["cells"][j].get("cell_type") == code
+    return n
+
+
+def sqlite_rows(env: dict[str, str], sql: str) -> list[tuple]:
+    import sqlite3
+    from pathlib import Path
+
+    db = Path(env["MS_GATEWAY_DATA_DIR"]) / "gateway.db"
+    with sqlite3.connect(db) as conn:
+        return list(conn.execute(sql))
+
+
+def test_sign_out_freezes_the_case_until_reopened_with_a_reason(app) -> None:
+    proc, _, body = app
+    case = f"/review/cases/{body['id']}"
+    with login(proc.url) as me:
+        csrf, revision = csrf_and_revision(me.get(case).text)
+        signed = me.post(
+            f"{case}/sign-out", data={"csrf": csrf, "revision": revision, "comment": "agree"}
+        )
+        assert signed.status_code == 303
+        page = me.get(case).text
+        assert "signed out" in page and "Dr.Meyer" in page and "agree" in page
+        cells = re.findall(r'name="cell" value="([\d.]+)"', page)[:1]
+        _, revision = csrf_and_revision(page)
+        frozen = me.post(
+            f"{case}/relabel",
+            data={"csrf": csrf, "revision": revision, "code": "BLA", "cell": cells},
+        )
+        assert frozen.status_code == 400 and "reopen" in frozen.text
+        no_reason = me.post(f"{case}/reopen", data={"csrf": csrf, "revision": revision})
+        assert no_reason.status_code == 400 and "needs a reason" in no_reason.text
+        reopened = me.post(
+            f"{case}/reopen", data={"csrf": csrf, "revision": revision, "reason": "recount"}
+        )
+        assert reopened.status_code == 303
+        assert "amendment 1" in me.get(case).text
+        with login(proc.url) as other_tab:  # a second session of the same reviewer works too
+            assert other_tab.get(case).status_code == 200
+
+
+def test_logout_ends_the_session_server_side(app) -> None:
+    proc, _, _ = app
+    with login(proc.url) as me:
+        token = me.cookies.get("ms_review")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', me.get("/review/").text)
+        assert csrf is not None
+        assert me.post("/review/logout", data={"csrf": csrf.group(1)}).status_code == 303
+    with httpx.Client(base_url=proc.url, cookies={"ms_review": token}, timeout=60) as replay:
+        assert replay.get("/review/").status_code == 303, "a logged-out token still works"
+
+
+def test_failed_logins_are_throttled_per_username_and_per_address() -> None:
+    throttle = LoginThrottle(limit=3, window_s=60)
+    for _ in range(3):
+        throttle.failed(username="a", address="10.0.0.1")
+    assert throttle.wait_s(username="a", address="10.0.0.9") > 0  # the account, anywhere
+    assert throttle.wait_s(username="b", address="10.0.0.1") > 0  # the address, any account
+    assert throttle.wait_s(username="b", address="10.0.0.9") == 0  # nobody else
+
+
+def test_a_throttled_login_is_refused_even_with_the_right_password(tmp_path) -> None:
+    from tests.gateway.conftest import GatewayProcess
+
+    env = settings_env(
+        tmp_path / "gw",
+        MS_GATEWAY_REVIEW_COOKIE_SECURE="false",
+        MS_GATEWAY_REVIEW_LOGIN_FAILURES="2",
+        MS_GATEWAY_REVIEW_SESSION_TTL_S="1",
+    )
+    added = users_cli(env, "add", "--username", "dr.t", "--password-stdin", password=PASSWORD)
+    assert added.returncode == 0, added.stderr
+    proc = GatewayProcess(env, free_port())
+    try:
+        proc.wait_healthy()
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            # the session lives 1 s: it ends on its own (checked server-side)
+            me = c.post("/review/login", data={"username": "dr.t", "password": PASSWORD})
+            assert me.status_code == 303
+            deadline = time.monotonic() + 60
+            while c.get("/review/").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.get("/review/").headers.get("location") == "/review/login"
+            for _ in range(2):
+                c.post("/review/login", data={"username": "dr.t", "password": "wrong" * 3})
+            r = c.post("/review/login", data={"username": "dr.t", "password": PASSWORD})
+            assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    finally:
+        proc.stop()
