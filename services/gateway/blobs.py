@@ -10,6 +10,10 @@ reference and that nobody has written (or re-written: `put` refreshes the mtime 
 finds) within a grace period longer than any request:
 
     python -m services.gateway.blobs sweep [--grace-s 86400] [--dry-run]
+
+The same sweep deletes uploaded slides (`PUT /v1/slide-uploads`) unused for
+`MS_GATEWAY_SLIDE_UPLOAD_TTL_S`, except those an analysis has not cut into tiles yet
+(`sweep_uploads`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,17 @@ def sweep_unreferenced(sessions, blobs: BlobStore, *, grace_s: float, dry_run: b
     return blobs.sweep(referenced, grace_s=grace_s, dry_run=dry_run)
 
 
+def sweep_uploads(sessions, root: Path, *, ttl_s: float, dry_run: bool = False) -> list[Path]:
+    """Delete the uploaded slides under `root` unused for `ttl_s`, except those a queued or
+    running analysis has not cut yet (read before the files are listed, as above)."""
+    from services.gateway.slidestore import expire_uploads, upload_paths
+    from services.gateway.store import uploads_in_use
+
+    with sessions() as session:
+        in_use = upload_paths(root, uploads_in_use(session))
+    return expire_uploads(root, ttl_s=ttl_s, in_use=in_use, dry_run=dry_run)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m services.gateway.blobs",
@@ -138,17 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings()
     engine = make_engine(settings.database_url)
     upgrade_head(engine)
+    sessions = make_sessionmaker(engine)
     removed = sweep_unreferenced(
-        make_sessionmaker(engine),
-        BlobStore(settings.image_root),
-        grace_s=args.grace_s,
-        dry_run=args.dry_run,
+        sessions, BlobStore(settings.image_root), grace_s=args.grace_s, dry_run=args.dry_run
+    )
+    uploads = sweep_uploads(
+        sessions, settings.slide_cache_dir, ttl_s=settings.slide_upload_ttl_s, dry_run=args.dry_run
     )
     engine.dispose()
     for sha in removed:
         print(sha)
+    for path in uploads:
+        print(f"upload {path.parent.name}/{path.name}")
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} unreferenced blobs", file=sys.stderr)
+    print(
+        f"{verb} {len(removed)} unreferenced blobs and {len(uploads)} expired slide uploads",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -22,6 +22,7 @@ import os
 import posixpath
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,24 +149,38 @@ class SlideStore:
         return dest
 
 
+def _quota_error(quota_left: int) -> SlideStoreError:
+    return SlideStoreError(
+        413,
+        "upload_quota_exceeded",
+        f"this tenant's uploaded slides leave {max(0, quota_left)} bytes of its quota "
+        "(MS_GATEWAY_SLIDE_UPLOAD_QUOTA_BYTES); uploads expire "
+        "MS_GATEWAY_SLIDE_UPLOAD_TTL_S after their last use",
+    )
+
+
 async def save_upload(
     chunks: AsyncIterator[bytes],
     dest_dir: Path,
     *,
     max_bytes: int,
+    quota_left: int | None = None,
     declared_length: int | None = None,
     suffix: str = "",
 ) -> tuple[Path, int, str]:
     """Stream an uploaded slide to `dest_dir` without holding it in memory.
 
     Refused with 413 `slide_too_large` when the declared Content-Length or the bytes actually
-    received exceed `max_bytes` (the partial file is removed). Returns (path, size, sha256);
-    the file is named by its content hash, so a retried upload of the same slide is one file.
+    received exceed `max_bytes`, and with 413 `upload_quota_exceeded` when they exceed
+    `quota_left` (the partial file is removed). Returns (path, size, sha256); the file is
+    named by its content hash, so a retried upload of the same slide is one file.
     """
     if declared_length is not None and declared_length > max_bytes:
         raise SlideStoreError(
             413, "slide_too_large", f"declared {declared_length} bytes above {max_bytes}"
         )
+    if quota_left is not None and declared_length is not None and declared_length > quota_left:
+        raise _quota_error(quota_left)
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
     digest = hashlib.sha256()
@@ -176,6 +191,8 @@ async def save_upload(
                 size += len(chunk)
                 if size > max_bytes:
                     raise SlideStoreError(413, "slide_too_large", f"upload above {max_bytes} bytes")
+                if quota_left is not None and size > quota_left:
+                    raise _quota_error(quota_left)
                 digest.update(chunk)
                 out.write(chunk)
         final = dest_dir / f"{digest.hexdigest()}{suffix.lower()}"
@@ -213,8 +230,12 @@ def source_path(store: SlideStore, source: Mapping[str, str], *, tenant: str) ->
         if not UPLOAD_ID.match(upload):
             raise SlideStoreError(400, "bad_upload_id", "upload id is not one this gateway issued")
         path = upload_dir(store.cache_dir, tenant) / upload
-        if not path.is_file():
-            raise SlideStoreError(404, "upload_not_found", f"no uploaded slide {upload!r}")
+        try:
+            os.utime(path)  # named again: its expiry starts over (`expire_uploads`)
+        except FileNotFoundError:
+            raise SlideStoreError(
+                404, "upload_not_found", f"no uploaded slide {upload!r} (expired uploads are gone)"
+            ) from None
         return path
     return store.fetch(SlideRef(source["store"], source["path"]))
 
@@ -222,3 +243,54 @@ def source_path(store: SlideStore, source: Mapping[str, str], *, tenant: str) ->
 def is_local(store: SlideStore, source: Mapping[str, str]) -> bool:
     """Whether the source can be opened without copying (uploads and local roots)."""
     return "upload" in source or store._local_root(store._root(source["store"])) is not None
+
+
+def upload_bytes(tenant_dir: Path) -> int:
+    """Bytes one tenant's uploads hold, uploads in progress (`.part`) included."""
+    total = 0
+    for path in tenant_dir.glob("*") if tenant_dir.is_dir() else ():
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # expired or finished meanwhile
+            continue
+    return total
+
+
+def expire_uploads(
+    root: Path,
+    *,
+    ttl_s: float,
+    in_use: set[Path],
+    tenant_dir: Path | None = None,
+    dry_run: bool = False,
+) -> list[Path]:
+    """Delete the uploads (under `root`'s upload area, or only `tenant_dir`) whose mtime,
+    set at upload and by every submission naming them (`source_path`), is older than
+    `ttl_s`, except those `in_use` (an analysis has not cut them yet); partial `.part` files
+    of uploads that stopped as well. Returns the removed paths.
+
+    Race-free with a submission for the same reason as the blob sweep: callers read
+    `in_use` before listing, and a submission touches the file before it commits."""
+    cutoff = time.time() - ttl_s
+    dirs = [tenant_dir] if tenant_dir is not None else list((root / "uploads").glob("*"))
+    removed = []
+    for d in dirs:
+        for path in d.glob("*") if d.is_dir() else ():
+            if path in in_use:
+                continue
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                if not dry_run:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    for path in removed:
+        log.info("expired slide upload %s/%s", path.parent.name, path.name)
+    return removed
+
+
+def upload_paths(root: Path, uploads: set[tuple[str, str]]) -> set[Path]:
+    """The files of (tenant, upload id) pairs (`store.uploads_in_use`)."""
+    return {upload_dir(root, tenant) / upload for tenant, upload in uploads}

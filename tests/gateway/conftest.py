@@ -191,7 +191,9 @@ def spawn():
         p.stop()
 
 
-def create_key_cli(env: dict[str, str], scopes: str = "submit,read,admin") -> str:
+def create_key_cli(
+    env: dict[str, str], scopes: str = "submit,read,admin", tenant: str | None = None
+) -> str:
     out = subprocess.run(
         [
             sys.executable,
@@ -202,6 +204,7 @@ def create_key_cli(env: dict[str, str], scopes: str = "submit,read,admin") -> st
             "lis",
             "--scopes",
             scopes,
+            *(["--tenant", tenant] if tenant else []),
         ],
         env={**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)},
         cwd=PROJECT_ROOT,
