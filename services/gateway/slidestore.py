@@ -22,7 +22,6 @@ import os
 import posixpath
 import re
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,41 +253,6 @@ def upload_bytes(tenant_dir: Path) -> int:
         except FileNotFoundError:  # expired or finished meanwhile
             continue
     return total
-
-
-def expire_uploads(
-    root: Path,
-    *,
-    ttl_s: float,
-    in_use: set[Path],
-    tenant_dir: Path | None = None,
-    dry_run: bool = False,
-) -> list[Path]:
-    """Delete the uploads (under `root`'s upload area, or only `tenant_dir`) whose mtime,
-    set at upload and by every submission naming them (`source_path`), is older than
-    `ttl_s`, except those `in_use` (an analysis has not cut them yet); partial `.part` files
-    of uploads that stopped as well. Returns the removed paths.
-
-    Race-free with a submission for the same reason as the blob sweep: callers read
-    `in_use` before listing, and a submission touches the file before it commits."""
-    cutoff = time.time() - ttl_s
-    dirs = [tenant_dir] if tenant_dir is not None else list((root / "uploads").glob("*"))
-    removed = []
-    for d in dirs:
-        for path in d.glob("*") if d.is_dir() else ():
-            if path in in_use:
-                continue
-            try:
-                if path.stat().st_mtime >= cutoff:
-                    continue
-                if not dry_run:
-                    path.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-    for path in removed:
-        log.info("expired slide upload %s/%s", path.parent.name, path.name)
-    return removed
 
 
 def upload_paths(root: Path, uploads: set[tuple[str, str]]) -> set[Path]:

@@ -12,10 +12,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from marrowscope.roi import grid_sample
+from services.gateway.config import GatewaySettings
 from tests.gateway.conftest import create_key_cli, files, meta, png, settings_env, wait_status
 from tests.slides.bombs import write_bomb
 
-CHECKS_OFF = {"slide_min_bytes_per_pixel": "0", "slide_max_shared_tiles": "1"}
+# switched off to play a bomb that gets past them; polled often, so no rate limit either
+CHECKS_OFF = {
+    "slide_min_bytes_per_pixel": "0",
+    "slide_max_shared_tiles": "1",
+    "rate_limit_per_min": "100000",
+}
 
 
 def _slide_meta(**slide) -> dict:
@@ -80,6 +87,7 @@ def test_a_bomb_past_the_checks_shows_progress_leaves_other_tenants_a_slot_and_c
 ) -> None:
     """The probe's scenario on a real gateway process (one case slot, one slide slot)."""
     write_bomb(bombs / "big.tiff", 30_000)  # 58 x 58 regions of 256 um: tens of seconds
+    total = len(grid_sample(58, 58, GatewaySettings().slide_max_scored_regions))
     env = settings_env(
         tmp_path / "gw",
         MS_GATEWAY_SLIDE_ROOTS=json.dumps({"lab": str(bombs)}),
@@ -96,7 +104,7 @@ def test_a_bomb_past_the_checks_shows_progress_leaves_other_tenants_a_slot_and_c
         end = time.monotonic() + 60
         while True:  # the total is known from the first region on
             slide = c.get(f"/v1/analyses/{bomb}", headers=a).json()["slide"]
-            scoring = slide["phase"] == "scoring" and slide["regions_total"] == 58 * 58
+            scoring = slide["phase"] == "scoring" and slide["regions_total"] == total
             if scoring and slide["regions_done"] > 0:
                 break
             assert time.monotonic() < end, slide
@@ -113,7 +121,7 @@ def test_a_bomb_past_the_checks_shows_progress_leaves_other_tenants_a_slot_and_c
         assert c.delete(f"/v1/analyses/{bomb}", headers=a).status_code == 202
         done = wait_status(c.get, bomb, a, timeout=30)
         assert done["status"] == "cancelled", done
-        assert done["slide"]["regions_done"] < 58 * 58
+        assert done["slide"]["regions_done"] < total
 
         # stopping the gateway mid-scoring hands the slide back; OpenSlide must not see its
         # handle closed under a read (it aborts the process)

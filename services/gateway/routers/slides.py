@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from marrowscope.slidecheck import ScanChecks, open_scan
 from marrowscope.slides import SlideError
 from services.gateway import store
+from services.gateway.blobs import expire_uploads
 from services.gateway.deps import (
     ServicesDep,
     SettingsDep,
@@ -35,7 +36,6 @@ from services.gateway.slidejob import scan_checks
 from services.gateway.slidestore import (
     SlideStore,
     SlideStoreError,
-    expire_uploads,
     is_local,
     save_upload,
     source_path,
