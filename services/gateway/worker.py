@@ -12,6 +12,10 @@ burning attempts. An analysis still waiting for a down service `REQUEUE_WINDOW_S
 submission fails. A run that still meets an unavailable service after its call retries is
 requeued with backoff instead of failed, within the same window. So a model service that is
 down for a while delays the analyses that need it instead of failing the queue.
+
+Lanes: `WORKERS` case slots run the pipeline of every analysis; `SLIDE_WORKERS` slide slots
+only prepare whole slides (open, score regions, cut tiles: minutes of CPU, no model call)
+and hand the cut analysis back to the queue, so an image case never waits behind a slide.
 """
 
 from __future__ import annotations
