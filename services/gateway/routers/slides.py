@@ -22,6 +22,8 @@ from marrowscope.slidecheck import ScanChecks, open_scan
 from marrowscope.slides import SlideError
 from services.gateway import store
 from services.gateway.blobs import expire_uploads
+from services.gateway.config import GatewaySettings
+from services.gateway.container import Services
 from services.gateway.deps import (
     ServicesDep,
     SettingsDep,
@@ -134,18 +136,15 @@ def _check_slide_any(path: Path, checks: ScanChecks) -> tuple[tuple[int, int], i
         return slide.info.dimensions, slide.level_count, slide.info.mpp
 
 
-def _tenant_usage(services, settings, tenant_dir: Path) -> int:
+def _tenant_usage(services: Services, settings: GatewaySettings, tenant_dir: Path) -> int:
     """Bytes the tenant's uploads hold once its expired ones (not needed by an analysis
     that has not cut them yet) are deleted: a tenant is never refused for uploads that a
     sweep would remove anyway."""
+    root = settings.slide_cache_dir
+    assert root is not None
     with services.sessions() as session:
-        in_use = store.uploads_in_use(session)
-    expire_uploads(
-        settings.slide_cache_dir,
-        ttl_s=settings.slide_upload_ttl_s,
-        in_use=upload_paths(settings.slide_cache_dir, in_use),
-        tenant_dir=tenant_dir,
-    )
+        in_use = upload_paths(root, store.uploads_in_use(session))
+    expire_uploads(root, ttl_s=settings.slide_upload_ttl_s, in_use=in_use, tenant_dir=tenant_dir)
     return upload_bytes(tenant_dir)
 
 
