@@ -191,9 +191,7 @@ def spawn():
         p.stop()
 
 
-def create_key_cli(
-    env: dict[str, str], scopes: str = "submit,read,admin", tenant: str | None = None
-) -> str:
+def create_key_cli(env: dict[str, str], scopes: str = "submit,read,admin") -> str:
     out = subprocess.run(
         [
             sys.executable,
@@ -204,7 +202,6 @@ def create_key_cli(
             "lis",
             "--scopes",
             scopes,
-            *(["--tenant", tenant] if tenant else []),
         ],
         env={**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)},
         cwd=PROJECT_ROOT,

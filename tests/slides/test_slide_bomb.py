@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from marrowscope.roi import grid_sample
-from services.gateway.config import GatewaySettings
-from tests.gateway.conftest import create_key_cli, files, meta, png, settings_env, wait_status
+from tests.gateway.conftest import files, meta, png, settings_env, wait_status
 from tests.slides.bombs import write_bomb
 
 # switched off to play a bomb that gets past them; polled often, so no rate limit either
@@ -82,19 +81,36 @@ def test_scoring_past_its_time_budget_fails_with_the_reason(gateway, bombs) -> N
     assert body["slide"]["regions_total"] == 39 * 39 and body["images"] == []
 
 
+def _tenant_key(data_dir: Path, tenant: str) -> dict[str, str]:
+    """A submit+read key of `tenant` in the job store the gateway at `data_dir` will open."""
+    from services.gateway.auth import create_key
+    from services.gateway.db import make_engine, make_sessionmaker
+    from services.gateway.migrations import upgrade_head
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{data_dir / 'gateway.db'}")
+    upgrade_head(engine)
+    with make_sessionmaker(engine).begin() as session:
+        key = create_key(session, name=tenant, scopes=["submit", "read"], tenant=tenant)[0]
+    engine.dispose()
+    return {"X-API-Key": key}
+
+
+@pytest.mark.slow
 def test_a_bomb_past_the_checks_shows_progress_leaves_other_tenants_a_slot_and_cancels(
     tmp_path: Path, bombs: Path, spawn, port_factory
 ) -> None:
     """The probe's scenario on a real gateway process (one case slot, one slide slot)."""
     write_bomb(bombs / "big.tiff", 30_000)  # 58 x 58 regions of 256 um: tens of seconds
-    total = len(grid_sample(58, 58, GatewaySettings().slide_max_scored_regions))
+    budget = 2048  # regions scored at most: 45 x 45 of the 58 x 58
+    total = len(grid_sample(58, 58, budget))
     env = settings_env(
         tmp_path / "gw",
         MS_GATEWAY_SLIDE_ROOTS=json.dumps({"lab": str(bombs)}),
+        MS_GATEWAY_SLIDE_MAX_SCORED_REGIONS=str(budget),
         **{f"MS_GATEWAY_{k.upper()}": v for k, v in CHECKS_OFF.items()},
     )
-    a = {"X-API-Key": create_key_cli(env, "submit,read", tenant="a")}
-    b = {"X-API-Key": create_key_cli(env, "submit,read", tenant="b")}
+    a, b = (_tenant_key(tmp_path / "gw", tenant) for tenant in ("a", "b"))
     gw = spawn(env, port_factory(), log=tmp_path / "gw.log")
     gw.wait_healthy()
     with httpx.Client(base_url=gw.url, timeout=10) as c:

@@ -1,17 +1,17 @@
 """Issue 22 §5: uploaded slides count against a per-tenant quota (413 `upload_quota_exceeded`,
 nothing kept) and expire: a tenant's own expired uploads at its next upload, every tenant's
-in the blob sweep (`python -m services.gateway.blobs sweep`, a real process), except an
-upload an analysis still has to cut."""
+in the blob sweep (`python -m services.gateway.blobs sweep`), except an upload an analysis
+still has to cut."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from marrowscope.paths import PROJECT_ROOT
+import pytest
+
+from services.gateway import blobs
 from services.gateway.auth import create_key
 from services.gateway.db import DEFAULT_TENANT
 from services.gateway.slidestore import upload_dir
@@ -68,7 +68,7 @@ def test_uploads_beyond_the_tenant_quota_are_refused_and_expired_ones_free_it(
 
 
 def test_the_blob_sweep_expires_unused_uploads_and_keeps_those_an_analysis_waits_for(
-    gateway, tmp_path: Path
+    gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     one, two = _slides(tmp_path, 2)
     client, services, keys = gateway(slide_upload_ttl_s=str(TTL_S), embedded_worker="false")
@@ -85,22 +85,13 @@ def test_the_blob_sweep_expires_unused_uploads_and_keeps_those_an_analysis_waits
     files = {p.name: p for p in (services.settings.slide_cache_dir / "uploads").rglob("*.tiff")}
     for path in files.values():
         _age(path, TTL_S + 10)
-    env = {
-        **os.environ,
-        **settings_env(tmp_path / "gw", MS_GATEWAY_SLIDE_UPLOAD_TTL_S=str(TTL_S)),
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
+    for k, v in settings_env(tmp_path / "gw", MS_GATEWAY_SLIDE_UPLOAD_TTL_S=str(TTL_S)).items():
+        monkeypatch.setenv(k, v)
 
     def sweep() -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "services.gateway.blobs", "sweep"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout + out.stderr
+        assert blobs.main(["sweep"]) == 0  # `python -m services.gateway.blobs sweep`
+        out = capsys.readouterr()
+        return out.out + out.err
 
     out = sweep()
     assert "1 expired slide uploads" in out, out
