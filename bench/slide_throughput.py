@@ -17,7 +17,7 @@ slides (`training.data.synth_slide`) sit in a slide store the gateways read by r
   scaling ratio is the median of per-repeat ratios (2 replicas / 1). Segmentation calls per
   replica (from each replica's Prometheus counter) show that both replicas served.
 - Time to the first region's result is not observable (the pipeline runs the case once all
-  tiles are cut), so the time to tiles cut (`slide.regions_done == regions_total` in
+  tiles are cut), so the time to tiles cut (`slide.phase == "cut"` in
   `GET /v1/analyses/{id}`) and to the final result are reported.
 - Memory: RSS of `gateway` sampled with psutil every 50 ms while it analyses the throughput
   slide and then a large slide, as large as the generator writes in `--large-seconds`
@@ -212,11 +212,7 @@ def analyse(url: str, key: str, slide: str, plan: Plan, accession: str) -> dict:
         while time.perf_counter() - t0 < plan.timeout_s:
             doc = client.get(location).json()
             progress = doc.get("slide") or {}
-            if (
-                cut_s is None
-                and progress.get("regions_total")
-                and (progress["regions_done"] == progress["regions_total"])
-            ):
+            if cut_s is None and progress.get("phase") == "cut":
                 cut_s = time.perf_counter() - t0
             if doc["status"] == "succeeded":
                 done_s = time.perf_counter() - t0

@@ -30,6 +30,9 @@ real overview fields (docs/SLIDES.md).
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,7 +51,10 @@ class RoiConfig:
     """region_um: side of a candidate region; scoring_um_per_px: the magnification regions are
     scored at (about 4x below a 0.25-0.5 um/px scan); cell_target: nucleated cells wanted;
     min_score: regions below are never selected; min_spacing: selected regions keep at least
-    this many region sides between them while enough candidates remain (spread)."""
+    this many region sides between them while enough candidates remain (spread);
+    max_scored_regions: a slide whose grid holds more regions is scored on that many, spread
+    evenly over the grid (selection needs tens of regions, not every one of a 10k grid);
+    max_scoring_s: scoring that runs longer fails with `scoring_timeout` (None: no limit)."""
 
     region_um: float = 256.0
     scoring_um_per_px: float = 2.0
@@ -57,6 +63,8 @@ class RoiConfig:
     min_spacing: float = 1.0
     nucleus_area_um2: tuple[float, float] = (20.0, 200.0)
     max_regions: int = 200
+    max_scored_regions: int = 2048
+    max_scoring_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,18 +252,44 @@ def _scoring_level(slide: Slide, config: RoiConfig) -> tuple[int, float]:
     return level, slide.info.level_downsamples[level]
 
 
-def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
-    """Score every region of the grid, reading one region at a time at the level closest to
-    (not coarser than) `scoring_um_per_px`; memory is one region, whatever the slide size."""
+def grid_sample(rows: int, cols: int, budget: int) -> list[tuple[int, int]]:
+    """(row, col) of at most `budget` cells of a rows x cols grid, row-major: every cell when
+    they fit, else a coarser lattice of evenly spaced rows and columns (each at the centre of
+    its stride) with the grid's aspect ratio, so the sample covers the whole slide."""
+    n = rows * cols
+    if n <= budget:
+        return [(r, c) for r in range(rows) for c in range(cols)]
+    n_rows = min(rows, max(1, round(rows * math.sqrt(budget / n))))
+    n_cols = min(cols, max(1, budget // n_rows))
+    pick_rows = [int((i + 0.5) * rows / n_rows) for i in range(n_rows)]
+    pick_cols = [int((j + 0.5) * cols / n_cols) for j in range(n_cols)]
+    return [(r, c) for r in pick_rows for c in pick_cols]
+
+
+def score_slide(
+    slide: Slide,
+    config: RoiConfig | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Region]:
+    """Score the regions of the grid (at most `max_scored_regions`, `grid_sample`), reading
+    one region at a time at the level closest to (not coarser than) `scoring_um_per_px`;
+    memory is one region, whatever the slide size. `progress(done, total)` is called before
+    each region and after the last (it may raise to stop the scoring); past `max_scoring_s`
+    it raises `SlideError("scoring_timeout")`."""
     from PIL import Image
 
     config = config or RoiConfig()
+    started = time.monotonic()
     level, ds = _scoring_level(slide, config)
     mpp = slide.info.mpp or 1.0
     size0 = max(1, round(config.region_um / mpp))  # region side, level-0 px
     side = max(8, round(size0 / ds))  # at the read level
     out_side = max(8, round(config.region_um / config.scoring_um_per_px))
     width, height = slide.info.dimensions
+    cells = grid_sample(height // size0, width // size0, config.max_scored_regions)
+    if progress is not None:
+        progress(0, len(cells))
     # Glass colour and red-cell hue from the smallest level that fits (the overview).
     smallest = slide.level_count - 1
     sw, sh = slide.info.level_dimensions[smallest]
@@ -263,16 +297,25 @@ def score_slide(slide: Slide, config: RoiConfig | None = None) -> list[Region]:
     reference = stain_reference(slide.read_level(smallest)) if fits else DEFAULT_REFERENCE
     um_px = config.region_um / out_side
     regions: list[Region] = []
-    for row in range(height // size0):
-        for col in range(width // size0):
-            x, y = col * size0, row * size0
-            img = slide.read_region((x, y), level, (side, side))
-            if side != out_side:
-                img = np.asarray(
-                    Image.fromarray(img).resize((out_side, out_side), Image.Resampling.BILINEAR)
-                )
-            feats = region_features(img, reference=reference, um_per_px=um_px, config=config)
-            regions.append(Region(row, col, x, y, size0, feats, quality_score(feats)))
+    for k, (row, col) in enumerate(cells):
+        if k and progress is not None:
+            progress(k, len(cells))
+        if config.max_scoring_s is not None and time.monotonic() - started > config.max_scoring_s:
+            raise SlideError(
+                "scoring_timeout",
+                f"scored {k} of {len(cells)} regions in {config.max_scoring_s:g} s, the "
+                "scoring budget; a smear scan of this size should not take longer",
+            )
+        x, y = col * size0, row * size0
+        img = slide.read_region((x, y), level, (side, side))
+        if side != out_side:
+            img = np.asarray(
+                Image.fromarray(img).resize((out_side, out_side), Image.Resampling.BILINEAR)
+            )
+        feats = region_features(img, reference=reference, um_per_px=um_px, config=config)
+        regions.append(Region(row, col, x, y, size0, feats, quality_score(feats)))
+    if progress is not None:
+        progress(len(cells), len(cells))
     return regions
 
 

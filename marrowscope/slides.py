@@ -12,7 +12,8 @@ memory depends on the region size, never on the slide size.
 
 Every failure becomes a `SlideError` with a stable `code`:
 `not_found`, `unknown_format`, `corrupt` (a truncated file or an unreadable tile),
-`level_missing`, `region_too_large`, `invalid_region`, `not_a_smear` (set by ROI selection).
+`level_missing`, `region_too_large`, `invalid_region`, `not_a_smear` and `scoring_timeout` (set by
+ROI selection), `no_overview`, `compression_implausible` and `tiles_shared` (`slidecheck`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ reference and that nobody has written (or re-written: `put` refreshes the mtime 
 finds) within a grace period longer than any request:
 
     python -m services.gateway.blobs sweep [--grace-s 86400] [--dry-run]
+
+The same sweep deletes uploaded slides (`PUT /v1/slide-uploads`) unused for
+`MS_GATEWAY_SLIDE_UPLOAD_TTL_S`, except those an analysis has not cut into tiles yet
+(`sweep_uploads`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -80,25 +84,26 @@ class BlobStore:
         """Delete blobs not in `referenced` whose mtime is older than `grace_s` seconds;
         also stale `.tmp-` files of crashed writes. Returns the removed sha256s."""
         cutoff = time.time() - grace_s
-        removed = []
-        for sha, path in self.blobs():
-            if sha in referenced:
+        orphans = (path for sha, path in self.blobs() if sha not in referenced)
+        removed = remove_older(orphans, cutoff, dry_run=dry_run)
+        remove_older(self.root.glob("??/??/.tmp-*"), cutoff, dry_run=dry_run)
+        return [path.name for path in removed]
+
+
+def remove_older(paths: Iterable[Path], cutoff: float, *, dry_run: bool = False) -> list[Path]:
+    """Unlink those of `paths` last modified before `cutoff` (epoch seconds); a file removed
+    or rewritten meanwhile is skipped. Returns the removed (with `dry_run`: would remove)."""
+    removed = []
+    for path in paths:
+        try:
+            if path.stat().st_mtime >= cutoff:
                 continue
-            try:
-                if path.stat().st_mtime >= cutoff:
-                    continue
-                if not dry_run:
-                    path.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(sha)
-        for tmp in self.root.glob("??/??/.tmp-*"):
-            try:
-                if tmp.stat().st_mtime < cutoff and not dry_run:
-                    tmp.unlink()
-            except FileNotFoundError:
-                continue
-        return removed
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def sweep_unreferenced(sessions, blobs: BlobStore, *, grace_s: float, dry_run: bool = False):
@@ -111,6 +116,40 @@ def sweep_unreferenced(sessions, blobs: BlobStore, *, grace_s: float, dry_run: b
     with sessions() as session:
         referenced = referenced_blobs(session)
     return blobs.sweep(referenced, grace_s=grace_s, dry_run=dry_run)
+
+
+def expire_uploads(
+    root: Path,
+    *,
+    ttl_s: float,
+    in_use: set[Path],
+    tenant_dir: Path | None = None,
+    dry_run: bool = False,
+) -> list[Path]:
+    """Delete the uploads (under `root`'s upload area, or only `tenant_dir`) whose mtime,
+    set at upload and by every submission naming them (`slidestore.source_path`), is older than
+    `ttl_s`, except those `in_use` (an analysis has not cut them yet); partial `.part` files
+    of uploads that stopped as well. Returns the removed paths.
+
+    Race-free with a submission for the same reason as the blob sweep: callers read
+    `in_use` before listing, and a submission touches the file before it commits."""
+    dirs = [tenant_dir] if tenant_dir is not None else list((root / "uploads").glob("*"))
+    candidates = (p for d in dirs if d.is_dir() for p in d.glob("*") if p not in in_use)
+    removed = remove_older(candidates, time.time() - ttl_s, dry_run=dry_run)
+    for path in removed:
+        log.info("expired slide upload %s/%s", path.parent.name, path.name)
+    return removed
+
+
+def sweep_uploads(sessions, root: Path, *, ttl_s: float, dry_run: bool = False) -> list[Path]:
+    """Delete the uploaded slides under `root` unused for `ttl_s`, except those a queued or
+    running analysis has not cut yet (read before the files are listed, as above)."""
+    from services.gateway.slidestore import upload_paths
+    from services.gateway.store import uploads_in_use
+
+    with sessions() as session:
+        in_use = upload_paths(root, uploads_in_use(session))
+    return expire_uploads(root, ttl_s=ttl_s, in_use=in_use, dry_run=dry_run)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -138,17 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings()
     engine = make_engine(settings.database_url)
     upgrade_head(engine)
+    sessions = make_sessionmaker(engine)
     removed = sweep_unreferenced(
-        make_sessionmaker(engine),
-        BlobStore(settings.image_root),
-        grace_s=args.grace_s,
-        dry_run=args.dry_run,
+        sessions, BlobStore(settings.image_root), grace_s=args.grace_s, dry_run=args.dry_run
+    )
+    uploads = sweep_uploads(
+        sessions, settings.slide_cache_dir, ttl_s=settings.slide_upload_ttl_s, dry_run=args.dry_run
     )
     engine.dispose()
     for sha in removed:
         print(sha)
+    for path in uploads:
+        print(f"upload {path.parent.name}/{path.name}")
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} unreferenced blobs", file=sys.stderr)
+    print(
+        f"{verb} {len(removed)} unreferenced blobs and {len(uploads)} expired slide uploads",
+        file=sys.stderr,
+    )
     return 0
 
 

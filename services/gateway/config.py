@@ -142,6 +142,30 @@ class GatewaySettings(BaseSettings):
     """Most regions cut from one slide (each becomes one image of the case)."""
     slide_region_um: float = Field(256.0, gt=10, le=2000)
     """Side of a candidate region in micrometres."""
+    slide_max_scored_regions: int = Field(2048, ge=1, le=1_000_000)
+    """Most regions scored on one slide, spread evenly over its grid: a real smear's grid of
+    256 um regions holds ~5-15k, selection needs tens, so a larger grid is sampled."""
+    slide_scoring_timeout_s: float = Field(300.0, gt=0)
+    """Region scoring of one slide that takes longer fails with `slide_scoring_timeout`
+    (a fixed failure rather than a selection from whatever was scored by then, so a case's
+    regions never depend on how busy the machine was)."""
+    slide_min_bytes_per_pixel: float = Field(1e-3, ge=0)
+    """A slide file smaller than this many bytes per declared level-0 pixel is refused
+    (422 `slide_compression_implausible`): real scans hold 0.02-0.5; 0 switches it off."""
+    slide_max_shared_tiles: float = Field(0.5, gt=0, le=1)
+    """A TIFF level where one stored tile serves more than this fraction of the tiles is
+    refused (422 `slide_tiles_shared`, a slide bomb); 1 switches it off."""
+    slide_workers: int = Field(1, ge=1, le=64)
+    """Slides prepared at once per worker process (opening, region scoring, cutting: CPU
+    work without model calls) in slots of their own: the `workers` slots never prepare a
+    slide, so a long slide never holds every slot while image cases wait."""
+    slide_upload_ttl_s: float = Field(86400.0, ge=60)
+    """An uploaded slide is deleted this long after it was uploaded or last named by a
+    submission, unless an analysis that has not cut it yet still needs it (blob sweep, and
+    a tenant's own expired uploads at its next upload)."""
+    slide_upload_quota_bytes: int = Field(200 * 1024**3, gt=0)
+    """Bytes of uploaded slides one tenant may hold; an upload beyond it gets 413
+    `upload_quota_exceeded`."""
 
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)
@@ -163,7 +187,7 @@ class GatewaySettings(BaseSettings):
 
     embedded_worker: bool = True
     workers: int = Field(1, ge=1)
-    """Concurrent analyses per worker process."""
+    """Concurrent analyses per worker process (slides are prepared in `slide_workers`)."""
     poll_interval_s: float = Field(0.5, gt=0)
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)

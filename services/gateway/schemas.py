@@ -150,8 +150,17 @@ class SlideUploaded(BaseModel):
 
 
 class SlideProgress(BaseModel):
-    regions_total: int | None = Field(None, description="regions selected (None: not yet)")
-    regions_done: int = Field(0, description="regions cut into tiles so far")
+    phase: Literal["waiting", "scoring", "cutting", "cut"] = Field(
+        "waiting",
+        description="waiting for a slide slot; scoring the regions; cutting the selected "
+        "ones into tiles; cut (the tiles are the case's images)",
+    )
+    regions_total: int | None = Field(
+        None,
+        description="regions to score (phase scoring) or to cut (cutting, cut); None before "
+        "the worker opened the slide",
+    )
+    regions_done: int = Field(0, description="regions scored or cut so far, as `phase` says")
 
 
 class ImagePublic(BaseModel):

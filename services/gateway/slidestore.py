@@ -148,24 +148,38 @@ class SlideStore:
         return dest
 
 
+def _quota_error(quota_left: int) -> SlideStoreError:
+    return SlideStoreError(
+        413,
+        "upload_quota_exceeded",
+        f"this tenant's uploaded slides leave {max(0, quota_left)} bytes of its quota "
+        "(MS_GATEWAY_SLIDE_UPLOAD_QUOTA_BYTES); uploads expire "
+        "MS_GATEWAY_SLIDE_UPLOAD_TTL_S after their last use",
+    )
+
+
 async def save_upload(
     chunks: AsyncIterator[bytes],
     dest_dir: Path,
     *,
     max_bytes: int,
+    quota_left: int | None = None,
     declared_length: int | None = None,
     suffix: str = "",
 ) -> tuple[Path, int, str]:
     """Stream an uploaded slide to `dest_dir` without holding it in memory.
 
     Refused with 413 `slide_too_large` when the declared Content-Length or the bytes actually
-    received exceed `max_bytes` (the partial file is removed). Returns (path, size, sha256);
-    the file is named by its content hash, so a retried upload of the same slide is one file.
+    received exceed `max_bytes`, and with 413 `upload_quota_exceeded` when they exceed
+    `quota_left` (the partial file is removed). Returns (path, size, sha256); the file is
+    named by its content hash, so a retried upload of the same slide is one file.
     """
     if declared_length is not None and declared_length > max_bytes:
         raise SlideStoreError(
             413, "slide_too_large", f"declared {declared_length} bytes above {max_bytes}"
         )
+    if quota_left is not None and declared_length is not None and declared_length > quota_left:
+        raise _quota_error(quota_left)
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
     digest = hashlib.sha256()
@@ -176,6 +190,8 @@ async def save_upload(
                 size += len(chunk)
                 if size > max_bytes:
                     raise SlideStoreError(413, "slide_too_large", f"upload above {max_bytes} bytes")
+                if quota_left is not None and size > quota_left:
+                    raise _quota_error(quota_left)
                 digest.update(chunk)
                 out.write(chunk)
         final = dest_dir / f"{digest.hexdigest()}{suffix.lower()}"
@@ -213,8 +229,12 @@ def source_path(store: SlideStore, source: Mapping[str, str], *, tenant: str) ->
         if not UPLOAD_ID.match(upload):
             raise SlideStoreError(400, "bad_upload_id", "upload id is not one this gateway issued")
         path = upload_dir(store.cache_dir, tenant) / upload
-        if not path.is_file():
-            raise SlideStoreError(404, "upload_not_found", f"no uploaded slide {upload!r}")
+        try:
+            os.utime(path)  # named again: its expiry starts over (`expire_uploads`)
+        except FileNotFoundError:
+            raise SlideStoreError(
+                404, "upload_not_found", f"no uploaded slide {upload!r} (expired uploads are gone)"
+            ) from None
         return path
     return store.fetch(SlideRef(source["store"], source["path"]))
 
@@ -222,3 +242,19 @@ def source_path(store: SlideStore, source: Mapping[str, str], *, tenant: str) ->
 def is_local(store: SlideStore, source: Mapping[str, str]) -> bool:
     """Whether the source can be opened without copying (uploads and local roots)."""
     return "upload" in source or store._local_root(store._root(source["store"])) is not None
+
+
+def upload_bytes(tenant_dir: Path) -> int:
+    """Bytes one tenant's uploads hold, uploads in progress (`.part`) included."""
+    total = 0
+    for path in tenant_dir.glob("*") if tenant_dir.is_dir() else ():
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # expired or finished meanwhile
+            continue
+    return total
+
+
+def upload_paths(root: Path, uploads: set[tuple[str, str]]) -> set[Path]:
+    """The files of (tenant, upload id) pairs (`store.uploads_in_use`)."""
+    return {upload_dir(root, tenant) / upload for tenant, upload in uploads}

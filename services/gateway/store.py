@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
 
-from sqlalchemy import ColumnElement, false, func, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, exists, false, func, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from services.gateway import hl7outbox
@@ -191,16 +192,21 @@ def _owned(session: Session, analysis_id: str, owner: str) -> Analysis | None:
     return a
 
 
+SLIDE_STAGES = {"slide_scoring": "scoring", "slide_tiles": "cutting"}
+"""The analysis stages of a slide's preparation and the progress phase each reports."""
+
+
 def slide_progress(
-    session: Session, *, analysis_id: str, owner: str, done: int, total: int
+    session: Session, *, analysis_id: str, owner: str, done: int, total: int, stage: str
 ) -> tuple[bool, bool]:
-    """Record `done` of `total` regions cut; returns (still owned, cancel requested)."""
+    """Record `done` of `total` regions scored (stage `slide_scoring`) or cut into tiles
+    (`slide_tiles`); returns (still owned, cancel requested)."""
     a = _owned(session, analysis_id, owner)
     job = session.get(SlideJob, analysis_id)
     if a is None or job is None:
         return False, False
     job.regions_done, job.regions_total = done, total
-    a.stage, a.updated_at = "slide_tiles", now()
+    a.stage, a.updated_at = stage, now()
     return True, bool(a.cancel_requested)
 
 
@@ -323,21 +329,41 @@ def _needs_any(services: frozenset[str]) -> ColumnElement[bool]:
     return or_(false(), *(column for s, column in NEEDS.items() if s in services))
 
 
-def _claimable(t: float, down: frozenset[str]) -> ColumnElement[bool]:
+Lane = Literal["cases", "slides"]
+"""Worker slots: `slides` only prepare whole slides not cut yet (scoring, cutting), `cases`
+take everything else, so a slide being prepared never holds a slot images wait for."""
+
+
+def _slide_to_cut() -> ColumnElement[bool]:
+    """SQL: the analysis is a whole slide whose tiles are not cut yet."""
+    return exists().where(SlideJob.analysis_id == Analysis.id, SlideJob.expanded_at.is_(None))
+
+
+def _claimable(t: float, down: frozenset[str], lane: Lane | None) -> ColumnElement[bool]:
     queued = (Analysis.status == "queued") & (
         Analysis.not_before.is_(None) | (Analysis.not_before <= t)
     )
     taken_over = (Analysis.status == "running") & (Analysis.lease_until < t)
-    return or_(queued, taken_over) & not_(_needs_any(down))
+    claimable = or_(queued, taken_over) & not_(_needs_any(down))
+    if lane == "slides":
+        return claimable & _slide_to_cut()
+    if lane == "cases":
+        return claimable & not_(_slide_to_cut())
+    return claimable
 
 
 def claim_next(
-    session: Session, *, owner: str, lease_s: float, down: frozenset[str] = frozenset()
+    session: Session,
+    *,
+    owner: str,
+    lease_s: float,
+    down: frozenset[str] = frozenset(),
+    lane: Lane | None = None,
 ) -> Analysis | None:
     """Take the oldest queued (or lease-expired) analysis for `owner` that calls none of the
-    model services `down`, or None."""
+    model services `down` and belongs to `lane` (None: any), or None."""
     t = now()
-    q = select(Analysis.id).where(_claimable(t, down)).order_by(Analysis.created_at).limit(1)
+    q = select(Analysis.id).where(_claimable(t, down, lane)).order_by(Analysis.created_at).limit(1)
     if session.bind.dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     analysis_id = session.scalar(q)
@@ -345,7 +371,7 @@ def claim_next(
         return None
     res = session.execute(
         update(Analysis)
-        .where(Analysis.id == analysis_id, _claimable(t, down))
+        .where(Analysis.id == analysis_id, _claimable(t, down, lane))
         .values(
             status="running",
             lease_owner=owner,
@@ -468,9 +494,17 @@ def fail_exhausted(session: Session, *, max_attempts: int) -> list[str]:
     return [a.id for a in rows]
 
 
-def release(session: Session, *, analysis_id: str, owner: str, delay_s: float = 0.0) -> bool:
+def release(
+    session: Session,
+    *,
+    analysis_id: str,
+    owner: str,
+    delay_s: float = 0.0,
+    stage: str | None = None,
+) -> bool:
     """Hand a claimed analysis back to the queue without counting the claim (the worker
-    stops, or a service it needs is down), claimable again after `delay_s`."""
+    stops, a service it needs is down, or its slide is cut and a case slot takes it on),
+    claimable again after `delay_s`."""
     t = now()
     res = session.execute(
         update(Analysis)
@@ -484,7 +518,7 @@ def release(session: Session, *, analysis_id: str, owner: str, delay_s: float = 
             lease_owner=None,
             lease_until=None,
             updated_at=t,
-            stage=None,
+            stage=stage,
             not_before=t + delay_s if delay_s > 0 else None,
             attempts=Analysis.attempts - 1,
         )
@@ -560,6 +594,22 @@ def fail_waited_too_long(
         _finish(session, a, status="failed", reason=reason)
         failed.append((a.id, reason))
     return failed
+
+
+def uploads_in_use(session: Session) -> set[tuple[str, str]]:
+    """(tenant, upload id) of every upload a queued or running analysis has not cut yet: the
+    uploads that must not expire (once cut, the tiles are blobs of their own)."""
+    rows = session.execute(
+        select(Analysis.tenant, SlideJob.source_json)
+        .join(SlideJob, SlideJob.analysis_id == Analysis.id)
+        .where(Analysis.status.in_(("queued", "running")), SlideJob.expanded_at.is_(None))
+    )
+    out = set()
+    for tenant, source_json in rows:
+        upload = json.loads(source_json).get("upload")
+        if upload:
+            out.add((tenant, upload))
+    return out
 
 
 def referenced_blobs(session: Session) -> set[str]:

@@ -12,6 +12,10 @@ burning attempts. An analysis still waiting for a down service `REQUEUE_WINDOW_S
 submission fails. A run that still meets an unavailable service after its call retries is
 requeued with backoff instead of failed, within the same window. So a model service that is
 down for a while delays the analyses that need it instead of failing the queue.
+
+Lanes: `WORKERS` case slots run the pipeline of every analysis; `SLIDE_WORKERS` slide slots
+only prepare whole slides (open, score regions, cut tiles: minutes of CPU, no model call)
+and hand the cut analysis back to the queue, so an image case never waits behind a slide.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import sessionmaker
 
-from marrowscope.roi import RoiConfig
 from marrowscope.slides import SlideError
 from services.gateway import store
 from services.gateway.blobs import BlobStore
@@ -41,11 +44,14 @@ from services.gateway.hl7delivery import Hl7Dispatcher
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
-from services.gateway.slidejob import expand_slide
+from services.gateway.slidejob import expand_slide, roi_config, scan_checks
 from services.gateway.slidestore import SlideStore, SlideStoreError, source_path
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 0.5
+"""Region scoring records its progress (and sees a cancel) at most this often."""
 
 
 @dataclass
@@ -103,11 +109,19 @@ class Worker:
 
     # -- loops ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Run job loops, the outbox dispatcher and housekeeping until `stop` is set."""
-        log.info("worker %s started (%d slots)", self.owner, self.s.workers)
+        """Run job loops (`workers` case slots, `slide_workers` slide slots: `store.Lane`),
+        the outbox dispatcher and housekeeping until `stop` is set."""
+        log.info(
+            "worker %s started (%d case slots, %d slide slots)",
+            self.owner,
+            self.s.workers,
+            self.s.slide_workers,
+        )
         async with asyncio.TaskGroup() as tg:
             for _ in range(self.s.workers):
-                tg.create_task(self._job_loop(stop))
+                tg.create_task(self._job_loop(stop, "cases"))
+            for _ in range(self.s.slide_workers):
+                tg.create_task(self._job_loop(stop, "slides"))
             tg.create_task(self._outbox_loop(stop))
             if self.s.hl7_destinations:
                 tg.create_task(self._hl7_dispatcher().run(stop))
@@ -129,7 +143,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
 
-    async def _job_loop(self, stop: asyncio.Event) -> None:
+    async def _job_loop(self, stop: asyncio.Event, lane: store.Lane) -> None:
         while not stop.is_set():
             down = await self.services_down()
             try:
@@ -141,7 +155,7 @@ class Worker:
                     await self._sleep(stop, max(self.s.poll_interval_s, self.s.ready_check_s))
                     continue
                 # npm1 or explain down: only the analyses that call it stay queued
-                claimed = await asyncio.to_thread(self._claim, down)
+                claimed = await asyncio.to_thread(self._claim, down, lane)
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 await self._sleep(stop, self.s.poll_interval_s * 4)
@@ -159,21 +173,26 @@ class Worker:
                 await asyncio.to_thread(self._release, claimed.id)
             stopper.cancel()
 
-    def _claim(self, down: frozenset[str]) -> _Claimed | None:
-        """The oldest claimable analysis that calls none of the services `down`, or None."""
+    def _claim(self, down: frozenset[str], lane: store.Lane) -> _Claimed | None:
+        """The oldest claimable analysis of `lane` that calls none of the services `down`,
+        or None."""
         with self.sessions.begin() as session:
             for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
                 log.error("analysis %s failed: its workers kept dying", analysis_id)
         with self.sessions.begin() as session:
-            a = store.claim_next(session, owner=self.owner, lease_s=self.s.lease_s, down=down)
+            a = store.claim_next(
+                session, owner=self.owner, lease_s=self.s.lease_s, down=down, lane=lane
+            )
             if a is None:
                 return None
-            log.info("claimed analysis %s (attempt %d)", a.id, a.attempts)
+            log.info("claimed analysis %s (%s lane, attempt %d)", a.id, lane, a.attempts)
             return _Claimed(a.id, json.loads(a.metadata_json), a.attempts, a.tenant)
 
-    def _release(self, analysis_id: str, delay_s: float = 0.0) -> None:
+    def _release(self, analysis_id: str, delay_s: float = 0.0, stage: str | None = None) -> None:
         with self.sessions.begin() as session:
-            store.release(session, analysis_id=analysis_id, owner=self.owner, delay_s=delay_s)
+            store.release(
+                session, analysis_id=analysis_id, owner=self.owner, delay_s=delay_s, stage=stage
+            )
         log.info("released analysis %s back to the queue", analysis_id)
 
     def _expire_waiting(self, down: frozenset[str]) -> None:
@@ -226,7 +245,11 @@ class Worker:
         with self.sessions() as session:
             job = store.slide_job(session, analysis_id=analysis_id)
             slide_cut = None if job is None else job.expanded_at is not None
-        if slide_cut is False and not await self._cut_slide(claimed):
+        if slide_cut is False:
+            if not await self._cut_slide(claimed):
+                return
+            # prepared in a slide slot: the pipeline runs in a case slot, like any case
+            await asyncio.to_thread(self._release, analysis_id, stage="slide_cut")
             return
         with self.sessions() as session:
             rows = store.images_of(session, analysis_id=analysis_id)
@@ -329,22 +352,32 @@ class Worker:
         analysis_id = claimed.id
         spec = claimed.metadata.get("slide") or {}
         um_per_px = claimed.metadata.get("options", {}).get("um_per_px")
-        config = RoiConfig(
-            region_um=self.s.slide_region_um,
-            cell_target=spec.get("cell_target") or self.s.slide_cell_target,
-            max_regions=self.s.slide_max_regions,
-        )
+        config = roi_config(self.s, spec.get("cell_target"))
         with self.sessions() as session:
             job = store.slide_job(session, analysis_id=analysis_id)
             assert job is not None
             source = json.loads(job.source_json)
 
-        async def progress(done: int, total: int) -> None:
-            owned, cancel = await asyncio.to_thread(self._slide_progress, analysis_id, done, total)
+        def record(done: int, total: int, stage: str) -> None:
+            owned, cancel = self._slide_progress(analysis_id, done, total, stage)
             if not owned:
                 raise Cancelled("lease lost")
             if cancel:
                 raise Cancelled("cancelled by request")
+
+        async def progress(done: int, total: int) -> None:
+            await asyncio.to_thread(record, done, total, "slide_tiles")
+
+        last = -float("inf")
+
+        def scoring(done: int, total: int) -> None:
+            # called from the scoring thread before every region: a few writes a second
+            # at most, but the first and the last always (regions_total is known at once)
+            nonlocal last
+            if 0 < done < total and time.monotonic() - last < PROGRESS_EVERY_S:
+                return
+            last = time.monotonic()
+            record(done, total, "slide_scoring")
 
         async def cut() -> bool:
             path = await asyncio.to_thread(
@@ -355,6 +388,8 @@ class Worker:
                 config=config,
                 put_blob=self.blobs.put,
                 checkpoint=progress,
+                scoring=scoring,
+                checks=scan_checks(self.s),
                 um_per_px=um_per_px,
             )
             thumb_sha, _ = await asyncio.to_thread(self.blobs.put, exp.thumbnail)
@@ -421,10 +456,17 @@ class Worker:
         finally:
             beat.cancel()
 
-    def _slide_progress(self, analysis_id: str, done: int, total: int) -> tuple[bool, bool]:
+    def _slide_progress(
+        self, analysis_id: str, done: int, total: int, stage: str
+    ) -> tuple[bool, bool]:
         with self.sessions.begin() as session:
             return store.slide_progress(
-                session, analysis_id=analysis_id, owner=self.owner, done=done, total=total
+                session,
+                analysis_id=analysis_id,
+                owner=self.owner,
+                done=done,
+                total=total,
+                stage=stage,
             )
 
     def _with_slide(self, analysis_id: str, result: dict) -> dict:

@@ -37,7 +37,8 @@ def pg_database(postgres_url):
     admin.dispose()
 
 
-def test_two_workers_kill_one(tmp_path, spawn, port_factory, pg_database):
+def test_two_workers_kill_one(tmp_path, pg_database, spawn, port_factory):
+    # pg_database first: torn down last, after `spawn` stopped the processes that hold it
     base = settings_env(
         tmp_path / "gw", MS_GATEWAY_DATABASE_URL=pg_database, MS_TEST_FAKE_SEG_DELAY_S="1.5"
     )

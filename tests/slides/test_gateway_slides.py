@@ -69,7 +69,11 @@ def test_slide_by_reference_becomes_a_case_with_its_regions(slide_gateway, small
         regions = slide["regions"]
         # every selected region became one image of the case, in selection order
         assert [im["index"] for im in body["images"]] == [g["index"] for g in regions]
-        assert body["slide"] == {"regions_total": len(regions), "regions_done": len(regions)}
+        assert body["slide"] == {
+            "phase": "cut",
+            "regions_total": len(regions),
+            "regions_done": len(regions),
+        }
         assert res["n_images"] == len(regions) >= 1 and res["input"] == "slide"
         assert slide["stop_reason"] in ("target_reached", "slide_exhausted")
         if slide["stop_reason"] == "target_reached":

@@ -70,7 +70,13 @@ def to_public(session, a: Analysis) -> AnalysisPublic:
         ],
         slide=None
         if job is None
-        else SlideProgress(regions_total=job.regions_total, regions_done=job.regions_done),
+        else SlideProgress(
+            phase="cut"
+            if job.expanded_at is not None
+            else store.SLIDE_STAGES.get(a.stage or "", "waiting"),
+            regions_total=job.regions_total,
+            regions_done=job.regions_done,
+        ),
         result=store.result_of(session, analysis_id=a.id),
     )
 

@@ -18,8 +18,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 
-from marrowscope.slides import SlideError, open_slide
+from marrowscope.slidecheck import ScanChecks, open_scan
+from marrowscope.slides import SlideError
 from services.gateway import store
+from services.gateway.blobs import expire_uploads
+from services.gateway.config import GatewaySettings
+from services.gateway.container import Services
 from services.gateway.deps import (
     ServicesDep,
     SettingsDep,
@@ -30,13 +34,16 @@ from services.gateway.deps import (
 )
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import AnalysisAccepted, SlideAnalysisCreate, SlideUploaded
+from services.gateway.slidejob import scan_checks
 from services.gateway.slidestore import (
     SlideStore,
     SlideStoreError,
     is_local,
     save_upload,
     source_path,
+    upload_bytes,
     upload_dir,
+    upload_paths,
     upload_suffix,
 )
 from services.gateway.uploads import content_hash, parse_metadata
@@ -53,9 +60,12 @@ def _slide_error(exc: SlideError) -> ApiError:
     return ApiError(422, f"slide_{exc.code}", exc.message)
 
 
-def _check_slide(path: Path, um_per_px: float | None) -> tuple[tuple[int, int], int, float | None]:
-    """Open the slide once (format, truncation, levels); (dimensions, levels, um/px)."""
-    with open_slide(path) as slide:
+def _check_slide(
+    path: Path, um_per_px: float | None, checks: ScanChecks
+) -> tuple[tuple[int, int], int, float | None]:
+    """Open the slide once (format, truncation, levels, `slidecheck`'s bounds); (dimensions,
+    levels, um/px)."""
+    with open_scan(path, checks) as slide:
         mpp = um_per_px or slide.info.mpp
         if mpp is None:
             raise SlideError(
@@ -74,6 +84,7 @@ def _check_slide(path: Path, um_per_px: float | None) -> tuple[tuple[int, int], 
 )
 async def upload_slide(
     principal: SubmitKey,
+    services: ServicesDep,
     settings: SettingsDep,
     request: Request,
     name: Annotated[
@@ -81,25 +92,30 @@ async def upload_slide(
     ] = None,
 ) -> SlideUploaded:
     """Stream a slide file (the raw request body, any Content-Type) to the gateway's upload
-    area. Larger than `MS_GATEWAY_MAX_SLIDE_BYTES`: 413 (from Content-Length before reading,
-    else at the limit, the partial file removed). The slide is opened once to check it; a file
+    area. Larger than `MS_GATEWAY_MAX_SLIDE_BYTES`: 413 `slide_too_large`; beyond what the
+    tenant's quota leaves (`MS_GATEWAY_SLIDE_UPLOAD_QUOTA_BYTES`, after its expired uploads
+    are deleted): 413 `upload_quota_exceeded` (both from Content-Length before reading, else
+    at the limit, the partial file removed). The slide is opened once to check it; a file
     that is not a readable slide gets 422 and is not kept. The same file uploaded twice is one
     upload (named by its SHA-256)."""
     try:
         suffix = upload_suffix(name)
         declared = request.headers.get("content-length")
         assert settings.slide_cache_dir is not None
+        tenant_dir = upload_dir(settings.slide_cache_dir, principal.tenant)
+        used = await asyncio.to_thread(_tenant_usage, services, settings, tenant_dir)
         path, size, sha = await save_upload(
             request.stream(),
-            upload_dir(settings.slide_cache_dir, principal.tenant),
+            tenant_dir,
             max_bytes=settings.max_slide_bytes,
+            quota_left=settings.slide_upload_quota_bytes - used,
             declared_length=int(declared) if declared and declared.isdigit() else None,
             suffix=suffix,
         )
     except SlideStoreError as exc:
         raise _store_error(exc) from None
     try:
-        (w, h), levels, mpp = await asyncio.to_thread(_check_slide_any, path)
+        (w, h), levels, mpp = await asyncio.to_thread(_check_slide_any, path, scan_checks(settings))
     except SlideError as exc:
         path.unlink(missing_ok=True)
         raise _slide_error(exc) from None
@@ -115,9 +131,21 @@ async def upload_slide(
     )
 
 
-def _check_slide_any(path: Path) -> tuple[tuple[int, int], int, float | None]:
-    with open_slide(path) as slide:
+def _check_slide_any(path: Path, checks: ScanChecks) -> tuple[tuple[int, int], int, float | None]:
+    with open_scan(path, checks) as slide:
         return slide.info.dimensions, slide.level_count, slide.info.mpp
+
+
+def _tenant_usage(services: Services, settings: GatewaySettings, tenant_dir: Path) -> int:
+    """Bytes the tenant's uploads hold once its expired ones (not needed by an analysis
+    that has not cut them yet) are deleted: a tenant is never refused for uploads that a
+    sweep would remove anyway."""
+    root = settings.slide_cache_dir
+    assert root is not None
+    with services.sessions() as session:
+        in_use = upload_paths(root, store.uploads_in_use(session))
+    expire_uploads(root, ttl_s=settings.slide_upload_ttl_s, in_use=in_use, tenant_dir=tenant_dir)
+    return upload_bytes(tenant_dir)
 
 
 @router.post(
@@ -149,7 +177,7 @@ def submit_slide(
     try:
         if is_local(slides, source):
             path = source_path(slides, source, tenant=principal.tenant)
-            _check_slide(path, meta.options.um_per_px)
+            _check_slide(path, meta.options.um_per_px, scan_checks(settings))
     except SlideStoreError as exc:
         raise _store_error(exc) from None
     except SlideError as exc:
