@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from services.gateway.deps import OpsDetail, OpsKey, ServicesDep
+from services.gateway.errors import error_responses
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -51,7 +52,11 @@ async def readyz(services: ServicesDep, detail: OpsDetail) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses=error_responses(401, 403, 429),
+)
 def metrics(services: ServicesDep, _ops: OpsKey) -> Response:
     """Prometheus text format (key with the `ops` scope); labels carry no accession ids or
     patient data. Without a key: `MS_GATEWAY_METRICS_PORT`."""
