@@ -6,27 +6,19 @@ from `GatewaySettings`, and exits before anything is migrated, created or bound.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 
-
-def parse_cli(argv: Sequence[str] | None = None) -> None:
-    """`-h` prints usage and the settings and exits 0; any argument exits 2."""
-    from services.gateway.config import GatewaySettings
-    from services.runtime.cli import settings_help
-
-    argparse.ArgumentParser(
-        prog="python -m services.gateway",
-        description="The MarrowScope gateway: REST API, job store and (unless "
-        "MS_GATEWAY_EMBEDDED_WORKER=false) an analysis worker in one process.",
-        epilog="settings (environment variables only):\n" + settings_help(GatewaySettings),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).parse_args(argv)
+from services.gateway.cli import parse_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_cli(argv)
+    parse_cli(
+        "python -m services.gateway",
+        "The MarrowScope gateway: REST API, job store and (unless "
+        "MS_GATEWAY_EMBEDDED_WORKER=false) an analysis worker in one process.",
+        argv,
+    )
 
     import uvicorn
 
