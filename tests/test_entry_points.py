@@ -86,3 +86,10 @@ def test_help_prints_usage_and_touches_nothing(helped, module):
     assert code == 0, output[-2000:]
     assert "usage:" in output.lower(), output[-2000:]
     assert created == [], f"{module} --help created {created}"
+
+
+def test_gateway_help_lists_its_settings_with_their_meaning(helped):
+    for module in ("services.gateway", "services.gateway.worker"):
+        _, output, _ = helped[module]
+        assert "MS_GATEWAY_MAX_CELL_IMAGES  int  (default: 2000)" in output
+        assert "X-Forwarded-For" in output  # MS_GATEWAY_TRUSTED_PROXIES's description

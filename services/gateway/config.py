@@ -37,7 +37,10 @@ def check_um_per_px(value: float | None) -> float | None:
 class GatewaySettings(BaseSettings):
     """Every knob of the gateway; each field reads `MS_GATEWAY_<FIELD>` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="MS_GATEWAY_", extra="ignore")
+    # attribute docstrings become field descriptions: `--help` prints them
+    model_config = SettingsConfigDict(
+        env_prefix="MS_GATEWAY_", extra="ignore", use_attribute_docstrings=True
+    )
 
     data_dir: Path = Path(".marrowscope/gateway")
     database_url: str = ""
