@@ -205,6 +205,8 @@ class LocalStack:
             # without it gRPC's pick_first would send every call to the first replica
             env.setdefault("MS_GATEWAY_LB_POLICY", "round_robin")
         env.setdefault("MS_GATEWAY_DATA_DIR", str(self.workdir / "gateway"))
+        # a local stack on loopback: readiness detail and metrics without an ops key
+        env.setdefault("MS_GATEWAY_OPS_PUBLIC", "true")
         return env
 
     def start_gateway(

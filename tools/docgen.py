@@ -17,6 +17,7 @@ and everything outside the markers is prose that this tool never touches. Blocks
   against a symbolic model config so that model-dependent dimensions print as letters
   (``H``, ``W``, ``S``, ``K``) instead of one model's numbers.
 - ``settings``: each service's pydantic settings class (``services/<name>/config.py``).
+- ``gateway-limits``: `services.gateway.errors.LIMITS`, each gateway limit and its error.
 
 ``python -m tools.docgen`` rewrites the blocks; ``--check`` only reports stale files (exit
 status 1), which is what ``tests/tools/test_docgen.py`` runs.
@@ -337,12 +338,21 @@ def hl7_code_table() -> str:
     return _table(["code", "text", "OBX-2", "unit (UCUM)"], rows)
 
 
+def gateway_limit_table() -> str:
+    """Every configured limit of the gateway and the one error it answers with."""
+    from services.gateway.errors import LIMITS
+
+    rows = [[f"`{lim.setting}`", lim.status, f"`{lim.code}`", lim.what] for lim in LIMITS]
+    return _table(["setting", "status", "error", "limits"], rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "cell-codes": cell_code_table,
     "hl7-codes": hl7_code_table,
     "attributes": attribute_table,
     "tensors": tensor_table,
     "settings": settings_table,
+    "gateway-limits": gateway_limit_table,
 }
 
 

@@ -1,23 +1,37 @@
-"""`python -m services.gateway`: serve the API with uvicorn (and, by default, a worker).
+"""`python -m services.gateway [-h]`: serve the API with uvicorn (and, by default, a worker).
 
-`python -m services.gateway users ...` manages the review app's reviewer accounts
-(`services.gateway.users`)."""
+Every setting comes from the environment (`MS_GATEWAY_*`); `--help` prints them, generated
+from `GatewaySettings`, and exits before anything is migrated, created or bound. `python -m services.gateway users ...`
+manages the review app's reviewer accounts (`services.gateway.users`).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
+
+from services.gateway.cli import parse_cli
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["users"]:
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["users"]:
         from services.gateway.users import main as users
 
-        sys.exit(users(sys.argv[2:]))
+        sys.exit(users(args[1:]))
+    parse_cli(
+        "python -m services.gateway",
+        "The MarrowScope gateway: REST API, job store and (unless "
+        "MS_GATEWAY_EMBEDDED_WORKER=false) an analysis worker in one process.",
+        argv,
+    )
+
     import uvicorn
 
     from services.gateway.app import create_app
     from services.gateway.config import GatewaySettings
+    from services.gateway.protocol import json_error_protocol
 
     settings = GatewaySettings()
     logging.basicConfig(
@@ -29,9 +43,11 @@ def main() -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=json_error_protocol(),
         access_log=False,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
+        # X-Forwarded-For only from the listed proxies; none listed: the peer is the client
+        proxy_headers=bool(settings.trusted_proxies.strip()),
+        forwarded_allow_ips=[p.strip() for p in settings.trusted_proxies.split(",") if p.strip()],
         log_level=settings.log_level.lower(),
     )
 

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.auth import verify_key
 from services.gateway.config import GatewaySettings
 from services.gateway.container import build_services
-from services.gateway.errors import ApiError, http_error_code
-from services.gateway.guard import RequestGuard
+from services.gateway.errors import SLIDE_BYTES, ApiError, CodedHTTPError, http_error_code
+from services.gateway.guard import RequestGuard, route_templates
 from services.gateway.review import router as review
 from services.gateway.routers import analyses, health, reports, slides
 from services.gateway.worker import Worker
@@ -31,8 +31,8 @@ API_DESCRIPTION = """The MarrowScope gateway: submit bone-marrow smear images of
 receive a signed webhook, and fetch JSON / FHIR R4B reports and explanation images.
 
 Authentication: `Authorization: Bearer <key>` or `X-API-Key: <key>`; scopes `submit`,
-`read`, `admin`. 401 = missing or invalid key, 403 = the key lacks the scope, 429 = the
-key's rate limit (see `Retry-After`). Each key belongs to one tenant and sees only that
+`read`, `ops` (metrics, readiness detail), `admin`. 401 = missing or invalid key, 403 = the
+key lacks the scope, 429 = the key's rate limit (see `Retry-After`). Each key belongs to one tenant and sees only that
 tenant's analyses (another tenant's id answers 404); `admin` keys see every tenant.
 Errors are JSON `{"error": code, "detail": text}`.
 AI-generated decision support; not a diagnosis."""
@@ -62,6 +62,18 @@ def _local_docs(app: FastAPI) -> None:
         )
 
 
+def serve_metrics(port: int, registry):
+    """Prometheus metrics on their own port for the scraper (None when `port` is 0): the
+    API port's `/metrics` needs an `ops` key."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, registry=registry)
+    log.info("metrics on port %d", port)
+    return server
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     services = build_services(settings)
@@ -79,9 +91,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 metrics=services.metrics,
             )
             services.tasks.append(asyncio.create_task(worker.run(stop)))
+        metrics_server = serve_metrics(settings.metrics_port, services.metrics.registry)
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             stop.set()
             for task in services.tasks:
                 with contextlib.suppress(asyncio.CancelledError):
@@ -96,6 +112,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served below from local assets
         redoc_url=None,  # ReDoc exists only as a CDN script: the same OpenAPI is at /docs
+        # the parser's default of 1,000 files refused single-cell cases the settings allow;
+        # one file more than allowed reaches the route, whose 413 too_many_images says why
+        form_limits={"max_files": max(settings.max_images, settings.max_cell_images) + 1},
     )
     app.state.services = services
     _local_docs(app)
@@ -108,17 +127,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         RequestGuard,
         max_request_bytes=settings.max_request_bytes,
         # a slide upload is one streamed file, bounded by the slide limit instead
-        body_limits={"/v1/slide-uploads": settings.max_slide_bytes},
+        body_limits={"/v1/slide-uploads": (settings.max_slide_bytes, SLIDE_BYTES)},
+        body_idle_timeout_s=settings.body_idle_timeout_s,
         key_is_valid=key_is_valid,
         auth_failures=services.auth_failures,
         metrics=services.metrics,
+        templates=lambda: route_templates(app),
     )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown routes, wrong methods, unparsable bodies: the same shape as every error
+        code = exc.code if isinstance(exc, CodedHTTPError) else http_error_code(exc.status_code)
         return JSONResponse(
-            {"error": http_error_code(exc.status_code), "detail": str(exc.detail)},
+            {"error": code, "detail": str(exc.detail)},
             status_code=exc.status_code,
             headers=exc.headers,
         )

@@ -20,7 +20,9 @@ from sqlalchemy.orm import Session
 
 from services.gateway.db import DEFAULT_TENANT, ApiKey, now
 
-SCOPES: tuple[str, ...] = ("submit", "read", "admin")
+SCOPES: tuple[str, ...] = ("submit", "read", "ops", "admin")
+"""`ops`: operational detail only (`/metrics`, `/readyz`'s per-model detail), for monitoring
+that cannot use the separate metrics port; it reads no analysis."""
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 

@@ -38,7 +38,10 @@ def check_um_per_px(value: float | None) -> float | None:
 class GatewaySettings(BaseSettings):
     """Every knob of the gateway; each field reads `MS_GATEWAY_<FIELD>` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="MS_GATEWAY_", extra="ignore")
+    # attribute docstrings become field descriptions: `--help` prints them
+    model_config = SettingsConfigDict(
+        env_prefix="MS_GATEWAY_", extra="ignore", use_attribute_docstrings=True
+    )
 
     data_dir: Path = Path(".marrowscope/gateway")
     database_url: str = ""
@@ -194,16 +197,25 @@ class GatewaySettings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     """Claims of one analysis (worker crashes) before it fails instead of looping forever."""
     metrics_port: int = 0
-    """Standalone workers only: serve Prometheus metrics on this port (0 = off)."""
+    """Serve Prometheus metrics without a key on this separate port (0 = off), for the
+    scraper: the API port's `/metrics` (and `/readyz`'s per-model detail) needs an API key
+    with the `ops` scope. Standalone workers serve metrics only here."""
+    ops_public: bool = False
+    """Serve `/metrics` and `/readyz`'s per-model detail on the API port without a key:
+    local stacks and tests only (they tell an outsider what is down and how busy it is)."""
 
     rate_limit_per_min: int = Field(120, ge=1)
     auth_failures_per_min: int = Field(10, ge=1)
-    """Missing/invalid API keys tolerated per client address and minute (burst as large);
-    beyond it every /v1 request from that address gets 429 with Retry-After."""
-    forwarded_allow_ips: str = "127.0.0.1"
-    """Proxies (comma list of IPs/CIDRs, `*` for any) whose X-Forwarded-For uvicorn trusts
-    as the client address: behind an ingress, its pods' network, or every client shares the
-    ingress's address in the failed-authentication limit."""
+    """Missing/invalid API keys tolerated per client address, and per presented key, and
+    minute (burst as large); beyond it a /v1 request from that address without a valid key,
+    or with that same key, gets 429 with Retry-After. A valid key is never refused for it."""
+    trusted_proxies: str = ""
+    """Proxies (comma list of IPs/CIDRs) whose X-Forwarded-For is taken as the client
+    address, e.g. the ingress controller pods' network; from any other peer the header is
+    ignored. Empty: the TCP peer is the client (no proxy can name another)."""
+    body_idle_timeout_s: float = Field(60.0, gt=0)
+    """A request body (an upload) that sends nothing for this long gets 408 body_timeout
+    and its connection closed; a partial slide upload is removed."""
     public_base_url: str = ""
     """How the LIS reaches this API, e.g. `https://marrowscope.hospital.example`: the base of
     URLs inside reports (FHIR Media). Never taken from the request's Host header, which the
@@ -232,6 +244,19 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(
                     f"PUBLIC_BASE_URL must be http(s)://host[:port][/path], got {value!r}"
                 )
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from services.gateway.webhooks import parse_cidrs
+
+        if value.strip() == "*":
+            raise ValueError(
+                "TRUSTED_PROXIES must list networks, not '*': trusting every peer lets any "
+                "client choose its own address"
+            )
+        parse_cidrs(value)
         return value
 
     @field_validator("webhook_allow_cidrs")

@@ -19,7 +19,7 @@ from services.gateway.auth import Principal, verify_key
 from services.gateway.config import GatewaySettings
 from services.gateway.container import Services
 from services.gateway.db import Analysis
-from services.gateway.errors import ApiError
+from services.gateway.errors import RATE, ApiError
 from services.gateway.schemas import AnalysisAccepted
 
 
@@ -79,12 +79,7 @@ def require(scope: str):
             raise ApiError(403, "forbidden", f"this key lacks the {scope!r} scope")
         wait = services.limiter.acquire(principal.key_id)
         if wait:
-            raise ApiError(
-                429,
-                "rate_limited",
-                "rate limit exceeded for this key",
-                {"Retry-After": str(int(wait))},
-            )
+            raise RATE.error("rate limit exceeded for this key", {"Retry-After": str(int(wait))})
         return principal
 
     return dependency
@@ -93,6 +88,41 @@ def require(scope: str):
 SubmitKey = Annotated[Principal, Depends(require("submit"))]
 ReadKey = Annotated[Principal, Depends(require("read"))]
 AdminKey = Annotated[Principal, Depends(require("admin"))]
+_require_ops = require("ops")
+
+
+def ops_key(
+    services: ServicesDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> Principal | None:
+    """A key with the `ops` scope (401/403 otherwise); None with `MS_GATEWAY_OPS_PUBLIC`."""
+    if services.settings.ops_public:
+        return None
+    return _require_ops(services, bearer, header)
+
+
+OpsKey = Annotated[Principal | None, Depends(ops_key)]
+
+
+def may_see_ops(services: ServicesDep, request: Request) -> bool:
+    """Whether the request carries a valid key with the `ops` (or `admin`) scope (or
+    `MS_GATEWAY_OPS_PUBLIC`); no key or another key is not an error here: the route answers
+    with less detail. (Read from the headers, not the security schemes: the route must not
+    be documented as requiring a key, probes call it without one.)"""
+    from services.gateway.guard import presented_key
+
+    if services.settings.ops_public:
+        return True
+    presented, _ = presented_key(request.headers)
+    if not presented:
+        return False
+    with services.sessions() as session:
+        principal = verify_key(session, presented)
+    return principal is not None and bool({"ops", "admin"} & principal.scopes)
+
+
+OpsDetail = Annotated[bool, Depends(may_see_ops)]
 
 
 def get_analysis(session: Session, analysis_id: str, principal: Principal) -> Analysis:

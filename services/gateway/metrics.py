@@ -100,8 +100,29 @@ class GatewayMetrics:
         )
         self.requests = Counter(
             "marrowscope_gateway_http_requests_total",
-            "HTTP requests by route template (unmatched: no route), method and status",
+            "HTTP requests by route template (unrouted: no route), method and status",
             ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "marrowscope_gateway_http_request_duration_seconds",
+            "Wall time of one HTTP request, from its first byte in to its last byte out, by "
+            "route template, method and status class (2xx, 4xx, ...)",
+            ["route", "method", "status_class"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.body_timeouts = Counter(
+            "marrowscope_gateway_body_timeouts_total",
+            "Requests whose body stalled longer than MS_GATEWAY_BODY_IDLE_TIMEOUT_S (408; a "
+            "partial slide upload is removed), by route template",
+            ["route"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "marrowscope_gateway_client_disconnects_total",
+            "Requests whose client went away before the response, by route template",
+            ["route"],
             registry=self.registry,
         )
         self.rejected = Counter(

@@ -20,7 +20,14 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from services.gateway.config import GatewaySettings
-from services.gateway.errors import ApiError
+from services.gateway.errors import (
+    CASE_PIXELS,
+    CELL_IMAGE_PIXELS,
+    METADATA_BYTES,
+    PIXELS,
+    UPLOAD_BYTES,
+    ApiError,
+)
 from services.gateway.schemas import AnalysisCreate
 
 M = TypeVar("M", bound=AnalysisCreate)
@@ -41,11 +48,7 @@ def parse_metadata(
     if raw is None or (isinstance(raw, str | bytes) and not raw.strip()):
         raise ApiError(422, "invalid_metadata", "the multipart part 'metadata' (JSON) is missing")
     if len(raw) > settings.max_metadata_bytes:
-        raise ApiError(
-            413,
-            "metadata_too_large",
-            f"metadata is larger than {settings.max_metadata_bytes} bytes",
-        )
+        raise METADATA_BYTES.error(f"metadata is larger than {settings.max_metadata_bytes} bytes")
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -105,22 +108,23 @@ def check_uploads(
     case_pixels = 0
     for k, upload in enumerate(uploads):
         if upload.size is not None and upload.size > settings.max_upload_bytes:
-            raise ApiError(
-                413,
-                "image_too_large",
-                f"image {k} is {upload.size} bytes; the limit is {settings.max_upload_bytes}",
+            raise UPLOAD_BYTES.error(
+                f"image {k} is {upload.size} bytes; the limit is {settings.max_upload_bytes}"
             )
         data = upload.file.read(settings.max_upload_bytes + 1)
         pixels = header_pixels(data)
+        if pixels > settings.max_pixels:  # from the header: nothing decoded yet
+            label = f"image {k}" + (f" ({upload.filename})" if upload.filename else "")
+            raise PIXELS.error(
+                f"{label}: image declares {pixels} pixels; the limit is {settings.max_pixels}"
+            )
         if cells:
             check_cell_size(pixels, index=k, filename=upload.filename, settings=settings)
         case_pixels += pixels
         if case_pixels > settings.max_case_pixels:
-            raise ApiError(
-                413,
-                "case_too_large",
+            raise CASE_PIXELS.error(
                 f"images 0..{k} declare {case_pixels} pixels together; the limit per case is "
-                f"{settings.max_case_pixels} (MS_GATEWAY_MAX_CASE_PIXELS)",
+                f"{settings.max_case_pixels}"
             )
         blobs.append((data, upload.filename))
     checked = [
@@ -142,12 +146,9 @@ def check_cell_size(
     can be (`max_cell_image_pixels`): most likely a field of view sent as a cell."""
     if pixels > settings.max_cell_image_pixels:
         label = f"image {index}" + (f" ({filename})" if filename else "")
-        raise ApiError(
-            422,
-            "not_a_cell_image",
+        raise CELL_IMAGE_PIXELS.error(
             f"{label} has {pixels} pixels; an image of a single-cell case (input cells) holds "
-            f"at most {settings.max_cell_image_pixels} (MS_GATEWAY_MAX_CELL_IMAGE_PIXELS): "
-            "send fields of view with input fields",
+            f"at most {settings.max_cell_image_pixels}: send fields of view with input fields"
         )
 
 
@@ -162,10 +163,8 @@ def check_image(
 
     label = f"image {index}" + (f" ({filename})" if filename else "")
     if len(data) > settings.max_upload_bytes:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"{label} is {len(data)} bytes; the limit is {settings.max_upload_bytes}",
+        raise UPLOAD_BYTES.error(
+            f"{label} is {len(data)} bytes; the limit is {settings.max_upload_bytes}"
         )
     try:
         with _decode_slots(settings.decode_slots):
@@ -178,7 +177,7 @@ def check_image(
             height, width = int(rgb.shape[0]), int(rgb.shape[1])
             del rgb  # only the size is kept: never hold several full-size decodes
     except InvalidInput as exc:
-        raise ApiError(422, "invalid_image", f"{label}: {exc}") from None
+        raise ApiError(PIXELS.status, PIXELS.code, f"{label}: {exc}") from None
     with Image.open(io.BytesIO(data)) as im:  # header only: the format name for the record
         fmt = im.format or "unknown"
     return CheckedImage(data, hashlib.sha256(data).hexdigest(), width, height, fmt)

@@ -17,7 +17,8 @@ Destinations (SSRF): a webhook URL is chosen by whoever holds a submit key, so t
 must not become a way into the hospital network or the cloud metadata service. Refused by
 default: userinfo in the URL, schemes other than http(s), hosts that are loopback, private,
 link-local, shared, multicast or reserved addresses (also in their numeric spellings, which
-the URL parser normalises) and well-known metadata or local names. `check_url` runs at
+the URL parser normalises, and inside IPv6 transition addresses: IPv4-mapped and -compatible,
+NAT64, 6to4, Teredo) and well-known metadata or local names. `check_url` runs at
 submit; `resolve_target` runs again at every send on the addresses the name resolves to now,
 and the POST connects to the checked address itself (Host header and TLS SNI keep the name),
 so a name that resolves elsewhere a second time (DNS rebinding) gains nothing. Sites whose
@@ -107,9 +108,35 @@ def _address(host: str) -> IpAddress | None:
     return None
 
 
+NAT64_PREFIXES = (
+    ipaddress.IPv6Network("64:ff9b::/96"),  # RFC 6052 well-known prefix
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # RFC 8215 local-use prefix
+)
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(ip: IpAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries to a v4 host: IPv4-mapped, IPv4-compatible,
+    NAT64 (a translator on the path connects to the v4 address), 6to4 and Teredo (server and
+    client). A probe reached 169.254.169.254 as [64:ff9b::a9fe:a9fe]: such an address is only
+    as public as the v4 address inside it."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ()
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo
+    if any(ip in net for net in NAT64_PREFIXES):
+        return (low32,)
+    if ip in IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are not v4 addresses
+        return (low32,)
+    return ()
+
+
 def _public(ip: IpAddress) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
 
 
@@ -130,10 +157,11 @@ class WebhookPolicy:
         )
 
     def allowed(self, ip: IpAddress) -> bool:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         if any(ip in net for net in self.allow):
             return True
+        inner = embedded_ipv4(ip)
+        if inner:  # the v4 host decides, whichever v6 spelling reaches it
+            return all(self.allowed(v4) for v4 in inner)
         return self.allow_private or _public(ip)
 
     def check_url(self, url: str) -> tuple[str, str, int]:

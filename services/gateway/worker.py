@@ -604,6 +604,12 @@ async def serve_workers(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
+    from services.gateway.cli import parse_cli
+
+    parse_cli(
+        "python -m services.gateway.worker",
+        "A standalone MarrowScope analysis worker (claims queued analyses from the job store).",
+    )
     settings = GatewaySettings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"

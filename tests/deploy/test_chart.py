@@ -162,13 +162,22 @@ def test_monitoring_custom_resources_are_well_formed(prod_objects):
     (sm,) = checks.by_kind(prod_objects, "ServiceMonitor").values()
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["selector"]["matchLabels"]["marrowscope.io/scrape"] == "true"
-    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics", "http"}
+    # the gateway API's metrics too: its `http` port serves /metrics only to an ops key
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics"}
     scraped = [
         s
         for s in checks.by_kind(prod_objects, "Service").values()
         if s["metadata"]["labels"].get("marrowscope.io/scrape") == "true"
     ]
     assert len(scraped) == len(MODEL_SERVICES) + 2  # + gateway API and worker
+    for s in scraped:
+        assert "metrics" in {p["name"] for p in s["spec"]["ports"]}, s["metadata"]["name"]
+    for d in checks.by_kind(prod_objects, "Deployment").values():
+        if "gateway" in d["metadata"]["name"]:
+            (c,) = d["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["MS_GATEWAY_METRICS_PORT"] == "8002"
+            assert {"name": "metrics", "containerPort": 8002, "protocol": "TCP"} in c["ports"]
 
     (rule,) = checks.by_kind(prod_objects, "PrometheusRule").values()
     alerts = {}

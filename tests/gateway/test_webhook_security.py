@@ -73,6 +73,12 @@ REFUSED = [
     "http://metadata.google.internal/computeMetadata/v1/",
     "http://localhost:{port}/hook",
     "http://[::ffff:127.0.0.1]/hook",
+    # IPv6 transition forms of a private v4 host (issue 22 probe): NAT64, 6to4, v4-compatible
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+    "http://[64:ff9b::a00:1]/hook",
+    "http://[64:ff9b::7f00:1]:{port}/hook",
+    "http://[2002:a9fe:a9fe::1]/hook",
+    "http://[::a9fe:a9fe]/hook",
     "http://user:hunter2@lis.example/hook",
 ]
 
@@ -178,10 +184,22 @@ def _resolver(*answers: list[str]):
 def test_send_time_check_uses_the_resolved_address_and_connects_to_it(listener):
     url = f"http://lis.example:{listener.port}/hook"
     # rebinding: a public answer mixed with loopback, or loopback at send time
-    for answer in (["93.184.216.34", "127.0.0.1"], ["127.0.0.1"], ["::1"], ["169.254.169.254"]):
+    for answer in (
+        ["93.184.216.34", "127.0.0.1"],
+        ["127.0.0.1"],
+        ["::1"],
+        ["169.254.169.254"],
+        ["64:ff9b::7f00:1"],  # NAT64 of 127.0.0.1
+        ["2002:a9fe:a9fe::1"],  # 6to4 of 169.254.169.254
+        ["::a00:1"],  # IPv4-compatible 10.0.0.1
+        ["2001:0:4136:e378:8000:63bf:3fff:fdd2"],  # Teredo, client 192.0.2.45
+    ):
         ok, err = _deliver(url, WebhookPolicy(resolve=_resolver(answer)))
         assert not ok and err.startswith("refused: ") and "non-public" in err, (answer, err)
     assert listener.received == []
+    # a public v4 host in a transition address stays reachable
+    assert WebhookPolicy().allowed(ipaddress.ip_address("64:ff9b::5db8:d822"))
+    assert WebhookPolicy().allowed(ipaddress.ip_address("2002:5db8:d822::1"))
     # allowed network: the POST goes to the checked address (lis.example has no DNS record
     # here, so a second lookup by the HTTP client would have failed) with the name as Host
     allowed = WebhookPolicy(

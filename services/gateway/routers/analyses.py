@@ -25,7 +25,7 @@ from services.gateway.deps import (
     get_analysis,
     replay,
 )
-from services.gateway.errors import ApiError, error_responses
+from services.gateway.errors import CELL_IMAGES, IMAGES, ApiError, error_responses
 from services.gateway.schemas import (
     AnalysisAccepted,
     AnalysisPage,
@@ -123,11 +123,10 @@ def submit_analysis(
     cells = meta.input == "cells"
     most = settings.max_cell_images if cells else settings.max_images
     if len(images) > most:
-        raise ApiError(
-            413,
-            "too_many_images",
+        limit = CELL_IMAGES if cells else IMAGES
+        raise limit.error(
             f"{len(images)} images; at most {most} per analysis"
-            + (" of single cells (MS_GATEWAY_MAX_CELL_IMAGES)" if cells else ""),
+            + (" of single cells" if cells else "")
         )
     checked = check_uploads(images, settings, cells=cells)
     meta_doc = meta.model_dump(mode="json")

@@ -1,4 +1,9 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+`/healthz` and a bare `/readyz` (`{"ready": bool}`) are public, for probes; the per-model
+detail of `/readyz` and `/metrics` tell an outsider which services are down and how busy the
+gateway is, so they need a key with the `ops` scope (the scraper reads the separate
+`MS_GATEWAY_METRICS_PORT` instead)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from services.gateway.deps import ServicesDep
+from services.gateway.deps import OpsDetail, OpsKey, ServicesDep
+from services.gateway.errors import error_responses
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -22,8 +28,9 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
-async def readyz(services: ServicesDep) -> JSONResponse:
-    """Ready when the job store answers and every model service reports SERVING/ready."""
+async def readyz(services: ServicesDep, detail: OpsDetail) -> JSONResponse:
+    """Ready when the job store answers and every model service reports SERVING/ready; the
+    job store's and each model's state only for a key with the `ops` scope."""
 
     def db_ok() -> bool:
         try:
@@ -39,14 +46,20 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if services.clients is not None:
         models = await services.clients.ready(timeout=services.settings.ready_timeout_s)
     ready = database and bool(models) and all(models.values())
-    return JSONResponse(
-        {"ready": ready, "database": database, "models": models}, status_code=200 if ready else 503
-    )
+    body: dict = {"ready": ready}
+    if detail:
+        body |= {"database": database, "models": models}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
-def metrics(services: ServicesDep) -> Response:
-    """Prometheus text format; labels carry no accession ids or patient data."""
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses=error_responses(401, 403, 429),
+)
+def metrics(services: ServicesDep, _ops: OpsKey) -> Response:
+    """Prometheus text format (key with the `ops` scope); labels carry no accession ids or
+    patient data. Without a key: `MS_GATEWAY_METRICS_PORT`."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
