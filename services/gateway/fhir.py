@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from marrowscope.targets import GeneticTarget, genetic_targets
+from services.gateway.reading import SignOut, result_status
 from services.gateway.result import AnalysisResult, GeneticMorphologyCall, SlideSummary
 
 LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
@@ -63,16 +64,27 @@ def _withheld(reason: str, detail: str | None) -> dict:
     }
 
 
+def report_status(sign_out: SignOut | None) -> str:
+    """DiagnosticReport.status: AI only -> preliminary; signed out -> final; an amendment
+    of an earlier sign-out -> amended (the same P / F / C as the ORU's OBR-25)."""
+    return {"P": "preliminary", "F": "final", "C": "amended"}[result_status(sign_out)]
+
+
 def build_bundle(
     *,
     analysis: dict,
     result: AnalysisResult,
     base_url: str = "",
     presented_form: bytes | None = None,
+    sign_out: SignOut | None = None,
 ) -> dict:
     """analysis: {id, accession_id, finished_at (datetime|None)}; result: the analysis's
     result (a stored one: `AnalysisResult.model_validate`); presented_form: the PDF report
-    (`services.gateway.pdf`), embedded as the DiagnosticReport's `presentedForm`. Returns
+    (`services.gateway.pdf`), embedded as the DiagnosticReport's `presentedForm`; sign_out:
+    the hematologist's sign-out from the review app: the DiagnosticReport is `preliminary`
+    without one, `final` with one and `amended` when it replaces an earlier sign-out, with
+    the reviewer as `resultsInterpreter` (a Practitioner) and as the Provenance's verifier.
+    Returns
     the Bundle as a JSON-ready dict, validated by fhir.resources R4B."""
     from fhir.resources.R4B.bundle import Bundle
 
@@ -255,10 +267,11 @@ def build_bundle(
             f"blasts {result.blast_percent:.1f}% of "
             f"{result.n_cells_counted} counted cells. {result.disclaimer}"
         )
+    reviewer_ref = f"urn:uuid:{uuid.uuid4()}"
     report = {
         "resourceType": "DiagnosticReport",
         "meta": meta,
-        "status": "final",
+        "status": report_status(sign_out),
         "identifier": [
             {
                 "type": {
@@ -289,6 +302,8 @@ def build_bundle(
     }
     if media_links:
         report["media"] = media_links
+    if sign_out is not None:
+        report["resultsInterpreter"] = [{"reference": reviewer_ref, "display": sign_out.reviewer}]
     if presented_form is not None:
         report["presentedForm"] = [
             {
@@ -317,6 +332,30 @@ def build_bundle(
             }
         ],
     }
+    practitioner: list[dict] = []
+    if sign_out is not None:
+        provenance["agent"].append(
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "verifier",
+                        }
+                    ]
+                },
+                "who": {"reference": reviewer_ref, "display": sign_out.reviewer},
+            }
+        )
+        provenance["occurredDateTime"] = sign_out.signed_at.isoformat()
+        if sign_out.comment:
+            report["conclusion"] += f" Reviewer's comment: {sign_out.comment}"
+        practitioner = [
+            {
+                "fullUrl": reviewer_ref,
+                "resource": {"resourceType": "Practitioner", "name": [{"text": sign_out.reviewer}]},
+            }
+        ]
     bundle = {
         "resourceType": "Bundle",
         "type": "collection",
@@ -326,6 +365,7 @@ def build_bundle(
             {"fullUrl": urn["device"], "resource": device},
             *({"fullUrl": r, "resource": res} for r, res in entries),
             {"fullUrl": urn["provenance"], "resource": provenance},
+            *practitioner,
         ],
     }
     return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)

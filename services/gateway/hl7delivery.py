@@ -32,6 +32,7 @@ from services.gateway.hl7 import Hl7Options, build_oru
 from services.gateway.mllp import Hl7Destination, MllpError, send
 from services.gateway.reading import case_header
 from services.gateway.result import AnalysisResult
+from services.gateway.review.cases import sign_out_record
 from services.gateway.webhooks import backoff_s
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,28 @@ def render(session: Any, blobs: Any, row: Hl7Outbox, d: Hl7Destination, base_url
         raise LookupError(f"analysis {row.analysis_id} has no stored result")
     result = AnalysisResult.model_validate(stored)
     case = case_header(a)
+    # the first message of a case is preliminary; a sign-out's carries it (F, or C amended)
+    sign_out = sign_out_record(session, a.id) if row.event in SIGN_OUT_EVENTS else None
     pdf = None
     if d.pdf == "embed":
         from services.gateway.pdf import build_pdf, figure_from_blobs
 
-        pdf = build_pdf(case=case, result=result, figure=figure_from_blobs(blobs, result))
+        pdf = build_pdf(
+            case=case, result=result, figure=figure_from_blobs(blobs, result), sign_out=sign_out
+        )
     url = f"{base_url}/v1/analyses/{a.id}/report?format=pdf"
     return build_oru(
         case=case,
         result=result,
         control_id=row.id[:20],
         options=_options(d),
+        sign_out=sign_out,
         pdf=pdf,
         pdf_url=url if base_url else None,
     )
+
+
+SIGN_OUT_EVENTS = frozenset({"signed_out", "amended"})
 
 
 class Hl7Dispatcher:

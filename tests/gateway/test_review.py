@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from marrowscope.paths import PROJECT_ROOT
 from services.gateway.review.accounts import LoginThrottle
 from tests.conftest import free_port
 from tests.gateway.conftest import create_key_cli, files, meta, png, settings_env, wait_status
+from tests.gateway.mllp_server import MllpServer
 
 PASSWORD = "correct horse battery"
 
@@ -39,7 +41,13 @@ def users_cli(env: dict[str, str], *argv: str, password: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def lis_mllp():
+    with MllpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, lis_mllp):
     from tests.gateway.conftest import GatewayProcess
 
     root = tmp_path_factory.mktemp("review")
@@ -49,6 +57,9 @@ def app(tmp_path_factory):
         MS_GATEWAY_MIN_CELLS="5",
         MS_GATEWAY_REVIEW_COOKIE_SECURE="false",
         MS_GATEWAY_REVIEW_SESSION_TTL_S="600",
+        MS_GATEWAY_HL7_DESTINATIONS=json.dumps(
+            {"default": {"host": "127.0.0.1", "port": lis_mllp.port}}
+        ),
     )
     for name, tenant in (("dr.meyer", "default"), ("dr.other", "site-b")):
         out = users_cli(
@@ -77,6 +88,7 @@ def app(tmp_path_factory):
             assert r.status_code == 202, r.text
             body = wait_status(lis.get, r.json()["id"], key)
             assert body["status"] == "succeeded", body
+        body["lis_key"] = key
         yield proc, env, body
     finally:
         proc.stop()
@@ -227,6 +239,66 @@ def test_sign_out_freezes_the_case_until_reopened_with_a_reason(app) -> None:
         assert "amendment 1" in me.get(case).text
         with login(proc.url) as other_tab:  # a second session of the same reviewer works too
             assert other_tab.get(case).status_code == 200
+
+
+def _obr25(message: str) -> str:
+    obr = next(seg for seg in message.split("\r") if seg.startswith("OBR|"))
+    return obr.split("|")[25]
+
+
+def _wait_messages(lis: MllpServer, n: int) -> list[str]:
+    deadline = time.monotonic() + 120
+    while len(lis.messages()) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(lis.messages()) >= n, lis.messages()
+    return lis.messages()
+
+
+def test_sign_out_reaches_the_reports_and_the_lis(app, lis_mllp) -> None:
+    """Preliminary until signed out; then FHIR `final` with the reviewer as interpreter and
+    verifier, the PDF says who signed, and the LIS gets an ORU^R01 with result status F;
+    an amendment gives `amended` and C. Each message arrives after the one before."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    proc, _, body = app
+    aid, key = body["id"], body["lis_key"]
+    case = f"/review/cases/{aid}"
+    with httpx.Client(base_url=proc.url, headers=key, timeout=120) as lis_api:
+
+        def fhir_report() -> dict:
+            bundle = lis_api.get(f"/v1/analyses/{aid}/report", params={"format": "fhir"}).json()
+            Bundle.model_validate(bundle)
+            return next(
+                e["resource"]
+                for e in bundle["entry"]
+                if e["resource"]["resourceType"] == "DiagnosticReport"
+            )
+
+        with login(proc.url) as me:
+            csrf, revision = csrf_and_revision(me.get(case).text)
+            if "signed out by" in me.get(case).text.lower():  # an earlier test's sign-out
+                me.post(f"{case}/reopen", data={"csrf": csrf, "revision": revision, "reason": "x"})
+                csrf, revision = csrf_and_revision(me.get(case).text)
+            assert fhir_report()["status"] == "preliminary"
+            first = _wait_messages(lis_mllp, 1)
+            assert _obr25(first[0]) == "P"
+            amended_before = "amendment" in me.get(case).text
+            signed = me.post(
+                f"{case}/sign-out",
+                data={"csrf": csrf, "revision": revision, "comment": "morphology agrees"},
+            )
+            assert signed.status_code == 303
+        report = fhir_report()
+        assert report["status"] == ("amended" if amended_before else "final")
+        assert report["resultsInterpreter"][0]["display"] == "Dr.Meyer"
+        assert "morphology agrees" in report["conclusion"]
+        pdf = lis_api.get(f"/v1/analyses/{aid}/report", params={"format": "pdf"}).content
+        text = subprocess.run(
+            ["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True
+        ).stdout.decode()
+        assert "Dr.Meyer" in text and "morphology agrees" in text
+        messages = _wait_messages(lis_mllp, 2)
+        assert _obr25(messages[-1]) == ("C" if amended_before else "F")
 
 
 def test_logout_ends_the_session_server_side(app) -> None:

@@ -16,16 +16,18 @@ a stale one raises `StaleRevision` and changes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from marrowscope.features import DifferentialEntry, differential_of_codes
 from marrowscope.taxonomy import CODES, COUNTED_CODES
-from services.gateway import store
-from services.gateway.db import CaseReview, now
+from services.gateway import hl7outbox, store
+from services.gateway.db import Analysis, CaseReview, Outbox, Reviewer, now
+from services.gateway.reading import SignOut
 from services.gateway.review.accounts import ReviewerIdentity
 
 REVIEWABLE_STATUSES = frozenset({"succeeded", "abstained"})
@@ -170,8 +172,55 @@ def relabel(
     return review
 
 
+def sign_out_record(session: Session, analysis_id: str) -> SignOut | None:
+    """The case's sign-out as the reports read it (None while it is not signed out): the
+    reviewer's name, when, the comment, and whether it amends an earlier sign-out."""
+    review = session.get(CaseReview, analysis_id)
+    if review is None or review.state != "signed_out" or review.signed_at is None:
+        return None
+    reviewer = session.get(Reviewer, review.signed_by) if review.signed_by else None
+    return SignOut(
+        reviewer=reviewer.display_name if reviewer else "unknown reviewer",
+        signed_at=datetime.fromtimestamp(review.signed_at, UTC),
+        comment=review.comment or "",
+        amended=review.amendments > 0,
+    )
+
+
+def _notify(session: Session, analysis_id: str, event: str, hl7_tenants: Collection[str]) -> None:
+    """Tell the LIS, in the sign-out's transaction: a webhook (when the analysis has one) and
+    an ORU^R01 (when its tenant has an HL7 destination), both through the durable outboxes."""
+    a = session.get(Analysis, analysis_id)
+    if a is None:
+        return
+    if a.webhook_url:
+        payload = {
+            "event": f"analysis.{event}",
+            "analysis_id": a.id,
+            "tenant": a.tenant,
+            "status": a.status,
+            "signed_at": now(),
+        }
+        session.add(
+            Outbox(
+                analysis_id=a.id,
+                url=a.webhook_url,
+                payload=json.dumps(payload, sort_keys=True),
+                next_attempt_at=now(),
+            )
+        )
+    if a.tenant in hl7_tenants:
+        hl7outbox.enqueue(session, analysis_id=a.id, tenant=a.tenant, event=event)
+
+
 def sign_out(
-    session: Session, *, analysis_id: str, revision: int, comment: str, who: ReviewerIdentity
+    session: Session,
+    *,
+    analysis_id: str,
+    revision: int,
+    comment: str,
+    who: ReviewerIdentity,
+    hl7_tenants: Collection[str] = (),
 ) -> CaseReview:
     review = _writable(session, analysis_id, revision)
     if review.state == "signed_out":
@@ -184,6 +233,8 @@ def sign_out(
     review.comment = comment.strip() or None
     _store(session, review)
     _audit(session, who, "review.sign_out", analysis_id, f"amendment {review.amendments}")
+    session.flush()
+    _notify(session, analysis_id, "amended" if review.amendments else "signed_out", hl7_tenants)
     return review
 
 

@@ -421,7 +421,12 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             active,
             analysis_id,
             lambda s: cases.sign_out(
-                s, analysis_id=analysis_id, revision=revision, comment=comment, who=active.reviewer
+                s,
+                analysis_id=analysis_id,
+                revision=revision,
+                comment=comment,
+                who=active.reviewer,
+                hl7_tenants=services.settings.hl7_destinations.keys(),
             ),
         )
 

@@ -22,6 +22,7 @@ from services.gateway.pdf import build_pdf, figure_from_blobs
 from services.gateway.reading import case_header
 from services.gateway.render import heatmap_png, overlay_png
 from services.gateway.result import AnalysisResult, ImageResult
+from services.gateway.review.cases import sign_out_record
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
@@ -78,8 +79,12 @@ def get_report(
         return JSONResponse(result)
     report = AnalysisResult.model_validate(result)
     services = request.app.state.services
+    signed = sign_out_record(session, a.id)
     pdf = build_pdf(
-        case=case_header(a), result=report, figure=figure_from_blobs(services.blobs, report)
+        case=case_header(a),
+        result=report,
+        figure=figure_from_blobs(services.blobs, report),
+        sign_out=signed,
     )
     if format == "pdf":
         name = f"marrowscope-{a.id}.pdf"
@@ -92,6 +97,7 @@ def get_report(
         # the configured public URL, never the request's Host header (client-controlled)
         base_url=services.settings.public_base_url,
         presented_form=pdf,
+        sign_out=signed,
     )
     return JSONResponse(bundle, media_type=FHIR_JSON)
 
