@@ -310,12 +310,53 @@ def ensure_key(env: dict[str, str], key_file: Path, accepted) -> str:
         .strip()
         .splitlines()[-1]
     )
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_secret(key_file, key)
+    return key
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         os.fchmod(fh.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
-        fh.write(key + "\n")
-    return key
+        fh.write(secret + "\n")
+
+
+DEMO_REVIEWER = "demo.reviewer"
+
+
+def ensure_reviewer(env: dict[str, str], secret_file: Path) -> str:
+    """The demo reviewer's password for the review app: the one stored in `secret_file`
+    (mode 0600, next to the gateway's database), else a new one; the account is created,
+    or its password set to the stored one, so the printed login always works."""
+    import secrets
+
+    if secret_file.is_file():
+        password = secret_file.read_text().strip()
+    else:
+        password = secrets.token_urlsafe(12)
+        _write_secret(secret_file, password)
+    for argv in (
+        ["add", "--username", DEMO_REVIEWER, "--name", "Demo Reviewer"],
+        ["password", DEMO_REVIEWER],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "services.gateway", "users", *argv, "--password-stdin"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            return password
+        if "exists already" not in done.stderr:
+            raise RuntimeError(f"could not create the demo reviewer: {done.stderr.strip()}")
+    raise RuntimeError("could not set the demo reviewer's password")
+
+
+def review_login_line(gateway_url: str, password: str) -> str:
+    return f"review app  {gateway_url}/review/   (login {DEMO_REVIEWER} / {password})"
 
 
 def wait_and_keep(client, analysis_id: str, folder: Path, timeout_s: float = 600) -> dict:
@@ -520,6 +561,8 @@ def main(args: argparse.Namespace) -> int:
         "MS_GATEWAY_DATA_DIR": str(gateway_dir),
         "MS_GATEWAY_SLIDE_ROOTS": json.dumps({"demo": str(slides_dir)}),
         "MS_GATEWAY_SLIDE_REGION_UM": f"{DEMO_SLIDE_BLOCK * mpp:.1f}",
+        # the demo serves plain HTTP on loopback: a Secure cookie would never come back
+        "MS_GATEWAY_REVIEW_COOKIE_SECURE": "false",
     }
     # `make serve` starts the same stack later from these settings (training.serve).
     write_stack_settings(args.workdir, tracking_uri, stack_env)
@@ -536,6 +579,9 @@ def main(args: argparse.Namespace) -> int:
                 gateway_dir / f"{DEMO_KEY_NAME}.key",
                 lambda k: gateway_accepts(http, k),
             )
+        reviewer_password = ensure_reviewer(
+            stack.gateway_env(), gateway_dir / f"{DEMO_REVIEWER}.password"
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         with httpx.Client(
             base_url=stack.gateway_url, headers={"X-API-Key": key}, timeout=60
@@ -559,6 +605,10 @@ def main(args: argparse.Namespace) -> int:
                 failures += body["status"] == "failed"
                 lines += slide_lines(body)
     lines.append(f"(all figures on SYNTHETIC data; reports, overlays and heatmaps in {args.out})")
+    lines.append(
+        "the analysed cases wait for review: `make serve`, then "
+        + review_login_line("http://127.0.0.1:8080", reviewer_password)
+    )
     text = "\n".join(lines)
     print("\n" + text)
     (args.out / "summary.txt").write_text(text + "\n")

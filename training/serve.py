@@ -7,9 +7,10 @@
 It starts the stack the way `make demo` does (`services.stack.LocalStack`, one process per
 service, models resolved from the registry alias), with the settings the demo wrote to
 `WORKDIR/stack.json` when there are any, prints the gateway's URL, the OpenAPI page, every
-service's gRPC and metrics address and a LIS API key (the demo's, kept next to the gateway's
-database, or a new one), then waits. Ctrl-C (SIGINT) or SIGTERM stops every process cleanly:
-SIGTERM to each (gateway first, so nothing new is accepted), SIGKILL after the grace period.
+service's gRPC and metrics address, a LIS API key (the demo's, kept next to the gateway's
+database, or a new one) and the review app's URL with a reviewer login, then waits.
+Ctrl-C (SIGINT) or SIGTERM stops every process cleanly: SIGTERM to each (gateway first,
+so nothing new is accepted), SIGKILL after the grace period.
 A process that dies on its own ends the command with exit code 1 and its last log lines.
 
 Before starting anything it checks that every served model kind has a version under the
@@ -94,7 +95,14 @@ def main(args: argparse.Namespace) -> int:
     import httpx
 
     from services.stack import LocalStack, StackError
-    from training.demo import DEMO_KEY_NAME, ensure_key, gateway_accepts
+    from training.demo import (
+        DEMO_KEY_NAME,
+        DEMO_REVIEWER,
+        ensure_key,
+        ensure_reviewer,
+        gateway_accepts,
+        review_login_line,
+    )
 
     workdir = args.workdir.resolve()
     tracking_uri, env = stack_settings(workdir, args.tracking_uri)
@@ -138,7 +146,11 @@ def main(args: argparse.Namespace) -> int:
                 Path(env["MS_GATEWAY_DATA_DIR"]) / f"{DEMO_KEY_NAME}.key",
                 lambda k: gateway_accepts(http, k),
             )
-        for line in ready_lines(stack, key):
+        password = ensure_reviewer(
+            stack.gateway_env(),
+            Path(env["MS_GATEWAY_DATA_DIR"]) / f"{DEMO_REVIEWER}.password",
+        )
+        for line in [*ready_lines(stack, key), review_login_line(stack.gateway_url, password)]:
             print(line, flush=True)
         say("ready; Ctrl-C stops every process")
         while not stop.wait(1.0):

@@ -91,7 +91,10 @@ def test_serve_runs_the_stack_until_ctrl_c(mlflow_server: str, tmp_path: Path) -
     # the demo's settings file: serve must start the stack with exactly this environment
     (workdir / "stack.json").write_text(
         json.dumps(
-            {"tracking_uri": "ignored-when-the-flag-is-given", "env": {"MS_GATEWAY_MIN_CELLS": "3"}}
+            {
+                "tracking_uri": "ignored-when-the-flag-is-given",
+                "env": {"MS_GATEWAY_MIN_CELLS": "3", "MS_GATEWAY_REVIEW_COOKIE_SECURE": "false"},
+            }
         )
     )
     port = free_port()
@@ -117,6 +120,13 @@ def test_serve_runs_the_stack_until_ctrl_c(mlflow_server: str, tmp_path: Path) -
             f"http://127.0.0.1:{port}/v1/analyses", headers={"X-API-Key": key}, timeout=30
         )
         assert response.status_code == 200, response.text
+        review = next(x for x in lines if x.startswith("review app"))
+        password = review.rsplit(" / ", 1)[1].rstrip(")")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as browser:
+            login = browser.post(
+                "/review/login", data={"username": "demo.reviewer", "password": password}
+            )
+            assert login.status_code == 303, "the printed reviewer login does not work"
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output + rest
