@@ -431,6 +431,14 @@ def _cross_validate(
         results["seconds"][f"fold{f}"] = round(secs, 1)
         calibration = _calibrate(wbc.subset(tr), module, mcfg, seed=cfg["seed"] + f)
         results["calibration"][f"fold{f}"] = calibration
+        if args.cv_only:  # a measurement keeps its fold models, to score them again later
+            from marrowscope.models import save_model
+
+            save_model(
+                module,
+                {**mcfg, "nucleus_confidence_min": calibration["threshold"]},
+                args.output / f"fold{f}",
+            )
         for split, recs in _score_all(wbc.subset(te), module, mcfg).items():
             pooled.setdefault(split, []).extend(recs)
         by_split = shifted_records(

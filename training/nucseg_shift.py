@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from marrowscope.models.nucseg import LearnedSplitter
     from training.nucseg import Cells
+    from training.shifts import Shift
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,23 @@ def _record(
     }
 
 
+def shifted_truth(label: np.ndarray, shift: Shift) -> tuple[np.ndarray, np.ndarray]:
+    """(cell, nucleus) bool [h, w] truth of a crop's label (0 bg, 1 cytoplasm, 2 nucleus)
+    as it lies in the shifted crop: a scale shift moves the cell, so its masks take the same
+    resampling (bilinear, cut at half); photometric and optical shifts leave them."""
+    cell, nucleus = label > 0, label == 2
+    if shift.family != "scale":
+        return cell, nucleus
+
+    def move(mask: np.ndarray) -> np.ndarray:
+        moved = shift(np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=2))
+        out: np.ndarray = moved[..., 0] > 127
+        return out
+
+    moved_cell = move(cell)
+    return moved_cell, move(nucleus) & moved_cell
+
+
 def _options(splitter: LearnedSplitter, crops: list[np.ndarray], centres: list[Any]) -> list[Any]:
     from marrowscope.models.nucseg import split_options
 
@@ -154,7 +172,7 @@ def shifted_records(
         crops = [shift(c) for c in cells.crops]
         options = _options(splitter, crops, cells.centres)
         for i, (crop, opts) in enumerate(zip(crops, options, strict=True)):
-            truth = (cells.labels[i] > 0, cells.labels[i] == 2)
+            truth = shifted_truth(cells.labels[i], shift)
             meta = {"id": cells.ids[i], "class": cells.classes[i]}
             cell = segment_cell(crop, cells.centres[i])
             masks = {

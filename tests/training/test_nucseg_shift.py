@@ -73,3 +73,20 @@ def test_random_draws_are_not_the_fixed_evaluation_shifts():
     for name in SHIFT_NAMES[1:]:
         fixed = apply_shift(crop, name)
         assert not any(np.array_equal(d, fixed) for d in draws), name
+
+
+def test_scale_shifts_move_the_truth_with_the_cell_and_others_leave_it():
+    """Scored under a pixel-size shift, the expert masks must be resampled as the image is
+    (else a perfect split would score ~0.8 Dice against the unmoved masks)."""
+    from training.shifts import get_shift
+
+    yy, xx = np.ogrid[:60, :60]
+    r2 = (yy - 30) ** 2 + (xx - 30) ** 2
+    label = np.where(r2 < 100, 2, np.where(r2 < 400, 1, 0)).astype(np.uint8)
+    cell, nucleus = nucseg_shift.shifted_truth(label, get_shift("scale_up"))
+    assert abs(cell.sum() / (label > 0).sum() - 1.15**2) < 0.05
+    assert abs(nucleus.sum() / (label == 2).sum() - 1.15**2) < 0.08 and not (nucleus & ~cell).any()
+    small, _ = nucseg_shift.shifted_truth(label, get_shift("scale_down"))
+    assert abs(small.sum() / (label > 0).sum() - 0.85**2) < 0.05
+    same_cell, same_nucleus = nucseg_shift.shifted_truth(label, get_shift("defocus"))
+    assert np.array_equal(same_cell, label > 0) and np.array_equal(same_nucleus, label == 2)

@@ -87,6 +87,8 @@ def test_cv_only_scores_every_split_under_every_shift_and_registers_nothing(
     assert set(results["domains"]) == {"wbcseg_cv"} and "model" not in {
         p.name for p in (tmp_path / "out").iterdir()
     }
+    kept = json.loads((tmp_path / "out" / "fold0" / "config.json").read_text())
+    assert kept["nucleus_confidence_min"] == results["calibration"]["fold0"]["threshold"]
     assert results["domains"]["wbcseg_cv"]["classical"]["n"] == 3  # one fold of two: 3 cells
     shifted = results["shifted"]["wbcseg_cv"]
     assert set(shifted) == {"classical", "learned_learned", "learned_classical", "learned_combined"}
