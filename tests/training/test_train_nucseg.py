@@ -143,3 +143,22 @@ def test_evaluate_morphometrics_scores_a_learned_splitter(tmp_path, capsys):
     assert classical["split"] == "classical" and learned["split"].startswith("learned local-")
     assert learned["n"] == classical["n"] == 2
     assert 0.0 <= learned["cell_dice_median"] <= 1.0
+
+
+def test_the_served_nucleus_wins_under_shifts_without_losing_the_unshifted_figure():
+    def domain(**unshifted: float) -> dict:
+        return {f"learned_{s}": {"nucleus_dice_median": v} for s, v in unshifted.items()}
+
+    def over(mean: float, worst: float) -> dict:
+        return {"over_shifts": {"nucleus_dice": {"mean": mean, "worst": worst}}}
+
+    domains = {"wbcseg_cv": domain(learned=0.960, classical=0.957, combined=0.950)}
+    shifted = {
+        "wbcseg_cv": {
+            "learned_learned": over(0.957, 0.949),
+            "learned_classical": over(0.956, 0.953),  # within 0.005 unshifted, best sum
+            "learned_combined": over(0.990, 0.990),  # best under shifts, but 0.010 behind
+        }
+    }
+    assert nucseg._pick_nucleus_source(domains, shifted) == "classical"
+    assert nucseg._pick_nucleus_source(domains) == "learned"  # no shifted figures: as before
