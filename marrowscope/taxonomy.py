@@ -95,6 +95,14 @@ SOURCE_CLASS_MAP: dict[str, dict[str, str | None]] = {
         "Smudge cells": "KSC",
         "Giant thrombocyte": "PLT",
         "Thrombocyte aggregation": "PLT",
+        "Artifact": "ART",
+        "Artifacts": "ART",
+        "Artefact": "ART",
+        "Artefacts": "ART",
+        "Unidentified": "NIF",
+        "Unidentifiable": "NIF",
+        "Unidentified cells": "NIF",
+        "Not identifiable": "NIF",
         "": None,
     },
     "pbc": {
@@ -113,6 +121,12 @@ SOURCE_CLASS_MAP: dict[str, dict[str, str | None]] = {
 }
 """Source folder name -> taxonomy code, per real data set (None: no class, not signed out).
 
+Names are looked up case- and whitespace-insensitively (`source_code`: "ARTIFACT ",
+"artifact" and "Artifact" are one folder; runs of blanks count as one), so a later cohort
+that spells a folder differently from the discovery set still maps. A folder that is not
+in the table is never guessed: `source_code` raises, and the readers count and report it
+(`training.data.singlecell.ReadReport.unknown_classes`) or stop with `strict`.
+
 Straight renames are not discussed; the choices that needed a decision:
 
 - DeepAPL "Promonocyte" -> `BLA`: WHO 2016 / ICC 2022 count promonocytes as blast
@@ -128,6 +142,12 @@ Straight renames are not discussed; the choices that needed a decision:
   PBC "platelet" -> `PLT`: recognised, never counted.
 - DeepAPL "" (about 1,900 cells not signed out): no code. They keep their patient's
   diagnosis (useful for case-level work) but are never used to train or test the typer.
+- DeepAPL "Artifact" / "Artifacts" / "Artefact" / "Artefacts" -> `ART`, "Unidentified" /
+  "Unidentifiable" / "Unidentified cells" / "Not identifiable" -> `NIF`: the later DeepAPL
+  cohort signs out artefacts and unidentified cells, which the discovery set in
+  `../shared` lacks; the source's exact spelling is not known here, so the plausible
+  American and British spellings, singular and plural, are all listed. Recognised, never
+  counted.
 - PBC "promyelocyte" / "myelocyte" / "metamyelocyte" (the source's immature granulocyte
   sub-classes) -> `PMO` / `MYB` / `MMZ`.
 """
@@ -155,11 +175,33 @@ def cell_type(code: str) -> CellType:
         raise UnknownCellType(f"unknown cell type {code!r}; known: {', '.join(CODES)}") from None
 
 
+def _folder_key(folder: str) -> str:
+    return " ".join(folder.split()).casefold()
+
+
+def _folder_index() -> dict[str, dict[str, str | None]]:
+    index: dict[str, dict[str, str | None]] = {}
+    for source, table in SOURCE_CLASS_MAP.items():
+        keyed = index[source] = {}
+        for folder, code in table.items():
+            key = _folder_key(folder)
+            # two spellings of one folder must not map to two codes
+            if keyed.get(key, code) != code:
+                raise ValueError(f"{source}: {folder!r} maps to {code} and {keyed[key]}")
+            keyed[key] = code
+    return index
+
+
+_FOLDER_INDEX = _folder_index()
+
+
 def source_code(source: str, folder: str) -> str | None:
-    """Taxonomy code of a real data set's class folder (None: the cell has no class).
+    """Taxonomy code of a real data set's class folder (None: the cell has no class),
+    looked up case- and whitespace-insensitively (see `SOURCE_CLASS_MAP`).
 
     Raises `UnknownCellType` naming the source and the folder when the table lacks it, so a
-    new upstream class is a clear error instead of a silently dropped cell."""
+    new upstream class is a clear error (or, in the readers, a reported one) instead of a
+    silently dropped cell."""
     try:
         table = SOURCE_CLASS_MAP[source]
     except KeyError:
@@ -167,7 +209,7 @@ def source_code(source: str, folder: str) -> str | None:
             f"unknown source {source!r}; known: {', '.join(SOURCE_CLASS_MAP)}"
         ) from None
     try:
-        return table[folder]
+        return _FOLDER_INDEX[source][_folder_key(folder)]
     except KeyError:
         raise UnknownCellType(
             f"{source}: class folder {folder!r} has no taxonomy mapping "

@@ -61,6 +61,26 @@ def test_every_source_folder_maps_to_a_taxonomy_code():
     assert not taxonomy.cell_type("KSC").counted and not taxonomy.cell_type("PLT").counted
 
 
+@pytest.mark.parametrize(
+    ("folder", "code"),
+    [
+        ("Artifact", "ART"),
+        ("artefacts", "ART"),
+        (" ARTIFACTS ", "ART"),
+        ("Unidentified", "NIF"),
+        ("unidentifiable", "NIF"),
+        ("Not  identifiable", "NIF"),
+        ("smudge CELLS", "KSC"),
+        ("Blast,  no lineage spec", "BLA"),
+    ],
+)
+def test_later_cohort_spellings_map_case_and_blank_insensitively(folder, code):
+    """The later DeepAPL cohort's artefact / unidentified folders, however spelt, are the
+    non-counted ART / NIF; case and runs of blanks do not matter."""
+    assert taxonomy.source_code("deepapl", folder) == code
+    assert taxonomy.cell_type(code).counted == (code == "BLA")
+
+
 def test_unknown_source_folder_is_a_clear_error():
     with pytest.raises(taxonomy.UnknownCellType, match="'Hairy cell' has no taxonomy mapping"):
         taxonomy.source_code("deepapl", "Hairy cell")

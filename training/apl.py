@@ -89,17 +89,18 @@ class AplCohort:
         return sorted(self.apl)
 
 
-def read_cohort(root: Path, *, verify: bool = True) -> AplCohort:
+def read_cohort(root: Path, *, verify: bool = True, strict: bool = False) -> AplCohort:
     """The shared DeepAPL reader's patients and readable cells (it logs and counts the
-    unreadable ones; `verify` decodes each once); patients without cells are left out.
-    Reader errors become UsageError."""
+    unreadable ones and the class folders it does not know; `verify` decodes each once,
+    `strict` stops on an unknown folder); patients without cells are left out. Reader
+    errors become UsageError."""
     from marrowscope.taxonomy import UnknownCellType
     from training.data.coco import DatasetFormatError
     from training.data.deepapl import read_deepapl
     from training.data.singlecell import DataUnavailable
 
     try:
-        data = read_deepapl(root, verify=verify)
+        data = read_deepapl(root, verify=verify, strict=strict)
     except (DataUnavailable, DatasetFormatError, UnknownCellType) as exc:
         raise UsageError(f"{root}: {exc}") from None
     cells = [AplCell(r.patient, r.path, r.source_class, r.code) for r in data.records]
@@ -394,6 +395,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the deepapl folder")
     p.add_argument("--workdir", type=Path, required=True, help="cache and quick-typer folder")
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on a class folder the taxonomy does not map (default: report it)",
+    )
+    p.add_argument(
         "--celltype-model",
         help="celltype model (models:/... URI or model directory); absent: train a quick "
         "typer on the signed-out cells (--train-typer-minutes)",
@@ -459,7 +465,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    cohort = read_cohort(args.data)
+    cohort = read_cohort(args.data, strict=args.strict)
     patients = cohort.patients
     y = np.array([cohort.apl[p] for p in patients])
     log.info("%d patients (%d APL), %d cells", len(y), y.sum(), len(cohort.cells))

@@ -162,7 +162,7 @@ def is_real(data_dir) -> bool:
 REAL_SOURCES = ("deepapl", "pbc")
 
 
-def real_crops(data_dir, config: JobConfig) -> dict[str, CropSet]:
+def real_crops(data_dir, config: JobConfig, *, strict: bool = False) -> dict[str, CropSet]:
     """train / val / test (and `external`, see the module doc) CropSets from the real sets.
 
     Every image is decoded once; an unreadable one is logged on one line, counted and left
@@ -179,7 +179,7 @@ def real_crops(data_dir, config: JobConfig) -> dict[str, CropSet]:
         raise UsageError(
             f"real_train_sources must be a non-empty subset of {REAL_SOURCES}, got {train_on}"
         )
-    assigned = real_cell_splits(Path(data_dir), config)
+    assigned = real_cell_splits(Path(data_dir), config, strict=strict)
     cache = Path(config["crop_cache"]) if config.get("crop_cache") else None
     records = [r for side in assigned.values() for r in side]
     crops, kept = load_crops(records, config["crop_size"], cache=cache)
@@ -241,9 +241,9 @@ def with_synthetic(real: CropSet, synth_dir, config: JobConfig) -> CropSet:
     )
 
 
-def load_splits(data_dir, config: JobConfig) -> dict[str, CropSet]:
+def load_splits(data_dir, config: JobConfig, *, strict: bool = False) -> dict[str, CropSet]:
     if is_real(data_dir):
-        return real_crops(data_dir, config)
+        return real_crops(data_dir, config, strict=strict)
     if (data_dir / "annotations.json").is_file():
         ratio = config["max_rbc_ratio"]
         return {
@@ -410,7 +410,7 @@ def train(
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
-    splits = splits or load_splits(args.data, config)
+    splits = splits or load_splits(args.data, config, strict=args.strict)
     hp = {
         "head_dropout": config["dropout"],
         "crop_pad_fraction": CELL_CROP_PAD_FRACTION,
@@ -592,7 +592,14 @@ def save_predictions(path, splits: dict[str, tuple[np.ndarray, CropSet]]) -> Non
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return job_parser(JOB, __doc__)
+    p = job_parser(JOB, __doc__)
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="real data: stop on a class folder the taxonomy does not map (default: keep "
+        "its cells unlabelled and report the folder)",
+    )
+    return p
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
@@ -600,7 +607,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     if args.hpo_trials:
         from training.hpo import run_hpo
 
-        splits = load_splits(args.data, config)
+        splits = load_splits(args.data, config, strict=args.strict)
         run_hpo(
             args,
             config,

@@ -155,7 +155,22 @@ def detection_items(
     return items, tuple(classes)
 
 
-def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
+def real_import_reports(data_dir: Path) -> dict[str, dict[str, object]]:
+    """`ReadReport.as_dict()` of each real single-cell set under `data_dir` (CSV only, no
+    image decoding): what a real-data report says about the import, unknown class folders
+    included."""
+    from training.data.deepapl import read_deepapl
+    from training.data.pbc import read_pbc
+
+    out: dict[str, dict[str, object]] = {}
+    if (data_dir / "deepapl" / "cells.csv").is_file():
+        out["deepapl"] = read_deepapl(data_dir / "deepapl", verify=False).report.as_dict()
+    if (data_dir / "pbc" / "cells.csv").is_file():
+        out["pbc"] = read_pbc(data_dir / "pbc", verify=False).report.as_dict()
+    return out
+
+
+def real_cell_splits(data_dir: Path, config, *, strict: bool = False) -> dict[str, list]:
     """train / val / test / external lists of `CellRecord`s from the real single-cell sets
     under `data_dir` (`deepapl/`, `pbc/`), for the sources in config `real_train_sources`.
 
@@ -164,7 +179,8 @@ def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
     `split_seed`: the APL case model gets the same sides from the same call). PBC (no patient
     ids): train/val by file (`pbc_split="train_val"`) or train/val/test by file (`"file"`,
     and always when PBC is the only training source). A source not trained on is
-    `external`: all of PBC, or DeepAPL's test patients.
+    `external`: all of PBC, or DeepAPL's test patients. `strict`: a class folder the
+    taxonomy lacks stops the read (else it is reported, see `training.data.singlecell`).
     """
     from training.data.deepapl import read_deepapl
     from training.data.pbc import read_pbc
@@ -174,7 +190,7 @@ def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
     out: dict[str, list] = {"train": [], "val": [], "test": [], "external": []}
     tf, vf, seed = config["test_fraction"], config["val_fraction"], config["split_seed"]
     if (data_dir / "deepapl" / "cells.csv").is_file():
-        dap = read_deepapl(data_dir / "deepapl", verify=False)
+        dap = read_deepapl(data_dir / "deepapl", verify=False, strict=strict)
         sides = split_patients(dap.records, test_fraction=tf, val_fraction=vf, seed=seed)
         for r in dap.labelled():
             side = sides[r.patient]
@@ -185,7 +201,7 @@ def real_cell_splits(data_dir: Path, config) -> dict[str, list]:
     elif "deepapl" in train_on:
         raise UsageError(f"{data_dir}/deepapl/cells.csv not found but deepapl is trained on")
     if (data_dir / "pbc" / "cells.csv").is_file():
-        recs = read_pbc(data_dir / "pbc", verify=False).records
+        recs = read_pbc(data_dir / "pbc", verify=False, strict=strict).records
         if "pbc" in train_on:
             mode = config["pbc_split"]
             if mode not in ("train_val", "file"):

@@ -309,13 +309,15 @@ def _real_flags(profile: str, workdir: Path) -> list[str]:
 
 
 def real_cells(
-    workdir: Path, tracking: str, profile: str = "cpu", reuse: bool = False
+    workdir: Path, tracking: str, profile: str = "cpu", reuse: bool = False, strict: bool = False
 ) -> dict[str, Any]:
-    """Main typer run (DeepAPL + PBC), cross-source runs, then `real_cells.{md,json}`."""
+    """Main typer run (DeepAPL + PBC), cross-source runs, then `real_cells.{md,json}`.
+    `strict`: every typer run stops on a class folder the taxonomy lacks."""
     data = shared_data_dir()
     if not (data / "deepapl" / "cells.csv").is_file() or not (data / "pbc" / "cells.csv").is_file():
         raise SystemExit(f"{data}/deepapl or pbc is absent (see ../shared/data/README.md)")
     common = ["--data", str(data), "--tracking-uri", tracking, "--no-register"]
+    common += ["--strict"] if strict else []
     base = _real_flags(profile, workdir)
     runs: dict[str, dict[str, Any]] = {}
     stain: list[str] = []
@@ -403,7 +405,10 @@ def best_stain_option(xs: dict[str, dict[str, Any]]) -> str:
 
 
 def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: str) -> dict:
-    """Figures from the runs' predictions.npz files (see `training.evaluate_real`)."""
+    """Figures from the runs' predictions.npz files (see `training.evaluate_real`), and what
+    the importers read (unknown class folders included)."""
+    from training.common_data import real_import_reports
+    from training.data.singlecell import import_markdown
     from training.evaluate_real import real_report
 
     def report(run: dict[str, Any]) -> dict[str, Any]:
@@ -421,10 +426,11 @@ def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: s
         "test": rep,
         "cross_source": xs,
         "other_splits": splits,
+        "import": real_import_reports(shared_data_dir()),
     }
     from training.evaluate_real import real_markdown
 
-    md = real_markdown(payload)
+    md = real_markdown(payload) + "\n" + import_markdown(payload["import"])
     _write("real_cells" if profile == "cpu" else "real_cells_gpu", payload, md)
     return payload
 
@@ -452,6 +458,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="synthetic / real: keep stages already run with the same command and config section",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="real: stop on a class folder the taxonomy does not map (default: report it)",
+    )
     return p
 
 
@@ -461,7 +472,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.which == "bccd":
         return bccd(args.workdir, tracking, args.profile)
     if args.which == "real":
-        return real_cells(args.workdir, tracking, args.profile, reuse=args.reuse)
+        return real_cells(
+            args.workdir, tracking, args.profile, reuse=args.reuse, strict=args.strict
+        )
     if args.cases < 300:
         log.warning("--cases %d: the README figure needs >= 300 cases", args.cases)
     return synthetic(args.workdir, tracking, args.cases, reuse=args.reuse)

@@ -123,12 +123,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         # "classical": the net draws the cell, the classical purple-index Otsu finds the
-        # nucleus inside it (training picks whichever scores better on held-out cells)
+        # nucleus inside it; "combined": per cell, the net's nucleus when the net is at
+        # least nucleus_confidence_min sure of it, else the classical one (training picks
+        # the source that scores best on held-out cells, also under scanner shifts)
         "nucleus_source": "learned",
+        "nucleus_confidence_min": 0.0,
     },
     # embedding_dim and celltype (the lineage: whose embeddings) come from training.
     "mil": {"hidden": 64, "attention": 32, "dropout": 0.25, "target": "apl"},
 }
+
+
+NUCLEUS_SOURCES: tuple[str, ...] = ("learned", "classical", "combined")
 
 
 class ModelConfigError(MarrowScopeError, ValueError):
@@ -411,11 +417,14 @@ def _validate_nucseg(config: dict[str, Any]) -> None:
         _fail(config, f"depth must be at most 5, got {config['depth']}")
     if min(size) < 2 ** config["depth"]:
         _fail(config, f"input_size {size!r} is smaller than 2**depth ({2 ** config['depth']})")
-    if config.get("nucleus_source", "learned") not in ("learned", "classical"):
+    if config.get("nucleus_source", "learned") not in NUCLEUS_SOURCES:
         _fail(
             config,
-            f"nucleus_source must be 'learned' or 'classical', got {config['nucleus_source']!r}",
+            f"nucleus_source must be one of {NUCLEUS_SOURCES}, got {config['nucleus_source']!r}",
         )
+    threshold = config.get("nucleus_confidence_min", 0.0)
+    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.01:
+        _fail(config, f"nucleus_confidence_min must be a number in [0, 1.01], got {threshold!r}")
     _check_mean_std(config)
 
 

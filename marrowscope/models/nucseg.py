@@ -12,6 +12,12 @@ Classes (`NUCSEG_CLASSES`): 0 background (red cells, neighbours included), 1 cyt
 construction. With config `nucleus_source: "classical"` the net only draws the cell and
 the classical nucleus detector (`morphometrics.segment_nucleus`) runs inside it: the
 classical nucleus is already good (median Dice 0.955 on wbc-seg); its weakness was the cell.
+With `nucleus_source: "combined"` the choice is made per cell: the net's nucleus when the
+net is decisive inside the cell (`nucleus_confidence`, the mean over cell pixels of
+max(p_cytoplasm, p_nucleus) / (p_cytoplasm + p_nucleus), in [0.5, 1]) is at least the
+config's `nucleus_confidence_min`, else the classical nucleus inside the net's cell. On a
+scanner the net was not trained on, an unsure net is where its nucleus fails (issue 23 §4);
+training measures the threshold on its own training cells under random stain shifts.
 
 `LearnedSplitter` is the predictor the segmentation service and the evaluation use: it
 implements `marrowscope.morphometrics.Splitter`, batching all crops of an image through
@@ -143,6 +149,7 @@ class LearnedSplitter:
         self.batch_size = batch_size
         self.input_size: tuple[int, int] = tuple(config["input_size"])
         self.nucleus_source: str = config.get("nucleus_source", "learned")
+        self.confidence_min = float(config.get("nucleus_confidence_min", 0.0))
 
     @classmethod
     def from_dir(
@@ -181,18 +188,58 @@ class LearnedSplitter:
         crops: Sequence[np.ndarray],
         centres: Sequence[tuple[float, float] | None] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        from marrowscope.morphometrics import central_component, segment_nucleus
-
         centres = [None] * len(crops) if centres is None else list(centres)
         if len(centres) != len(crops):
             raise InvalidInput(f"{len(crops)} crops but {len(centres)} centres")
         out = []
         for crop, probs, centre in zip(crops, self.probabilities(crops), centres, strict=True):
-            label = probs.argmax(0).numpy()
-            cell = label > 0
-            if cell.any():
-                cell = central_component(cell, centre)
-            classical = self.nucleus_source == "classical"
-            nucleus = segment_nucleus(crop, cell) if classical else label == 2
-            out.append((cell, nucleus & cell))
+            options = split_options(crop, probs, centre)
+            out.append(options.pick(self.nucleus_source, self.confidence_min))
         return out
+
+
+class SplitOptions:
+    """The splits one crop's class probabilities allow: the net's `cell` (bool [h, w]), its
+    own `learned` nucleus, the `classical` nucleus inside that cell (computed on first
+    use), and the net's `confidence` about nucleus vs cytoplasm inside the cell."""
+
+    def __init__(
+        self, crop: np.ndarray, cell: np.ndarray, learned: np.ndarray, confidence: float
+    ) -> None:
+        self.crop, self.cell, self.learned, self.confidence = crop, cell, learned, confidence
+        self._classical: np.ndarray | None = None
+
+    @property
+    def classical(self) -> np.ndarray:
+        if self._classical is None:
+            from marrowscope.morphometrics import segment_nucleus
+
+            self._classical = segment_nucleus(self.crop, self.cell) & self.cell
+        return self._classical
+
+    def pick(self, source: str, confidence_min: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(cell, nucleus) for `nucleus_source` `source` (see the module doc)."""
+        if source == "learned" or (source == "combined" and self.confidence >= confidence_min):
+            return self.cell, self.learned
+        if source in ("classical", "combined"):
+            return self.cell, self.classical
+        raise InvalidInput(f"unknown nucleus_source {source!r}")
+
+
+def split_options(
+    crop: np.ndarray, probs: torch.Tensor, centre: tuple[float, float] | None
+) -> SplitOptions:
+    """`SplitOptions` of a crop (uint8 [h, w, 3]) from its class probabilities
+    (FloatTensor[3, h, w], `LearnedSplitter.probabilities`); the cell keeps its component
+    nearest `centre` (y, x; None = the crop centre)."""
+    from marrowscope.morphometrics import central_component
+
+    label = probs.argmax(0).numpy()
+    cell = label > 0
+    if cell.any():
+        cell = central_component(cell, centre)
+    p = probs.numpy()
+    inside = p[1:, cell]
+    decisive = inside.max(0) / np.maximum(inside.sum(0), 1e-6)
+    confidence = float(decisive.mean()) if cell.any() else 0.0
+    return SplitOptions(crop, cell, (label == 2) & cell, confidence)

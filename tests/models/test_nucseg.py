@@ -161,3 +161,32 @@ def test_classical_nucleus_source_uses_the_classical_nucleus(model_dir):
     yy, xx = np.ogrid[:80, :96]
     truth = (yy - 40) ** 2 + (xx - 48) ** 2 < 100
     assert 2 * (nucleus & truth).sum() / (nucleus.sum() + truth.sum()) > 0.8
+
+
+def test_combined_source_falls_back_to_the_classical_nucleus_when_the_net_is_unsure(model_dir):
+    """nucleus_source combined: the net's nucleus when its nucleus-vs-cytoplasm confidence
+    inside the cell reaches nucleus_confidence_min, else the classical one in the net's cell.
+    Here the net calls every pixel cytoplasm with certainty 1: its nucleus is empty."""
+    loaded = load_model(model_dir)
+    with torch.no_grad():
+        loaded.module.head.bias.copy_(torch.tensor([-50.0, 50.0, 0.0]))
+    crop = _cell_image()
+
+    def split(threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        config = {**loaded.config, "nucleus_source": "combined"}
+        config["nucleus_confidence_min"] = threshold
+        return LearnedSplitter(loaded.module, config).split([crop])[0]
+
+    cell, nucleus = split(0.99)  # confidence 1.0 >= 0.99: the net's (empty) nucleus
+    assert cell.all() and not nucleus.any()
+    cell, nucleus = split(1.01)  # never sure enough: the classical nucleus
+    yy, xx = np.ogrid[:80, :96]
+    truth = (yy - 40) ** 2 + (xx - 48) ** 2 < 100
+    assert 2 * (nucleus & truth).sum() / (nucleus.sum() + truth.sum()) > 0.8
+
+
+def test_combined_source_config_is_validated():
+    config = make_config("nucseg", "unet", nucleus_source="combined", nucleus_confidence_min=0.9)
+    assert config["nucleus_source"] == "combined"
+    with pytest.raises(ModelConfigError, match="nucleus_confidence_min"):
+        make_config("nucseg", "unet", nucleus_confidence_min=1.5)

@@ -88,6 +88,9 @@ def test_written_report_has_no_absolute_paths(tmp_path, monkeypatch):
     rows = [line for line in md.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and f"{other['macro_f1']:.3f}" in rows[1]
     assert "--output DIR/real-cpu-split1" in md
+    # what the importers read, unknown class folders included (issue 23 §6)
+    assert "## Import" in md and "unknown class folders" in md
+    assert set(json.loads(js)["import"]) <= {"deepapl", "pbc"}
 
 
 def test_cross_source_leaves_out_classes_too_small_on_either_side(tmp_path):

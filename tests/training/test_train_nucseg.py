@@ -12,7 +12,7 @@ from PIL import Image
 
 from marrowscope.registry import get_client, registered_name
 from tests.training.conftest import job_args
-from training import nucseg
+from training import nucseg, nucseg_shift
 from training.cli import UsageError
 
 
@@ -52,7 +52,7 @@ def test_train_cross_validates_scores_both_splits_and_registers(
     results = json.loads((tmp_path / "out" / "nucseg_results.json").read_text())
     assert set(results["domains"]) == {"wbcseg_cv", "synth_crowded"}
     cv = results["domains"]["wbcseg_cv"]
-    assert set(cv) == {"learned_learned", "learned_classical", "classical"}
+    assert set(cv) == {"learned_learned", "learned_classical", "learned_combined", "classical"}
     assert cv["classical"]["n"] == 6 and "2-fold CV by image" in cv["classical"]["dataset"]
     assert results["domains"]["synth_crowded"]["classical"]["synthetic"] is True
     assert set(results["seconds"]) == {"fold0", "fold1", "final", "total"}
@@ -68,6 +68,47 @@ def test_train_cross_validates_scores_both_splits_and_registers(
         f"name='{registered_name('nucseg')}'"
     )
     assert versions and "marrowscope.metric.cell_dice" in versions[0].tags
+
+
+def test_cv_only_scores_every_split_under_every_shift_and_registers_nothing(
+    tmp_path, wbc_like, sqlite_tracking
+):
+    """The measurement mode (issue 23 §4): one fold, every split under every shift of
+    `training.shifts`, the combined rule's threshold measured on the fold's training cells."""
+    from training.shifts import SHIFT_NAMES
+
+    args = job_args(
+        nucseg,
+        "--data", wbc_like, "--output", tmp_path / "out", "--config", "cpu-tiny",
+        "--tracking-uri", sqlite_tracking, "--no-register", "--cv-only", "--folds", "1",
+    )  # fmt: skip
+    metrics = nucseg.main(args)
+    results = json.loads((tmp_path / "out" / "nucseg_results.json").read_text())
+    assert set(results["domains"]) == {"wbcseg_cv"} and "model" not in {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    kept = json.loads((tmp_path / "out" / "fold0" / "config.json").read_text())
+    assert kept["nucleus_confidence_min"] == results["calibration"]["fold0"]["threshold"]
+    assert results["domains"]["wbcseg_cv"]["classical"]["n"] == 3  # one fold of two: 3 cells
+    shifted = results["shifted"]["wbcseg_cv"]
+    assert set(shifted) == {"classical", "learned_learned", "learned_classical", "learned_combined"}
+    assert set(shifted["classical"]["shifts"]) == set(SHIFT_NAMES)
+    over = shifted["classical"]["over_shifts"]["nucleus_dice"]
+    assert over["worst"] <= over["mean"] and over["worst_shift"] in SHIFT_NAMES
+    assert set(results["calibration"]) == {"fold0"}
+    assert results["calibration"]["fold0"]["threshold"] in nucseg_shift.CONFIDENCE_GRID
+    source = results["nucleus_source"]
+    assert (
+        metrics["wbcseg_cv_shift_mean_nucleus_dice"]
+        == (shifted[f"learned_{source}"]["over_shifts"]["nucleus_dice"]["mean"])
+    )
+    assert "classical_wbcseg_cv_shift_worst_cell_dice" in metrics
+
+
+def test_cv_only_without_no_register_is_refused(tmp_path, wbc_like):
+    args = job_args(nucseg, "--data", wbc_like, "--output", tmp_path, "--cv-only")
+    with pytest.raises(UsageError, match="--cv-only needs"):
+        nucseg.main(args)
 
 
 def test_without_data_trains_on_synthetic_only(tmp_path, sqlite_tracking):
@@ -102,3 +143,22 @@ def test_evaluate_morphometrics_scores_a_learned_splitter(tmp_path, capsys):
     assert classical["split"] == "classical" and learned["split"].startswith("learned local-")
     assert learned["n"] == classical["n"] == 2
     assert 0.0 <= learned["cell_dice_median"] <= 1.0
+
+
+def test_the_served_nucleus_wins_under_shifts_without_losing_the_unshifted_figure():
+    def domain(**unshifted: float) -> dict:
+        return {f"learned_{s}": {"nucleus_dice_median": v} for s, v in unshifted.items()}
+
+    def over(mean: float, worst: float) -> dict:
+        return {"over_shifts": {"nucleus_dice": {"mean": mean, "worst": worst}}}
+
+    domains = {"wbcseg_cv": domain(learned=0.960, classical=0.957, combined=0.950)}
+    shifted = {
+        "wbcseg_cv": {
+            "learned_learned": over(0.957, 0.949),
+            "learned_classical": over(0.956, 0.953),  # within 0.005 unshifted, best sum
+            "learned_combined": over(0.990, 0.990),  # best under shifts, but 0.010 behind
+        }
+    }
+    assert nucseg._pick_nucleus_source(domains, shifted) == "classical"
+    assert nucseg._pick_nucleus_source(domains) == "learned"  # no shifted figures: as before

@@ -11,8 +11,9 @@ Layout (see the data README): `patients.csv` (patient_id, diagnosis, age, sex),
 the hematopathologist's sign-out folder, mapped to a taxonomy code by
 `marrowscope.taxonomy.SOURCE_CLASS_MAP["deepapl"]`; an empty class (not signed out) is kept
 with `code=None`, so case-level work can use every cell of a patient while the cell typer
-uses only the labelled ones. Unreadable images are logged and counted
-(`training.data.singlecell`), never fatal.
+uses only the labelled ones. Unreadable images and class folders the taxonomy lacks (a
+later cohort's) are logged and counted (`training.data.singlecell`), never fatal unless
+`strict`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from marrowscope.taxonomy import source_code
 from training.data.coco import DatasetFormatError
 from training.data.singlecell import (
     DEFAULT_DATA_ROOT,
@@ -71,13 +71,16 @@ def _rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def read_deepapl(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> DeepAPL:
+def read_deepapl(
+    root: str | Path = DEFAULT_ROOT, *, verify: bool = True, strict: bool = False
+) -> DeepAPL:
     """Read the set under `root`. `verify` decodes every image once (about 10-20 s) so that
     truncated files are found here rather than in the middle of a training run.
 
     Raises `DataUnavailable` when `root` holds no cells.csv, `DatasetFormatError` for a
     malformed CSV, a cell whose patient is not in patients.csv or a diagnosis other than
-    AML / APL, and `UnknownCellType` for a class folder the taxonomy does not map.
+    AML / APL, and, with `strict`, `UnknownCellType` for a class folder the taxonomy does
+    not map (without it such cells are kept unlabelled and the folder is reported).
     """
     root = require_root(Path(root), SOURCE, "cells.csv")
     patients_rows = _rows(root / "patients.csv", ("patient_id", "diagnosis"))
@@ -89,6 +92,7 @@ def read_deepapl(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> Dee
                 f"{row['diagnosis']!r} is not one of {DIAGNOSES}"
             )
         info[row["patient_id"]] = row
+    report = ReadReport(SOURCE)
     listed = []
     for i, row in enumerate(_rows(root / "cells.csv", ("patient_id", "cell_class", "file"))):
         pid = row["patient_id"]
@@ -102,11 +106,10 @@ def read_deepapl(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> Dee
                 patient_id=pid,
                 diagnosis=info[pid]["diagnosis"],
                 source_class=row["cell_class"],
-                code=source_code(SOURCE, row["cell_class"]),
+                code=report.code(row["cell_class"], strict=strict),
                 path=root / row["file"],
             )
         )
-    report = ReadReport(SOURCE)
     records = keep_readable(listed, report, verify=verify)
     counts: dict[str, int] = {}
     for r in records:

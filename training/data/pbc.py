@@ -17,7 +17,6 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from marrowscope.taxonomy import source_code
 from training.data.coco import DatasetFormatError
 from training.data.singlecell import (
     DEFAULT_DATA_ROOT,
@@ -37,10 +36,11 @@ class PBC:
     report: ReadReport
 
 
-def read_pbc(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> PBC:
-    """Read the set under `root` (see `training.data.deepapl.read_deepapl` for `verify` and
-    the errors raised)."""
+def read_pbc(root: str | Path = DEFAULT_ROOT, *, verify: bool = True, strict: bool = False) -> PBC:
+    """Read the set under `root` (see `training.data.deepapl.read_deepapl` for `verify`,
+    `strict` and the errors raised)."""
     root = require_root(Path(root), SOURCE, "cells.csv")
+    report = ReadReport(SOURCE)
     with (root / "cells.csv").open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("cell_class", "file") if c not in (reader.fieldnames or ())]
@@ -52,12 +52,11 @@ def read_pbc(root: str | Path = DEFAULT_ROOT, *, verify: bool = True) -> PBC:
                 patient_id=None,
                 diagnosis="healthy",
                 source_class=row["cell_class"],
-                code=source_code(SOURCE, row["cell_class"]),
+                code=report.code(row["cell_class"], strict=strict),
                 path=root / row["file"],
             )
             for row in reader
         ]
-    report = ReadReport(SOURCE)
     records = keep_readable(listed, report, verify=verify)
     report.log()
     return PBC(records, report)

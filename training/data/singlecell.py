@@ -8,6 +8,13 @@ A record is one cell image with where it came from (`source`, `patient_id`, the 
 Unreadable images (truncated JPEGs, missing files) are real: each gets one WARNING line
 naming the file and the reason, is counted in `ReadReport`, and is left out of the
 records; the summary line says how many. Nothing is dropped silently and nothing raises.
+
+A class folder the taxonomy does not map (a later cohort's new sign-out class) does not
+stop a read either: its cells are kept without a code (like cells not signed out, so
+case-level work still sees them and the cell typer does not), and the folder's name and
+cell count are in `ReadReport.unknown_classes`, the summary line, the active MLflow run
+and the real-typer report. `strict=True` in the readers (`--strict` on the jobs) raises
+`UnknownCellType` naming the folder instead.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from marrowscope.paths import shared_data_dir
+from marrowscope.taxonomy import UnknownCellType, source_code
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +70,72 @@ class ReadReport:
     unreadable: list[str] = field(default_factory=list)
     """`path: reason` of each image that could not be decoded (e.g. truncated JPEG)."""
     unlabelled: int = 0
-    """Records kept without a taxonomy code (DeepAPL cells not signed out)."""
+    """Records kept without a taxonomy code (DeepAPL cells not signed out, and cells of
+    unknown class folders)."""
+    unknown_classes: dict[str, int] = field(default_factory=dict)
+    """Class folder name (as the source spells it) -> listed cells, for every folder the
+    taxonomy does not map."""
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.source}: {self.kept} of {self.listed} listed cells kept "
             f"({self.unlabelled} without a class), {len(self.missing)} missing files, "
             f"{len(self.unreadable)} unreadable images skipped"
         )
+        if self.unknown_classes:
+            folders = ", ".join(f"{k!r} ({n})" for k, n in sorted(self.unknown_classes.items()))
+            text += f"; class folders without a taxonomy code, kept unlabelled: {folders}"
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        """Counts and the unknown class folders (file lists are left to the log)."""
+        return {
+            "source": self.source,
+            "listed": self.listed,
+            "kept": self.kept,
+            "unlabelled": self.unlabelled,
+            "missing": len(self.missing),
+            "unreadable": len(self.unreadable),
+            "unknown_classes": dict(sorted(self.unknown_classes.items())),
+        }
 
     def log(self) -> None:
-        bad = self.missing or self.unreadable
+        """The summary line (WARNING when anything was skipped or unknown), and, inside an
+        active MLflow run, `import_<source>_unknown_cells` and `import/<source>.json`."""
+        bad = self.missing or self.unreadable or self.unknown_classes
         log.log(logging.WARNING if bad else logging.INFO, "%s", self.summary())
+        import sys
+
+        # a job that tracks has imported mlflow already; a reader alone never pulls it in
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and mlflow.active_run() is not None:
+            mlflow.log_metric(
+                f"import_{self.source}_unknown_cells", sum(self.unknown_classes.values())
+            )
+            mlflow.log_dict(self.as_dict(), f"import/{self.source}.json")
+
+    def code(self, folder: str, *, strict: bool) -> str | None:
+        """`marrowscope.taxonomy.source_code` of `folder`; an unknown folder is counted here
+        and gives None, or raises `UnknownCellType` (naming it) when `strict`."""
+        try:
+            return source_code(self.source, folder)
+        except UnknownCellType:
+            if strict:
+                raise
+            self.unknown_classes[folder] = self.unknown_classes.get(folder, 0) + 1
+            return None
+
+
+def import_markdown(reports: dict[str, dict[str, object]]) -> str:
+    """A report section on what the importers read (`ReadReport.as_dict` per source)."""
+    lines = ["## Import", "", "| source | listed | kept | unlabelled | unknown class folders |"]
+    lines.append("|---|---|---|---|---|")
+    for source, r in reports.items():
+        unknown = r["unknown_classes"]
+        assert isinstance(unknown, dict)
+        folders = ", ".join(f"{k!r}: {n}" for k, n in unknown.items()) or "none"
+        lines.append(f"| {source} | {r['listed']} | {r['kept']} | {r['unlabelled']} | {folders} |")
+    return "\n".join(lines) + "\n"
 
 
 def image_problem(path: Path) -> str | None:

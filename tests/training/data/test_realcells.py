@@ -84,10 +84,63 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     text = (root / "cells.csv").read_text()
     (root / "cells.csv").write_text(text + 'Patient_00,"Hairy cell",images/x.jpg\n')
     with pytest.raises(KeyError, match="'Hairy cell' has no taxonomy mapping"):
-        read_deepapl(root)
+        read_deepapl(root, strict=True)
     (root / "cells.csv").write_text(text + 'Patient_42,"Monocyte",images/x.jpg\n')
     with pytest.raises(DatasetFormatError, match="Patient_42"):
         read_deepapl(root)
+
+
+def _later_cohort(root: Path, n_patients: int = 2) -> Path:
+    """A sign-out with an "Artifact" folder and one the taxonomy lacks (Patient_00/01)."""
+    _deepapl(root, n_patients=n_patients)
+    rows = []
+    for j, (pid, cls) in enumerate(
+        [("Patient_00", "Artifact"), ("Patient_01", "Hairy cell"), ("Patient_01", "Hairy cell")]
+    ):
+        rel = f"images/{pid}/{cls}/n{j}.jpg"
+        _jpeg(root / rel, 100 + j)
+        rows.append(f'{pid},"{cls}","{rel}"')
+    with (root / "cells.csv").open("a") as f:
+        f.write("\n".join(rows) + "\n")
+    return root
+
+
+def test_unknown_class_folder_is_reported_and_kept_unlabelled(tmp_path, caplog):
+    root = _later_cohort(tmp_path / "deepapl")
+    with caplog.at_level(logging.INFO):
+        data = read_deepapl(root)
+    assert len(data.records) == 11 and data.report.kept == 11
+    assert data.report.unknown_classes == {"Hairy cell": 2}
+    codes = {r.source_class: r.code for r in data.records}
+    assert codes["Artifact"] == "ART" and codes["Hairy cell"] is None
+    assert "Hairy cell" not in {r.source_class for r in data.labelled()}
+    assert data.patients["Patient_01"].n_cells == 6  # its unknown-folder cells still count
+    assert any("'Hairy cell' (2)" in r.getMessage() for r in caplog.records)
+    assert data.report.as_dict()["unknown_classes"] == {"Hairy cell": 2}
+
+
+def test_strict_stops_on_an_unknown_class_folder_naming_it(tmp_path):
+    root = _later_cohort(tmp_path / "deepapl")
+    with pytest.raises(KeyError, match="'Hairy cell' has no taxonomy mapping"):
+        read_deepapl(root, strict=True)
+    pbc = tmp_path / "pbc"
+    _jpeg(pbc / "images/x/0.jpg", 0)
+    (pbc / "cells.csv").write_text("cell_class,file\nneutrophil_giant,images/x/0.jpg\n")
+    assert read_pbc(pbc).report.unknown_classes == {"neutrophil_giant": 1}
+    with pytest.raises(KeyError, match="'neutrophil_giant'"):
+        read_pbc(pbc, strict=True)
+
+
+def test_unknown_class_folders_go_to_the_active_mlflow_run(tmp_path, sqlite_tracking):
+    import mlflow
+
+    mlflow.set_tracking_uri(sqlite_tracking)
+    with mlflow.start_run() as run:
+        read_deepapl(_later_cohort(tmp_path / "deepapl"), verify=False)
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).data.metrics["import_deepapl_unknown_cells"] == 2
+    local = client.download_artifacts(run.info.run_id, "import/deepapl.json", str(tmp_path))
+    assert '"Hairy cell": 2' in Path(local).read_text()
 
 
 def test_patient_split_never_puts_a_patient_on_two_sides(tmp_path):
@@ -135,3 +188,39 @@ def test_a_few_real_files_read():
     assert all(image_problem(r.path) is None for r in sample)
     pbc = read_pbc(SHARED / "pbc", verify=False)
     assert len(pbc.records) == 2750 and {r.code for r in pbc.records} >= {"PLT", "NGS", "EBO"}
+
+
+def test_jobs_that_import_real_cells_take_strict(tmp_path):
+    """`--strict` reaches the readers from the jobs: training.celltype (through
+    `common_data.real_cell_splits`), training.apl (`read_cohort`) and training.results real;
+    the real-typer report's import section names the unknown folder."""
+    from training import apl, celltype, results
+    from training.cli import UsageError, load_job_config
+    from training.common_data import real_cell_splits, real_import_reports
+    from training.data.singlecell import import_markdown
+
+    root = tmp_path / "shared"
+    _later_cohort(root / "deepapl", n_patients=8)
+    config = {
+        **load_job_config("celltype", "cpu-tiny"),
+        "real_train_sources": ["deepapl"],
+        "test_fraction": 0.5,
+        "val_fraction": 0.0,
+    }
+    sides = real_cell_splits(root, config)
+    labelled = {r.source_class for side in sides.values() for r in side}
+    assert "Artifact" in labelled and "Hairy cell" not in labelled
+    with pytest.raises(KeyError, match="'Hairy cell'"):
+        real_cell_splits(root, config, strict=True)
+    assert len(apl.read_cohort(root / "deepapl", verify=False).patients) == 8
+    with pytest.raises(UsageError, match="'Hairy cell'"):
+        apl.read_cohort(root / "deepapl", verify=False, strict=True)
+    for module, flags in (
+        (celltype, ["--data", str(root)]),
+        (apl, ["--workdir", str(tmp_path)]),
+        (results, ["real", "--workdir", str(tmp_path)]),
+    ):
+        assert module.get_args_parser().parse_args([*flags, "--strict"]).strict is True
+        assert module.get_args_parser().parse_args(flags).strict is False
+    section = import_markdown(real_import_reports(root))
+    assert "| deepapl | 35 | 35 | 10 | 'Hairy cell': 2 |" in section
