@@ -7,24 +7,34 @@ Real data (`../shared/data/deepapl`, read its README; read by `training.data.dee
 81 AML patients (60 non-APL, 21 APL), each a bag of ~160 signed-out single white cells.
 Every cell is typed by a celltype model (probabilities and its penultimate embedding) and
 measured (`marrowscope.morphometrics`); one case vector per patient is built by
-`marrowscope.features.case_features`, the code path serving uses. Then, on the same
-repeated patient-grouped stratified 5-fold CV (one patient = one group; `training.apl_cv`):
+`marrowscope.features.case_features`, the code path serving uses. Then nested CV
+(`training.apl_cv`): outer = repeated patient-grouped stratified 5-fold CV (one patient =
+one group), inner = grouped folds of each outer-train set, on which every choice is made
+(`training.apl_models`):
 
-- (a) the ensemble's APL output: an `EnsembleNet` with `targets: ["aml", "apl"]` trained by
-  `training.ensemble.train_mlp` (every patient here is AML, so only the APL head learns);
-- (b) attention-based multiple-instance learning over the typer's cell embeddings (gated
-  attention, Ilse et al. 2018; the approach of SCEMILA and DeepAPL);
-- for context, a baseline from the pathologists' own sign-out differential (oracle labels).
+- case-vector and mean-cell-embedding logistic regressions (C chosen inside);
+- the ensemble net's APL output (`EnsembleNet`, `targets: ["aml", "apl"]`, its config
+  fixed: the product's default today);
+- gated-attention MIL over the typer's cell embeddings (Ilse et al. 2018; the approach of
+  SCEMILA and DeepAPL) with instance dropout and random instance sampling, early-stopped
+  on the inner folds, the inner-fold models averaged (fold ensemble) and temperature-scaled
+  on their inner out-of-fold logits;
+- averages of those calibrated probabilities; for context, the pathologists' own sign-out
+  differential (oracle labels).
 
-Each is reported as patient-level AUROC: mean and SD over repeats (each repeat's pooled
-out-of-fold AUROC) and a patient-bootstrap 95 % CI of the repeat-averaged out-of-fold
-scores, beside Eckardt et al. (BMC Cancer 2022): 0.8575 on bone marrow. Results go to
-`--results` (.md + .json); stage outputs are cached in the work directory.
+Each is reported as patient-level AUROC (mean and SD over repeats, patient-bootstrap 95 %
+CI), ECE, Brier and saturation (held-out scores outside [0.01, 0.99]), beside Eckardt et
+al. (BMC Cancer 2022): 0.8575 on bone marrow; the simplest model not worse than the best
+(paired bootstrap) is named. The stability figure (`training.apl_stability`, `--shifts`)
+rescores each outer fold's held-out patients with their cells under `training.shifts`.
+Results go to `--results` (.md + .json, `training.apl_report`); stage outputs are cached
+in the work directory.
 
-`--save-mil DIR` writes the MIL model trained on every patient (the one whose attention is
-reported) as a registrable `mil` model (`marrowscope.models.mil`: safetensors + config,
-pinned to the celltype model and version whose embeddings it learned); `--register-mil`
-also registers it as `marrowscope-mil` (metric `apl_auroc`: its CV AUROC) for
+`--save-mil DIR` writes the MIL fold ensemble fitted by the same recipe on every patient
+(the one whose attention is reported) as a registrable `mil` model
+(`marrowscope.models.mil`: safetensors + config with its members and temperature, pinned
+to the celltype model and version whose embeddings it learned); `--register-mil`
+also registers it as `marrowscope-mil` (metric `apl_auroc`: its nested-CV AUROC) for
 `python -m training.promote --model mil --version N`, which refuses it unless that
 celltype version serves. Serve it with `MS_ENSEMBLE_MIL_MODEL_URI` and
 `MS_GATEWAY_APL_MODEL=mil`.

@@ -63,6 +63,29 @@ def _stability_rows(stability: dict[str, Any] | None) -> list[str]:
     return [*head, *rows]
 
 
+def _typer_caveat(typer: dict[str, Any]) -> list[str]:
+    """What the typer saw of these patients: its embeddings are in-sample for any patient
+    whose cells it trained on, which a typer trained elsewhere would not be."""
+    if typer["source"] == "quick":
+        training = typer["training"]
+        return [
+            "Caveat: no trained celltype model was given, so a quick ResNet18 was trained "
+            f"here on the cohort's signed-out cells ({training.get('epochs_done')} epoch(s), "
+            f"{training.get('seconds')} s on a shared CPU). It saw every patient's cells with "
+            "their cell-type labels (never the diagnosis), so its embeddings are in-sample "
+            "for the typer for every patient, held-out ones included; it is weak, so the "
+            "embedding models are lower bounds of what a real typer gives.",
+            "",
+        ]
+    return [
+        "Caveat: the given typer's training split may include DeepAPL patients (the shared "
+        "real typer trains on a patient split of this cohort); for those patients its "
+        "embeddings and probabilities are in-sample for the typer (never for the "
+        "diagnosis), which a typer trained elsewhere would not be.",
+        "",
+    ]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     res = r["results"]
     typer = r["celltype_model"]
@@ -129,6 +152,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             "|---|---|---|---|",
             *att_rows,
             "",
+            *_typer_caveat(typer),
             *(f"Note: {n}\n" for n in r.get("notes", [])),
             "Seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()),
             "",
