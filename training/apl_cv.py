@@ -181,12 +181,17 @@ def nested_cv(data: Any, y: np.ndarray, candidate: Candidate, outer: list[OuterF
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(temperature T > 0, bias b) minimising the log-loss of sigmoid(z / T + b) on
     out-of-fold logits z: temperature scaling with a bias, which also undoes a class
-    weighting's prior shift. T is bounded to [0.05, 1000] (a logit that ranks the wrong
-    way round gives a large T: a near-constant, prevalence-level probability)."""
+    weighting's prior shift. The targets are Platt's (1999) smoothed labels,
+    (N+ + 1) / (N+ + 2) and 1 / (N- + 2) instead of 1 and 0: with a few dozen calibration
+    patients no score should claim more certainty than they can show, which is what keeps
+    held-out probabilities off 0 and 1. T is bounded to [0.05, 1000] (a logit that ranks
+    the wrong way round gives a large T: a near-constant, prevalence-level probability)."""
     from scipy.optimize import minimize
 
     z = np.asarray(logits, dtype=float)
-    t = np.asarray(y, dtype=float)
+    labels = np.asarray(y).astype(int)
+    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+    t = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
 
     def loss(params: np.ndarray) -> float:
         a, b = np.exp(params[0]), params[1]
