@@ -353,7 +353,8 @@ def save_mil_artifact(
 
     celltype = {"name": Stage.CELLTYPE.registered_name, "version": str(typer.version)}
     save_mil(model, directory, celltype=celltype, training={"cv_apl_auroc": auroc})
-    out: dict[str, Any] = {"directory": str(directory), "celltype": celltype}
+    # the directory's name only: results files never hold this machine's paths
+    out: dict[str, Any] = {"directory": f"DIR/{directory.name}", "celltype": celltype}
     if register:
         from marrowscope.registry import register_model_dir
 
@@ -770,6 +771,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--celltype-model {model if model.startswith('models:/') else 'MODEL_DIR'}")
     else:
         parts.append(f"--train-typer-minutes {args.train_typer_minutes:g}")
+        parts.append(f"--crop-size {args.crop_size}")
     parts += [
         f"--morph-cells {args.morph_cells}",
         f"--folds {args.folds} --repeats {args.repeats} --inner-folds {args.inner_folds}",
