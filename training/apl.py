@@ -7,24 +7,34 @@ Real data (`../shared/data/deepapl`, read its README; read by `training.data.dee
 81 AML patients (60 non-APL, 21 APL), each a bag of ~160 signed-out single white cells.
 Every cell is typed by a celltype model (probabilities and its penultimate embedding) and
 measured (`marrowscope.morphometrics`); one case vector per patient is built by
-`marrowscope.features.case_features`, the code path serving uses. Then, on the same
-repeated patient-grouped stratified 5-fold CV (one patient = one group; `training.apl_cv`):
+`marrowscope.features.case_features`, the code path serving uses. Then nested CV
+(`training.apl_cv`): outer = repeated patient-grouped stratified 5-fold CV (one patient =
+one group), inner = grouped folds of each outer-train set, on which every choice is made
+(`training.apl_models`):
 
-- (a) the ensemble's APL output: an `EnsembleNet` with `targets: ["aml", "apl"]` trained by
-  `training.ensemble.train_mlp` (every patient here is AML, so only the APL head learns);
-- (b) attention-based multiple-instance learning over the typer's cell embeddings (gated
-  attention, Ilse et al. 2018; the approach of SCEMILA and DeepAPL);
-- for context, a baseline from the pathologists' own sign-out differential (oracle labels).
+- case-vector and mean-cell-embedding logistic regressions (C chosen inside);
+- the ensemble net's APL output (`EnsembleNet`, `targets: ["aml", "apl"]`, its config
+  fixed: the product's default today);
+- gated-attention MIL over the typer's cell embeddings (Ilse et al. 2018; the approach of
+  SCEMILA and DeepAPL) with instance dropout and random instance sampling, early-stopped
+  on the inner folds, the inner-fold models averaged (fold ensemble) and temperature-scaled
+  on their inner out-of-fold logits;
+- averages of those calibrated probabilities; for context, the pathologists' own sign-out
+  differential (oracle labels).
 
-Each is reported as patient-level AUROC: mean and SD over repeats (each repeat's pooled
-out-of-fold AUROC) and a patient-bootstrap 95 % CI of the repeat-averaged out-of-fold
-scores, beside Eckardt et al. (BMC Cancer 2022): 0.8575 on bone marrow. Results go to
-`--results` (.md + .json); stage outputs are cached in the work directory.
+Each is reported as patient-level AUROC (mean and SD over repeats, patient-bootstrap 95 %
+CI), ECE, Brier and saturation (held-out scores outside [0.01, 0.99]), beside Eckardt et
+al. (BMC Cancer 2022): 0.8575 on bone marrow; the simplest model not worse than the best
+(paired bootstrap) is named. The stability figure (`training.apl_stability`, `--shifts`)
+rescores each outer fold's held-out patients with their cells under `training.shifts`.
+Results go to `--results` (.md + .json, `training.apl_report`); stage outputs are cached
+in the work directory.
 
-`--save-mil DIR` writes the MIL model trained on every patient (the one whose attention is
-reported) as a registrable `mil` model (`marrowscope.models.mil`: safetensors + config,
-pinned to the celltype model and version whose embeddings it learned); `--register-mil`
-also registers it as `marrowscope-mil` (metric `apl_auroc`: its CV AUROC) for
+`--save-mil DIR` writes the MIL fold ensemble fitted by the same recipe on every patient
+(the one whose attention is reported) as a registrable `mil` model
+(`marrowscope.models.mil`: safetensors + config with its members and temperature, pinned
+to the celltype model and version whose embeddings it learned); `--register-mil`
+also registers it as `marrowscope-mil` (metric `apl_auroc`: its nested-CV AUROC) for
 `python -m training.promote --model mil --version N`, which refuses it unless that
 celltype version serves. Serve it with `MS_ENSEMBLE_MIL_MODEL_URI` and
 `MS_GATEWAY_APL_MODEL=mil`.
@@ -44,7 +54,6 @@ cell it cannot measure).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from training.apl_stability import DEFAULT_SHIFTS
 from training.cli import UsageError, run_main
 from training.data.deepapl import DEFAULT_ROOT
 from training.engine import progress
@@ -293,22 +303,40 @@ def sign_out_differential(cohort: AplCohort) -> tuple[list[str], np.ndarray]:
 # ------------------------------------------------------------------ the experiment
 
 
-def ensemble_fit_predict(names, table: np.ndarray, y: np.ndarray, config, out: Path):
-    """A `fit_predict` training the product's ensemble net (`train_mlp`, targets aml + apl)
-    per fold and returning its P(APL | AML); every patient here is AML (aml label 1)."""
+def ensemble_candidate(names, config, out: Path):
+    """The product's ensemble net (`train_mlp`, targets aml + apl) as a `FixedCandidate`:
+    its config makes every choice, so nothing is tuned on the inner folds; it returns its
+    P(APL | AML) as it comes (uncalibrated). Every patient here is AML (aml label 1)."""
+    from training.apl_models import FixedCandidate
     from training.cli import JobConfig
     from training.ensemble import train_mlp
 
-    labels = np.stack([np.ones(len(y)), y], axis=1).astype(np.float32)
-
-    def fit_predict(tr: np.ndarray, te: np.ndarray, fit_seed: int) -> np.ndarray:
-        cfg = JobConfig.of("ensemble", {**config.as_dict(), "seed": fit_seed})
+    def train(data, rows: np.ndarray, seed: int):
+        labels = np.stack([np.ones(len(rows)), data.y[rows]], axis=1).astype(np.float32)
+        cfg = JobConfig.of("ensemble", {**config.as_dict(), "seed": seed})
         model, _ = train_mlp(
-            cfg, names, table[tr], labels[tr], None, None, output=out, checkpoint=False
+            cfg, names, data.case[rows], labels, None, None, output=out, checkpoint=False
         )
-        return model.predict_targets(table[te])["apl"].numpy()
+        return lambda d, r: model.predict_targets(d.case[r])["apl"].numpy()
 
-    return fit_predict
+    return FixedCandidate("ensemble_apl", train)
+
+
+def cohort_data(cohort: AplCohort, cells: Any, names: list[str], tables=None):
+    """`AplData` of `cohort` from `CellArrays` (only `cells.keep` rows): each patient's bag
+    of embeddings and case vector. Returns (data, bag_rows: cell indices per patient)."""
+    from training.apl_models import AplData
+
+    _, table = case_table(cohort, cells.probs, names, cells.morph, cells.keep)
+    index = {p: i for i, p in enumerate(cohort.patients)}
+    rows: list[list[int]] = [[] for _ in cohort.patients]
+    for i, c in enumerate(cohort.cells):
+        if cells.keep[i] and c.patient_id in index:
+            rows[index[c.patient_id]].append(i)
+    bag_rows = [np.array(r, dtype=int) for r in rows]
+    bags = [cells.embeds[r].astype(np.float32) for r in bag_rows]
+    y = np.array([cohort.apl[p] for p in cohort.patients])
+    return AplData(y, bags, table, dict(tables or {})), bag_rows
 
 
 def save_mil_artifact(
@@ -326,7 +354,8 @@ def save_mil_artifact(
 
     celltype = {"name": Stage.CELLTYPE.registered_name, "version": str(typer.version)}
     save_mil(model, directory, celltype=celltype, training={"cv_apl_auroc": auroc})
-    out: dict[str, Any] = {"directory": str(directory), "celltype": celltype}
+    # the directory's name only: results files never hold this machine's paths
+    out: dict[str, Any] = {"directory": f"DIR/{directory.name}", "celltype": celltype}
     if register:
         from marrowscope.registry import register_model_dir
 
@@ -349,17 +378,13 @@ def save_mil_artifact(
 
 
 def attention_by_class(
-    cohort: AplCohort, bags_rows: list[np.ndarray], bags: list[np.ndarray], y, *, epochs: int
-) -> tuple[dict[str, Any], Any]:
-    """Train one MIL model on every patient and say which signed-out classes it attends to:
-    per diagnosis, the share of each sign-out class among each patient's top-10 % attended
-    cells (averaged over patients) beside its share among all the patient's cells. Returns
-    (that table, the model)."""
+    cohort: AplCohort, bags_rows: list[np.ndarray], bags: list[np.ndarray], y, model: Any
+) -> dict[str, Any]:
+    """Which signed-out classes a MIL model attends to: per diagnosis, the share of each
+    sign-out class among each patient's top-10 % attended cells (averaged over patients)
+    beside its share among all the patient's cells."""
     import torch
 
-    from training.apl_cv import train_mil
-
-    model = train_mil(bags, y, seed=0, epochs=epochs)
     out: dict[str, Any] = {}
     for label, group in ((1, "APL"), (0, "non-APL AML")):
         top_share: dict[str, list[float]] = {}
@@ -383,7 +408,7 @@ def attention_by_class(
             }
             for c in sorted(top_share, key=lambda c: -np.sum(top_share[c]))
         }
-    return out, model
+    return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -420,7 +445,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--morph-cells", type=int, default=64, help="measured cells per patient")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--mil-epochs", type=int, default=40)
+    p.add_argument("--inner-folds", type=int, default=4, help="nested CV's inner folds")
+    p.add_argument("--mil-epochs", type=int, default=40, help="MIL's most epochs (early stop)")
+    p.add_argument("--mil-cells", type=int, default=64, help="MIL: cells per bag per step")
+    p.add_argument(
+        "--instance-dropouts", type=float, nargs="+", default=[0.0, 0.5], help="MIL grid"
+    )
+    p.add_argument(
+        "--shifts",
+        default=",".join(DEFAULT_SHIFTS),
+        help="stability figure: shifts (training.shifts names, comma-separated; '' for none)",
+    )
+    p.add_argument("--shift-cells", type=int, default=16, help="stability: cells per patient")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--config", default="cpu-demo", help="ensemble config (training/configs)")
     p.add_argument(
@@ -439,45 +475,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
+SIMPLEST_FIRST: tuple[str, ...] = (
+    "case_vector_logistic",
+    "pooled_embedding_logistic",
+    "ensemble_apl",
+    "mil_fold_ensemble",
+    "case_vector_plus_mil",
+    "case_pooled_mil_average",
+)
+"""the compared models, simplest first: the preferred model is the first one not worse than
+the best (paired patient-bootstrap CI of the AUROC difference includes 0)"""
 
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Cohort, typer, cells, their typing (probabilities, embeddings) and morphometrics,
+    each cached in the work directory."""
     from marrowscope.inference import CellTyper, load_predictor
-    from training.apl_cv import (
-        logistic_fit_predict,
-        mil_fit_predict,
-        repeated_grouped_cv,
-        summarise,
-    )
-    from training.cli import JobConfig, load_job_config
 
-    if args.celltype_model is None and args.train_typer_minutes <= 0:
-        raise UsageError("give --celltype-model or a positive --train-typer-minutes")
-    if args.register_mil and (args.save_mil is None or not args.celltype_model):
-        raise UsageError(
-            "--register-mil needs --save-mil and a registered --celltype-model: the MIL "
-            "model is pinned to the celltype version whose embeddings it learned"
-        )
-    import torch
-
-    # the CV models are tiny: on a shared CPU, extra intra-op threads only spin and wait
-    # (one 65-patient MLP epoch took ~1 s with the default threads under load)
-    torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     cohort = read_cohort(args.data, strict=args.strict)
-    patients = cohort.patients
-    y = np.array([cohort.apl[p] for p in patients])
-    log.info("%d patients (%d APL), %d cells", len(y), y.sum(), len(cohort.cells))
-    config = JobConfig.of(
-        "ensemble", load_job_config("ensemble", args.config, ['targets=["aml","apl"]'])
-    )
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.celltype_model:
-        size = None
-        typer_uri, typer_kind = args.celltype_model, "given"
-    else:
-        size, typer_kind = args.crop_size, "quick"
 
     def load_typer(uri: str, tracking_uri: str | None = None) -> CellTyper:
         typer = load_predictor(uri, tracking_uri=tracking_uri)
@@ -485,9 +503,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--celltype-model is a {typer.kind} model, not celltype")
         return typer
 
-    if size is None:
+    if args.celltype_model:
         typer = load_typer(args.celltype_model, args.tracking_uri)
-        size = typer.crop_size
+        size, typer_uri, typer_kind = typer.crop_size, args.celltype_model, "given"
+        if not typer_uri.startswith("models:/"):
+            typer_uri = "MODEL_DIR"
+    else:
+        size, typer_kind = args.crop_size, "quick"
     crops, half, keep = load_cells(cohort, size, args.workdir / f"cells-{size}.npz")
     timings["decode_s"] = time.monotonic() - t0
     if typer_kind == "quick":
@@ -516,6 +538,104 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         cohort, half, keep, args.morph_cells, args.workdir / f"morph-{args.morph_cells}.npz"
     )
     timings["morphometrics_s"] = time.monotonic() - t
+    return {
+        "cohort": cohort,
+        "typer": typer,
+        "typer_uri": typer_uri,
+        "typer_kind": typer_kind,
+        "size": size,
+        "probs": probs,
+        "embeds": embeds,
+        "morph": morph,
+        "keep": keep,
+        "timings": timings,
+    }
+
+
+def shifted_runs(
+    args: argparse.Namespace,
+    prep: dict[str, Any],
+    cohort: AplCohort,
+    cells: Any,
+    runs: dict[str, Any],
+    tables: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """The stability figure (`training.apl_stability`): every run's outer-fold models
+    rescore the held-out patients' subset of cells, as recorded and under each shift."""
+    from training.apl_stability import measure, shifted_cells, stability_table, subset_rows
+
+    names = list(prep["typer"].names)
+    patients = [c.patient_id for c in cohort.cells]
+    rows = subset_rows(patients, cells.keep, cells.morph, args.shift_cells)
+    reference_data, _ = cohort_data(cohort, cells.restricted(rows), names, tables)
+    reference = {k: run.rescore(reference_data) for k, run in runs.items()}
+    shifted: dict[str, dict[str, np.ndarray]] = {}
+    files = [c.file for c in cohort.cells]
+    for shift in args.shifts:
+        t = time.monotonic()
+        crops, half = shifted_cells(files, rows, shift, prep["size"])
+        probs, embeds = type_cells(prep["typer"], crops)
+        data, _ = cohort_data(
+            cohort, cells.replaced(rows, probs, embeds, measure(half)), names, tables
+        )
+        shifted[shift] = {k: run.rescore(data) for k, run in runs.items()}
+        prep["timings"][f"shift_{shift}_s"] = time.monotonic() - t
+    y = np.array([cohort.apl[p] for p in cohort.patients])
+    return {
+        "cells_per_patient": args.shift_cells,
+        "cells": int(len(rows)),
+        "shifts": list(args.shifts),
+        "by_model": stability_table(y, reference, shifted),
+    }
+
+
+def preferred_model(
+    y: np.ndarray, runs: dict[str, Any], results: dict[str, Any], n_boot: int
+) -> dict[str, Any]:
+    """The simplest model (`SIMPLEST_FIRST`) not worse than the best by AUROC: the
+    paired patient-bootstrap 95 % CI of AUROC(best) - AUROC(model) contains 0."""
+    from training.apl_cv import paired_auroc_difference
+
+    compared = [k for k in SIMPLEST_FIRST if k in runs]
+    best = max(compared, key=lambda k: results[k]["auroc_mean"])
+    versus = {
+        k: paired_auroc_difference(y, runs[best].oof.mean(0), runs[k].oof.mean(0), n_boot=n_boot)
+        for k in compared
+    }
+    chosen = next(k for k in compared if versus[k]["ci95"][0] <= 0.0)
+    return {"best": best, "preferred": chosen, "best_minus_model": versus}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    from marrowscope.features import case_feature_names
+    from training.apl_cv import grouped_folds, nested_cv, nested_folds, summarise
+    from training.apl_models import LogisticCandidate, MilCandidate, combined_run
+    from training.apl_report import write_results
+    from training.apl_stability import CellArrays
+    from training.cli import JobConfig, load_job_config
+    from training.shifts import get_shift
+
+    if args.celltype_model is None and args.train_typer_minutes <= 0:
+        raise UsageError("give --celltype-model or a positive --train-typer-minutes")
+    if args.register_mil and (args.save_mil is None or not args.celltype_model):
+        raise UsageError(
+            "--register-mil needs --save-mil and a registered --celltype-model: the MIL "
+            "model is pinned to the celltype version whose embeddings it learned"
+        )
+    try:
+        args.shifts = [get_shift(s).name for s in args.shifts.split(",") if s]
+    except KeyError as exc:
+        raise UsageError(f"--shifts: {exc.args[0]}") from None
+    import torch
+
+    # the CV models are tiny: on a shared CPU, extra intra-op threads only spin and wait
+    torch.set_num_threads(args.threads)
+    t0 = time.monotonic()
+    prep = prepare(args)
+    timings = prep["timings"]
+    cohort, keep = prep["cohort"], prep["keep"]
     if args.signed_out_only:
         # sensitivity check: not-signed-out cells are ~46 % of an APL patient's cells and
         # ~4 % of the others', so anything that tells them apart could stand in for APL
@@ -524,78 +644,120 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if dropped := sorted(set(cohort.apl) - present):
             log.warning("patients without signed-out cells left out: %s", dropped)
         cohort = AplCohort({p: v for p, v in cohort.apl.items() if p in present}, cohort.cells)
-        patients = cohort.patients
-        y = np.array([cohort.apl[p] for p in patients])
-    names, table = case_table(cohort, probs, list(typer.names), morph, keep)
-    index = {p: i for i, p in enumerate(patients)}
-    rows: list[list[int]] = [[] for _ in patients]
-    for i, c in enumerate(cohort.cells):
-        if keep[i]:
-            rows[index[c.patient_id]].append(i)
-    bag_rows = [np.array(r, dtype=int) for r in rows]
-    bags = [embeds[r].astype(np.float32) for r in bag_rows]
+    patients = cohort.patients
+    cells = CellArrays(prep["probs"], prep["embeds"], prep["morph"], keep)
     classes, diff = sign_out_differential(cohort)
+    tables = {"signout": diff}
+    data, bag_rows = cohort_data(cohort, cells, list(prep["typer"].names), tables)
+    y = data.y
+    log.info("%d patients (%d APL), %d cells", len(y), y.sum(), int(keep.sum()))
+    config = JobConfig.of(
+        "ensemble", load_job_config("ensemble", args.config, ['targets=["aml","apl"]'])
+    )
 
-    cv = {"folds": args.folds, "repeats": args.repeats, "seed": 0}
-    runs = {
-        "ensemble_apl": ensemble_fit_predict(names, table, y, config, args.workdir / "cv"),
-        "mil_attention": mil_fit_predict(bags, y, epochs=args.mil_epochs),
-        "case_features_logistic": logistic_fit_predict(table, y),
-        "oracle_signout_differential_logistic": logistic_fit_predict(diff, y),
-    }
-    results: dict[str, Any] = {}
-    for name, fit_predict in runs.items():
+    mil = MilCandidate(
+        instance_dropouts=tuple(args.instance_dropouts),
+        max_epochs=args.mil_epochs,
+        max_cells=args.mil_cells,
+    )
+    candidates = [
+        LogisticCandidate("case_vector_logistic", "case"),
+        LogisticCandidate("pooled_embedding_logistic", "pooled"),
+        ensemble_candidate(case_feature_names(), config, args.workdir / "cv"),
+        mil,
+    ]
+    oracle = LogisticCandidate("oracle_signout_differential_logistic", "signout")
+    outer = nested_folds(
+        y, patients, folds=args.folds, repeats=args.repeats, inner_folds=args.inner_folds
+    )
+    runs: dict[str, Any] = {}
+    for candidate in [*candidates, oracle]:
         t = time.monotonic()
-        oof = repeated_grouped_cv(
-            y, patients, fit_predict, folds=args.folds, repeats=args.repeats, seed=0
-        )
-        results[name] = summarise(y, oof, n_boot=args.n_boot)
-        timings[f"cv_{name}_s"] = time.monotonic() - t
+        runs[candidate.name] = nested_cv(data, y, candidate, outer)
+        timings[f"cv_{candidate.name}_s"] = time.monotonic() - t
+    runs["case_vector_plus_mil"] = combined_run(
+        [runs["case_vector_logistic"], runs["mil_fold_ensemble"]]
+    )
+    runs["case_pooled_mil_average"] = combined_run(
+        [
+            runs[k]
+            for k in ("case_vector_logistic", "pooled_embedding_logistic", "mil_fold_ensemble")
+        ]
+    )
+    results: dict[str, Any] = {}
+    for name, run in runs.items():
+        results[name] = {
+            **summarise(y, run.oof, n_boot=args.n_boot),
+            "choices": [m.choice for _, m in run.fitted],
+        }
         log.info(
-            "%s: AUROC %.3f +- %.3f", name, results[name]["auroc_mean"], results[name]["auroc_sd"]
+            "%s: AUROC %.3f, ECE %.3f, saturated %.2f",
+            name,
+            results[name]["auroc_mean"],
+            results[name]["ece"],
+            results[name]["saturated_share"],
         )
     pmo = diff[:, classes.index("Promyelocyte")]
     results["oracle_promyelocyte_fraction"] = {
         "auroc": float(roc_auc_score(y, pmo)),
         "note": "no training: the fraction itself is the score",
     }
-    best = max(("ensemble_apl", "mil_attention"), key=lambda k: results[k]["auroc_mean"])
+    choice = preferred_model(y, runs, results, args.n_boot)
+    stability = None
+    if args.shifts:
+        compared = {k: runs[k] for k in SIMPLEST_FIRST}
+        stability = shifted_runs(args, prep, cohort, cells, compared, tables)
+    # the served MIL: the same recipe on every patient (inner folds over all of them)
     t = time.monotonic()
-    attention, mil_model = attention_by_class(cohort, bag_rows, bags, y, epochs=args.mil_epochs)
-    timings["attention_s"] = time.monotonic() - t
+    everyone = np.arange(len(y))
+    served = mil.fit(
+        data,
+        everyone,
+        grouped_folds(y, np.asarray(patients), everyone, folds=args.inner_folds, seed=0),
+        0,
+    )
+    attention = attention_by_class(cohort, bag_rows, data.bags, y, served.model)
+    timings["served_mil_s"] = time.monotonic() - t
     saved_mil = None
     if args.save_mil is not None:
         saved_mil = save_mil_artifact(
-            mil_model,
+            served.model,
             args.save_mil,
-            typer,
-            auroc=results["mil_attention"]["auroc_mean"],
+            prep["typer"],
+            auroc=results["mil_fold_ensemble"]["auroc_mean"],
             register=args.register_mil,
             tracking_uri=args.tracking_uri,
         )
     timings["total_s"] = time.monotonic() - t0
-    typer_config = typer.config
+    typer_config = prep["typer"].config
     report = {
         "what": "APL vs non-APL AML, patient level, DeepAPL discovery cohort (real data)",
         "command": command_line(args),
         "patients": int(len(y)),
         "apl_patients": int(y.sum()),
         "cells": int(keep.sum()),
-        "unreadable_cells": int((~keep).sum()),
-        "cv": cv,
+        "unreadable_cells": int((~prep["keep"]).sum()),
+        "cv": {
+            "folds": args.folds,
+            "repeats": args.repeats,
+            "inner_folds": args.inner_folds,
+            "seed": 0,
+        },
         "celltype_model": {
-            "source": typer_kind,
-            "uri": typer_uri,
+            "source": prep["typer_kind"],
+            "uri": prep["typer_uri"],
             "arch": typer_config["arch"],
             "crop_size": typer_config["crop_size"],
-            "embedding_dim": int(embeds.shape[1]),
+            "embedding_dim": int(prep["embeds"].shape[1]),
             "training": typer_config.get("training", {}),
         },
         "morphometrics_cells_per_patient": args.morph_cells,
         "signed_out_only": bool(args.signed_out_only),
         "reference": {"eckardt_2022_bmc_cancer_auroc": ECKARDT_2022_AUROC},
         "results": results,
-        "better_of_ensemble_and_mil": best,
+        "choice": choice,
+        "stability": stability,
+        "served_mil_choice": served.choice,
         "mil_attention_by_sign_out_class": attention,
         "saved_mil": saved_mil,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -606,6 +768,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces the run, with DIR placeholders instead of local paths."""
+    none = "''"  # an empty --shifts: no stability figure
     parts = ["python -m training.apl", "--workdir DIR"]
     if args.data != DEFAULT_DATA:
         parts.append("--data DATA")
@@ -614,116 +777,16 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--celltype-model {model if model.startswith('models:/') else 'MODEL_DIR'}")
     else:
         parts.append(f"--train-typer-minutes {args.train_typer_minutes:g}")
+        parts.append(f"--crop-size {args.crop_size}")
     parts += [
         f"--morph-cells {args.morph_cells}",
-        f"--folds {args.folds} --repeats {args.repeats} --mil-epochs {args.mil_epochs}",
+        f"--folds {args.folds} --repeats {args.repeats} --inner-folds {args.inner_folds}",
+        f"--mil-epochs {args.mil_epochs} --mil-cells {args.mil_cells}",
+        "--instance-dropouts " + " ".join(f"{d:g}" for d in args.instance_dropouts),
+        f"--shifts {','.join(args.shifts) or none} --shift-cells {args.shift_cells}",
         *(["--signed-out-only"] if args.signed_out_only else []),
     ]
     return " ".join(parts)
-
-
-def write_results(report: dict[str, Any], prefix: Path) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    prefix.with_suffix(".md").write_text(render_markdown(report))
-    log.info("wrote %s.{md,json}", prefix)
-
-
-def render_markdown(r: dict[str, Any]) -> str:
-    res = r["results"]
-    labels = {
-        "ensemble_apl": "(a) ensemble net, APL output, over the case vector",
-        "mil_attention": "(b) gated-attention MIL over the typer's cell embeddings",
-        "case_features_logistic": "case vector, logistic regression (context)",
-        "oracle_signout_differential_logistic": "pathologists' sign-out differential, "
-        "logistic regression (oracle labels, context)",
-    }
-    rows = [
-        f"| {labels[k]} | **{v['auroc_mean']:.3f}** | {v['auroc_sd']:.3f} | "
-        f"{v['auroc_ci95'][0]:.3f}-{v['auroc_ci95'][1]:.3f} |"
-        for k, v in res.items()
-        if k in labels
-    ]
-    typer = r["celltype_model"]
-    att = r["mil_attention_by_sign_out_class"]
-    att_rows = [
-        f"| {group} | {c} | {s['top10pct_share']:.3f} | {s['all_cells_share']:.3f} |"
-        for group, shares in att.items()
-        for c, s in list(shares.items())[:4]
-    ]
-    return "\n".join(
-        [
-            "# APL vs non-APL AML from cell morphology (real patients, DeepAPL)",
-            "",
-            f"{r['patients']} patients ({r['apl_patients']} APL), {r['cells']} cells "
-            f"({r['unreadable_cells']} unreadable, skipped); patient-level AUROC, "
-            f"{r['cv']['repeats']} x repeated patient-grouped stratified {r['cv']['folds']}-fold "
-            "CV (every model on the same folds). Mean and SD over repeats of each repeat's "
-            "pooled out-of-fold AUROC; 95 % CI: stratified patient bootstrap "
-            f"({res['ensemble_apl']['n_boot']} resamples) of the repeat-averaged scores.",
-            "",
-            "```",
-            r["command"],
-            "```",
-            "",
-            "| model | AUROC mean | SD (repeats) | 95 % CI |",
-            "|---|---|---|---|",
-            *rows,
-            f"| pathologists' promyelocyte fraction alone (oracle, no training) | "
-            f"{res['oracle_promyelocyte_fraction']['auroc']:.3f} | | |",
-            f"| Eckardt et al., BMC Cancer 2022 (bone marrow, other patients) | "
-            f"{r['reference']['eckardt_2022_bmc_cancer_auroc']} | | |",
-            "",
-            f"Better of (a) and (b): `{r['better_of_ensemble_and_mil']}`.",
-            "",
-            "Served: both paths exist; the default is still the ensemble's APL head "
-            "(`targets` with `apl`: `P_APL`, report `apl_morphology` with `model: "
-            '"ensemble"`), so nothing changes until a deployment switches. To serve MIL: '
-            "write and register the model (`--save-mil DIR --register-mil` with a "
-            "registered `--celltype-model`; config pinned to that celltype version), "
-            "promote it (`python -m training.promote --model mil --version V`; refused "
-            "unless that celltype version is serving), set "
-            "`MS_ENSEMBLE_MIL_MODEL_URI=models:/marrowscope-mil@champion` (the ensemble "
-            "service then also serves the OIP model `mil`: `CELL_EMBEDDINGS` FP32 [N, D] "
-            "-> `P_APL`, `ATTENTION` FP32 [N]) and `MS_GATEWAY_APL_MODEL=mil`. The "
-            "gateway then asks celltype for each cell's `EMBEDDINGS`, sends all of a "
-            'case\'s typed cells in one call, reports `apl_morphology` with `model: "mil"`'
-            " and writes each cell's attention to `attention` and `importance` (schema "
-            "1.5). Without a usable MIL model the APL entry is `not_available` and the "
-            "rest of the report stands. MIL's lead here (0.839 vs 0.813) is inside both "
-            "CIs, so the switch is a deployment choice, not a default.",
-            "",
-            f"Cell typer: {typer['source']} ({typer['arch']}, {typer['crop_size']} px crops, "
-            f"embedding {typer['embedding_dim']}-d; `{typer['uri']}`). Morphometrics from up to "
-            f"{r['morphometrics_cells_per_patient']} cells per patient at half resolution "
-            "(px units).",
-            "",
-            "Where the MIL model looks (one model trained on every patient; share of each "
-            "sign-out class among a patient's top-10 % attended cells vs among all its cells, "
-            "averaged over patients; top 4 per group):",
-            "",
-            "| patients | sign-out class | top-10 % share | all-cells share |",
-            "|---|---|---|---|",
-            *att_rows,
-            "",
-            *(
-                [
-                    "Caveat: no trained celltype model was given, so a quick ResNet18 was trained "
-                    f"here on the cohort's signed-out cells ({typer['training'].get('epochs_done')} "
-                    f"epoch(s), {typer['training'].get('seconds')} s on a shared CPU). It saw the "
-                    "test patients' cells with their cell-type labels (never the diagnosis), "
-                    "which a typer trained elsewhere would not; it is weak, so (a) and (b) are "
-                    "lower bounds of what a real typer gives. Rerun with `--celltype-model`.",
-                    "",
-                ]
-                if typer["source"] == "quick"
-                else []
-            ),
-            *(f"Note: {n}\n" for n in r.get("notes", [])),
-            "Seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()),
-            "",
-        ]
-    )
 
 
 if __name__ == "__main__":

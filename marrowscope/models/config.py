@@ -434,6 +434,16 @@ def _validate_mil(config: dict[str, Any]) -> None:
     dropout = config["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         _fail(config, f"dropout must be in [0, 1), got {dropout!r}")
+    members = config.get("members", 1)
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        _fail(config, f"members must be a positive integer, got {members!r}")
+    calibration = config.get("calibration")
+    if calibration is not None and not _is_calibration(calibration):
+        _fail(
+            config,
+            "calibration must be {'temperature': T > 0, 'bias': b} (finite numbers), "
+            f"got {calibration!r}",
+        )
     if config.get("target", "apl") != "apl":
         _fail(config, f"target must be 'apl' (the one MIL target), got {config['target']!r}")
     lineage = config["celltype"]
@@ -447,6 +457,19 @@ def _validate_mil(config: dict[str, Any]) -> None:
             "celltype must be {'name': ..., 'version': ...} (non-empty strings): the celltype "
             f"model whose embeddings the MIL model learned, got {lineage!r}",
         )
+
+
+def _is_calibration(value: Any) -> bool:
+    def number(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+
+    return (
+        isinstance(value, dict)
+        and set(value) == {"temperature", "bias"}
+        and number(value["temperature"])
+        and value["temperature"] > 0
+        and number(value["bias"])
+    )
 
 
 _VALIDATORS = {

@@ -46,7 +46,8 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """A freshly initialised module for a validated config (no weights are downloaded).
 
     detector -> torchvision `FasterRCNN`; celltype -> `CellTypeClassifier`;
-    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`; nucseg -> `NucSegNet`; mil -> `GatedAttentionMIL`.
+    ensemble -> `EnsembleNet`; npm1 -> `Npm1Classifier`; nucseg -> `NucSegNet`;
+    mil -> `GatedAttentionMIL` (or `MilFoldEnsemble`: members and calibration).
     """
     validate_config(config)
     kind = config["kind"]

@@ -6,6 +6,12 @@ every cell of a case (a "bag") is the penultimate embedding float[D] of the cell
 over the bag, so they sum to 1), the weighted mean of the cells' hidden vectors is
 classified. The weights are the per-cell importance the report shows.
 
+A served model may be a fold ensemble (`MilFoldEnsemble`, config `members` > 1 or a
+`calibration`): K members trained on the inner folds of the training patients, their
+logits averaged, then Platt/temperature-scaled (`calibration: {"temperature": T, "bias":
+b}`, fitted on the members' out-of-fold logits) so that P(APL) is a calibrated
+probability; its attention is the members' mean attention (still summing to 1).
+
 Lineage: the embeddings mean something only for the celltype model that produced them, so
 the config pins it (`celltype: {"name": ..., "version": ...}`) and `embedding_dim` records
 D; promotion refuses a MIL model whose pinned celltype version is not the one in serving
@@ -15,6 +21,7 @@ D; promotion refuses a MIL model whose pinned celltype version is not the one in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,36 +56,107 @@ class GatedAttentionMIL(nn.Module):
         self.std.copy_(x.std(0).clamp_min(1e-6))
 
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed((bag - self.mean) / self.std)
-        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1).softmax(0)
-        return self.classify(a @ h).squeeze(-1), a
+        logits, attention = self.forward_padded(bag[None], None)
+        return logits[0], attention[0]
+
+    def forward_padded(
+        self, bags: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """bags FloatTensor[B, M, D] (each bag padded to M cells), mask BoolTensor[B, M]
+        (True: a real cell; None: all real) -> (logits FloatTensor[B], attention
+        FloatTensor[B, M], 0 on padding, each row summing to 1). Training steps over
+        several bags at once through this; `forward` is the one-bag case."""
+        h = self.embed((bags - self.mean) / self.std)
+        scores = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        a = scores.softmax(-1)
+        pooled = torch.einsum("bm,bmh->bh", a, h)
+        return self.classify(pooled).squeeze(-1), a
 
     @torch.inference_mode()
     def predict(self, bag: Any) -> tuple[float, np.ndarray]:
         """bag float[N, D] (N >= 1 cells, D = `d_in`, finite) -> (P(APL | AML), attention
         float32[N] summing to 1). Raises InvalidInput for any other shape or value."""
-        x = np.asarray(bag)
-        if x.dtype.kind != "f":
-            raise InvalidInput(f"cell embeddings must be floating point, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise InvalidInput(
-                f"cell embeddings must be [N, {self.d_in}] (the MIL model's embedding_dim), "
-                f"got {list(x.shape)}"
-            )
-        if x.shape[0] == 0:
-            raise InvalidInput("a case needs at least one cell embedding")
-        if not np.isfinite(x).all():
-            raise InvalidInput("cell embeddings contain NaN or infinite values")
-        device = self.mean.device
-        logit, attention = self(torch.as_tensor(x, dtype=torch.float32, device=device))
-        return float(torch.sigmoid(logit).item()), attention.float().cpu().numpy()
+        return _predict(self, bag, self.d_in, self.mean.device)
 
 
-def build_mil(config: dict[str, Any]) -> GatedAttentionMIL:
-    """The module of a validated `mil` config."""
-    return GatedAttentionMIL(
-        int(config["embedding_dim"]),
-        hidden=int(config["hidden"]),
-        attention=int(config["attention"]),
-        dropout=float(config["dropout"]),
+class MilFoldEnsemble(nn.Module):
+    """K `GatedAttentionMIL` members whose logits are averaged and then calibrated:
+    `forward(bag FloatTensor[N, D])` -> (calibrated logit FloatTensor[] = mean member logit
+    / temperature + bias, attention FloatTensor[N] = mean member attention, sum 1)."""
+
+    def __init__(
+        self, members: Sequence[GatedAttentionMIL], *, temperature: float = 1.0, bias: float = 0.0
+    ):
+        super().__init__()
+        if not members:
+            raise ValueError("a fold ensemble needs at least one member")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.d_in, self.hidden, self.attention, self.dropout = (
+            first.d_in,
+            first.hidden,
+            first.attention,
+            first.dropout,
+        )
+        self.temperature, self.bias = float(temperature), float(bias)
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attention = zip(*(m(bag) for m in self.members), strict=True)
+        logit = torch.stack(logits).mean(0) / self.temperature + self.bias
+        return logit, torch.stack(attention).mean(0)
+
+    @torch.inference_mode()
+    def predict(self, bag: Any) -> tuple[float, np.ndarray]:
+        """As `GatedAttentionMIL.predict`, with the ensemble's calibrated probability."""
+        device = next(iter(self.members.buffers())).device
+        return _predict(self, bag, self.d_in, device)
+
+
+MilModel = GatedAttentionMIL | MilFoldEnsemble
+
+
+def _predict(
+    model: nn.Module, bag: Any, d_in: int, device: torch.device
+) -> tuple[float, np.ndarray]:
+    x = np.asarray(bag)
+    if x.dtype.kind != "f":
+        raise InvalidInput(f"cell embeddings must be floating point, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != d_in:
+        raise InvalidInput(
+            f"cell embeddings must be [N, {d_in}] (the MIL model's embedding_dim), "
+            f"got {list(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise InvalidInput("a case needs at least one cell embedding")
+    if not np.isfinite(x).all():
+        raise InvalidInput("cell embeddings contain NaN or infinite values")
+    logit, attention = model(torch.as_tensor(x, dtype=torch.float32, device=device))
+    return float(torch.sigmoid(logit).item()), attention.float().cpu().numpy()
+
+
+def build_mil(config: dict[str, Any]) -> MilModel:
+    """The module of a validated `mil` config: a `GatedAttentionMIL`, or a
+    `MilFoldEnsemble` when the config has `members` > 1 or a `calibration`."""
+
+    def member() -> GatedAttentionMIL:
+        return GatedAttentionMIL(
+            int(config["embedding_dim"]),
+            hidden=int(config["hidden"]),
+            attention=int(config["attention"]),
+            dropout=float(config["dropout"]),
+        )
+
+    members = int(config.get("members", 1))
+    calibration = config.get("calibration")
+    if members == 1 and calibration is None:
+        return member()
+    calibration = calibration or {}
+    return MilFoldEnsemble(
+        [member() for _ in range(members)],
+        temperature=float(calibration.get("temperature", 1.0)),
+        bias=float(calibration.get("bias", 0.0)),
     )

@@ -28,7 +28,8 @@ Not batchable: the names travel with every vector, and the model is a tiny MLP.
 
 MIL model (`MilHandler`, OIP model ``mil``, served by the same process when
 ``MS_ENSEMBLE_MIL_MODEL_URI`` is set): P(APL | AML) and per-cell attention from a case's cell
-embeddings (`marrowscope.models.mil`).
+embeddings (`marrowscope.models.mil`; a fold ensemble answers its members' mean logit,
+temperature-scaled, and their mean attention).
 - in  ``CELL_EMBEDDINGS`` FP32 [N, D]: every typed cell of the case (N >= 1), each the
   celltype service's ``EMBEDDINGS`` row for it; D must equal the config's
   ``embedding_dim`` (fixed in ModelMetadata), values finite, else INVALID_ARGUMENT.

@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 from marrowscope.features import case_feature_names
 from marrowscope.inference import MilPredictor
 from marrowscope.models import load_model
+from marrowscope.models.mil import MilFoldEnsemble
 from tests.fixtures_mlflow import make_tiny_model_dir
 from tests.services.helpers import (
     check_server_and_metadata,
@@ -30,7 +31,15 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mil")
     return {
         "ensemble": make_tiny_model_dir("ensemble", root / "ens"),
-        "mil": make_tiny_model_dir("mil", root / "mil", embedding_dim=D, celltype=CELLTYPE),
+        # what training.apl saves: an inner-fold ensemble with its temperature and bias
+        "mil": make_tiny_model_dir(
+            "mil",
+            root / "mil",
+            embedding_dim=D,
+            celltype=CELLTYPE,
+            members=3,
+            calibration={"temperature": 1.7, "bias": -0.3},
+        ),
     }
 
 
@@ -79,7 +88,9 @@ def test_infer_matches_in_process_with_lineage(client, service, dirs):
     p, attention = r.as_numpy("P_APL"), r.as_numpy("ATTENTION")
     assert p.shape == (1,) and 0 <= p[0] <= 1
     assert attention.shape == (23,) and attention.sum() == pytest.approx(1.0, abs=1e-5)
-    want_p, want_a = MilPredictor(load_model(dirs["mil"])).predict(bag)
+    in_process = load_model(dirs["mil"])
+    assert isinstance(in_process.module, MilFoldEnsemble) and len(in_process.module.members) == 3
+    want_p, want_a = MilPredictor(in_process).predict(bag)
     assert p[0] == pytest.approx(want_p, abs=1e-6)
     np.testing.assert_allclose(attention, want_a, atol=1e-6)
 
