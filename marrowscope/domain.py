@@ -11,7 +11,8 @@ Per cell, two distances (`cell_scores`, float32[N, 2]):
 - `appearance`: the Mahalanobis distance of 7 colour and scale statistics of the crop
   (`appearance_features`: background colour, stain optical density, the cell's share of
   the crop), which move with the scanner's white balance, the stain batch and the pixel
-  size even where the embedding is trained to ignore them.
+  size even where the embedding is trained to ignore them; its covariance is widened by
+  `APPEARANCE_TOLERANCE`, the shifts the typer is meant to tolerate.
 Each is divided by sqrt(its dimension) and by its median over the training cells, so a
 typical training cell scores 1 on both.
 
@@ -51,6 +52,13 @@ APPEARANCE_FEATURES: tuple[str, ...] = (
     "stain_od_b",
     "cell_fraction",
 )
+APPEARANCE_TOLERANCE: tuple[float, ...] = (20 / 255, 20 / 255, 20 / 255, 0.2, 0.2, 0.2, 0.1)
+"""Standard deviations added to the training cells' appearance spread (`training.domain`
+adds their squares to the covariance's diagonal): twice the background / stain colour
+offsets of about 10 grey levels (0.1 optical density in a nucleus) and the cell-share
+change of a pixel size 15 % off that `training.shifts` models as the next lab's analyser.
+Why: one lab's CellaVision backgrounds barely vary, so without it a 10-level white-balance
+difference, which the typer is trained to tolerate, would be many standard deviations."""
 _TAIL = 0.2
 """Share of a crop's pixels read as background (brightest) and as stain (darkest)."""
 
