@@ -179,16 +179,20 @@ def _typer(model_dir: Path) -> Any:
     return CellTyper(load_model(model_dir), device="cpu")
 
 
-def _real_sets(data: Path, config: dict[str, Any], size: int) -> dict[str, Any]:
-    """Records and crops of the typer's split (`training.common_data.real_cell_splits`)."""
+def _real_sets(data: Path, config: dict[str, Any], size: int, cache: Path | None) -> dict[str, Any]:
+    """(crops, records) per side of the typer's split (`training.common_data.
+    real_cell_splits`), decoded in one `load_crops` call as the typer's training does, so
+    its crop cache (`--crop-cache`) serves them."""
     from training.common_data import real_cell_splits
     from training.data.singlecell import load_crops
 
     assigned = real_cell_splits(data, config)
+    crops, kept = load_crops([r for side in assigned.values() for r in side], size, cache=cache)
+    row = {r.path: i for i, r in enumerate(kept)}
     out: dict[str, Any] = {}
     for side, records in assigned.items():
-        crops, kept = load_crops(records, size)
-        out[side] = (crops, kept)
+        recs = [r for r in records if r.path in row]
+        out[side] = (crops[[row[r.path] for r in recs]].reshape(-1, size, size, 3), recs)
     return out
 
 
@@ -274,7 +278,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     size = typer.crop_size
     name = args.config or typer.config.get("training", {}).get("config_name", "real-cpu")
     config = load_job_config("celltype", name, args.overrides)
-    sets = _real_sets(args.data, config, size)
+    sets = _real_sets(args.data, config, size, args.crop_cache)
     tr_crops, tr_recs = sets["train"]
     va_crops, va_recs = sets["val"]
     te_crops, te_recs = sets["test"]
@@ -340,9 +344,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # leave-one-source-out references: fitted and calibrated without the left-out source
     for kept, left in (("deepapl", "pbc"), ("pbc", "deepapl")):
         loso = fit([f"train_{kept}"], {"sources": [kept], **typer_info})
-        ins = case_scores(loso, "test_deepapl" if kept == "deepapl" else "val_pbc")
-        cal = case_scores(loso, f"val_{kept}")
-        outs = case_scores(loso, "val_pbc" if left == "pbc" else "test_deepapl")
+        if kept == "deepapl":
+            cal, ins = case_scores(loso, "val_deepapl"), case_scores(loso, "test_deepapl")
+            outs = case_scores(loso, "val_pbc")
+        else:  # PBC has no held-out patients: its validation pseudo-cases, split in two
+            pbc = case_scores(loso, "val_pbc")
+            cal, ins = pbc[::2], pbc[1::2]
+            outs = case_scores(loso, "test_deepapl")
         t = calibrate(cal, args.max_abstain)
         report["leave_one_source_out"][f"{kept}_only"] = {
             "left_out": left,
@@ -463,6 +471,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="real data root (../shared/data)")
     p.add_argument("--config", default=None, help="the typer's config (default: its own)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--crop-cache", type=Path, default=None, help="load_crops cache folder")
     p.add_argument("--cells-per-case", type=int, default=CELLS_PER_CASE)
     p.add_argument("--max-abstain", type=float, default=MAX_ABSTAIN)
     p.add_argument("--shifts", nargs="*", default=[*SHIFT_NAMES[1:], *STRONG_SHIFT_NAMES])
