@@ -321,6 +321,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     external = {k: case_scores(ref, k) for k in ("wbc-seg", "bccd") if k in cellsets}
     report: dict[str, Any] = {
         "typer_config": name,
+        "note": args.note,
         "cells_per_case": n,
         "threshold": threshold,
         "max_abstain": args.max_abstain,
@@ -418,6 +419,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "set has no patients. Threshold "
         f"{r['threshold']:.3f}, calibrated on {r['calibration_cases']} in-domain validation cases "
         f"(at most {100 * r['max_abstain']:.0f} % above it).",
+        *(["", r["note"]] if r.get("note") else []),
+        "",
+        "Reproduce: `python -m training.domain --typer DIR/typer/model --workdir DIR/domain` "
+        "(cases: `training/domain.py`; every figure on real data).",
         "",
         f"In-domain held-out DeepAPL patients abstained: {100 * r['held_out_abstained']:.1f} % "
         f"of {r['held_out_patients']}.",
@@ -477,6 +482,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shifts", nargs="*", default=[*SHIFT_NAMES[1:], *STRONG_SHIFT_NAMES])
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the AUROC CIs")
     p.add_argument("--report-dir", type=Path, default=Path("bench/results"))
+    p.add_argument("--note", default="", help="a line for the report (which typer, caveats)")
     p.add_argument("--install", action="store_true", help="copy domain.json into --typer")
     return p
 
