@@ -305,9 +305,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pick = np.sort(np.random.default_rng(0).permutation(len(e))[:MAX_FIT_CELLS])
         return fit_reference(e[pick], crops[pick], info=info)
 
+    components: dict[str, list[list[float]]] = {}
+    """(embedding, appearance) per case under the main reference, for re-deriving figures."""
+
     def case_scores(ref: DomainReference, key: str) -> np.ndarray:
         cs = cellsets[key]
-        return scores_of(ref.cell_scores(emb[key], cs.crops), cs.cases(n))
+        cell = ref.cell_scores(emb[key], cs.crops)
+        if ref.info.get("sources") == ["deepapl", "pbc"]:
+            components[key] = _components(cell, cs.cases(n))
+        return scores_of(cell, cs.cases(n))
 
     typer_info = {
         "typer_config": name,
@@ -370,12 +376,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         e = typer.predict_with_embeddings(shifted)[1]
         cell = ref.cell_scores(e, shifted)
         scores = scores_of(cell, patients)
-        parts = np.array(
-            [
-                [case_score(cell[idx]).embedding, case_score(cell[idx]).appearance]
-                for idx in patients
-            ]
-        )
+        components[f"shift:{shift}"] = _components(cell, patients)
+        parts = np.array(components[f"shift:{shift}"])
         report["shifts"][shift] = {
             "median_embedding": float(np.median(parts[:, 0])),
             "median_appearance": float(np.median(parts[:, 1])),
@@ -385,12 +387,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "auroc_vs_unshifted": _auroc(held_in, scores, 1)["auroc"],
         }
         log.info("shift %s: %.0f %% abstain", shift, 100 * report["shifts"][shift]["abstained"])
+    report["case_components"] = components
     ref = replace(ref, info={**ref.info, "calibration": _summary(report)})
     args.workdir.mkdir(parents=True, exist_ok=True)
     ref.save(args.workdir)
     if args.install:
         shutil.copyfile(args.workdir / REFERENCE_FILE, Path(args.typer) / REFERENCE_FILE)
     return report
+
+
+def _components(cell_scores: np.ndarray, cases: Sequence[np.ndarray]) -> list[list[float]]:
+    out = []
+    for idx in cases:
+        score = case_score(cell_scores[idx])
+        out.append([round(score.embedding, 5), round(score.appearance, 5)])
+    return out
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
