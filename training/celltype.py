@@ -545,7 +545,36 @@ def train(
         "val" if trial is not None else "test",
         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
     )
+    if trial is None:
+        save_domain_reference(typer(), splits, config, out)
     return model, model_config, metrics
+
+
+def save_domain_reference(typer, splits: dict[str, CropSet], config: JobConfig, out) -> None:
+    """`<out>/domain.json`: the per-case domain check's reference of the trained typer
+    (`training.domain`), which `finish` saves beside the weights. Synthetic crops mixed in
+    for the attribute heads are left out: the check is about the cells of real cases."""
+    from marrowscope.domain import REFERENCE_FILE
+    from training.domain import reference_for_training
+
+    def real(cs: CropSet) -> CropSet:
+        if cs.sources is None:
+            return cs
+        keep = cs.sources != "synthetic"
+        return CropSet(cs.crops[keep], cs.cells[keep], None, cs.groups[keep], cs.sources[keep])
+
+    train, val = real(splits["train"]), real(splits["val"])
+    reference = reference_for_training(
+        typer,
+        train.crops,
+        val.crops,
+        val.groups,
+        seed=config["seed"],
+        info={"typer_config": config["config_name"], "sources": sorted(set(train.sources or []))},
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    reference.save(out)
+    log.info("domain reference: %s", out / REFERENCE_FILE)
 
 
 PREDICTIONS_FILE = "predictions.npz"
@@ -618,6 +647,8 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         return None
 
     with mlflow_run(args, JOB, config) as run:
+        from marrowscope.domain import REFERENCE_FILE
+
         model, model_config, metrics = train(config, args)
         finish(
             kind=JOB,
@@ -627,6 +658,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             model_config=model_config,
             metrics=metrics,
             config=config,
+            extra_files=[args.output / REFERENCE_FILE],
         )
     return metrics
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.cli import JobConfig
@@ -77,16 +79,20 @@ def finish(
     config: JobConfig,
     data_digest: str | None = None,
     lineage: dict[str, str] | None = None,
+    extra_files: Sequence[Path] = (),
 ) -> str | None:
     """Save the model to `<output>/model/` (safetensors + config.json), log final metrics,
     write `<output>/metrics.json`, register (unless --no-register) with `data_digest`
     (default: the model config's `training.data_hash`) and promote (with --promote).
-    Returns the registered version or None."""
+    `extra_files` are copied into the model directory first, so they are registered with
+    the version. Returns the registered version or None."""
     import mlflow
     from marrowscope import registry
     from marrowscope.models import save_model
 
     model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
+    for path in extra_files:  # files that belong to the version (the typer's domain.json)
+        shutil.copyfile(path, model_dir / Path(path).name)
     if data_digest is None:
         data_digest = model_config["training"]["data_hash"]
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})

@@ -12,6 +12,13 @@ Tensor contract (docs/CONTRACTS.md, docs/SERVICES.md):
   input; D fixed per loaded version in ModelMetadata), what a MIL model learns from
   (`marrowscope.models.mil`). Computed in the same forward pass; requests without the
   parameter pay nothing and get no EMBEDDINGS (naming the output alone does not compute it).
+- out ``DOMAIN`` FP32 [B, 2], with EMBEDDINGS when the loaded version carries a domain
+  reference (``domain.json`` beside its weights, `marrowscope.domain`): each crop's
+  embedding and appearance distance from the typer's training cells (1 = a typical
+  training cell); the gateway's case score is the larger of their medians. Every response
+  carries the string parameters ``domain_reference`` (``present`` | ``absent``) and, with a
+  calibrated reference, ``domain_threshold``. A reference file that cannot be read keeps
+  the version from loading (a broken file must not switch the check off unnoticed).
 
 Batchable: concurrent requests are joined along B (dynamic batching by the runtime).
 """
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from marrowscope.domain import DomainReference, DomainReferenceError
 from marrowscope.errors import InvalidInput, ModelNotReady
 from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.inference import CellTyper
@@ -30,6 +38,8 @@ from services.common import PredictorHandler, bytes_tensor
 from services.runtime.handler import Parameters, Tensors, TensorSpec
 
 EMBEDDINGS_PARAMETER = "embeddings"
+Answer = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+"""(probabilities, embeddings when asked, domain distances when asked and referenced)."""
 
 
 class CelltypeHandler(PredictorHandler):
@@ -56,14 +66,26 @@ class CelltypeHandler(PredictorHandler):
             TensorSpec("PROBS", "FP32", (-1, len(self.names))),
             TensorSpec("NAMES", "BYTES", (len(self.names),), batch_axis=False),
             TensorSpec("EMBEDDINGS", "FP32", (-1, -1)),
+            TensorSpec("DOMAIN", "FP32", (-1, 2)),
         )
+        try:
+            self.domain = DomainReference.load(self.local_dir)
+        except DomainReferenceError as exc:
+            raise ModelNotReady(f"celltype model {local_dir}: {exc}") from None
+        self.response_parameters = domain_parameters(self.domain)
 
     def load(self) -> None:
         super().load()
         # D is the loaded backbone's: ModelMetadata shows it from here on
-        probs, names = self.outputs[:2]
+        probs, names, _, domain = self.outputs
         embeddings = TensorSpec("EMBEDDINGS", "FP32", (-1, self.predictor.embedding_dim))
-        self.outputs = (probs, names, embeddings)  # type: ignore[misc]
+        self.outputs = (probs, names, embeddings, domain)  # type: ignore[misc]
+        if self.domain is not None and self.domain.embedding_dim != self.predictor.embedding_dim:
+            raise ModelNotReady(
+                f"celltype model {self.local_dir}: its domain reference reads "
+                f"{self.domain.embedding_dim}-d embeddings, the model has "
+                f"{self.predictor.embedding_dim}"
+            )
 
     def warmup(self) -> None:
         size = self.inputs[0].shape[1]
@@ -75,19 +97,30 @@ class CelltypeHandler(PredictorHandler):
             raise InvalidInput(f"parameter {EMBEDDINGS_PARAMETER} must be a bool, got {want!r}")
         return inputs["CROPS"], want
 
-    def predict(self, batch: tuple[np.ndarray, bool]) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, batch: tuple[np.ndarray, bool]) -> Answer:
         crops, want = batch
         size = self.settings.chunk_size
         if want:
             probs, embeds = self.predictor.predict_with_embeddings(crops, batch_size=size)
-            return probs, embeds
-        return self.predictor.predict(crops, batch_size=size), None
+            domain = None if self.domain is None else self.domain.cell_scores(embeds, crops)
+            return probs, embeds, domain
+        return self.predictor.predict(crops, batch_size=size), None, None
 
-    def postprocess(
-        self, answer: tuple[np.ndarray, np.ndarray | None], parameters: Parameters
-    ) -> Tensors:
-        probs, embeds = answer
+    def postprocess(self, answer: Answer, parameters: Parameters) -> Tensors:
+        probs, embeds, domain = answer
         out = {"PROBS": probs.astype(np.float32, copy=False), "NAMES": bytes_tensor(self.names)}
         if embeds is not None:
             out["EMBEDDINGS"] = embeds.astype(np.float32, copy=False)
+        if domain is not None:
+            out["DOMAIN"] = domain.astype(np.float32, copy=False)
         return out
+
+
+def domain_parameters(reference: DomainReference | None) -> dict[str, str]:
+    """The response parameters that tell the gateway whether and how to judge the domain."""
+    if reference is None:
+        return {"domain_reference": "absent"}
+    out = {"domain_reference": "present"}
+    if reference.threshold is not None:
+        out["domain_threshold"] = repr(reference.threshold)
+    return out

@@ -31,6 +31,7 @@ from marrowscope.imaging import CELL_CROP_PAD_FRACTION
 from marrowscope.stages import Stage
 from services.gateway.clients import (
     MIL_MODEL,
+    Classification,
     EnsembleOutput,
     MilOutput,
     ModelClients,
@@ -249,6 +250,33 @@ class ServiceCalls:
         return importance, heatmap
 
 
+class DomainRows:
+    """Every typed cell's domain distances (celltype's DOMAIN output) over one analysis, in
+    answer order: the case score is a median, so the order of the cells does not matter.
+    `missing`: some answer came without them (the pinned version has no reference)."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.thresholds: set[float | None] = set()
+        self.missing = False
+
+    def add(self, answer: Classification, n: int) -> None:
+        if answer.domain is None:
+            self.missing = True
+            return
+        rows = np.asarray(answer.domain, np.float32)
+        if rows.shape != (n, 2) or not np.isfinite(rows).all():
+            raise PipelineFailure(f"celltype answered domain distances {list(rows.shape)} for {n}")
+        self.rows.append(rows)
+        self.thresholds.add(answer.domain_threshold)
+
+    def scores(self) -> np.ndarray | None:
+        """float32[N, 2] of every typed cell, None when any answer lacked them."""
+        if self.missing or not self.rows:
+            return None
+        return np.concatenate(self.rows)
+
+
 class ServedCellModels:
     """`marrowscope.case.CellModels` over the segmentation and celltype services at the
     versions pinned for the analysis."""
@@ -272,6 +300,7 @@ class ServedCellModels:
         self.crop_size = crop_size
         self.batch = batch
         self.concurrency = concurrency
+        self.domain = DomainRows()
 
     async def detect(self, image: SmearImage) -> MeasuredDetections:
         return await self._segment(image, None)
@@ -330,6 +359,7 @@ class ServedCellModels:
                 if cls.embeddings is None or len(cls.embeddings) != len(batch):
                     raise PipelineFailure(f"celltype answered no embedding per crop ({len(batch)})")
                 emb = np.asarray(cls.embeddings, np.float32)
+                self.domain.add(cls, len(batch))
             return probs, tuple(cls.names), emb
 
         starts = range(0, len(crops), self.batch)

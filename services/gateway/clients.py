@@ -81,12 +81,18 @@ class Segmentation:
 @dataclass(frozen=True)
 class Classification:
     """probs float32[B, K] named by names (K: cell codes, then attribute codes);
-    embeddings float32[B, D] (each crop's penultimate embedding) only when asked for."""
+    embeddings float32[B, D] (each crop's penultimate embedding) only when asked for, and
+    with them the domain distances when the version has a domain reference."""
 
     probs: np.ndarray
     names: list[str]
     model_version: str
     embeddings: np.ndarray | None = None
+    domain: np.ndarray | None = None
+    """float32[B, 2]: each crop's domain distances (`marrowscope.domain`), answered with the
+    embeddings by a version that carries a domain reference."""
+    domain_threshold: float | None = None
+    """The case-score threshold the version records (response parameter `domain_threshold`)."""
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,12 @@ class GatewaySettings(BaseSettings):
     weights become each cell's `importance`). With `mil` and no (usable) MIL model the
     report's `apl_morphology` is not_available with the reason; the rest of the case
     reports."""
+    domain_check: Literal["abstain", "warn", "off"] = "abstain"
+    """The per-case domain check (`marrowscope.domain`; result `domain`): a case whose cells
+    sit farther from the pinned typer's training cells than its recorded threshold gets
+    P(AML), P(NPM1) and the genetic calls withheld (`abstain`, reason out_of_domain) or
+    only flagged (`warn`); both add a differential warning and count it per tenant
+    (`marrowscope_gateway_out_of_domain_cases_total`). `off`: not computed."""
     aml_threshold: float = Field(0.5, ge=0, le=1)
     explain_max_boxes: int = Field(1024, ge=1)
     """Cells per explain call; an image with more is explained in several calls. Keep it at

@@ -15,8 +15,12 @@ value: `dataAbsentReason` not-performed plus the local abstention code (e.g.
 `marrowscope.targets`) is an Observation `p-npm1-morphology` / `p-apl-morphology` (NPM1's
 beside the whole-image `p-npm1-mutated`); withheld with P(AML), it carries the same
 dataAbsentReason, not_applicable (called non-AML) a `not-applicable` one; an ensemble
-without that output adds no Observation. The PDF report (`services.gateway.pdf`) rides along
-as the DiagnosticReport's `presentedForm` (base64 `application/pdf`).
+without that output adds no Observation. The per-case domain check (result `domain`) is an
+Observation `domain-score` (the score, its embedding / appearance components and the
+threshold; interpretation `A` when out of domain; not_available: a dataAbsentReason with
+the reason), and the conclusion carries the differential warning. The PDF report
+(`services.gateway.pdf`) rides along as the DiagnosticReport's `presentedForm` (base64
+`application/pdf`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from datetime import UTC, datetime
 
 from marrowscope.targets import GeneticTarget, genetic_targets
 from services.gateway.reading import SignOut, result_status
-from services.gateway.result import AnalysisResult, GeneticMorphologyCall, SlideSummary
+from services.gateway.result import (
+    AnalysisResult,
+    DomainCheck,
+    GeneticMorphologyCall,
+    SlideSummary,
+)
 
 LOCAL_SYSTEM = "https://marrowscope.org/fhir/CodeSystem/marrowscope"
 UCUM = "http://unitsofmeasure.org"
@@ -195,6 +204,8 @@ def build_bundle(
                 ],
             )
         )
+    if result.domain is not None:
+        results.append(_domain_observation(result.domain, observation))
     results.append(
         observation(
             "counted-cells",
@@ -262,10 +273,13 @@ def build_bundle(
             if result.p_npm1 is None
             else f"P(NPM1 mutated) {result.p_npm1:.3f}"
         )
+        if aml is not None and aml.reason == "out_of_domain":
+            npm1_text = "P(NPM1 mutated) withheld (out_of_domain)"
+        warning = f" {result.differential_warning}" if result.differential_warning else ""
         conclusion = (
             f"{aml_text}; {npm1_text}{''.join(morph_texts)}; "
             f"blasts {result.blast_percent:.1f}% of "
-            f"{result.n_cells_counted} counted cells. {result.disclaimer}"
+            f"{result.n_cells_counted} counted cells.{warning} {result.disclaimer}"
         )
     reviewer_ref = f"urn:uuid:{uuid.uuid4()}"
     report = {
@@ -485,3 +499,45 @@ def _morphology_observation(
             },
         )
     return None
+
+
+def _domain_observation(check: DomainCheck, observation: Callable[..., str]) -> str:
+    """The per-case domain check (result 1.6 `domain`) as an Observation (reference)."""
+    display = "Distance of the case's cells from the cell-type model's training cells (AI)"
+    if check.score is None or check.threshold is None:
+        return observation(
+            "domain-score",
+            display,
+            dataAbsentReason=_withheld(check.reason or "not_available", check.detail),
+        )
+
+    def number(value: float | None) -> dict:
+        return {"value": round(float(value or 0.0), 6), "unit": "1", "system": UCUM, "code": "1"}
+
+    out = check.status == "out_of_domain"
+    return observation(
+        "domain-score",
+        display,
+        valueQuantity=number(check.score),
+        interpretation=[{"coding": [{"system": INTERPRETATION, "code": "A" if out else "N"}]}],
+        component=[
+            {
+                "code": _code("domain-embedding", "cell-embedding distance"),
+                "valueQuantity": number(check.embedding),
+            },
+            {
+                "code": _code("domain-appearance", "colour and scale distance"),
+                "valueQuantity": number(check.appearance),
+            },
+            {
+                "code": _code("domain-threshold", "threshold of the celltype version"),
+                "valueQuantity": number(check.threshold),
+            },
+        ],  # fmt: skip
+        note=[
+            {
+                "text": f"{check.status}; action {check.action}; celltype "
+                f"{check.celltype_version}; {check.n_cells} cells"
+            }
+        ],
+    )

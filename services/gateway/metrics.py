@@ -133,5 +133,14 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.out_of_domain = Counter(
+            "marrowscope_gateway_out_of_domain_cases_total",
+            "Finished analyses whose cells sit outside the pinned typer's training domain "
+            "(result domain.status out_of_domain), by tenant: a new scanner or stain shows "
+            "up here first",
+            ["tenant"],
+            registry=self.registry,
+        )
+
     def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))

@@ -243,7 +243,11 @@ class OipModelClients:
                     Stage.CELLTYPE, "INVALID_ARGUMENT", "celltype answered no EMBEDDINGS"
                 )
             emb = np.asarray(raw, np.float32).reshape(len(crops), -1)
-        return Classification(probs, names, self._version(r), emb)
+        domain, threshold = None, None
+        if embeddings and (raw := r.as_numpy("DOMAIN")) is not None:
+            domain = np.asarray(raw, np.float32).reshape(len(crops), 2)
+            threshold = _optional_float(r.get_response().parameters, "domain_threshold")
+        return Classification(probs, names, self._version(r), emb, domain, threshold)
 
     async def mil(self, embeddings: np.ndarray, *, version: str, timeout: float) -> MilOutput:
         r = await self._infer(

@@ -18,6 +18,10 @@ regions alike) to the MIL model once: its P(APL | AML) is the report's `apl_morp
 (`model` mil) and its attention weights each cell's `attention` and `importance`. No MIL
 model, one of another embedding size, or one built on another celltype version than the
 pinned one: `apl_morphology` is not_available with the reason; the rest of the case reports.
+The domain check (`services.gateway.domain`, unless `domain_check` is off) asks celltype
+for each typed cell's embedding and domain distances in step 2 and scores the case after
+step 3 (`domain`, `differential_warning`); an out-of-domain case withholds P(AML), P(NPM1)
+and the genetic calls (reason out_of_domain) with `domain_check` abstain.
 Then `_conclude` sets the calls. The result is an `AnalysisResult` from step 2 on: each
 step fills in typed parts (`ImageResult`, `AmlCall`, `GeneticMorphologyCall`, ...), and
 `Outcome.result` is its JSON.
@@ -87,6 +91,7 @@ from services.gateway.clients import (
     ModelInfo,
 )
 from services.gateway.config import GatewaySettings
+from services.gateway.domain import check_domain, differential_warning, domain_abstention
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.morphology import mil_morphology, morphology_calls
 from services.gateway.plausibility import image_too_small, implausible_cell_size
@@ -187,6 +192,9 @@ class Pinned:
     """The MIL model pinned for P(APL | AML) (`apl_model` mil and a usable one is served)."""
     mil_problem: tuple[str, str] | None = None
     """(reason, detail) why the MIL model cannot answer (`apl_model` mil only)."""
+    domain: bool = False
+    """Whether the domain check runs (`domain_check` not off): celltype then answers each
+    cell's domain distances with its embeddings."""
 
     @property
     def versions(self) -> dict[str, str]:
@@ -194,8 +202,9 @@ class Pinned:
 
     @property
     def embeddings(self) -> bool:
-        """Whether the case's cells need their celltype embeddings (a MIL model is pinned)."""
-        return self.mil is not None
+        """Whether the case's cells need their celltype embeddings (a MIL model is pinned,
+        or the domain check runs)."""
+        return self.mil is not None or self.domain
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,12 @@ class Pipeline:
         report = self._report(
             analysis_id, analysed, summary, pinned, repeats=len(repeats), cells=cells
         )
+        report.domain = check_domain(
+            pinned.cells.domain,
+            celltype_version=pinned.versions[Stage.CELLTYPE],
+            settings=self.s,
+        )
+        report.differential_warning = differential_warning(report.domain)
         if summary.n_counted < self.s.min_cells:
             self._timed("aggregate", t)
             return self._too_few_cells(report, pinned)
@@ -334,7 +349,12 @@ class Pipeline:
         if mil is not None:
             by_stage[MIL_MODEL] = mil
         pinned = Pinned(
-            by_stage, served, None if npm1 is None else _input_hw(npm1, "IMAGE"), mil, problem
+            by_stage,
+            served,
+            None if npm1 is None else _input_hw(npm1, "IMAGE"),
+            mil,
+            problem,
+            domain=self.s.domain_check != "off",
         )
         self._timed("pin", t)
         await self.checkpoint("pinned")
@@ -590,13 +610,17 @@ class Pipeline:
         single cells), and the genetic lesions by morphology."""
         npm1 = [a.entry.p_npm1 for a in analysed if a.entry.p_npm1 is not None]
         p_npm1 = None if cells else float(np.mean(npm1))
-        abstention = self._aml_abstention(
+        abstention = domain_abstention(report.domain) or self._aml_abstention(
             report.morphometrics_unit,
             ens.feature_units,
             report.images,
             ensemble_version=pinned.versions["ensemble"],
             fields=not cells,
         )
+        if abstention is not None and abstention["reason"] == "out_of_domain":
+            p_npm1 = None  # the whole-image model learned the same labs' smears
+            for a in analysed:
+                a.entry.p_npm1 = None
         p_aml: float | None = ens.p_aml
         reason = None
         if abstention is None:

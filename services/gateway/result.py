@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.5").
+"""The versioned JSON result of an analysis (`schema_version` "1.6").
 
 One model from the first stage to the renderers: the pipeline fills it in step by step
 (`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
@@ -20,6 +20,8 @@ head, or `mil`, the attention-MIL model over the cells' celltype embeddings, whe
 deployment serves APL from it: `MS_GATEWAY_APL_MODEL=mil`); per cell `attention` (the MIL
 model's attention weight, summing to 1 over the case's typed cells) and `importance_source`
 (what the per-cell `importance` holds); reasons `no_mil_model`, `mil_lineage_mismatch`.
+1.6: `domain` (the per-case domain check: how far the case's cells sit from the pinned
+typer's training cells) and `differential_warning`; abstention reason `out_of_domain`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.5"
+RESULT_SCHEMA_VERSION = "1.6"
 
 
 class _Model(BaseModel):
@@ -62,6 +64,7 @@ AmlAbstentionReason = Literal[
     "pixel_size_out_of_range",
     "image_too_small",
     "implausible_cell_size",
+    "out_of_domain",
 ]
 
 
@@ -78,7 +81,8 @@ class AmlCall(_Model):
         "size); pixel_size_out_of_range (outside the ensemble's training pixel sizes by more "
         "than MS_GATEWAY_PIXEL_SIZE_TOLERANCE); image_too_small (an image under 20 um on its "
         "shorter side); implausible_cell_size (median detection size outside 4-50 um at the "
-        "given pixel size)",
+        "given pixel size); out_of_domain (the case's cells sit farther from the typer's "
+        "training cells than its threshold: `domain`)",
     )
     detail: str | None = Field(None, description="the abstention reason for people")
     model_length_unit: Literal["um", "px", "unknown"] | None = Field(
@@ -218,12 +222,40 @@ class SlideSummary(_Model):
     thumbnail_sha256: str
 
 
+class DomainCheck(_Model):
+    """How far the case's cells sit from the cells the pinned celltype version was trained
+    on (`marrowscope.domain`; 1.6). Scores: 1 = a typical training cell."""
+
+    status: Literal["in_domain", "out_of_domain", "not_available"] = Field(
+        description="out_of_domain: `score` above `threshold`; not_available: the pinned "
+        "typer carries no (calibrated) domain reference, nothing is withheld for it"
+    )
+    action: Literal["abstain", "warn"] = Field(
+        description="the deployment's MS_GATEWAY_DOMAIN_CHECK: abstain withholds P(AML), "
+        "P(NPM1) and the genetic calls of an out-of-domain case; warn only flags it"
+    )
+    score: float | None = Field(None, ge=0, description="max(embedding, appearance)")
+    embedding: float | None = Field(
+        None, ge=0, description="median over the cells of the typer-embedding distance"
+    )
+    appearance: float | None = Field(
+        None, ge=0, description="median over the cells of the colour/scale distance"
+    )
+    threshold: float | None = Field(None, description="recorded with the celltype version")
+    n_cells: int = Field(0, ge=0, description="typed cells scored")
+    reason: Literal["no_domain_reference", "domain_reference_not_calibrated", "no_cells"] | None = (
+        None
+    )
+    detail: str | None = None
+    celltype_version: str = Field(description="the typer version whose reference was used")
+
+
 class AnalysisResult(_Model):
     """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = RESULT_SCHEMA_VERSION
     analysis_id: str
     input: Literal["fields", "cells", "slide"] = Field(
         "fields",
@@ -266,6 +298,16 @@ class AnalysisResult(_Model):
     n_cells_counted: int = Field(description="nucleated cells (RBC excluded)")
     blast_percent: float | None = Field(None, description="blasts per 100 counted cells")
     differential: list[DifferentialEntry]
+    differential_warning: str | None = Field(
+        None,
+        description="why the differential needs care (1.6): the cells look unlike the "
+        "typer's training cells (`domain` out_of_domain), so its counts may be wrong",
+    )
+    domain: DomainCheck | None = Field(
+        None,
+        description="the per-case domain check (1.6); None when the deployment turns "
+        "it off (MS_GATEWAY_DOMAIN_CHECK=off)",
+    )
     attribute_fractions: dict[str, float] = Field(default_factory=dict)
     morphometrics: dict[str, MorphometricSummary] = Field(default_factory=dict)
     morphometrics_unit: Literal["um", "px", "mixed"] | None = Field(

@@ -341,6 +341,9 @@ class Worker:
         if finished:
             self.metrics.finished.labels(outcome.status).inc()
             log.info("analysis %s %s", analysis_id, outcome.status)
+            domain = None if outcome.report is None else outcome.report.domain
+            if domain is not None and domain.status == "out_of_domain":
+                self.metrics.out_of_domain.labels(claimed.tenant).inc()
         else:
             log.warning("analysis %s: outcome discarded, lease lost", analysis_id)
 

@@ -70,8 +70,10 @@ class _ServedCells(FakeModelClients):
     async def segment(self, image, *, version, timeout, um_per_px=None):
         return await self.oip.segment(image, version=version, timeout=timeout, um_per_px=um_per_px)
 
-    async def classify(self, crops, *, version, timeout):
-        return await self.oip.classify(crops, version=version, timeout=timeout)
+    async def classify(self, crops, *, version, timeout, embeddings=False):
+        return await self.oip.classify(
+            crops, version=version, timeout=timeout, embeddings=embeddings
+        )
 
     async def ensemble(self, features, names, *, version, timeout) -> EnsembleOutput:
         self.sent.append((np.array(features), list(names)))

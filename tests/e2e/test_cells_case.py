@@ -41,9 +41,11 @@ class _ServedCells(ParityClients):
             image, version=version, timeout=timeout, um_per_px=um_per_px, boxes=boxes
         )
 
-    async def classify(self, crops, *, version, timeout):
+    async def classify(self, crops, *, version, timeout, embeddings=False):
         self._enter("celltype", version)
-        return await super().classify(crops, version=version, timeout=timeout)
+        return await super().classify(
+            crops, version=version, timeout=timeout, embeddings=embeddings
+        )
 
 
 @pytest.fixture(scope="module")

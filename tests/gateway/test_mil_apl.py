@@ -142,8 +142,12 @@ def test_default_ensemble_apl_is_unchanged_even_with_a_mil_model_served(make_set
     with_mil = _run(served, make_settings(), images).result
     without = _run(absent, make_settings(), images).result
     assert _stable(with_mil) == _stable(without)
-    # nothing asked of celltype or the MIL model; the ensemble head reports as before
-    assert served.embedding_requests == 0 and served.mil_bags == []
+    # nothing asked of the MIL model; the ensemble head reports as before
+    assert served.mil_bags == []
+    # celltype's embeddings are asked for the domain check only
+    quiet = FakeModelClients(targets=THREE, feature_units="um", mil="match")
+    _run(quiet, make_settings(domain_check="off"), images)
+    assert quiet.embedding_requests == 0 and quiet.mil_bags == []
     assert "mil" not in with_mil["model_versions"]
     apl = with_mil["apl_morphology"]
     assert apl["model"] == "ensemble" and apl["model_version"] == VERSIONS["ensemble"]
@@ -165,7 +169,7 @@ def test_mil_call_in_the_report_and_fhir_bundle(gateway, monkeypatch):
         schema = client.get("/v1/schemas/result").json()
     assert body["status"] == "succeeded", body
     res = body["result"]
-    assert res["schema_version"] == "1.5"
+    assert res["schema_version"] == "1.6"
     apl = res["apl_morphology"]
     assert apl["status"] == "predicted" and apl["model"] == "mil"
     obs = observations["p-apl-morphology"]

@@ -42,6 +42,7 @@ def test_metadata_has_the_models_crop_size_and_infer_matches_in_process(client, 
         "PROBS": [-1, k],
         "NAMES": [k],
         "EMBEDDINGS": [-1, d],
+        "DOMAIN": [-1, 2],
     }
     crops = np.random.default_rng(1).integers(0, 256, (3, CROP, CROP, 3), dtype=np.uint8)
     r = client.infer("celltype", [infer_input("CROPS", crops, "UINT8")])
@@ -68,6 +69,9 @@ def test_embeddings_when_asked_match_in_process(client, model_dir):
     np.testing.assert_allclose(r.as_numpy("PROBS"), probs, atol=1e-5)
     np.testing.assert_allclose(probs, typer.predict(crops), atol=1e-6)
     assert np.abs(got).sum() > 0
+    # this version carries no domain reference: no distances, and the response says so
+    assert r.as_numpy("DOMAIN") is None
+    assert r.get_response().parameters["domain_reference"].string_param == "absent"
     with pytest.raises(InferenceServerException) as err:
         client.infer(
             "celltype", [infer_input("CROPS", crops, "UINT8")], parameters={"embeddings": "yes"}
@@ -121,3 +125,60 @@ def test_bad_requests_get_status_and_service_stays_healthy(client, service, call
         call(client)
     assert status_of(info.value) == code, info.value.message()
     check_still_healthy(service)
+
+
+def _reference_for(model_dir, crops, **over):
+    from marrowscope.domain import DomainReference
+    from training.domain import fit_reference
+
+    typer = CellTyper(load_model(model_dir))
+    _, emb = typer.predict_with_embeddings(crops)
+    ref = fit_reference(emb, crops, n_components=4)
+    return DomainReference(**{**ref.__dict__, "threshold": 2.0, **over})
+
+
+def test_domain_distances_with_the_embeddings_match_in_process(tmp_path):
+    """In process (the handler the service runs): a version with `domain.json` answers
+    each crop's distances with its embeddings, and its threshold as a parameter."""
+    from services.celltype.config import CelltypeSettings
+    from services.celltype.model import CelltypeHandler
+
+    model_dir = make_tiny_model_dir("celltype", tmp_path / "m", crop_size=CROP)
+    crops = np.random.default_rng(3).integers(0, 256, (40, CROP, CROP, 3), dtype=np.uint8)
+    reference = _reference_for(model_dir, crops)
+    reference.save(model_dir)
+    handler = CelltypeHandler(model_dir, CelltypeSettings(model_uri=str(model_dir)))
+    handler.load()
+    assert handler.response_parameters == {
+        "domain_reference": "present",
+        "domain_threshold": "2.0",
+    }
+    out = handler.infer({"CROPS": crops[:5]}, {"embeddings": True})
+    np.testing.assert_allclose(out["DOMAIN"], reference.cell_scores(out["EMBEDDINGS"], crops[:5]))
+    assert "DOMAIN" not in handler.infer({"CROPS": crops[:5]}, {})  # only with the embeddings
+
+
+def test_a_broken_or_mismatched_domain_reference_keeps_the_version_from_loading(tmp_path):
+    from marrowscope.domain import REFERENCE_FILE
+    from marrowscope.errors import ModelNotReady
+    from services.celltype.config import CelltypeSettings
+    from services.celltype.model import CelltypeHandler
+
+    model_dir = make_tiny_model_dir("celltype", tmp_path / "m", crop_size=CROP)
+    settings = CelltypeSettings(model_uri=str(model_dir))
+    (model_dir / REFERENCE_FILE).write_text('{"format": 1}')
+    with pytest.raises(ModelNotReady, match="domain reference"):
+        CelltypeHandler(model_dir, settings)
+    crops = np.random.default_rng(4).integers(0, 256, (40, CROP, CROP, 3), dtype=np.uint8)
+    good = _reference_for(model_dir, crops)
+    d = good.embedding_dim + 1  # a reference made for another typer
+    good.__class__(
+        **{
+            **good.__dict__,
+            "pca_mean": np.zeros(d),
+            "pca_components": np.zeros((good.pca_components.shape[0], d)),
+        }
+    ).save(model_dir)
+    handler = CelltypeHandler(model_dir, settings)
+    with pytest.raises(ModelNotReady, match="reads .*-d embeddings"):
+        handler.load()

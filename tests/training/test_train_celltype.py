@@ -100,6 +100,12 @@ def test_resume_continues_at_the_right_epoch_with_identical_result(
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert straight["macro_f1"] == resumed["macro_f1"]
+    # the domain check's reference is saved with the weights (issue 23 §5)
+    from marrowscope.domain import DomainReference
+
+    reference = DomainReference.load(tmp_path / "a" / "model")
+    assert reference is not None and reference.threshold is not None
+    assert reference.info["typer_config"] == "cpu-tiny"
 
 
 def test_resume_refuses_a_changed_config(tiny_cohort, tmp_path, sqlite_tracking):
