@@ -308,6 +308,28 @@ def _real_flags(profile: str, workdir: Path) -> list[str]:
     ]
 
 
+def _xs_flags(
+    common: list[str], base: list[str], workdir: Path, src: str, option: str
+) -> list[str]:
+    """Flags of the cross-source run trained on `src` only with stain option `option`."""
+    aug, norm = REAL_STAIN_OPTIONS[option]
+    return [
+        *common,
+        "--output",
+        str(workdir / f"xs-{src}-{option}"),
+        *base[:2],
+        "--set",
+        base[3],
+        "--set",
+        f'real_train_sources=["{src}"]',
+        "--set",
+        f"stain_aug={aug}",
+        "--set",
+        f"stain_norm={norm}",
+        *REAL_XS_FLAGS,
+    ]
+
+
 def real_cells(
     workdir: Path, tracking: str, profile: str = "cpu", reuse: bool = False
 ) -> dict[str, Any]:
@@ -320,26 +342,10 @@ def real_cells(
     runs: dict[str, dict[str, Any]] = {}
     stain: list[str] = []
     if profile == "cpu":  # the comparison first: its winner is the main run's stain setting
-        for option, (aug, norm) in REAL_STAIN_OPTIONS.items():
+        for option in REAL_STAIN_OPTIONS:
             for src in ("deepapl", "pbc"):
                 runs[f"xs_{src}_{option}"] = _run(
-                    "celltype",
-                    [
-                        *common,
-                        "--output",
-                        str(workdir / f"xs-{src}-{option}"),
-                        *base[:2],
-                        "--set",
-                        base[3],
-                        "--set",
-                        f'real_train_sources=["{src}"]',
-                        "--set",
-                        f"stain_aug={aug}",
-                        "--set",
-                        f"stain_norm={norm}",
-                        *REAL_XS_FLAGS,
-                    ],
-                    reuse=reuse,
+                    "celltype", _xs_flags(common, base, workdir, src, option), reuse=reuse
                 )
         best = best_stain_option(
             {k: _cross_source(v) for k, v in runs.items() if k.startswith("xs_")}
@@ -429,13 +435,103 @@ def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: s
     return payload
 
 
+SHIFT_SPLIT_COMMAND = (
+    "python -m training.celltype --data ../shared/data --no-register --output "
+    "DIR/real-cpu-splitK --config real-cpu --set crop_cache=DIR/crop-cache --set "
+    "mix_synthetic=DIR/synth-attributes --set stain_aug=both --set stain_norm=background "
+    "--set split_seed=K"
+)
+"""One more patient split of the main recipe (K = 1..4) for the five-split bar."""
+
+
+def shift_suite(
+    workdir: Path,
+    tracking: str,
+    *,
+    typers: list[Path],
+    split_runs: list[Path],
+    case_norm: bool,
+    cross_source: bool,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """The generalisation suite (`training.evaluate_shift`) on trained typers (their
+    `training.celltype --output` folders), then `shift.{md,json}`."""
+    from marrowscope.inference import load_predictor
+    from training import evaluate_shift as es
+
+    data = shared_data_dir()
+    if not (data / "deepapl" / "cells.csv").is_file():
+        raise SystemExit(f"{data}/deepapl is absent (see ../shared/data/README.md)")
+    typers = typers or [workdir / "real-cpu"]
+    config = es.run_config(typers[0])
+    counts = es.split_test_counts(data, config, es.FIVE_SPLIT_SEEDS)
+    fixed = es.fixed_class_list(counts, es.FIXED_MIN_CELLS)
+    results: dict[str, Any] = {}
+    for run in typers:
+        sets = es.real_cell_sets(data, es.run_config(run), fixed)
+        typer = load_predictor(str(run / "model"))
+        for adapt in (False, True) if case_norm else (False,):
+            name = run.name + ("+case_norm" if adapt else "")
+            results[name] = {
+                "run": _placeholder(str(run), workdir),
+                "case_norm": adapt,
+                "sets": es.evaluate_typer(typer, sets, case_norm=adapt),
+            }
+    runs: dict[str, dict[str, Any]] = {}
+    xs: dict[str, Any] = {}
+    if cross_source:  # leave one source out, with the first typer's stain option
+        option = next(
+            k
+            for k, v in REAL_STAIN_OPTIONS.items()
+            if v == (config.get("stain_aug", "none"), config.get("stain_norm", "none"))
+        )
+        common = ["--data", str(data), "--tracking-uri", tracking, "--no-register"]
+        wbc = es.wbc_seg_cells(data / "wbc-seg")
+        for src in ("deepapl", "pbc"):
+            key = f"xs_{src}_{option}"
+            flags = _xs_flags(common, _real_flags("cpu", workdir), workdir, src, option)
+            runs[key] = _run("celltype", flags, reuse=reuse)
+            xs[key] = _cross_source(runs[key])
+            if wbc is not None:
+                typer = load_predictor(str(_output_of(runs[key]) / "model"))
+                figures = es.evaluate_typer(typer, [wbc], shifts=("none",))
+                xs[key]["wbc_seg"] = figures["wbc_seg"]["shifts"]["none"]
+    flags = [f"--typer {_placeholder(str(t), workdir)}" for t in typers]
+    flags += [f"--split-run {_placeholder(str(t), workdir)}" for t in split_runs]
+    payload = {
+        "command": "python -m training.results shift --workdir DIR "
+        + " ".join(
+            [
+                *flags,
+                *(["--case-norm"] if case_norm else []),
+                *(["--cross-source"] if cross_source else []),
+            ]
+        ),
+        "machine": _machine(),
+        "data": "real",
+        "fixed_classes": {
+            "classes": fixed,
+            "min_cells": es.FIXED_MIN_CELLS,
+            "seeds": list(es.FIVE_SPLIT_SEEDS),
+            "test_counts": counts,
+        },
+        "typer": results,
+        "runs": {k: {**v, "command": _placeholder(v["command"], workdir)} for k, v in runs.items()},
+        "cross_source": xs,
+        "split_bar": es.split_bar([typers[0], *split_runs], fixed),
+        "split_command": SHIFT_SPLIT_COMMAND,
+    }
+    _write("shift", payload, es.shift_markdown(payload))
+    return payload
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.results",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=("bccd", "synthetic", "real"))
+    p.add_argument("which", choices=("bccd", "synthetic", "real", "shift"))
     p.add_argument(
         "--workdir", type=Path, required=True, help="runs, models and the synthetic set go here"
     )
@@ -452,6 +548,31 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="synthetic / real: keep stages already run with the same command and config section",
     )
+    p.add_argument(
+        "--typer",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: a training.celltype --output folder to test (repeatable; default "
+        "<workdir>/real-cpu); the first one's split and stain option are the suite's",
+    )
+    p.add_argument(
+        "--split-run",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: the same recipe on another split_seed, for the five-split bar (repeatable)",
+    )
+    p.add_argument(
+        "--case-norm",
+        action="store_true",
+        help="shift: also test each typer with per-case BatchNorm statistics",
+    )
+    p.add_argument(
+        "--cross-source",
+        action="store_true",
+        help="shift: train (or reuse) the leave-one-source-out runs and test them on wbc-seg",
+    )
     return p
 
 
@@ -460,6 +581,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tracking = args.tracking_uri or f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
     if args.which == "bccd":
         return bccd(args.workdir, tracking, args.profile)
+    if args.which == "shift":
+        return shift_suite(
+            args.workdir,
+            tracking,
+            typers=args.typer,
+            split_runs=args.split_run,
+            case_norm=args.case_norm,
+            cross_source=args.cross_source,
+            reuse=True,
+        )
     if args.which == "real":
         return real_cells(args.workdir, tracking, args.profile, reuse=args.reuse)
     if args.cases < 300:
