@@ -3,6 +3,7 @@
     python -m training.results bccd --workdir /tmp/ms_results       # (a) real data
     python -m training.results synthetic --workdir /tmp/ms_results  # (b) synthetic cohort
     python -m training.results real --workdir /tmp/ms_results       # (c) real leukemic cells
+    python -m training.results shift --workdir /tmp/ms_results      # (d) generalisation suite
 
 (a) trains the detector on ../shared/data/bccd (train split) and reports per-class AP@0.5
 and mAP@0.5 on its val split. (b) generates a synthetic cohort (>= 300 cases, 640x480),
@@ -14,7 +15,9 @@ bootstrap 95 % CIs on the held-out test cases. Figures from
 augmentation / normalisation (one source trained on, the other tested), then trains the
 cell typer on ../shared/data (DeepAPL + PBC, `real-cpu` config with the comparison's best
 stain option, or `--profile gpu` for paper-gpu) and reports on DeepAPL's held-out patients
-(`real_cells.md`, see `real`). Every job runs in-process through its
+(`real_cells.md`, see `real`). (d) tests trained typers (`--typer`, default the main run
+of (c)) on held-out patients, PBC and wbc-seg under the controlled shifts of
+`training.shifts` (`shift.md`, see `training.evaluate_shift`). Every job runs in-process through its
 `main(args)` with the exact flags written into the Markdown.
 """
 
