@@ -257,12 +257,12 @@ def shifted_crops(images: Sequence[np.ndarray], shift: str, size: int) -> np.nda
 
 
 def typer_outputs(
-    typer: Any, cells: CellSet, shift: str, *, case_norm: bool = False
+    typer: Any, cells: CellSet, crops: np.ndarray, *, case_norm: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities float32[N, K], embeddings float32[N, D]) of `cells` under `shift`;
-    with `case_norm`, each case's cells are typed together with the BatchNorm statistics
-    re-estimated on them (`CellTyper.predict_with_embeddings(case_norm=True)`)."""
-    crops = shifted_crops(cells.images, shift, typer.crop_size)
+    """(probabilities float32[N, K], embeddings float32[N, D]) of `cells` given as `crops`
+    (`shifted_crops(cells.images, shift, typer.crop_size)`); with `case_norm`, each case's
+    cells are typed together with the BatchNorm statistics re-estimated on them
+    (`CellTyper.predict_with_embeddings(case_norm=True)`)."""
     if not case_norm:
         return typer.predict_with_embeddings(crops)  # type: ignore[no-any-return]
     probs = np.zeros((len(crops), len(typer.names)), np.float32)
@@ -273,31 +273,40 @@ def typer_outputs(
     return probs, embeds
 
 
-def evaluate_typer(
-    typer: Any,
+def evaluate_typers(
+    typers: dict[str, tuple[Any, bool]],
     sets: Sequence[CellSet],
     *,
     shifts: Sequence[str] = SHIFT_NAMES,
-    case_norm: bool = False,
-) -> dict[str, Any]:
-    """set name -> {"n", "classes", "note", "shifts": {shift: cell_metrics}, "summary"}."""
+) -> dict[str, dict[str, Any]]:
+    """typer name -> set name -> {"n", "classes", "note", "shifts": {shift: cell_metrics},
+    "summary"}. `typers`: name -> (CellTyper, case_norm). Each set is shifted once per
+    shift and every typer reads the same crops."""
     from marrowscope.taxonomy import CODES
 
-    names = [c for c in typer.names if c in CODES]
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {name: {} for name in typers}
     for cells in sets:
-        by_shift = {}
+        by_shift: dict[str, dict[str, Any]] = {name: {} for name in typers}
+        crops: dict[int, np.ndarray] = {}
         for shift in shifts:
-            probs, _ = typer_outputs(typer, cells, shift, case_norm=case_norm)
-            by_shift[shift] = cell_metrics(cells.codes, probs, names, cells.classes)
-            log.info("%s %s: macro-F1 %.3f", cells.name, shift, by_shift[shift]["macro_f1"])
-        out[cells.name] = {
-            "n": len(cells.codes),
-            "classes": list(cells.classes),
-            "note": cells.note,
-            "shifts": by_shift,
-            "summary": summarise(by_shift),
-        }
+            crops.clear()  # one shift's crops in memory at a time, per crop size
+            for name, (typer, case_norm) in typers.items():
+                size = typer.crop_size
+                if size not in crops:
+                    crops[size] = shifted_crops(cells.images, shift, size)
+                probs, _ = typer_outputs(typer, cells, crops[size], case_norm=case_norm)
+                names = [c for c in typer.names if c in CODES]
+                m = cell_metrics(cells.codes, probs, names, cells.classes)
+                by_shift[name][shift] = m
+                log.info("%s %s %s: macro-F1 %.3f", name, cells.name, shift, m["macro_f1"])
+        for name in typers:
+            out[name][cells.name] = {
+                "n": len(cells.codes),
+                "classes": list(cells.classes),
+                "note": cells.note,
+                "shifts": by_shift[name],
+                "summary": summarise(by_shift[name]),
+            }
     return out
 
 

@@ -469,17 +469,27 @@ def shift_suite(
     config = es.run_config(typers[0])
     counts = es.split_test_counts(data, config, es.FIVE_SPLIT_SEEDS)
     fixed = es.fixed_class_list(counts, es.FIXED_MIN_CELLS)
-    results: dict[str, Any] = {}
+    split_keys = ("split_seed", "test_fraction", "val_fraction", "real_train_sources", "pbc_split")
+    if any(
+        {k: es.run_config(t).get(k) for k in split_keys} != {k: config.get(k) for k in split_keys}
+        for t in typers
+    ):
+        raise SystemExit("--typer: every typer must come from the same split (test them apart)")
+    variants, origin = {}, {}
     for run in typers:
-        sets = es.real_cell_sets(data, es.run_config(run), fixed)
         typer = load_predictor(str(run / "model"))
         for adapt in (False, True) if case_norm else (False,):
             name = run.name + ("+case_norm" if adapt else "")
-            results[name] = {
-                "run": _placeholder(str(run), workdir),
-                "case_norm": adapt,
-                "sets": es.evaluate_typer(typer, sets, case_norm=adapt),
-            }
+            variants[name], origin[name] = (typer, adapt), run
+    figures = es.evaluate_typers(variants, es.real_cell_sets(data, config, fixed))
+    results = {
+        name: {
+            "run": _placeholder(str(origin[name]), workdir),
+            "case_norm": adapt,
+            "sets": figures[name],
+        }
+        for name, (_, adapt) in variants.items()
+    }
     runs: dict[str, dict[str, Any]] = {}
     xs: dict[str, Any] = {}
     if cross_source:  # leave one source out, with the first typer's stain option
@@ -497,8 +507,8 @@ def shift_suite(
             xs[key] = _cross_source(runs[key])
             if wbc is not None:
                 typer = load_predictor(str(_output_of(runs[key]) / "model"))
-                figures = es.evaluate_typer(typer, [wbc], shifts=("none",))
-                xs[key]["wbc_seg"] = figures["wbc_seg"]["shifts"]["none"]
+                one = es.evaluate_typers({key: (typer, False)}, [wbc], shifts=("none",))
+                xs[key]["wbc_seg"] = one[key]["wbc_seg"]["shifts"]["none"]
     flags = [f"--typer {_placeholder(str(t), workdir)}" for t in typers]
     flags += [f"--split-run {_placeholder(str(t), workdir)}" for t in split_runs]
     payload = {
