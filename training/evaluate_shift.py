@@ -111,7 +111,8 @@ def cell_metrics(
     codes: np.ndarray, probs: np.ndarray, names: Sequence[str], classes: Sequence[str]
 ) -> dict[str, Any]:
     """Figures of one set under one shift. codes str[N]; probs float[N, >= C] whose first
-    C columns are the cell codes `names`."""
+    C columns are the cell codes `names`. macro-F1 is over `classes`; `f1` covers every
+    class of the list or with true cells (PMO, say, outside the fixed list)."""
     from training.evaluate_real import calibration, macro_f1, recall
 
     names = list(names)
@@ -121,11 +122,12 @@ def cell_metrics(
     y = np.array([index[c] for c in codes], dtype=np.int64)
     p = cell.argmax(1)
     ks = [index[c] for c in classes]
+    present = set(codes.tolist())
     conf = cell.max(1) / np.maximum(cell.sum(1), 1e-12) if len(cell) else np.zeros(0)
     return {
         "n": int(len(codes)),
         "macro_f1": macro_f1(y, p, ks),
-        "f1": {c: macro_f1(y, p, [index[c]]) for c in classes},
+        "f1": {c: macro_f1(y, p, [index[c]]) for c in names if c in classes or c in present},
         "blast_recall": recall(y, p, index["BLA"]),
         "normal_called_blast": normal_called_blast(codes, called),
         "ece": calibration(conf, (y == p).astype(float))["ece"] if len(y) else float("nan"),

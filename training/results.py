@@ -453,8 +453,9 @@ def shift_suite(
     *,
     typers: list[Path],
     split_runs: list[Path],
-    case_norm: bool,
+    case_norm: list[Path],
     cross_source: bool,
+    shifts: list[str] | None = None,
     reuse: bool = False,
 ) -> dict[str, Any]:
     """The generalisation suite (`training.evaluate_shift`) on trained typers (their
@@ -466,6 +467,9 @@ def shift_suite(
     if not (data / "deepapl" / "cells.csv").is_file():
         raise SystemExit(f"{data}/deepapl is absent (see ../shared/data/README.md)")
     typers = typers or [workdir / "real-cpu"]
+    unknown = [str(t) for t in case_norm if t not in typers]
+    if unknown:
+        raise SystemExit(f"--case-norm {unknown}: not among the --typer folders")
     config = es.run_config(typers[0])
     counts = es.split_test_counts(data, config, es.FIVE_SPLIT_SEEDS)
     fixed = es.fixed_class_list(counts, es.FIXED_MIN_CELLS)
@@ -478,10 +482,15 @@ def shift_suite(
     variants, origin = {}, {}
     for run in typers:
         typer = load_predictor(str(run / "model"))
-        for adapt in (False, True) if case_norm else (False,):
+        adapts = (False, True) if run in case_norm else (False,)
+        for adapt in adapts:
             name = run.name + ("+case_norm" if adapt else "")
             variants[name], origin[name] = (typer, adapt), run
-    figures = es.evaluate_typers(variants, es.real_cell_sets(data, config, fixed))
+    shifts = shifts or list(es.SHIFT_NAMES)
+    if "none" not in shifts or any(s not in es.SHIFT_NAMES for s in shifts):
+        raise SystemExit(f"--shifts must include none and name only {', '.join(es.SHIFT_NAMES)}")
+    sets = es.real_cell_sets(data, config, fixed)
+    figures = es.evaluate_typers(variants, sets, shifts=shifts)
     results = {
         name: {
             "run": _placeholder(str(origin[name]), workdir),
@@ -511,12 +520,14 @@ def shift_suite(
                 xs[key]["wbc_seg"] = one[key]["wbc_seg"]["shifts"]["none"]
     flags = [f"--typer {_placeholder(str(t), workdir)}" for t in typers]
     flags += [f"--split-run {_placeholder(str(t), workdir)}" for t in split_runs]
+    if shifts != list(es.SHIFT_NAMES):
+        flags.append(f"--shifts {','.join(shifts)}")
     payload = {
         "command": "python -m training.results shift --workdir DIR "
         + " ".join(
             [
                 *flags,
-                *(["--case-norm"] if case_norm else []),
+                *[f"--case-norm {_placeholder(str(t), workdir)}" for t in case_norm],
                 *(["--cross-source"] if cross_source else []),
             ]
         ),
@@ -578,8 +589,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--case-norm",
-        action="store_true",
-        help="shift: also test each typer with per-case BatchNorm statistics",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: also test this --typer folder with per-case BatchNorm statistics (repeatable)",
+    )
+    p.add_argument(
+        "--shifts",
+        type=lambda text: text.split(","),
+        default=None,
+        help="shift: a comma-separated subset of training.shifts.SHIFT_NAMES (with none); default all",
     )
     p.add_argument(
         "--cross-source",
@@ -602,6 +621,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             split_runs=args.split_run,
             case_norm=args.case_norm,
             cross_source=args.cross_source,
+            shifts=args.shifts,
             reuse=True,
         )
     if args.which == "real":

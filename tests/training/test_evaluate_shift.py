@@ -170,7 +170,15 @@ def test_shift_suite_end_to_end_writes_a_report_without_paths(fake_shared, tmp_p
     celltype.main(job_args(celltype, *flags, "--output", work / "real-cpu"))
     payload = results.main(
         results.get_args_parser().parse_args(
-            ["shift", "--workdir", str(work), "--typer", str(work / "real-cpu"), "--case-norm"]
+            [
+                "shift",
+                "--workdir",
+                str(work),
+                "--typer",
+                str(work / "real-cpu"),
+                "--case-norm",
+                str(work / "real-cpu"),
+            ]
         )
     )
     md = (tmp_path / "bench" / "shift.md").read_text()
