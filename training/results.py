@@ -456,6 +456,7 @@ def shift_suite(
     case_norm: list[Path],
     cross_source: bool,
     shifts: list[str] | None = None,
+    name: str = "shift",
     reuse: bool = False,
 ) -> dict[str, Any]:
     """The generalisation suite (`training.evaluate_shift`) on trained typers (their
@@ -522,6 +523,8 @@ def shift_suite(
     flags += [f"--split-run {_placeholder(str(t), workdir)}" for t in split_runs]
     if shifts != list(es.SHIFT_NAMES):
         flags.append(f"--shifts {','.join(shifts)}")
+    if name != "shift":
+        flags.append(f"--name {name}")
     payload = {
         "command": "python -m training.results shift --workdir DIR "
         + " ".join(
@@ -545,7 +548,7 @@ def shift_suite(
         "split_bar": es.split_bar([typers[0], *split_runs], fixed),
         "split_command": SHIFT_SPLIT_COMMAND,
     }
-    _write("shift", payload, es.shift_markdown(payload))
+    _write(name, payload, es.shift_markdown(payload))
     return payload
 
 
@@ -601,6 +604,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="shift: a comma-separated subset of training.shifts.SHIFT_NAMES (with none); default all",
     )
     p.add_argument(
+        "--name",
+        default="shift",
+        help="shift: the report's file name in bench/results (default shift: shift.{md,json})",
+    )
+    p.add_argument(
         "--cross-source",
         action="store_true",
         help="shift: train (or reuse) the leave-one-source-out runs and test them on wbc-seg",
@@ -622,6 +630,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             case_norm=args.case_norm,
             cross_source=args.cross_source,
             shifts=args.shifts,
+            name=args.name,
             reuse=True,
         )
     if args.which == "real":
