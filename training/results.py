@@ -485,20 +485,20 @@ def shift_suite(
         typer = load_predictor(str(run / "model"))
         adapts = (False, True) if run in case_norm else (False,)
         for adapt in adapts:
-            name = run.name + ("+case_norm" if adapt else "")
-            variants[name], origin[name] = (typer, adapt), run
+            label = run.name + ("+case_norm" if adapt else "")
+            variants[label], origin[label] = (typer, adapt), run
     shifts = shifts or list(es.SHIFT_NAMES)
     if "none" not in shifts or any(s not in es.SHIFT_NAMES for s in shifts):
         raise SystemExit(f"--shifts must include none and name only {', '.join(es.SHIFT_NAMES)}")
     sets = es.real_cell_sets(data, config, fixed)
     figures = es.evaluate_typers(variants, sets, shifts=shifts)
     results = {
-        name: {
-            "run": _placeholder(str(origin[name]), workdir),
+        label: {
+            "run": _placeholder(str(origin[label]), workdir),
             "case_norm": adapt,
-            "sets": figures[name],
+            "sets": figures[label],
         }
-        for name, (_, adapt) in variants.items()
+        for label, (_, adapt) in variants.items()
     }
     runs: dict[str, dict[str, Any]] = {}
     xs: dict[str, Any] = {}
