@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -224,27 +224,64 @@ class CellTyper(_Predictor):
         module: Any = self.module
         return int(module.head.in_features)
 
-    def predict(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """crops uint8[B, S, S, 3] (S = `crop_size`) -> probabilities float32[B, K]."""
-        probs, _ = self._forward(crops, batch_size, embeddings=False)
+    def predict(
+        self, crops: np.ndarray, batch_size: int = 256, *, case_norm: bool = False
+    ) -> np.ndarray:
+        """crops uint8[B, S, S, 3] (S = `crop_size`) -> probabilities float32[B, K].
+
+        `case_norm`: the crops are one case's cells, and the BatchNorm statistics are
+        re-estimated on them for this call (`marrowscope.models.celltype.case_batchnorm`);
+        the answer then depends on the whole set of crops, not on each crop alone. The
+        module's statistics are restored afterwards; not for concurrent calls on one
+        predictor."""
+        probs, _ = self._forward(crops, batch_size, embeddings=False, case_norm=case_norm)
         return probs
 
     def predict_with_embeddings(
-        self, crops: np.ndarray, batch_size: int = 256
+        self, crops: np.ndarray, batch_size: int = 256, *, case_norm: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities float32[B, K], penultimate embeddings float32[B, D]) from one
         forward pass; the probabilities are exactly `predict`'s. The embedding is the
         backbone's output before the head's dropout and linear layer: what a MIL model
         (`marrowscope.models.mil`) learns from."""
-        probs, embeds = self._forward(crops, batch_size, embeddings=True)
+        probs, embeds = self._forward(crops, batch_size, embeddings=True, case_norm=case_norm)
         assert embeds is not None
         return probs, embeds
 
+    def _batches(self, crops: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        """FloatTensor[b, 3, S, S] in [0, 1] on the device, `batch_size` crops at a time."""
+        import torch
+
+        for start in range(0, crops.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
+            yield x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+
     def _forward(
-        self, crops: np.ndarray, batch_size: int, *, embeddings: bool
+        self, crops: np.ndarray, batch_size: int, *, embeddings: bool, case_norm: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
+        crops = self._check_crops(crops)
+        if case_norm and crops.shape[0]:
+            from marrowscope.models.celltype import case_batchnorm
+
+            with self._amp(), case_batchnorm(self.module, self._batches(crops, batch_size)):
+                return self._forward(crops, batch_size, embeddings=embeddings)
+        module: Any = self.module
+        out = np.zeros((crops.shape[0], len(self.names)), dtype=np.float32)
+        embeds = np.zeros((crops.shape[0], self.embedding_dim), np.float32) if embeddings else None
+        start = 0
+        for x in self._batches(crops, batch_size):
+            with torch.inference_mode(), self._amp():
+                h = module.embed(x)  # the model's forward, split at the embedding
+                probs = module.probabilities(module.classify(h))
+            out[start : start + len(x)] = probs.float().cpu().numpy()
+            if embeds is not None:
+                embeds[start : start + len(x)] = h.float().cpu().numpy()
+            start += len(x)
+        return out, embeds
+
+    def _check_crops(self, crops: np.ndarray) -> np.ndarray:
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
             raise InvalidInput(
@@ -255,19 +292,7 @@ class CellTyper(_Predictor):
                 f"crops are {crops.shape[1]}x{crops.shape[2]}; the model takes "
                 f"{self.crop_size}x{self.crop_size}"
             )
-        module: Any = self.module
-        out = np.zeros((crops.shape[0], len(self.names)), dtype=np.float32)
-        embeds = np.zeros((crops.shape[0], self.embedding_dim), np.float32) if embeddings else None
-        for start in range(0, crops.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
-            with torch.inference_mode(), self._amp():
-                x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-                h = module.embed(x)  # the model's forward, split at the embedding
-                probs = module.probabilities(module.classify(h))
-            out[start : start + len(x)] = probs.float().cpu().numpy()
-            if embeds is not None:
-                embeds[start : start + len(x)] = h.float().cpu().numpy()
-        return out, embeds
+        return crops
 
 
 class EnsemblePredictor(_Predictor):

@@ -276,18 +276,25 @@ def batch_loss(model, x, cells, attributes, cell_head: str):
     return loss
 
 
-def augment(x, stain: str = "none", strength: float = 0.0, geometry: float = 0.0):
+def augment(
+    x, stain: str = "none", strength: float = 0.0, geometry: float = 0.0, photometric: float = 0.0
+):
     """Random flips and 90-degree rotations of a batch [B, 3, S, S] (training split only),
-    a per-image zoom / shift (`geometric_jitter`) and then the colour / stain jitter named
-    by `stain` (see `stain_jitter`)."""
+    a per-image zoom / shift (`geometric_jitter`), the colour / stain jitter named by
+    `stain` (see `stain_jitter`) and then the photometric / optical jitter
+    (`training.photometric.photometric_jitter`, 0 = off)."""
     import torch
+
+    from training.photometric import photometric_jitter
 
     if torch.rand(()) < 0.5:
         x = x.flip(3)
     if torch.rand(()) < 0.5:
         x = x.flip(2)
     x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
-    return stain_jitter(geometric_jitter(x, geometry), stain, strength)
+    return photometric_jitter(
+        stain_jitter(geometric_jitter(x, geometry), stain, strength), photometric
+    )
 
 
 def geometric_jitter(x, amount: float):
@@ -422,6 +429,7 @@ def train(
         "stain_strength": config.get("stain_strength", 0.0),
         "class_balance": config.get("class_balance", 0.0),
         "geometric_aug": config.get("geometric_aug", 0.0),
+        "photometric_aug": config.get("photometric_aug", 0.0),
         "lr_schedule": config.get("lr_schedule", "exponential"),
         "weight_ema": config.get("weight_ema", 0.0),
     }
@@ -481,6 +489,7 @@ def train(
                     config.get("stain_aug", "none"),
                     config.get("stain_strength", 0.0),
                     config.get("geometric_aug", 0.0),
+                    config.get("photometric_aug", 0.0),
                 )
                 yield x, y_all[idx].to(device), None if a_all is None else a_all[idx].to(device)
 

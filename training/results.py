@@ -3,6 +3,7 @@
     python -m training.results bccd --workdir /tmp/ms_results       # (a) real data
     python -m training.results synthetic --workdir /tmp/ms_results  # (b) synthetic cohort
     python -m training.results real --workdir /tmp/ms_results       # (c) real leukemic cells
+    python -m training.results shift --workdir /tmp/ms_results      # (d) generalisation suite
 
 (a) trains the detector on ../shared/data/bccd (train split) and reports per-class AP@0.5
 and mAP@0.5 on its val split. (b) generates a synthetic cohort (>= 300 cases, 640x480),
@@ -14,7 +15,9 @@ bootstrap 95 % CIs on the held-out test cases. Figures from
 augmentation / normalisation (one source trained on, the other tested), then trains the
 cell typer on ../shared/data (DeepAPL + PBC, `real-cpu` config with the comparison's best
 stain option, or `--profile gpu` for paper-gpu) and reports on DeepAPL's held-out patients
-(`real_cells.md`, see `real`). Every job runs in-process through its
+(`real_cells.md`, see `real`). (d) tests trained typers (`--typer`, default the main run
+of (c)) on held-out patients, PBC and wbc-seg under the controlled shifts of
+`training.shifts` (`shift.md`, see `training.evaluate_shift`). Every job runs in-process through its
 `main(args)` with the exact flags written into the Markdown.
 """
 
@@ -308,6 +311,28 @@ def _real_flags(profile: str, workdir: Path) -> list[str]:
     ]
 
 
+def _xs_flags(
+    common: list[str], base: list[str], workdir: Path, src: str, option: str
+) -> list[str]:
+    """Flags of the cross-source run trained on `src` only with stain option `option`."""
+    aug, norm = REAL_STAIN_OPTIONS[option]
+    return [
+        *common,
+        "--output",
+        str(workdir / f"xs-{src}-{option}"),
+        *base[:2],
+        "--set",
+        base[3],
+        "--set",
+        f'real_train_sources=["{src}"]',
+        "--set",
+        f"stain_aug={aug}",
+        "--set",
+        f"stain_norm={norm}",
+        *REAL_XS_FLAGS,
+    ]
+
+
 def real_cells(
     workdir: Path, tracking: str, profile: str = "cpu", reuse: bool = False, strict: bool = False
 ) -> dict[str, Any]:
@@ -322,26 +347,10 @@ def real_cells(
     runs: dict[str, dict[str, Any]] = {}
     stain: list[str] = []
     if profile == "cpu":  # the comparison first: its winner is the main run's stain setting
-        for option, (aug, norm) in REAL_STAIN_OPTIONS.items():
+        for option in REAL_STAIN_OPTIONS:
             for src in ("deepapl", "pbc"):
                 runs[f"xs_{src}_{option}"] = _run(
-                    "celltype",
-                    [
-                        *common,
-                        "--output",
-                        str(workdir / f"xs-{src}-{option}"),
-                        *base[:2],
-                        "--set",
-                        base[3],
-                        "--set",
-                        f'real_train_sources=["{src}"]',
-                        "--set",
-                        f"stain_aug={aug}",
-                        "--set",
-                        f"stain_norm={norm}",
-                        *REAL_XS_FLAGS,
-                    ],
-                    reuse=reuse,
+                    "celltype", _xs_flags(common, base, workdir, src, option), reuse=reuse
                 )
         best = best_stain_option(
             {k: _cross_source(v) for k, v in runs.items() if k.startswith("xs_")}
@@ -435,13 +444,127 @@ def write_real_report(workdir: Path, runs: dict[str, dict[str, Any]], profile: s
     return payload
 
 
+SHIFT_SPLIT_COMMAND = (
+    "python -m training.celltype --data ../shared/data --no-register --output "
+    "DIR/real-cpu-splitK --config real-cpu --set crop_cache=DIR/crop-cache --set "
+    "mix_synthetic=DIR/synth-attributes --set stain_aug=both --set stain_norm=background "
+    "--set split_seed=K"
+)
+"""One more patient split of the main recipe (K = 1..4) for the five-split bar."""
+
+
+def shift_suite(
+    workdir: Path,
+    tracking: str,
+    *,
+    typers: list[Path],
+    split_runs: list[Path],
+    case_norm: list[Path],
+    cross_source: bool,
+    shifts: list[str] | None = None,
+    name: str = "shift",
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """The generalisation suite (`training.evaluate_shift`) on trained typers (their
+    `training.celltype --output` folders), then `shift.{md,json}`."""
+    from marrowscope.inference import load_predictor
+    from training import evaluate_shift as es
+
+    data = shared_data_dir()
+    if not (data / "deepapl" / "cells.csv").is_file():
+        raise SystemExit(f"{data}/deepapl is absent (see ../shared/data/README.md)")
+    typers = typers or [workdir / "real-cpu"]
+    unknown = [str(t) for t in case_norm if t not in typers]
+    if unknown:
+        raise SystemExit(f"--case-norm {unknown}: not among the --typer folders")
+    config = es.run_config(typers[0])
+    counts = es.split_test_counts(data, config, es.FIVE_SPLIT_SEEDS)
+    fixed = es.fixed_class_list(counts, es.FIXED_MIN_CELLS)
+    split_keys = ("split_seed", "test_fraction", "val_fraction", "real_train_sources", "pbc_split")
+    if any(
+        {k: es.run_config(t).get(k) for k in split_keys} != {k: config.get(k) for k in split_keys}
+        for t in typers
+    ):
+        raise SystemExit("--typer: every typer must come from the same split (test them apart)")
+    variants, origin = {}, {}
+    for run in typers:
+        typer = load_predictor(str(run / "model"))
+        adapts = (False, True) if run in case_norm else (False,)
+        for adapt in adapts:
+            label = run.name + ("+case_norm" if adapt else "")
+            variants[label], origin[label] = (typer, adapt), run
+    shifts = shifts or list(es.SHIFT_NAMES)
+    if "none" not in shifts or any(s not in es.SHIFT_NAMES for s in shifts):
+        raise SystemExit(f"--shifts must include none and name only {', '.join(es.SHIFT_NAMES)}")
+    sets = es.real_cell_sets(data, config, fixed)
+    figures = es.evaluate_typers(variants, sets, shifts=shifts)
+    results = {
+        label: {
+            "run": _placeholder(str(origin[label]), workdir),
+            "case_norm": adapt,
+            "sets": figures[label],
+        }
+        for label, (_, adapt) in variants.items()
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    xs: dict[str, Any] = {}
+    if cross_source:  # leave one source out, with the first typer's stain option
+        option = next(
+            k
+            for k, v in REAL_STAIN_OPTIONS.items()
+            if v == (config.get("stain_aug", "none"), config.get("stain_norm", "none"))
+        )
+        common = ["--data", str(data), "--tracking-uri", tracking, "--no-register"]
+        wbc = es.wbc_seg_cells(data / "wbc-seg")
+        for src in ("deepapl", "pbc"):
+            key = f"xs_{src}_{option}"
+            flags = _xs_flags(common, _real_flags("cpu", workdir), workdir, src, option)
+            runs[key] = _run("celltype", flags, reuse=reuse)
+            xs[key] = _cross_source(runs[key])
+            if wbc is not None:
+                typer = load_predictor(str(_output_of(runs[key]) / "model"))
+                one = es.evaluate_typers({key: (typer, False)}, [wbc], shifts=("none",))
+                xs[key]["wbc_seg"] = one[key]["wbc_seg"]["shifts"]["none"]
+    flags = [f"--typer {_placeholder(str(t), workdir)}" for t in typers]
+    flags += [f"--split-run {_placeholder(str(t), workdir)}" for t in split_runs]
+    if shifts != list(es.SHIFT_NAMES):
+        flags.append(f"--shifts {','.join(shifts)}")
+    if name != "shift":
+        flags.append(f"--name {name}")
+    payload = {
+        "command": "python -m training.results shift --workdir DIR "
+        + " ".join(
+            [
+                *flags,
+                *[f"--case-norm {_placeholder(str(t), workdir)}" for t in case_norm],
+                *(["--cross-source"] if cross_source else []),
+            ]
+        ),
+        "machine": _machine(),
+        "data": "real",
+        "fixed_classes": {
+            "classes": fixed,
+            "min_cells": es.FIXED_MIN_CELLS,
+            "seeds": list(es.FIVE_SPLIT_SEEDS),
+            "test_counts": counts,
+        },
+        "typer": results,
+        "runs": {k: {**v, "command": _placeholder(v["command"], workdir)} for k, v in runs.items()},
+        "cross_source": xs,
+        "split_bar": es.split_bar([typers[0], *split_runs], fixed),
+        "split_command": SHIFT_SPLIT_COMMAND,
+    }
+    _write(name, payload, es.shift_markdown(payload))
+    return payload
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.results",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("which", choices=("bccd", "synthetic", "real"))
+    p.add_argument("which", choices=("bccd", "synthetic", "real", "shift"))
     p.add_argument(
         "--workdir", type=Path, required=True, help="runs, models and the synthetic set go here"
     )
@@ -463,6 +586,44 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="real: stop on a class folder the taxonomy does not map (default: report it)",
     )
+    p.add_argument(
+        "--typer",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: a training.celltype --output folder to test (repeatable; default "
+        "<workdir>/real-cpu); the first one's split and stain option are the suite's",
+    )
+    p.add_argument(
+        "--split-run",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: the same recipe on another split_seed, for the five-split bar (repeatable)",
+    )
+    p.add_argument(
+        "--case-norm",
+        type=Path,
+        action="append",
+        default=[],
+        help="shift: also test this --typer folder with per-case BatchNorm statistics (repeatable)",
+    )
+    p.add_argument(
+        "--shifts",
+        type=lambda text: text.split(","),
+        default=None,
+        help="shift: a comma-separated subset of training.shifts.SHIFT_NAMES (with none); default all",
+    )
+    p.add_argument(
+        "--name",
+        default="shift",
+        help="shift: the report's file name in bench/results (default shift: shift.{md,json})",
+    )
+    p.add_argument(
+        "--cross-source",
+        action="store_true",
+        help="shift: train (or reuse) the leave-one-source-out runs and test them on wbc-seg",
+    )
     return p
 
 
@@ -471,6 +632,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tracking = args.tracking_uri or f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
     if args.which == "bccd":
         return bccd(args.workdir, tracking, args.profile)
+    if args.which == "shift":
+        return shift_suite(
+            args.workdir,
+            tracking,
+            typers=args.typer,
+            split_runs=args.split_run,
+            case_norm=args.case_norm,
+            cross_source=args.cross_source,
+            shifts=args.shifts,
+            name=args.name,
+            reuse=True,
+        )
     if args.which == "real":
         return real_cells(
             args.workdir, tracking, args.profile, reuse=args.reuse, strict=args.strict
