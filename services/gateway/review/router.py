@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
 from services.gateway import store
@@ -367,11 +369,17 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         request: Request,
         active: accounts.ActiveSession,
         analysis_id: str,
-        change: Any,
+        csrf: str | None,
+        change: Callable[[Session, dict[str, Any]], object],
     ) -> Response:
+        """Every review action: CSRF and origin checked, the case loaded (tenant-scoped),
+        `change(session, result)` run in one transaction; a refused change re-renders the
+        case with the reason (409 stale, 400 otherwise) and saves nothing."""
+        checked(active, request, csrf)
+        _, result = load_case(active, analysis_id)
         try:
             with services.sessions() as session, session.begin():
-                change(session)
+                change(session, result)
         except cases.StaleRevision as exc:
             return case_page(request, active, analysis_id, error=str(exc), status=409)
         except cases.ReviewError as exc:
@@ -388,13 +396,12 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         cells_: Annotated[list[str], Form(alias="cell")] = [],  # noqa: B006 (FastAPI form)
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:
-        checked(active, request, csrf)
-        _, result = load_case(active, analysis_id)
         return act(
             request,
             active,
             analysis_id,
-            lambda s: cases.relabel(
+            csrf,
+            lambda s, result: cases.relabel(
                 s,
                 analysis_id=analysis_id,
                 result=result,
@@ -414,13 +421,12 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         comment: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:
-        checked(active, request, csrf)
-        load_case(active, analysis_id)
         return act(
             request,
             active,
             analysis_id,
-            lambda s: cases.sign_out(
+            csrf,
+            lambda s, _result: cases.sign_out(
                 s,
                 analysis_id=analysis_id,
                 revision=revision,
@@ -439,13 +445,12 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         reason: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
         csrf: Annotated[str | None, Form()] = None,
     ) -> Response:
-        checked(active, request, csrf)
-        load_case(active, analysis_id)
         return act(
             request,
             active,
             analysis_id,
-            lambda s: cases.reopen(
+            csrf,
+            lambda s, _result: cases.reopen(
                 s, analysis_id=analysis_id, revision=revision, reason=reason, who=active.reviewer
             ),
         )
