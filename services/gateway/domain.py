@@ -26,12 +26,22 @@ DIFFERENTIAL_WARNING = (
 
 
 def check_domain(
-    rows: DomainRows, *, celltype_version: str, settings: GatewaySettings
+    rows: DomainRows, *, celltype_version: str, settings: GatewaySettings, served: bool = True
 ) -> DomainCheck | None:
-    """The result's `domain` (None when the deployment turns the check off)."""
+    """The result's `domain` (None when the deployment turns the check off). `served`:
+    whether the pinned celltype service declares the DOMAIN output at all."""
     if settings.domain_check == "off":
         return None
     action = "warn" if settings.domain_check == "warn" else "abstain"
+    if not served:
+        return DomainCheck(
+            status="not_available",
+            action=action,
+            reason="no_domain_reference",
+            detail=f"the celltype service (version {celltype_version}) declares no DOMAIN "
+            "output: the case could not be checked against its training cells",
+            celltype_version=celltype_version,
+        )
     scores = rows.scores()
     if not rows.missing and scores is None:
         return DomainCheck(

@@ -307,6 +307,7 @@ class Pipeline:
             pinned.cells.domain,
             celltype_version=pinned.versions[Stage.CELLTYPE],
             settings=self.s,
+            served=pinned.domain,
         )
         report.differential_warning = differential_warning(report.domain)
         if summary.n_counted < self.s.min_cells:
@@ -354,7 +355,10 @@ class Pipeline:
             None if npm1 is None else _input_hw(npm1, "IMAGE"),
             mil,
             problem,
-            domain=self.s.domain_check != "off",
+            # a celltype service that declares no DOMAIN output (another OIP server, an older
+            # version of ours) is not asked: the check reports not_available, the case runs
+            domain=self.s.domain_check != "off"
+            and "DOMAIN" in by_stage[Stage.CELLTYPE].outputs,
         )
         self._timed("pin", t)
         await self.checkpoint("pinned")
