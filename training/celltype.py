@@ -579,7 +579,11 @@ def save_domain_reference(typer, splits: dict[str, CropSet], config: JobConfig, 
         val.crops,
         val.groups,
         seed=config["seed"],
-        info={"typer_config": config["config_name"], "sources": sorted(set(train.sources or []))},
+        info={
+            "typer_config": config["config_name"],
+            # a numpy array on real data: `or []` would ask for its truth value
+            "sources": sorted({str(x) for x in (() if train.sources is None else train.sources)}),
+        },
     )
     out.mkdir(parents=True, exist_ok=True)
     reference.save(out)
