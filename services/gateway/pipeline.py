@@ -357,8 +357,7 @@ class Pipeline:
             problem,
             # a celltype service that declares no DOMAIN output (another OIP server, an older
             # version of ours) is not asked: the check reports not_available, the case runs
-            domain=self.s.domain_check != "off"
-            and "DOMAIN" in by_stage[Stage.CELLTYPE].outputs,
+            domain=self.s.domain_check != "off" and "DOMAIN" in by_stage[Stage.CELLTYPE].outputs,
         )
         self._timed("pin", t)
         await self.checkpoint("pinned")
