@@ -23,11 +23,13 @@ from marrowscope.taxonomy import CELL_TYPES
 from services.gateway.pdfa import make_pdfa
 from services.gateway.reading import (
     AML_MEANING,
+    DOMAIN_MEANING,
     WHOLE_IMAGE_NPM1_MEANING,
     CaseHeader,
     SignOut,
     aml_text,
     call_word,
+    domain_text,
     genetic_calls,
     genetic_text,
     most_informative_image,
@@ -240,6 +242,11 @@ def _findings(result: AnalysisResult, st: dict[str, Any]) -> Any:
                     st["small"],
                 ),
             ]
+        )
+    domain = domain_text(result)
+    if domain is not None:
+        rows.append(
+            ["Domain check", _p(escape(domain), st["base"]), _p(DOMAIN_MEANING, st["small"])]
         )
     return _table(rows, [30 * mm, 52 * mm, 98 * mm])
 

@@ -136,6 +136,27 @@ def aml_text(result: AnalysisResult) -> str:
     return f"withheld ({reason}): {detail}" if detail else f"withheld ({reason})"
 
 
+DOMAIN_MEANING = (
+    "How far this case's cells sit from the cells the cell-type model was trained on (1 = a "
+    "typical training cell). Above the threshold the slide, scanner or stain is unlike "
+    "anything the models were validated on, and the AI calls are withheld: review the "
+    "smear by eye."
+)
+
+
+def domain_text(result: AnalysisResult) -> str | None:
+    """The per-case domain check in one line (None when the deployment turned it off)."""
+    d = result.domain
+    if d is None:
+        return None
+    if d.status == "not_available":
+        return f"not checked ({d.reason})"
+    word = "OUT OF DOMAIN" if d.status == "out_of_domain" else "within the training domain"
+    threshold = f" (threshold {d.threshold:.2f})" if d.threshold is not None else ""
+    score = f"score {d.score:.2f}" if d.score is not None else "no score"
+    return f"{word}: {score}{threshold} over {d.n_cells} cells"
+
+
 def genetic_text(morph: GeneticMorphologyCall) -> str:
     """One genetic call in one line: probability and call, or its status and reason."""
     if morph.status == "predicted" and morph.p is not None:

@@ -143,3 +143,27 @@ def test_pdf_endpoint_and_fhir_presented_form(gateway, tmp_path):
     (form,) = report["presentedForm"]
     assert form["contentType"] == "application/pdf"
     assert base64.b64decode(form["data"]).startswith(b"%PDF-")
+
+
+def test_domain_check_is_on_the_report(case, tmp_path):
+    from services.gateway.result import DomainCheck
+
+    result = case[0].model_copy(
+        update={
+            "domain": DomainCheck(
+                status="out_of_domain",
+                action="abstain",
+                score=4.21,
+                embedding=4.21,
+                appearance=1.3,
+                threshold=1.65,
+                n_cells=41,
+                celltype_version="5",
+            )
+        }
+    )
+    text = _read(build_pdf(case=CASE, result=result), tmp_path)["text"]
+    assert "Domain check" in text and "OUT OF DOMAIN: score 4.21 (threshold 1.65) over 41" in text
+    (tmp_path / "plain").mkdir()
+    plain = _read(build_pdf(case=CASE, result=case[0]), tmp_path / "plain")["text"]
+    assert ("Domain check" in plain) == (case[0].domain is not None)
