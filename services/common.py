@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,6 +95,34 @@ def load_predictor(
     )
 
 
+def model_threads(settings: ServiceSettings) -> int:
+    """How many model calls a predictor service runs at once (``settings.model_threads``;
+    0 = auto). On a CPU, intra-op threads alone leave cores idle when they are fewer than the
+    cores (OMP_NUM_THREADS=1 beside other services on one node): the rest go to concurrent
+    calls. On CUDA one call at a time; dynamic batching fills the device."""
+    if settings.model_threads:
+        return settings.model_threads
+    import torch
+
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, usable_cores() // max(1, torch.get_num_threads()))
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit shows there, not in the affinity, which lists the node's cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity stands
+    return cores
+
+
 class PredictorHandler(ModelHandler):
     """A handler around one `marrowscope.inference` predictor (``predictor_cls``).
 
@@ -112,6 +141,7 @@ class PredictorHandler(ModelHandler):
         self.settings = settings
         self.config: dict[str, Any] = read_config(self.local_dir)
         self.predictor: Any = None
+        self.max_concurrency = model_threads(settings)
 
     def load(self) -> None:
         # the predictor refuses a model of another kind (InvalidInput)

@@ -83,12 +83,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         clients = services.make_clients()
         stop = asyncio.Event()
         if settings.embedded_worker:
+            services.doorbell.bind()
             worker = Worker(
                 settings=settings,
                 sessions=services.sessions,
                 blobs=services.blobs,
                 clients=clients,
                 metrics=services.metrics,
+                doorbell=services.doorbell,
             )
             services.tasks.append(asyncio.create_task(worker.run(stop)))
         metrics_server = serve_metrics(settings.metrics_port, services.metrics.registry)

@@ -19,6 +19,7 @@ from services.gateway.blobs import BlobStore
 from services.gateway.clients import ModelClients
 from services.gateway.config import GatewaySettings
 from services.gateway.db import make_engine, make_sessionmaker
+from services.gateway.doorbell import Doorbell
 from services.gateway.guard import AuthFailureLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.migrations import upgrade_head
@@ -38,6 +39,7 @@ class Services:
     limiter: RateLimiter
     auth_failures: AuthFailureLimiter | None = None
     clients: ModelClients | None = None
+    doorbell: Doorbell = field(default_factory=Doorbell)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     def make_clients(self) -> ModelClients:

@@ -40,6 +40,7 @@ from services.gateway.clients import ModelClients
 from services.gateway.config import SERVICES, GatewaySettings
 from services.gateway.container import build_services
 from services.gateway.db import CORE_SERVICES, DEFAULT_TENANT, now
+from services.gateway.doorbell import Doorbell
 from services.gateway.hl7delivery import Hl7Dispatcher
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
@@ -49,6 +50,10 @@ from services.gateway.slidestore import SlideStore, SlideStoreError, source_path
 from services.gateway.webhooks import WebhookPolicy, backoff_s, deliver
 
 log = logging.getLogger(__name__)
+
+EXHAUSTED_CHECK_S = 5.0
+"""How often a worker fails the analyses whose attempts ran out (`store.fail_exhausted`):
+only a dead worker's lease expiring makes one, so every claim need not look."""
 
 PROGRESS_EVERY_S = 0.5
 """Region scoring records its progress (and sees a cancel) at most this often."""
@@ -71,8 +76,11 @@ class Worker:
         blobs: BlobStore,
         clients: ModelClients,
         metrics: GatewayMetrics,
+        doorbell: Doorbell | None = None,
     ) -> None:
         self.s = settings
+        self.doorbell = doorbell or Doorbell()
+        self._exhausted_checked_at = -float("inf")
         self.sessions = sessions
         self.blobs = blobs
         self.clients = clients
@@ -155,17 +163,19 @@ class Worker:
                     await self._sleep(stop, max(self.s.poll_interval_s, self.s.ready_check_s))
                     continue
                 # npm1 or explain down: only the analyses that call it stay queued
+                self.doorbell.clear()
                 claimed = await asyncio.to_thread(self._claim, down, lane)
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 await self._sleep(stop, self.s.poll_interval_s * 4)
                 continue
             if claimed is None:
-                await self._sleep(stop, self.s.poll_interval_s)
+                await self.doorbell.wait(stop, self.s.poll_interval_s)
                 continue
             job = asyncio.create_task(self.process(claimed))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            self.doorbell.ring()  # a slot is free: a loop that found none busy looks again
             if not job.done():  # shutting down: hand the analysis back to the queue
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -176,9 +186,12 @@ class Worker:
     def _claim(self, down: frozenset[str], lane: store.Lane) -> _Claimed | None:
         """The oldest claimable analysis of `lane` that calls none of the services `down`,
         or None."""
-        with self.sessions.begin() as session:
-            for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
-                log.error("analysis %s failed: its workers kept dying", analysis_id)
+        now = time.monotonic()
+        if now - self._exhausted_checked_at >= EXHAUSTED_CHECK_S:  # housekeeping, not per claim
+            self._exhausted_checked_at = now
+            with self.sessions.begin() as session:
+                for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
+                    log.error("analysis %s failed: its workers kept dying", analysis_id)
         with self.sessions.begin() as session:
             a = store.claim_next(
                 session, owner=self.owner, lease_s=self.s.lease_s, down=down, lane=lane

@@ -1,4 +1,4 @@
-"""Run one loaded handler: a single worker thread, with dynamic batching when allowed.
+"""Run one loaded handler in its model threads, with dynamic batching when allowed.
 
 ``ModelWorker.submit(inputs, parameters)`` returns the handler's outputs for that request.
 For a handler with ``batchable = True`` requests wait up to ``max_queue_delay_s`` (or until
@@ -6,8 +6,9 @@ For a handler with ``batchable = True`` requests wait up to ``max_queue_delay_s`
 shapes apart from dimension 0 and on every parameter run as one ``infer`` call on inputs
 concatenated along axis 0; outputs are sliced back per request. Requests that do not match
 the first request of a batch wait for a later batch, in arrival order. Other handlers run
-one request at a time in the same thread, or ``max_concurrency`` at a time in as many
-threads.
+one request per call. ``handler.max_concurrency`` calls (batches or requests) run at once,
+each in its own thread: one by default, more on a CPU whose cores intra-op threads alone
+would leave idle (`services.common.model_threads`).
 
 The thread is a daemon thread of our own (``ModelThread``), not a ``ThreadPoolExecutor``
 one: Python joins executor threads at exit, so a forward pass that is still running when
@@ -187,8 +188,10 @@ class ModelWorker:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
-        threads = 1 if handler.batchable else max(1, handler.max_concurrency)
-        self._executor = ModelThread(f"model-{handler.name}-{handler.version}", threads)
+        self.threads = max(1, handler.max_concurrency)
+        self._executor = ModelThread(f"model-{handler.name}-{handler.version}", self.threads)
+        self._slots = asyncio.Semaphore(self.threads)  # batches in flight at once
+        self._running: set[asyncio.Task[None]] = set()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -309,16 +312,35 @@ class ModelWorker:
         return [p for p in batch if not p.future.done()]  # drop requests cancelled meanwhile
 
     async def _loop(self) -> None:
-        while True:
-            batch = await self._collect()
-            if not batch:
-                continue
-            try:
-                await self._run_batch(batch)
-            except Exception as exc:  # handed to every caller in the batch; the loop goes on
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+        # A batch is collected only once a thread is free for it, so a batch never waits
+        # half-full behind a running one while later requests could still have joined it.
+        try:
+            while True:
+                await self._slots.acquire()
+                try:
+                    batch = await self._collect()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._guarded(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            for task in list(self._running):
+                task.cancel()
+
+    async def _guarded(self, batch: list[_Pending]) -> None:
+        try:
+            await self._run_batch(batch)
+        except Exception as exc:  # handed to every caller in the batch; the loop goes on
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        finally:
+            self._slots.release()
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         names = list(batch[0].inputs)

@@ -221,9 +221,11 @@ class ModelHandler:
     batchable: ClassVar[bool] = False
     platform: ClassVar[str] = "python"
     max_concurrency: int = 1
-    """Requests served at once (not batchable handlers only). Above 1 the handler runs in
-    that many threads and must be thread-safe: share the device with ``FairTurns`` and
-    guard shared state; ``cancellation`` is then per thread."""
+    """Model calls run at once: requests, or batches of a batchable handler. Above 1 the
+    handler runs in that many threads and must be thread-safe (no per-call state on the
+    instance; a handler that needs the device in turns shares it with ``FairTurns``);
+    ``cancellation`` is then per thread. Predictor handlers take it from the service's
+    ``model_threads`` setting (`services.common.model_threads`)."""
 
     name: str = ""
     version: str = ""

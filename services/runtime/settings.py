@@ -35,6 +35,14 @@ class ServiceSettings(BaseSettings):
     poll_interval_s: float = Field(30.0, ge=0, description="registry poll period; 0 = never")
     max_batch_size: int = Field(8, ge=1, description="most requests merged into one predict")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
+    model_threads: int = Field(
+        0,
+        ge=0,
+        description="model calls (requests, or batches of batchable models) run at once, each "
+        "in its own thread; 0 = auto: on a CPU the usable cores divided by torch's intra-op "
+        "threads (so a service started with OMP_NUM_THREADS=1 still uses every core it is "
+        "given), on CUDA 1",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto (CUDA when present), cpu, or cuda (fails without a GPU)"
     )

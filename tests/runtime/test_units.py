@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -141,6 +142,74 @@ def test_batcher_respects_max_batch_size_and_opt_out():
     unbatched.batchable = False
     asyncio.run(_submit_all(unbatched, requests, max_batch_size=8, max_queue_delay_s=0.05))
     assert unbatched.calls == [1] * 5
+
+
+class _Rendezvous(ToyHandler):
+    """Each call waits (up to a generous deadline) until `expected` calls are in flight at
+    once, and records how many it saw: one model thread can never get past 1."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__(1.0)
+        self.barrier = threading.Barrier(expected, timeout=60.0)
+        self.met: list[bool] = []
+
+    def predict(self, batch):
+        try:
+            self.barrier.wait()
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+        return super().predict(batch)
+
+
+@pytest.mark.parametrize("batchable", [True, False])
+def test_model_threads_run_batches_and_requests_at_once(batchable):
+    handler = _Rendezvous(2)
+    handler.batchable = batchable
+    handler.max_concurrency = 2
+    # different shapes: two batches that cannot merge, so only a second thread runs both
+    requests = [({"X": np.ones((1, k), np.float32)}, {}) for k in (2, 3)]
+    results = asyncio.run(_submit_all(handler, requests, max_batch_size=8, max_queue_delay_s=0))
+    assert handler.met == [True, True]
+    assert [r.outputs["Y"].shape for r in results] == [(1, 2), (1, 3)]
+
+
+def test_one_model_thread_runs_one_call_at_a_time():
+    handler = _Rendezvous(2)
+    handler.barrier = threading.Barrier(2, timeout=0.5)  # would be met only by a 2nd thread
+    requests = [({"X": np.ones((1, k), np.float32)}, {}) for k in (2, 3)]
+    asyncio.run(_submit_all(handler, requests, max_batch_size=8, max_queue_delay_s=0))
+    assert handler.met == [False, False]
+
+
+def test_model_threads_auto_fills_the_cores_left_by_intra_op_threads(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from services.common import model_threads, usable_cores
+
+    cores = usable_cores()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert model_threads(ToySettings(device="cpu")) == cores
+        torch.set_num_threads(cores)
+        assert model_threads(ToySettings(device="cpu")) == 1
+        assert model_threads(ToySettings(device="cpu", model_threads=3)) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
+    from services.common import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == affinity
+    quota.write_text("50000 100000\n")  # half a core: still one
+    assert usable_cores(quota) == 1
+    quota.write_text(f"{100000 * (affinity + 4)} 100000\n")  # above the affinity: affinity
+    assert usable_cores(quota) == affinity
+    assert usable_cores(tmp_path / "missing") == affinity
 
 
 def test_settings_env_prefix(monkeypatch):

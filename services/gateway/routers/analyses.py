@@ -163,6 +163,7 @@ def submit_analysis(
             return replay(services, principal, response, existing)
         raise
     log.info("accepted analysis %s (%d images)", analysis_id, len(checked))
+    services.doorbell.ring()
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
     return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
 

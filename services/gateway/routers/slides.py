@@ -207,6 +207,7 @@ def submit_slide(
             return replay(services, principal, response, existing)
         raise
     log.info("accepted slide analysis %s (%s)", analysis_id, _describe(source))
+    services.doorbell.ring()
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
     return AnalysisAccepted(id=analysis_id, status="queued", location=f"/v1/analyses/{analysis_id}")
 
