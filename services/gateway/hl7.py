@@ -67,9 +67,12 @@ def _dt() -> dict[str, Any]:
     return types
 
 
-def _esc(text: str) -> str:
+def escape(text: str) -> str:
     """`text` as one ER7 component: hl7apy's own escaping of the delimiters (| ^ & ~ \\)."""
     return str(_dt()["ST"](text).to_er7())
+
+
+_esc = escape
 
 
 def _ts(t: datetime) -> str:

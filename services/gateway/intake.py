@@ -78,7 +78,7 @@ def submit(
     sessions: Any,
     blobs: Any,
     who: Submitter,
-    metadata: dict,
+    metadata: dict[str, Any],
     images: Sequence[CheckedImage],
     idempotency_key: str | None,
     action: str,

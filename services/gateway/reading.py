@@ -43,14 +43,14 @@ class OrderRef:
         """(id, "FAMILY, GIVEN") for people: the first component of each, unescaped."""
         family, _, rest = self.patient_name.partition("^")
         given = rest.split("^", 1)[0]
-        name = ", ".join(_unescape(p) for p in (family, given) if p)
-        return _unescape(self.patient_id.split("^", 1)[0]), name
+        name = ", ".join(unescape(p) for p in (family, given) if p)
+        return unescape(self.patient_id.split("^", 1)[0]), name
 
 
 _ER7_ESCAPES = {"\\F\\": "|", "\\S\\": "^", "\\T\\": "&", "\\R\\": "~", "\\E\\": "\\"}
 
 
-def _unescape(text: str) -> str:
+def unescape(text: str) -> str:
     """ER7 text with the delimiter escapes (`\\S\\` ...) read back as the characters."""
     for seq, char in _ER7_ESCAPES.items():
         text = text.replace(seq, char)

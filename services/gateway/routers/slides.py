@@ -32,7 +32,7 @@ from services.gateway.deps import (
 )
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import AnalysisAccepted, SlideAnalysisCreate, SlideUploaded
-from services.gateway.slidejob import scan_checks
+from services.gateway.slidejob import check_slide, scan_checks
 from services.gateway.slidestore import (
     SlideStore,
     SlideStoreError,
@@ -56,22 +56,6 @@ def _store_error(exc: SlideStoreError) -> ApiError:
 
 def _slide_error(exc: SlideError) -> ApiError:
     return ApiError(422, f"slide_{exc.code}", exc.message)
-
-
-def _check_slide(
-    path: Path, um_per_px: float | None, checks: ScanChecks
-) -> tuple[tuple[int, int], int, float | None]:
-    """Open the slide once (format, truncation, levels, `slidecheck`'s bounds); (dimensions,
-    levels, um/px)."""
-    with open_scan(path, checks) as slide:
-        mpp = um_per_px or slide.info.mpp
-        if mpp is None:
-            raise SlideError(
-                "no_pixel_size",
-                "the slide records no pixel size; give options.um_per_px (region selection and "
-                "morphometrics need micrometres per pixel)",
-            )
-        return slide.info.dimensions, slide.level_count, mpp
 
 
 @router.put(
@@ -175,7 +159,7 @@ def submit_slide(
     try:
         if is_local(slides, source):
             path = source_path(slides, source, tenant=principal.tenant)
-            _check_slide(path, meta.options.um_per_px, scan_checks(settings))
+            check_slide(path, meta.options.um_per_px, scan_checks(settings))
     except SlideStoreError as exc:
         raise _store_error(exc) from None
     except SlideError as exc:
