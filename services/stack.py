@@ -100,6 +100,10 @@ class LocalStack:
     replicas: Mapping[str, int] = field(default_factory=dict)
     gateway_port: int | None = None
     """The gateway's HTTP port (default: a free loopback port; `make serve` asks for 8080)."""
+    hl7_env: Mapping[str, str] | None = None
+    """When set, the HL7 order listener (`python -m services.hl7`) is started after the
+    gateway with the gateway's settings plus these `MS_HL7_*` ones (its MLLP port: a free
+    one unless `MS_HL7_PORT` is given; `procs["hl7"].ports["mllp"]`)."""
     procs: dict[str, Proc] = field(default_factory=dict)
     gateway_url: str = ""
 
@@ -170,7 +174,27 @@ class LocalStack:
                 self.wait_grpc_ready(proc_name, timeout_s)
         if self.with_gateway:
             self.start_gateway(timeout_s)
+            if self.hl7_env is not None:
+                self.start_hl7(timeout_s)
         return self
+
+    def start_hl7(self, timeout_s: float = 60.0) -> Proc:
+        """Start the HL7 order listener on the gateway's job store and wait for its port."""
+        env = {**self.gateway_env(), **(self.hl7_env or {})}
+        port = int(env.get("MS_HL7_PORT") or free_port())
+        env.update({"MS_HL7_PORT": str(port), "MS_HL7_METRICS_PORT": str(free_port())})
+        proc = self._spawn("hl7", "services.hl7", env, {"mllp": port})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return proc
+            except OSError:
+                time.sleep(0.3)
+        raise StackError(
+            f"hl7 not listening on {port} after {timeout_s:.0f} s; log:\n{proc.tail()}"
+        )
 
     def kill(self, name: str) -> None:
         """SIGKILL one model service (an outage drill); `restart` brings it back."""

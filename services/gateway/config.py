@@ -192,7 +192,13 @@ class GatewaySettings(BaseSettings):
     ca_file, cert_file, key_file, receiving_application, receiving_facility, pdf
     (reference | embed | none), ack_timeout_s, max_error_attempts} (`mllp.Hl7Destination`;
     docs/HL7.md). A tenant listed here gets an ORU^R01 for every result, from the outbox
-    (`hl7delivery`, retried with the webhook backoff settings)."""
+    (`hl7delivery`, retried with `HL7_BACKOFF_S`)."""
+    hl7_backoff_s: float = Field(2.0, gt=0)
+    """First wait before an ORU^R01 is sent again (no connection, no ACK in time, or AE),
+    doubling per attempt up to `HL7_BACKOFF_MAX_S`. Apart from the webhooks' backoff: a
+    LIS interface engine restarts on its own schedule. Transport failures are retried without
+    limit; AE answers up to the destination's `max_error_attempts`, then parked."""
+    hl7_backoff_max_s: float = Field(300.0, gt=0)
 
     embedded_worker: bool = True
     workers: int = Field(1, ge=1)

@@ -20,6 +20,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.container import Services
 from services.gateway.db import Analysis
 from services.gateway.errors import RATE, ApiError
+from services.gateway.intake import Submitter
 from services.gateway.schemas import AnalysisAccepted
 
 
@@ -154,20 +155,9 @@ def audit(
     )
 
 
-def find_idempotent(
-    services: Services, principal: Principal, key: str | None, digest: str
-) -> str | None:
-    """The analysis `key` already names in the caller's tenant for this content (`digest`),
-    or None (no key, or a new one); 409 when the key names different content."""
-    if not key:
-        return None
-    with services.sessions() as session:
-        try:
-            return store.find_idempotent(
-                session, tenant=principal.tenant, key=key, content_hash=digest
-            )
-        except store.Conflict as exc:
-            raise ApiError(409, "idempotency_conflict", str(exc)) from None
+def submitter(principal: Principal) -> Submitter:
+    """The caller as `intake.submit` records it: its tenant and key."""
+    return Submitter(tenant=principal.tenant, key_id=principal.key_id, key_name=principal.name)
 
 
 def replay(

@@ -67,9 +67,12 @@ def _dt() -> dict[str, Any]:
     return types
 
 
-def _esc(text: str) -> str:
+def escape(text: str) -> str:
     """`text` as one ER7 component: hl7apy's own escaping of the delimiters (| ^ & ~ \\)."""
     return str(_dt()["ST"](text).to_er7())
+
+
+_esc = escape
 
 
 def _ts(t: datetime) -> str:
@@ -164,16 +167,21 @@ def _header(b: _Builder, case: CaseHeader, control_id: str, sign_out: SignOut | 
     patient_result = b.msg.add_group("ORU_R01_PATIENT_RESULT")
     pid = patient_result.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
-    if case.patient_id:
+    order_ref = case.order
+    if order_ref is not None:  # an HL7 order: echo its patient, placer number and service
+        pid.pid_3 = order_ref.patient_id
+        pid.pid_5 = order_ref.patient_name
+    elif case.patient_id:
         pid.pid_3 = f"{_esc(case.patient_id)}^^^^MR"
     else:  # no HL7 order: the accession is the only identifier the LIS gave
         pid.pid_3 = f"{_esc(case.accession)}^^^^ACSN"
-    # PID-5 is required: without a name from an order, XPN-7 name type U (unspecified)
-    pid.pid_5 = _esc(case.patient_name) if case.patient_name else "^^^^^^U"
+    if order_ref is None:
+        # PID-5 is required: without a name from an order, XPN-7 name type U (unspecified)
+        pid.pid_5 = _esc(case.patient_name) if case.patient_name else "^^^^^^U"
 
     order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
     b.order = order
-    placer = _esc(case.accession)
+    placer = order_ref.placer_order if order_ref is not None else _esc(case.accession)
     filler = f"{_esc(case.analysis_id)}^{SENDING_APPLICATION}"
     orc = order.orc
     orc.orc_1 = "RE"
@@ -185,7 +193,7 @@ def _header(b: _Builder, case: CaseHeader, control_id: str, sign_out: SignOut | 
     obr.obr_1 = "1"
     obr.obr_2 = placer
     obr.obr_3 = filler
-    obr.obr_4 = b.ce(code(ANALYSIS))
+    obr.obr_4 = order_ref.service if order_ref is not None else b.ce(code(ANALYSIS))
     if case.submitted_at is not None:
         obr.obr_7 = _ts(case.submitted_at)
     obr.obr_22 = b.observed
@@ -279,6 +287,39 @@ def _counts(b: _Builder, result: AnalysisResult) -> None:
         b.number("noncounted-other", other)
 
 
+_DOMAIN_TEXT = {
+    "in_domain": "within the training domain",
+    "out_of_domain": "out of domain: calls withheld or flagged",
+    "not_available": "not checked",
+}
+
+
+def _domain(b: _Builder, result: AnalysisResult) -> None:
+    """The per-case domain check (result `domain`): the score (flag A out of domain, X when
+    not available), its status, the reason it was not checked, and the threshold."""
+    d = result.domain
+    if d is None:  # the deployment turned the check off
+        return
+    flag = None if d.score is None else ("A" if d.status == "out_of_domain" else "N")
+    note = f"{d.status}; action {d.action}; celltype {d.celltype_version}; {d.n_cells} cells" + (
+        f"; embedding {_num(d.embedding, 4)}, appearance {_num(d.appearance, 4)}"
+        if d.embedding is not None and d.appearance is not None
+        else ""
+    )
+    b.number(
+        "domain-score",
+        d.score,
+        status=None if d.score is not None else "X",
+        flag=flag,
+        notes=(note,),
+    )
+    b.coded("domain-status", d.status, _DOMAIN_TEXT[d.status])
+    if d.reason:
+        b.coded("domain-reason", d.reason, d.detail or d.reason)
+    if d.threshold is not None:
+        b.number("domain-threshold", d.threshold)
+
+
 def build_oru(
     *,
     case: CaseHeader,
@@ -326,6 +367,7 @@ def build_oru(
             notes=(f"threshold {result.npm1_threshold:g}",),
         )
     _counts(b, result)
+    _domain(b, result)
     kinds = {"fields": "fields of view", "cells": "single-cell images", "slide": "whole slide"}
     b.coded("input-kind", result.input, kinds[result.input])
     b.number("duplicate-images", result.duplicate_images_ignored)

@@ -39,9 +39,9 @@ class Code:
     unit: str | None = None
 
 
-def _status(code: str, what: str) -> list[Code]:
+def _status(code: str, what: str, values: str = "predicted/abstained/...") -> list[Code]:
     return [
-        Code(f"{code}-status", f"{what}: status (predicted/abstained/...)", "CE"),
+        Code(f"{code}-status", f"{what}: status ({values})", "CE"),
         Code(f"{code}-reason", f"{what}: reason it was not predicted", "CE"),
     ]
 
@@ -77,6 +77,14 @@ def code_table() -> dict[str, Code]:
     ]
     codes += [
         Code("noncounted-other", "Other detections, not counted", "NM"),
+        Code(
+            "domain-score",
+            "Distance of the case's cells from the cell-type model's training cells (AI)",
+            "NM",
+            "1",
+        ),
+        *_status("domain", "Domain check", "in_domain/out_of_domain/not_available"),
+        Code("domain-threshold", "Domain check: threshold of the celltype version", "NM", "1"),
         Code("input-kind", "Input: fields of view, single cells or a whole slide", "CE"),
         Code("duplicate-images", "Repeated images ignored", "NM"),
     ]

@@ -8,6 +8,7 @@ what to show (the image a reader looks at first, the non-counted objects).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,41 @@ from services.gateway.result import AnalysisResult, GeneticMorphologyCall, Image
 ResultStatus = Literal["P", "F", "C"]
 """HL7 table 0123 result status: P preliminary (AI only), F final (signed out), C corrected
 (amended after sign-out)."""
+
+
+HL7_ORDER_KEY = "hl7_order"
+"""The key of the stored metadata (`Analysis.metadata_json`) under which the HL7 order
+listener (`services.hl7`) keeps what its result message must echo (`OrderRef`)."""
+
+
+@dataclass(frozen=True)
+class OrderRef:
+    """What an HL7 v2 order sent that the ORU^R01 echoes, as ER7 with the standard
+    delimiters (the listener refuses others): placer order number (ORC-2, EI), patient
+    identifier (PID-3, its first CX) and name (PID-5, its first XPN), the ordered service
+    (OBR-4, CE)."""
+
+    placer_order: str
+    patient_id: str
+    patient_name: str
+    service: str
+
+    def patient_display(self) -> tuple[str, str]:
+        """(id, "FAMILY, GIVEN") for people: the first component of each, unescaped."""
+        family, _, rest = self.patient_name.partition("^")
+        given = rest.split("^", 1)[0]
+        name = ", ".join(unescape(p) for p in (family, given) if p)
+        return unescape(self.patient_id.split("^", 1)[0]), name
+
+
+_ER7_ESCAPES = {"\\F\\": "|", "\\S\\": "^", "\\T\\": "&", "\\R\\": "~", "\\E\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """ER7 text with the delimiter escapes (`\\S\\` ...) read back as the characters."""
+    for seq, char in _ER7_ESCAPES.items():
+        text = text.replace(seq, char)
+    return text
 
 
 @dataclass(frozen=True)
@@ -35,6 +71,8 @@ class CaseHeader:
     finished_at: datetime | None = None
     patient_id: str | None = None
     patient_name: str | None = None
+    order: OrderRef | None = None
+    """The HL7 order that created the analysis (`services.hl7`), None for a REST one."""
 
 
 class StoredAnalysis(Protocol):
@@ -46,14 +84,24 @@ class StoredAnalysis(Protocol):
     stain: str
     created_at: float
     finished_at: float | None
+    metadata_json: str
+
+
+def order_of(metadata_json: str) -> OrderRef | None:
+    """The HL7 order stored with an analysis's metadata, None for a REST submission."""
+    doc = json.loads(metadata_json or "{}").get(HL7_ORDER_KEY)
+    return None if doc is None else OrderRef(**doc)
 
 
 def case_header(a: StoredAnalysis) -> CaseHeader:
-    """The order side of the reports from a stored analysis (REST: no patient data)."""
+    """The order side of the reports from a stored analysis (REST: no patient data; an HL7
+    order: its patient and order numbers)."""
 
     def ts(t: float | None) -> datetime | None:
         return None if t is None else datetime.fromtimestamp(t, UTC)
 
+    order = order_of(a.metadata_json)
+    patient_id, patient_name = order.patient_display() if order is not None else (None, None)
     return CaseHeader(
         analysis_id=a.id,
         accession=a.accession,
@@ -61,6 +109,9 @@ def case_header(a: StoredAnalysis) -> CaseHeader:
         stain=a.stain,
         submitted_at=ts(a.created_at),
         finished_at=ts(a.finished_at),
+        patient_id=patient_id,
+        patient_name=patient_name,
+        order=order,
     )
 
 

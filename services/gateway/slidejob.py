@@ -34,7 +34,7 @@ import numpy as np
 
 from marrowscope.roi import Region, RoiConfig, Selection, score_slide, select_regions
 from marrowscope.slidecheck import ScanChecks, open_scan
-from marrowscope.slides import Slide
+from marrowscope.slides import Slide, SlideError
 from services.gateway.config import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,23 @@ def scan_checks(settings: GatewaySettings) -> ScanChecks:
         min_bytes_per_pixel=settings.slide_min_bytes_per_pixel,
         max_shared_tiles=settings.slide_max_shared_tiles,
     )
+
+
+def check_slide(
+    path: Path, um_per_px: float | None, checks: ScanChecks
+) -> tuple[tuple[int, int], int, float | None]:
+    """Open a submitted slide once (format, truncation, levels, `slidecheck`'s bounds) and
+    require a pixel size (the request's or the file's); (dimensions, levels, um/px), else
+    SlideError with the reason."""
+    with open_scan(path, checks) as slide:
+        mpp = um_per_px or slide.info.mpp
+        if mpp is None:
+            raise SlideError(
+                "no_pixel_size",
+                "the slide records no pixel size; give options.um_per_px (region selection and "
+                "morphometrics need micrometres per pixel)",
+            )
+        return slide.info.dimensions, slide.level_count, mpp
 
 
 def roi_config(settings: GatewaySettings, cell_target: int | None) -> RoiConfig:

@@ -143,7 +143,7 @@ class Worker:
             base_url=self.s.public_base_url,
             metrics=self.metrics,
             poll_s=self.s.poll_interval_s,
-            backoff=(self.s.webhook_backoff_s, self.s.webhook_backoff_max_s),
+            backoff=(self.s.hl7_backoff_s, self.s.hl7_backoff_max_s),
         )
 
     @staticmethod

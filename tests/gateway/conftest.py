@@ -57,6 +57,8 @@ def settings_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "MS_GATEWAY_WEBHOOK_SECRET": SECRET,
         "MS_GATEWAY_WEBHOOK_BACKOFF_S": "0.2",
         "MS_GATEWAY_WEBHOOK_BACKOFF_MAX_S": "0.5",
+        "MS_GATEWAY_HL7_BACKOFF_S": "0.2",
+        "MS_GATEWAY_HL7_BACKOFF_MAX_S": "0.5",
         # most tests read /metrics and /readyz detail; tests/gateway/test_http_hardening.py
         # checks them behind the ops scope
         "MS_GATEWAY_OPS_PUBLIC": "true",

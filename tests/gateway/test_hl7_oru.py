@@ -153,3 +153,67 @@ def test_embedded_pdf_and_site_codes(result):
     ce = got["msg"].to_er7().split("\r")
     line = next(s for s in ce if "SITE-BLAST" in s)
     assert "|SITE-BLAST^Blasts % (AI)^99SITE^blast-percent^" in line
+
+
+@pytest.mark.parametrize("status", ["in_domain", "out_of_domain", "not_available"])
+def test_domain_check_is_an_obx(result, status):
+    from services.gateway.result import DomainCheck
+
+    scored = status != "not_available"
+    check = DomainCheck(
+        status=status,
+        action="abstain",
+        score=(2.5 if status == "out_of_domain" else 0.8) if scored else None,
+        embedding=0.7 if scored else None,
+        appearance=0.8 if scored else None,
+        threshold=1.9 if scored else None,
+        n_cells=120,
+        reason=None if scored else "no_domain_reference",
+        detail=None if scored else "the pinned typer carries no domain reference",
+        celltype_version="5",
+    )
+    got = _parse(
+        build_oru(case=CASE, result=result.model_copy(update={"domain": check}), control_id="d")
+    )
+    vt, parts, flag, obs_status, notes, _ = _one(got, "domain-score")
+    assert _one(got, "domain-status")[1][0] == status
+    if scored:
+        assert (vt, float(parts[0]), obs_status) == ("NM", check.score, "P")
+        assert flag == ("A" if status == "out_of_domain" else "N")
+        assert float(_one(got, "domain-threshold")[1][0]) == pytest.approx(1.9)
+        assert "domain-reason" not in got["obs"]
+    else:
+        assert (parts, obs_status) == ([], "X")
+        assert _one(got, "domain-reason")[1][0] == "no_domain_reference"
+    assert "celltype 5" in notes[0]
+
+
+def test_no_domain_obx_when_the_check_is_off(result):
+    got = _parse(
+        build_oru(case=CASE, result=result.model_copy(update={"domain": None}), control_id="d")
+    )
+    assert not any(c.startswith("domain-") for c in got["obs"])
+
+
+def test_an_hl7_order_is_echoed(result):
+    from services.gateway.reading import OrderRef
+
+    order = OrderRef(
+        placer_order="PO-9^LIS",
+        patient_id="12345^^^HOSP^MR",
+        patient_name="DOE^JANE",
+        service="marrowscope-cells^AI single cells^99MSC",
+    )
+    case = CaseHeader(
+        analysis_id="a9",
+        accession="ACC-9",
+        specimen_type="bone_marrow_aspirate",
+        stain="MGG",
+        order=order,
+    )
+    got = _parse(build_oru(case=case, result=result, control_id="o1"))
+    pid = got["msg"].oru_r01_patient_result.oru_r01_patient.pid
+    assert pid.pid_3.to_er7() == "12345^^^HOSP^MR" and pid.pid_5.to_er7() == "DOE^JANE"
+    assert got["order"].orc.orc_2.to_er7() == "PO-9^LIS" == got["order"].obr.obr_2.to_er7()
+    assert got["order"].obr.obr_4.to_er7() == order.service
+    assert order.patient_display() == ("12345", "DOE, JANE")

@@ -10,9 +10,8 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
-from sqlalchemy.exc import IntegrityError
 
-from services.gateway import store
+from services.gateway import intake, store
 from services.gateway.db import Analysis
 from services.gateway.deps import (
     ReadKey,
@@ -21,11 +20,11 @@ from services.gateway.deps import (
     SettingsDep,
     SubmitKey,
     audit,
-    find_idempotent,
     get_analysis,
     replay,
+    submitter,
 )
-from services.gateway.errors import CELL_IMAGES, IMAGES, ApiError, error_responses
+from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import (
     AnalysisAccepted,
     AnalysisPage,
@@ -35,7 +34,7 @@ from services.gateway.schemas import (
     SlideProgress,
     ts,
 )
-from services.gateway.uploads import check_uploads, content_hash, parse_metadata
+from services.gateway.uploads import parse_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
@@ -118,50 +117,23 @@ def submit_analysis(
     different content -> 409. `"input": "cells"` in the metadata: each image is one cell
     (a single-cell export), up to MS_GATEWAY_MAX_CELL_IMAGES of them."""
     meta = parse_metadata(metadata, settings)
-    if not images:
-        raise ApiError(422, "no_images", "at least one image is required")
-    cells = meta.input == "cells"
-    most = settings.max_cell_images if cells else settings.max_images
-    if len(images) > most:
-        limit = CELL_IMAGES if cells else IMAGES
-        raise limit.error(
-            f"{len(images)} images; at most {most} per analysis"
-            + (" of single cells" if cells else "")
-        )
-    checked = check_uploads(images, settings, cells=cells)
-    meta_doc = meta.model_dump(mode="json")
-    digest = content_hash(meta_doc, checked)
-
-    if existing := find_idempotent(services, principal, idempotency_key, digest):
-        return replay(services, principal, response, existing)
-
-    # Blobs are content-addressed and may already belong to other analyses (or to the
-    # concurrent request that wins an idempotency race), so the request path never deletes
-    # one: an unreferenced blob is removed only by `python -m services.gateway.blobs sweep`
-    # after a grace period (`put` refreshes the mtime of a blob it finds).
-    for c in checked:
-        services.blobs.put(c.data)
+    checked = intake.check_images(images, settings, cells=meta.input == "cells")
     try:
-        with services.sessions.begin() as session:
-            a = store.create_analysis(
-                session,
-                metadata=meta_doc,
-                content_hash=digest,
-                key_id=principal.key_id,
-                idempotency_key=idempotency_key,
-                tenant=principal.tenant,
-                images=[
-                    store.NewImage(c.sha256, len(c.data), c.width, c.height, c.format)
-                    for c in checked
-                ],
-            )
-            audit(session, principal, "submit", resource=a.id, detail=f"{len(checked)} images")
-            analysis_id = a.id
-    except IntegrityError:
-        # a concurrent request with the same key won the race
-        if existing := find_idempotent(services, principal, idempotency_key, digest):
-            return replay(services, principal, response, existing)
-        raise
+        done = intake.submit(
+            sessions=services.sessions,
+            blobs=services.blobs,
+            who=submitter(principal),
+            metadata=meta.model_dump(mode="json"),
+            images=checked,
+            idempotency_key=idempotency_key,
+            action="submit",
+            detail=f"{len(checked)} images",
+        )
+    except store.Conflict as exc:
+        raise ApiError(409, "idempotency_conflict", str(exc)) from None
+    if done.replayed:
+        return replay(services, principal, response, done.analysis_id)
+    analysis_id = done.analysis_id
     log.info("accepted analysis %s (%d images)", analysis_id, len(checked))
     services.doorbell.ring()
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from sqlalchemy.exc import IntegrityError
 
 from marrowscope.slidecheck import ScanChecks, open_scan
 from marrowscope.slides import SlideError
-from services.gateway import store
+from services.gateway import intake, store
 from services.gateway.blobs import expire_uploads
 from services.gateway.config import GatewaySettings
 from services.gateway.container import Services
@@ -28,13 +27,12 @@ from services.gateway.deps import (
     ServicesDep,
     SettingsDep,
     SubmitKey,
-    audit,
-    find_idempotent,
     replay,
+    submitter,
 )
 from services.gateway.errors import ApiError, error_responses
 from services.gateway.schemas import AnalysisAccepted, SlideAnalysisCreate, SlideUploaded
-from services.gateway.slidejob import scan_checks
+from services.gateway.slidejob import check_slide, scan_checks
 from services.gateway.slidestore import (
     SlideStore,
     SlideStoreError,
@@ -46,7 +44,7 @@ from services.gateway.slidestore import (
     upload_paths,
     upload_suffix,
 )
-from services.gateway.uploads import content_hash, parse_metadata
+from services.gateway.uploads import parse_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["slides"])
@@ -58,22 +56,6 @@ def _store_error(exc: SlideStoreError) -> ApiError:
 
 def _slide_error(exc: SlideError) -> ApiError:
     return ApiError(422, f"slide_{exc.code}", exc.message)
-
-
-def _check_slide(
-    path: Path, um_per_px: float | None, checks: ScanChecks
-) -> tuple[tuple[int, int], int, float | None]:
-    """Open the slide once (format, truncation, levels, `slidecheck`'s bounds); (dimensions,
-    levels, um/px)."""
-    with open_scan(path, checks) as slide:
-        mpp = um_per_px or slide.info.mpp
-        if mpp is None:
-            raise SlideError(
-                "no_pixel_size",
-                "the slide records no pixel size; give options.um_per_px (region selection and "
-                "morphometrics need micrometres per pixel)",
-            )
-        return slide.info.dimensions, slide.level_count, mpp
 
 
 @router.put(
@@ -177,35 +159,28 @@ def submit_slide(
     try:
         if is_local(slides, source):
             path = source_path(slides, source, tenant=principal.tenant)
-            _check_slide(path, meta.options.um_per_px, scan_checks(settings))
+            check_slide(path, meta.options.um_per_px, scan_checks(settings))
     except SlideStoreError as exc:
         raise _store_error(exc) from None
     except SlideError as exc:
         raise _slide_error(exc) from None
-    meta_doc = meta.model_dump(mode="json")
-    digest = content_hash(meta_doc, [])
-
-    if existing := find_idempotent(services, principal, idempotency_key, digest):
-        return replay(services, principal, response, existing)
     try:
-        with services.sessions.begin() as session:
-            a = store.create_analysis(
-                session,
-                metadata=meta_doc,
-                content_hash=digest,
-                key_id=principal.key_id,
-                idempotency_key=idempotency_key,
-                tenant=principal.tenant,
-                images=[],
-            )
-            store.add_slide_job(session, analysis_id=a.id, source=source)
-            audit(session, principal, "submit_slide", resource=a.id, detail=_describe(source))
-            analysis_id = a.id
-    except IntegrityError:
-        # a concurrent request with the same key won the race
-        if existing := find_idempotent(services, principal, idempotency_key, digest):
-            return replay(services, principal, response, existing)
-        raise
+        done = intake.submit(
+            sessions=services.sessions,
+            blobs=services.blobs,
+            who=submitter(principal),
+            metadata=meta.model_dump(mode="json"),
+            images=[],
+            idempotency_key=idempotency_key,
+            action="submit_slide",
+            detail=_describe(source),
+            slide_source=source,
+        )
+    except store.Conflict as exc:
+        raise ApiError(409, "idempotency_conflict", str(exc)) from None
+    if done.replayed:
+        return replay(services, principal, response, done.analysis_id)
+    analysis_id = done.analysis_id
     log.info("accepted slide analysis %s (%s)", analysis_id, _describe(source))
     services.doorbell.ring()
     response.headers["Location"] = f"/v1/analyses/{analysis_id}"
