@@ -111,10 +111,13 @@ def test_another_tenant_cannot_see_list_cancel_retry_or_fetch(tenants):
 
 def test_admin_can_cancel_and_retry_any_tenants_analysis(tenants, monkeypatch):
     client, _, keys = tenants
+    # slow enough to be cancelled while it runs (the doorbell starts it at once)
+    monkeypatch.setenv("MS_TEST_FAKE_SEG_DELAY_S", "3.0")
     with client:
         aid = client.post(
             "/v1/analyses", files=files(png(seed=8), metadata=meta()), headers=keys["site-a"]
         ).json()["id"]
+        wait_status(client.get, aid, keys["site-a"], want={"running"})
         r = client.delete(f"/v1/analyses/{aid}", headers=keys["admin"])
         assert r.status_code == 202, r.text
         assert wait_status(client.get, aid, keys["site-a"])["status"] == "cancelled"
