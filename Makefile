@@ -66,6 +66,7 @@ docs: setup
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.slide_throughput --out bench/results
+	$(PY) -m bench.pipeline_load --out bench/results
 
 loadtest: setup
 	$(PY) -m loadtests.run

@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from pathlib import Path
 from bench import fixtures, harness, measure, workloads
 
 log = logging.getLogger(__name__)
+
+RATE_HZ = 50  # py-spy samples per second and process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,6 +106,7 @@ def profile(pids: dict[str, int], seconds: float, top: int, workdir: Path) -> di
                 stderr=subprocess.PIPE,
             ),
         )
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     result = {}
     for name, (out, proc) in procs.items():
         _, err = proc.communicate(timeout=seconds + 120)
@@ -112,7 +116,20 @@ def profile(pids: dict[str, int], seconds: float, top: int, workdir: Path) -> di
         raw = out.read_text()
         samples = sum(int(line.rpartition(" ")[2]) for line in raw.splitlines() if line.strip())
         result[name] = {"samples": samples, "top": fold(raw, top)}
+    for name, pid in pids.items():
+        before, after = cpu_before[name], cpu_seconds(pid)
+        if name in result and before is not None and after is not None:
+            result[name]["cpu_s"] = round(after - before, 2)
     return {"ran": True, "seconds": seconds, "processes": result}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of `pid` so far, all threads (/proc/PID/stat), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 CONFIGS: dict[str, dict[str, str]] = {
@@ -269,16 +286,19 @@ def markdown(result: dict) -> str:
             lines.append(f"not run: {prof.get('why')}")
             continue
         lines.append(
-            f"py-spy, {prof['seconds']:.0f} s at 50 Hz per process, all threads, idle frames "
-            "left out by py-spy; samples = busy thread-samples (1,000 = one thread busy all "
-            "the time). Top frames by self time:"
+            f"py-spy, {prof['seconds']:.0f} s at {RATE_HZ} Hz per process, all threads, idle "
+            "frames left out by py-spy; samples = busy thread-samples "
+            f"({prof['seconds'] * RATE_HZ:.0f} = one thread busy all the time). "
+            "CPU s = the process's user + system CPU time over the window (all threads). "
+            "Top frames by self time:"
         )
         for proc, p in sorted(prof["processes"].items()):
             if "error" in p:
                 lines.append(f"\n**{proc}**: py-spy failed: {p['error']}")
                 continue
             top = "; ".join(f"{share:.0%} `{frame}`" for frame, share in p["top"][:5])
-            lines.append(f"\n**{proc}** ({p['samples']} samples): {top}")
+            cpu = f"{p['cpu_s']:.1f} CPU s, " if "cpu_s" in p else ""
+            lines.append(f"\n**{proc}** ({cpu}{p['samples']} samples): {top}")
     lines += ["", f"Total time: {result['elapsed_s']} s.", ""]
     return "\n".join(lines)
 
