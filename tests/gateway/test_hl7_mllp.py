@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 
 import pytest
 from sqlalchemy import select
@@ -17,6 +16,7 @@ from services.gateway.mllp import Hl7Destination, MllpError, send
 from tests.conftest import free_port
 from tests.gateway.conftest import files, meta, png, wait_status
 from tests.gateway.mllp_server import MllpServer, self_signed
+from tests.polling import wait_for
 
 BASE_URL = "https://marrowscope.example"
 
@@ -44,16 +44,6 @@ def _rows(services) -> list[Hl7Outbox]:
         return rows
 
 
-def _wait(predicate, what: str, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _msh10(message: str) -> str:
     return message.split("\r", 1)[0].split("|")[9]
 
@@ -72,7 +62,7 @@ def test_result_is_delivered_and_acked(gateway):
         )
         with client:
             aid = _submit(client, keys, seed=3)
-            (row,) = _wait(
+            (row,) = wait_for(
                 lambda: [r for r in _rows(services) if r.status == "delivered"], "delivery"
             )
     (message,) = lis.messages()
@@ -95,13 +85,13 @@ def test_lis_down_then_back_gets_everything_in_order(gateway):
         with services.sessions.begin() as session:
             hl7outbox.enqueue(session, analysis_id=first, tenant="default", event="signed_out")
         second = _submit(client, keys, seed=5)
-        _wait(
+        wait_for(
             lambda: any(r.attempts >= 1 and r.status == "pending" for r in _rows(services)),
             "a failed attempt while the LIS is down",
         )
         assert all(r.status == "pending" for r in _rows(services))
         with MllpServer(port) as lis:
-            _wait(
+            wait_for(
                 lambda: all(r.status == "delivered" for r in _rows(services)),
                 "delivery after the LIS is back",
             )
@@ -119,7 +109,7 @@ def test_application_error_is_retried_and_reject_parked(gateway):
         client, services, keys = gateway(hl7_destinations=_destinations(lis.port))
         with client:
             _submit(client, keys, seed=6)
-            (row,) = _wait(
+            (row,) = wait_for(
                 lambda: [r for r in _rows(services) if r.status == "delivered"], "delivery after AE"
             )
     assert (row.attempts, row.error_answers) == (2, 1)
@@ -130,7 +120,7 @@ def test_application_error_is_retried_and_reject_parked(gateway):
         client, services, keys = gateway(hl7_destinations=_destinations(lis.port))
         with client:
             _submit(client, keys, seed=7)
-            (row,) = _wait(
+            (row,) = wait_for(
                 lambda: [r for r in _rows(services) if r.status == "parked"], "parking after AR"
             )
             assert row.attempts == 1 and "AR" in row.last_error
@@ -140,7 +130,7 @@ def test_application_error_is_retried_and_reject_parked(gateway):
             with services.sessions.begin() as session:
                 assert hl7outbox.requeue(session, outbox_id=row.id)
             # the same row: the first part's delivered row shares this gateway's database
-            _wait(
+            wait_for(
                 lambda: [r for r in _rows(services) if r.id == row.id and r.status == "delivered"],
                 "delivery after requeue",
             )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from services.gateway.errors import LIMITS
 from tests.gateway.conftest import create_key_cli, files, meta, settings_env
+from tests.polling import wait_for
 
 PROXY = "127.0.0.2"
 """The trusted proxy: the tests reach the gateway from this loopback address to be a proxy,
@@ -90,15 +90,6 @@ def _read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
-
-
-def _wait(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _metrics(proc, keys) -> str:
@@ -248,7 +239,7 @@ def test_abandoned_upload_is_an_info_event_and_bad_framing_gets_the_error_shape(
     proc, keys, env, tmp = live
     sock = _slide_put(proc, keys["lis"], 2_000_000, b"\1" * 100_000)
     sock.close()  # the client goes away mid-body
-    _wait(
+    wait_for(
         lambda: "marrowscope_gateway_client_disconnects_total{" in _metrics(proc, keys),
         "the disconnect counter",
     )

@@ -15,7 +15,8 @@ from marrowscope.paths import PROJECT_ROOT
 from services.gateway.db import Analysis, Idempotency
 from tests.conftest import free_port
 from tests.gateway.conftest import settings_env
-from tests.hl7.conftest import Client, inputs, msa, order, wait_for
+from tests.hl7.conftest import Client, inputs, msa, order
+from tests.polling import wait_for
 
 N_ORDERS, N_CONNECTIONS = 200, 8
 

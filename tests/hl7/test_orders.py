@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from services.gateway.db import Analysis, AuditLog, Idempotency
 from tests.gateway.conftest import wait_status
 from tests.gateway.mllp_server import MllpServer
-from tests.hl7.conftest import Client, err, inputs, msa, order, wait_for
+from tests.hl7.conftest import Client, err, inputs, msa, order
+from tests.polling import wait_for
 
 
 def _analyses(services) -> list[Analysis]:
