@@ -428,7 +428,10 @@ def write_demo_slide(slides_dir: Path, um_per_px: float) -> Path:
     of focus, debris) at the cohort's pixel size, written once per pixel size and reused."""
     from training.data.synth_slide import SlideSpec, write_slide
 
-    path = slides_dir / f"demo-slide-{um_per_px:g}um.tiff"
+    # "fields": the monolayer's cells are drawn with the field generator's sprites, so the
+    # demo detector (trained on synthetic fields) counts them; the name changed with it, so
+    # an older demo folder's disc-drawn slide is not reused
+    path = slides_dir / f"demo-slide-{um_per_px:g}um-fields.tiff"
     if not path.is_file():
         spec = SlideSpec(
             width=4096,
@@ -437,6 +440,7 @@ def write_demo_slide(slides_dir: Path, um_per_px: float) -> Path:
             levels=(1, 4, 16),
             mpp=um_per_px,
             seed=7,
+            cells="fields",
         )
         write_slide(path, spec)
     return path
@@ -487,9 +491,8 @@ def slide_lines(body: dict) -> list[str]:
         )
         if not slide["cells_counted"]:
             lines.append(
-                "   (expected: the demo detector learned synthetic smear fields, and the slide "
-                "generator draws simplified cells it does not detect; this step shows ROI "
-                "selection, tiling and the slide report, not a diagnosis)"
+                "   (no cells counted in the selected regions: the demo detector learned "
+                "synthetic fields; see the regions in slide/thumbnail.png)"
             )
     return lines
 

@@ -90,3 +90,27 @@ def test_copy_opens_like_the_original(small_slide: Path, tmp_path: Path) -> None
     shutil.copy(small_slide, copy)
     with open_slide(copy) as slide:
         assert slide.info.dimensions == (3072, 2048)
+
+
+def test_field_cells_draw_the_monolayer_like_a_field_and_only_at_fine_scales() -> None:
+    from training.data.synth_slide import ZONE, SlideSpec, zone_map
+
+    discs = SlideSpec(width=4096, height=3072, block=512, levels=(1, 4), mpp=0.27, seed=7)
+    fields = SlideSpec(**{**discs.__dict__, "cells": "fields"})
+    zmap = zone_map(discs)
+    r, c = np.argwhere(zmap == ZONE["monolayer"])[0]
+    x0, y0 = int(c) * 512, int(r) * 512
+    a = render_region(fields, zmap, x0, y0, 512, 512, 1)
+    assert np.array_equal(a, render_region(fields, zmap, x0, y0, 512, 512, 1))  # deterministic
+    b = render_region(discs, zmap, x0, y0, 512, 512, 1)
+    changed = np.abs(a.astype(int) - b.astype(int)).sum(-1) > 30
+    assert 0.01 < changed.mean() < 0.5  # the nucleated cells are drawn anew, the rest is not
+    # a tile drawn on its own agrees with the same pixels of a larger region (apart from the
+    # per-tile sensor noise, sd 1.5): a cell straddling two tiles is drawn the same in both
+    part = render_region(fields, zmap, x0 + 256, y0 + 128, 256, 256, 1)
+    assert np.abs(part.astype(int) - a[128:384, 256:512].astype(int)).mean() < 2.5
+    # coarse pyramid levels keep the discs (no detector reads them)
+    coarse = render_region(fields, zmap, 0, 0, 256, 192, 8)
+    assert np.array_equal(coarse, render_region(discs, zmap, 0, 0, 256, 192, 8))
+    with pytest.raises(ValueError, match="cells"):
+        SlideSpec(cells="sprites")

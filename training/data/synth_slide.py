@@ -75,8 +75,15 @@ class SlideSpec:
     seed: int = 0
     oof_fraction: float = 0.12
     debris_fraction: float = 0.10
+    cells: str = "discs"
+    """How the monolayer's nucleated cells look at fine scales: "discs" (anti-aliased discs,
+    what the ROI studies were measured on) or "fields" (the field generator's cell sprites,
+    `synth_cells.draw_cell`, so that a detector trained on synthetic fields finds cells in
+    the slide's regions, as the demo needs)."""
 
     def __post_init__(self) -> None:
+        if self.cells not in ("discs", "fields"):
+            raise ValueError(f"cells must be 'discs' or 'fields', got {self.cells!r}")
         if self.width % self.block or self.height % self.block:
             raise ValueError("width and height must be multiples of block")
         if self.levels[0] != 1 or any(b % a for a, b in pairwise(self.levels)):
@@ -197,7 +204,8 @@ def render_region(
     def px(cx: np.ndarray, cy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (cx - ox) / um, (cy - oy) / um
 
-    m = CYTO_RADIUS_UM * 2
+    sprites = spec.cells == "fields" and um <= FIELD_CELLS_MAX_UM
+    m = 20.0 if sprites else CYTO_RADIUS_UM * 2  # the largest field cell reaches ~16 um
     for name in ("thick", "monolayer", "feathered"):
         s = _RBC_SPACING_UM[name]
         for layer in range(_RBC_LAYERS[name]):
@@ -224,12 +232,17 @@ def render_region(
     for name, prob in _NUC_P.items():
         p[base == ZONE[name]] = prob
     present = _hash01(i, j, spec.seed, 42) < p
+    fielded = present & (base == ZONE["monolayer"]) if sprites else np.zeros_like(present)
+    present &= ~fielded
     feathered = base == ZONE["feathered"]
     cyto = np.minimum(_stamp(hh, ww, *px(cx[present], cy[present]), CYTO_RADIUS_UM / um, edge), 1)
     od = od * (1 - cyto[..., None]) + cyto[..., None] * OD_CYTO
     for sel, strength in ((present & ~feathered, 1.0), (present & feathered, 0.45)):
         nuc = _stamp(hh, ww, *px(cx[sel], cy[sel]), NUC_RADIUS_UM / um, edge, 1.1)
         od += (strength * np.minimum(nuc, 1))[..., None] * OD_NUCLEUS
+    if sprites:
+        nucleated = (cx[fielded], cy[fielded], i[fielded], j[fielded])
+        _draw_sprites(od, spec, um, px, nucleated)
     zone_px = _zone_at(
         spec,
         zmap,
@@ -256,6 +269,59 @@ def render_region(
     rgb = GLASS_RGB * np.exp(-od[pad : pad + h, pad : pad + w])
     rgb += rng.normal(0, 1.5, (h, w, 1)).astype(np.float32)
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+FIELD_CELLS_MAX_UM = 1.0
+"""Coarsest output scale (um per pixel) at which `SlideSpec.cells == "fields"` draws sprites;
+coarser pyramid levels keep the discs (no detector reads them)."""
+
+# The field generator's control differential, as cumulative shares: a cell's type is a hash
+# of its grid position, so every tile and level agrees on it.
+_FIELD_TYPES: tuple[str, ...] = ()
+_FIELD_CUM: np.ndarray = np.zeros(0)
+
+
+def _field_types() -> tuple[tuple[str, ...], np.ndarray]:
+    global _FIELD_TYPES, _FIELD_CUM
+    if not _FIELD_TYPES:
+        from training.data.synth_cohort import CONTROL_DIFFERENTIAL
+
+        _FIELD_TYPES = tuple(CONTROL_DIFFERENTIAL)
+        shares = np.array([CONTROL_DIFFERENTIAL[c] for c in _FIELD_TYPES], np.float64)
+        _FIELD_CUM = np.cumsum(shares / shares.sum())
+    return _FIELD_TYPES, _FIELD_CUM
+
+
+def _draw_sprites(
+    od: np.ndarray,
+    spec: SlideSpec,
+    um: float,
+    px,
+    nucleated: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Composite field-generator cell sprites into `od` (in place), covering what lies below
+    as `synth_render.render_image` does. Each cell draws from its own generator seeded by
+    (slide seed, grid i, j), so a cell that straddles two tiles is drawn the same in both.
+    Red cells stay pallor discs: drawing them as sprites cost 2.5x the render time and the
+    detector never took the discs for nucleated cells."""
+    from training.data.synth_cells import Stain, draw_cell
+
+    stain = Stain(0.0, 1.0)
+    hh, ww = od.shape[:2]
+    types, cum = _field_types()
+    cx, cy, i, j = nucleated
+    pick = np.searchsorted(cum, _hash01(i, j, spec.seed, 43), side="right")
+    for x, y, gi, gj, t in zip(*px(cx, cy), i, j, pick, strict=True):
+        rng = np.random.default_rng([spec.seed, 95, int(gi) & 0xFFFFFFFF, int(gj) & 0xFFFFFFFF])
+        sprite = draw_cell(rng, types[min(int(t), len(types) - 1)], float(x), float(y), um, stain)
+        h, w = sprite.alpha.shape
+        y0, x0 = sprite.y0, sprite.x0
+        ys, xs = slice(max(0, y0), min(hh, y0 + h)), slice(max(0, x0), min(ww, x0 + w))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        loc = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+        a = sprite.alpha[loc]
+        od[ys, xs] = od[ys, xs] * (1 - 0.7 * a)[..., None] + sprite.od[loc]
 
 
 def nucleated_counts(spec: SlideSpec, zmap: np.ndarray) -> np.ndarray:
