@@ -86,7 +86,8 @@ def _page_context(request: Request, **values: Any) -> dict[str, Any]:
 
 
 class _LoginRequired(Exception):
-    pass
+    """A form posted without a live session (it expired, or the reviewer logged out in
+    another tab): the browser goes to the login page, told that nothing was saved."""
 
 
 def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
@@ -101,7 +102,14 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             raise ApiError(401, "unauthenticated", "log in at /review/login")
         return active
 
-    Active = Annotated[accounts.ActiveSession, Depends(current)]
+    def acting(request: Request) -> accounts.ActiveSession:
+        with services.sessions() as session:
+            active = accounts.resolve_session(session, request.cookies.get(COOKIE))
+        if active is None:
+            raise _LoginRequired
+        return active
+
+    Acting = Annotated[accounts.ActiveSession, Depends(acting)]
 
     def page_session(request: Request) -> accounts.ActiveSession | None:
         with services.sessions() as session:
@@ -142,8 +150,9 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         return Response(type_css, media_type="text/css")
 
     @router.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request) -> Response:
-        return render("login.html", request, error=None)
+    def login_page(request: Request, expired: bool = False) -> Response:
+        notice = "Your session ended: log in again. The change you sent was not saved."
+        return render("login.html", request, error=None, notice=notice if expired else None)
 
     @router.post("/login", response_class=HTMLResponse)
     def login(
@@ -193,7 +202,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
 
     @router.post("/logout")
     def logout(
-        request: Request, active: Active, csrf: Annotated[str | None, Form()] = None
+        request: Request, active: Acting, csrf: Annotated[str | None, Form()] = None
     ) -> Response:
         checked(active, request, csrf)
         with services.sessions() as session, session.begin():
@@ -331,7 +340,16 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         """Every review action: CSRF and origin checked, the case loaded (tenant-scoped),
         `change(session, result)` run in one transaction; a refused change re-renders the
         case with the reason (409 stale, 400 otherwise) and saves nothing."""
-        checked(active, request, csrf)
+        try:
+            checked(active, request, csrf)
+        except ApiError as exc:
+            return case_page(
+                request,
+                active,
+                analysis_id,
+                error=f"{exc.detail}: reload the page and try again; nothing was saved",
+                status=exc.status_code,
+            )
         _, result = load_case(active, analysis_id)
         try:
             with services.sessions() as session, session.begin():
@@ -345,7 +363,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/relabel")
     def relabel(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         code: Annotated[str, Form(max_length=8)],
@@ -371,7 +389,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/sign-out")
     def sign_out(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         comment: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
@@ -395,7 +413,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/reopen")
     def reopen(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         reason: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
@@ -414,7 +432,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/add-cell")
     def add_cell(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         image: Annotated[int, Form()],
@@ -445,7 +463,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/exclude")
     def exclude(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         image: Annotated[int, Form()],
@@ -478,7 +496,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/include")
     def include(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         exclusion: Annotated[str, Form(max_length=16)],
@@ -539,4 +557,9 @@ def mount(app: Any, services: Services, settings: ReviewSettings | None = None) 
     if not settings.enabled:
         return
     app.mount("/review/static", StaticFiles(directory=str(HERE / "static")), name="review-static")
+
+    async def login_again(_request: Request, _exc: Exception) -> Response:
+        return RedirectResponse("/review/login?expired=1", status_code=303)
+
+    app.add_exception_handler(_LoginRequired, login_again)
     app.include_router(build_router(services, settings))

@@ -91,7 +91,7 @@ if (heatToggle) {
 
 // -- draw a box on a field: fills the corner inputs of the form below it -----------------------
 document.querySelectorAll("svg.canvas").forEach((svg) => {
-  const form = svg.closest("figure").querySelector("form.draw");
+  const form = svg.closest("figure")?.querySelector("form.draw");
   if (!form) return;
   const sketch = svg.querySelector("rect.sketch");
   const width = Number(svg.dataset.width);
