@@ -137,6 +137,7 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
         # the occlusion heatmap with its colour scale
         heat = page.locator("#field-0 image.heat")
         assert heat.get_attribute("visibility") == "hidden"
+        assert not page.locator("#heatmap-scale").is_visible()
         page.get_by_label("Occlusion heatmap").check()
         assert heat.get_attribute("visibility") == "visible"
         assert page.locator("#heatmap-scale").is_visible()
@@ -159,17 +160,18 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
         frame = field0.bounding_box()
         width = float(field0.get_attribute("data-width"))
         scale = frame["width"] / width
-        page.mouse.move(frame["x"] + 200 * scale, frame["y"] + 150 * scale)
+        # around the second nucleated cell the field renderer drew (conftest.field_png)
+        page.mouse.move(frame["x"] + 118 * scale, frame["y"] + 58 * scale)
         page.mouse.down()
-        page.mouse.move(frame["x"] + 230 * scale, frame["y"] + 178 * scale, steps=5)
+        page.mouse.move(frame["x"] + 162 * scale, frame["y"] + 102 * scale, steps=5)
         page.mouse.up()
         draw = page.locator("#field-0 form.draw")
         corners = [
             float(draw.locator(f'input[name="{c}"]').input_value())
             for c in ("x1", "y1", "x2", "y2")
         ]
-        assert corners == pytest.approx([200, 150, 230, 178], abs=2), corners
-        draw.locator('select[name="code"]').select_option("MON")
+        assert corners == pytest.approx([118, 58, 162, 102], abs=2), corners
+        draw.locator('select[name="code"]').select_option("MYB")
         assert (
             posted(page, lambda: draw.get_by_role("button", name="Add missed cell").click()) == 303
         )
@@ -178,15 +180,24 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
         assert "0 excluded" in page.locator(".summary").inner_text()
         load_all_images(page)
         page.screenshot(path=str(artefacts / "fields-reviewed.png"), full_page=True)
-        if os.environ.get("MS_REFRESH_SCREENSHOTS"):  # the docs' picture of the case view
-            page.get_by_label("Occlusion heatmap").check()
-            page.locator("#fields-h").scroll_into_view_if_needed()
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(PROJECT_ROOT / "docs/screenshots/review-case.png"))
-            page.get_by_label("Occlusion heatmap").uncheck()
-
+        if os.environ.get("MS_REFRESH_SCREENSHOTS"):  # the docs' pictures (docs/REVIEW.md)
+            docs = PROJECT_ROOT / "docs" / "screenshots"
+            bottom = page.locator("section.fields").bounding_box()
+            top = page.evaluate("window.scrollY")
+            page.screenshot(
+                path=str(docs / "review-case.png"),
+                full_page=True,
+                clip={
+                    "x": 0,
+                    "y": 0,
+                    "width": 1366,
+                    "height": top + bottom["y"] + bottom["height"],
+                },
+            )
+            page.locator("#gallery").evaluate("el => el.scrollIntoView({block: 'start'})")
+            page.screenshot(path=str(docs / "review-gallery.png"))
         # sign out with a comment
-        page.locator("#comment").fill("morphology agrees; one monocyte added")
+        page.locator("#comment").fill("morphology agrees; one myelocyte added")
         assert posted(page, lambda: page.get_by_role("button", name="Sign out").click()) == 303
         assert "signed out" in page.locator("h1 .state").inner_text()
         assert page.locator('form.relabel input[name="cell"]:not([disabled])').count() == 0
@@ -205,7 +216,7 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
     ]  # fmt: skip
     assert diagnostic["status"] == "final"
     assert diagnostic["resultsInterpreter"][0]["display"] == "Dr. A. Meyer"
-    assert "one monocyte added" in diagnostic["conclusion"]
+    assert "one myelocyte added" in diagnostic["conclusion"]
 
     # the LIS's webhook, signed
     def signed_out() -> tuple[dict[str, str], bytes] | None:
@@ -225,7 +236,7 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
     assert actions[-3:] == ["review.relabel", "review.add_cell", "review.sign_out"], actions
     relabel = entries[-3]["detail"]
     assert all(f"{c}: " in relabel for c in chosen) and relabel.count("-> EBO") == 2
-    assert "0.a1: none -> MON at image 0" in entries[-2]["detail"]
+    assert "0.a1: none -> MYB at image 0" in entries[-2]["detail"]
     assert not any(ACCESSIONS["fields"] in (e["detail"] or "") for e in entries)
 
 

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import func, select
+from sqlalchemy import UnaryExpression, func, select
 from sqlalchemy.orm import Session
 
 from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "ms_review"
 PAGE_SIZE = 25
-SORTS = {
+SORTS: dict[str, UnaryExpression[Any]] = {
     "newest": Analysis.created_at.desc(),
     "oldest": Analysis.created_at.asc(),
     "accession": Analysis.accession.asc(),
@@ -188,8 +188,8 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
                 tenant=who.tenant,
                 action="review.login",
             )
-        response = RedirectResponse("/review/", status_code=303)
-        response.set_cookie(
+        redirect = RedirectResponse("/review/", status_code=303)
+        redirect.set_cookie(
             COOKIE,
             opened.token,
             max_age=int(settings.session_ttl_s),
@@ -198,7 +198,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             samesite="strict",
             path="/review",
         )
-        return response
+        return redirect
 
     @router.post("/logout")
     def logout(
