@@ -22,19 +22,24 @@ $(STAMP): requirements.in constraints.txt pyproject.toml
 
 setup: $(STAMP) protos sysdeps
 
-# System tools the tests use: poppler-utils (pdftoppm, pdftotext, pdfimages, pdffonts) reads
-# the PDF report as a person would. Installed with apt where it can be; elsewhere the PDF
-# tests skip with the reason, so setup never fails on a machine without apt.
+# System tools the tests use, each installed with apt only where it is missing:
+# poppler-utils (pdftoppm, pdftotext, pdfimages, pdffonts) reads the PDF report as a person
+# would; Debian's chromium is the browser Playwright drives in tests/browser (Playwright's own
+# browser downloads are never used). Setup never fails on a machine without apt or root: the
+# tests that need a missing tool skip with the reason (under CI=true the browser tests fail
+# instead, see tests/ci_skips.py).
+SYSDEPS_MISSING = $(strip $(if $(shell command -v pdftoppm),,poppler-utils) \
+	$(if $(shell command -v chromium),,chromium))
 sysdeps:
-	@if command -v pdftoppm >/dev/null 2>&1; then :; \
+	@if [ -z "$(SYSDEPS_MISSING)" ]; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then \
-		echo "sysdeps: no apt-get; install poppler-utils by hand (PDF report tests skip)"; \
+		echo "sysdeps: no apt-get; install $(SYSDEPS_MISSING) by hand (their tests skip)"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq poppler-utils) || echo "sysdeps: apt-get failed (PDF report tests skip)"; \
+		(apt-get update -qq && apt-get install -y -qq $(SYSDEPS_MISSING)) || echo "sysdeps: apt-get failed for $(SYSDEPS_MISSING) (their tests skip)"; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		(sudo apt-get update -qq && sudo apt-get install -y -qq poppler-utils) || echo "sysdeps: apt-get failed (PDF report tests skip)"; \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq $(SYSDEPS_MISSING)) || echo "sysdeps: apt-get failed for $(SYSDEPS_MISSING) (their tests skip)"; \
 	else \
-		echo "sysdeps: not root and no sudo; apt-get install poppler-utils (PDF report tests skip)"; \
+		echo "sysdeps: not root and no sudo; apt-get install $(SYSDEPS_MISSING) (their tests skip)"; \
 	fi
 
 # OIP and gateway stubs are generated, not committed (grpcio-tools pins protobuf codegen).

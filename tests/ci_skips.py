@@ -1,12 +1,13 @@
-"""Under CI, a test that needs PostgreSQL or the real data must not skip.
+"""Under CI, a test that needs PostgreSQL, the real data or a browser must not skip.
 
-Both exist on the CI machines, so a skip there means a broken setup, and a green run would
+All three exist on the CI machines (Chromium from Debian's packages through `make sysdeps`,
+one apt-get of a stock package), so a skip there means a broken setup, and a green run would
 hide that the only tests of two workers sharing the queue, the PostgreSQL migrations, the
-shared Optuna study and the real-data floors never ran. On a developer's machine without
-them the same tests still skip with their reason.
+shared Optuna study, the real-data floors and the review app in a real browser never ran.
+On a developer's machine without them the same tests still skip with their reason.
 
 A test needs a dependency when it carries the marker (`postgres`, `real_data`) or uses the
-fixture that provides it (`postgres_url`, `shared_data`, directly or through another
+fixture that provides it (`postgres_url`, `shared_data`, `browser`, directly or through another
 fixture). Under `CI` (true/1/yes) such a test's skip is reported as a failure, and the run
 ends with a summary of every skip by reason.
 
@@ -21,10 +22,11 @@ from collections import Counter
 import pytest
 
 # marker -> the fixture that provides the dependency
-REQUIRED_IN_CI = {"postgres": "postgres_url", "real_data": "shared_data"}
+REQUIRED_IN_CI = {"postgres": "postgres_url", "real_data": "shared_data", "browser": "browser"}
 MARKERS = {
     "postgres": "needs the PostgreSQL server at 127.0.0.1:5432",
     "real_data": "needs the real data in ../shared/data",
+    "browser": "needs Chromium (Debian's chromium, `make sysdeps`) and Playwright",
 }
 
 

@@ -275,6 +275,10 @@ class CaseReview(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="in_review")
     labels_json: Mapped[str] = mapped_column(Text, default="{}")
+    added_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """Cells the reviewer drew (`services.gateway.review.cells.AddedCell`), a JSON list."""
+    excluded_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """Images and regions the reviewer excluded (`review.cells.Exclusion`), a JSON list."""
     signed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     signed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -155,7 +155,7 @@ def test_case_view_groups_cells_and_serves_their_crops(app) -> None:
         ids = re.findall(r'name="cell" value="([\d.]+)"', page)
         n_cells = sum(len(im["cells"]) for im in body["result"]["images"])
         assert len(ids) == n_cells > 0
-        assert "<svg viewBox" in page and "<title>" in page  # boxes with hover text
+        assert '<svg class="canvas" viewBox' in page and "data-tip=" in page  # boxes, hover
         crop = me.get(f"/review/cases/{body['id']}/cells/{ids[0]}.png")
         assert crop.status_code == 200
         assert Image.open(io.BytesIO(crop.content)).size[0] > 4
@@ -193,6 +193,91 @@ def test_relabel_needs_csrf_and_the_current_revision_and_is_audited(app) -> None
     relabels = [r for r in audit if r[1] == "review.relabel"]
     assert relabels and relabels[-1][0] == "reviewer:dr.meyer"
     assert f"{cells[0]}: " in relabels[-1][2] and "-> EBO" in relabels[-1][2]
+
+
+def reviewed_total(page: str) -> int:
+    found = re.search(r"reviewed: (\d+) counted", page)
+    assert found, page[:500]
+    return int(found.group(1))
+
+
+def test_drawn_cells_and_exclusions_change_the_reviewed_count_only(app) -> None:
+    """Draw a missed cell, exclude a field and a region, count the field again: the reviewed
+    differential follows, the model's stays; bad boxes, labels, images and stale revisions
+    are refused with the reason and change nothing; every step is audited."""
+    proc, env, body = app
+    case = f"/review/cases/{body['id']}"
+    model_counted = body["result"]["n_cells_counted"]
+    with login(proc.url) as me:
+        page = me.get(case).text
+        csrf, revision = csrf_and_revision(page)
+        start = reviewed_total(page)
+        box = {"x1": "10", "y1": "10", "x2": "40", "y2": "42"}
+        add = {"csrf": csrf, "revision": str(revision), "image": "0", "code": "BLA", **box}
+        for bad, reason in (
+            ({"x2": "161"}, "is not inside image 0 (160 x 120 px)"),
+            ({"x1": "-1"}, "is not inside image 0"),
+            ({"x2": "12"}, "smaller than 4 px"),
+            ({"code": "XYZ"}, "unknown cell type"),
+            ({"image": "7"}, "no image 7"),
+        ):
+            refused = me.post(f"{case}/add-cell", data={**add, **bad})
+            assert refused.status_code == 400 and reason in refused.text, (bad, refused.text[-800:])
+        assert csrf_and_revision(me.get(case).text)[1] == revision, "a refused box was stored"
+        assert me.post(f"{case}/add-cell", data=add).status_code == 303
+        page = me.get(case).text
+        assert reviewed_total(page) == start + 1 and 'value="0.a1"' in page
+        assert "drawn BLA" in page
+        crop = me.get(f"{case}/cells/0.a1.png")
+        assert crop.status_code == 200 and Image.open(io.BytesIO(crop.content)).size[0] > 4
+        stale = me.post(f"{case}/add-cell", data=add)
+        assert stale.status_code == 409 and "another reviewer" in stale.text
+
+        _, revision = csrf_and_revision(page)
+        field1 = [c for c in body["result"]["images"] if c["index"] == 1][0]
+        n1 = sum(c.get("cell_type") is not None for c in field1["cells"])
+        excl = {"csrf": csrf, "revision": str(revision), "image": "1"}
+        partial = me.post(f"{case}/exclude", data={**excl, "x1": "0", "y1": "0"})
+        assert partial.status_code == 400 and "all four coordinates" in partial.text
+        assert me.post(f"{case}/exclude", data=excl).status_code == 303
+        page = me.get(case).text
+        assert reviewed_total(page) == start + 1 - n1
+        assert f"model: {model_counted} counted" in page, "the model's figure moved"
+        _, revision = csrf_and_revision(page)
+        twice = me.post(f"{case}/exclude", data={**excl, "revision": str(revision)})
+        assert twice.status_code == 400 and "excluded already" in twice.text
+        # a region of field 0 around the drawn cell: it leaves the count too
+        region = {**excl, "revision": str(revision), "image": "0", **box}
+        assert me.post(f"{case}/exclude", data=region).status_code == 303
+        page = me.get(case).text
+        assert reviewed_total(page) <= start - n1
+        _, revision = csrf_and_revision(page)
+        ids = re.findall(r'name="exclusion" value="(x\d+)"', page)
+        assert ids == ["x1", "x2"]
+        for k, xid in enumerate(ids):
+            back = {"csrf": csrf, "revision": str(revision + k), "exclusion": xid}
+            assert me.post(f"{case}/include", data=back).status_code == 303
+        unknown = me.post(
+            f"{case}/include", data={"csrf": csrf, "revision": str(revision + 2), "exclusion": "x9"}
+        )
+        assert unknown.status_code == 400 and "no exclusion x9" in unknown.text
+        assert reviewed_total(me.get(case).text) == start + 1
+        # the drawn cell is relabelled like any other; ART takes it out of the count
+        page = me.get(case).text
+        csrf, revision = csrf_and_revision(page)
+        form = {"csrf": csrf, "revision": str(revision), "code": "ART", "cell": ["0.a1"]}
+        assert me.post(f"{case}/relabel", data=form).status_code == 303
+        assert reviewed_total(me.get(case).text) == start
+    actions = [
+        (a, d)
+        for _, a, d in sqlite_rows(env, "select key_name, action, detail from audit_log")
+        if a in ("review.add_cell", "review.exclude", "review.include")
+    ]
+    assert actions[0][0] == "review.add_cell" and "0.a1: none -> BLA at image 0" in actions[0][1]
+    n_all = len(field1["cells"])
+    assert ("review.exclude", f"x1: counted -> excluded: image 1 ({n_all} cells)") in actions
+    assert [a for a, _ in actions].count("review.include") == 2
+    assert all("R-1" not in d for _, d in actions), "the accession in the audit detail"
 
 
 def _already(body: dict, cell_ids: list[str], code: str) -> int:

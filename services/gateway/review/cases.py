@@ -1,11 +1,10 @@
-"""A case under review: its cells as the reviewer sees them, their corrections, the reviewed
-differential, sign-out and reopening.
+"""A case under review: the reviewer's actions on it (relabel cells, draw a missed cell,
+exclude an image or a region, sign out, reopen), each in the caller's transaction.
 
-The model's result is never changed: the reviewer's labels live beside it in
-`case_reviews.labels_json` (cell id -> code), and the reviewed differential is recomputed
-from the model's calls with the reviewer's labels laid over them, by the same function the
-pipeline uses (`marrowscope.features.differential_of_codes`), so both figures mean the
-same thing. A cell id is `<image index>.<cell index>` in the stored result.
+The model's result is never changed: what the reviewer did lives beside it in the
+`case_reviews` row (`services.gateway.review.cells` says how, and computes the cells and the
+reviewed differential from it). A cell id is `<image index>.<cell index>` in the stored
+result, `<image index>.a<n>` for a drawn cell.
 
 States: `in_review` (the default; corrections allowed) -> `signed_out` (final; no edits)
 -> reopened with a reason (`in_review` again, `amendments` + 1) -> `signed_out` again,
@@ -16,19 +15,29 @@ a stale one raises `StaleRevision` and changes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from marrowscope.features import DifferentialEntry, differential_of_codes
-from marrowscope.taxonomy import CODES, COUNTED_CODES
+from marrowscope.taxonomy import CODES
 from services.gateway import hl7outbox, store
 from services.gateway.db import Analysis, CaseReview, Outbox, Reviewer, now
 from services.gateway.reading import SignOut
 from services.gateway.review.accounts import ReviewerIdentity
+from services.gateway.review.cells import (
+    AddedCell,
+    CellView,
+    Exclusion,
+    added_from,
+    cells_of,
+    checked_box,
+    exclusions_from,
+    image_sizes,
+    labels_from,
+    next_id,
+)
 
 REVIEWABLE_STATUSES = frozenset({"succeeded", "abstained"})
 MAX_COMMENT = 4000
@@ -42,67 +51,32 @@ class StaleRevision(ReviewError):
     """Another reviewer changed the case since this reviewer loaded it."""
 
 
-@dataclass(frozen=True)
-class CellView:
-    id: str
-    image: int
-    box: tuple[float, float, float, float]
-    model_code: str | None
-    confidence: float | None
-    importance: float | None
-    attention: float | None
-    reviewed_code: str | None
-    """The reviewer's label, None while the reviewer has not changed the model's call."""
-
-    @property
-    def code(self) -> str | None:
-        return self.reviewed_code or self.model_code
-
-    @property
-    def counted(self) -> bool:
-        return self.code in COUNTED_CODES
-
-
-def cells_of(result: Mapping[str, Any], labels: Mapping[str, str]) -> list[CellView]:
-    out = []
-    for image in result.get("images", []):
-        for j, cell in enumerate(image.get("cells", [])):
-            cell_id = f"{image['index']}.{j}"
-            model_code = cell.get("cell_type") or (
-                "RBC" if cell.get("detector_label") == "RBC" else None
-            )
-            x1, y1, x2, y2 = (float(v) for v in cell["box"])
-            out.append(
-                CellView(
-                    id=cell_id,
-                    image=int(image["index"]),
-                    box=(x1, y1, x2, y2),
-                    model_code=model_code,
-                    confidence=cell.get("confidence"),
-                    importance=cell.get("importance"),
-                    attention=cell.get("attention"),
-                    reviewed_code=labels.get(cell_id),
-                )
-            )
-    return out
-
-
-def differential_of(cells: Iterable[CellView], *, reviewed: bool) -> dict[str, DifferentialEntry]:
-    return differential_of_codes(
-        [c for c in ((x.code if reviewed else x.model_code) for x in cells) if c]
-    )
-
-
 def review_of(session: Session, analysis_id: str) -> CaseReview:
     """The case's review row (a fresh `in_review` one, not yet stored, when none exists)."""
     row = session.get(CaseReview, analysis_id)
     return row or CaseReview(
-        analysis_id=analysis_id, revision=0, state="in_review", labels_json="{}", amendments=0
+        analysis_id=analysis_id,
+        revision=0,
+        state="in_review",
+        labels_json="{}",
+        added_json="[]",
+        excluded_json="[]",
+        amendments=0,
     )
 
 
 def labels_of(review: CaseReview) -> dict[str, str]:
-    return dict(json.loads(review.labels_json or "{}"))
+    return labels_from(review.labels_json)
+
+
+def case_cells(review: CaseReview, result: Mapping[str, Any]) -> list[CellView]:
+    """Every cell of the case as reviewed so far (labels, drawn cells, exclusions)."""
+    return cells_of(
+        result,
+        labels_of(review),
+        added_from(review.added_json),
+        exclusions_from(review.excluded_json),
+    )
 
 
 def _writable(session: Session, analysis_id: str, revision: int) -> CaseReview:
@@ -115,13 +89,22 @@ def _writable(session: Session, analysis_id: str, revision: int) -> CaseReview:
     return review
 
 
+def _editable(session: Session, analysis_id: str, revision: int) -> CaseReview:
+    review = _writable(session, analysis_id, revision)
+    if review.state == "signed_out":
+        raise ReviewError("the case is signed out: reopen it (with a reason) to change it")
+    return review
+
+
 def _store(session: Session, review: CaseReview) -> None:
     review.revision += 1
     review.updated_at = now()
     session.merge(review)
 
 
-def _audit(session: Session, who: ReviewerIdentity, action: str, analysis_id: str, detail: str):
+def _audit(
+    session: Session, who: ReviewerIdentity, action: str, analysis_id: str, detail: str
+) -> None:
     store.audit(
         session,
         key_id=None,
@@ -150,18 +133,18 @@ def relabel(
         raise ReviewError(f"unknown cell type {code!r}; known: {', '.join(CODES)}")
     if not cell_ids:
         raise ReviewError("select at least one cell")
-    review = _writable(session, analysis_id, revision)
-    if review.state == "signed_out":
-        raise ReviewError("the case is signed out: reopen it (with a reason) to change it")
+    review = _editable(session, analysis_id, revision)
     labels = labels_of(review)
-    cells = {c.id: c for c in cells_of(result, labels)}
+    cells = {c.id: c for c in case_cells(review, result)}
     unknown = [i for i in cell_ids if i not in cells]
     if unknown:
         raise ReviewError(f"no cell {', '.join(unknown[:5])} in this case")
     changes = []
     for cell_id in dict.fromkeys(cell_ids):
         before = cells[cell_id].code
-        if code == cells[cell_id].model_code:
+        if code == cells[cell_id].model_code or (
+            cells[cell_id].added and code == _drawn_code(review, cell_id)
+        ):
             labels.pop(cell_id, None)
         else:
             labels[cell_id] = code
@@ -170,6 +153,121 @@ def relabel(
     _store(session, review)
     _audit(session, who, "review.relabel", analysis_id, "; ".join(changes))
     return review
+
+
+def _drawn_code(review: CaseReview, cell_id: str) -> str | None:
+    return next((a.code for a in added_from(review.added_json) if a.id == cell_id), None)
+
+
+def add_cell(
+    session: Session,
+    *,
+    analysis_id: str,
+    result: Mapping[str, Any],
+    revision: int,
+    image: int,
+    box: Sequence[float],
+    code: str,
+    who: ReviewerIdentity,
+) -> CellView:
+    """Add a cell the detector missed: `box` (x1, y1, x2, y2 pixels) inside image `image`,
+    labelled `code` (a taxonomy code). Returns the new cell."""
+    if code not in CODES:
+        raise ReviewError(f"unknown cell type {code!r}; known: {', '.join(CODES)}")
+    try:
+        checked = checked_box(result, image, box, what="cell's box")
+    except ValueError as exc:
+        raise ReviewError(str(exc)) from None
+    review = _editable(session, analysis_id, revision)
+    added = added_from(review.added_json)
+    cell = AddedCell(
+        id=f"{image}.a{next_id('.a', (a.id for a in added))}",
+        image=image,
+        box=checked,
+        code=code,
+        by=who.username,
+        at=now(),
+    )
+    review.added_json = json.dumps([a.to_json() for a in [*added, cell]])
+    _store(session, review)
+    _audit(
+        session,
+        who,
+        "review.add_cell",
+        analysis_id,
+        f"{cell.id}: none -> {code} at image {image} box [{', '.join(f'{v:.0f}' for v in checked)}]",
+    )
+    return next(c for c in case_cells(review, result) if c.id == cell.id)
+
+
+def exclude(
+    session: Session,
+    *,
+    analysis_id: str,
+    result: Mapping[str, Any],
+    revision: int,
+    image: int,
+    box: Sequence[float] | None,
+    who: ReviewerIdentity,
+) -> Exclusion:
+    """Leave image `image` (`box` None) or the cells of a region of it (their centres inside
+    `box`) out of the reviewed differential; the model's figures keep them."""
+    if image not in image_sizes(result):
+        raise ReviewError(f"no image {image} in this case")
+    try:
+        checked = None if box is None else checked_box(result, image, box, what="region")
+    except ValueError as exc:
+        raise ReviewError(str(exc)) from None
+    review = _editable(session, analysis_id, revision)
+    exclusions = exclusions_from(review.excluded_json)
+    if any(x.image == image and x.box is None for x in exclusions):
+        raise ReviewError(f"image {image} is excluded already")
+    before = {c.id for c in case_cells(review, result) if not c.excluded}
+    exclusion = Exclusion(
+        id=f"x{next_id('x', (x.id for x in exclusions))}",
+        image=image,
+        box=checked,
+        by=who.username,
+        at=now(),
+    )
+    review.excluded_json = json.dumps([x.to_json() for x in [*exclusions, exclusion]])
+    after = {c.id for c in case_cells(review, result) if not c.excluded}
+    _store(session, review)
+    _audit(
+        session,
+        who,
+        "review.exclude",
+        analysis_id,
+        f"{exclusion.id}: counted -> excluded: {exclusion.describe()} "
+        f"({len(before - after)} cells)",
+    )
+    return exclusion
+
+
+def include(
+    session: Session,
+    *,
+    analysis_id: str,
+    result: Mapping[str, Any],
+    revision: int,
+    exclusion_id: str,
+    who: ReviewerIdentity,
+) -> None:
+    """Undo an exclusion: its cells count again (unless another exclusion covers them)."""
+    review = _editable(session, analysis_id, revision)
+    exclusions = exclusions_from(review.excluded_json)
+    gone = next((x for x in exclusions if x.id == exclusion_id), None)
+    if gone is None:
+        raise ReviewError(f"no exclusion {exclusion_id} in this case")
+    review.excluded_json = json.dumps([x.to_json() for x in exclusions if x is not gone])
+    _store(session, review)
+    _audit(
+        session,
+        who,
+        "review.include",
+        analysis_id,
+        f"{gone.id}: excluded -> counted: {gone.describe()}",
+    )
 
 
 def sign_out_record(session: Session, analysis_id: str) -> SignOut | None:

@@ -10,8 +10,6 @@ No patient data goes into a URL: cases are addressed by the analysis id only, an
 accession is shown on the page, never put in a query string by the app.
 """
 
-import functools
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import func, select
+from sqlalchemy import UnaryExpression, func, select
 from sqlalchemy.orm import Session
 
 from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
@@ -32,14 +30,15 @@ from services.gateway import store
 from services.gateway.container import Services
 from services.gateway.db import Analysis, CaseReview, Reviewer
 from services.gateway.errors import ApiError
-from services.gateway.review import accounts, cases
+from services.gateway.review import accounts, cases, media
+from services.gateway.review.cells import CellView, differential_of, exclusions_from
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "ms_review"
 PAGE_SIZE = 25
-SORTS = {
+SORTS: dict[str, UnaryExpression[Any]] = {
     "newest": Analysis.created_at.desc(),
     "oldest": Analysis.created_at.asc(),
     "accession": Analysis.accession.asc(),
@@ -87,7 +86,8 @@ def _page_context(request: Request, **values: Any) -> dict[str, Any]:
 
 
 class _LoginRequired(Exception):
-    pass
+    """A form posted without a live session (it expired, or the reviewer logged out in
+    another tab): the browser goes to the login page, told that nothing was saved."""
 
 
 def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
@@ -102,7 +102,14 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             raise ApiError(401, "unauthenticated", "log in at /review/login")
         return active
 
-    Active = Annotated[accounts.ActiveSession, Depends(current)]
+    def acting(request: Request) -> accounts.ActiveSession:
+        with services.sessions() as session:
+            active = accounts.resolve_session(session, request.cookies.get(COOKIE))
+        if active is None:
+            raise _LoginRequired
+        return active
+
+    Acting = Annotated[accounts.ActiveSession, Depends(acting)]
 
     def page_session(request: Request) -> accounts.ActiveSession | None:
         with services.sessions() as session:
@@ -132,16 +139,9 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         )
         return response
 
-    @functools.lru_cache(maxsize=8)
-    def decoded(sha256: str) -> Any:
-        """A field decoded once for all of its cells' crops (a gallery asks for hundreds)."""
-        from PIL import Image as PILImage
-
-        with PILImage.open(io.BytesIO(services.blobs.get(sha256))) as im:
-            return im.convert("RGB")
-
     type_css = "\n".join(
-        f".t-{code} {{ background: {colour}; }}" for code, colour in TYPE_COLOURS.items()
+        f".t-{code} {{ background: {colour}; }}\n.s-{code} {{ stroke: {colour}; }}"
+        for code, colour in TYPE_COLOURS.items()
     )
 
     @router.get("/types.css")
@@ -150,8 +150,9 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         return Response(type_css, media_type="text/css")
 
     @router.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request) -> Response:
-        return render("login.html", request, error=None)
+    def login_page(request: Request, expired: bool = False) -> Response:
+        notice = "Your session ended: log in again. The change you sent was not saved."
+        return render("login.html", request, error=None, notice=notice if expired else None)
 
     @router.post("/login", response_class=HTMLResponse)
     def login(
@@ -187,8 +188,8 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
                 tenant=who.tenant,
                 action="review.login",
             )
-        response = RedirectResponse("/review/", status_code=303)
-        response.set_cookie(
+        redirect = RedirectResponse("/review/", status_code=303)
+        redirect.set_cookie(
             COOKIE,
             opened.token,
             max_age=int(settings.session_ttl_s),
@@ -197,11 +198,11 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             samesite="strict",
             path="/review",
         )
-        return response
+        return redirect
 
     @router.post("/logout")
     def logout(
-        request: Request, active: Active, csrf: Annotated[str | None, Form()] = None
+        request: Request, active: Acting, csrf: Annotated[str | None, Form()] = None
     ) -> Response:
         checked(active, request, csrf)
         with services.sessions() as session, session.begin():
@@ -254,7 +255,9 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             filters={"status": status, "review": review, "sort": sort},
         )
 
-    def load_case(active: accounts.ActiveSession, analysis_id: str) -> tuple[Analysis, dict]:
+    def load_case(
+        active: accounts.ActiveSession, analysis_id: str
+    ) -> tuple[Analysis, dict[str, Any]]:
         with services.sessions() as session:
             a = store.get_analysis(
                 session, analysis_id=analysis_id, tenant=active.reviewer.visible_tenant
@@ -279,19 +282,20 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         with services.sessions() as session:
             review = cases.review_of(session, a.id)
             signer = session.get(Reviewer, review.signed_by) if review.signed_by else None
-        labels = cases.labels_of(review)
-        cells = cases.cells_of(result, labels)
-        key = (
-            (lambda c: -(c.attention or c.importance or 0.0))
-            if sort == "importance"
-            else (lambda c: c.confidence if c.confidence is not None else 2.0)
-        )
-        groups: dict[str, list[cases.CellView]] = {}
+        cells = cases.case_cells(review, result)
+
+        def key(c: CellView) -> float:
+            if sort == "importance":
+                return -(c.attention or c.importance or 0.0)
+            return c.confidence if c.confidence is not None else 2.0
+
+        groups: dict[str, list[CellView]] = {}
         for cell in sorted(cells, key=key):
             groups.setdefault(cell.code or "unclassified", []).append(cell)
         order = [c.code for c in CELL_TYPES] + ["unclassified"]
-        model_diff = cases.differential_of(cells, reviewed=False)
-        reviewed_diff = cases.differential_of(cells, reviewed=True)
+        by_image: dict[int, list[CellView]] = {}
+        for cell in cells:
+            by_image.setdefault(cell.image, []).append(cell)
         return render(
             "case.html",
             request,
@@ -305,9 +309,15 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             groups=[(code, groups[code]) for code in order if code in groups],
             counted_codes=COUNTED_CODES,
             cell_types=CELL_TYPES,
-            model_diff=model_diff,
-            reviewed_diff=reviewed_diff,
-            n_corrected=len(labels),
+            model_diff=differential_of(cells, reviewed=False),
+            reviewed_diff=differential_of(cells, reviewed=True),
+            cells_by_image=by_image,
+            exclusions=exclusions_from(review.excluded_json),
+            n_corrected=len(cases.labels_of(review)),
+            n_added=sum(c.added for c in cells),
+            n_excluded=sum(c.excluded for c in cells),
+            n_reviewed_counted=sum(c.counted for c in cells),
+            has_heatmap=any(im.get("heatmap_sha256") for im in result.get("images", [])),
             error=error,
             sort=sort,
         )
@@ -320,51 +330,6 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             return to_login
         return case_page(request, active, analysis_id, sort=sort)
 
-    @router.get("/cases/{analysis_id}/images/{index}")
-    def field_image(active: Active, analysis_id: str, index: int) -> Response:
-        a, _ = load_case(active, analysis_id)
-        with services.sessions() as session:
-            image = next(
-                (im for im in store.images_of(session, analysis_id=a.id) if im.idx == index), None
-            )
-        if image is None:
-            raise ApiError(404, "not_found", f"no image {index} in analysis {a.id}")
-        data = services.blobs.get(image.sha256)
-        media = {"png": "image/png", "jpeg": "image/jpeg"}.get(image.format.lower())
-        if media is None:  # TIFF and the rest: browsers show PNG
-            from PIL import Image as PILImage
-
-            with PILImage.open(io.BytesIO(data)) as im:
-                out = io.BytesIO()
-                im.convert("RGB").save(out, format="PNG")
-            data, media = out.getvalue(), "image/png"
-        return Response(data, media_type=media, headers={"Cache-Control": "private, no-store"})
-
-    @router.get("/cases/{analysis_id}/cells/{cell_id}.png")
-    def cell_crop(active: Active, analysis_id: str, cell_id: str) -> Response:
-        a, result = load_case(active, analysis_id)
-        cell = next((c for c in cases.cells_of(result, {}) if c.id == cell_id), None)
-        if cell is None:
-            raise ApiError(404, "not_found", f"no cell {cell_id} in analysis {a.id}")
-        with services.sessions() as session:
-            images = {im.idx: im.sha256 for im in store.images_of(session, analysis_id=a.id)}
-        im = decoded(images[cell.image])
-        x1, y1, x2, y2 = cell.box
-        pad = 0.15 * max(x2 - x1, y2 - y1)
-        box = (
-            max(0, int(x1 - pad)),
-            max(0, int(y1 - pad)),
-            min(im.width, int(x2 + pad) + 1),
-            min(im.height, int(y2 + pad) + 1),
-        )
-        crop = im.crop(box)
-        crop.thumbnail((128, 128))
-        out = io.BytesIO()
-        crop.save(out, format="PNG")
-        return Response(
-            out.getvalue(), media_type="image/png", headers={"Cache-Control": "private, no-store"}
-        )
-
     def act(
         request: Request,
         active: accounts.ActiveSession,
@@ -375,7 +340,16 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         """Every review action: CSRF and origin checked, the case loaded (tenant-scoped),
         `change(session, result)` run in one transaction; a refused change re-renders the
         case with the reason (409 stale, 400 otherwise) and saves nothing."""
-        checked(active, request, csrf)
+        try:
+            checked(active, request, csrf)
+        except ApiError as exc:
+            return case_page(
+                request,
+                active,
+                analysis_id,
+                error=f"{exc.detail}: reload the page and try again; nothing was saved",
+                status=exc.status_code,
+            )
         _, result = load_case(active, analysis_id)
         try:
             with services.sessions() as session, session.begin():
@@ -389,7 +363,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/relabel")
     def relabel(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         code: Annotated[str, Form(max_length=8)],
@@ -415,7 +389,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/sign-out")
     def sign_out(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         comment: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
@@ -439,7 +413,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.post("/cases/{analysis_id}/reopen")
     def reopen(
         request: Request,
-        active: Active,
+        active: Acting,
         analysis_id: str,
         revision: Annotated[int, Form()],
         reason: Annotated[str, Form(max_length=cases.MAX_COMMENT)] = "",
@@ -455,6 +429,95 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             ),
         )
 
+    @router.post("/cases/{analysis_id}/add-cell")
+    def add_cell(
+        request: Request,
+        active: Acting,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        image: Annotated[int, Form()],
+        x1: Annotated[float, Form()],
+        y1: Annotated[float, Form()],
+        x2: Annotated[float, Form()],
+        y2: Annotated[float, Form()],
+        code: Annotated[str, Form(max_length=8)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        return act(
+            request,
+            active,
+            analysis_id,
+            csrf,
+            lambda s, result: cases.add_cell(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                image=image,
+                box=(x1, y1, x2, y2),
+                code=code,
+                who=active.reviewer,
+            ),
+        )
+
+    @router.post("/cases/{analysis_id}/exclude")
+    def exclude(
+        request: Request,
+        active: Acting,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        image: Annotated[int, Form()],
+        x1: Annotated[float | None, Form()] = None,
+        y1: Annotated[float | None, Form()] = None,
+        x2: Annotated[float | None, Form()] = None,
+        y2: Annotated[float | None, Form()] = None,
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        """The whole image without a box; a region of it with all four coordinates."""
+        corners = (x1, y1, x2, y2)
+        given = [v for v in corners if v is not None]
+        box = None if not given else tuple(given)
+
+        def change(s: Session, result: dict[str, Any]) -> object:
+            if 0 < len(given) < 4:
+                raise cases.ReviewError("a region needs all four coordinates x1, y1, x2, y2")
+            return cases.exclude(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                image=image,
+                box=box,
+                who=active.reviewer,
+            )
+
+        return act(request, active, analysis_id, csrf, change)
+
+    @router.post("/cases/{analysis_id}/include")
+    def include(
+        request: Request,
+        active: Acting,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        exclusion: Annotated[str, Form(max_length=16)],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        return act(
+            request,
+            active,
+            analysis_id,
+            csrf,
+            lambda s, result: cases.include(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                exclusion_id=exclusion,
+                who=active.reviewer,
+            ),
+        )
+
+    media.add_routes(router, services, current, load_case)
     return router
 
 
@@ -494,4 +557,9 @@ def mount(app: Any, services: Services, settings: ReviewSettings | None = None) 
     if not settings.enabled:
         return
     app.mount("/review/static", StaticFiles(directory=str(HERE / "static")), name="review-static")
+
+    async def login_again(_request: Request, _exc: Exception) -> Response:
+        return RedirectResponse("/review/login?expired=1", status_code=303)
+
+    app.add_exception_handler(_LoginRequired, login_again)
     app.include_router(build_router(services, settings))
