@@ -114,6 +114,7 @@ def test_corrections_flow_back_into_a_served_typer(
     from marrowscope.inference import CellTyper
     from marrowscope.models import load_model
     from marrowscope.registry import get_client, registered_name
+    from services.gateway.result import AnalysisResult
     from training import celltype
     from training.data.synth import generate_dataset
     from training.data.synth_cohort import SynthConfig
@@ -128,6 +129,7 @@ def test_corrections_flow_back_into_a_served_typer(
     aid = next(iter(results))
     report = httpx.get(f"{proc.url}/v1/analyses/{aid}/report", headers=key, timeout=60).json()
     assert report["schema_version"] == "1.7"
+    AnalysisResult.model_validate(report)  # the served document is the typed result
     review = report["review"]
     assert review["state"] == "signed_out" and review["reviewer"] == "Dr Loop"
     assert review["comment"] == "all lymphocytes" and review["signed_at"]
