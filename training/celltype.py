@@ -22,6 +22,14 @@ patients) for the cross-source figure. Per-cell held-out probabilities go to
 attribute labels: the attribute heads get no gradient there (`mix_synthetic` mixes in
 synthetic crops that carry them; see the config).
 
+Reviewed cells (`--corrections DIR`, an export of `python -m training.data.corrections`):
+the hematologists' labelled crops join the data, split by accession with the config's
+`split_seed` / `test_fraction` / `val_fraction`, so all cells of a case (and of every case
+of its accession) sit on one side only. The analyses trained on (train + val) and held out
+(test) are recorded in `corrections.json` beside the weights, which `python -m
+training.evaluate corrections` and the promotion gate's `--corrections` read to compare
+versions on cells neither has learned; the held-out ones give `corrections_accuracy`.
+
 Stain / scanner robustness (config `stain_aug`): `none`; `hed` (Tellez et al. 2018: each
 crop's optical densities projected on haematoxylin / eosin / DAB, scaled and shifted by
 `stain_strength`), `hsv` (hue rotation, saturation and brightness scaling in YIQ) or
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -254,6 +263,92 @@ def load_splits(data_dir, config: JobConfig, *, strict: bool = False) -> dict[st
     return imagefolder_crops(data_dir, config)
 
 
+CORRECTIONS_FILE = "corrections.json"
+CORRECTIONS_SOURCE = "corrections"
+
+
+def _concat(base: CropSet, extra: CropSet) -> CropSet:
+    """`base` then `extra`; a side without attribute labels gets NaN rows (masked in the
+    loss), without groups or sources "" (the COCO sets carry neither per crop)."""
+
+    def column(cs: CropSet, name: str, fill: str) -> np.ndarray:
+        value = getattr(cs, name)
+        return np.full(len(cs.cells), fill, dtype=object) if value is None else value
+
+    attributes = None
+    if base.attributes is not None:
+        nan = np.full((len(extra.cells), base.attributes.shape[1]), np.nan, np.float32)
+        attributes = np.concatenate(
+            [base.attributes, nan if extra.attributes is None else extra.attributes]
+        )
+    return CropSet(
+        np.concatenate([base.crops, extra.crops]),
+        np.concatenate([base.cells, extra.cells]),
+        attributes,
+        np.concatenate([column(base, "groups", ""), column(extra, "groups", "")]),
+        np.concatenate([column(base, "sources", ""), column(extra, "sources", "")]),
+    )
+
+
+def with_corrections(
+    splits: dict[str, CropSet], export_dir, config: JobConfig
+) -> tuple[dict[str, CropSet], dict[str, Any]]:
+    """`splits` with the reviewed cells of a corrections export added, split by accession
+    (module docstring), and the record written to `corrections.json`."""
+    import hashlib
+
+    from marrowscope.taxonomy import CODES
+    from training.data.corrections import MANIFEST, read_cells
+
+    try:
+        cells = read_cells(Path(export_dir), config["crop_size"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not len(cells.codes):
+        raise UsageError(f"--corrections {export_dir}: the export holds no cells")
+    groups = sorted(set(cells.groups.tolist()))
+    order = [
+        groups[i] for i in np.random.default_rng(config["split_seed"]).permutation(len(groups))
+    ]
+    n = len(order)
+    n_test = max(1, round(config["test_fraction"] * n)) if n >= 2 else 0
+    n_val = round(config["val_fraction"] * n) if n - n_test >= 2 else 0
+    side = {g: "test" for g in order[:n_test]}
+    side.update({g: "val" for g in order[n_test : n_test + n_val]})
+    where = np.array([side.get(g, "train") for g in cells.groups.tolist()])
+    out = dict(splits)
+    for name in ("train", "val", "test"):
+        keep = where == name
+        extra = CropSet(
+            cells.crops[keep],
+            np.array([CODES.index(c) for c in cells.codes[keep]], dtype=np.int64),
+            None,
+            np.array([f"corrections:{g}" for g in cells.groups[keep]], dtype=object),
+            np.full(int(keep.sum()), CORRECTIONS_SOURCE, dtype=object),
+        )
+        out[name] = _concat(splits[name], extra)
+    trained = sorted(set(cells.analyses[where != "test"].tolist()))
+    record = {
+        "export": str(export_dir),
+        "manifest_sha256": hashlib.sha256((Path(export_dir) / MANIFEST).read_bytes()).hexdigest(),
+        "trained_analyses": trained,
+        "held_out_analyses": sorted(set(cells.analyses[where == "test"].tolist()) - set(trained)),
+        "cells": {name: int((where == name).sum()) for name in ("train", "val", "test")},
+    }
+    log.info("corrections from %s: %s cells (train/val/test)", export_dir, record["cells"])
+    return out, record
+
+
+def load_training_data(args: argparse.Namespace, config: JobConfig) -> dict[str, CropSet]:
+    """The job's splits: `--data` (`load_splits`) plus `--corrections` when given; the
+    corrections record goes to `args.corrections_record`."""
+    splits = load_splits(args.data, config, strict=args.strict)
+    args.corrections_record = None
+    if getattr(args, "corrections", None):
+        splits, args.corrections_record = with_corrections(splits, args.corrections, config)
+    return splits
+
+
 def batch_loss(model, x, cells, attributes, cell_head: str):
     """Training loss of a batch: x FloatTensor[B, 3, S, S] in [0, 1]."""
     import torch
@@ -378,11 +473,20 @@ def evaluate_probs(probs: np.ndarray, data: CropSet) -> dict[str, float]:
     pred = probs[:, : len(CODES)].argmax(1)
     y_true = [CODES[i] for i in data.cells]
     y_pred = [CODES[i] for i in pred]
-    attr_true, attr_score = {}, {}
-    if data.attributes is not None:
-        for j, a in enumerate(ATTRIBUTE_CODES):
-            attr_true[a], attr_score[a] = data.attributes[:, j], probs[:, len(CODES) + j]
-    return celltype_report(y_true, y_pred, attr_true, attr_score)
+    if data.attributes is None:
+        return celltype_report(y_true, y_pred, {}, {})
+    # attribute figures over the cells that carry attribute labels (reviewed cells: NaN)
+    known = ~np.isnan(data.attributes).any(axis=1)
+    attr_true = {a: data.attributes[known, j] for j, a in enumerate(ATTRIBUTE_CODES)}
+    attr_score = {a: probs[known, len(CODES) + j] for j, a in enumerate(ATTRIBUTE_CODES)}
+    if known.all():
+        return celltype_report(y_true, y_pred, attr_true, attr_score)
+    cells = celltype_report(y_true, y_pred, {}, {})
+    keep = np.flatnonzero(known)
+    attrs = celltype_report(
+        [y_true[i] for i in keep], [y_pred[i] for i in keep], attr_true, attr_score
+    )
+    return {**cells, **{k: v for k, v in attrs.items() if k not in cells}}
 
 
 def per_source_macro_f1(probs: np.ndarray, data: CropSet, *, prefix: str) -> dict[str, float]:
@@ -417,7 +521,8 @@ def train(
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
-    splits = splits or load_splits(args.data, config, strict=args.strict)
+    splits = splits or load_training_data(args, config)
+    corrections = getattr(args, "corrections_record", None)
     hp = {
         "head_dropout": config["dropout"],
         "crop_pad_fraction": CELL_CROP_PAD_FRACTION,
@@ -445,6 +550,7 @@ def train(
             "data_hash": data_hash(args.data),
             "seed": config["seed"],
             "config_name": config["config_name"],
+            **({"corrections_sha256": corrections["manifest_sha256"]} if corrections else {}),
         },
     )
     model = build_for_training(model_config, device, config.get("init_weights"))
@@ -541,6 +647,10 @@ def train(
     held_out = splits["val"] if trial is not None else splits["test"]
     probs = typer().predict(held_out.crops)
     metrics = {**evaluate_probs(probs, held_out), **metrics_extra}
+    if held_out.sources is not None and (held_out.sources == CORRECTIONS_SOURCE).any():
+        mine = held_out.sources == CORRECTIONS_SOURCE
+        hits = probs[mine, : model.n_cells].argmax(1) == held_out.cells[mine]
+        metrics["corrections_accuracy"] = float(hits.mean())
     if trial is None and held_out.groups is not None:  # real sets: keep per-cell answers
         saved = {"test": (probs, held_out)}
         if "external" in splits:
@@ -556,6 +666,10 @@ def train(
     )
     if trial is None:
         save_domain_reference(typer(), splits, config, out)
+        if corrections:
+            import json
+
+            (out / CORRECTIONS_FILE).write_text(json.dumps(corrections, indent=2) + "\n")
     return model, model_config, metrics
 
 
@@ -641,6 +755,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="real data: stop on a class folder the taxonomy does not map (default: keep "
         "its cells unlabelled and report the folder)",
     )
+    p.add_argument(
+        "--corrections",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also train on a corrections export (python -m training.data.corrections), "
+        "split by accession",
+    )
     return p
 
 
@@ -649,7 +771,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     if args.hpo_trials:
         from training.hpo import run_hpo
 
-        splits = load_splits(args.data, config, strict=args.strict)
+        splits = load_training_data(args, config)
         run_hpo(
             args,
             config,
@@ -663,6 +785,9 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         from marrowscope.domain import REFERENCE_FILE
 
         model, model_config, metrics = train(config, args)
+        extra = [args.output / REFERENCE_FILE]
+        if getattr(args, "corrections_record", None):
+            extra.append(args.output / CORRECTIONS_FILE)
         finish(
             kind=JOB,
             args=args,
@@ -671,7 +796,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             model_config=model_config,
             metrics=metrics,
             config=config,
-            extra_files=[args.output / REFERENCE_FILE],
+            extra_files=extra,
         )
     return metrics
 

@@ -4,6 +4,11 @@
     python -m training.evaluate celltype  --model runs/celltype/model --data data/synth
     python -m training.evaluate npm1      --model models:/marrowscope-npm1/3 --data data/synth
     python -m training.evaluate ensemble  --model models:/marrowscope-ensemble/2 --data data/synth
+    python -m training.evaluate corrections --export DIR [--typer RUN]
+
+`corrections` (training/evaluate_corrections.py) reads a corrections export of the review
+app: reviewer agreement per celltype version, and a candidate typer's accuracy (beside the
+champion's) on the corrected cells it has not trained on.
 
 The last line of stdout is one JSON object with the metrics under their fixed names
 (training/README.md): detection `map50` + `ap50_<class>` (pycocotools, IoU 0.5, also as an
@@ -234,6 +239,10 @@ if __name__ == "__main__":
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if sys.argv[1:2] == ["corrections"]:  # its own flags: no --model / --data
+        from training.evaluate_corrections import main as corrections_main
+
+        sys.exit(corrections_main(sys.argv[2:]))
     parser = get_args_parser()
     try:
         out = main(parser.parse_args())

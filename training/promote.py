@@ -33,6 +33,12 @@ Gates, evaluated on every candidate before anything moves (a set is all or nothi
   on, nucleus Dice no worse than the classical split on the same cells (`margin`). Its
   `cell_dice` floor is 0.90 and the worst domain's, so a split that only works on one
   scanner is refused.
+- `corrections` (celltype, only with `--corrections DIR`, off by default): on the reviewed
+  cells of a corrections export (`python -m training.data.corrections export`) that neither
+  the candidate nor the champion trained on (`corrections.json` beside each one's weights),
+  the candidate's accuracy against the hematologists' labels >= the champion's - `--margin`,
+  both re-run on the same crops (`training.evaluate_corrections.compare`). No such cells:
+  refused, since the comparison that was asked for cannot be made.
 - `config`: the config is valid for its kind; celltype outputs cover the taxonomy the case
   features need; ensemble `feature_names` equal `marrowscope.features.case_feature_names()`
   and only use cell types/attributes the serving celltype model outputs.
@@ -416,6 +422,35 @@ def _config_gate(c: _Version, serving: dict[str, _Version | None]) -> tuple[bool
     return True, f"input {config['input_size']}"
 
 
+def _corrections_gate(
+    c: _Version, champion: _Version | None, export_dir: Path, margin: float, tracking_uri: str
+) -> tuple[bool, str]:
+    from training.evaluate_corrections import compare, load_typer
+
+    if champion is None:
+        return True, "no current champion"
+    if champion.version == c.version:
+        return True, f"v{c.version} is already the champion"
+    name = registry.registered_name(c.kind)
+    found = compare(
+        export_dir,
+        load_typer(f"models:/{name}/{c.version}", tracking_uri=tracking_uri),
+        load_typer(f"models:/{name}/{champion.version}", tracking_uri=tracking_uri),
+    )
+    cand, champ = found["candidate"], found["champion"]
+    if not cand["cells"]:
+        return False, (
+            f"no corrected cells in {export_dir} that neither v{c.version} nor the champion "
+            f"v{champion.version} trained on: export newer cases"
+        )
+    ok = cand["accuracy"] >= champ["accuracy"] - margin
+    return ok, (
+        f"accuracy on {cand['cells']} held-out corrected cells of "
+        f"{found['held_out_analyses']} cases: {cand['accuracy']:.4g} "
+        f"{'>=' if ok else '<'} champion v{champion.version} {champ['accuracy']:.4g} - {margin:g}"
+    )
+
+
 def evaluate(
     candidates: dict[str, str],
     *,
@@ -424,6 +459,8 @@ def evaluate(
     margin: float,
     allow_drop_target: bool = False,
     allow_unit_change: bool = False,
+    corrections: Path | None = None,
+    tracking_uri: str | None = None,
 ) -> list[Decision]:
     """Every gate for every candidate (`kind -> version`), nothing changed."""
     decisions: list[Decision] = []
@@ -444,6 +481,15 @@ def evaluate(
             ("config", _config_gate(c, serving)),
         ):
             decisions.append(Decision(gate, kind, c.version, ok, detail))
+        if kind == Stage.CELLTYPE and corrections is not None:
+            ok, detail = _corrections_gate(
+                c,
+                champions[kind],
+                corrections,
+                margin,
+                tracking_uri or registry.default_tracking_uri(),
+            )
+            decisions.append(Decision("corrections", kind, c.version, ok, detail))
         if kind == Stage.NUCSEG:
             for gate, (ok, detail) in _nucseg_gates(c, floors.get(kind, {}), margin):
                 decisions.append(Decision(gate, kind, c.version, ok, detail))
@@ -529,6 +575,7 @@ def promote(
     log_file: Path | None = None,
     allow_drop_target: bool = False,
     allow_unit_change: bool = False,
+    corrections: Path | None = None,
 ) -> tuple[bool, list[Decision]]:
     """Evaluate the gates and, when all pass and not `dry_run`, move every alias together.
 
@@ -544,6 +591,8 @@ def promote(
         margin=margin,
         allow_drop_target=allow_drop_target,
         allow_unit_change=allow_unit_change,
+        corrections=corrections,
+        tracking_uri=uri,
     )
     ok = all(d.passed for d in decisions)
     if dry_run:
@@ -565,6 +614,7 @@ def promote(
         "candidates": candidates,
         "allow_drop_target": allow_drop_target,
         "allow_unit_change": allow_unit_change,
+        "corrections": None if corrections is None else str(corrections),
         "moved": {k: {"version": v, "previous": p} for k, (v, p) in moves.items()},
         "decisions": [asdict(d) for d in decisions],
     }
@@ -629,6 +679,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="accept an ensemble whose morphometric feature unit (um/px) differs from its champion's",
     )
     p.add_argument(
+        "--corrections",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="celltype: also require accuracy no worse than the champion's (- --margin) on "
+        "the reviewed cells of this corrections export that neither trained on (off by default)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the decision table, change nothing"
     )
     p.add_argument(
@@ -677,6 +735,10 @@ def main(args: argparse.Namespace) -> int:
         floors = _floors(args.floor, list(candidates))
         if args.margin < 0:
             raise ValueError("--margin must be >= 0")
+        if args.corrections is not None:
+            from training.data.corrections import read_manifest
+
+            read_manifest(args.corrections)  # not an export: a usage error, before any gate
         rollout = None
         if args.rollout == "k8s":
             try:
@@ -697,6 +759,7 @@ def main(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         allow_drop_target=args.allow_drop_target,
         allow_unit_change=args.allow_unit_change,
+        corrections=args.corrections,
     )
     _print_table(decisions)
     if not ok:

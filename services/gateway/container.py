@@ -24,6 +24,7 @@ from services.gateway.guard import AuthFailureLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.migrations import upgrade_head
 from services.gateway.oip import OipModelClients
+from services.gateway.review.outcomes import AgreementCache, Tally
 from services.gateway.store import status_counts
 
 
@@ -61,6 +62,13 @@ def build_services(settings: GatewaySettings) -> Services:
             return status_counts(session)
 
     metrics.watch_jobs(counts)
+    agreement = AgreementCache()
+
+    def review_totals() -> Tally:
+        with sessions() as session:
+            return agreement.totals(session)
+
+    metrics.watch_reviews(review_totals)
     return Services(
         settings=settings,
         engine=engine,

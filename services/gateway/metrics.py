@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -39,6 +39,53 @@ class _JobsCollector:
             "Analyses waiting for a worker",
             value=counts.get("queued", 0),
         )
+
+
+class _ReviewAgreementCollector:
+    """Reviewer agreement per celltype version, model's cell type and tenant, over every
+    signed-out case, read from the job store at scrape time (`review.outcomes`): a sign-out
+    or an amendment shows at the next scrape, in every replica alike."""
+
+    def __init__(self, totals: Callable[[], Mapping[tuple[str, str, str, bool], int]]) -> None:
+        self._totals = totals
+
+    def collect(self):
+        try:
+            totals = self._totals()
+        except Exception as exc:  # a scrape must not fail because the database is away
+            log.warning("job store unavailable for review metrics: %s", exc)
+            return
+        labels = ["tenant", "celltype_version", "cell_type"]
+        cells = GaugeMetricFamily(
+            "marrowscope_gateway_reviewed_cells",
+            "Cells the typer called, in signed-out cases, by tenant, the celltype version "
+            "that called them and the type it called",
+            labels=labels,
+        )
+        kept = GaugeMetricFamily(
+            "marrowscope_gateway_review_kept_cells",
+            "Of those, cells whose type the reviewer kept",
+            labels=labels,
+        )
+        ratio = GaugeMetricFamily(
+            "marrowscope_gateway_review_agreement_ratio",
+            "Reviewer agreement: kept / reviewed cells, per tenant, celltype version and "
+            'called type (every type together: cell_type="all")',
+            labels=labels,
+        )
+        n: dict[tuple[str, str, str], list[int]] = {}
+        for (tenant, version, code, was_kept), count in totals.items():
+            for key in ((tenant, version, code), (tenant, version, "all")):
+                entry = n.setdefault(key, [0, 0])
+                entry[0] += count
+                entry[1] += count if was_kept else 0
+        for key, (total, k) in sorted(n.items()):
+            cells.add_metric(list(key), total)
+            kept.add_metric(list(key), k)
+            ratio.add_metric(list(key), k / total if total else 0.0)
+        yield cells
+        yield kept
+        yield ratio
 
 
 class GatewayMetrics:
@@ -144,3 +191,8 @@ class GatewayMetrics:
 
     def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobsCollector(counts))
+
+    def watch_reviews(self, totals: Callable[[], Mapping[tuple[str, str, str, bool], int]]) -> None:
+        """Serve the reviewer-agreement gauges from `totals` ((tenant, celltype version,
+        called type, kept) -> cells over the signed-out cases)."""
+        self.registry.register(_ReviewAgreementCollector(totals))

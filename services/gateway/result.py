@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.6").
+"""The versioned JSON result of an analysis (`schema_version` "1.7").
 
 One model from the first stage to the renderers: the pipeline fills it in step by step
 (`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
@@ -22,6 +22,10 @@ model's attention weight, summing to 1 over the case's typed cells) and `importa
 (what the per-cell `importance` holds); reasons `no_mil_model`, `mil_lineage_mismatch`.
 1.6: `domain` (the per-case domain check: how far the case's cells sit from the pinned
 typer's training cells) and `differential_warning`; abstention reason `out_of_domain`.
+1.7: `review` (the hematologist's review from the review app: state, who signed and when,
+the comment, amendments, and the reviewer's differential beside the model's). It is the
+one field not fixed when the analysis finishes: the job store keeps the model's result, and
+the JSON report adds the review as it stands when it is read, to results of every version.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.6"
+RESULT_SCHEMA_VERSION = "1.7"
 
 
 class _Model(BaseModel):
@@ -250,12 +254,41 @@ class DomainCheck(_Model):
     celltype_version: str = Field(description="the typer version whose reference was used")
 
 
+class ReviewSummary(_Model):
+    """The hematologist's review of the case in the review app (1.7). The model's figures
+    stay where they are (`differential`, `blast_percent`, ...); these are the reviewer's,
+    recomputed from the reviewed labels by the same function."""
+
+    state: Literal["unreviewed", "in_review", "signed_out", "amended"] = Field(
+        description="unreviewed: nobody has changed or signed it; in_review: corrections "
+        "under way (or reopened for an amendment); signed_out: final; amended: signed out "
+        "again after a reopening"
+    )
+    reviewer: str | None = Field(None, description="display name of who signed it out")
+    signed_at: str | None = Field(None, description="ISO 8601 UTC time of the sign-out")
+    comment: str | None = Field(None, description="the sign-out comment")
+    amendments: int = Field(0, ge=0, description="times the case was reopened after sign-out")
+    corrected_cells: int = Field(0, ge=0, description="cells whose type the reviewer changed")
+    n_cells_counted: int | None = Field(
+        None, ge=0, description="nucleated cells counted with the reviewed labels"
+    )
+    blast_percent: float | None = Field(
+        None, description="blasts per 100 counted cells, reviewed labels"
+    )
+    differential: list[DifferentialEntry] = Field(
+        default_factory=list,
+        description="the reviewer's differential (empty while unreviewed)",
+    )
+
+
 class AnalysisResult(_Model):
     """What the gateway concludes for one case. `p_aml`/`p_npm1` are None when abstained;
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = RESULT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"] = (
+        RESULT_SCHEMA_VERSION
+    )
     analysis_id: str
     input: Literal["fields", "cells", "slide"] = Field(
         "fields",
@@ -330,6 +363,11 @@ class AnalysisResult(_Model):
     images: list[ImageResult]
     slide: SlideSummary | None = Field(
         None, description="whole-slide analyses only (1.4): regions used and the thumbnail"
+    )
+    review: ReviewSummary | None = Field(
+        None,
+        description="the hematologist's review as it stands when the report is read (1.7; "
+        "the JSON report adds it to results of every version)",
     )
     generated_at: str
     disclaimer: str = (

@@ -23,6 +23,7 @@ from services.gateway.reading import case_header
 from services.gateway.render import heatmap_png, overlay_png
 from services.gateway.result import AnalysisResult, ImageResult
 from services.gateway.review.cases import sign_out_record
+from services.gateway.review.outcomes import stored_review_block
 from services.gateway.schemas import ts
 
 router = APIRouter(tags=["reports"])
@@ -70,13 +71,14 @@ def get_report(
     analysis_id: str,
     format: Annotated[Literal["json", "fhir", "pdf"], Query()] = "json",
 ) -> Response:
-    """The result as JSON (`AnalysisResult`), as a FHIR R4B DiagnosticReport Bundle (the PDF
+    """The result as JSON (`AnalysisResult`, with the hematologist's `review` as it stands
+    now), as a FHIR R4B DiagnosticReport Bundle (the PDF
     embedded as `presentedForm`) or as the PDF report (PDF/A-2b, `services.gateway.pdf`)."""
     a, result = _finished_result(session, analysis_id, principal)
     audit(session, principal, "report", resource=a.id, detail=format)
     session.commit()
-    if format == "json":
-        return JSONResponse(result)
+    if format == "json":  # the stored result, with the review as it stands now (1.7)
+        return JSONResponse({**result, "review": stored_review_block(session, a.id, result)})
     report = AnalysisResult.model_validate(result)
     services = request.app.state.services
     signed = sign_out_record(session, a.id)
