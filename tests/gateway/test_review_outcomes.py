@@ -3,13 +3,11 @@ reviewer drew or excluded, the agreement tally and the JSON report's `review` bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from services.gateway.db import CaseReview
 from services.gateway.result import ReviewSummary
-from services.gateway.review import cases, outcomes
+from services.gateway.review import outcomes
 
 RESULT = {
     "model_versions": {"celltype": {"model": "celltype", "version": "9"}},
@@ -46,8 +44,8 @@ def test_kept_and_corrected_calls_and_the_tally() -> None:
     assert cells["0.0"].kept and not cells["0.0"].corrected
     assert cells["0.1"].corrected and cells["0.1"].label == "MON" and not cells["0.1"].kept
     assert cells["0.3"].kept and cells["0.3"].model_code == "RBC"
-    # no model call, a reviewer's label: a cell the reviewer added, not judged
-    assert cells["0.4"].added and not cells["0.4"].judged and cells["0.4"].label == "NGS"
+    # a detection the typer did not type, labelled by the reviewer: not drawn, not judged
+    assert not cells["0.4"].added and not cells["0.4"].judged and cells["0.4"].label == "NGS"
     counts = outcomes.tally("site-a", RESULT, r)
     assert counts == {
         ("site-a", "9", "BLA", True): 1,
@@ -60,30 +58,19 @@ def test_kept_and_corrected_calls_and_the_tally() -> None:
     assert found["by_class"]["BLA"]["agreement"] == 0.5
 
 
-@dataclass(frozen=True)
-class MarkedCellView(cases.CellView):
-    """A cell as the review app marks drawn and excluded cells (when it has the fields)."""
-
-    added: bool = False
-    excluded: bool = False
-
-
-def test_drawn_and_excluded_cells_are_read_when_the_app_marks_them(monkeypatch) -> None:
-    plain = cases.cells_of
-
-    def marked(result, labels):
-        return [
-            MarkedCellView(**vars(c), added=False, excluded=c.id == "0.0")
-            for c in plain(result, labels)
-        ]
-
-    monkeypatch.setattr(cases, "cells_of", marked)
+def test_drawn_and_excluded_cells_count_as_the_app_records_them() -> None:
     labelled = review('{"0.4": "NGS"}')
+    labelled.added_json = (
+        '[{"id": "0.a1", "image": 0, "box": [60, 0, 70, 10], "code": "MON", "by": "r", "at": 1}]'
+    )
+    labelled.excluded_json = '[{"id": "x1", "image": 0, "box": [0, 0, 9, 9], "by": "r", "at": 1}]'
     cells = {c.id: c for c in outcomes.reviewed_cells(RESULT, labelled)}
     assert cells["0.0"].excluded and not cells["0.0"].judged
-    assert cells["0.4"].label == "NGS" and not cells["0.4"].added, "the app's `added` wins"
+    assert cells["0.a1"].added and cells["0.a1"].label == "MON" and not cells["0.a1"].judged
+    assert cells["0.a1"].model_code is None
     block = outcomes.review_block(RESULT, labelled, None)
-    assert block["n_cells_counted"] == 3  # 0.1 BLA, 0.2 LYT, 0.4 NGS; 0.0 excluded, RBC not
+    # 0.1 BLA, 0.2 LYT, 0.4 NGS and the drawn 0.a1 MON; 0.0 excluded, the RBC not counted
+    assert block["n_cells_counted"] == 4
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 reviewer-agreement tally per celltype version, cell type and tenant, and the `review` block
 of the JSON report.
 
-Read-only over `cases` (`review_of`, `labels_of`, `cells_of`, `differential_of`), so the
+Read-only over `cases` (`review_of`, `case_cells`, `differential_of`), so the
 export to training (`training.data.corrections`), the gateway's agreement metrics and the
 report all read a review the same way.
 
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from marrowscope.taxonomy import cell_type
 from services.gateway.db import CaseReview, Reviewer
 from services.gateway.review import cases
+from services.gateway.review.cells import differential_of
 
 ReviewState = Literal["unreviewed", "in_review", "signed_out", "amended"]
 
@@ -34,7 +35,7 @@ class ReviewedCell:
     """One cell of a reviewed case as training and the agreement figures read it."""
 
     id: str
-    """`<image index>.<cell index>` of the stored result (`cases.cells_of`)."""
+    """`<image index>.<cell index>` of the stored result (`cells.cells_of`)."""
     image: int
     box: tuple[float, float, float, float]
     """x1, y1, x2, y2 pixels of the submitted image."""
@@ -58,8 +59,8 @@ class ReviewedCell:
 
 def reviewed_cells(result: Mapping[str, Any], review: CaseReview) -> list[ReviewedCell]:
     out = []
-    for c in cases.cells_of(result, cases.labels_of(review)):
-        added = bool(getattr(c, "added", c.model_code is None and c.reviewed_code is not None))
+    for c in cases.case_cells(review, result):
+        added = c.added
         out.append(
             ReviewedCell(
                 id=c.id,
@@ -69,7 +70,7 @@ def reviewed_cells(result: Mapping[str, Any], review: CaseReview) -> list[Review
                 label=c.code,
                 corrected=c.reviewed_code is not None and c.reviewed_code != c.model_code,
                 added=added,
-                excluded=bool(getattr(c, "excluded", False)),
+                excluded=c.excluded,
             )
         )
     return out
@@ -132,11 +133,9 @@ def review_block(
     state = state_of(review)
     if review is None:
         return {"state": state, "amendments": 0, "corrected_cells": 0}
-    cells = cases.cells_of(result, cases.labels_of(review))
-    counted = [c for c in cells if c.counted and not getattr(c, "excluded", False)]
-    diff = cases.differential_of(
-        [c for c in cells if not getattr(c, "excluded", False)], reviewed=True
-    )
+    cells = cases.case_cells(review, result)
+    counted = [c for c in cells if c.counted]  # `counted` leaves excluded cells out
+    diff = differential_of(cells, reviewed=True)  # drawn in, excluded out
     signed = review.state == "signed_out" and review.signed_at is not None
     blasts = diff.get("BLA")
     return {
