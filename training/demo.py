@@ -7,7 +7,8 @@
 3. starts the five model services and the gateway as local processes,
 4. submits held-out cases (AML NPM1-mutated, AML wild type, control) through the REST API the
    LIS uses, polls them, prints a summary per case and writes JSON/FHIR reports, overlays and
-   heatmaps to the output folder,
+   heatmaps to the output folder, and prints the ORU^R01 the HL7 outbox would send for the
+   first finished case, with its PDF report (training/demo_lis.py),
 5. writes one synthetic whole slide (pyramidal TIFF) into a slide store the gateway reads and
    analyses it end to end (`POST /v1/slides`: ROI selection, tiles, the same pipeline), with
    its thumbnail of the regions used (`--no-slide` skips it),
@@ -539,6 +540,35 @@ def summary_lines(label: str, record, body: dict) -> list[str]:
     return lines
 
 
+def lis_lines(
+    client, gateway_dir: Path, finished: tuple[str, str], out: Path, gateway_url: str
+) -> list[str]:
+    """The ORU^R01 and the PDF of one finished case (written next to its other reports),
+    as summary lines."""
+    from services.gateway.config import GatewaySettings
+    from services.gateway.container import build_services
+    from training.demo_lis import oru_and_pdf
+
+    case_id, analysis_id = finished
+    services = build_services(GatewaySettings(data_dir=gateway_dir))
+    try:
+        oru, pdf = oru_and_pdf(
+            client,
+            services.sessions,
+            services.blobs,
+            analysis_id=analysis_id,
+            folder=out / case_id,
+            base_url=gateway_url,
+        )
+    finally:
+        services.engine.dispose()
+    return [
+        f"== the ORU^R01 the HL7 outbox would send a LIS for {case_id} (docs/HL7.md):",
+        *oru.split("\r"),
+        f"   its PDF report: {pdf}",
+    ]
+
+
 def main(args: argparse.Namespace) -> int:
     from services.stack import LocalStack
 
@@ -589,6 +619,7 @@ def main(args: argparse.Namespace) -> int:
         with httpx.Client(
             base_url=stack.gateway_url, headers={"X-API-Key": key}, timeout=60
         ) as client:
+            finished = None
             for label, record in pick_cases(data):
                 say(f"submitting {record.case_id} ({label}, {len(record.image_paths)} images)")
                 body = analyse(
@@ -601,6 +632,10 @@ def main(args: argparse.Namespace) -> int:
                 )
                 failures += body["status"] == "failed"
                 lines += summary_lines(label, record, body)
+                if finished is None and body["status"] == "succeeded":
+                    finished = (record.case_id, body["id"])
+            if finished is not None:
+                lines += lis_lines(client, gateway_dir, finished, args.out, stack.gateway_url)
             if not args.no_slide:
                 slide = write_demo_slide(slides_dir, mpp)
                 say(f"submitting a synthetic whole slide ({slide.name}, {mpp:g} um/px)")

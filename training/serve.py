@@ -1,4 +1,5 @@
-"""Serve the promoted models: the five model services and the gateway, until Ctrl-C.
+"""Serve the promoted models: the five model services, the gateway and the HL7 order
+listener, until Ctrl-C.
 
     make serve                                   # after `make demo`: its models and settings
     python -m training.serve --workdir DIR --port 8080
@@ -7,8 +8,10 @@
 It starts the stack the way `make demo` does (`services.stack.LocalStack`, one process per
 service, models resolved from the registry alias), with the settings the demo wrote to
 `WORKDIR/stack.json` when there are any, prints the gateway's URL, the OpenAPI page, every
-service's gRPC and metrics address, a LIS API key (the demo's, kept next to the gateway's
-database, or a new one) and the review app's URL with a reviewer login, then waits.
+service's gRPC and metrics address, the HL7 listener's MLLP address (orders' images in
+`WORKDIR/hl7-inputs/<accession>/`; slide orders from the demo's slide store), a LIS API key
+(the demo's, kept next to the gateway's database, or a new one) and the review app's URL
+with a reviewer login, then waits.
 Ctrl-C (SIGINT) or SIGTERM stops every process cleanly: SIGTERM to each (gateway first,
 so nothing new is accepted), SIGKILL after the grace period.
 A process that dies on its own ends the command with exit code 1 and its last log lines.
@@ -53,6 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="champion", help="registry alias the services follow")
     p.add_argument("--port", type=int, default=8080, help="the gateway's HTTP port")
     p.add_argument(
+        "--hl7-port",
+        type=int,
+        default=2575,
+        help="the HL7 listener's MLLP port (0: any free port)",
+    )
+    p.add_argument(
         "--start-timeout", type=float, default=300.0, help="seconds to wait for each process"
     )
     return p
@@ -72,6 +81,24 @@ def stack_settings(workdir: Path, tracking_uri: str | None) -> tuple[str, dict[s
     env = {str(k): str(v) for k, v in saved.get("env", {}).items()}
     env.setdefault("MS_GATEWAY_DATA_DIR", str(workdir / "gateway"))
     return uri, env
+
+
+HL7_INPUTS = "hl7-inputs"
+"""The listener's input store in the work directory: `<accession>/` folders of images."""
+
+
+def hl7_settings(workdir: Path, env: dict[str, str], port: int) -> dict[str, str]:
+    """The listener's `MS_HL7_*`: its port, the work directory's input store and the first
+    slide store of the stack's `MS_GATEWAY_SLIDE_ROOTS` (the demo's)."""
+    inputs = workdir / HL7_INPUTS
+    inputs.mkdir(parents=True, exist_ok=True)
+    out = {"MS_HL7_INPUT_ROOT": str(inputs)}
+    if port:
+        out["MS_HL7_PORT"] = str(port)
+    slide_stores = json.loads(env.get("MS_GATEWAY_SLIDE_ROOTS") or "{}")
+    if slide_stores:
+        out["MS_HL7_SLIDE_STORE"] = next(iter(slide_stores))
+    return out
 
 
 def missing_models(tracking_uri: str, alias: str) -> list[str]:
@@ -131,8 +158,9 @@ def main(args: argparse.Namespace) -> int:
         alias=args.alias,
         env=env,
         gateway_port=args.port,
+        hl7_env=hl7_settings(workdir, env, args.hl7_port),
     )
-    say(f"starting the model services and the gateway (logs in {stack.workdir})")
+    say(f"starting the model services, the gateway and the HL7 listener (logs in {stack.workdir})")
     try:
         stack.start(timeout_s=args.start_timeout)
     except StackError as exc:
@@ -180,6 +208,13 @@ def ready_lines(stack: object, key: str) -> list[str]:
                 f"{name:<11} grpc 127.0.0.1:{proc.ports['grpc']}   "
                 f"metrics http://127.0.0.1:{proc.ports['metrics']}/metrics"
             )
+    hl7 = stack.procs.get("hl7")
+    if hl7 is not None:
+        inputs = (stack.hl7_env or {}).get("MS_HL7_INPUT_ROOT", "")
+        lines.append(
+            f"hl7 (MLLP)  127.0.0.1:{hl7.ports['mllp']}   OML^O33 / ORM^O01 orders "
+            f"(docs/HL7.md); their images in {inputs}/<accession>/"
+        )
     lines.append(f"pids        {' '.join(str(p.popen.pid) for p in stack.procs.values())}")
     return lines
 

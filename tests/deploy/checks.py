@@ -119,9 +119,11 @@ def check_selectors(objs: list[dict]) -> None:
 
 
 def check_exposure(objs: list[dict], gateway_service: str) -> None:
-    """Only the gateway API leaves the namespace; NetworkPolicies guard the model services."""
+    """Only the gateway API and the HL7 listener's MLLP leave the namespace;
+    NetworkPolicies guard the model services and name who may reach MLLP."""
+    hl7_service = gateway_service.removesuffix("-gateway-api") + "-hl7"
     for svc in by_kind(objs, "Service").values():
-        if svc["metadata"]["name"] != gateway_service:
+        if svc["metadata"]["name"] not in (gateway_service, hl7_service):
             assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
     for ing in by_kind(objs, "Ingress").values():
         backends = {
@@ -158,9 +160,29 @@ def check_exposure(objs: list[dict], gateway_service: str) -> None:
             assert rule["ports"] == [{"port": 8002, "protocol": "TCP"}], (
                 "non-gateway peers reach metrics only"
             )
+    if hl7_service in by_kind(objs, "Deployment"):
+        check_mllp_policy(objs, hl7_service)
     # every pod is selected by some policy (an unselected pod accepts anything)
     for d in by_kind(objs, "Deployment").values():
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert any(
             p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies
         ), f"no NetworkPolicy selects {d['metadata']['name']}"
+
+
+def check_mllp_policy(objs: list[dict], name: str) -> list[dict]:
+    """The HL7 listener's policy admits named peers on the MLLP ports and Prometheus on the
+    metrics port, nothing else; returns the MLLP rule's peers."""
+    policy = by_kind(objs, "NetworkPolicy")[name]
+    (dep,) = [d for d in by_kind(objs, "Deployment").values() if d["metadata"]["name"] == name]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["containerPort"]: p["name"] for p in pod_spec(dep)["containers"][0]["ports"]}
+    mllp = {port for port, pname in ports.items() if pname.startswith("mllp")}
+    mllp_rule, metrics_rule = policy["spec"]["ingress"]
+    assert {p["port"] for p in mllp_rule["ports"]} == mllp
+    # an empty `from` (or an empty peer) admits everyone
+    assert mllp_rule.get("from") and all(mllp_rule["from"]), f"MLLP open to {mllp_rule}"
+    assert metrics_rule["ports"] == [{"port": 8002, "protocol": "TCP"}]
+    return mllp_rule["from"]

@@ -42,6 +42,16 @@ def render_chart(values: dict, *, namespace: str = NAMESPACE) -> list[dict]:
     ]
 
 
+LIS_PEER = {"ipBlock": {"cidr": "10.20.0.0/16"}}
+
+
+def hl7_values(values: dict, **hl7: object) -> dict:
+    """`values` with the HL7 listener enabled (and `hl7` settings), its LIS peer named."""
+    out = {**values, "hl7": {**values.get("hl7", {}), "enabled": True, **hl7}}
+    out["networkPolicy"] = {**values.get("networkPolicy", {}), "lis": [LIS_PEER]}
+    return out
+
+
 def kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:

@@ -1,6 +1,7 @@
 """The chart's alert rules, evaluated: the exact expressions of the rendered PrometheusRule
 (values-prod.yaml) run over 40 minutes of synthetic metric series scraped every 30 s from
-the real exporters (`RuntimeMetrics`, `GatewayMetrics`; kube-state-metrics is synthesised),
+the real exporters (`RuntimeMetrics`, `GatewayMetrics`, `Hl7Metrics`; kube-state-metrics is
+synthesised), with the HL7 listener enabled,
 with each rule's `for:` duration. Healthy services must not fire; each failing one fires for
 its own labels only. The evaluator is `tests/deploy/promql.py`.
 
@@ -18,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.metrics import GatewayMetrics
+from services.hl7.metrics import Hl7Metrics
 from services.runtime.errors import status_label
 from services.runtime.metrics import RuntimeMetrics
 from tests.deploy.promql import Evaluator, PromQLError, Series
@@ -41,6 +43,9 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "MarrowScopeModelVersionMissing": ("model", {"explain"}),
     "MarrowScopeGatewayBacklog": ("", {""}),  # max() without by: one unlabelled alert
     "MarrowScopeGatewayRejections": ("status", {"401"}),
+    "MarrowScopeHl7ListenerDown": ("deployment", {"marrowscope-hl7"}),
+    "MarrowScopeHl7Nacks": ("type", {"ORM^O01"}),
+    "MarrowScopeHl7ConnectionsDropped": ("reason", {"framing"}),
 }
 
 
@@ -80,7 +85,10 @@ def cluster() -> Cluster:
     """Production namespace: celltype fails 9 % of requests, segmentation 1 % (below the
     5 % ratio), ensemble has a slow tail and queues, npm1 refuses oversized messages and has
     no ready pod, explain reports no loaded version, the gateway has a backlog and answers
-    401 to a misconfigured LIS. A staging namespace fails every segmentation request."""
+    401 to a misconfigured LIS. The HL7 listener has no ready pod, answers AR to 30 % of
+    ORM^O01 orders (OML^O33: 5 % AE, below the 10 % ratio) and closes a connection a minute
+    for framing (idle and peer closes are normal). A staging namespace fails every
+    segmentation request and refuses every HL7 order."""
     c = Cluster()
     models = {m: RuntimeMetrics() for m in MODELS}
     for m, metrics in models.items():
@@ -94,6 +102,10 @@ def cluster() -> Cluster:
     depth = {"queued": 0}
     gateway.watch_jobs(lambda: dict(depth))
     c.target(gateway.registry, namespace=NS, service="marrowscope-gateway", pod="gw-0")
+    hl7 = Hl7Metrics()
+    c.target(hl7.registry, namespace=NS, service="marrowscope-hl7", pod="hl7-0")
+    hl7_staging = Hl7Metrics()
+    c.target(hl7_staging.registry, namespace="staging", service="marrowscope-hl7")
 
     def tick(t: float) -> None:
         for m, metrics in models.items():
@@ -111,6 +123,16 @@ def cluster() -> Cluster:
         gateway.rejected.labels("/v1/analyses", "401").inc(15)  # 0.5/s
         gateway.rejected.labels("/v1/analyses", "413").inc(3)  # 0.1/s: below 0.2/s
         gateway.rejected.labels("/v1/analyses", "503").inc(300)  # not a 4xx rejection
+        hl7.messages.labels("OML^O33", "AA").inc(19)
+        hl7.messages.labels("OML^O33", "AE").inc(1)
+        hl7.messages.labels("ORM^O01", "AA").inc(7)
+        hl7.messages.labels("ORM^O01", "AR").inc(3)
+        hl7.closed.labels("peer").inc(20)
+        hl7.closed.labels("idle").inc(2)
+        if t % 60 == 0:
+            hl7.closed.labels("framing").inc()
+        hl7_staging.messages.labels("OML^O33", "AE").inc(10)
+        hl7_staging.closed.labels("oversized").inc(10)
 
     c.run(tick)
     for m in MODELS:  # kube-state-metrics: npm1 has no ready pod, nor has a non-model one
@@ -125,26 +147,26 @@ def cluster() -> Cluster:
                 k * SCRAPE_S,
                 ready,
             )
-    for k in range(int(END_S // SCRAPE_S) + 1):
-        c.series.add(
-            {
-                "__name__": "kube_deployment_status_replicas_available",
-                "namespace": NS,
-                "deployment": "marrowscope-mlflow",
-            },
-            k * SCRAPE_S,
-            0.0,
-        )
+    for deployment in ("marrowscope-mlflow", "marrowscope-hl7"):
+        for k in range(int(END_S // SCRAPE_S) + 1):
+            c.series.add(
+                {
+                    "__name__": "kube_deployment_status_replicas_available",
+                    "namespace": NS,
+                    "deployment": deployment,
+                },
+                k * SCRAPE_S,
+                0.0,
+            )
     return c
 
 
 @pytest.fixture(scope="module")
 def rules() -> dict[str, dict]:
-    from tests.deploy.conftest import load_values, render_chart
+    from tests.deploy.conftest import hl7_values, load_values, render_chart
 
-    (rule,) = [
-        o for o in render_chart(load_values("values-prod.yaml")) if o["kind"] == "PrometheusRule"
-    ]
+    values = hl7_values(load_values("values-prod.yaml"))
+    (rule,) = [o for o in render_chart(values) if o["kind"] == "PrometheusRule"]
     return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
 
 
@@ -204,6 +226,16 @@ MUTATIONS = [
     ("MarrowScopeGatewayBacklog", "> 100", "> 200"),
     ("MarrowScopeGatewayRejections", '=~"4.."', '=~"[45].."'),
     ("MarrowScopeGatewayRejections", "> 0.2", "> 0.05"),
+    ("MarrowScopeHl7ListenerDown", "< 1", "< 0"),
+    ("MarrowScopeHl7ListenerDown", 'deployment="marrowscope-hl7"', 'deployment="marrowscope-npm1"'),
+    ("MarrowScopeHl7Nacks", ',ack!="AA"', ""),  # every answer counts as a NACK
+    ("MarrowScopeHl7Nacks", "> 0.1", "> 0.5"),  # ORM^O01's 30 % no longer fires
+    ("MarrowScopeHl7Nacks", "> 0.1", "> 0.02"),  # OML^O33's 5 % fires too
+    ("MarrowScopeHl7Nacks", "sum by (type)", "sum"),
+    ("MarrowScopeHl7Nacks", f'{{namespace="{NS}",ack', "{ack"),  # staging counts
+    ("MarrowScopeHl7ConnectionsDropped", "framing|", ""),
+    ("MarrowScopeHl7ConnectionsDropped", '=~"framing', '=~"peer|idle|framing'),
+    ("MarrowScopeHl7ConnectionsDropped", f'{{namespace="{NS}",reason', "{reason"),
 ]  # fmt: skip
 
 

@@ -40,13 +40,37 @@ def test_overlay_validates_and_follows_policy(overlay):
 def test_dev_overlay_is_cpu_one_replica():
     objs = kustomize(K8S / "overlays" / "dev")
     deps = checks.by_kind(objs, "Deployment")
-    assert len(deps) == 7
+    assert len(deps) == 8  # five model services, gateway API and worker, HL7 listener
     for d in deps.values():
         assert d["spec"]["replicas"] == 1
         assert "nvidia.com/gpu" not in checks.pod_spec(d)["containers"][0]["resources"].get(
             "limits", {}
         )
     assert not checks.by_kind(objs, "PodDisruptionBudget")
+
+
+@pytest.mark.parametrize(
+    ("overlay", "peers"),
+    [
+        ("dev", [{"podSelector": {"matchLabels": {"marrowscope.io/lis-client": "true"}}}]),
+        ("prod", [{"ipBlock": {"cidr": "192.0.2.0/24"}}]),
+    ],
+)
+def test_overlays_run_the_hl7_listener_behind_their_lis_policy(overlay, peers):
+    """The component generated from the chart: the listener on the gateway's image store,
+    its input store, and MLLP admitted from the overlay's LIS peers only."""
+    objs = kustomize(K8S / "overlays" / overlay)
+    dep = checks.by_kind(objs, "Deployment")["marrowscope-hl7"]
+    (c,) = checks.pod_spec(dep)["containers"]
+    assert c["command"] == ["python", "-m", "services.hl7"]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in checks.pod_spec(dep)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"marrowscope-images", "marrowscope-hl7-inputs"}
+    assert set(checks.by_kind(objs, "PersistentVolumeClaim")) == claims
+    assert checks.check_mllp_policy(objs, "marrowscope-hl7") == peers
 
 
 def test_prod_overlay_puts_gpu_services_on_gpus():

@@ -1,8 +1,8 @@
 """`make serve` (`python -m training.serve`): the whole stack from a registry until Ctrl-C.
 
 Real processes throughout: a real MLflow server holding tiny models under an alias, the
-command as a subprocess, its printed key used over real HTTP, SIGINT, and every process it
-started gone afterwards.
+command as a subprocess, its printed key used over real HTTP, an order sent to its printed
+MLLP address, SIGINT, and every process it started gone afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import httpx
 from marrowscope.paths import PROJECT_ROOT
 from tests import fixtures_mlflow
 from tests.conftest import free_port
+from tests.hl7.conftest import Client, inputs, msa, order
 from tests.services.helpers import register
 
 mlflow_server = fixtures_mlflow.mlflow_server
@@ -27,7 +28,7 @@ ALIAS = "serve"
 START_DEADLINE_S = 400.0
 
 
-def _serve(workdir: Path, tracking_uri: str, port: int) -> subprocess.Popen[str]:
+def _serve(workdir: Path, tracking_uri: str, port: int, hl7_port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -41,6 +42,8 @@ def _serve(workdir: Path, tracking_uri: str, port: int) -> subprocess.Popen[str]
             ALIAS,
             "--port",
             str(port),
+            "--hl7-port",
+            str(hl7_port),
         ],
         cwd=PROJECT_ROOT,
         env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1"),
@@ -97,8 +100,8 @@ def test_serve_runs_the_stack_until_ctrl_c(mlflow_server: str, tmp_path: Path) -
             }
         )
     )
-    port = free_port()
-    proc = _serve(workdir, mlflow_server, port)
+    port, hl7_port = free_port(), free_port()
+    proc = _serve(workdir, mlflow_server, port, hl7_port)
     lines: list[str] = []
     try:
         deadline = time.monotonic() + START_DEADLINE_S
@@ -114,7 +117,7 @@ def test_serve_runs_the_stack_until_ctrl_c(mlflow_server: str, tmp_path: Path) -
         assert lines and "ready; Ctrl-C" in lines[-1], output
         key = next(x.split()[3] for x in lines if x.startswith("LIS API key"))
         pids = [int(p) for p in next(x for x in lines if x.startswith("pids")).split()[1:]]
-        assert len(pids) == 6, output  # five model services and the gateway
+        assert len(pids) == 7, output  # five model services, the gateway, the HL7 listener
         assert f"http://127.0.0.1:{port}" in output
         response = httpx.get(
             f"http://127.0.0.1:{port}/v1/analyses", headers={"X-API-Key": key}, timeout=30
@@ -127,12 +130,29 @@ def test_serve_runs_the_stack_until_ctrl_c(mlflow_server: str, tmp_path: Path) -
                 "/review/login", data={"username": "demo.reviewer", "password": password}
             )
             assert login.status_code == 303, "the printed reviewer login does not work"
+        # an order to the printed MLLP address, its images where the printed line says
+        hl7 = next(x for x in lines if x.startswith("hl7 (MLLP)"))
+        assert hl7.split()[2] == f"127.0.0.1:{hl7_port}", hl7
+        input_root = Path(hl7.split(" in ", 1)[1].removesuffix("/<accession>/"))
+        assert input_root == workdir / "hl7-inputs"
+        inputs(input_root, "ACC-SERVE")
+        mllp = Client(hl7_port)
+        try:
+            answer = msa(mllp.send(order("PO-SERVE", "ACC-SERVE")))
+        finally:
+            mllp.close()
+        assert answer[1] == "AA" and answer[3].startswith("analysis "), answer
+        listed = httpx.get(
+            f"http://127.0.0.1:{port}/v1/analyses", headers={"X-API-Key": key}, timeout=30
+        ).json()
+        assert answer[3].split()[1] in json.dumps(listed), "the order's analysis is not listed"
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output + rest
         assert "every process stopped" in rest
         assert not [p for p in pids if _alive(p)], "a process outlived Ctrl-C"
         assert (workdir / "stack" / "gateway.log").is_file()
+        assert (workdir / "stack" / "hl7.log").is_file()
     finally:
         if proc.poll() is None:  # a failed assertion: stop it the way a person would
             proc.send_signal(signal.SIGINT)

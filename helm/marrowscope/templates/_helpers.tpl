@@ -126,3 +126,16 @@ securityContext:
   value: {{ $v | toString | quote }}
 {{- end }}
 {{- end }}
+
+{{/* The job store and image store every process that creates or runs analyses shares
+(gateway API and worker, HL7 listener). The gateway's data_dir defaults to a path under
+the image's read-only /app: point it at the /tmp emptyDir (only SQLite and the slide cache
+would use it; the job store is PostgreSQL and the images are on their volume). */}}
+{{- define "marrowscope.storeEnv" -}}
+- name: MS_GATEWAY_DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.gateway.database.secretName }}, key: {{ .Values.gateway.database.secretKey }}}
+- {name: MS_GATEWAY_IMAGE_ROOT, value: {{ .Values.gateway.imageStore.mountPath | quote }}}
+- {name: MS_GATEWAY_DATA_DIR, value: /tmp/marrowscope}
+- {name: HOME, value: /tmp}
+{{- end }}
