@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import fixtures, harness, measure, workloads
 
@@ -81,6 +82,7 @@ def profile(pids: dict[str, int], seconds: float, top: int, workdir: Path) -> di
     exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if exe is None:
         return {"ran": False, "why": "py-spy not installed"}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     procs = {}
     for name, pid in pids.items():
         out = workdir / f"{name}.txt"
@@ -97,7 +99,7 @@ def profile(pids: dict[str, int], seconds: float, top: int, workdir: Path) -> di
                     "--format",
                     "raw",
                     "--rate",
-                    "50",
+                    str(RATE_HZ),
                     "--nonblocking",
                     "--output",
                     str(out),
@@ -106,8 +108,7 @@ def profile(pids: dict[str, int], seconds: float, top: int, workdir: Path) -> di
                 stderr=subprocess.PIPE,
             ),
         )
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    result = {}
+    result: dict[str, dict[str, Any]] = {}
     for name, (out, proc) in procs.items():
         _, err = proc.communicate(timeout=seconds + 120)
         if proc.returncode != 0 or not out.exists():
