@@ -91,6 +91,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 clients=clients,
                 metrics=services.metrics,
                 doorbell=services.doorbell,
+                pdf_signer=services.pdf_signer,
             )
             services.tasks.append(asyncio.create_task(worker.run(stop)))
         metrics_server = serve_metrics(settings.metrics_port, services.metrics.registry)

@@ -176,6 +176,14 @@ class GatewaySettings(BaseSettings):
     """Bytes of uploaded slides one tenant may hold; an upload beyond it gets 413
     `upload_quota_exceeded`."""
 
+    pdf_signing_p12: Path | None = None
+    """PKCS#12 file with the lab's key and certificate: signed-out PDF reports then carry a
+    PAdES B-B signature (`pdfsign`); preliminary ones never do. None: unsigned."""
+    pdf_signing_password: SecretStr | None = None
+    """Password of `PDF_SIGNING_P12` (a Kubernetes Secret, never a value in a file)."""
+    pdf_signing_location: str | None = None
+    """The signature's location field, e.g. the lab's name and city."""
+
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(10, ge=1)
     webhook_backoff_s: float = Field(2.0, gt=0)

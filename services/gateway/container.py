@@ -24,6 +24,7 @@ from services.gateway.guard import AuthFailureLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.migrations import upgrade_head
 from services.gateway.oip import OipModelClients
+from services.gateway.pdfsign import ReportSigner, signer_from
 from services.gateway.review.outcomes import AgreementCache, Tally
 from services.gateway.store import status_counts
 
@@ -41,6 +42,7 @@ class Services:
     auth_failures: AuthFailureLimiter | None = None
     clients: ModelClients | None = None
     doorbell: Doorbell = field(default_factory=Doorbell)
+    pdf_signer: ReportSigner | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     def make_clients(self) -> ModelClients:
@@ -77,6 +79,7 @@ def build_services(settings: GatewaySettings) -> Services:
         metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_min),
         auth_failures=AuthFailureLimiter(settings.auth_failures_per_min),
+        pdf_signer=signer_from(settings),  # a bad key stops startup here, with the reason
     )
 
 

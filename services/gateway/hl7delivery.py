@@ -30,6 +30,7 @@ from services.gateway import hl7outbox, store
 from services.gateway.db import Analysis, Hl7Outbox, now
 from services.gateway.hl7 import Hl7Options, build_oru
 from services.gateway.mllp import Hl7Destination, MllpError, send
+from services.gateway.pdfsign import ReportSigner, finish
 from services.gateway.reading import case_header
 from services.gateway.result import AnalysisResult
 from services.gateway.review.cases import sign_out_record
@@ -51,7 +52,14 @@ def _options(d: Hl7Destination) -> Hl7Options:
     )
 
 
-def render(session: Any, blobs: Any, row: Hl7Outbox, d: Hl7Destination, base_url: str) -> str:
+def render(
+    session: Any,
+    blobs: Any,
+    row: Hl7Outbox,
+    d: Hl7Destination,
+    base_url: str,
+    pdf_signer: ReportSigner | None = None,
+) -> str:
     """The row's ORU^R01 from the stored analysis and result (MSH-10: the row's id)."""
     a = session.get(Analysis, row.analysis_id)
     stored = store.result_of(session, analysis_id=row.analysis_id)
@@ -65,8 +73,12 @@ def render(session: Any, blobs: Any, row: Hl7Outbox, d: Hl7Destination, base_url
     if d.pdf == "embed":
         from services.gateway.pdf import build_pdf, figure_from_blobs
 
-        pdf = build_pdf(
-            case=case, result=result, figure=figure_from_blobs(blobs, result), sign_out=sign_out
+        pdf = finish(
+            build_pdf(
+                case=case, result=result, figure=figure_from_blobs(blobs, result), sign_out=sign_out
+            ),
+            sign_out,
+            pdf_signer,
         )
     url = f"{base_url}/v1/analyses/{a.id}/report?format=pdf"
     return build_oru(
@@ -96,11 +108,13 @@ class Hl7Dispatcher:
         metrics: Any,
         poll_s: float,
         backoff: tuple[float, float] = (2.0, 300.0),
+        pdf_signer: ReportSigner | None = None,
     ) -> None:
         self.sessions = sessions
         self.blobs = blobs
         self.destinations = destinations
         self.base_url = base_url
+        self.pdf_signer = pdf_signer
         self.metrics = metrics
         self.poll_s = poll_s
         self.backoff = backoff
@@ -187,7 +201,7 @@ class Hl7Dispatcher:
     def _render(self, outbox_id: str, d: Hl7Destination) -> str:
         with self.sessions() as session:
             row = session.get(Hl7Outbox, outbox_id)
-            return render(session, self.blobs, row, d, self.base_url)
+            return render(session, self.blobs, row, d, self.base_url, self.pdf_signer)
 
     def _counts(self, outbox_id: str) -> tuple[int, int]:
         """(attempts, error answers) so far."""

@@ -43,6 +43,7 @@ from services.gateway.db import CORE_SERVICES, DEFAULT_TENANT, now
 from services.gateway.doorbell import Doorbell
 from services.gateway.hl7delivery import Hl7Dispatcher
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.pdfsign import ReportSigner
 from services.gateway.pipeline import Cancelled, CaseImage, Pipeline
 from services.gateway.result import RESULT_SCHEMA_VERSION
 from services.gateway.slidejob import expand_slide, roi_config, scan_checks
@@ -77,8 +78,10 @@ class Worker:
         clients: ModelClients,
         metrics: GatewayMetrics,
         doorbell: Doorbell | None = None,
+        pdf_signer: ReportSigner | None = None,
     ) -> None:
         self.s = settings
+        self.pdf_signer = pdf_signer
         self.doorbell = doorbell or Doorbell()
         self._exhausted_checked_at = -float("inf")
         self.sessions = sessions
@@ -144,6 +147,7 @@ class Worker:
             metrics=self.metrics,
             poll_s=self.s.poll_interval_s,
             backoff=(self.s.hl7_backoff_s, self.s.hl7_backoff_max_s),
+            pdf_signer=self.pdf_signer,
         )
 
     @staticmethod
@@ -611,6 +615,7 @@ async def serve_workers(settings: GatewaySettings) -> None:
         blobs=services.blobs,
         clients=clients,
         metrics=services.metrics,
+        pdf_signer=services.pdf_signer,
     )
     try:
         await worker.run(stop)

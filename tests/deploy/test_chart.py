@@ -248,3 +248,32 @@ def test_misspelt_or_invalid_values_fail_schema(values, where):
 
     with pytest.raises(helm_python.HelmValuesError, match=where):
         render_chart(values)
+
+
+def test_pdf_signing_key_is_mounted_only_when_configured():
+    """Signed-out PDF reports are signed with the lab's key from a Secret: the gateway's
+    API and worker pods get the PKCS#12 file (read-only) and its password, or nothing."""
+    values = load_values("values-prod.yaml")
+    plain = checks.by_kind(render_chart(values), "Deployment")
+    values.setdefault("gateway", {})["pdfSigning"] = {
+        "secretName": "lab-signing",
+        "p12Key": "lab.p12",
+        "passwordKey": "password",
+        "location": "Haematology lab",
+    }
+    signed = checks.by_kind(render_chart(values), "Deployment")
+    for component in ("gateway-api", "gateway-worker"):
+        name = f"{RELEASE}-{component}"
+        for deps, want in ((plain, False), (signed, True)):
+            pod = deps[name]["spec"]["template"]["spec"]
+            (c,) = pod["containers"]
+            env = {e["name"]: e for e in c["env"]}
+            assert ("MS_GATEWAY_PDF_SIGNING_P12" in env) is want
+            assert any(v["name"] == "pdf-signing" for v in pod["volumes"]) is want
+            if want:
+                assert env["MS_GATEWAY_PDF_SIGNING_P12"]["value"].endswith("/lab.p12")
+                ref = env["MS_GATEWAY_PDF_SIGNING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": "lab-signing", "key": "password"}
+                mount = next(m for m in c["volumeMounts"] if m["name"] == "pdf-signing")
+                assert mount["readOnly"] is True
+                assert env["MS_GATEWAY_PDF_SIGNING_P12"]["value"].startswith(mount["mountPath"])

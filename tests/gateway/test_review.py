@@ -25,6 +25,8 @@ from services.gateway.review.accounts import LoginThrottle
 from tests.conftest import free_port
 from tests.gateway.conftest import create_key_cli, files, meta, png, settings_env, wait_status
 from tests.gateway.mllp_server import MllpServer
+from tests.gateway.pdfkeys import PASSWORD as PDF_KEY_PASSWORD
+from tests.gateway.pdfkeys import make_p12, signature_status
 
 PASSWORD = "correct horse battery"
 
@@ -52,6 +54,7 @@ def app(tmp_path_factory, lis_mllp):
     from tests.gateway.conftest import GatewayProcess
 
     root = tmp_path_factory.mktemp("review")
+    lab_cert = make_p12(root / "lab.p12")
     env = settings_env(
         root / "gw",
         MS_TEST_FAKE_CELLS="12",
@@ -61,6 +64,8 @@ def app(tmp_path_factory, lis_mllp):
         MS_GATEWAY_HL7_DESTINATIONS=json.dumps(
             {"default": {"host": "127.0.0.1", "port": lis_mllp.port}}
         ),
+        MS_GATEWAY_PDF_SIGNING_P12=str(root / "lab.p12"),
+        MS_GATEWAY_PDF_SIGNING_PASSWORD=PDF_KEY_PASSWORD,
     )
     for name, tenant in (("dr.meyer", "default"), ("dr.other", "site-b")):
         out = users_cli(
@@ -90,6 +95,7 @@ def app(tmp_path_factory, lis_mllp):
             body = wait_status(lis.get, r.json()["id"], key)
             assert body["status"] == "succeeded", body
         body["lis_key"] = key
+        body["lab_cert"] = lab_cert
         yield proc, env, body
     finally:
         proc.stop()
@@ -340,6 +346,17 @@ def _wait_messages(lis: MllpServer, n: int) -> list[str]:
     return lis.messages()
 
 
+def _signatures(pdf: bytes) -> list:
+    from pyhanko.pdf_utils.reader import PdfFileReader
+
+    return list(PdfFileReader(io.BytesIO(pdf)).embedded_signatures)
+
+
+def amended_signature_expected(page: str) -> bool:
+    """True once the case was signed out before (an earlier test): its report is signed."""
+    return "signed out by" in page.lower()
+
+
 def test_sign_out_reaches_the_reports_and_the_lis(app, lis_mllp) -> None:
     """Preliminary until signed out; then FHIR `final` with the reviewer as interpreter and
     verifier, the PDF says who signed, and the LIS gets an ORU^R01 with result status F;
@@ -366,6 +383,9 @@ def test_sign_out_reaches_the_reports_and_the_lis(app, lis_mllp) -> None:
                 me.post(f"{case}/reopen", data={"csrf": csrf, "revision": revision, "reason": "x"})
                 csrf, revision = csrf_and_revision(me.get(case).text)
             assert fhir_report()["status"] == "preliminary"
+            if not amended_signature_expected(me.get(case).text):
+                preliminary = lis_api.get(f"/v1/analyses/{aid}/report", params={"format": "pdf"})
+                assert not _signatures(preliminary.content), "a preliminary report is never signed"
             first = _wait_messages(lis_mllp, 1)
             assert _obr25(first[0]) == "P"
             amended_before = "amendment" in me.get(case).text
@@ -380,6 +400,9 @@ def test_sign_out_reaches_the_reports_and_the_lis(app, lis_mllp) -> None:
         assert "morphology agrees" in report["conclusion"]
         pdf = lis_api.get(f"/v1/analyses/{aid}/report", params={"format": "pdf"}).content
         assert pdf.startswith(b"%PDF")
+        sig, status = signature_status(pdf, body["lab_cert"])  # the lab's PAdES signature
+        assert status.intact and status.valid and status.trusted
+        assert "Dr.Meyer" in str(sig.sig_object["/Reason"])
         if shutil.which("pdftotext"):  # poppler-utils (make sysdeps); PDF text checked if there
             text = subprocess.run(
                 ["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True

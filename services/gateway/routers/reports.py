@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from marrowscope.imaging import decode_image
-from services.gateway import store
+from services.gateway import pdfsign, store
 from services.gateway.auth import Principal
 from services.gateway.db import AuditLog
 from services.gateway.deps import AdminKey, ReadKey, ServicesDep, SessionDep, audit, get_analysis
@@ -82,11 +82,15 @@ def get_report(
     report = AnalysisResult.model_validate(result)
     services = request.app.state.services
     signed = sign_out_record(session, a.id)
-    pdf = build_pdf(
-        case=case_header(a),
-        result=report,
-        figure=figure_from_blobs(services.blobs, report),
-        sign_out=signed,
+    pdf = pdfsign.finish(
+        build_pdf(
+            case=case_header(a),
+            result=report,
+            figure=figure_from_blobs(services.blobs, report),
+            sign_out=signed,
+        ),
+        signed,
+        services.pdf_signer,
     )
     if format == "pdf":
         name = f"marrowscope-{a.id}.pdf"
