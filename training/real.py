@@ -315,7 +315,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
             str(runs / "mil" / "results"),
         ),  # fmt: skip
     )
-    lineage = {s: versions[s] for s in (Stage.SEGMENTATION, Stage.CELLTYPE)}
+    lineage: dict[str, str] = {s: versions[s] for s in (Stage.SEGMENTATION, Stage.CELLTYPE)}
     versions[Stage.ENSEMBLE] = register_withheld(
         Stage.ENSEMBLE, runs / "ensemble" / "model", tracking_uri=tracking_uri, lineage=lineage
     )
