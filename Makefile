@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup sysdeps test demo serve lint docs bench protos lock mlflow loadtest clean
+.PHONY: setup sysdeps test demo real serve lint docs bench protos lock mlflow loadtest clean
 
 $(STAMP): requirements.in constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,9 +52,18 @@ test: setup
 demo: setup
 	$(PY) -m training.demo
 
-# The demo's promoted models as a running stack (gateway on :8080) until Ctrl-C.
+# The real-data model set (../shared/data): trained, registered and promoted under
+# $(REAL_WORKDIR); REAL_BUDGET=ci for seconds-long runs. Serve it: make serve SERVE_WORKDIR=.real
+REAL_WORKDIR ?= .real
+REAL_BUDGET ?= cpu
+real: setup
+	$(PY) -m training.real --workdir $(REAL_WORKDIR) --budget $(REAL_BUDGET)
+
+# The promoted models of $(SERVE_WORKDIR) (the demo's, or .real) as a running stack
+# (gateway on :8080) until Ctrl-C.
+SERVE_WORKDIR ?= .demo
 serve: setup
-	$(PY) -m training.serve
+	$(PY) -m training.serve --workdir $(SERVE_WORKDIR)
 
 # mypy's paths and strictness are in pyproject.toml ([tool.mypy]); .pre-commit-config.yaml
 # runs the same three checks. The first mypy run builds .mypy_cache (minutes); later runs

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from marrowscope.errors import InvalidInput, ModelNotFound
 from marrowscope.models.io import ModelFormatError, model_digest, read_config
 from marrowscope.paths import PROJECT_ROOT
+from marrowscope.provenance import TAG_TRAINED_ON, trained_on
 from marrowscope.stages import REGISTERED, Stage
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def register_model_dir(
             TAG_CONFIG: json.dumps(config, sort_keys=True, separators=(",", ":")),
             TAG_DIGEST: digest,
             TAG_ARTIFACT_PATH: ARTIFACT_PATH,
+            TAG_TRAINED_ON: trained_on(config),
             **{f"{METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()},
             **{f"{LINEAGE_PREFIX}{k}": str(v) for k, v in lineage.items()},
         }

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from marrowscope import provenance
 from marrowscope.errors import InvalidInput
 from services.runtime.handler import ModelHandler, Parameters
 from services.runtime.settings import ServiceSettings
@@ -140,6 +141,7 @@ class PredictorHandler(ModelHandler):
         self.local_dir = Path(local_dir)
         self.settings = settings
         self.config: dict[str, Any] = read_config(self.local_dir)
+        self.provenance_parameters = provenance.response_parameters(self.config)
         self.predictor: Any = None
         self.max_concurrency = model_threads(settings)
 

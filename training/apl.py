@@ -353,7 +353,13 @@ def save_mil_artifact(
     from training.apl_cv import save_mil
 
     celltype = {"name": Stage.CELLTYPE.registered_name, "version": str(typer.version)}
-    save_mil(model, directory, celltype=celltype, training={"cv_apl_auroc": auroc})
+    # the MIL model learned from the DeepAPL patients' cells, typed by `typer`
+    save_mil(
+        model,
+        directory,
+        celltype=celltype,
+        training={"cv_apl_auroc": auroc, "trained_on": "deepapl"},
+    )
     # the directory's name only: results files never hold this machine's paths
     out: dict[str, Any] = {"directory": f"DIR/{directory.name}", "celltype": celltype}
     if register:

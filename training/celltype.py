@@ -171,6 +171,15 @@ def is_real(data_dir) -> bool:
 REAL_SOURCES = ("deepapl", "pbc")
 
 
+def real_trained_on(config: JobConfig) -> str:
+    """`training.trained_on` of a typer trained on the real sets: its `real_train_sources`,
+    plus `synthetic` when synthetic crops are mixed in (`mix_synthetic`)."""
+    from marrowscope.provenance import SYNTHETIC, join_sources
+
+    mixed = [SYNTHETIC] if config.get("mix_synthetic") else []
+    return join_sources([*config["real_train_sources"], *mixed])
+
+
 def real_crops(data_dir, config: JobConfig, *, strict: bool = False) -> dict[str, CropSet]:
     """train / val / test (and `external`, see the module doc) CropSets from the real sets.
 
@@ -551,6 +560,7 @@ def train(
             "seed": config["seed"],
             "config_name": config["config_name"],
             **({"corrections_sha256": corrections["manifest_sha256"]} if corrections else {}),
+            **({"trained_on": real_trained_on(config)} if is_real(args.data) else {}),
         },
     )
     model = build_for_training(model_config, device, config.get("init_weights"))

@@ -25,6 +25,32 @@ SYNTH_DETECTOR_CLASSES = ("cell", "RBC")
 model types them; red cells are a class of their own so they are never typed or counted."""
 
 
+def trained_on(data_dir: Path | None) -> str:
+    """`training.trained_on` (`marrowscope.provenance`) of a model trained on `data_dir`:
+    a real set of `../shared/data` by its folder name (`bccd`, `wbc-seg`, `deepapl`,
+    `pbc`), `synthetic` for a cohort of `training.data.synth` (its COCO `info.generator`)
+    or no folder at all, else `unknown` (another lab's data: real, but not one we know).
+    Jobs that mix sources record them themselves (celltype, nucseg)."""
+    import json
+
+    from marrowscope.provenance import REAL_SETS, SYNTHETIC, UNKNOWN
+    from training.data.synth import GENERATOR
+
+    if data_dir is None:
+        return SYNTHETIC
+    data_dir = Path(data_dir)
+    if data_dir.name in REAL_SETS:
+        return data_dir.name
+    coco = data_dir / "annotations.json"
+    if coco.is_file():
+        try:
+            info = json.loads(coco.read_text()).get("info") or {}
+        except (OSError, ValueError):
+            return UNKNOWN
+        return SYNTHETIC if info.get("generator") == GENERATOR else UNKNOWN
+    return UNKNOWN
+
+
 def is_voc(data_dir: Path) -> bool:
     return (Path(data_dir) / "Annotations").is_dir() and not (
         Path(data_dir) / "annotations.json"

@@ -389,6 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             model_config["nucleus_source"] = source
             model_config["training"] = {
                 "data": "wbc-seg + synthetic crowded" if wbc is not None else "synthetic crowded",
+                "trained_on": "wbc-seg+synthetic" if wbc is not None else "synthetic",
                 "cv_folds": cfg["cv_folds"] if wbc is not None and not args.no_cv else 0,
                 "seconds": results["seconds"],
             }

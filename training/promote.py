@@ -6,7 +6,10 @@
 Gates, evaluated on every candidate before anything moves (a set is all or nothing):
 - `exists`: the version is registered.
 - `metrics`: `marrowscope.metric.<m>` tags present and >= the floors (`DEFAULT_FLOORS`,
-  overridden with `--floor [kind.]metric=value`). An ensemble's `<target>_*` floors apply
+  overridden with `--floor [kind.]metric=value`). Metrics of an output the version's
+  config withholds (`withheld`, `marrowscope.provenance`: an ensemble's P(AML), an npm1
+  model's P(NPM1); the real-data set has no labels to learn them) are not applicable, and
+  the gateway never reports that output. An ensemble's `<target>_*` floors apply
   when its config `targets` include that genetic target (`marrowscope.targets`: npm1 =
   P(NPM1 | AML), apl = P(APL | AML)) and are skipped otherwise; the default `npm1_auroc`
   floor is 0.80 (the paper's CNN reached 0.92; a morphology call below 0.8 would mislead
@@ -169,11 +172,27 @@ def _metric_target(c: _Version, metric: str) -> str | None:
     return next((t for t in BY_CODE if metric.startswith(f"{t}_")), None)
 
 
+def _withheld_output(c: _Version, metric: str) -> tuple[str, str] | None:
+    """(output, why) when `metric` scores an output the version withholds (its config's
+    `withheld`, `marrowscope.provenance`): an ensemble's P(AML) metrics (those of no genetic
+    target), an npm1 model's metrics; None otherwise."""
+    from marrowscope.provenance import withheld
+
+    held = withheld(c.config or {})
+    output = {Stage.ENSEMBLE: _metric_target(c, metric) or "aml", Stage.NPM1: "npm1"}.get(
+        Stage(c.kind)
+    )
+    return (output, held[output]) if output in held else None
+
+
 def _metrics_gate(c: _Version, floors: dict[str, float]) -> tuple[bool, str]:
     problems, seen = [], []
     for metric, floor in sorted(floors.items()):
         if c.kind == Stage.NUCSEG and metric == "nc_abs_err":
             continue  # a ceiling, checked by the nc_error gate
+        if (held := _withheld_output(c, metric)) is not None:
+            seen.append(f"{metric} not applicable ({held[0]} withheld: {held[1]})")
+            continue
         target = _metric_target(c, metric)
         if target is not None and target not in c.targets:
             seen.append(f"{metric} not applicable (no {target} output)")
@@ -204,6 +223,8 @@ def _non_inferiority_gate(
 
 
 def _compare(metric: str, c: _Version, champion: _Version, margin: float) -> tuple[bool, str]:
+    if (held := _withheld_output(c, metric)) is not None:
+        return True, f"{metric}: {held[0]} withheld by the candidate, nothing to compare"
     mine, theirs = c.metric(metric), champion.metric(metric)
     if mine is None:
         return False, f"{metric} missing on the candidate"

@@ -2,7 +2,7 @@
 listener, until Ctrl-C.
 
     make serve                                   # after `make demo`: its models and settings
-    python -m training.serve --workdir DIR --port 8080
+    python -m training.serve --workdir DIR --port 8080   # DIR of `make real`: the real set
     python -m training.serve --tracking-uri http://mlflow:5000 --workdir DIR   # another registry
 
 It starts the stack the way `make demo` does (`services.stack.LocalStack`, one process per
@@ -134,13 +134,16 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir.resolve()
     tracking_uri, env = stack_settings(workdir, args.tracking_uri)
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
-        say(f"no model registry at {tracking_uri}: run `make demo` first (or pass --tracking-uri)")
+        say(
+            f"no model registry at {tracking_uri}: run `make demo` (or `make real` for the "
+            "real-data set) first, or pass --tracking-uri"
+        )
         return EXIT_USAGE
     missing = missing_models(tracking_uri, args.alias)
     if missing:
         say(
             f"no '{args.alias}' version of {', '.join(missing)} in {tracking_uri}: "
-            "run `make demo` (or train and promote them) first"
+            "run `make demo` or `make real` (or train and promote them) first"
         )
         return EXIT_USAGE
 

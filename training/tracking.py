@@ -81,7 +81,8 @@ def finish(
     lineage: dict[str, str] | None = None,
     extra_files: Sequence[Path] = (),
 ) -> str | None:
-    """Save the model to `<output>/model/` (safetensors + config.json), log final metrics,
+    """Save the model to `<output>/model/` (safetensors + config.json; its config's
+    `training.trained_on` set from `--data` unless the job recorded it), log final metrics,
     write `<output>/metrics.json`, register (unless --no-register) with `data_digest`
     (default: the model config's `training.data_hash`) and promote (with --promote).
     `extra_files` are copied into the model directory first, so they are registered with
@@ -89,7 +90,12 @@ def finish(
     import mlflow
     from marrowscope import registry
     from marrowscope.models import save_model
+    from training.common_data import trained_on
 
+    # what the weights learned from travels with them (marrowscope.provenance)
+    model_config.setdefault("training", {}).setdefault(
+        "trained_on", trained_on(getattr(args, "data", None))
+    )
     model_dir = save_model(model, model_config, args.output / MODEL_SUBDIR)
     for path in extra_files:  # files that belong to the version (the typer's domain.json)
         shutil.copyfile(path, model_dir / Path(path).name)

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from marrowscope.errors import MarrowScopeError
+from marrowscope.provenance import check_withheld
 from marrowscope.targets import ensemble_target_codes
 from marrowscope.taxonomy import ATTRIBUTE_CODES, CODES, COUNTED_CODES
 
@@ -199,6 +200,10 @@ def validate_config(config: dict[str, Any]) -> None:
         if not isinstance(config.get(key, {}), dict):
             _fail(config, f"{key} must be an object")
     _VALIDATORS[kind](config)
+    if "withheld" in config:
+        withholdable = {"ensemble": ensemble_targets(config), "npm1": ["npm1"]}.get(kind, [])
+        if (problem := check_withheld(config, withholdable)) is not None:
+            _fail(config, problem)
 
 
 def _validate_detector(config: dict[str, Any]) -> None:

@@ -167,6 +167,20 @@ class Explanation:
     model_version: str
 
 
+PROVENANCE_PARAMETERS = ("trained_on", "splitter_version", "splitter_trained_on")
+"""Response parameters that hold for a model version as a whole (`marrowscope.provenance`;
+the segmentation service's learned split), recorded per version by clients that can
+(`model_facts`), beside every `withheld_<output>` parameter."""
+
+
+def model_facts(clients: object, model: str, version: str) -> dict[str, str]:
+    """What a model version said about itself in its responses (`PROVENANCE_PARAMETERS`,
+    `withheld_*`), from clients that record it (`OipModelClients.facts`); {} from others
+    (test fakes, a version not called yet)."""
+    facts = getattr(clients, "facts", None)
+    return dict(facts.get((model, version), {})) if isinstance(facts, dict) else {}
+
+
 @runtime_checkable
 class ModelClients(Protocol):
     """Calls to the five model services. `timeout` is the remaining deadline in seconds;

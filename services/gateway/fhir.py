@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from marrowscope.targets import GeneticTarget, genetic_targets
-from services.gateway.reading import SignOut, result_status
+from services.gateway.reading import SignOut, result_status, synthetic_text
 from services.gateway.result import (
     AnalysisResult,
     DomainCheck,
@@ -153,7 +153,7 @@ def build_bundle(
             )
         )
     aml = result.aml
-    if result.outcome == "succeeded" and aml is not None and aml.status == "abstained":
+    if result.outcome == "succeeded" and aml is not None and aml.status != "predicted":
         results.append(
             observation(
                 "p-aml",
@@ -263,23 +263,27 @@ def build_bundle(
     if result.outcome == "abstained":
         conclusion = f"No AI call: {result.abstain_reason}"
     else:
+        withheld_word = "not available" if aml and aml.status == "not_available" else "withheld"
         aml_text = (
             f"P(AML) {result.p_aml:.3f}"
             if result.p_aml is not None
-            else f"P(AML) withheld ({aml and aml.reason}: {aml and aml.detail})"
+            else f"P(AML) {withheld_word} ({aml and aml.reason}: {aml and aml.detail})"
         )
         npm1_text = (  # None on a succeeded case: single-cell images, no field to read
             "P(NPM1 mutated) not applicable (single-cell images)"
             if result.p_npm1 is None
             else f"P(NPM1 mutated) {result.p_npm1:.3f}"
         )
+        if result.p_npm1_withheld:
+            npm1_text = f"P(NPM1 mutated) not available: {result.p_npm1_withheld}"
         if aml is not None and aml.reason == "out_of_domain":
             npm1_text = "P(NPM1 mutated) withheld (out_of_domain)"
         warning = f" {result.differential_warning}" if result.differential_warning else ""
+        synthetic = f" {synthetic_text(result)}" if result.synthetic_stages else ""
         conclusion = (
             f"{aml_text}; {npm1_text}{''.join(morph_texts)}; "
             f"blasts {result.blast_percent:.1f}% of "
-            f"{result.n_cells_counted} counted cells.{warning} {result.disclaimer}"
+            f"{result.n_cells_counted} counted cells.{warning}{synthetic} {result.disclaimer}"
         )
     reviewer_ref = f"urn:uuid:{uuid.uuid4()}"
     report = {

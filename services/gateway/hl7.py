@@ -342,6 +342,8 @@ def build_oru(
     aml_status = (
         "abstained"
         if result.outcome == "abstained" or (aml is not None and aml.status == "abstained")
+        else "not_available"
+        if aml is not None and aml.status == "not_available"
         else "predicted"
     )
     notes = (f"threshold {result.aml_threshold:g}",) if result.p_aml is not None else ()

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marrowscope.provenance import WITHHELD_PREFIX
 from marrowscope.stages import Stage
 from marrowscope.targets import genetic_targets
 from services.gateway.balancing import BalancedClients, Resolver, dns_resolver
 from services.gateway.clients import (
     MIL_MODEL,
+    PROVENANCE_PARAMETERS,
     Classification,
     EnsembleOutput,
     Explanation,
@@ -118,6 +120,8 @@ class OipModelClients:
                 s: grpcclient.InferenceServerClient(url=a, channel_args=opts)
                 for s, a in addrs.items()
             }
+        self.facts: dict[tuple[str, str], dict[str, str]] = {}
+        """(model, version) -> its provenance parameters (`clients.model_facts`)."""
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> OipModelClients:
@@ -161,7 +165,7 @@ class OipModelClients:
         timeout: float,
         parameters: dict | None = None,
     ):
-        return await self._call(
+        result = await self._call(
             service,
             self._client(service).infer(
                 service,
@@ -171,6 +175,21 @@ class OipModelClients:
                 parameters=parameters,
             ),
         )
+        self._record_facts(service, result)
+        return result
+
+    def _record_facts(self, model: str, result) -> None:
+        """Keep what the answering version says about itself (`clients.model_facts`): a
+        registry version's training data and withheld outputs never change, so the last
+        answer per (model, version) is the answer."""
+        params = result.get_response().parameters
+        facts = {
+            k: v.string_param
+            for k, v in params.items()
+            if k in PROVENANCE_PARAMETERS or k.startswith(WITHHELD_PREFIX)
+        }
+        if facts:
+            self.facts[(model, self._version(result))] = facts
 
     @staticmethod
     def _version(result) -> str:

@@ -35,6 +35,7 @@ from services.gateway.reading import (
     most_informative_image,
     non_counted,
     result_status,
+    synthetic_text,
     target_meaning,
 )
 from services.gateway.render import TYPE_COLOURS, colour_scale_png, heatmap_png, overlay_png
@@ -247,6 +248,23 @@ def _findings(result: AnalysisResult, st: dict[str, Any]) -> Any:
     if domain is not None:
         rows.append(
             ["Domain check", _p(escape(domain), st["base"]), _p(DOMAIN_MEANING, st["small"])]
+        )
+    if result.p_npm1_withheld:
+        rows.append(
+            [
+                _p("P(NPM1 mutated)<br/>whole image", st["base"]),
+                _p(escape(f"not available: {result.p_npm1_withheld}"), st["base"]),
+                _p(WHOLE_IMAGE_NPM1_MEANING, st["small"]),
+            ]
+        )
+    synthetic = synthetic_text(result)
+    if synthetic is not None:
+        rows.append(
+            [
+                "Synthetic models",
+                _p(escape(", ".join(result.synthetic_stages)), st["base"]),
+                _p(escape(synthetic), st["small"]),
+            ]
         )
     return _table(rows, [30 * mm, 52 * mm, 98 * mm])
 

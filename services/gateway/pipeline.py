@@ -74,6 +74,7 @@ import numpy as np
 
 from marrowscope import case
 from marrowscope.errors import InvalidInput
+from marrowscope.provenance import WITHHELD_PREFIX, is_synthetic
 from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
 from services.gateway.calls import (
     PipelineFailure,
@@ -89,6 +90,7 @@ from services.gateway.clients import (
     MilOutput,
     ModelClients,
     ModelInfo,
+    model_facts,
 )
 from services.gateway.config import GatewaySettings
 from services.gateway.domain import check_domain, differential_warning, domain_abstention
@@ -526,6 +528,7 @@ class Pipeline:
         report.aml = AmlCall(status="abstained", reason="too_few_cells", detail=reason)
         self._set_morphology(report, None, pinned, mil=MilAnswer(None, pinned.mil_problem))
         report.stage_seconds = dict(self.stage_seconds)
+        self._provenance(report)
         return Outcome("abstained", reason, report)
 
     def _set_morphology(
@@ -536,12 +539,17 @@ class Pipeline:
         aml_positive: bool | None = None,
         *,
         mil: MilAnswer | None = None,
+        gate: AmlCall | None = None,
     ) -> None:
         """The genetic-lesion calls: the ensemble's heads, and with `apl_model` mil the APL
-        call from the MIL model's answer (`mil`) instead."""
+        call from the MIL model's answer (`mil`) instead. `gate`: the AML call that gates
+        them when it is not the report's (P(AML) withheld by the model, but the case's
+        features withheld for a reason of their own)."""
         use_mil = self.s.apl_model == "mil"
+        gate = gate or report.aml
+        assert gate is not None
         calls = morphology_calls(
-            report.aml,
+            gate,
             ens,
             ensemble=pinned.infos[Stage.ENSEMBLE],
             aml_positive=aml_positive,
@@ -552,7 +560,7 @@ class Pipeline:
         if use_mil:
             answer = mil or MilAnswer(None, pinned.mil_problem)
             calls["apl_morphology"] = mil_morphology(
-                report.aml,
+                gate,
                 answer.output,
                 answer.problem,
                 mil_version="" if pinned.mil is None else pinned.mil.version,
@@ -626,7 +634,23 @@ class Pipeline:
                 a.entry.p_npm1 = None
         p_aml: float | None = ens.p_aml
         reason = None
-        if abstention is None:
+        gate = None
+        withheld = model_facts(self.clients, Stage.ENSEMBLE, ens.model_version).get(
+            f"{WITHHELD_PREFIX}aml"
+        )
+        if withheld and (abstention is None or abstention["reason"] != "out_of_domain"):
+            # the model has no P(AML) to give (the real-data set: no control cases); an
+            # out-of-domain case still says so, as it withholds every call
+            p_aml = None
+            aml = AmlCall(
+                status="not_available",
+                reason="no_aml_model",
+                detail=f"ensemble version {ens.model_version} gives no P(AML): {withheld}",
+                model_length_unit=ens.feature_units.length,
+            )
+            if abstention is not None:  # the genetic heads read the same features
+                gate = AmlCall(status="abstained", **abstention)
+        elif abstention is None:
             aml = AmlCall(status="predicted", model_length_unit=ens.feature_units.length)
         else:
             # features in another unit than the model learned: the number means nothing
@@ -644,9 +668,23 @@ class Pipeline:
         report.p_aml = p_aml
         report.aml = aml
         report.aml_positive = aml_positive
+        npm1_withheld = (
+            None
+            if cells
+            else model_facts(self.clients, Stage.NPM1, pinned.versions[Stage.NPM1]).get(
+                f"{WITHHELD_PREFIX}npm1"
+            )
+        )
+        if npm1_withheld and p_npm1 is not None:
+            p_npm1 = None
+            for a in analysed:
+                a.entry.p_npm1 = None
+            report.p_npm1_withheld = (
+                f"npm1 version {pinned.versions[Stage.NPM1]} gives no P(NPM1): {npm1_withheld}"
+            )
         report.p_npm1 = p_npm1
         report.npm1_positive = None if p_npm1 is None else p_npm1 >= self.s.npm1_threshold
-        self._set_morphology(report, ens, pinned, aml_positive, mil=mil)
+        self._set_morphology(report, ens, pinned, aml_positive, mil=mil, gate=gate)
         report.lineage = ens.lineage
         report.explained = explain
         if mil is not None and mil.output is not None:
@@ -655,7 +693,23 @@ class Pipeline:
         if explain:
             report.importance_source = "explain_occlusion"
         report.stage_seconds = dict(self.stage_seconds)
+        self._provenance(report)
         return Outcome("succeeded", reason, report, artifacts)
+
+    def _provenance(self, report: AnalysisResult) -> None:
+        """`trained_on` of every model that answered at its pinned version (and of the
+        learned nucleus/cytoplasm split inside segmentation), and `synthetic_stages`: a
+        report says which of its figures rest on a model that learned from synthetic
+        data."""
+        trained: dict[str, str] = {}
+        for model, pinned in report.model_versions.items():
+            facts = model_facts(self.clients, model, pinned.version)
+            if facts.get("trained_on"):
+                trained[model] = facts["trained_on"]
+            if model == Stage.SEGMENTATION and facts.get("splitter_trained_on"):
+                trained[Stage.NUCSEG] = facts["splitter_trained_on"]
+        report.trained_on = trained
+        report.synthetic_stages = [m for m, v in trained.items() if is_synthetic(v)]
 
     def _aml_abstention(
         self,

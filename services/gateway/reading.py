@@ -184,7 +184,19 @@ def aml_text(result: AnalysisResult) -> str:
     aml = result.aml
     reason = aml.reason if aml is not None else None
     detail = aml.detail if aml is not None else None
-    return f"withheld ({reason}): {detail}" if detail else f"withheld ({reason})"
+    word = "not available" if aml is not None and aml.status == "not_available" else "withheld"
+    return f"{word} ({reason}): {detail}" if detail else f"{word} ({reason})"
+
+
+def synthetic_text(result: AnalysisResult) -> str | None:
+    """Which models of the case learned from synthetic data, in one sentence (None: none
+    did, or the services did not say)."""
+    if not result.synthetic_stages:
+        return None
+    named = ", ".join(f"{m} ({result.trained_on[m]})" for m in result.synthetic_stages)
+    return (
+        f"Trained on synthetic data: {named}; what they contribute is not validated on real smears."
+    )
 
 
 DOMAIN_MEANING = (

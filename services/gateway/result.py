@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.7").
+"""The versioned JSON result of an analysis (`schema_version` "1.8").
 
 One model from the first stage to the renderers: the pipeline fills it in step by step
 (`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
@@ -26,6 +26,12 @@ typer's training cells) and `differential_warning`; abstention reason `out_of_do
 the comment, amendments, and the reviewer's differential beside the model's). It is the
 one field not fixed when the analysis finishes: the job store keeps the model's result, and
 the JSON report adds the review as it stands when it is read, to results of every version.
+1.8: `aml.status` not_available (reason `no_aml_model`: the pinned ensemble version
+withholds P(AML), e.g. the real-data set, which has no control cases to learn it from);
+`trained_on` (what each model's weights learned from, `marrowscope.provenance`),
+`synthetic_stages` (the models among them that learned from synthetic data) and
+`p_npm1_withheld` (why the whole-image P(NPM1) is absent: the pinned npm1 version withholds
+it).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.7"
+RESULT_SCHEMA_VERSION = "1.8"
 
 
 class _Model(BaseModel):
@@ -73,12 +79,17 @@ AmlAbstentionReason = Literal[
 
 
 class AmlCall(_Model):
-    """Whether the AML prediction was made; an abstention withholds `p_aml` only."""
+    """Whether the AML prediction was made; an abstention withholds `p_aml` only.
+    not_available (1.7): the pinned ensemble version has no P(AML) to give (`reason`
+    no_aml_model, `detail` its own words); the genetic calls (P(lesion | AML)) still
+    report, to be read against an AML diagnosis made elsewhere."""
 
-    status: Literal["predicted", "abstained"]
-    reason: AmlAbstentionReason | None = Field(
+    status: Literal["predicted", "abstained", "not_available"]
+    reason: AmlAbstentionReason | Literal["no_aml_model"] | None = Field(
         None,
-        description="machine-readable abstention reason: too_few_cells (the whole case "
+        description="machine-readable reason: no_aml_model when not_available (the "
+        "pinned ensemble version withholds P(AML), `detail` says why); abstention reasons: "
+        "too_few_cells (the whole case "
         "abstained); pixel_size_required (the ensemble learned morphometrics in um, the case "
         "was measured in px: send options.um_per_px); pixel_size_unexpected (the ensemble "
         "learned px, the case is in um); pixel_size_mixed (images with and without a pixel "
@@ -286,7 +297,7 @@ class AnalysisResult(_Model):
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"] = (
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8"] = (
         RESULT_SCHEMA_VERSION
     )
     analysis_id: str
@@ -312,6 +323,12 @@ class AnalysisResult(_Model):
     )
     npm1_threshold: float
     npm1_positive: bool | None = Field(None, description="p_npm1 >= npm1_threshold")
+    p_npm1_withheld: str | None = Field(
+        None,
+        description="why `p_npm1` is None on a case of fields of view (1.7): the pinned npm1 "
+        "version withholds it (its config's `withheld`, e.g. no real NPM1 labels to learn "
+        "from)",
+    )
     npm1_morphology: GeneticMorphologyCall | None = Field(
         None,
         description="NPM1 by morphology (the ensemble's P(NPM1 mutated | AML)); None before 1.2",
@@ -351,6 +368,18 @@ class AnalysisResult(_Model):
     model_versions: dict[str, StageVersion]
     lineage: dict[str, str] = Field(
         default_factory=dict, description="upstream versions the ensemble reported"
+    )
+    trained_on: dict[str, str] = Field(
+        default_factory=dict,
+        description="what each model that answered learned from (1.7; `marrowscope."
+        "provenance`): model (as in `model_versions`, plus nucseg for the learned "
+        "nucleus/cytoplasm split) -> its data sets, `+`-joined: real sets (bccd, deepapl, "
+        "pbc, wbc-seg), synthetic, untrained (its outputs are withheld) or unknown",
+    )
+    synthetic_stages: list[str] = Field(
+        default_factory=list,
+        description="the models of `trained_on` that learned (also) from synthetic data "
+        "(1.7): what they contribute is not a real-data figure",
     )
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     explained: bool = False

@@ -232,6 +232,9 @@ class ModelHandler:
     response_parameters: Mapping[str, str] = MappingProxyType({})
     """String parameters copied into every response of this version (e.g. the ensemble's
     lineage, which the gateway checks against the versions it pinned)."""
+    provenance_parameters: Mapping[str, str] = MappingProxyType({})
+    """What the version was trained on and which outputs it withholds
+    (`marrowscope.provenance`), copied into every response beside `response_parameters`."""
     _ready: bool = False
     _calls = threading.local()  # per thread: the request that thread is serving
 

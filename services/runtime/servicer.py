@@ -281,7 +281,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             parameters = decode_parameters(request.parameters)
             async with repo.acquire(request.model_version or None) as entry:
                 version = entry.version
-                extra = dict(entry.handler.response_parameters)
+                extra = {
+                    **entry.handler.provenance_parameters,
+                    **entry.handler.response_parameters,
+                }
                 entry.handler.validate(inputs)
                 wanted = _requested(request, entry.handler.outputs)
                 result = await entry.worker.submit(inputs, parameters, cancellation)

@@ -74,14 +74,24 @@ class SegmentationHandler(PredictorHandler):
     predictor_cls = Detector
     settings: SegmentationSettings
     splitter: Any = None
-    response_parameters = {"morphometrics_split": CLASSICAL, "splitter_version": ""}
+    response_parameters = {
+        "morphometrics_split": CLASSICAL,
+        "splitter_version": "",
+        "splitter_trained_on": "",
+    }
 
     def load(self) -> None:
+        from marrowscope.provenance import trained_on
+
         super().load()
         self.splitter = load_splitter(self.settings)
         self.response_parameters = {
             "morphometrics_split": CLASSICAL if self.splitter is None else LEARNED,
             "splitter_version": "" if self.splitter is None else self.splitter.version,
+            # the learned split is a model of its own: reports name what it learned from
+            "splitter_trained_on": ""
+            if self.splitter is None
+            else trained_on(self.splitter.config),
         }
 
     def stop(self) -> None:

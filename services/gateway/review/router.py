@@ -530,6 +530,10 @@ def _row(session: Any, a: Analysis, review: CaseReview | None) -> dict[str, Any]
     aml = result.get("aml") or {}
     if aml.get("status") == "abstained":
         flags.append(f"P(AML) withheld: {aml.get('reason')}")
+    elif aml.get("status") == "not_available":
+        flags.append(f"P(AML) not available: {aml.get('reason')}")
+    if result.get("synthetic_stages"):
+        flags.append(f"synthetic-trained: {', '.join(result['synthetic_stages'])}")
     genetic = {}
     for target in ("npm1", "apl"):
         call = result.get(f"{target}_morphology") or {}
