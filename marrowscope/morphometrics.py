@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -197,6 +198,8 @@ def segment_cell(crop: np.ndarray, centre: tuple[float, float] | None = None) ->
     centre. Returns bool [H, W]; all False when no cell stands out.
     """
     from scipy import ndimage as ndi
+
+    preload()  # the first skimage import, in one thread (see preload)
     from skimage import filters, morphology
 
     rgb = crop.astype(np.float64) / 255.0
@@ -221,6 +224,7 @@ def segment_cell(crop: np.ndarray, centre: tuple[float, float] | None = None) ->
 
 def segment_nucleus(crop: np.ndarray, cell_mask: np.ndarray) -> np.ndarray:
     """Nucleus mask inside `cell_mask` (bool [H, W]) of a uint8 [H, W, 3] crop."""
+    preload()  # the first skimage import, in one thread (see preload)
     from skimage import filters, morphology
 
     if cell_mask.sum() < 4:
@@ -241,6 +245,7 @@ def segment_nucleus(crop: np.ndarray, cell_mask: np.ndarray) -> np.ndarray:
 
 def _shape(mask: np.ndarray) -> tuple[float, float, float, float]:
     """(area px, perimeter px, eccentricity, solidity) of all True pixels as one region."""
+    preload()  # the first skimage import, in one thread (see preload)
     from skimage import measure, morphology
 
     area = float(mask.sum())
@@ -373,6 +378,31 @@ def _measure(
     return CellMeasurement(_features(crop, cell, nucleus, scale), nucleus, cell)
 
 
+_IMPORTED = threading.Event()
+_IMPORT_LOCK = threading.Lock()
+
+
+def preload() -> None:
+    """Import the scipy / scikit-image modules the measurements use, once, under a lock.
+
+    scikit-image loads its submodules lazily on first attribute access; two threads doing
+    that first access at once (a service running two model threads) can see a partially
+    initialised `skimage.morphology` ("has no attribute 'closing'"). Every entry point
+    calls this first, so the first import completes in one thread before any other uses it.
+    """
+    if _IMPORTED.is_set():
+        return
+    with _IMPORT_LOCK:
+        if not _IMPORTED.is_set():
+            import scipy.ndimage
+            import skimage.filters
+            import skimage.measure
+            import skimage.morphology
+
+            del scipy, skimage
+            _IMPORTED.set()
+
+
 def measure_cells(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -396,6 +426,7 @@ def measure_cells(
     (`marrowscope.morphometrics_batch`, on `device`, default the splitter's device or the
     CPU): the same masks, the same features within that module's documented tolerance.
     """
+    preload()
     _check_image(image, "image")
     scale = _check_scale(um_per_px)
     boxes = np.asarray(boxes, dtype=np.float64)

@@ -165,3 +165,51 @@ def test_measure_cells_on_a_field_with_several_cells():
         measure_cells(field, np.zeros((3, 5)))
     with pytest.raises(InvalidInput, match="NaN"):
         measure_cells(field, np.array([[0, 0, np.nan, 10]]))
+
+
+def test_first_measurements_from_many_threads_at_once_all_succeed():
+    """A service with two model threads met scikit-image's lazy submodule import half done
+    ("partially initialized module 'skimage.morphology'"); `preload` imports it once, under
+    a lock. Fresh interpreter, 8 threads released together into their first measurement."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from marrowscope.paths import PROJECT_ROOT
+
+    code = textwrap.dedent(
+        """
+        import threading
+        import numpy as np
+        from marrowscope.morphometrics import measure_cells
+
+        image = np.full((96, 96, 3), 235, np.uint8)
+        image[30:66, 30:66] = (190, 170, 200)
+        image[40:56, 40:56] = (110, 50, 150)
+        boxes = np.array([[28, 28, 68, 68]], np.float32)
+        gate, errors = threading.Barrier(8), []
+
+        def run():
+            gate.wait()
+            try:
+                assert measure_cells(image, boxes).shape[0] == 1
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_ROOT,
+        env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
