@@ -14,23 +14,25 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import UnaryExpression, func, select
 from sqlalchemy.orm import Session
 
+from marrowscope.deepzoom import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
 from services.gateway import store
 from services.gateway.container import Services
 from services.gateway.db import Analysis, CaseReview, Reviewer
 from services.gateway.errors import ApiError
-from services.gateway.review import accounts, cases, media
+from services.gateway.review import accounts, cases, media, zoom
 from services.gateway.review.cells import CellView, differential_of, exclusions_from
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,23 @@ class ReviewSettings(BaseSettings):
     login_failures: int = 5
     """Failed logins allowed per username and, separately, per address within the window."""
     login_window_s: float = 300.0
+    tile_size: int = Field(254, ge=MIN_TILE_SIZE, le=MAX_TILE_SIZE)
+    """Deep-zoom tile side in pixels (slide cases), without the overlap."""
+    tile_overlap: int = Field(1, ge=0, le=MAX_OVERLAP)
+    tile_format: Literal["jpeg", "png"] = "jpeg"
+    tile_quality: int = Field(85, ge=30, le=95)
+    """JPEG quality of the tiles."""
+    tile_max_age_s: int = Field(3600, ge=0)
+    """How long a browser keeps a tile (privately) before revalidating it."""
+
+    def tiles(self) -> zoom.TileSettings:
+        return zoom.TileSettings(
+            tile_size=self.tile_size,
+            overlap=self.tile_overlap,
+            format=self.tile_format,
+            quality=self.tile_quality,
+            max_age_s=self.tile_max_age_s,
+        )
 
 
 def _page_context(request: Request, **values: Any) -> dict[str, Any]:
@@ -518,6 +537,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         )
 
     media.add_routes(router, services, current, load_case)
+    zoom.add_routes(router, services, current, load_case, settings.tiles())
     return router
 
 
