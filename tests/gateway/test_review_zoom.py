@@ -223,3 +223,18 @@ def test_a_slide_gone_from_its_store_answers_404_and_the_page_still_opens(slide_
             assert client.get(f"/review/cases/{slide_case['id']}").status_code == 200
     finally:
         shutil.move(moved, path)
+
+
+def test_the_csp_allows_exactly_the_stylesheet_the_vendored_viewer_adds() -> None:
+    import base64
+    import hashlib
+
+    from marrowscope.paths import PROJECT_ROOT
+    from services.gateway.review.zoom import OSD_STYLE_HASH
+
+    vendored = PROJECT_ROOT / "services/gateway/review/static/vendor/openseadragon"
+    source = (vendored / "openseadragon.min.js").read_text()
+    styles = re.findall(r'createElement\("style"\);[^;]*;\w+\.textContent="([^"]*)"', source)
+    assert len(styles) == 1, "OpenSeadragon adds another stylesheet: allow it or avoid it"
+    digest = base64.b64encode(hashlib.sha256(styles[0].encode()).digest()).decode()
+    assert OSD_STYLE_HASH == f"sha256-{digest}"

@@ -202,7 +202,8 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"
+            f"default-src 'self'; style-src 'self' '{zoom.OSD_STYLE_HASH}'; img-src 'self' data:; "
+            "frame-ancestors 'none'; form-action 'self'"
         )
         return response
 

@@ -41,6 +41,11 @@ from services.gateway.slidestore import SlideStore, SlideStoreError, source_path
 TILE_NAME = re.compile(r"^(\d{1,6})_(\d{1,6})\.([a-z]{3,4})$")
 MEDIA = {"jpeg": "image/jpeg", "png": "image/png"}
 
+OSD_STYLE_HASH = "sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE="
+"""The one stylesheet OpenSeadragon 6.1.1 adds to the page (`.openseadragon-canvas:focus`
+on touch screens): allowed by its hash in the pages' CSP, no other inline style is.
+tests/browser checks that the viewer runs with no CSP violation; recompute on an upgrade."""
+
 LoadCase = Callable[[accounts.ActiveSession, str], tuple[Analysis, dict[str, Any]]]
 
 
