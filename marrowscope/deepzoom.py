@@ -115,5 +115,6 @@ def read_tile(slide: Slide, layout: DeepZoomLayout, level: int, col: int, row: i
         return rgb
     from PIL import Image
 
-    resized = Image.fromarray(rgb).resize((w, h), Image.Resampling.LANCZOS)
+    # area averaging: a 2x or 3x reduction, where Lanczos costs ~10x more for no visible gain
+    resized = Image.fromarray(rgb).resize((w, h), Image.Resampling.BOX)
     return np.asarray(resized, dtype=np.uint8)
