@@ -247,6 +247,8 @@ class Reviewer(Base):
     tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
     roles: Mapped[str] = mapped_column(String(128), default="review")
     password_hash: Mapped[str | None] = mapped_column(Text, nullable=True)
+    oidc_subject: Mapped[str | None] = mapped_column(String(512), unique=True, nullable=True)
+    """`<issuer> <sub>` of an account made by an OIDC login (migration 0008); None: local."""
     created_at: Mapped[float] = mapped_column(Float, default=now)
     disabled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 

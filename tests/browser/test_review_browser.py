@@ -337,3 +337,53 @@ def test_the_gallery_works_from_the_keyboard_alone(browser, stack: Stack) -> Non
     assert f"{first}: " in details[-2] and f"{second}: " in details[-2]
     assert details[-2].count("-> EBO") == 2
     assert details[-1].startswith(f"{last}: ") and details[-1].endswith("-> ART")
+
+
+def test_the_slide_case_pans_and_zooms_over_the_slide(
+    browser, stack: Stack, artefacts: Path
+) -> None:
+    """Deep zoom under the page's real CSP: the viewer draws tiles from the slide, the regions
+    are numbered on it and lead to their cells, the buttons zoom; no script or CSP error."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    regions = stack.cases["slide"]["result"]["slide"]["regions"]
+    context = new_context(browser)
+    try:
+        page = login(context, stack.url)
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        tiles: list[str] = []
+        page.on(
+            "response",
+            lambda r: tiles.append(r.url) if "/slide_files/" in r.url and r.ok else None,
+        )
+        page.goto(case_url(stack, "slide"))
+        page.wait_for_selector("#slide-viewer[data-ready=true]")
+        assert page.locator("#slide-viewer canvas").count() >= 1
+        wait_for(lambda: tiles, "the first tiles")
+        marks = page.locator("#slide-viewer .region-mark.on-slide")
+        assert marks.count() == len(regions)
+        assert marks.first.inner_text().strip() == "1"
+        page.wait_for_load_state("networkidle")
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#slide-viewer").screenshot())))
+        assert shot[..., :3].std() > 10, "the viewer shows no slide"  # not a blank canvas
+        page.screenshot(path=str(artefacts / "case-slide-zoom.png"))
+
+        def deepest() -> int:
+            return max(int(re.search(r"/slide_files/(\d+)/", u)[1]) for u in tiles)  # type: ignore[index]
+
+        before = deepest()
+        for _ in range(3):
+            page.get_by_role("button", name="Zoom in").click()
+        wait_for(lambda: deepest() > before, "tiles of a finer level after zooming in")
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(artefacts / "case-slide-zoomed.png"))
+        page.get_by_role("button", name="Whole slide").click()
+        marks.first.click()
+        wait_for(lambda: page.url.endswith(f"#field-{regions[0]['index']}"), "the region's cells")
+        assert context.script_errors == [] and console == [], (context.script_errors, console)
+    finally:
+        context.close()

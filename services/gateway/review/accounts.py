@@ -61,7 +61,7 @@ class ReviewerIdentity:
         return None if "admin" in self.roles else self.tenant
 
 
-def _identity(r: Reviewer) -> ReviewerIdentity:
+def identity_of(r: Reviewer) -> ReviewerIdentity:
     return ReviewerIdentity(
         id=r.id,
         username=r.username,
@@ -126,6 +126,8 @@ def set_password(session: Session, *, username: str, password: str) -> None:
     reviewer = session.scalar(select(Reviewer).where(Reviewer.username == username))
     if reviewer is None:
         raise AccountError(f"no reviewer {username!r}")
+    if reviewer.oidc_subject is not None:
+        raise AccountError(f"{username!r} logs in through OIDC: its password is the provider's")
     reviewer.password_hash = _hasher.hash(check_password(password))
     # a new password ends every session of the old one
     session.execute(delete(ReviewSession).where(ReviewSession.reviewer_id == reviewer.id))
@@ -156,7 +158,7 @@ def authenticate(session: Session, *, username: str, password: str) -> ReviewerI
         return None
     if _hasher.check_needs_rehash(stored):
         reviewer.password_hash = _hasher.hash(password)
-    return _identity(reviewer)
+    return identity_of(reviewer)
 
 
 def _token_hash(token: str) -> str:
@@ -205,7 +207,7 @@ def resolve_session(session: Session, token: str | None) -> ActiveSession | None
     reviewer = session.get(Reviewer, row.reviewer_id)
     if reviewer is None or reviewer.disabled_at is not None:
         return None
-    return ActiveSession(_identity(reviewer), row.csrf_token, row.token_hash)
+    return ActiveSession(identity_of(reviewer), row.csrf_token, row.token_hash)
 
 
 def close_session(session: Session, token_hash: str) -> None:

@@ -14,23 +14,25 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import UnaryExpression, func, select
 from sqlalchemy.orm import Session
 
+from marrowscope.deepzoom import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 from marrowscope.taxonomy import CELL_TYPES, COUNTED_CODES
 from services.gateway import store
 from services.gateway.container import Services
 from services.gateway.db import Analysis, CaseReview, Reviewer
 from services.gateway.errors import ApiError
-from services.gateway.review import accounts, cases, media
+from services.gateway.review import accounts, cases, media, oidc, zoom
 from services.gateway.review.cells import CellView, differential_of, exclusions_from
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,69 @@ class ReviewSettings(BaseSettings):
     login_failures: int = 5
     """Failed logins allowed per username and, separately, per address within the window."""
     login_window_s: float = 300.0
+    tile_size: int = Field(254, ge=MIN_TILE_SIZE, le=MAX_TILE_SIZE)
+    """Deep-zoom tile side in pixels (slide cases), without the overlap."""
+    tile_overlap: int = Field(1, ge=0, le=MAX_OVERLAP)
+    tile_format: Literal["jpeg", "png"] = "jpeg"
+    tile_quality: int = Field(85, ge=30, le=95)
+    """JPEG quality of the tiles."""
+    tile_max_age_s: int = Field(3600, ge=0)
+    """How long a browser keeps a tile (privately) before revalidating it."""
+
+    oidc_issuer: str = ""
+    """An OpenID Connect issuer URL turns on "log in with single sign-on" beside local logins."""
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr = SecretStr("")
+    oidc_scopes: str = "openid profile email"
+    oidc_tenant_claim: str = "tenant"
+    """The ID token claim that holds the reviewer's tenant (a dotted path reaches nested ones)."""
+    oidc_role_claim: str = "roles"
+    """The claim that holds the person's roles (a list, or a space/comma separated string)."""
+    oidc_review_role: str = "review"
+    """The role (in `oidc_role_claim`) that lets a person review; without it they are refused."""
+    oidc_admin_role: str = ""
+    """The role that makes a reviewer an admin (every tenant's cases); empty: none does."""
+    oidc_redirect_uri: str = ""
+    """The callback URL registered at the provider; empty: this request's origin +
+    /review/oidc/callback (set it behind a TLS-terminating proxy)."""
+    oidc_name: str = "single sign-on"
+    """How the login page names the provider ("Log in with ...")."""
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> "ReviewSettings":
+        if self.oidc_issuer and not (
+            self.oidc_client_id and self.oidc_client_secret.get_secret_value()
+        ):
+            raise ValueError(
+                "MS_GATEWAY_REVIEW_OIDC_ISSUER needs MS_GATEWAY_REVIEW_OIDC_CLIENT_ID and "
+                "MS_GATEWAY_REVIEW_OIDC_CLIENT_SECRET"
+            )
+        return self
+
+    def oidc(self) -> oidc.OidcConfig | None:
+        if not self.oidc_issuer:
+            return None
+        return oidc.OidcConfig(
+            issuer=self.oidc_issuer,
+            client_id=self.oidc_client_id,
+            client_secret=self.oidc_client_secret,
+            scopes=self.oidc_scopes,
+            tenant_claim=self.oidc_tenant_claim,
+            role_claim=self.oidc_role_claim,
+            review_role=self.oidc_review_role,
+            admin_role=self.oidc_admin_role,
+            redirect_uri=self.oidc_redirect_uri,
+            name=self.oidc_name,
+        )
+
+    def tiles(self) -> zoom.TileSettings:
+        return zoom.TileSettings(
+            tile_size=self.tile_size,
+            overlap=self.tile_overlap,
+            format=self.tile_format,
+            quality=self.tile_quality,
+            max_age_s=self.tile_max_age_s,
+        )
 
 
 def _page_context(request: Request, **values: Any) -> dict[str, Any]:
@@ -128,14 +193,17 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         if not accounts.csrf_ok(active.csrf_token, token):
             raise ApiError(403, "csrf_failed", "the form's CSRF token is missing or wrong")
 
+    oidc_config = settings.oidc()
+    sso = oidc_config.name if oidc_config else None
+
     def render(name: str, request: Request, status: int = 200, **values: Any) -> HTMLResponse:
-        response = templates.TemplateResponse(
-            request, name, _page_context(request, **values), status_code=status
-        )
+        context = _page_context(request, sso=sso, **values)
+        response = templates.TemplateResponse(request, name, context, status_code=status)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"
+            f"default-src 'self'; style-src 'self' '{zoom.OSD_STYLE_HASH}'; img-src 'self' data:; "
+            "frame-ancestors 'none'; form-action 'self'"
         )
         return response
 
@@ -152,7 +220,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
     @router.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, expired: bool = False) -> Response:
         notice = "Your session ended: log in again. The change you sent was not saved."
-        return render("login.html", request, error=None, notice=notice if expired else None)
+        return render("login.html", request, notice=notice if expired else None)
 
     @router.post("/login", response_class=HTMLResponse)
     def login(
@@ -178,18 +246,26 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
                 throttle.failed(username=username, address=address)
                 log.info("review login failed")  # no username: it may be a mistyped password
                 return render("login.html", request, status=401, error="wrong username or password")
-            opened = accounts.open_session(
-                session, reviewer_id=who.id, ttl_s=settings.session_ttl_s
-            )
-            store.audit(
-                session,
-                key_id=None,
-                key_name=f"reviewer:{who.username}",
-                tenant=who.tenant,
-                action="review.login",
-            )
-        redirect = RedirectResponse("/review/", status_code=303)
-        redirect.set_cookie(
+            opened = signed_in(session, who, "password")
+        return with_session(RedirectResponse("/review/", status_code=303), opened)
+
+    def signed_in(
+        session: Session, who: accounts.ReviewerIdentity, method: str
+    ) -> accounts.LoginSession:
+        """A session for `who`, audited as a login (in the caller's transaction)."""
+        opened = accounts.open_session(session, reviewer_id=who.id, ttl_s=settings.session_ttl_s)
+        store.audit(
+            session,
+            key_id=None,
+            key_name=f"reviewer:{who.username}",
+            tenant=who.tenant,
+            action="review.login",
+            detail=method,
+        )
+        return opened
+
+    def with_session(response: Response, opened: accounts.LoginSession) -> Response:
+        response.set_cookie(
             COOKIE,
             opened.token,
             max_age=int(settings.session_ttl_s),
@@ -198,7 +274,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             samesite="strict",
             path="/review",
         )
-        return redirect
+        return response
 
     @router.post("/logout")
     def logout(
@@ -518,6 +594,17 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
         )
 
     media.add_routes(router, services, current, load_case)
+    if oidc_config is not None:
+        oidc.add_routes(
+            router,
+            oidc.OidcClient(oidc_config),
+            services=services,
+            render=render,
+            signed_in=signed_in,
+            with_session=with_session,
+            cookie_secure=settings.cookie_secure,
+        )
+    zoom.add_routes(router, services, current, load_case, settings.tiles())
     return router
 
 
