@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from marrowscope.paths import PROJECT_ROOT
 from marrowscope.stages import LINEAGE_UPSTREAMS, PIPELINE_MODELS, Stage
@@ -415,6 +418,67 @@ def analyse(client, data: Path, record, um_per_px: float | None, explain: bool, 
     return body
 
 
+DEMO_CELL_CROPS = 80
+"""Crops in the demo's single-cell case (an analyser's export of one case is a few hundred)."""
+
+
+def cell_crops(data: Path, record, limit: int = DEMO_CELL_CROPS) -> list[bytes]:
+    """PNG crops of the nucleated cells of `record`'s images, cut around the generator's
+    ground-truth boxes the way an analyser exports single cells (square, centred, with the
+    context `marrowscope.imaging.crop_cells` gives), at most `limit`."""
+    from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells, decode_image, encode_png
+    from marrowscope.taxonomy import COUNTED_CODES, coco_categories
+
+    coco = json.loads((data / "annotations.json").read_text())
+    codes = {c["id"]: c["name"] for c in coco_categories()}
+    by_file = {im["file_name"]: im["id"] for im in coco["images"]}
+    crops: list[bytes] = []
+    for path in record.image_paths:
+        image_id = by_file.get(path)
+        if image_id is None:
+            continue
+        boxes = [
+            (x, y, x + w, y + h)
+            for a in coco["annotations"]
+            if a["image_id"] == image_id and codes.get(a["category_id"]) in COUNTED_CODES
+            for x, y, w, h in [a["bbox"]]
+        ]
+        if not boxes:
+            continue
+        image = decode_image((data / path).read_bytes())
+        for box in boxes:
+            # at the field's own resolution (side = the padded square), so `um_per_px` holds
+            side = math.ceil(
+                max(box[2] - box[0], box[3] - box[1]) * (1 + 2 * CELL_CROP_PAD_FRACTION)
+            )
+            (crop,) = crop_cells(image, np.asarray([box], np.float32), max(side, 8))
+            crops.append(encode_png(crop))
+            if len(crops) >= limit:
+                return crops
+    return crops
+
+
+def analyse_cells(client, data: Path, record, um_per_px: float | None, out: Path) -> dict:
+    """The same case as an analyser's single-cell export (`"input": "cells"`)."""
+    crops = cell_crops(data, record)
+    files = [("images", (f"cell{k:03d}.png", c, "image/png")) for k, c in enumerate(crops)]
+    metadata = {
+        "accession_id": f"DEMO-{record.case_id}-cells",
+        "specimen_type": "bone_marrow_smear",
+        "stain": "MGG",
+        "input": "cells",
+        "options": {"um_per_px": um_per_px},
+    }
+    response = client.post(
+        "/v1/analyses",
+        files=files,
+        data={"metadata": json.dumps(metadata)},
+        headers={"Idempotency-Key": f"demo-{record.case_id}-cells"},
+    )
+    response.raise_for_status()
+    return wait_and_keep(client, response.json()["id"], out / f"{record.case_id}-cells")
+
+
 DEMO_SLIDE_CELLS = 150
 """Cell target of the demo slide: a few regions, so the demo stays within minutes."""
 
@@ -636,6 +700,14 @@ def main(args: argparse.Namespace) -> int:
                     finished = (record.case_id, body["id"])
             if finished is not None:
                 lines += lis_lines(client, gateway_dir, finished, args.out, stack.gateway_url)
+            cells_case = next((r for label, r in pick_cases(data) if r.aml_label == 1), None)
+            if cells_case is not None:
+                say(f"submitting {cells_case.case_id} again as single-cell crops")
+                body = analyse_cells(
+                    client, data, cells_case, scales[cells_case.image_paths[0]], args.out
+                )
+                failures += body["status"] == "failed"
+                lines += summary_lines("single-cell crops", cells_case, body)
             if not args.no_slide:
                 slide = write_demo_slide(slides_dir, mpp)
                 say(f"submitting a synthetic whole slide ({slide.name}, {mpp:g} um/px)")

@@ -383,6 +383,31 @@ def build_oru(
     return str(b.msg.to_er7())
 
 
+def build_no_result_oru(
+    *,
+    case: CaseHeader,
+    outcome: str,
+    reason: str | None,
+    control_id: str,
+    options: Hl7Options | None = None,
+) -> str:
+    """The ORU^R01 of an analysis that ended without a result (`failed` or `cancelled`), so
+    a LIS that ordered it is never left waiting: OBR-25 X (no results can be obtained), ORC-5
+    CA for a cancellation, and the outcome and its reason as OBX (status X) and NTE."""
+    options = options or Hl7Options()
+    b = _Builder(options, "P", case.finished_at or datetime.now(UTC))
+    _header(b, case, control_id, None)
+    b.order.obr.obr_25 = "X"
+    if outcome == "cancelled":
+        b.order.orc.orc_5 = "CA"
+    text = {"failed": "failed: no result", "cancelled": "cancelled: no result"}[outcome]
+    why = reason or "no reason recorded"
+    b.coded("analysis-outcome", outcome, text, status="X", notes=(f"{text} ({why})",))
+    b.obx("analysis-reason", [_esc(why[:199])], status="X")
+    b.msg.validate()
+    return str(b.msg.to_er7())
+
+
 def _report(b: _Builder, pdf: bytes | None, pdf_url: str | None) -> None:
     """The PDF as ED (`^AP^PDF^Base64^data`) or RP (`url^MARROWSCOPE^AP^PDF`)."""
     mode = b.options.pdf

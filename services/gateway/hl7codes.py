@@ -86,6 +86,10 @@ def code_table() -> dict[str, Code]:
         *_status("domain", "Domain check", "in_domain/out_of_domain/not_available"),
         Code("domain-threshold", "Domain check: threshold of the celltype version", "NM", "1"),
         Code("input-kind", "Input: fields of view, single cells or a whole slide", "CE"),
+        Code(
+            "analysis-outcome", "Analysis outcome when it gave no result (failed, cancelled)", "CE"
+        ),
+        Code("analysis-reason", "Why the analysis gave no result", "ST"),
         Code("duplicate-images", "Repeated images ignored", "NM"),
     ]
     codes += [Code(f"model-version-{s.value}", f"Model version: {s.value}", "ST") for s in Stage]

@@ -28,7 +28,7 @@ from typing import Any
 
 from services.gateway import hl7outbox, store
 from services.gateway.db import Analysis, Hl7Outbox, now
-from services.gateway.hl7 import Hl7Options, build_oru
+from services.gateway.hl7 import Hl7Options, build_no_result_oru, build_oru
 from services.gateway.mllp import Hl7Destination, MllpError, send
 from services.gateway.pdfsign import ReportSigner, finish
 from services.gateway.reading import case_header
@@ -62,6 +62,14 @@ def render(
 ) -> str:
     """The row's ORU^R01 from the stored analysis and result (MSH-10: the row's id)."""
     a = session.get(Analysis, row.analysis_id)
+    if a is not None and row.event in NO_RESULT_EVENTS:
+        return build_no_result_oru(
+            case=case_header(a),
+            outcome=row.event,
+            reason=a.reason,
+            control_id=row.id[:20],
+            options=_options(d),
+        )
     stored = store.result_of(session, analysis_id=row.analysis_id)
     if a is None or stored is None:
         raise LookupError(f"analysis {row.analysis_id} has no stored result")
@@ -93,6 +101,8 @@ def render(
 
 
 SIGN_OUT_EVENTS = frozenset({"signed_out", "amended"})
+NO_RESULT_EVENTS = frozenset({"failed", "cancelled"})
+"""Outbox events of an analysis that ended without a result (`store.finish`)."""
 
 
 class Hl7Dispatcher:

@@ -48,6 +48,9 @@ from services.gateway.db import (
     optional_needs,
 )
 
+NO_RESULT = frozenset({"failed", "cancelled"})
+"""Final statuses without a result; an HL7 tenant's LIS gets an ORU^R01 with OBR-25 X."""
+
 
 class Conflict(Exception):
     """Same idempotency key, different content."""
@@ -267,7 +270,11 @@ def list_analyses(
 
 
 def request_cancel(
-    session: Session, *, analysis_id: str, tenant: str | None = None
+    session: Session,
+    *,
+    analysis_id: str,
+    tenant: str | None = None,
+    hl7_tenants: Collection[str] = (),
 ) -> Analysis | None:
     """Queued -> cancelled now; running -> flagged (the worker stops at its next stage
     boundary); final states are returned unchanged. None when `tenant` cannot see it."""
@@ -275,7 +282,9 @@ def request_cancel(
     if a is None or a.status in FINAL_STATUSES:
         return a
     if a.status == "queued":
-        _finish(session, a, status="cancelled", reason="cancelled by request")
+        _finish(
+            session, a, status="cancelled", reason="cancelled by request", hl7_tenants=hl7_tenants
+        )
     else:
         a.cancel_requested = True
         a.updated_at = now()
@@ -414,7 +423,14 @@ def heartbeat(
     )
 
 
-def _finish(session: Session, a: Analysis, *, status: str, reason: str | None) -> None:
+def _finish(
+    session: Session,
+    a: Analysis,
+    *,
+    status: str,
+    reason: str | None,
+    hl7_tenants: Collection[str] = (),
+) -> None:
     t = now()
     a.status, a.reason, a.finished_at, a.updated_at = status, reason, t, t
     a.lease_owner, a.lease_until = None, None
@@ -435,6 +451,8 @@ def _finish(session: Session, a: Analysis, *, status: str, reason: str | None) -
                 next_attempt_at=t,
             )
         )
+    if status in NO_RESULT and a.tenant in hl7_tenants:  # the LIS hears of it too (OBR-25 X)
+        hl7outbox.enqueue(session, analysis_id=a.id, tenant=a.tenant, event=status)
 
 
 def finish(
@@ -451,7 +469,8 @@ def finish(
     """Write the outcome (and the webhook outbox row) in one transaction; only the lease
     owner may (owner None: unconditional, for housekeeping). False when the lease was lost.
     A result of a tenant in `hl7_tenants` (those with an HL7 destination) also gets its
-    ORU^R01 outbox row (`hl7outbox`), in the same transaction."""
+    ORU^R01 outbox row (`hl7outbox`), in the same transaction; so does an analysis of such a
+    tenant that failed or was cancelled without a result (event `failed` / `cancelled`)."""
     a = session.get(Analysis, analysis_id, with_for_update=True)
     if a is None or a.status in FINAL_STATUSES:
         return False
@@ -465,13 +484,17 @@ def finish(
                 result_json=json.dumps(result),
             )
         )
-    _finish(session, a, status=status, reason=reason)
+    _finish(
+        session, a, status=status, reason=reason, hl7_tenants=hl7_tenants if result is None else ()
+    )
     if result is not None and a.tenant in hl7_tenants:
         hl7outbox.enqueue(session, analysis_id=a.id, tenant=a.tenant, event="finished")
     return True
 
 
-def fail_exhausted(session: Session, *, max_attempts: int) -> list[str]:
+def fail_exhausted(
+    session: Session, *, max_attempts: int, hl7_tenants: Collection[str] = ()
+) -> list[str]:
     """Analyses whose lease expired after `max_attempts` claims: fail them instead of
     handing them to yet another worker (a poison job must not crash workers forever)."""
     t = now()
@@ -490,6 +513,7 @@ def fail_exhausted(session: Session, *, max_attempts: int) -> list[str]:
             a,
             status="failed",
             reason=f"worker lost {a.attempts} times (crash or timeout); not retried again",
+            hl7_tenants=hl7_tenants,
         )
     return [a.id for a in rows]
 
@@ -541,6 +565,7 @@ def requeue_or_fail(
     window_s: float,
     backoff_s: float,
     backoff_max_s: float,
+    hl7_tenants: Collection[str] = (),
 ) -> str | None:
     """After a transient failure (a model service unavailable or too slow): back to the queue
     with a backoff while the analysis is inside its requeue window (from `queued_at`), else
@@ -559,6 +584,7 @@ def requeue_or_fail(
             status="failed",
             reason=f"{reason}; still failing {t - start:.0f} s after it was queued "
             f"({a.requeues} requeues), not retried again",
+            hl7_tenants=hl7_tenants,
         )
         return "failed"
     a.status, a.stage, a.requeues = "queued", "waiting_for_services", n
@@ -570,7 +596,11 @@ def requeue_or_fail(
 
 
 def fail_waited_too_long(
-    session: Session, *, window_s: float, down: frozenset[str]
+    session: Session,
+    *,
+    window_s: float,
+    down: frozenset[str],
+    hl7_tenants: Collection[str] = (),
 ) -> list[tuple[str, str]]:
     """Queued analyses that call a model service `down` and whose requeue window has passed:
     fail them rather than keep the LIS waiting (an analysis that needs none of them is
@@ -591,7 +621,7 @@ def fail_waited_too_long(
             f"model service(s) {waited_for} not ready for longer than the requeue window "
             f"({window_s:g} s); POST /v1/analyses/{a.id}/retry once it is back"
         )
-        _finish(session, a, status="failed", reason=reason)
+        _finish(session, a, status="failed", reason=reason, hl7_tenants=hl7_tenants)
         failed.append((a.id, reason))
     return failed
 

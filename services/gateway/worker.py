@@ -194,7 +194,11 @@ class Worker:
         if now - self._exhausted_checked_at >= EXHAUSTED_CHECK_S:  # housekeeping, not per claim
             self._exhausted_checked_at = now
             with self.sessions.begin() as session:
-                for analysis_id in store.fail_exhausted(session, max_attempts=self.s.max_attempts):
+                for analysis_id in store.fail_exhausted(
+                    session,
+                    max_attempts=self.s.max_attempts,
+                    hl7_tenants=self.s.hl7_destinations.keys(),
+                ):
                     log.error("analysis %s failed: its workers kept dying", analysis_id)
         with self.sessions.begin() as session:
             a = store.claim_next(
@@ -216,7 +220,10 @@ class Worker:
         """Fail the queued analyses that call a service `down` past their requeue window."""
         with self.sessions.begin() as session:
             failed = store.fail_waited_too_long(
-                session, window_s=self.s.requeue_window_s, down=down
+                session,
+                window_s=self.s.requeue_window_s,
+                down=down,
+                hl7_tenants=self.s.hl7_destinations.keys(),
             )
         for analysis_id, reason in failed:
             log.error("analysis %s failed: %s", analysis_id, reason)
@@ -234,6 +241,7 @@ class Worker:
                 window_s=self.s.requeue_window_s,
                 backoff_s=self.s.requeue_backoff_s,
                 backoff_max_s=self.s.requeue_backoff_max_s,
+                hl7_tenants=self.s.hl7_destinations.keys(),
             )
 
     def _heartbeat(self, analysis_id: str, stage: str | None) -> tuple[bool, bool]:

@@ -217,3 +217,21 @@ def test_an_hl7_order_is_echoed(result):
     assert got["order"].orc.orc_2.to_er7() == "PO-9^LIS" == got["order"].obr.obr_2.to_er7()
     assert got["order"].obr.obr_4.to_er7() == order.service
     assert order.patient_display() == ("12345", "DOE, JANE")
+
+
+@pytest.mark.parametrize(("outcome", "orc5"), [("failed", "CM"), ("cancelled", "CA")])
+def test_an_analysis_without_a_result_says_so(outcome, orc5):
+    from services.gateway.hl7 import build_no_result_oru
+
+    er7 = build_no_result_oru(
+        case=CASE, outcome=outcome, reason="segmentation service error", control_id="m9"
+    )
+    got = _parse(er7)
+    assert got["order"].obr.obr_25.value == "X"  # no results can be obtained
+    assert got["order"].orc.orc_5.value == orc5
+    _, parts, _, status, notes, _ = _one(got, "analysis-outcome")
+    assert parts[0] == outcome and status == "X"
+    assert "segmentation service error" in notes[0]
+    _, reason, _, status, _, _ = _one(got, "analysis-reason")
+    assert reason == ["segmentation service error"] and status == "X"
+    assert "p-aml" not in got["obs"]

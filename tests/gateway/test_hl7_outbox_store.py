@@ -101,3 +101,35 @@ def test_finish_enqueues_only_tenants_with_a_destination(sessions):
                 hl7_tenants={"site-a"},
             )
     assert _claim(sessions) == [("x", 1)]
+
+
+def test_an_analysis_without_a_result_still_reaches_the_lis(sessions):
+    """Failed in the worker, cancelled while queued, failed by housekeeping: each gets an
+    ORU row (event failed / cancelled) for a tenant with a destination, none for others."""
+    with sessions.begin() as session:
+        _analysis(session, "f", tenant="site-a", status="running")
+        _analysis(session, "q", tenant="site-a")
+        _analysis(session, "o", tenant="site-b", status="running")
+    with sessions.begin() as session:
+        for aid in ("f", "o"):
+            assert store.finish(
+                session,
+                analysis_id=aid,
+                owner=None,
+                status="failed",
+                reason="segmentation service error",
+                hl7_tenants={"site-a"},
+            )
+        assert store.request_cancel(session, analysis_id="q", hl7_tenants={"site-a"})
+    with sessions.begin() as session:
+        rows = session.scalars(select(Hl7Outbox).order_by(Hl7Outbox.analysis_id)).all()
+        assert [(r.analysis_id, r.event) for r in rows] == [("f", "failed"), ("q", "cancelled")]
+        # what the dispatcher sends for them: OBR-25 X, the reason, no result needed
+        from services.gateway.hl7delivery import render
+        from services.gateway.mllp import Hl7Destination
+
+        lis = Hl7Destination(host="127.0.0.1", port=2575)
+        failed, cancelled = (render(session, None, r, lis, "") for r in rows)
+        assert "|X" in failed.split("\rOBR|")[1].split("\r")[0]
+        assert "segmentation service error" in failed
+        assert "cancelled by request" in cancelled

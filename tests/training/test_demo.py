@@ -71,3 +71,31 @@ def test_demo_slide_is_written_and_analysed_end_to_end(tmp_path, gateway):  # no
     assert body["status"] == "succeeded", body
     assert (tmp_path / "out" / "slide" / "thumbnail.png").stat().st_size > 0
     assert "regions selected" in "\n".join(slide_lines(body))
+
+
+def test_demo_single_cell_case_is_cut_from_the_ground_truth_and_analysed(
+    tiny_cohort,
+    tmp_path,
+    gateway,  # noqa: F811
+):
+    """The demo's single-cell case: one crop per ground-truth nucleated cell, at the field's
+    resolution, through the gateway's `"input": "cells"` path."""
+    from marrowscope.imaging import decode_image
+    from training.data.manifest import read_manifest
+    from training.demo import analyse_cells, cell_crops
+
+    record = next(r for r in read_manifest(tiny_cohort / "cases.csv") if r.aml_label == 1)
+    crops = cell_crops(tiny_cohort, record, limit=12)
+    assert 1 <= len(crops) <= 12
+    shapes = [decode_image(c).shape for c in crops]
+    assert all(h == w and 8 <= h <= 200 for h, w, _ in shapes), shapes  # square, not resized
+    client, _, keys = gateway()
+    client.headers.update(keys["lis"])
+    with client:
+        body = analyse_cells(client, tiny_cohort, record, 0.27, tmp_path)
+    assert body["status"] in ("succeeded", "abstained"), body
+    result = body.get("result") or {}
+    if body["status"] == "succeeded":
+        assert result["input"] == "cells" and result["n_images"] == len(
+            cell_crops(tiny_cohort, record)
+        )

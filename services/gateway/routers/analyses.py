@@ -192,7 +192,12 @@ def cancel_analysis(
 ) -> AnalysisPublic:
     """Cancel: a queued analysis at once, a running one at its next stage boundary."""
     with services.sessions.begin() as session:
-        a = store.request_cancel(session, analysis_id=analysis_id, tenant=principal.visible_tenant)
+        a = store.request_cancel(
+            session,
+            analysis_id=analysis_id,
+            tenant=principal.visible_tenant,
+            hl7_tenants=services.settings.hl7_destinations.keys(),
+        )
         if a is None:
             raise ApiError(404, "not_found", f"no analysis {analysis_id}")
         if a.status in ("succeeded", "failed", "abstained"):
