@@ -218,7 +218,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     }
     for name in args.configs.split(","):
         env = fixtures.stack_env(args.threads, {**CONFIGS[name], **dict(args.env)})
-        with LocalStack(workdir=workdir / name, tracking_uri=uri, env=env) as stack:
+        stack = LocalStack(workdir=workdir / name, tracking_uri=uri, env=env)
+        try:
             stack.start(timeout_s=300)
             key = fixtures.create_api_key(stack.gateway_env())
             served = workloads.gateway_pipeline(stack.gateway_url, key, inputs)
@@ -235,6 +236,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                 config["profile"] = _loaded_profile(
                     stack, served, max(concurrencies), args, workdir / f"profile-{name}"
                 )
+        finally:
+            stack.stop()
         result["configs"][name] = config
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return result

@@ -163,6 +163,8 @@ class LocalStack:
         return [name] + [f"{name}-{k}" for k in range(1, n)]
 
     def start(self, timeout_s: float = 180.0) -> LocalStack:
+        if self.procs:  # a second start would orphan the first set of processes
+            raise StackError(f"stack already started ({', '.join(sorted(self.procs))})")
         unknown = set(self.replicas) - set(self.services)
         if unknown:
             raise ValueError(f"replicas for services not started: {', '.join(sorted(unknown))}")

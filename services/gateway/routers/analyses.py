@@ -172,11 +172,16 @@ def read_analysis(principal: ReadKey, session: SessionDep, analysis_id: str) -> 
     """Status and, once finished, the result (schema: `GET /v1/schemas/result`)."""
     a = get_analysis(session, analysis_id, principal)
     public = to_public(session, a)
-    audit(session, principal, "read", resource=a.id)
-    # Read everything before the commit: a query after it opens a new SQLite transaction
-    # (BEGIN IMMEDIATE: the write lock) that stays open until the session dependency is torn
-    # down, after the response; polls then stalled writers and other readers for up to the
-    # 30 s busy timeout (seen as a 30 s GET in the load-test smoke).
+    if a.status in store.FINAL_STATUSES:
+        # The audit trail records who read an outcome. A poll of a queued or running
+        # analysis returns only its status: writing (and fsyncing) an audit row for each
+        # one cost the gateway a third of its CPU under load (bench/results/pipeline_load.md)
+        # and buried the reads that matter among hundreds of status checks.
+        audit(session, principal, "read", resource=a.id)
+    # Read everything before the commit, and commit even with nothing written: a transaction
+    # left open (SQLite: BEGIN IMMEDIATE, the write lock) lasts until the session dependency
+    # is torn down, after the response; polls then stalled writers and other readers for up
+    # to the 30 s busy timeout (a 30 s GET in the load-test smoke).
     session.commit()
     return public
 
