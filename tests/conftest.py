@@ -61,3 +61,18 @@ def postgres_url():
     except OSError:
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
     return POSTGRES_URL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_event_loop_left_running():
+    """After each module (its fixtures torn down first): no asyncio loop may still count as
+    running in the main thread. A session-scoped Playwright did exactly that, and every later
+    `asyncio.run` in the session failed ("cannot be called from a running event loop")."""
+    yield
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    pytest.fail(f"a test module left an event loop running in the main thread: {loop!r}")

@@ -44,9 +44,14 @@ def chromium_executable() -> str | None:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium for the whole session (each test opens its own context)."""
+    """A headless Chromium for one module's tests (each test opens its own context).
+
+    Module, not session: while Playwright's sync API is active its event loop counts as
+    running in the main thread, so every later `asyncio.run` in the session (the MLLP tests,
+    pyHanko's signature validation, ...) failed with "cannot be called from a running event
+    loop". Leaving the module stops Playwright and that loop."""
     executable = chromium_executable()
     if executable is None:
         pytest.skip("no Chromium on PATH: `make sysdeps` (apt-get install chromium)")
