@@ -135,6 +135,9 @@ def test_unknown_class_folders_go_to_the_active_mlflow_run(tmp_path, sqlite_trac
     import mlflow
 
     mlflow.set_tracking_uri(sqlite_tracking)
+    # its own experiment: an earlier test's active experiment (a process-wide mlflow setting)
+    # may not exist in this store ("No Experiment with id=2 exists")
+    mlflow.set_experiment(f"import-{tmp_path.name}")
     with mlflow.start_run() as run:
         read_deepapl(_later_cohort(tmp_path / "deepapl"), verify=False)
     client = mlflow.MlflowClient()
