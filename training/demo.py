@@ -496,7 +496,7 @@ def write_demo_slide(slides_dir: Path, um_per_px: float) -> Path:
     # "fields": the monolayer's cells are drawn with the field generator's sprites, so the
     # demo detector (trained on synthetic fields) counts them; the name changed with it, so
     # an older demo folder's disc-drawn slide is not reused
-    path = slides_dir / f"demo-slide-{um_per_px:g}um-fields.tiff"
+    path = slides_dir / f"demo-slide-{um_per_px:g}um-field-cells.tiff"
     if not path.is_file():
         spec = SlideSpec(
             width=4096,

@@ -93,6 +93,8 @@ def test_copy_opens_like_the_original(small_slide: Path, tmp_path: Path) -> None
 
 
 def test_field_cells_draw_the_monolayer_like_a_field_and_only_at_fine_scales() -> None:
+    """`cells="fields"` (the demo's slide): the monolayer drawn with the field generator's
+    sprites, red cells thinned to a field's density, deterministic and seamless per tile."""
     from training.data.synth_slide import ZONE, SlideSpec, zone_map
 
     discs = SlideSpec(width=4096, height=3072, block=512, levels=(1, 4), mpp=0.27, seed=7)
@@ -104,7 +106,10 @@ def test_field_cells_draw_the_monolayer_like_a_field_and_only_at_fine_scales() -
     assert np.array_equal(a, render_region(fields, zmap, x0, y0, 512, 512, 1))  # deterministic
     b = render_region(discs, zmap, x0, y0, 512, 512, 1)
     changed = np.abs(a.astype(int) - b.astype(int)).sum(-1) > 30
-    assert 0.01 < changed.mean() < 0.5  # the nucleated cells are drawn anew, the rest is not
+    assert changed.mean() > 0.01  # the cells are drawn anew
+    # red cells as sparse as in a field: far more bare glass than the packed monolayer
+    glass = lambda im: (im.astype(int).sum(-1) > 3 * 225).mean()  # noqa: E731
+    assert glass(a) > glass(b) + 0.2
     # a tile drawn on its own agrees with the same pixels of a larger region (apart from the
     # per-tile sensor noise, sd 1.5): a cell straddling two tiles is drawn the same in both
     part = render_region(fields, zmap, x0 + 256, y0 + 128, 256, 256, 1)

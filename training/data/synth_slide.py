@@ -76,10 +76,11 @@ class SlideSpec:
     oof_fraction: float = 0.12
     debris_fraction: float = 0.10
     cells: str = "discs"
-    """How the monolayer's nucleated cells look at fine scales: "discs" (anti-aliased discs,
-    what the ROI studies were measured on) or "fields" (the field generator's cell sprites,
-    `synth_cells.draw_cell`, so that a detector trained on synthetic fields finds cells in
-    the slide's regions, as the demo needs)."""
+    """How the monolayer's cells look at fine scales: "discs" (anti-aliased discs, what the
+    ROI studies were measured on) or "fields" (the field generator's cell and red-cell
+    sprites, `synth_cells.draw_cell` / `draw_rbc`, red cells as sparse as in a field, so that
+    a detector trained on synthetic fields finds cells in the slide's regions, as the demo
+    needs)."""
 
     def __post_init__(self) -> None:
         if self.cells not in ("discs", "fields"):
@@ -205,16 +206,22 @@ def render_region(
         return (cx - ox) / um, (cy - oy) / um
 
     sprites = spec.cells == "fields" and um <= FIELD_CELLS_MAX_UM
+    rbc: list[tuple[np.ndarray, np.ndarray, int]] = []
     m = 20.0 if sprites else CYTO_RADIUS_UM * 2  # the largest field cell reaches ~16 um
     for name in ("thick", "monolayer", "feathered"):
         s = _RBC_SPACING_UM[name]
         for layer in range(_RBC_LAYERS[name]):
             off = layer * s / 3.1
-            cx, cy, _, _ = _centres(
+            cx, cy, ri, rj = _centres(
                 ox - m, oy - m, ex + m, ey + m, s, spec.seed, 10 + 2 * layer, 0.35
             )
             cx, cy = cx + off, cy + off * 0.7
             keep = _base(_zone_at(spec, zmap, cx, cy)) == ZONE[name]
+            if sprites and name == "monolayer":
+                # drawn below as the fields' red cells, as sparse as in a field
+                keep &= _hash01(ri, rj, spec.seed, 50 + layer) < FIELD_RBC_SHARE
+                rbc.append((cx[keep], cy[keep], layer))
+                continue
             stretch = 0.55 if name == "feathered" else 1.0
             cover = _stamp(
                 hh,
@@ -242,7 +249,7 @@ def render_region(
         od += (strength * np.minimum(nuc, 1))[..., None] * OD_NUCLEUS
     if sprites:
         nucleated = (cx[fielded], cy[fielded], i[fielded], j[fielded])
-        _draw_sprites(od, spec, um, px, nucleated)
+        _draw_sprites(od, spec, um, px, nucleated, rbc)
     zone_px = _zone_at(
         spec,
         zmap,
@@ -271,6 +278,11 @@ def render_region(
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+FIELD_RBC_SHARE = 0.12
+"""With `cells == "fields"`: the share of the monolayer's red-cell grid drawn, so the
+monolayer is as sparse as the generator's fields (about 20 red cells in 640x480 px at 0.27
+um/px); the packed monolayer of the ROI studies left the demo detector finding nothing."""
+
 FIELD_CELLS_MAX_UM = 1.0
 """Coarsest output scale (um per pixel) at which `SlideSpec.cells == "fields"` draws sprites;
 coarser pyramid levels keep the discs (no detector reads them)."""
@@ -298,30 +310,43 @@ def _draw_sprites(
     um: float,
     px,
     nucleated: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    rbc: list[tuple[np.ndarray, np.ndarray, int]] = (),  # type: ignore[assignment]
 ) -> None:
     """Composite field-generator cell sprites into `od` (in place), covering what lies below
     as `synth_render.render_image` does. Each cell draws from its own generator seeded by
     (slide seed, grid i, j), so a cell that straddles two tiles is drawn the same in both.
-    Red cells stay pallor discs: drawing them as sprites cost 2.5x the render time and the
-    detector never took the discs for nucleated cells."""
-    from training.data.synth_cells import Stain, draw_cell
+    Red cells (`rbc`, already thinned to `FIELD_RBC_SHARE`) add their OD as in a field,
+    seeded by their slide position."""
+    from training.data.synth_cells import Stain, draw_cell, draw_rbc
 
     stain = Stain(0.0, 1.0)
     hh, ww = od.shape[:2]
+
+    def paste(sprite, cover: bool) -> None:
+        h, w = sprite.alpha.shape
+        y0, x0 = sprite.y0, sprite.x0
+        ys, xs = slice(max(0, y0), min(hh, y0 + h)), slice(max(0, x0), min(ww, x0 + w))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            return
+        loc = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+        if cover:
+            a = sprite.alpha[loc]
+            od[ys, xs] = od[ys, xs] * (1 - 0.7 * a)[..., None] + sprite.od[loc]
+        else:
+            od[ys, xs] += sprite.od[loc]
+
+    for cx, cy, layer in rbc:
+        for gx, gy, x, y in zip(cx, cy, *px(cx, cy), strict=True):
+            # seeded by the red cell's slide position (0.1 um), the same in every tile
+            key = [spec.seed, 90 + layer, int(round(gx * 10)) + 10**7, int(round(gy * 10)) + 10**7]
+            paste(draw_rbc(np.random.default_rng(key), float(x), float(y), um, stain), False)
     types, cum = _field_types()
     cx, cy, i, j = nucleated
     pick = np.searchsorted(cum, _hash01(i, j, spec.seed, 43), side="right")
     for x, y, gi, gj, t in zip(*px(cx, cy), i, j, pick, strict=True):
         rng = np.random.default_rng([spec.seed, 95, int(gi) & 0xFFFFFFFF, int(gj) & 0xFFFFFFFF])
         sprite = draw_cell(rng, types[min(int(t), len(types) - 1)], float(x), float(y), um, stain)
-        h, w = sprite.alpha.shape
-        y0, x0 = sprite.y0, sprite.x0
-        ys, xs = slice(max(0, y0), min(hh, y0 + h)), slice(max(0, x0), min(ww, x0 + w))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            continue
-        loc = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-        a = sprite.alpha[loc]
-        od[ys, xs] = od[ys, xs] * (1 - 0.7 * a)[..., None] + sprite.od[loc]
+        paste(sprite, True)
 
 
 def nucleated_counts(spec: SlideSpec, zmap: np.ndarray) -> np.ndarray:
