@@ -22,6 +22,7 @@ further converter stack (wsidicomizer/highdicom + codecs); slides are written as
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -287,21 +288,16 @@ FIELD_CELLS_MAX_UM = 1.0
 """Coarsest output scale (um per pixel) at which `SlideSpec.cells == "fields"` draws sprites;
 coarser pyramid levels keep the discs (no detector reads them)."""
 
-# The field generator's control differential, as cumulative shares: a cell's type is a hash
-# of its grid position, so every tile and level agrees on it.
-_FIELD_TYPES: tuple[str, ...] = ()
-_FIELD_CUM: np.ndarray = np.zeros(0)
 
-
+@functools.cache
 def _field_types() -> tuple[tuple[str, ...], np.ndarray]:
-    global _FIELD_TYPES, _FIELD_CUM
-    if not _FIELD_TYPES:
-        from training.data.synth_cohort import CONTROL_DIFFERENTIAL
+    """The field generator's control differential as (codes, cumulative shares): a cell's
+    type is a hash of its grid position, so every tile and level agrees on it."""
+    from training.data.synth_cohort import CONTROL_DIFFERENTIAL
 
-        _FIELD_TYPES = tuple(CONTROL_DIFFERENTIAL)
-        shares = np.array([CONTROL_DIFFERENTIAL[c] for c in _FIELD_TYPES], np.float64)
-        _FIELD_CUM = np.cumsum(shares / shares.sum())
-    return _FIELD_TYPES, _FIELD_CUM
+    types = tuple(CONTROL_DIFFERENTIAL)
+    shares = np.array([CONTROL_DIFFERENTIAL[c] for c in types], np.float64)
+    return types, np.cumsum(shares / shares.sum())
 
 
 def _draw_sprites(
