@@ -11,6 +11,7 @@ Environment (set by `python -m loadtests.run`):
     MS_LOADTEST_API_KEY      key with the submit and read scopes
     MS_LOADTEST_INPUTS       .npz written by `bench.workloads.Inputs.save` (PNG images)
     MS_LOADTEST_CASE_TIMEOUT_S  optional, default 300
+    MS_LOADTEST_SUMMARY      where the final statistics go (`loadtests.summary`)
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import uuid
 from locust import HttpUser, constant, events, task
 
 from bench.workloads import Inputs
+from loadtests import summary
 
 POLL_S = 0.1
 FINISHED = ("succeeded", "failed", "abstained", "cancelled")
 _STATE: dict = {}
+summary.install(events, hard_exit=False)
 
 
 class CaseFailed(RuntimeError):

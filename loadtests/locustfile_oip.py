@@ -11,6 +11,8 @@ Environment (set by `python -m loadtests.run`):
                              from it is not called
     MS_LOADTEST_INPUTS       .npz written by `bench.workloads.Inputs.save`
     MS_LOADTEST_OIP_WEIGHTS  optional JSON {"npm1": 3, ...} (default 1 each)
+    MS_LOADTEST_SUMMARY      where the final statistics go (`loadtests.summary`; this
+                             process ends right after writing them)
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ grpc_gevent.init_gevent()
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 
 from locust import User, constant, events, task  # noqa: E402
 
 from bench.workloads import Inputs, oip_request  # noqa: E402
+from loadtests import summary  # noqa: E402
 
 _STATE: dict = {}
 
@@ -46,25 +48,8 @@ def _load(environment, **_kwargs) -> None:
     )
 
 
-_EXIT_GRACE_S = 10.0
-
-
-@events.quit.add_listener
-def _exit_even_if_grpc_stalls(exit_code: int, **_kwargs) -> None:
-    """Bound the interpreter's finalisation: with grpc under gevent it can stall after the
-    stats are written (grpc/grpc#20299 family; seen in CI: the summary printed, then the
-    process never exited). `quit` fires after the summary; the CSV files are closed right
-    after it, so a real OS thread (not a greenlet) ends the process with locust's exit
-    code if it is still alive `_EXIT_GRACE_S` later. A normal exit ends that thread too."""
-    from gevent.monkey import get_original
-
-    def watchdog() -> None:
-        get_original("time", "sleep")(_EXIT_GRACE_S)
-        sys.stderr.write(f"locust: still exiting after {_EXIT_GRACE_S} s, forcing exit\n")
-        sys.stderr.flush()
-        os._exit(exit_code)
-
-    get_original("_thread", "start_new_thread")(watchdog, ())
+# Summary at `quit`, then os._exit: gRPC under gevent can stall interpreter finalisation.
+summary.install(events, hard_exit=True)
 
 
 class OipUser(User):

@@ -22,7 +22,6 @@ clean run shows that an outage longer than the call retries delays analyses, not
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import fixtures, workloads
+from loadtests import summary
 
 log = logging.getLogger("loadtests")
 HERE = Path(__file__).resolve().parent
@@ -62,33 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ms(text: str) -> float | None:
-    return None if text in ("", "N/A") else float(text)
-
-
-def parse_stats(csv_path: Path) -> list[dict]:
-    """Rows of locust's `<prefix>_stats.csv`: name, type, requests, failures, error_rate,
-    rps, p50/p95/p99 ms (`Aggregated` last)."""
-    rows = []
-    with csv_path.open(newline="") as fh:
-        for rec in csv.DictReader(fh):
-            n, fails = int(rec["Request Count"]), int(rec["Failure Count"])
-            rows.append(
-                {
-                    "type": rec["Type"],
-                    "name": rec["Name"],
-                    "requests": n,
-                    "failures": fails,
-                    "error_rate": fails / n if n else 0.0,
-                    "rps": float(rec["Requests/s"]),
-                    "p50_ms": _ms(rec["50%"]),
-                    "p95_ms": _ms(rec["95%"]),
-                    "p99_ms": _ms(rec["99%"]),
-                }
-            )
-    return rows
-
-
 def run_locust(
     locustfile: Path,
     *,
@@ -97,8 +70,16 @@ def run_locust(
     env: dict[str, str],
     prefix: Path,
     host: str | None = None,
+    exit_grace_s: float = 120.0,
 ) -> list[dict]:
-    """`locust --headless` for `duration_s` seconds; returns `parse_stats` of its CSV."""
+    """`locust --headless` for `duration_s` seconds; returns the rows of the summary the
+    locustfile writes at `quit` (`loadtests.summary`, `<prefix>_summary.json`).
+
+    A process still alive `exit_grace_s` after its run time is killed; when it had written
+    its summary by then (it stalled on the way out), the run counts and a warning is
+    logged, otherwise it is an error with the tail of locust's output."""
+    summary_path = Path(f"{prefix}_summary.json")
+    summary_path.unlink(missing_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -125,21 +106,31 @@ def run_locust(
     if host:
         cmd += ["--host", host]
     log.info("running %s", " ".join(cmd))
-    out = subprocess.run(
-        cmd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=duration_s + 180,
-        check=False,
-        cwd=HERE.parent,
-    )
-    stats = Path(f"{prefix}_stats.csv")
-    if out.returncode != 0 or not stats.exists():
-        raise RuntimeError(
-            f"locust {locustfile.name} exited {out.returncode}:\n{out.stderr[-3000:]}"
+    log_path = Path(f"{prefix}_locust.log")
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env={**env, "MS_LOADTEST_SUMMARY": str(summary_path)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=HERE.parent,
+            start_new_session=True,
         )
-    return parse_stats(stats)
+        try:
+            code: int | None = proc.wait(timeout=duration_s + 30 + exit_grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    tail = log_path.read_text(errors="replace")[-3000:]
+    if summary_path.exists() and code in (0, None):
+        if code is None:
+            log.warning("locust %s wrote its summary but did not exit; killed", locustfile.name)
+        return summary.read(summary_path)
+    state = "did not finish in time" if code is None else f"exited {code}"
+    raise RuntimeError(
+        f"locust {locustfile.name} {state} (summary written: {summary_path.exists()}):\n{tail}"
+    )
 
 
 def table(results: dict[str, list[dict]]) -> str:
