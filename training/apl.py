@@ -30,10 +30,13 @@ rescores each outer fold's held-out patients with their cells under `training.sh
 Results go to `--results` (.md + .json, `training.apl_report`); stage outputs are cached
 in the work directory.
 
-`--save-mil DIR` writes the MIL fold ensemble fitted by the same recipe on every patient
-(the one whose attention is reported) as a registrable `mil` model
-(`marrowscope.models.mil`: safetensors + config with its members and temperature, pinned
-to the celltype model and version whose embeddings it learned); `--register-mil`
+`--save-mil DIR` writes the served bag model, fitted by its nested-CV recipe on every
+patient, as a registrable `mil` model (`marrowscope.models.mil`: safetensors + config with
+its calibration, pinned to the celltype model and version whose embeddings it learned).
+`--served-model` picks it: `mean-embedding` (default), the calibrated logistic regression on
+each patient's mean cell embedding, the simplest model that met the stability bar of the
+generalisation suite (issue 23 §3; MIL missed it under pixel-size shifts), or `mil`, the
+gated-attention fold ensemble (whose attention the report shows either way); `--register-mil`
 also registers it as `marrowscope-mil` (metric `apl_auroc`: its nested-CV AUROC) for
 `python -m training.promote --model mil --version N`, which refuses it unless that
 celltype version serves. Serve it with `MS_ENSEMBLE_MIL_MODEL_URI` and
@@ -70,6 +73,8 @@ from training.engine import progress
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA = DEFAULT_ROOT
+SERVED_MODELS = {"mean-embedding": "pooled_embedding_logistic", "mil": "mil_fold_ensemble"}
+"""`--served-model` choices -> the nested-CV run whose recipe the served model repeats."""
 ECKARDT_2022_AUROC = 0.8575
 """APL vs non-APL AML AUROC from bone-marrow smears, Eckardt et al., BMC Cancer 2022."""
 
@@ -339,6 +344,19 @@ def cohort_data(cohort: AplCohort, cells: Any, names: list[str], tables=None):
     return AplData(y, bags, table, dict(tables or {})), bag_rows
 
 
+def mean_embedding_model(fitted: Any) -> tuple[Any, dict[str, Any]]:
+    """The servable module of a fitted mean-embedding logistic (`training.apl_models`
+    `_FittedLogistic` on the `pooled` table) and its choices."""
+    from marrowscope.models.mil import MeanEmbeddingLogistic
+
+    if fitted.table != "pooled":
+        raise ValueError(f"a mean-embedding model fits the pooled table, not {fitted.table!r}")
+    module = MeanEmbeddingLogistic.from_sklearn(
+        fitted.model, temperature=fitted.temperature, bias=fitted.bias
+    )
+    return module, dict(fitted.choice)
+
+
 def save_mil_artifact(
     model: Any,
     directory: Path,
@@ -446,6 +464,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--register-mil",
         action="store_true",
         help="with --save-mil and a registry --celltype-model: register it as marrowscope-mil",
+    )
+    p.add_argument(
+        "--served-model",
+        choices=tuple(SERVED_MODELS),
+        default="mean-embedding",
+        help="what --save-mil writes: the mean-embedding logistic (default) or the MIL",
     )
     p.add_argument("--crop-size", type=int, default=64, help="quick typer's crop size")
     p.add_argument("--morph-cells", type=int, default=64, help="measured cells per patient")
@@ -666,9 +690,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         max_epochs=args.mil_epochs,
         max_cells=args.mil_cells,
     )
+    pooled = LogisticCandidate("pooled_embedding_logistic", "pooled")
     candidates = [
         LogisticCandidate("case_vector_logistic", "case"),
-        LogisticCandidate("pooled_embedding_logistic", "pooled"),
+        pooled,
         ensemble_candidate(case_feature_names(), config, args.workdir / "cv"),
         mil,
     ]
@@ -713,27 +738,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.shifts:
         compared = {k: runs[k] for k in SIMPLEST_FIRST}
         stability = shifted_runs(args, prep, cohort, cells, compared, tables)
-    # the served MIL: the same recipe on every patient (inner folds over all of them)
+    # the MIL whose attention the report shows: its recipe on every patient (inner folds
+    # over all of them)
     t = time.monotonic()
     everyone = np.arange(len(y))
-    served = mil.fit(
-        data,
-        everyone,
-        grouped_folds(y, np.asarray(patients), everyone, folds=args.inner_folds, seed=0),
-        0,
-    )
+    inner_all = grouped_folds(y, np.asarray(patients), everyone, folds=args.inner_folds, seed=0)
+    served = mil.fit(data, everyone, inner_all, 0)
     attention = attention_by_class(cohort, bag_rows, data.bags, y, served.model)
     timings["served_mil_s"] = time.monotonic() - t
+    served_run = SERVED_MODELS[args.served_model]
+    served_model, served_choice = served.model, served.choice
+    if args.served_model == "mean-embedding":
+        served_model, served_choice = mean_embedding_model(pooled.fit(data, everyone, inner_all, 0))
     saved_mil = None
     if args.save_mil is not None:
         saved_mil = save_mil_artifact(
-            served.model,
+            served_model,
             args.save_mil,
             prep["typer"],
-            auroc=results["mil_fold_ensemble"]["auroc_mean"],
+            auroc=results[served_run]["auroc_mean"],
             register=args.register_mil,
             tracking_uri=args.tracking_uri,
         )
+        saved_mil["model"] = served_run
     timings["total_s"] = time.monotonic() - t0
     typer_config = prep["typer"].config
     report = {
@@ -764,6 +791,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "choice": choice,
         "stability": stability,
         "served_mil_choice": served.choice,
+        "served_model": {"run": served_run, "choice": served_choice},
         "mil_attention_by_sign_out_class": attention,
         "saved_mil": saved_mil,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -791,6 +819,7 @@ def command_line(args: argparse.Namespace) -> str:
         "--instance-dropouts " + " ".join(f"{d:g}" for d in args.instance_dropouts),
         f"--shifts {','.join(args.shifts) or none} --shift-cells {args.shift_cells}",
         *(["--signed-out-only"] if args.signed_out_only else []),
+        *([f"--served-model {args.served_model}"] if args.served_model != "mean-embedding" else []),
     ]
     return " ".join(parts)
 

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from marrowscope.models.mil import GatedAttentionMIL, MilFoldEnsemble, MilModel
+from marrowscope.models.mil import (
+    GatedAttentionMIL,
+    MeanEmbeddingLogistic,
+    MilFoldEnsemble,
+    MilModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +423,16 @@ def save_mil(
     promotion refuses it beside another celltype version (`training.promote`)."""
     from marrowscope.models import make_config, save_model
 
+    if isinstance(model, MeanEmbeddingLogistic):
+        config = make_config(
+            "mil",
+            "mean_logistic",
+            embedding_dim=model.d_in,
+            calibration={"temperature": model.temperature, "bias": model.bias},
+            celltype=dict(celltype),
+            training=dict(training or {}),
+        )
+        return save_model(model, config, directory)
     config = make_config(
         "mil",
         "gated_attention",

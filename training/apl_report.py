@@ -144,7 +144,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{r['morphometrics_cells_per_patient']} cells per patient at half resolution "
             "(px units).",
             "",
-            f"Served MIL (the same recipe on every patient): {r['served_mil_choice']}. Where "
+            *_served_line(r.get("served_model")),
+            f"MIL on every patient (its recipe): {r['served_mil_choice']}. Where "
             "it looks (share of each sign-out class among a patient's top-10 % attended "
             "cells vs among all its cells, averaged over patients; top 4 per group):",
             "",
@@ -158,3 +159,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _served_line(served: dict | None) -> list[str]:
+    """The served model's line (reports before `--served-model` have none)."""
+    if not served:
+        return []
+    return [
+        f"Served model (`--save-mil`): `{served['run']}`, its nested-CV recipe fitted on every "
+        f"patient ({served['choice']}).",
+        "",
+    ]

@@ -14,8 +14,11 @@ From the real sets of `../shared/data` (`--data`; its README says what each hold
    domain check's statistics) registered with it;
 3. the learned nucleus/cytoplasm split on wbc-seg (`training.nucseg`; it also learns from
    the generator's crowded synthetic cells, so reports name it among `synthetic_stages`);
-4. the APL model: attention MIL over the embeddings that typer gives every DeepAPL patient's
-   cells (`training.apl --save-mil --register-mil`), pinned to that typer's version;
+4. the APL model over the embeddings that typer gives every DeepAPL patient's cells
+   (`training.apl --save-mil --register-mil`, registered as `marrowscope-mil`), pinned to
+   that typer's version: by default the calibrated logistic regression on each case's mean
+   cell embedding, the simplest model that held its AUROC under the generalisation suite's
+   shifts (`--served-model mil` of training.apl gives the attention MIL instead);
 5. two models that hold nothing real, because the real data cannot train them: every real
    patient has AML (no control cases, so no P(AML)) and none has an NPM1 label. The
    pipeline still calls an ensemble (it checks the lineage of the case features) and a
@@ -33,7 +36,7 @@ built on exactly this detector and typer, the MIL model on this typer's embeddin
 `--budget ci` the floors are 0 and the margin 1 (seconds of training meet no real floor:
 the gates still judge lineage and configuration); `--budget cpu` keeps the production
 floors, so a set that misses one is refused and says which. `WORKDIR/stack.json` then
-tells `python -m training.serve --workdir DIR` how to serve it: the MIL model answers
+tells `python -m training.serve --workdir DIR` how to serve it: that bag model answers
 P(APL | AML) (`MS_GATEWAY_APL_MODEL=mil`) and the segmentation service runs the learned
 split.
 

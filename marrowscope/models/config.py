@@ -46,8 +46,9 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "npm1": ("resnet50", "resnet18"),
     # Learned nucleus/cytoplasm split over one cell crop (marrowscope.models.nucseg).
     "nucseg": ("unet",),
-    # Gated-attention MIL over the celltype model's cell embeddings (marrowscope.models.mil).
-    "mil": ("gated_attention",),
+    # Gated-attention MIL over the celltype model's cell embeddings, or a calibrated logistic
+    # regression on their mean (marrowscope.models.mil).
+    "mil": ("gated_attention", "mean_logistic"),
 }
 
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -442,6 +443,9 @@ def _validate_mil(config: dict[str, Any]) -> None:
     members = config.get("members", 1)
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         _fail(config, f"members must be a positive integer, got {members!r}")
+    if config["arch"] == "mean_logistic" and members != 1:
+        # hidden / attention / dropout keep their defaults and are unused by this arch
+        _fail(config, f"a mean_logistic model has one member, got {members!r}")
     calibration = config.get("calibration")
     if calibration is not None and not _is_calibration(calibration):
         _fail(

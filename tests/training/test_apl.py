@@ -170,3 +170,64 @@ def test_real_deepapl_cohort_reads_as_documented():
     assert len(cohort.apl) == 81 and sum(cohort.apl.values()) == 21
     assert len(cohort.cells) > 10_000
     assert sum(c is not None for c in sign_out_codes(cohort)) > 10_000
+
+
+def _mean_shift_bags(n: int, seed: int = 0):
+    """SYNTHETIC bags whose mean embedding carries the label (what a logistic on the mean
+    can learn)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 3 == 0).astype(int)
+    bags = [
+        (rng.normal(0, 1, (int(rng.integers(5, 30)), 8)) + 0.8 * label).astype(np.float32)
+        for label in y
+    ]
+    return bags, y
+
+
+def test_mean_embedding_logistic_serves_exactly_what_the_cv_fitted(tmp_path):
+    """The default served APL model: the nested-CV recipe fitted on every patient, saved as a
+    `mil` model (arch mean_logistic) and loaded as the service loads it, answers the same
+    calibrated probability as the fitted scikit-learn pipeline; its per-cell weights sum to 1
+    and rank the cells by their own P(APL)."""
+    from marrowscope.inference import MilPredictor
+    from marrowscope.models import load_model, read_config
+    from training.apl import mean_embedding_model
+    from training.apl_cv import grouped_folds, save_mil
+    from training.apl_models import AplData, LogisticCandidate
+
+    bags, y = _mean_shift_bags(30)
+    data = AplData(y, bags, np.zeros((len(y), 1)))
+    everyone = np.arange(len(y))
+    inner = grouped_folds(y, np.array([f"P{i}" for i in everyone]), everyone, folds=3, seed=0)
+    fitted = LogisticCandidate("pooled_embedding_logistic", "pooled").fit(data, everyone, inner, 0)
+    module, choice = mean_embedding_model(fitted)
+    assert set(choice) == {"C", "temperature"}
+    celltype = {"name": "marrowscope-celltype", "version": "3"}
+    directory = save_mil(module, tmp_path / "mean", celltype=celltype)
+    config = read_config(directory)
+    assert config["arch"] == "mean_logistic" and config["celltype"] == celltype
+    assert config["calibration"] == {"temperature": fitted.temperature, "bias": fitted.bias}
+    served = MilPredictor(load_model(directory))
+    expected = fitted.predict(data, everyone)
+    got = [served.predict(b) for b in bags]
+    np.testing.assert_allclose([p for p, _ in got], expected, rtol=1e-4, atol=1e-6)
+    for bag, (_, weights) in zip(bags, got, strict=True):
+        assert weights.shape == (len(bag),) and float(weights.sum()) == pytest.approx(1.0)
+        own = np.array([served.predict(cell[None])[0] for cell in bag])
+        np.testing.assert_array_equal(
+            np.argsort(-weights, kind="stable"), np.argsort(-own, kind="stable")
+        )
+    assert summarise(y, np.asarray([[p for p, _ in got]]), n_boot=50)["auroc_mean"] > 0.9
+
+
+def test_mean_logistic_config_refuses_members(tmp_path):
+    from marrowscope.models import ModelConfigError, make_config
+
+    with pytest.raises(ModelConfigError, match="one member"):
+        make_config(
+            "mil",
+            "mean_logistic",
+            embedding_dim=8,
+            members=3,
+            celltype={"name": "marrowscope-celltype", "version": "1"},
+        )
