@@ -34,6 +34,11 @@ Stain / scanner robustness (config `stain_aug`): `none`; `hed` (Tellez et al. 20
 crop's optical densities projected on haematoxylin / eosin / DAB, scaled and shifted by
 `stain_strength`), `hsv` (hue rotation, saturation and brightness scaling in YIQ) or
 `both`; applied to training batches only.
+
+Label noise (issue 23 §2): `label_smoothing` spreads that share of every target over all
+classes; `pmo_bla_smoothing` e moves share e of a promyelocyte's target to blast and of a
+blast's to promyelocyte (`marrowscope.models.celltype.soft_label_matrix`): the boundary
+whose sign-out labels disagree between patients of the same cohort.
 """
 
 from __future__ import annotations
@@ -358,21 +363,27 @@ def load_training_data(args: argparse.Namespace, config: JobConfig) -> dict[str,
     return splits
 
 
-def batch_loss(model, x, cells, attributes, cell_head: str):
-    """Training loss of a batch: x FloatTensor[B, 3, S, S] in [0, 1]."""
+def batch_loss(model, x, cells, attributes, cell_head: str, soft_targets=None):
+    """Training loss of a batch: x FloatTensor[B, 3, S, S] in [0, 1]; `soft_targets`: the
+    cell part's target distributions (`soft_label_matrix`), None for one-hot."""
     import torch
     import torch.nn.functional as F
 
     from marrowscope.models.celltype import celltype_loss
 
     logits = model(x)
+    soft = None if soft_targets is None else soft_targets.to(logits.device)
     if attributes is None:  # no attribute labels: train the cell part only
-        return celltype_loss(logits[:, : model.n_cells], cells, None, cell_head=cell_head)
+        return celltype_loss(
+            logits[:, : model.n_cells], cells, None, cell_head=cell_head, soft_targets=soft
+        )
     known = ~torch.isnan(attributes).any(dim=1)
     if bool(known.all()):
-        return celltype_loss(logits, cells, attributes, cell_head=cell_head)
+        return celltype_loss(logits, cells, attributes, cell_head=cell_head, soft_targets=soft)
     # mixed real (no attribute labels, NaN) and synthetic rows: attributes on known rows only
-    loss = celltype_loss(logits[:, : model.n_cells], cells, None, cell_head=cell_head)
+    loss = celltype_loss(
+        logits[:, : model.n_cells], cells, None, cell_head=cell_head, soft_targets=soft
+    )
     if bool(known.any()):
         loss = loss + F.binary_cross_entropy_with_logits(
             logits[known, model.n_cells :], attributes[known].to(logits.dtype)
@@ -546,6 +557,8 @@ def train(
         "photometric_aug": config.get("photometric_aug", 0.0),
         "lr_schedule": config.get("lr_schedule", "exponential"),
         "weight_ema": config.get("weight_ema", 0.0),
+        "label_smoothing": config.get("label_smoothing", 0.0),
+        "pmo_bla_smoothing": config.get("pmo_bla_smoothing", 0.0),
     }
     model_config = make_config(
         "celltype",
@@ -584,6 +597,18 @@ def train(
     y_all = torch.from_numpy(tr.cells)
     a_all = None if tr.attributes is None else torch.from_numpy(tr.attributes)
 
+    from marrowscope.errors import InvalidInput
+    from marrowscope.models.celltype import soft_label_matrix
+    from marrowscope.taxonomy import CODES
+
+    try:
+        soft_targets = soft_label_matrix(
+            CODES,
+            smoothing=float(config.get("label_smoothing", 0.0)),
+            pairs=[("PMO", "BLA", float(config.get("pmo_bla_smoothing", 0.0)))],
+        )
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
     balance = float(config.get("class_balance", 0.0))
     counts = np.bincount(tr.cells, minlength=model.n_cells).astype(np.float64)
     sample_w = torch.from_numpy(np.maximum(counts, 1.0)[tr.cells] ** -balance)
@@ -611,7 +636,7 @@ def train(
 
         return train_batches(
             batches(),
-            lambda b: batch_loss(model, *b, config["cell_head"]),
+            lambda b: batch_loss(model, *b, config["cell_head"], soft_targets),
             step,
             desc=f"epoch {epoch + 1}",
             total=len(chunks),

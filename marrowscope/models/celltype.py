@@ -14,7 +14,7 @@ probabilities then sum to one, which keeps the differential count calibrated).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -243,19 +243,53 @@ def case_batchnorm(
         module.train(was_training)
 
 
+def soft_label_matrix(
+    codes: Sequence[str],
+    *,
+    smoothing: float = 0.0,
+    pairs: Sequence[tuple[str, str, float]] = (),
+) -> torch.Tensor | None:
+    """FloatTensor[C, C] target distributions per true class, or None for plain one-hot.
+
+    `smoothing`: uniform label smoothing (mass spread over all C classes). `pairs`: (a, b,
+    e) moves mass e of a cell labelled a to b and of one labelled b to a, for a boundary
+    whose labels disagree between observers (promyelocyte / blast: the same cell is signed
+    out either way between patients); codes absent from `codes` are ignored."""
+    n = len(codes)
+    if not 0 <= smoothing < 1:
+        raise InvalidInput(f"label smoothing must be in [0, 1), got {smoothing}")
+    if smoothing == 0 and not any(e for _, _, e in pairs):
+        return None
+    m = torch.eye(n) * (1 - smoothing) + smoothing / n
+    index = {c: i for i, c in enumerate(codes)}
+    for a, b, e in pairs:
+        if not 0 <= e < 0.5:
+            raise InvalidInput(f"pair smoothing must be in [0, 0.5), got {e} for {a}/{b}")
+        if a in index and b in index:
+            i, j = index[a], index[b]
+            for src, dst in ((i, j), (j, i)):
+                moved = m[src, src] * e
+                m[src, src] -= moved
+                m[src, dst] += moved
+    return m
+
+
 def celltype_loss(
     logits: torch.Tensor,
     cell_targets: torch.Tensor,
     attribute_targets: torch.Tensor | None,
     *,
     cell_head: str,
+    soft_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean training loss.
 
     logits FloatTensor[B, C + A]; cell_targets Int64Tensor[B] index into the cell codes of
     `outputs`; attribute_targets FloatTensor[B, A] of 0/1 (None when A == 0).
     Cell part: softmax CE (`cell_head="softmax"`) or BCE against one-hot (`"sigmoid"`);
-    attribute part: BCE. The two parts are added with equal weight.
+    attribute part: BCE. The two parts are added with equal weight. `soft_targets`
+    FloatTensor[C, C] (row i: the target distribution of a cell labelled i, rows summing
+    to 1; `soft_label_matrix`) replaces the one-hot targets of the cell part.
     """
     n_attr = 0 if attribute_targets is None else attribute_targets.shape[1]
     n_cells = logits.shape[1] - n_attr
@@ -266,10 +300,17 @@ def celltype_loss(
     if cell_targets.numel() and (cell_targets.min() < 0 or cell_targets.max() >= n_cells):
         raise InvalidInput(f"cell_targets must be in [0, {n_cells}), got {cell_targets.tolist()}")
     cell_logits = logits[:, :n_cells]
+    if soft_targets is not None and soft_targets.shape != (n_cells, n_cells):
+        raise InvalidInput(f"soft_targets must be [{n_cells}, {n_cells}], got {soft_targets.shape}")
     if cell_head == "softmax":
-        loss = F.cross_entropy(cell_logits, cell_targets)
+        if soft_targets is None:
+            loss = F.cross_entropy(cell_logits, cell_targets)
+        else:
+            loss = F.cross_entropy(cell_logits, soft_targets[cell_targets].to(cell_logits.dtype))
     elif cell_head == "sigmoid":
         one_hot = F.one_hot(cell_targets, n_cells).to(cell_logits.dtype)
+        if soft_targets is not None:
+            one_hot = soft_targets[cell_targets].to(cell_logits.dtype)
         loss = F.binary_cross_entropy_with_logits(cell_logits, one_hot)
     else:
         raise InvalidInput(f"cell_head must be 'sigmoid' or 'softmax', got {cell_head!r}")
