@@ -248,6 +248,32 @@ def wbc_seg_cells(root: Path) -> CellSet | None:
     return CellSet("wbc_seg", images, codes, _pseudo_cases(len(kept)), classes, note)
 
 
+SCALE_CLASSES = ("NGS", "LYT", "MON")
+"""Classes present in every set whose size the scale figure compares."""
+
+
+def relative_cell_size(cell_set: CellSet, *, per_class: int = 40) -> dict[str, dict[str, Any]]:
+    """Per class of `SCALE_CLASSES`: the median equivalent diameter of the cell (classical
+    `marrowscope.morphometrics.segment_cell`, the same method on every set) as a fraction of
+    the image side, over up to `per_class` cells. A typer resizes each whole image to its
+    crop size, so two sets whose fractions differ by x show the same cell x apart in size:
+    the scale shift between them, to read beside the suite's pixel-size shifts."""
+    from marrowscope.morphometrics import segment_cell
+
+    out: dict[str, dict[str, Any]] = {}
+    for code in SCALE_CLASSES:
+        rows = np.flatnonzero(cell_set.codes == code)[:per_class]
+        if len(rows) == 0:
+            continue
+        fractions = []
+        for i in rows:
+            image = cell_set.images[i]
+            area = float(segment_cell(image).sum())
+            fractions.append(2.0 * np.sqrt(area / np.pi) / float(np.mean(image.shape[:2])))
+        out[code] = {"cells": int(len(rows)), "median_fraction": float(np.median(fractions))}
+    return out
+
+
 def shifted_crops(images: Sequence[np.ndarray], shift: str, size: int) -> np.ndarray:
     """uint8[N, size, size, 3]: each image under `shift` (at its recorded resolution), then
     resized whole to the model's input, as the typer's training crops are cut."""
@@ -499,6 +525,30 @@ def shift_markdown(payload: dict[str, Any]) -> str:
                 + payload["split_command"]
                 + "` for K in the missing seeds, then rerun the suite with `--split-run DIR/real-cpu-splitK`.",
             ]
+    sizes = payload.get("cell_size") or {}
+    if sizes:
+        names = list(sizes)
+        lines += [
+            "",
+            "## Scale of each set",
+            "",
+            "Median equivalent cell diameter as a fraction of the image side (classical "
+            "segmentation, the same method on every set; up to 40 cells per class). A typer "
+            "resizes each whole image to its crop size, so the ratio between two sets is the "
+            "scale shift between them (compare the pixel-size +-15 % shifts).",
+            "",
+            "| class | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+            *[
+                f"| {code} | "
+                + " | ".join(
+                    _f(sizes[n][code]["median_fraction"]) if code in sizes[n] else "-"
+                    for n in names
+                )
+                + " |"
+                for code in SCALE_CLASSES
+            ],
+        ]
     lines += [
         "",
         "Families: `typer` is reported here; the APL models add an `apl` section of the same "

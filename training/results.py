@@ -553,6 +553,7 @@ def shift_suite(
         "cross_source": xs,
         "split_bar": es.split_bar([typers[0], *split_runs], fixed),
         "split_command": SHIFT_SPLIT_COMMAND,
+        "cell_size": {s.name: es.relative_cell_size(s) for s in sets},
     }
     _write(name, payload, es.shift_markdown(payload))
     return payload

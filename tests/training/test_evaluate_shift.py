@@ -204,3 +204,31 @@ def test_shift_suite_end_to_end_writes_a_report_without_paths(fake_shared, tmp_p
     )
     for shift in es.SHIFT_NAMES:
         assert f"| {shift} (" in md
+    assert "## Scale of each set" in md and set(payload["cell_size"]) == set(sets)
+
+
+def _disc_cells(side: int, diameter: float, n: int = 3) -> list[np.ndarray]:
+    """SYNTHETIC: a stained disc of `diameter` px on a smear-coloured background."""
+    yy, xx = np.mgrid[:side, :side]
+    inside = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 <= (diameter / 2) ** 2
+    images = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        img = np.empty((side, side, 3), np.uint8)
+        img[:] = (232, 222, 228)
+        img[inside] = (150, 90, 170)
+        images.append(np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8))
+    return images
+
+
+def test_relative_cell_size_reads_the_scale_between_sets():
+    """SYNTHETIC discs: the same 12 um cell at two pixel sizes, whole images of 180 and 120
+    px. The figure is the diameter over the side, so the two sets differ by the scale shift
+    a whole-image resize leaves between them."""
+    big = es.CellSet("a", _disc_cells(180, 100), np.array(["NGS"] * 3), np.array(["c"] * 3), [])
+    small = es.CellSet("b", _disc_cells(120, 80), np.array(["NGS"] * 3), np.array(["c"] * 3), [])
+    a, b = es.relative_cell_size(big), es.relative_cell_size(small)
+    assert set(a) == {"NGS"} and a["NGS"]["cells"] == 3  # classes it lacks are left out
+    assert a["NGS"]["median_fraction"] == pytest.approx(100 / 180, rel=0.08)
+    assert b["NGS"]["median_fraction"] == pytest.approx(80 / 120, rel=0.08)
+    assert b["NGS"]["median_fraction"] / a["NGS"]["median_fraction"] == pytest.approx(1.2, rel=0.1)
