@@ -128,7 +128,7 @@ def test_corrections_flow_back_into_a_served_typer(
     # the gateway: the JSON report's review block and the agreement gauges
     aid = next(iter(results))
     report = httpx.get(f"{proc.url}/v1/analyses/{aid}/report", headers=key, timeout=60).json()
-    assert report["schema_version"] == "1.8"
+    assert report["schema_version"] == "1.9"
     AnalysisResult.model_validate(report)  # the served document is the typed result
     review = report["review"]
     assert review["state"] == "signed_out" and review["reviewer"] == "Dr Loop"
