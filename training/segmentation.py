@@ -14,8 +14,9 @@ Reviewed fields (`--corrections DIR`, an export of `python -m training.data.corr
 the fields hematologists marked "boxes complete" in the review app (every cell boxed, missed
 ones drawn, non-cells labelled ART) join the data, their taxonomy boxes mapped to `cell` /
 `RBC`, split by accession with the config's `split_seed` / `test_fraction` /
-`val_fraction` (`training.data.corrections.split_groups`, as the typer splits the same
-export), so every field of a case and of every case of its accession sits on one side only.
+`val_fraction` (`training.data.corrections.split_groups` over the accessions the typer
+splits, so an accession falls on the same side for both jobs), and every field of a case
+and of every case of its accession sits on one side only.
 Fields not marked complete are never used: their unboxed cells would be learned as
 background. Only with the taxonomy detector classes (`cell`, `RBC`); refused, before any
 training, for a folder that is not an export, an export written before fields could be
@@ -104,7 +105,13 @@ def with_corrections(
     """`splits` with the complete fields of a corrections export added, split by accession
     (module docstring), and the record written to `corrections.json`. UsageError, before
     anything is added, for every refusal the module docstring lists."""
-    from training.data.corrections import COCO, MANIFEST, read_detection, split_groups
+    from training.data.corrections import (
+        COCO,
+        MANIFEST,
+        read_detection,
+        read_manifest,
+        split_groups,
+    )
 
     if tuple(classes) != SYNTH_DETECTOR_CLASSES:
         raise UsageError(
@@ -122,8 +129,11 @@ def with_corrections(
             "and export again, or leave out --corrections)"
         )
     groups = [str(im.patient_id) for im in dataset.images]
+    # split over the accessions the typer splits (every one with a crop), so an accession
+    # falls on the same side for both jobs
+    typer_groups = {str(r["accession"]) for r in read_manifest(export_dir) if r.get("crop")}
     side = split_groups(
-        groups,
+        sorted(typer_groups | set(groups)),
         seed=config["split_seed"],
         test_fraction=config["test_fraction"],
         val_fraction=config["val_fraction"],

@@ -152,9 +152,20 @@ def _config():
 
 
 def test_reviewed_fields_join_the_splits_with_each_accession_on_one_side(tiny_cohort, tmp_path):
+    import json
+
+    from training.data.corrections import split_groups
+
     export = make_detection_export(tmp_path / "export", tiny_cohort, GROUPS)
+    with (export / "manifest.jsonl").open("a") as manifest:  # a crop-only accession
+        manifest.write(json.dumps({"analysis_id": "a9", "accession": "acc-Z", "crop": "x"}) + "\n")
     base = {name: detection_items(tiny_cohort, name, _config())[0] for name in segmentation.SPLITS}
     splits, record = segmentation.with_corrections(base, export, _config(), ("cell", "RBC"))
+    typer_sides = split_groups(
+        [*GROUPS.values(), "acc-Z"], seed=0, test_fraction=0.25, val_fraction=0.25
+    )
+    for name in segmentation.SPLITS:  # where the typer puts an accession, the detector does
+        assert all(typer_sides[g] == name for g in record["accessions"][name])
     side: dict[str, set[str]] = {}
     for name, items in splits.items():
         assert items[: len(base[name])] == base[name], "the usual data changed"

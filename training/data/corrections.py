@@ -348,7 +348,8 @@ def split_groups(
     """Accession key -> `train` / `val` / `test`: the groups in a seeded random order, the
     first `test_fraction` of them held out (at least one when there are two or more), the
     next `val_fraction` for validation. Every job that trains on an export splits it with
-    this, so with one config's seed and fractions a case sits on the same side for each."""
+    this; over the same groups with one config's seed and fractions, an accession sits on
+    the same side for each."""
     unique = sorted(set(groups))
     order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
     n = len(order)
