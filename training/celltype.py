@@ -312,7 +312,7 @@ def with_corrections(
     import hashlib
 
     from marrowscope.taxonomy import CODES
-    from training.data.corrections import MANIFEST, read_cells
+    from training.data.corrections import MANIFEST, read_cells, split_groups
 
     try:
         cells = read_cells(Path(export_dir), config["crop_size"])
@@ -320,16 +320,13 @@ def with_corrections(
         raise UsageError(str(exc)) from None
     if not len(cells.codes):
         raise UsageError(f"--corrections {export_dir}: the export holds no cells")
-    groups = sorted(set(cells.groups.tolist()))
-    order = [
-        groups[i] for i in np.random.default_rng(config["split_seed"]).permutation(len(groups))
-    ]
-    n = len(order)
-    n_test = max(1, round(config["test_fraction"] * n)) if n >= 2 else 0
-    n_val = round(config["val_fraction"] * n) if n - n_test >= 2 else 0
-    side = {g: "test" for g in order[:n_test]}
-    side.update({g: "val" for g in order[n_test : n_test + n_val]})
-    where = np.array([side.get(g, "train") for g in cells.groups.tolist()])
+    side = split_groups(
+        cells.groups.tolist(),
+        seed=config["split_seed"],
+        test_fraction=config["test_fraction"],
+        val_fraction=config["val_fraction"],
+    )
+    where = np.array([side[g] for g in cells.groups.tolist()])
     out = dict(splits)
     for name in ("train", "val", "test"):
         keep = where == name

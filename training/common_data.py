@@ -142,16 +142,27 @@ def detection_items(
         dataset = read_coco(data_dir / "annotations.json")
         wanted = {r.case_id for r in load_cases(data_dir, config) if r.split == split}
         keep = {im.id for im in dataset.images if im.case_id in wanted}
-    taxonomy = dataset.is_taxonomy
     if classes_mode == "auto":
-        classes = SYNTH_DETECTOR_CLASSES if taxonomy else tuple(dataset.categories)
+        classes = SYNTH_DETECTOR_CLASSES if dataset.is_taxonomy else tuple(dataset.categories)
     elif classes_mode == "dataset":
         classes = tuple(dataset.categories)
     else:
         raise UsageError(f"classes_mode must be auto or dataset, got {classes_mode!r}")
+    items = dataset_items(dataset, keep, classes)
+    if not items:
+        raise UsageError(f"{data_dir}: split {split!r} has no images")
+    return items, tuple(classes)
+
+
+def dataset_items(dataset, keep: set[int], classes: tuple[str, ...]) -> list[DetectionItem]:
+    """`DetectionItem`s of the images of `dataset` (a `training.data.coco.Dataset`) whose
+    ids are in `keep`, in dataset order, crowd boxes left out. Taxonomy categories map to
+    the detector's `SYNTH_DETECTOR_CLASSES` when those are the `classes` (`RBC` stays,
+    every other code is a `cell`); other categories are kept as they are."""
+    taxonomy = dataset.is_taxonomy
 
     def mapped(category: str) -> str:
-        if classes == SYNTH_DETECTOR_CLASSES and taxonomy:
+        if tuple(classes) == SYNTH_DETECTOR_CLASSES and taxonomy:
             return "RBC" if category == "RBC" else "cell"
         return category
 
@@ -176,9 +187,7 @@ def detection_items(
                 im.um_per_px,
             )
         )
-    if not items:
-        raise UsageError(f"{data_dir}: split {split!r} has no images")
-    return items, tuple(classes)
+    return items
 
 
 def real_import_reports(data_dir: Path) -> dict[str, dict[str, object]]:

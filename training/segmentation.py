@@ -9,16 +9,42 @@ dataset's own classes (`Platelets`, `RBC`, `WBC`). Splits: VOC `train` / `val`
 (ImageSets/Main); COCO: the patient-grouped case split (training.common_data). The final
 model is evaluated on the held-out split (`test`, or `val` for VOC sets without a test list)
 with pycocotools: `map50`, `ap50_<class>`.
+
+Reviewed fields (`--corrections DIR`, an export of `python -m training.data.corrections`):
+the fields hematologists marked "boxes complete" in the review app (every cell boxed, missed
+ones drawn, non-cells labelled ART) join the data, their taxonomy boxes mapped to `cell` /
+`RBC`, split by accession with the config's `split_seed` / `test_fraction` /
+`val_fraction` (`training.data.corrections.split_groups` over the accessions the typer
+splits, so an accession falls on the same side for both jobs), and every field of a case
+and of every case of its accession sits on one side only.
+Fields not marked complete are never used: their unboxed cells would be learned as
+background. Only with the taxonomy detector classes (`cell`, `RBC`); refused, before any
+training, for a folder that is not an export, an export written before fields could be
+marked complete, an export with no complete field, and fields missing on disk. What was
+added (analyses and accession keys per side, images and boxes) goes to `corrections.json`
+beside the weights, registered with the version; the model config records the export's
+`corrections_sha256`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
-from training.cli import JobConfig, job_config, job_parser, run_main
-from training.common_data import DetectionItem, data_hash, detection_items, is_voc, read_rgb
+from training.cli import JobConfig, UsageError, job_config, job_parser, run_main
+from training.common_data import (
+    SYNTH_DETECTOR_CLASSES,
+    DetectionItem,
+    data_hash,
+    dataset_items,
+    detection_items,
+    is_voc,
+    read_rgb,
+)
 from training.engine import (
     AmpStep,
     build_for_training,
@@ -34,6 +60,8 @@ from training.tracking import finish, mlflow_run
 
 log = logging.getLogger(__name__)
 JOB = "segmentation"
+CORRECTIONS_FILE = "corrections.json"
+SPLITS = ("train", "val", "test")
 
 
 class DetectionDataset:
@@ -68,7 +96,85 @@ class DetectionDataset:
         return image, {"boxes": boxes, "labels": labels}
 
 
-def detector_config(config: JobConfig, classes: tuple[str, ...], digest: str) -> dict[str, Any]:
+def with_corrections(
+    splits: dict[str, list[DetectionItem]],
+    export_dir: Path,
+    config: JobConfig,
+    classes: tuple[str, ...],
+) -> tuple[dict[str, list[DetectionItem]], dict[str, Any]]:
+    """`splits` with the complete fields of a corrections export added, split by accession
+    (module docstring), and the record written to `corrections.json`. UsageError, before
+    anything is added, for every refusal the module docstring lists."""
+    from training.data.corrections import (
+        COCO,
+        MANIFEST,
+        read_detection,
+        read_manifest,
+        split_groups,
+    )
+
+    if tuple(classes) != SYNTH_DETECTOR_CLASSES:
+        raise UsageError(
+            f"--corrections: the reviewed fields carry taxonomy boxes, which map to the "
+            f"detector classes {SYNTH_DETECTOR_CLASSES}; this detector learns {classes}"
+        )
+    try:
+        dataset = read_detection(export_dir)
+    except ValueError as exc:
+        raise UsageError(f"--corrections: {exc}") from None
+    if not dataset.images:
+        raise UsageError(
+            f"--corrections {export_dir}: no field in this export is marked boxes-complete, "
+            "so it holds nothing for the detector (mark complete fields in the review app "
+            "and export again, or leave out --corrections)"
+        )
+    groups = [str(im.patient_id) for im in dataset.images]
+    # split over the accessions the typer splits (every one with a crop), so an accession
+    # falls on the same side for both jobs
+    typer_groups = {str(r["accession"]) for r in read_manifest(export_dir) if r.get("crop")}
+    side = split_groups(
+        sorted(typer_groups | set(groups)),
+        seed=config["split_seed"],
+        test_fraction=config["test_fraction"],
+        val_fraction=config["val_fraction"],
+    )
+    items = dataset_items(dataset, {im.id for im in dataset.images}, classes)
+    out = {name: list(splits.get(name, [])) for name in SPLITS}
+    record: dict[str, Any] = {
+        "export": str(export_dir),
+        "manifest_sha256": hashlib.sha256((export_dir / MANIFEST).read_bytes()).hexdigest(),
+        "annotations_sha256": hashlib.sha256((export_dir / COCO).read_bytes()).hexdigest(),
+        "accessions": {name: [] for name in SPLITS},
+        "analyses": {name: [] for name in SPLITS},
+        "images": {name: 0 for name in SPLITS},
+        "boxes": {name: 0 for name in SPLITS},
+    }
+    for im, group, item in zip(dataset.images, groups, items, strict=True):
+        name = side[group]
+        out[name].append(item)
+        record["images"][name] += 1
+        record["boxes"][name] += len(item.boxes)
+        for key, value in (("accessions", group), ("analyses", str(im.case_id))):
+            if value not in record[key][name]:
+                record[key][name].append(value)
+    trained = sorted({a for name in ("train", "val") for a in record["analyses"][name]})
+    record["trained_analyses"] = trained
+    record["held_out_analyses"] = sorted(set(record["analyses"]["test"]) - set(trained))
+    log.info(
+        "corrections from %s: %s complete fields, %s boxes (train/val/test)",
+        export_dir,
+        record["images"],
+        record["boxes"],
+    )
+    return out, record
+
+
+def detector_config(
+    config: JobConfig,
+    classes: tuple[str, ...],
+    digest: str,
+    corrections: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from marrowscope.models import make_config
     from marrowscope.models.config import DETECTOR_INT_HYPERPARAMETERS
 
@@ -97,6 +203,7 @@ def detector_config(config: JobConfig, classes: tuple[str, ...], digest: str) ->
             "data_hash": digest,
             "seed": config["seed"],
             "config_name": config["config_name"],
+            **({"corrections_sha256": corrections["manifest_sha256"]} if corrections else {}),
         },
     )
 
@@ -130,6 +237,27 @@ def _subset(items: list, n: int) -> list:
     return items if not n or n >= len(items) else items[:: max(1, len(items) // n)][:n]
 
 
+def load_items(
+    args: argparse.Namespace, config: JobConfig, names: tuple[str, ...] = SPLITS
+) -> tuple[dict[str, list[DetectionItem]], tuple[str, ...]]:
+    """The items of the splits `names` of `--data` (a split not asked for is empty), plus the
+    fields of `--corrections` when given (the corrections record goes to
+    `args.corrections_record`), and the detector classes."""
+    splits: dict[str, list[DetectionItem]] = {name: [] for name in SPLITS}
+    classes: tuple[str, ...] = ()
+    for name in dict.fromkeys(names):
+        splits[name], found = detection_items(args.data, name, config, config["classes_mode"])
+        if classes and found != classes:
+            raise ValueError(f"split classes differ: {classes} vs {found}")
+        classes = found
+    args.corrections_record = None
+    if getattr(args, "corrections", None):
+        splits, args.corrections_record = with_corrections(
+            splits, Path(args.corrections), config, classes
+        )
+    return splits, classes
+
+
 def train(
     config: JobConfig, args: argparse.Namespace, *, trial: Any = None
 ) -> tuple[Any, dict, dict, tuple]:
@@ -140,15 +268,14 @@ def train(
 
     seed_everything(config["seed"])
     device, amp = device_and_amp(args.device, config["amp"])
-    train_items, classes = detection_items(args.data, "train", config, config["classes_mode"])
     eval_split = "val" if trial is not None else "test"
-    eval_items, eval_classes = detection_items(
-        args.data, eval_split, config, config["classes_mode"]
-    )
-    if eval_classes != classes:
-        raise ValueError(f"split classes differ: {classes} vs {eval_classes}")
+    every = config["eval_every"] or (1 if trial is not None else 0)
+    splits, classes = load_items(args, config, ("train", eval_split, *(("val",) if every else ())))
+    train_items = splits["train"]
+    eval_items = splits[eval_split]
     digest = data_hash(args.data)
-    model_config = detector_config(config, classes, digest)
+    corrections = args.corrections_record
+    model_config = detector_config(config, classes, digest, corrections)
     model = build_for_training(model_config, device, config.get("init_weights"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -198,12 +325,8 @@ def train(
         return unsaved_predictor(Detector, model, model_config, device, amp)
 
     validate = None
-    every = config["eval_every"] or (1 if trial is not None else 0)
     if every:
-        val_items = _subset(
-            detection_items(args.data, "val", config, config["classes_mode"])[0],
-            config["max_eval_images"],
-        )
+        val_items = _subset(splits["val"], config["max_eval_images"])
 
         def validate(epoch: int) -> dict[str, float]:
             if (epoch + 1) % every and epoch + 1 != config["epochs"]:
@@ -234,11 +357,23 @@ def train(
         wrap(), _subset(eval_items, config["max_eval_images"] if trial else 0), classes
     )
     log.info("%s %s", eval_split, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if trial is None and corrections:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / CORRECTIONS_FILE).write_text(json.dumps(corrections, indent=2) + "\n")
     return model, model_config, metrics, classes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return job_parser(JOB, __doc__)
+    p = job_parser(JOB, __doc__)
+    p.add_argument(
+        "--corrections",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also train on the boxes-complete fields of a corrections export (python -m "
+        "training.data.corrections), split by accession",
+    )
+    return p
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
@@ -260,6 +395,16 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         import mlflow
 
         mlflow.set_tag("marrowscope.data_format", "voc" if is_voc(args.data) else "coco")
+        extra = []
+        if args.corrections_record:
+            record = args.corrections_record
+            mlflow.log_params(
+                {
+                    "corrections_images": json.dumps(record["images"], sort_keys=True),
+                    "corrections_boxes": json.dumps(record["boxes"], sort_keys=True),
+                }
+            )
+            extra.append(args.output / CORRECTIONS_FILE)
         finish(
             kind=JOB,
             args=args,
@@ -268,6 +413,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
             model_config=model_config,
             metrics=metrics,
             config=config,
+            extra_files=extra,
         )
     return metrics
 

@@ -281,6 +281,9 @@ class CaseReview(Base):
     """Cells the reviewer drew (`services.gateway.review.cells.AddedCell`), a JSON list."""
     excluded_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     """Images and regions the reviewer excluded (`review.cells.Exclusion`), a JSON list."""
+    complete_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """Fields whose boxes the reviewer declared complete (`review.cells.CompleteMark`), a
+    JSON list: only those are detection targets (`training.data.corrections`)."""
     signed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     signed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,4 +1,4 @@
-"""The versioned JSON result of an analysis (`schema_version` "1.8").
+"""The versioned JSON result of an analysis (`schema_version` "1.9").
 
 One model from the first stage to the renderers: the pipeline fills it in step by step
 (`services.gateway.pipeline`), the job store keeps its JSON, and the FHIR bundle (`fhir`)
@@ -32,6 +32,7 @@ withholds P(AML), e.g. the real-data set, which has no control cases to learn it
 `synthetic_stages` (the models among them that learned from synthetic data) and
 `p_npm1_withheld` (why the whole-image P(NPM1) is absent: the pinned npm1 version withholds
 it).
+1.9: `review.complete_images` (the fields whose boxes the reviewer declared complete).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_SCHEMA_VERSION = "1.8"
+RESULT_SCHEMA_VERSION = "1.9"
 
 
 class _Model(BaseModel):
@@ -290,6 +291,11 @@ class ReviewSummary(_Model):
         default_factory=list,
         description="the reviewer's differential (empty while unreviewed)",
     )
+    complete_images: list[int] = Field(
+        default_factory=list,
+        description="indices of the fields whose boxes the reviewer declared complete (every "
+        "cell boxed): the ones the corrections export gives the detector to learn from (1.9)",
+    )
 
 
 class AnalysisResult(_Model):
@@ -297,9 +303,9 @@ class AnalysisResult(_Model):
     `p_aml` alone is None when `aml.status` is abstained on a succeeded case, and then
     `npm1_morphology` and `apl_morphology` are abstained too."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8"] = (
-        RESULT_SCHEMA_VERSION
-    )
+    schema_version: Literal[
+        "1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8", "1.9"
+    ] = RESULT_SCHEMA_VERSION
     analysis_id: str
     input: Literal["fields", "cells", "slide"] = Field(
         "fields",

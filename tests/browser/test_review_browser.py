@@ -180,6 +180,18 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
         assert page.locator("#field-0 rect.box.drawn").count() == 1
         assert page.locator('input[name="cell"][value="0.a1"]').count() == 1
         assert "0 excluded" in page.locator(".summary").inner_text()
+
+        # every cell of field 0 is boxed now: say so (the script asks first; "no" posts nothing)
+        mark = page.locator("#field-0 form.complete-mark").get_by_role(
+            "button", name="Mark boxes complete"
+        )
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        mark.click()
+        assert page.locator("#field-0.complete").count() == 0
+        page.once("dialog", lambda dialog: dialog.accept())
+        assert posted(page, mark.click) == 303
+        assert page.locator("#field-0.complete").count() == 1
+        assert "boxes complete" in page.locator("#field-0 figcaption").inner_text()
         load_all_images(page)
         page.screenshot(path=str(artefacts / "fields-reviewed.png"), full_page=True)
         if os.environ.get("MS_REFRESH_SCREENSHOTS"):  # the docs' pictures (docs/REVIEW.md)
@@ -235,10 +247,16 @@ def test_review_a_fields_case_and_sign_it_out(browser, stack: Stack, artefacts: 
     entries = audit(stack, "fields")
     assert all(e["key_name"] == "reviewer:dr.meyer" for e in entries if e["action"] != "submit")
     actions = [e["action"] for e in entries]
-    assert actions[-3:] == ["review.relabel", "review.add_cell", "review.sign_out"], actions
-    relabel = entries[-3]["detail"]
+    assert actions[-4:] == [
+        "review.relabel",
+        "review.add_cell",
+        "review.mark_complete",
+        "review.sign_out",
+    ], actions
+    relabel = entries[-4]["detail"]
     assert all(f"{c}: " in relabel for c in chosen) and relabel.count("-> EBO") == 2
-    assert "0.a1: none -> MYB at image 0" in entries[-2]["detail"]
+    assert "0.a1: none -> MYB at image 0" in entries[-3]["detail"]
+    assert entries[-2]["detail"].startswith("image 0: boxes incomplete -> complete")
     assert not any(ACCESSIONS["fields"] in (e["detail"] or "") for e in entries)
 
 

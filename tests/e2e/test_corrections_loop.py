@@ -1,7 +1,8 @@
 """The review loop closed, with real parts throughout: a hematologist corrects cells in the
-review app over real HTTP (login, CSRF, relabel, sign-out) on a real gateway process; the
-gateway's agreement gauges and the JSON report's `review` block show it; the export CLI
-reads the gateway's store into a dataset; a CI-sized `training.celltype` run trains on it
+review app over real HTTP (login, CSRF, relabel, boxes-complete marks, sign-out) on a real
+gateway process; the gateway's agreement gauges and the JSON report's `review` block show
+it; the export CLI reads the gateway's store into a dataset (the marked fields as the
+detector's, read as `training.segmentation --corrections` reads them); a CI-sized `training.celltype` run trains on it
 beside a synthetic cohort and registers the version in a real MLflow server; the promotion
 gate with `--corrections` compares it with the champion on the corrected cells neither
 learned and promotes it; and the celltype service serves the new champion.
@@ -83,6 +84,7 @@ def reviewed(tmp_path_factory):
                 body = wait_status(lis.get, r.json()["id"], key)
                 assert body["status"] == "succeeded", body
                 results[body["id"]] = body["result"]
+        first = next(iter(results))
         with login(proc.url, "dr.loop") as me:
             for aid in results:
                 case = f"/review/cases/{aid}"
@@ -98,6 +100,13 @@ def reviewed(tmp_path_factory):
                     data={"csrf": csrf, "revision": revision, "code": "LYT", "cell": cells},
                 )
                 assert done.status_code == 303, done.text
+                if aid != first:  # the first case's field stays crops-only for the detector
+                    complete = me.post(
+                        f"{case}/mark-complete",
+                        data={"csrf": csrf, "revision": revision + 1, "image": "0"},
+                    )
+                    assert complete.status_code == 303, complete.text
+                    revision += 1
                 signed = me.post(
                     f"{case}/sign-out",
                     data={"csrf": csrf, "revision": revision + 1, "comment": "all lymphocytes"},
@@ -128,7 +137,7 @@ def test_corrections_flow_back_into_a_served_typer(
     # the gateway: the JSON report's review block and the agreement gauges
     aid = next(iter(results))
     report = httpx.get(f"{proc.url}/v1/analyses/{aid}/report", headers=key, timeout=60).json()
-    assert report["schema_version"] == "1.8"
+    assert report["schema_version"] == "1.9"
     AnalysisResult.model_validate(report)  # the served document is the typed result
     review = report["review"]
     assert review["state"] == "signed_out" and review["reviewer"] == "Dr Loop"
@@ -162,8 +171,20 @@ def test_corrections_flow_back_into_a_served_typer(
     assert {x["accession"] for x in lines}.isdisjoint(ACCESSIONS), "accessions left unhashed"
     assert {x["reviewer"] for x in lines} == {"Dr Loop"}
     assert {x["celltype_version"] for x in lines} == {"5"}
+    # the detector's part: the fields the reviewer marked boxes-complete, not the first case's
     coco = json.loads((export / "annotations.json").read_text())
-    assert len(coco["annotations"]) == len(judged) and len(coco["images"]) == len(results)
+    marked = [r for a, r in results.items() if a != aid]
+    assert {im["case_id"] for im in coco["images"]} == set(results) - {aid}
+    assert len(coco["annotations"]) == sum(len(im["cells"]) for r in marked for im in r["images"])
+    assert {x["boxes_complete"] for x in lines if x["analysis_id"] == aid} == {False}
+    assert report["review"]["complete_images"] == []
+    from training import segmentation
+    from training.cli import JobConfig, load_job_config
+
+    seg_config = JobConfig.of("segmentation", load_job_config("segmentation", "cpu-tiny"))
+    _, added = segmentation.with_corrections({}, export, seg_config, ("cell", "RBC"))
+    assert sum(added["images"].values()) == len(marked)
+    assert sum(added["boxes"].values()) == len(coco["annotations"])
 
     # a champion that calls every cell BLA, then a CI-sized retraining on the corrections
     bad = fixtures_mlflow.make_tiny_model_dir(

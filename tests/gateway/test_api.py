@@ -23,7 +23,7 @@ def test_submit_poll_report_images(gateway):
         body = wait_status(client.get, aid, keys["lis"])
         assert body["status"] == "succeeded", body
         res = body["result"]
-        assert res["schema_version"] == "1.8" and res["n_images"] == 2
+        assert res["schema_version"] == "1.9" and res["n_images"] == 2
         assert res["input"] == "fields"
         assert 0 <= res["p_aml"] <= 1 and 0 <= res["p_npm1"] <= 1
         # P(NPM1) of the case is the mean of the per-image probabilities

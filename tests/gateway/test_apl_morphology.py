@@ -40,7 +40,7 @@ def test_three_target_ensemble_reports_apl_beside_npm1(gateway, monkeypatch):
 
     assert body["status"] == "succeeded", body
     res = body["result"]
-    assert res["schema_version"] == "1.8"
+    assert res["schema_version"] == "1.9"
     apl, npm1 = res["apl_morphology"], res["npm1_morphology"]
     assert apl["status"] == npm1["status"] == "predicted"
     assert apl["p"] == pytest.approx(_fake_p_apl(res), abs=1e-6)

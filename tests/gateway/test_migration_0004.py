@@ -76,7 +76,7 @@ def _needs(engine) -> dict[str, tuple[bool, bool]]:
 def test_upgrade_backfills_the_needs_and_downgrade_drops_them(engine):
     _at_0003(engine)
     upgrade_head(engine)
-    assert head_revision() == "0008"
+    assert head_revision() == "0009"
     assert _needs(engine) == {
         "plain": (True, False),
         "cells": (False, False),

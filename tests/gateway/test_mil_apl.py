@@ -169,7 +169,7 @@ def test_mil_call_in_the_report_and_fhir_bundle(gateway, monkeypatch):
         schema = client.get("/v1/schemas/result").json()
     assert body["status"] == "succeeded", body
     res = body["result"]
-    assert res["schema_version"] == "1.8"
+    assert res["schema_version"] == "1.9"
     apl = res["apl_morphology"]
     assert apl["status"] == "predicted" and apl["model"] == "mil"
     obs = observations["p-apl-morphology"]

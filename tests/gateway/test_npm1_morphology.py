@@ -66,7 +66,7 @@ def test_two_target_ensemble_predicts_npm1_by_morphology_beside_the_image_call(
 
     assert body["status"] == "succeeded" and body["reason"] is None, body
     res = body["result"]
-    assert res["schema_version"] == "1.8" and res["aml"]["status"] == "predicted"
+    assert res["schema_version"] == "1.9" and res["aml"]["status"] == "predicted"
     call = res["npm1_morphology"]
     assert call["status"] == "predicted" and call["reason"] is None
     assert call["p"] == pytest.approx(_fake_p_npm1(res), abs=1e-6)

@@ -47,7 +47,7 @@ def test_um_ensemble_withholds_p_aml_without_pixel_size_and_keeps_the_rest(gatew
 
     assert bare["status"] == "succeeded", bare
     res = bare["result"]
-    assert res["schema_version"] == "1.8"
+    assert res["schema_version"] == "1.9"
     assert res["p_aml"] is None and res["aml_positive"] is None
     assert res["aml"]["status"] == "abstained" and res["aml"]["reason"] == "pixel_size_required"
     assert res["aml"]["model_length_unit"] == "um"

@@ -86,4 +86,4 @@ def test_two_workers_kill_one(tmp_path, pg_database, spawn, port_factory):
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     eng.dispose()
     assert max(attempts) == 2 and min(attempts) == 1  # exactly the killed one was retaken
-    assert version == head_revision() == "0008"
+    assert version == head_revision() == "0009"

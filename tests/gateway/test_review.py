@@ -286,6 +286,99 @@ def test_drawn_cells_and_exclusions_change_the_reviewed_count_only(app) -> None:
     assert all("R-1" not in d for _, d in actions), "the accession in the audit detail"
 
 
+def test_a_field_s_boxes_are_marked_complete_cleared_and_audited(app) -> None:
+    """The boxes-complete mark of a field: CSRF, the current revision, the tenant, a field
+    that is not excluded, the JSON report's review block; editing a cell keeps it, clearing
+    it is its own audited action, and a signed-out case refuses both until reopened. A case
+    of its own, so the other tests' sign-outs and amendments do not meet it."""
+    proc, env, body = app
+    key = body["lis_key"]
+    with httpx.Client(base_url=proc.url, timeout=60) as lis:
+        r = lis.post(
+            "/v1/analyses",
+            files=files(png(160, 120, 3), png(160, 120, 4), metadata=meta(accession_id="R-2")),
+            headers=key,
+        )
+        assert r.status_code == 202, r.text
+        aid = wait_status(lis.get, r.json()["id"], key)["id"]
+
+        def complete_images() -> list[int]:
+            report = lis.get(f"/v1/analyses/{aid}/report", headers=key).json()
+            return report["review"]["complete_images"]
+
+        case = f"/review/cases/{aid}"
+        with login(proc.url) as me:
+            page = me.get(case).text
+            assert (
+                page.count(f'action="{case}/mark-complete"') == 2 and "clear-complete" not in page
+            )
+            csrf, revision = csrf_and_revision(page)
+            form = {"csrf": csrf, "revision": str(revision), "image": "0"}
+            assert (
+                me.post(f"{case}/mark-complete", data={**form, "csrf": "forged"}).status_code == 403
+            )
+            nowhere = me.post(f"{case}/mark-complete", data={**form, "image": "7"})
+            assert nowhere.status_code == 400 and "no image 7" in nowhere.text
+            with login(proc.url, "dr.other") as other:
+                theirs = re.search(r'name="csrf" value="([^"]+)"', other.get("/review/").text)
+                assert theirs is not None
+                foreign = other.post(
+                    f"{case}/mark-complete", data={**form, "csrf": theirs.group(1)}
+                )
+                assert foreign.status_code == 404
+            assert complete_images() == [], "a refused mark was stored"
+            assert me.post(f"{case}/mark-complete", data=form).status_code == 303
+            page = me.get(case).text
+            assert "boxes complete</strong> (by dr.meyer)" in page
+            assert f'action="{case}/clear-complete"' in page
+            assert complete_images() == [0]
+            stale = me.post(f"{case}/mark-complete", data={**form, "image": "1"})
+            assert stale.status_code == 409 and "another reviewer" in stale.text
+            form["revision"] = str(revision + 1)
+            twice = me.post(f"{case}/mark-complete", data=form)
+            assert twice.status_code == 400 and "marked complete already" in twice.text
+            # an excluded field cannot be marked; relabelling a cell keeps the mark
+            excl = {"csrf": csrf, "revision": str(revision + 1), "image": "1"}
+            assert me.post(f"{case}/exclude", data=excl).status_code == 303
+            excluded = me.post(
+                f"{case}/mark-complete", data={**excl, "revision": str(revision + 2)}
+            )
+            assert excluded.status_code == 400 and "is excluded" in excluded.text
+            relabel = {"csrf": csrf, "revision": str(revision + 2), "code": "ART", "cell": ["0.0"]}
+            assert me.post(f"{case}/relabel", data=relabel).status_code == 303
+            assert complete_images() == [0]
+            # clearing it: once, then there is nothing to clear
+            form["revision"] = str(revision + 3)
+            assert me.post(f"{case}/clear-complete", data=form).status_code == 303
+            assert complete_images() == [] and "clear-complete" not in me.get(case).text
+            form["revision"] = str(revision + 4)
+            gone = me.post(f"{case}/clear-complete", data=form)
+            assert gone.status_code == 400 and "not marked complete" in gone.text
+            # a signed-out case: neither until it is reopened
+            assert me.post(f"{case}/mark-complete", data=form).status_code == 303
+            signed = {"csrf": csrf, "revision": str(revision + 5), "comment": ""}
+            assert me.post(f"{case}/sign-out", data=signed).status_code == 303
+            form["revision"] = str(revision + 6)
+            assert "clear-complete" not in me.get(case).text, "a control on a signed-out case"
+            frozen = me.post(f"{case}/clear-complete", data=form)
+            assert frozen.status_code == 400 and "reopen" in frozen.text
+            assert complete_images() == [0]
+    actions = [
+        (k, a, d)
+        for k, a, d in sqlite_rows(env, "select key_name, action, detail from audit_log")
+        if a in ("review.mark_complete", "review.clear_complete") and d.startswith("image ")
+    ]
+    assert [a for _, a, _ in actions][-3:] == [
+        "review.mark_complete",
+        "review.clear_complete",
+        "review.mark_complete",
+    ]
+    assert actions[-3][0] == "reviewer:dr.meyer"
+    assert actions[-3][2].startswith("image 0: boxes incomplete -> complete (")
+    assert actions[-2][2] == "image 0: boxes complete -> incomplete"
+    assert all("R-2" not in d for _, _, d in actions), "the accession in the audit detail"
+
+
 def _already(body: dict, cell_ids: list[str], code: str) -> int:
     n = 0
     for cid in cell_ids:

@@ -99,3 +99,15 @@ def test_the_reviewer_s_differential_follows_the_labels() -> None:
     lyt = next(d for d in block["differential"] if d["code"] == "LYT")
     assert (lyt["count"], lyt["fraction"]) == (3, 1.0)
     assert block["corrected_cells"] == 2 and block["blast_percent"] == 0.0
+
+
+def test_the_report_block_lists_the_fields_whose_boxes_are_complete() -> None:
+    r = review("{}")
+    assert outcomes.review_block(RESULT, r, None)["complete_images"] == []
+    r.complete_json = '[{"image": 0, "by": "r", "at": 1}]'
+    block = ReviewSummary.model_validate(outcomes.review_block(RESULT, r, None))
+    assert block.complete_images == [0]
+    assert (
+        ReviewSummary.model_validate(outcomes.review_block(RESULT, None, None)).complete_images
+        == []
+    )

@@ -193,3 +193,129 @@ def test_export_refuses_bad_dates_and_a_non_empty_folder(tmp_path: Path, capsys)
     assert corrections.main([*base, "--since", "2026-01-01", "--out", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+# -- the export from a job store: only fields with complete boxes are detection targets --------
+
+
+def _field_png(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    rgb = np.random.default_rng(seed).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _cell(x: float, code: str | None, detector: str = "cell") -> dict:
+    return {"box": [x, 20, x + 20, 40], "cell_type": code, "detector_label": detector}
+
+
+def _job_store(tmp_path: Path):
+    """A migrated SQLite job store with one signed-out fields case of four images and its
+    blobs: image 0 marked complete (a BLA, a cell relabelled ART, an RBC detection and a
+    drawn MON), 1 not marked, 2 marked but with a region excluded, 3 marked but excluded."""
+    from services.gateway.blobs import BlobStore
+    from services.gateway.db import Analysis, CaseReview, make_engine, make_sessionmaker
+    from services.gateway.db import Image as StoredImage
+    from services.gateway.db import Result as StoredResult
+    from services.gateway.migrations import upgrade_head
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_head(engine)
+    blobs = BlobStore(tmp_path / "blobs")
+    cells = {
+        0: [_cell(10, "BLA"), _cell(40, "LYT"), _cell(70, None, "RBC")],
+        1: [_cell(10, "LYT")],
+        2: [_cell(10, "MON"), _cell(60, "NGS")],
+        3: [_cell(10, "EOS")],
+    }
+    result = {
+        "input": "fields",
+        "model_versions": {"celltype": {"model": "celltype", "version": "5"}},
+        "images": [{"index": i, "width": 160, "height": 120, "cells": c} for i, c in cells.items()],
+    }
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        s.add(
+            Analysis(
+                id="a1", status="succeeded", accession="ACC-1", specimen_type="bm", stain="MGG",
+                metadata_json="{}", content_hash="h", n_images=len(cells), created_at=1.0,
+            )
+        )  # fmt: skip
+        s.flush()
+        for i in cells:
+            sha, _ = blobs.put(_field_png(i))
+            s.add(
+                StoredImage(
+                    analysis_id="a1", idx=i, sha256=sha, size_bytes=1, width=160, height=120,
+                    format="png",
+                )
+            )  # fmt: skip
+        s.add(StoredResult(analysis_id="a1", schema_version="1.9", result_json=json.dumps(result)))
+        mark = [{"image": i, "by": "dr.a", "at": 1.0} for i in (0, 2, 3)]
+        s.add(
+            CaseReview(
+                analysis_id="a1", revision=5, state="signed_out", signed_at=2.0,
+                labels_json=json.dumps({"0.1": "ART"}),
+                added_json=json.dumps(
+                    [{"id": "0.a1", "image": 0, "box": [100, 60, 130, 90], "code": "MON",
+                      "by": "dr.a", "at": 1.0}]
+                ),
+                excluded_json=json.dumps(
+                    [{"id": "x1", "image": 2, "box": [0, 0, 35, 50], "by": "dr.a", "at": 1.0},
+                     {"id": "x2", "image": 3, "box": None, "by": "dr.a", "at": 1.0}]
+                ),
+                complete_json=json.dumps(mark), amendments=0, updated_at=2.0,
+            )
+        )  # fmt: skip
+    return sessions, blobs
+
+
+def test_only_fields_with_complete_boxes_give_detection_records(tmp_path: Path) -> None:
+    sessions, blobs = _job_store(tmp_path)
+    out = tmp_path / "export"
+    summary = corrections.export(sessions, blobs, out=out, since=0.0, salt="s")
+    coco = json.loads((out / corrections.COCO).read_text())
+    assert [im["image"] for im in coco["images"]] == [0], "only the complete, unexcluded field"
+    image = coco["images"][0]
+    assert image["boxes_complete"] is True and image["case_id"] == "a1"
+    assert image["patient_id"] == corrections.accession_key(
+        "ACC-1", "default", mode="hashed", salt="s"
+    )
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes = {a["cell"]: names[a["category_id"]] for a in coco["annotations"]}
+    # the BLA, the RBC detection and the drawn MON; the cell relabelled ART is no box
+    assert boxes == {"0.0": "BLA", "0.2": "RBC", "0.a1": "MON"}
+    drawn = next(a for a in coco["annotations"] if a["cell"] == "0.a1")
+    assert drawn["added"] is True and drawn["bbox"] == [100, 60, 30, 30]
+    written = json.loads((out / corrections.SUMMARY).read_text())
+    assert (written["detection_images"], written["crop_only_images"]) == (1, 3)
+    assert written["detection_boxes"] == 3 == summary.detection_boxes
+    # every non-excluded cell still gives a crop for the typer, the complete field's or not
+    lines = {x["cell"]: x for x in corrections.read_manifest(out)}
+    assert lines["1.0"]["crop"] and not lines["1.0"]["boxes_complete"]
+    assert lines["2.1"]["crop"] and not lines["2.0"]["crop"]  # 2.0's centre in the region
+    assert not lines["3.0"]["crop"] and lines["0.0"]["boxes_complete"]
+    # the VIA project keeps every exported field for re-editing
+    via = json.loads((out / "via.json").read_text())
+    assert len(via["_via_img_metadata"]) == 4
+    dataset = corrections.read_detection(out)
+    assert len(dataset.images) == 1 and len(dataset.annotations) == 3
+
+
+def test_read_detection_refuses_what_is_not_a_complete_export(tmp_path: Path) -> None:
+    sessions, blobs = _job_store(tmp_path)
+    out = tmp_path / "export"
+    corrections.export(sessions, blobs, out=out, since=0.0)
+    with pytest.raises(ValueError, match="not a corrections export"):
+        corrections.read_detection(tmp_path / "nothing")
+    coco = json.loads((out / corrections.COCO).read_text())
+    for image in coco["images"]:
+        (out / image["file_name"]).unlink()
+    with pytest.raises(ValueError, match="1 of the 1 fields in annotations.json are missing"):
+        corrections.read_detection(out)
+    del coco["images"][0]["boxes_complete"]  # an export written before the mark existed
+    (out / corrections.COCO).write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="export again"):
+        corrections.read_detection(out)

@@ -14,18 +14,37 @@ correction, or the model's call the reviewer kept (a signed-out case vouches for
     DIR/crops/<CODE>/<analysis>_<image>-<cell>.png   ImageFolder of the cells (`--crop-size`
                                                     px, cut as the gateway cuts them)
     DIR/images/<sha256>.png                          the fields the cells were cut from
-    DIR/annotations.json                             COCO boxes, taxonomy categories
-    DIR/via.json                                     the same as a VIA 2 project (re-editing)
+    DIR/annotations.json                             COCO boxes of the complete fields only
+                                                    (detection), taxonomy categories
+    DIR/via.json                                     every exported field and its boxes as a
+                                                    VIA 2 project (re-editing)
     DIR/manifest.jsonl                               one line per cell: provenance
     DIR/export.json                                  what was exported, when, from where
+
+Detection targets: a field is one only when the reviewer marked its boxes complete in the
+review app (every cell boxed, missed ones drawn, non-cells labelled ART) and excluded none
+of it. Elsewhere the boxes are the detector's own proposals, and a cell nobody boxed (or a
+cell in an excluded region, left out of the boxes) would teach the detector background.
+On a complete field every cell but those labelled `ART` is a box, drawn ones included, in
+its taxonomy category (`training.segmentation` maps them to the detector's `cell` / `RBC`;
+a box nobody typed is `NIF`). Every COCO image carries `case_id` (the analysis),
+`patient_id` (the accession key: the split unit), `image` (its index in the case) and
+`boxes_complete`. Fields not marked complete still give crops for the typer and appear in
+`via.json`, but have no detection record; `export.json` counts both (`detection_images`,
+`crop_only_images`).
 
 Provenance per cell: analysis id, accession (`hashed`: HMAC-SHA256 with
 `MS_CORRECTIONS_SALT`, so cases of one accession still group together; `stored`: as the
 gateway keeps it), tenant, reviewer, signed_at, state, amendments, every model version of the
-analysis and the celltype version that made the call, the model's label and the final one.
-Nothing else of the case leaves the store (the REST API keeps no patient data). Cells
-labelled `ART` (not a cell) stay in the crops but not in the COCO boxes; excluded cells
-(when the review app marks them) are listed in the manifest without a crop or box.
+analysis and the celltype version that made the call, the model's label and the final one,
+and whether its field's boxes are complete. Nothing else of the case leaves the store (the
+REST API keeps no patient data). Cells labelled `ART` (not a cell) stay in the crops but not
+in the COCO boxes; excluded cells (images or regions the review app excluded) are listed in
+the manifest without a crop or box.
+
+Reading an export back: `read_cells` (the typer's crops), `read_detection` (the complete
+fields), both split by accession with `split_groups` (`training.celltype` and
+`training.segmentation --corrections DIR`).
 """
 
 from __future__ import annotations
@@ -38,6 +57,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,8 +69,12 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "export.json"
+COCO = "annotations.json"
 NOT_A_CELL = frozenset({"ART"})
 """Final labels that say the detector's box holds no cell: no COCO box."""
+UNTYPED = "NIF"
+"""COCO category of a box on a complete field that has no label (the typer left it untyped
+and the reviewer did not label it): a cell, not identified."""
 
 
 def parse_since(text: str) -> float:
@@ -79,6 +103,10 @@ class ExportSummary:
     cells: int
     corrected: int
     by_class: dict[str, int]
+    images: int = 0
+    detection_images: int = 0
+    """fields marked boxes-complete (and not excluded): in `annotations.json`"""
+    detection_boxes: int = 0
 
 
 def _iso(t: float | None) -> str | None:
@@ -105,6 +133,7 @@ def export(
     from marrowscope.imaging import crop_cells, decode_image
     from services.gateway import store
     from services.gateway.db import Analysis, CaseReview, Reviewer
+    from services.gateway.review.cells import complete_from, exclusions_from
     from services.gateway.review.outcomes import celltype_version, reviewed_cells, state_of
     from training.data.coco import Annotation, Dataset, ImageRecord, write_coco
     from training.data.via import write_via
@@ -124,6 +153,8 @@ def export(
     (out / "images").mkdir(exist_ok=True)
     images: list[ImageRecord] = []
     annotations: list[Annotation] = []
+    targets: set[int] = set()
+    """ids of the images that are detection targets (boxes complete, nothing excluded)"""
     by_class: Counter[str] = Counter()
     n_cases = n_cells = n_corrected = 0
     with sessions() as session, (out / MANIFEST).open("w") as manifest:
@@ -135,6 +166,8 @@ def export(
             stored = {im.idx: im for im in store.images_of(session, analysis_id=a.id)}
             cells = reviewed_cells(result, review)
             group = accession_key(a.accession, a.tenant, mode=accession_mode, salt=salt)
+            complete = {m.image for m in complete_from(review.complete_json)}
+            excluded = {x.image for x in exclusions_from(review.excluded_json)}
             common = {
                 "analysis_id": a.id,
                 "accession": group,
@@ -152,9 +185,12 @@ def export(
                 "celltype_version": celltype_version(result),
             }
             n_cases += 1
-            for index in sorted({c.image for c in cells}):
+            for index in sorted({c.image for c in cells} | complete):
                 image = stored.get(index)
                 mine = [c for c in cells if c.image == index]
+                # a cell nobody boxed would teach the detector background, and so would
+                # the cells of an excluded region: only whole, untouched, complete fields
+                target = common["input"] != "cells" and index in complete and index not in excluded
                 if image is None:
                     log.warning(
                         "analysis %s: image %d is not stored; its cells are left out", a.id, index
@@ -174,10 +210,15 @@ def export(
                     case_id=a.id,
                     patient_id=group,
                     um_per_px=image.um_per_px,
+                    extra={"image": index, "boxes_complete": target},
                 )
                 images.append(record)
+                if target:
+                    targets.add(record.id)
                 usable = [c for c in mine if c.label is not None and not c.excluded]
-                if common["input"] == "cells":
+                if not usable:
+                    crops = np.zeros((0, crop_size, crop_size, 3), np.uint8)
+                elif common["input"] == "cells":
                     crops = np.stack([single_cell_crop(rgb, crop_size) for _ in usable])
                 else:
                     crops = crop_cells(rgb, np.array([c.box for c in usable]), crop_size)
@@ -194,13 +235,19 @@ def export(
                         by_class[c.label] += 1
                         n_cells += 1
                         n_corrected += c.corrected
-                    if c.id in crop_of and c.label not in NOT_A_CELL:
+                    if (
+                        not c.excluded
+                        and c.label not in NOT_A_CELL
+                        and (c.label is not None or target)
+                    ):
                         x1, y1, x2, y2 = c.box
                         annotations.append(
                             Annotation(
                                 id=len(annotations) + 1,
                                 image_id=record.id,
-                                category=str(c.label),
+                                # a box the typer left untyped is still a cell on a complete
+                                # field: "not identifiable"
+                                category=str(c.label or UNTYPED),
                                 bbox=(x1, y1, x2 - x1, y2 - y1),
                                 extra={
                                     "cell": c.id,
@@ -222,11 +269,19 @@ def export(
                         "corrected": c.corrected,
                         "added": c.added,
                         "excluded": c.excluded,
+                        "boxes_complete": target,
                     }
                     manifest.write(json.dumps(line, sort_keys=True) + "\n")
     dataset = Dataset(images=images, annotations=annotations, root=out.resolve())
-    write_coco(dataset, out / "annotations.json")
+    detection = Dataset(
+        images=[im for im in images if im.id in targets],
+        annotations=[x for x in annotations if x.image_id in targets],
+        root=out.resolve(),
+        info={"description": "reviewed fields with complete boxes", "source": "corrections"},
+    )
+    write_coco(detection, out / COCO)
     write_via(dataset, out / "via.json")
+    n_boxes = len(detection.annotations)
     summary = {
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "since": _iso(since),
@@ -238,9 +293,22 @@ def export(
         "cells": n_cells,
         "corrected": n_corrected,
         "by_class": dict(sorted(by_class.items())),
+        "images": len(images),
+        "detection_images": len(targets),
+        "crop_only_images": len(images) - len(targets),
+        "detection_boxes": n_boxes,
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    return ExportSummary(out, n_cases, n_cells, n_corrected, dict(sorted(by_class.items())))
+    return ExportSummary(
+        out,
+        n_cases,
+        n_cells,
+        n_corrected,
+        dict(sorted(by_class.items())),
+        images=len(images),
+        detection_images=len(targets),
+        detection_boxes=n_boxes,
+    )
 
 
 # -- reading an export back ----------------------------------------------------------------
@@ -272,6 +340,54 @@ def read_manifest(export_dir: Path) -> list[dict[str, Any]]:
         raise ValueError(f"{export_dir} holds no {MANIFEST}: not a corrections export")
     with path.open() as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def split_groups(
+    groups: Iterable[str], *, seed: int, test_fraction: float, val_fraction: float
+) -> dict[str, str]:
+    """Accession key -> `train` / `val` / `test`: the groups in a seeded random order, the
+    first `test_fraction` of them held out (at least one when there are two or more), the
+    next `val_fraction` for validation. Every job that trains on an export splits it with
+    this; over the same groups with one config's seed and fractions, an accession sits on
+    the same side for each."""
+    unique = sorted(set(groups))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    n = len(order)
+    n_test = max(1, round(test_fraction * n)) if n >= 2 else 0
+    n_val = round(val_fraction * n) if n - n_test >= 2 else 0
+    side = {g: "train" for g in order}
+    side.update({g: "test" for g in order[:n_test]})
+    side.update({g: "val" for g in order[n_test : n_test + n_val]})
+    return side
+
+
+def read_detection(export_dir: Path) -> Any:
+    """The export's detection targets as a `training.data.coco.Dataset` (taxonomy
+    categories; each image's `patient_id` is its accession key, `case_id` its analysis):
+    the fields the reviewers marked boxes-complete. Raises ValueError for a folder that is
+    not an export, an export written before fields could be marked complete, and images
+    missing on disk; an export with no complete field gives an empty dataset."""
+    from training.data.coco import read_coco
+
+    export_dir = Path(export_dir)
+    read_manifest(export_dir)  # not an export: say so before anything else
+    path = export_dir / COCO
+    if not path.is_file():
+        raise ValueError(f"{export_dir} holds no {COCO}: not a corrections export")
+    dataset = read_coco(path, check_images=False)
+    old = [im.file_name for im in dataset.images if im.extra.get("boxes_complete") is not True]
+    if old:
+        raise ValueError(
+            f"{path} lists fields without the reviewer's boxes-complete mark ({old[0]}, ...): "
+            "it was exported before fields could be marked complete; export again"
+        )
+    missing = [im.file_name for im in dataset.images if not (export_dir / im.file_name).is_file()]
+    if missing:
+        raise ValueError(
+            f"{export_dir}: {len(missing)} of the {len(dataset.images)} fields in {COCO} are "
+            f"missing on disk ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
+    return dataset
 
 
 def read_cells(export_dir: Path, crop_size: int) -> CorrectedCells:
@@ -392,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         f"exported {summary.cells} cells ({summary.corrected} corrected) of {summary.cases} "
         f"cases to {summary.out}: "
         + (", ".join(f"{k} {v}" for k, v in summary.by_class.items()) or "nothing")
+        + f"; {summary.detection_images} of {summary.images} fields with complete boxes "
+        f"({summary.detection_boxes} boxes for the detector)"
     )
     return 0
 

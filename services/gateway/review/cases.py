@@ -1,5 +1,6 @@
 """A case under review: the reviewer's actions on it (relabel cells, draw a missed cell,
-exclude an image or a region, sign out, reopen), each in the caller's transaction.
+exclude an image or a region, declare a field's boxes complete or clear that, sign out,
+reopen), each in the caller's transaction.
 
 The model's result is never changed: what the reviewer did lives beside it in the
 `case_reviews` row (`services.gateway.review.cells` says how, and computes the cells and the
@@ -29,10 +30,12 @@ from services.gateway.review.accounts import ReviewerIdentity
 from services.gateway.review.cells import (
     AddedCell,
     CellView,
+    CompleteMark,
     Exclusion,
     added_from,
     cells_of,
     checked_box,
+    complete_from,
     exclusions_from,
     image_sizes,
     labels_from,
@@ -61,6 +64,7 @@ def review_of(session: Session, analysis_id: str) -> CaseReview:
         labels_json="{}",
         added_json="[]",
         excluded_json="[]",
+        complete_json="[]",
         amendments=0,
     )
 
@@ -267,6 +271,73 @@ def include(
         "review.include",
         analysis_id,
         f"{gone.id}: excluded -> counted: {gone.describe()}",
+    )
+
+
+def mark_complete(
+    session: Session,
+    *,
+    analysis_id: str,
+    result: Mapping[str, Any],
+    revision: int,
+    image: int,
+    who: ReviewerIdentity,
+) -> CompleteMark:
+    """The reviewer's word that every cell of field `image` is boxed (missed ones drawn,
+    non-cells labelled ART), which makes the field a detection target in the corrections
+    export. Editing the field's cells afterwards keeps the mark; clearing it is its own
+    action. A single-cell case has no fields, and an excluded field is not a target."""
+    if result.get("input") == "cells":
+        raise ReviewError("a single-cell case has no fields whose boxes could be complete")
+    if image not in image_sizes(result):
+        raise ReviewError(f"no image {image} in this case")
+    review = _editable(session, analysis_id, revision)
+    marks = complete_from(review.complete_json)
+    if any(m.image == image for m in marks):
+        raise ReviewError(f"the boxes of image {image} are marked complete already")
+    if any(x.image == image and x.box is None for x in exclusions_from(review.excluded_json)):
+        raise ReviewError(
+            f"image {image} is excluded: count it again before marking its boxes complete"
+        )
+    mark = CompleteMark(image=image, by=who.username, at=now())
+    review.complete_json = json.dumps([m.to_json() for m in [*marks, mark]])
+    boxes = [c for c in case_cells(review, result) if c.image == image]
+    _store(session, review)
+    _audit(
+        session,
+        who,
+        "review.mark_complete",
+        analysis_id,
+        f"image {image}: boxes incomplete -> complete ({len(boxes)} boxes, "
+        f"{sum(c.added for c in boxes)} drawn)",
+    )
+    return mark
+
+
+def clear_complete(
+    session: Session,
+    *,
+    analysis_id: str,
+    result: Mapping[str, Any],
+    revision: int,
+    image: int,
+    who: ReviewerIdentity,
+) -> None:
+    """Withdraw `mark_complete` for field `image`: it is no detection target any more."""
+    if image not in image_sizes(result):
+        raise ReviewError(f"no image {image} in this case")
+    review = _editable(session, analysis_id, revision)
+    marks = complete_from(review.complete_json)
+    if not any(m.image == image for m in marks):
+        raise ReviewError(f"the boxes of image {image} are not marked complete")
+    review.complete_json = json.dumps([m.to_json() for m in marks if m.image != image])
+    _store(session, review)
+    _audit(
+        session,
+        who,
+        "review.clear_complete",
+        analysis_id,
+        f"image {image}: boxes complete -> incomplete",
     )
 
 

@@ -8,6 +8,9 @@ The model's result is never changed. The review row (`db.CaseReview`) holds, bes
   ids are `<image>.a<n>`, so they never collide with the model's `<image>.<index>`;
 - `excluded_json`: whole images (`box` null: a field or slide region not fit to count) and
   regions of an image (`box`: cells whose centre lies inside), each `{id, image, box, by, at}`.
+- `complete_json`: the fields whose boxes the reviewer declared complete (every cell boxed,
+  missed ones drawn, non-cells labelled ART), each `{image, by, at}`: what makes a field a
+  detection target (`training.data.corrections`). The count does not read it.
 
 The reviewed differential is computed from all of it by the pipeline's own function
 (`marrowscope.features.differential_of_codes`), so the model's figure and the reviewer's
@@ -87,6 +90,18 @@ class Exclusion:
         }
 
 
+@dataclass(frozen=True)
+class CompleteMark:
+    """The reviewer's word that every cell of image `image` is boxed."""
+
+    image: int
+    by: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "by": self.by, "at": self.at}
+
+
 def _box_text(box: Box) -> str:
     return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
 
@@ -142,6 +157,13 @@ def exclusions_from(text: str | None) -> list[Exclusion]:
             by=str(d["by"]),
             at=float(d["at"]),
         )
+        for d in json.loads(text or "[]")
+    ]
+
+
+def complete_from(text: str | None) -> list[CompleteMark]:
+    return [
+        CompleteMark(image=int(d["image"]), by=str(d["by"]), at=float(d["at"]))
         for d in json.loads(text or "[]")
     ]
 

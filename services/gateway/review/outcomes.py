@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from marrowscope.taxonomy import cell_type
 from services.gateway.db import CaseReview, Reviewer
 from services.gateway.review import cases
-from services.gateway.review.cells import differential_of
+from services.gateway.review.cells import complete_from, differential_of
 
 ReviewState = Literal["unreviewed", "in_review", "signed_out", "amended"]
 
@@ -128,11 +128,12 @@ def review_block(
     result: Mapping[str, Any], review: CaseReview | None, reviewer_name: str | None
 ) -> dict[str, Any]:
     """The JSON report's `review` (result 1.7, `result.ReviewSummary`): the state, who signed
-    and when, the comment, amendments, and the reviewer's differential recomputed from the
-    reviewed labels (the model's stays in the result's `differential`)."""
+    and when, the comment, amendments, the reviewer's differential recomputed from the
+    reviewed labels (the model's stays in the result's `differential`), and the fields whose
+    boxes the reviewer declared complete (1.9)."""
     state = state_of(review)
     if review is None:
-        return {"state": state, "amendments": 0, "corrected_cells": 0}
+        return {"state": state, "amendments": 0, "corrected_cells": 0, "complete_images": []}
     cells = cases.case_cells(review, result)
     counted = [c for c in cells if c.counted]  # `counted` leaves excluded cells out
     diff = differential_of(cells, reviewed=True)  # drawn in, excluded out
@@ -162,6 +163,7 @@ def review_block(
             }
             for code, d in diff.items()
         ],
+        "complete_images": sorted(m.image for m in complete_from(review.complete_json)),
     }
 
 

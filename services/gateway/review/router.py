@@ -1,5 +1,6 @@
 """The review app's pages under `/review`: login, the worklist, a case with its cell gallery,
-and the reviewer's actions (relabel cells, sign out, reopen).
+and the reviewer's actions (relabel cells, draw a missed cell, exclude and count again,
+mark a field's boxes complete and clear that, sign out, reopen).
 
 Server-rendered (Jinja2 templates beside this module, one small stylesheet and script in
 `static/`, no build step). Authentication is a server-side session cookie
@@ -33,7 +34,12 @@ from services.gateway.container import Services
 from services.gateway.db import Analysis, CaseReview, Reviewer
 from services.gateway.errors import ApiError
 from services.gateway.review import accounts, cases, media, oidc, zoom
-from services.gateway.review.cells import CellView, differential_of, exclusions_from
+from services.gateway.review.cells import (
+    CellView,
+    complete_from,
+    differential_of,
+    exclusions_from,
+)
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +395,7 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
             reviewed_diff=differential_of(cells, reviewed=True),
             cells_by_image=by_image,
             exclusions=exclusions_from(review.excluded_json),
+            complete={m.image: m for m in complete_from(review.complete_json)},
             n_corrected=len(cases.labels_of(review)),
             n_added=sum(c.added for c in cells),
             n_excluded=sum(c.excluded for c in cells),
@@ -589,6 +596,55 @@ def build_router(services: Services, settings: ReviewSettings) -> APIRouter:
                 result=result,
                 revision=revision,
                 exclusion_id=exclusion,
+                who=active.reviewer,
+            ),
+        )
+
+    @router.post("/cases/{analysis_id}/mark-complete")
+    def mark_complete(
+        request: Request,
+        active: Acting,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        image: Annotated[int, Form()],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        """The reviewer's word that every cell of the field is boxed (a detection target)."""
+        return act(
+            request,
+            active,
+            analysis_id,
+            csrf,
+            lambda s, result: cases.mark_complete(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                image=image,
+                who=active.reviewer,
+            ),
+        )
+
+    @router.post("/cases/{analysis_id}/clear-complete")
+    def clear_complete(
+        request: Request,
+        active: Acting,
+        analysis_id: str,
+        revision: Annotated[int, Form()],
+        image: Annotated[int, Form()],
+        csrf: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        return act(
+            request,
+            active,
+            analysis_id,
+            csrf,
+            lambda s, result: cases.clear_complete(
+                s,
+                analysis_id=analysis_id,
+                result=result,
+                revision=revision,
+                image=image,
                 who=active.reviewer,
             ),
         )

@@ -136,3 +136,13 @@ document.querySelectorAll("svg.canvas").forEach((svg) => {
     }
   });
 });
+
+// -- a field's "boxes complete": the reviewer confirms the statement it makes -----------------
+// Marking a field complete says every cell on it is boxed, which makes it a detection target
+// for training; without scripts the form posts as it is.
+document.querySelectorAll("form.complete-mark").forEach((form) => {
+  form.addEventListener("submit", (event) => {
+    const ask = event.submitter?.dataset.confirm;
+    if (ask && !window.confirm(ask)) event.preventDefault();
+  });
+});
