@@ -130,7 +130,9 @@ securityContext:
 {{/* The job store and image store every process that creates or runs analyses shares
 (gateway API and worker, HL7 listener). The gateway's data_dir defaults to a path under
 the image's read-only /app: point it at the /tmp emptyDir (only SQLite and the slide cache
-would use it; the job store is PostgreSQL and the images are on their volume). */}}
+would use it; the job store is PostgreSQL, the images are on their volume, and the gateway
+pods set MS_GATEWAY_SLIDE_CACHE_DIR to the slide cache volume: the HL7 listener needs none,
+as it takes slides only from local slide roots, which it reads in place). */}}
 {{- define "marrowscope.storeEnv" -}}
 - name: MS_GATEWAY_DATABASE_URL
   valueFrom:
