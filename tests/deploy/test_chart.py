@@ -241,6 +241,9 @@ def test_mlflow_server_uses_postgres_secret_and_serves_artifacts(prod_objects):
         ({"ingres": {"enabled": True}}, "ingres"),
         ({"autoscaling": {"engine": "kedа"}}, "engine"),
         ({"image": {"tag": "latest"}}, "tag"),
+        ({"gateway": {"slideCache": {"mountpath": "/slides"}}}, "mountpath"),
+        ({"gateway": {"slideCache": {"mountPath": "slides"}}}, "mountPath"),
+        ({"gateway": {"slideCache": {"accessModes": ["ReadWriteAll"]}}}, "accessModes"),
     ],
 )
 def test_misspelt_or_invalid_values_fail_schema(values, where):
@@ -277,3 +280,66 @@ def test_pdf_signing_key_is_mounted_only_when_configured():
                 mount = next(m for m in c["volumeMounts"] if m["name"] == "pdf-signing")
                 assert mount["readOnly"] is True
                 assert env["MS_GATEWAY_PDF_SIGNING_P12"]["value"].startswith(mount["mountPath"])
+
+
+SLIDE_CACHE = "/var/lib/marrowscope/slides"
+
+
+def _claim_mounts(dep: dict) -> dict[str, tuple[str, str]]:
+    """volume name -> (claim, mount path) of a Deployment's PVC-backed mounts."""
+    spec = checks.pod_spec(dep)
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (c,) = spec["containers"]
+    return {
+        m["name"]: (claims[m["name"]], m["mountPath"])
+        for m in c["volumeMounts"]
+        if m["name"] in claims
+    }
+
+
+def test_api_and_worker_share_the_slide_cache(chart_objects, monkeypatch):
+    """An upload lands on one API pod and is cut by whichever worker pod claims its
+    analysis: both mount one claim at the path the gateway's settings read as the slide
+    cache, a volume kept on uninstall and big enough for several of the largest slides."""
+    from kubernetes.utils import parse_quantity
+
+    from services.gateway.config import GatewaySettings
+
+    name, objs = chart_objects
+    deps = checks.by_kind(objs, "Deployment")
+    api, worker = (deps[f"{RELEASE}-gateway-{c}"] for c in ("api", "worker"))
+    claim = f"{RELEASE}-slide-cache"
+    for dep in (api, worker):
+        assert _claim_mounts(dep)["slide-cache"] == (claim, SLIDE_CACHE)
+        (c,) = checks.pod_spec(dep)["containers"]
+        for e in c["env"]:
+            if "value" in e:
+                monkeypatch.setenv(e["name"], e["value"])
+        settings = GatewaySettings(database_url="postgresql+psycopg://u@db/x")
+        assert str(settings.slide_cache_dir) == SLIDE_CACHE
+    pvc = checks.by_kind(objs, "PersistentVolumeClaim")[claim]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    size = parse_quantity(pvc["spec"]["resources"]["requests"]["storage"])
+    assert size >= 2 * GatewaySettings.model_fields["max_slide_bytes"].default, name
+    modes = pvc["spec"]["accessModes"]
+    assert modes == (["ReadWriteOnce"] if name == "values-dev.yaml" else ["ReadWriteMany"])
+
+
+def test_existing_slide_cache_claim_is_mounted_and_not_created():
+    values = load_values("values-prod.yaml")
+    values.setdefault("gateway", {})["slideCache"] = {
+        "existingClaim": "lab-slides",
+        "mountPath": "/mnt/slides",
+    }
+    objs = render_chart(values)
+    assert f"{RELEASE}-slide-cache" not in checks.by_kind(objs, "PersistentVolumeClaim")
+    assert f"{RELEASE}-images" in checks.by_kind(objs, "PersistentVolumeClaim")
+    for component in ("api", "worker"):
+        dep = checks.by_kind(objs, "Deployment")[f"{RELEASE}-gateway-{component}"]
+        assert _claim_mounts(dep)["slide-cache"] == ("lab-slides", "/mnt/slides")
+        env = {e["name"]: e.get("value") for e in checks.pod_spec(dep)["containers"][0]["env"]}
+        assert env["MS_GATEWAY_SLIDE_CACHE_DIR"] == "/mnt/slides"

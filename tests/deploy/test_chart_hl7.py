@@ -99,7 +99,9 @@ def test_volumes_are_the_gateway_image_store_and_a_read_only_input_store(enabled
         for v in checks.pod_spec(deps[f"{RELEASE}-gateway-worker"])["volumes"]
         if "persistentVolumeClaim" in v
     ]
-    assert [claims["images"]["claimName"]] == worker_claims
+    assert claims["images"]["claimName"] in worker_claims
+    # slides come only from local roots, read in place: the listener writes no slide cache
+    assert "slide-cache" not in claims
     assert claims["inputs"] == {"claimName": f"{RELEASE}-hl7-inputs", "readOnly": True}
     mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
     assert mounts["images"]["mountPath"] == "/var/lib/marrowscope/images"

@@ -69,7 +69,9 @@ def test_overlays_run_the_hl7_listener_behind_their_lis_policy(overlay, peers):
         if "persistentVolumeClaim" in v
     }
     assert claims == {"marrowscope-images", "marrowscope-hl7-inputs"}
-    assert set(checks.by_kind(objs, "PersistentVolumeClaim")) == claims
+    assert set(checks.by_kind(objs, "PersistentVolumeClaim")) == claims | {
+        "marrowscope-slide-cache"
+    }
     assert checks.check_mllp_policy(objs, "marrowscope-hl7") == peers
 
 
