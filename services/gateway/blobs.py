@@ -13,7 +13,8 @@ finds) within a grace period longer than any request:
 
 The same sweep deletes uploaded slides (`PUT /v1/slide-uploads`) unused for
 `MS_GATEWAY_SLIDE_UPLOAD_TTL_S`, except those an analysis has not cut into tiles yet
-(`sweep_uploads`).
+(`sweep_uploads`), and the slide cache's copies of object-store slides unused for
+`MS_GATEWAY_SLIDE_FETCH_TTL_S` (`SlideStore.expire_fetched`).
 """
 
 from __future__ import annotations
@@ -184,14 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     uploads = sweep_uploads(
         sessions, settings.slide_cache_dir, ttl_s=settings.slide_upload_ttl_s, dry_run=args.dry_run
     )
+    from services.gateway.slidestore import SlideStore
+
+    copies = SlideStore.from_settings(settings).expire_fetched(dry_run=args.dry_run)
     engine.dispose()
     for sha in removed:
         print(sha)
     for path in uploads:
         print(f"upload {path.parent.name}/{path.name}")
+    for path in copies:
+        print(f"slide copy {path.name}")
     verb = "would remove" if args.dry_run else "removed"
     print(
-        f"{verb} {len(removed)} unreferenced blobs and {len(uploads)} expired slide uploads",
+        f"{verb} {len(removed)} unreferenced blobs, {len(uploads)} expired slide uploads and "
+        f"{len(copies)} unused slide copies",
         file=sys.stderr,
     )
     return 0

@@ -172,6 +172,10 @@ class GatewaySettings(BaseSettings):
     """An uploaded slide is deleted this long after it was uploaded or last named by a
     submission, unless an analysis that has not cut it yet still needs it (blob sweep, and
     a tenant's own expired uploads at its next upload)."""
+    slide_fetch_ttl_s: float = Field(86400.0, ge=3600)
+    """A copy of an object-store slide in the slide cache is deleted this long after it was
+    fetched or last used (at the next fetch, and by the blob sweep); at least an hour,
+    longer than any slide job, so a copy being read is never removed."""
     slide_upload_quota_bytes: int = Field(200 * 1024**3, gt=0)
     """Bytes of uploaded slides one tenant may hold; an upload beyond it gets 413
     `upload_quota_exceeded`."""

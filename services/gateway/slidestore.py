@@ -11,17 +11,21 @@ call, and a local reference is resolved (symlinks included) and refused unless i
 the resolved root, so no reference can escape its root.
 
 Object-store slides are copied to a local cache file in chunks (OpenSlide reads local files),
-refusing anything above `max_bytes`; memory stays one chunk.
+refusing anything above `max_bytes`; memory stays one chunk. A copy unused for
+`fetch_ttl_s` (`MS_GATEWAY_SLIDE_FETCH_TTL_S`, 24 h) is deleted at the next fetch and by the
+blob sweep (`expire_fetched`), so the cache holds the slides in use, not every slide ever read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import posixpath
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_FETCH_TTL_S = 86400.0
+"""A cached object-store copy unused this long is deleted (`MS_GATEWAY_SLIDE_FETCH_TTL_S`)."""
 
 
 class SlideStoreError(Exception):
@@ -66,9 +72,17 @@ class SlideStore:
     """Configured slide roots by name: a local directory (`/mnt/slides`, `file:///mnt/slides`)
     or an fsspec URL (`s3://bucket/slides`). `cache_dir` holds fetched object-store slides."""
 
-    def __init__(self, roots: Mapping[str, str], *, cache_dir: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        roots: Mapping[str, str],
+        *,
+        cache_dir: Path,
+        max_bytes: int,
+        fetch_ttl_s: float = DEFAULT_FETCH_TTL_S,
+    ) -> None:
         self.roots = dict(roots)
         self.cache_dir = Path(cache_dir)
+        self.fetch_ttl_s = float(fetch_ttl_s)
         self.max_bytes = max_bytes
 
     @classmethod
@@ -77,6 +91,7 @@ class SlideStore:
         return cls(
             settings.slide_roots,
             cache_dir=settings.slide_cache_dir,
+            fetch_ttl_s=settings.slide_fetch_ttl_s,
             max_bytes=settings.max_slide_bytes,
         )
 
@@ -127,7 +142,9 @@ class SlideStore:
         name = hashlib.sha256(stamp.encode()).hexdigest()[:32] + Path(fpath).suffix.lower()
         dest = self.cache_dir / name
         if dest.is_file() and dest.stat().st_size == size:
-            return dest
+            with contextlib.suppress(FileNotFoundError):  # expired meanwhile: fetched below
+                os.utime(dest)  # used again: its expiry starts over (`expire_fetched`)
+                return dest
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".part")
         written = 0
@@ -145,7 +162,25 @@ class SlideStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         log.info("fetched slide %s/%s (%d bytes) into the cache", ref.store, ref.path, written)
+        # the cache only grows here, so this is where it is bounded as well
+        self.expire_fetched()
         return dest
+
+    def expire_fetched(self, *, dry_run: bool = False) -> list[Path]:
+        """Delete the cached object-store copies (and `.part` files of fetches that stopped)
+        unused for `fetch_ttl_s`: their mtime is set when fetched and by every `fetch` that
+        finds them. Uploads (`uploads/`) are not touched: `blobs.expire_uploads` owns them.
+        A job reads its copy right after `fetch` touched it, and the TTL (at least an hour)
+        is longer than any slide job, so no copy in use is removed. Returns the removed."""
+        from services.gateway.blobs import remove_older
+
+        if not self.cache_dir.is_dir():
+            return []
+        copies = (p for p in self.cache_dir.iterdir() if p.is_file())
+        removed = remove_older(copies, time.time() - self.fetch_ttl_s, dry_run=dry_run)
+        for path in removed:
+            log.info("expired cached slide copy %s", path.name)
+        return removed
 
 
 def _quota_error(quota_left: int) -> SlideStoreError:

@@ -93,9 +93,13 @@ def test_the_blob_sweep_expires_unused_uploads_and_keeps_those_an_analysis_waits
         out = capsys.readouterr()
         return out.out + out.err
 
+    # an object-store copy nobody fetched for longer than MS_GATEWAY_SLIDE_FETCH_TTL_S (24 h)
+    copy = services.settings.slide_cache_dir / "0123abcd.tiff"
+    copy.write_bytes(b"copy")
+    _age(copy, 86400 + 10)
     out = sweep()
-    assert "1 expired slide uploads" in out, out
-    assert files[ids[0]].is_file() and not files[ids[1]].exists()
+    assert "1 expired slide uploads and 1 unused slide copies" in out, out
+    assert files[ids[0]].is_file() and not files[ids[1]].exists() and not copy.exists()
     # once nothing waits for it any more, it goes too
     with client:
         assert client.delete(f"/v1/analyses/{waiting}", headers=keys["lis"]).is_success

@@ -73,6 +73,39 @@ def test_fsspec_root_is_fetched_to_the_cache(tmp_path: Path, small_slide: Path) 
     assert exc.value.status == 413
 
 
+def test_unused_object_store_copies_expire_and_used_ones_stay(tmp_path: Path) -> None:
+    """The cache holds the slides in use: a copy unused for the TTL goes at the next fetch
+    (and with the blob sweep), one fetched again starts its TTL over, uploads stay."""
+    import os
+    import time
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("old.tiff", "used.tiff", "new.tiff"):
+        fs.pipe(f"/bucket2/slides/{name}", name.encode() * 100)
+    cache = tmp_path / "cache"
+    store = SlideStore(
+        {"s3": "memory://bucket2/slides"}, cache_dir=cache, max_bytes=10**6, fetch_ttl_s=3600
+    )
+    old, used = store.fetch(SlideRef("s3", "old.tiff")), store.fetch(SlideRef("s3", "used.tiff"))
+    upload = cache / "uploads" / "tenant" / "u1.svs"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"u")
+    stale = (cache / "crashed.part", upload)  # the upload is old too: not this expiry's
+    (cache / "crashed.part").write_bytes(b"p")
+    two_hours_ago = time.time() - 7200
+    for path in (old, used, *stale):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    assert store.fetch(SlideRef("s3", "used.tiff")) == used  # a hit starts its TTL over
+    assert set(store.expire_fetched(dry_run=True)) == {old, cache / "crashed.part"}
+    assert old.exists()  # dry run
+    new = store.fetch(SlideRef("s3", "new.tiff"))  # a new copy bounds the cache
+    assert new.exists() and used.exists() and upload.exists()
+    assert not old.exists() and not (cache / "crashed.part").exists()
+    assert store.fetch(SlideRef("s3", "old.tiff")).read_bytes() == b"old.tiff" * 100  # again
+
+
 def test_upload_is_streamed_and_size_limited(tmp_path: Path) -> None:
     async def chunks(n: int):
         for _ in range(n):
