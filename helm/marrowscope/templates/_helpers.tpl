@@ -141,3 +141,33 @@ as it takes slides only from local slide roots, which it reads in place). */}}
 - {name: MS_GATEWAY_DATA_DIR, value: /tmp/marrowscope}
 - {name: HOME, value: /tmp}
 {{- end }}
+
+{{/* A store's claim: its existingClaim, else the one the chart creates, <fullname>-<suffix>.
+(dict "root" $ "store" .Values.gateway.imageStore "suffix" "images") */}}
+{{- define "marrowscope.claimName" -}}
+{{- .store.existingClaim | default (printf "%s-%s" (include "marrowscope.fullname" .root) .suffix) }}
+{{- end }}
+
+{{/* The stores of every gateway process that touches slides (API, worker, storage sweep):
+the job store and image store, and the slide cache volume. An upload lands on an API pod and
+is cut by whichever worker claims its analysis, and the sweep expires it: all read one
+volume, never a pod's own /tmp (too small for a slide, and gone with the pod). */}}
+{{- define "marrowscope.gatewayStoreEnv" -}}
+{{ include "marrowscope.storeEnv" . }}
+- {name: MS_GATEWAY_SLIDE_CACHE_DIR, value: {{ .Values.gateway.slideCache.mountPath | quote }}}
+{{- end }}
+
+{{/* Mounts and volumes of the gateway's stores (the /tmp emptyDir is separate). Call with $. */}}
+{{- define "marrowscope.gatewayStoreMounts" -}}
+- {name: images, mountPath: {{ .Values.gateway.imageStore.mountPath }}}
+- {name: slide-cache, mountPath: {{ .Values.gateway.slideCache.mountPath }}}
+{{- end }}
+
+{{- define "marrowscope.gatewayStoreVolumes" -}}
+- name: images
+  persistentVolumeClaim:
+    claimName: {{ include "marrowscope.claimName" (dict "root" . "store" .Values.gateway.imageStore "suffix" "images") }}
+- name: slide-cache
+  persistentVolumeClaim:
+    claimName: {{ include "marrowscope.claimName" (dict "root" . "store" .Values.gateway.slideCache "suffix" "slide-cache") }}
+{{- end }}
