@@ -32,9 +32,13 @@ HEADER = (
 def _strip(obj: dict) -> dict:
     meta = obj["metadata"]
     meta.pop("namespace", None)
+    spec = obj.get("spec", {})
+    job = spec.get("jobTemplate", {})  # a CronJob labels its Jobs and their pods too
     for labels in (
         meta.get("labels"),
-        obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels"),
+        spec.get("template", {}).get("metadata", {}).get("labels"),
+        job.get("metadata", {}).get("labels"),
+        job.get("spec", {}).get("template", {}).get("metadata", {}).get("labels"),
     ):
         if labels:
             labels.pop("helm.sh/chart", None)

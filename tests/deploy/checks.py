@@ -6,7 +6,8 @@ import kubernetes_validate
 
 from tests.deploy.conftest import KUBE_VERSION
 
-WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+BATCH = ("Job", "CronJob")  # run to completion: no probes
 RECOMMENDED_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/component",
@@ -33,8 +34,31 @@ def validate_all(objs: list[dict]) -> list[str]:
     return custom
 
 
+def pod_template(obj: dict) -> dict:
+    spec = obj["spec"]
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]
+
+
 def pod_spec(obj: dict) -> dict:
-    return obj["spec"]["template"]["spec"]
+    return pod_template(obj)["spec"]
+
+
+def claim_mounts(workload: dict) -> dict[str, tuple[str, str]]:
+    """volume name -> (claim, mount path) of a one-container workload's PVC-backed mounts."""
+    spec = pod_spec(workload)
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (c,) = spec["containers"]
+    return {
+        m["name"]: (claims[m["name"]], m["mountPath"])
+        for m in c["volumeMounts"]
+        if m["name"] in claims
+    }
 
 
 def workloads(objs: list[dict]) -> list[dict]:
@@ -61,7 +85,7 @@ def check_containers(objs: list[dict]) -> None:
             res = c.get("resources", {})
             assert res.get("requests", {}).get("cpu") and res["requests"].get("memory"), cw
             assert res.get("limits", {}).get("memory"), cw
-            if wl["kind"] != "Job":
+            if wl["kind"] not in BATCH:
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert probe in c, f"{cw} lacks {probe}"
             sc = c.get("securityContext", {})
@@ -163,11 +187,11 @@ def check_exposure(objs: list[dict], gateway_service: str) -> None:
     if hl7_service in by_kind(objs, "Deployment"):
         check_mllp_policy(objs, hl7_service)
     # every pod is selected by some policy (an unselected pod accepts anything)
-    for d in by_kind(objs, "Deployment").values():
-        labels = d["spec"]["template"]["metadata"]["labels"]
+    for wl in workloads(objs):
+        labels = pod_template(wl)["metadata"]["labels"]
         assert any(
             p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies
-        ), f"no NetworkPolicy selects {d['metadata']['name']}"
+        ), f"no NetworkPolicy selects {wl['kind']}/{wl['metadata']['name']}"
 
 
 def check_mllp_policy(objs: list[dict], name: str) -> list[dict]:

@@ -43,6 +43,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "MarrowScopeModelVersionMissing": ("model", {"explain"}),
     "MarrowScopeGatewayBacklog": ("", {""}),  # max() without by: one unlabelled alert
     "MarrowScopeGatewayRejections": ("status", {"401"}),
+    "MarrowScopeGatewaySweepFailing": ("namespace", {NS}),
     "MarrowScopeHl7ListenerDown": ("deployment", {"marrowscope-hl7"}),
     "MarrowScopeHl7Nacks": ("type", {"ORM^O01"}),
     "MarrowScopeHl7ConnectionsDropped": ("reason", {"framing"}),
@@ -87,8 +88,9 @@ def cluster() -> Cluster:
     no ready pod, explain reports no loaded version, the gateway has a backlog and answers
     401 to a misconfigured LIS. The HL7 listener has no ready pod, answers AR to 30 % of
     ORM^O01 orders (OML^O33: 5 % AE, below the 10 % ratio) and closes a connection a minute
-    for framing (idle and peer closes are normal). A staging namespace fails every
-    segmentation request and refuses every HL7 order."""
+    for framing (idle and peer closes are normal). Two storage-sweep runs failed, one
+    succeeded. A staging namespace fails every segmentation request, refuses every HL7
+    order and fails its sweep twice."""
     c = Cluster()
     models = {m: RuntimeMetrics() for m in MODELS}
     for m, metrics in models.items():
@@ -158,7 +160,25 @@ def cluster() -> Cluster:
                 k * SCRAPE_S,
                 0.0,
             )
+    # the storage sweep failed twice (and succeeded once) here, twice in staging
+    _jobs(c.series, NS, {"sweep-1": False, "sweep-2": False, "sweep-3": True})
+    _jobs(c.series, "staging", {"sweep-1": False, "sweep-2": False})
     return c
+
+
+SWEEP_JOB = "marrowscope-gateway-sweep-{}"
+
+
+def _jobs(series: Series, namespace: str, outcome: dict[str, bool]) -> None:
+    """kube-state-metrics' kube_job_failed: per Job one series per condition, 0 or 1.
+    Keys `sweep-<n>` are Jobs of the sweep CronJob (named <cronjob>-<minute>), others as given;
+    values: whether the Job succeeded."""
+    for key, succeeded in outcome.items():
+        name = SWEEP_JOB.format(28_000_000 + int(key[6:])) if key.startswith("sweep-") else key
+        for condition, value in (("true", not succeeded), ("false", succeeded), ("unknown", False)):
+            labels = {"__name__": "kube_job_failed", "namespace": namespace, "job_name": name}
+            for k in range(int(END_S // SCRAPE_S) + 1):
+                series.add({**labels, "condition": condition}, k * SCRAPE_S, float(value))
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +246,8 @@ MUTATIONS = [
     ("MarrowScopeGatewayBacklog", "> 100", "> 200"),
     ("MarrowScopeGatewayRejections", '=~"4.."', '=~"[45].."'),
     ("MarrowScopeGatewayRejections", "> 0.2", "> 0.05"),
+    ("MarrowScopeGatewaySweepFailing", ">= 2", ">= 3"),
+    ("MarrowScopeGatewaySweepFailing", f'{{namespace="{NS}",condition', "{condition"),  # staging
     ("MarrowScopeHl7ListenerDown", "< 1", "< 0"),
     ("MarrowScopeHl7ListenerDown", 'deployment="marrowscope-hl7"', 'deployment="marrowscope-npm1"'),
     ("MarrowScopeHl7Nacks", ',ack!="AA"', ""),  # every answer counts as a NACK
@@ -245,6 +267,28 @@ def test_a_wrong_rule_fails_the_scenarios(cluster, rules, alert, old, new):
     assert old in rule["expr"], (old, rule["expr"])
     mutated = rule["expr"].replace(old, new)
     assert _misfires(cluster, alert, mutated, rule["for"]) != [], mutated
+
+
+@pytest.mark.parametrize(
+    ("outcome", "fires"),
+    [
+        ({"sweep-1": False, "sweep-2": False}, True),
+        ({"sweep-1": False, "sweep-2": False, "sweep-3": False}, True),
+        # one failure among successes is not "repeatedly"; a condition="false" series is
+        # 1 for every success, so this also catches a rule that drops condition="true"
+        ({"sweep-1": False, "sweep-2": True, "sweep-3": True}, False),
+        # failed Jobs that are not the CronJob's: a training Job, a manual run
+        ({"sweep-1": False, "marrowscope-train-npm1": False}, False),
+        ({"sweep-1": False, "marrowscope-gateway-sweep-manual": False}, False),
+        ({}, False),
+    ],
+)
+def test_the_sweep_alert_wants_repeated_failures_of_the_sweeps_jobs(rules, outcome, fires):
+    rule = rules["MarrowScopeGatewaySweepFailing"]
+    series = Series()
+    _jobs(series, NS, outcome)
+    fired = Evaluator(series).fires(rule["expr"], END_S, _seconds(rule["for"]))
+    assert bool(fired) is fires, fired
 
 
 def test_a_condition_shorter_than_for_does_not_fire(cluster, rules):

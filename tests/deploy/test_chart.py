@@ -285,22 +285,6 @@ def test_pdf_signing_key_is_mounted_only_when_configured():
 SLIDE_CACHE = "/var/lib/marrowscope/slides"
 
 
-def _claim_mounts(dep: dict) -> dict[str, tuple[str, str]]:
-    """volume name -> (claim, mount path) of a Deployment's PVC-backed mounts."""
-    spec = checks.pod_spec(dep)
-    claims = {
-        v["name"]: v["persistentVolumeClaim"]["claimName"]
-        for v in spec["volumes"]
-        if "persistentVolumeClaim" in v
-    }
-    (c,) = spec["containers"]
-    return {
-        m["name"]: (claims[m["name"]], m["mountPath"])
-        for m in c["volumeMounts"]
-        if m["name"] in claims
-    }
-
-
 def test_api_and_worker_share_the_slide_cache(chart_objects, monkeypatch):
     """An upload lands on one API pod and is cut by whichever worker pod claims its
     analysis: both mount one claim at the path the gateway's settings read as the slide
@@ -314,7 +298,7 @@ def test_api_and_worker_share_the_slide_cache(chart_objects, monkeypatch):
     api, worker = (deps[f"{RELEASE}-gateway-{c}"] for c in ("api", "worker"))
     claim = f"{RELEASE}-slide-cache"
     for dep in (api, worker):
-        assert _claim_mounts(dep)["slide-cache"] == (claim, SLIDE_CACHE)
+        assert checks.claim_mounts(dep)["slide-cache"] == (claim, SLIDE_CACHE)
         (c,) = checks.pod_spec(dep)["containers"]
         for e in c["env"]:
             if "value" in e:
@@ -340,6 +324,6 @@ def test_existing_slide_cache_claim_is_mounted_and_not_created():
     assert f"{RELEASE}-images" in checks.by_kind(objs, "PersistentVolumeClaim")
     for component in ("api", "worker"):
         dep = checks.by_kind(objs, "Deployment")[f"{RELEASE}-gateway-{component}"]
-        assert _claim_mounts(dep)["slide-cache"] == ("lab-slides", "/mnt/slides")
+        assert checks.claim_mounts(dep)["slide-cache"] == ("lab-slides", "/mnt/slides")
         env = {e["name"]: e.get("value") for e in checks.pod_spec(dep)["containers"][0]["env"]}
         assert env["MS_GATEWAY_SLIDE_CACHE_DIR"] == "/mnt/slides"

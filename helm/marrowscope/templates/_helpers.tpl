@@ -171,3 +171,9 @@ volume, never a pod's own /tmp (too small for a slide, and gone with the pod). *
   persistentVolumeClaim:
     claimName: {{ include "marrowscope.claimName" (dict "root" . "store" .Values.gateway.slideCache "suffix" "slide-cache") }}
 {{- end }}
+
+{{/* The storage sweep CronJob's name: 52 characters at most, leaving room for the
+-<minute> suffix of the Jobs it creates (and that the sweep alert matches). */}}
+{{- define "marrowscope.sweepName" -}}
+{{- printf "%s-gateway-sweep" (include "marrowscope.fullname" .) | trunc 52 | trimSuffix "-" }}
+{{- end }}
