@@ -26,8 +26,10 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from services.gateway.files import remove_older
 
 log = logging.getLogger(__name__)
 _HEX = frozenset("0123456789abcdef")
@@ -89,22 +91,6 @@ class BlobStore:
         removed = remove_older(orphans, cutoff, dry_run=dry_run)
         remove_older(self.root.glob("??/??/.tmp-*"), cutoff, dry_run=dry_run)
         return [path.name for path in removed]
-
-
-def remove_older(paths: Iterable[Path], cutoff: float, *, dry_run: bool = False) -> list[Path]:
-    """Unlink those of `paths` last modified before `cutoff` (epoch seconds); a file removed
-    or rewritten meanwhile is skipped. Returns the removed (with `dry_run`: would remove)."""
-    removed = []
-    for path in paths:
-        try:
-            if path.stat().st_mtime >= cutoff:
-                continue
-            if not dry_run:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-    return removed
 
 
 def sweep_unreferenced(sessions, blobs: BlobStore, *, grace_s: float, dry_run: bool = False):

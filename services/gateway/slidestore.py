@@ -172,7 +172,7 @@ class SlideStore:
         finds them. Uploads (`uploads/`) are not touched: `blobs.expire_uploads` owns them.
         A job reads its copy right after `fetch` touched it, and the TTL (at least an hour)
         is longer than any slide job, so no copy in use is removed. Returns the removed."""
-        from services.gateway.blobs import remove_older
+        from services.gateway.files import remove_older
 
         if not self.cache_dir.is_dir():
             return []

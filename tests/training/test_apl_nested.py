@@ -247,8 +247,11 @@ def test_the_experiment_end_to_end_on_a_tiny_synthetic_cohort(tmp_path):
             "scale_down",
         }
         assert 0 <= report["results"][name]["saturated_share"] <= 1
+    # the served default: the mean-embedding logistic, calibrated, pinned to its typer
     config = read_config(tmp_path / "mil")
-    assert config["members"] == 2 and config["calibration"]["temperature"] > 0
+    assert config["arch"] == "mean_logistic" and config["calibration"]["temperature"] > 0
+    assert report["served_model"]["run"] == "pooled_embedding_logistic"
+    assert report["saved_mil"]["model"] == "pooled_embedding_logistic"
     for suffix in (".json", ".md"):
         text = (tmp_path / "res" / f"apl{suffix}").read_text()
         assert str(tmp_path) not in text and "MODEL_DIR" in text
