@@ -62,6 +62,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _wait_or_kill(
+    proc: subprocess.Popen[bytes], summary_path: Path, *, deadline: float, exit_grace_s: float
+) -> int | None:
+    """The exit code, or None when the process group had to be killed: `exit_grace_s` after
+    its summary appeared (its run is over: only the way out stalled), or at `deadline`."""
+    summary_seen: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if summary_seen is None and summary_path.exists():
+            summary_seen = now
+        stalled = summary_seen is not None and now - summary_seen > exit_grace_s
+        if stalled or now > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
 def run_locust(
     locustfile: Path,
     *,
@@ -75,9 +96,10 @@ def run_locust(
     """`locust --headless` for `duration_s` seconds; returns the rows of the summary the
     locustfile writes at `quit` (`loadtests.summary`, `<prefix>_summary.json`).
 
-    A process still alive `exit_grace_s` after its run time is killed; when it had written
-    its summary by then (it stalled on the way out), the run counts and a warning is
-    logged, otherwise it is an error with the tail of locust's output."""
+    A process still alive `exit_grace_s` after writing its summary (it stalled on the way
+    out) is killed, the run counts and a warning is logged; one still alive `exit_grace_s`
+    after its run time (plus locust's 30 s stop timeout) without a summary is killed and
+    is an error with the tail of locust's output."""
     summary_path = Path(f"{prefix}_summary.json")
     summary_path.unlink(missing_ok=True)
     cmd = [
@@ -116,12 +138,12 @@ def run_locust(
             cwd=HERE.parent,
             start_new_session=True,
         )
-        try:
-            code: int | None = proc.wait(timeout=duration_s + 30 + exit_grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
+        code = _wait_or_kill(
+            proc,
+            summary_path,
+            deadline=time.monotonic() + duration_s + 30 + exit_grace_s,
+            exit_grace_s=exit_grace_s,
+        )
     tail = log_path.read_text(errors="replace")[-3000:]
     if summary_path.exists() and code in (0, None):
         if code is None:

@@ -34,6 +34,10 @@ def test_gateway_scenario_survives_a_segmentation_outage(tmp_path):
     rows = report["results"]["gateway"]
     failures = {r["name"]: r["failures"] for r in rows if r["failures"]}
     assert not failures, failures
+    assert rows[-1]["name"] == "Aggregated" and rows[-1]["requests"] > 0
+    # whole cases finished, not only submits
+    assert any(r["name"].startswith("case:") for r in rows), [r["name"] for r in rows]
+    assert (tmp_path / "out" / "loadtest.json").exists()
     # every analysis the users submitted ended succeeded, including those in flight while
     # the service was down (locust stops users mid-case, so count from the job store)
     analyses = outage["analyses"]

@@ -20,6 +20,7 @@ and the real-typer report. `strict=True` in the readers (`--strict` on the jobs)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,5 +283,9 @@ def load_crops(
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         paths = np.array([str(r.path.resolve()) for r in kept])
-        np.savez(cached, crops=out, paths=paths, bad=bad)
+        # Written aside and renamed: two runs sharing a cache (splits trained side by side)
+        # never read a half-written file.
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
+        np.savez(tmp, crops=out, paths=paths, bad=bad)
+        os.replace(tmp, cached)
     return out, kept
