@@ -310,12 +310,39 @@ def whole_image_box(pixels: np.ndarray) -> np.ndarray:
     return np.array([[0.0, 0.0, float(w), float(h)]], np.float32)
 
 
-def single_cell_crop(pixels: np.ndarray, crop_size: int) -> np.ndarray:
-    """uint8[S, S, 3]: a single-cell image resized whole to the typer's crop size (no
-    context padding: the image is already a crop around its cell)."""
-    from marrowscope.imaging import resize_for_model
+CROP_MODES = ("image", "cell_box")
+"""How a typer's input is cut from a single-cell image (model config `crop_mode`):
+`image`, the whole image resized to the crop size (the cell at the scale its scanner gave
+it); `cell_box`, the box of the central cell's classical mask with the serving context
+(`crop_cells`, CELL_CROP_PAD_FRACTION), as fields' detections are cut: the cell fills the
+same share of the crop whatever its scanner's pixel size."""
 
-    return resize_for_model(pixels, (crop_size, crop_size))
+
+def central_cell_box(pixels: np.ndarray) -> np.ndarray:
+    """float32[1, 4]: the box of the cell at the centre of a single-cell image (classical
+    segmentation, `measure_cell`); the whole image when no cell is found there."""
+    from marrowscope.morphometrics import measure_cell
+
+    mask = measure_cell(pixels).cell_mask
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return whole_image_box(pixels)
+    return np.array(
+        [[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]], np.float32
+    )
+
+
+def single_cell_crop(pixels: np.ndarray, crop_size: int, crop_mode: str = "image") -> np.ndarray:
+    """uint8[S, S, 3]: a single-cell image cut for a typer of `crop_mode` (CROP_MODES):
+    resized whole (no context padding: the image is already a crop around its cell), or the
+    central cell's box with the serving context."""
+    from marrowscope.imaging import crop_cells, resize_for_model
+
+    if crop_mode == "image":
+        return resize_for_model(pixels, (crop_size, crop_size))
+    if crop_mode == "cell_box":
+        return crop_cells(pixels, central_cell_box(pixels), crop_size)[0]
+    raise InvalidInput(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
 
 
 async def measure_cell_image(models: CellModels, image: SmearImage) -> MeasuredDetections:

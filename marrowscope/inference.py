@@ -209,6 +209,8 @@ class CellTyper(_Predictor):
         super().__init__(loaded, **kwargs)
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         self.crop_size: int = int(self.config["crop_size"])
+        # how a single-cell image is cut for this typer (marrowscope.case.single_cell_crop)
+        self.crop_mode: str = str(self.config.get("crop_mode", "image"))
         hp = self.config.get("hyperparameters", {})
         self.crop_pad_fraction = float(hp.get("crop_pad_fraction", CELL_CROP_PAD_FRACTION))
 

@@ -128,11 +128,13 @@ def read_cohort(root: Path, *, verify: bool = True, strict: bool = False) -> Apl
 
 
 def load_cells(
-    cohort: AplCohort, size: int, cache: Path
+    cohort: AplCohort, size: int, cache: Path, crop_mode: str = "image"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(crops uint8[N, size, size, 3], half uint8[N, h, w, 3] at half resolution for
-    morphometrics, keep bool[N]) for `cohort.cells`; unreadable files are reported and
-    skipped (keep False, zero pixels). Cached in `cache` (npz)."""
+    """(crops uint8[N, size, size, 3] cut for the typer (`marrowscope.case.single_cell_crop`,
+    `crop_mode`), half uint8[N, h, w, 3] at half resolution for morphometrics, keep
+    bool[N]) for `cohort.cells`; unreadable files are reported and skipped (keep False, zero
+    pixels). Cached in `cache` (npz)."""
+    from marrowscope.case import single_cell_crop
     from marrowscope.errors import InvalidInput
     from marrowscope.imaging import decode_image, resize_for_model
 
@@ -152,7 +154,7 @@ def load_cells(
             keep[i] = False
             bad.append(f"{cell.file.name}: {exc}")
             continue
-        crops[i] = resize_for_model(image, (size, size))
+        crops[i] = single_cell_crop(image, size, crop_mode)
         half[i] = resize_for_model(image, (91, 90))
     if bad:
         log.warning("%d unreadable cell images skipped, e.g. %s", len(bad), bad[:3])
@@ -540,7 +542,11 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             typer_uri = "MODEL_DIR"
     else:
         size, typer_kind = args.crop_size, "quick"
-    crops, half, keep = load_cells(cohort, size, args.workdir / f"cells-{size}.npz")
+    mode = typer.crop_mode if args.celltype_model else "image"
+    suffix = "" if mode == "image" else f"-{mode}"
+    crops, half, keep = load_cells(
+        cohort, size, args.workdir / f"cells-{size}{suffix}.npz", crop_mode=mode
+    )
     timings["decode_s"] = time.monotonic() - t0
     if typer_kind == "quick":
         t = time.monotonic()
@@ -603,7 +609,9 @@ def shifted_runs(
     files = [c.file for c in cohort.cells]
     for shift in args.shifts:
         t = time.monotonic()
-        crops, half = shifted_cells(files, rows, shift, prep["size"])
+        crops, half = shifted_cells(
+            files, rows, shift, prep["size"], getattr(prep["typer"], "crop_mode", "image")
+        )
         probs, embeds = type_cells(prep["typer"], crops)
         data, _ = cohort_data(
             cohort, cells.replaced(rows, probs, embeds, measure(half)), names, tables

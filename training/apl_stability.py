@@ -69,10 +69,11 @@ def subset_rows(
 
 
 def shifted_cells(
-    files: list[Any], rows: np.ndarray, shift: str, size: int
+    files: list[Any], rows: np.ndarray, shift: str, size: int, crop_mode: str = "image"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(crops uint8[n, size, size, 3], half uint8[n, 91, 90, 3]) of the cells `files[rows]`
-    under `shift`, resized as `training.apl.load_cells` resizes unshifted cells."""
+    under `shift`, cut as `training.apl.load_cells` cuts unshifted cells."""
+    from marrowscope.case import single_cell_crop
     from marrowscope.imaging import decode_image, resize_for_model
     from training.shifts import apply_shift
 
@@ -80,7 +81,7 @@ def shifted_cells(
     half = np.zeros((len(rows), 91, 90, 3), np.uint8)
     for j, i in enumerate(progress(rows, desc=f"shift {shift}")):
         image = apply_shift(decode_image(files[i].read_bytes()), shift)
-        crops[j] = resize_for_model(image, (size, size))
+        crops[j] = single_cell_crop(image, size, crop_mode)
         half[j] = resize_for_model(image, (91, 90))
     return crops, half
 

@@ -205,7 +205,9 @@ def real_crops(data_dir, config: JobConfig, *, strict: bool = False) -> dict[str
     assigned = real_cell_splits(Path(data_dir), config, strict=strict)
     cache = Path(config["crop_cache"]) if config.get("crop_cache") else None
     records = [r for side in assigned.values() for r in side]
-    crops, kept = load_crops(records, config["crop_size"], cache=cache)
+    crops, kept = load_crops(
+        records, config["crop_size"], cache=cache, crop_mode=config.get("crop_mode", "image")
+    )
     index = {r.path: i for i, r in enumerate(kept)}
     out: dict[str, CropSet] = {}
     for name, side in assigned.items():
@@ -564,6 +566,7 @@ def train(
         crop_size=config["crop_size"],
         cell_head=config["cell_head"],
         stain_norm=config.get("stain_norm", "none"),
+        crop_mode=config.get("crop_mode", "image"),
         hyperparameters=hp,
         training={
             "data_hash": data_hash(args.data),

@@ -185,7 +185,9 @@ def _typer(model_dir: Path) -> Any:
     return CellTyper(load_model(model_dir), device="cpu")
 
 
-def _real_sets(data: Path, config: dict[str, Any], size: int, cache: Path | None) -> dict[str, Any]:
+def _real_sets(
+    data: Path, config: dict[str, Any], size: int, cache: Path | None, crop_mode: str = "image"
+) -> dict[str, Any]:
     """(crops, records) per side of the typer's split (`training.common_data.
     real_cell_splits`), decoded in one `load_crops` call as the typer's training does, so
     its crop cache (`--crop-cache`) serves them."""
@@ -193,7 +195,9 @@ def _real_sets(data: Path, config: dict[str, Any], size: int, cache: Path | None
     from training.data.singlecell import load_crops
 
     assigned = real_cell_splits(data, config)
-    crops, kept = load_crops([r for side in assigned.values() for r in side], size, cache=cache)
+    crops, kept = load_crops(
+        [r for side in assigned.values() for r in side], size, cache=cache, crop_mode=crop_mode
+    )
     row = {r.path: i for i, r in enumerate(kept)}
     out: dict[str, Any] = {}
     for side, records in assigned.items():
@@ -208,16 +212,17 @@ def _cellset(name: str, crops: np.ndarray, records: Sequence[Any], keep: Any) ->
     return CellSet(name, crops[rows].reshape(-1, *crops.shape[1:]), groups)
 
 
-def _external_sets(data: Path, size: int) -> list[CellSet]:
-    """wbc-seg single cells (resized whole, as a single-cell case) and BCCD's WBC boxes cut
+def _external_sets(data: Path, size: int, crop_mode: str = "image") -> list[CellSet]:
+    """wbc-seg single cells (cut as a single-cell case is, `crop_mode`) and BCCD's WBC boxes cut
     like a field of view's cells; each skipped with a log line when absent."""
-    from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells, resize_for_model
+    from marrowscope.case import single_cell_crop
+    from marrowscope.imaging import CELL_CROP_PAD_FRACTION, crop_cells
     from training.common_data import read_rgb
 
     out = []
     wbc = sorted((data / "wbc-seg" / "images").glob("*.png"))
     if wbc:
-        crops = np.stack([resize_for_model(read_rgb(p), (size, size)) for p in wbc])
+        crops = np.stack([single_cell_crop(read_rgb(p), size, crop_mode) for p in wbc])
         out.append(CellSet("wbc-seg", crops, np.full(len(crops), "", dtype=object)))
     else:
         log.warning("%s/wbc-seg not found: no wbc-seg cases", data)
@@ -284,7 +289,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     size = typer.crop_size
     name = args.config or typer.config.get("training", {}).get("config_name", "real-cpu")
     config = load_job_config("celltype", name, args.overrides)
-    sets = _real_sets(args.data, config, size, args.crop_cache)
+    sets = _real_sets(args.data, config, size, args.crop_cache, typer.crop_mode)
     tr_crops, tr_recs = sets["train"]
     va_crops, va_recs = sets["val"]
     te_crops, te_recs = sets["test"]
@@ -297,7 +302,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "val_pbc": _cellset("val_pbc", va_crops, va_recs, is_pbc),
         "test_deepapl": _cellset("test_deepapl", te_crops, te_recs, is_dap),
     }
-    for cs in _external_sets(args.data, size):
+    for cs in _external_sets(args.data, size, typer.crop_mode):
         cellsets[cs.name] = cs
     emb = {}
     for key, cs in cellsets.items():

@@ -274,14 +274,18 @@ def relative_cell_size(cell_set: CellSet, *, per_class: int = 40) -> dict[str, d
     return out
 
 
-def shifted_crops(images: Sequence[np.ndarray], shift: str, size: int) -> np.ndarray:
+def shifted_crops(
+    images: Sequence[np.ndarray], shift: str, size: int, crop_mode: str = "image"
+) -> np.ndarray:
     """uint8[N, size, size, 3]: each image under `shift` (at its recorded resolution), then
-    resized whole to the model's input, as the typer's training crops are cut."""
-    from marrowscope.imaging import resize_for_model
+    cut for the model as the typer's training crops and a single-cell case are
+    (`marrowscope.case.single_cell_crop`: resized whole, or the central cell's box found on
+    the shifted image)."""
+    from marrowscope.case import single_cell_crop
 
     if not images:
         return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([resize_for_model(apply_shift(im, shift), (size, size)) for im in images])
+    return np.stack([single_cell_crop(apply_shift(im, shift), size, crop_mode) for im in images])
 
 
 def typer_outputs(
@@ -315,14 +319,14 @@ def evaluate_typers(
     out: dict[str, dict[str, Any]] = {name: {} for name in typers}
     for cells in sets:
         by_shift: dict[str, dict[str, Any]] = {name: {} for name in typers}
-        crops: dict[int, np.ndarray] = {}
+        crops: dict[tuple[int, str], np.ndarray] = {}
         for shift in shifts:
-            crops.clear()  # one shift's crops in memory at a time, per crop size
+            crops.clear()  # one shift's crops in memory at a time, per crop size and mode
             for name, (typer, case_norm) in typers.items():
-                size = typer.crop_size
-                if size not in crops:
-                    crops[size] = shifted_crops(cells.images, shift, size)
-                probs, _ = typer_outputs(typer, cells, crops[size], case_norm=case_norm)
+                cut = (typer.crop_size, getattr(typer, "crop_mode", "image"))
+                if cut not in crops:
+                    crops[cut] = shifted_crops(cells.images, shift, *cut)
+                probs, _ = typer_outputs(typer, cells, crops[cut], case_norm=case_norm)
                 names = [c for c in typer.names if c in CODES]
                 m = cell_metrics(cells.codes, probs, names, cells.classes)
                 by_shift[name][shift] = m

@@ -105,6 +105,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "cell_head": "sigmoid",
         # per-image colour normalisation inside the model (marrowscope.models.celltype)
         "stain_norm": "none",
+        # how a single-cell image is cut for it (marrowscope.case.CROP_MODES)
+        "crop_mode": "image",
         # cell code -> logit added before the cell head: the chosen operating point
         "logit_bias": {},
     },
@@ -278,6 +280,8 @@ def _validate_celltype(config: dict[str, Any]) -> None:
         _fail(
             config, f"stain_norm must be none, background or instance, got {config['stain_norm']!r}"
         )
+    if config.get("crop_mode", "image") not in ("image", "cell_box"):
+        _fail(config, f"crop_mode must be image or cell_box, got {config['crop_mode']!r}")
     bias = config.get("logit_bias") or {}
     if not isinstance(bias, dict) or any(
         k not in outputs or k in ATTRIBUTE_CODES or not isinstance(v, int | float) or v != v

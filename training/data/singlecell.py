@@ -237,19 +237,30 @@ def split_files(n: int, *, test_fraction: float, val_fraction: float, seed: int)
 
 
 def load_crops(
-    records: Sequence[CellRecord], size: int, *, cache: Path | None = None
+    records: Sequence[CellRecord],
+    size: int,
+    *,
+    cache: Path | None = None,
+    crop_mode: str = "image",
 ) -> tuple[np.ndarray, list[CellRecord]]:
     """(uint8[N, size, size, 3], the N records kept): every image decoded like the services
-    decode and resized whole to size x size (a single-cell image is already a crop around
-    one cell). An image that does not decode is logged on one line, counted in the summary
-    line and left out; nothing raises. With `cache`, the result is kept in
-    `<cache>/crops-<sha>.npz` (keyed by the file list and size) for the next run."""
+    decode and cut as the served single-cell path cuts it (`marrowscope.case.
+    single_cell_crop`, `crop_mode`: resized whole by default, a single-cell image being
+    already a crop around one cell). An image that does not decode is logged on one line,
+    counted in the summary line and left out; nothing raises. With `cache`, the result is
+    kept in `<cache>/crops-<sha>.npz` (keyed by the file list, size and mode) for the next
+    run."""
     import hashlib
 
+    from marrowscope.case import CROP_MODES, single_cell_crop
     from marrowscope.errors import InvalidInput
-    from marrowscope.imaging import ImageLimits, decode_image, resize_for_model
+    from marrowscope.imaging import ImageLimits, decode_image
 
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
     key = hashlib.sha256(f"{size}\n".encode())
+    if crop_mode != "image":  # the whole-image caches written before modes existed stay valid
+        key.update(f"crop_mode={crop_mode}\n".encode())
     for p in sorted(str(r.path.resolve()) for r in records):  # same files, any order: one entry
         key.update(f"{p}\n".encode())
     cached = None if cache is None else Path(cache) / f"crops-{key.hexdigest()[:16]}.npz"
@@ -268,15 +279,16 @@ def load_crops(
             log.warning("%s: %s: unreadable image (%s), skipped", r.source, r.path, exc)
             bad += 1
             continue
-        crops.append(resize_for_model(image, (size, size)))
+        crops.append(single_cell_crop(image, size, crop_mode))
         kept.append(r)
     log.log(
         logging.WARNING if bad else logging.INFO,
-        "decoded %d of %d cell images at %dx%d, %d unreadable skipped",
+        "decoded %d of %d cell images at %dx%d (%s), %d unreadable skipped",
         len(kept),
         len(records),
         size,
         size,
+        crop_mode,
         bad,
     )
     out = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
