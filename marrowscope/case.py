@@ -341,7 +341,8 @@ def single_cell_crop(pixels: np.ndarray, crop_size: int, crop_mode: str = "image
     if crop_mode == "image":
         return resize_for_model(pixels, (crop_size, crop_size))
     if crop_mode == "cell_box":
-        return crop_cells(pixels, central_cell_box(pixels), crop_size)[0]
+        crop: np.ndarray = crop_cells(pixels, central_cell_box(pixels), crop_size)[0]
+        return crop
     raise InvalidInput(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
 
 
