@@ -59,6 +59,15 @@ class CelltypeHandler(PredictorHandler):
                 f"clients cut crops with {CELL_CROP_PAD_FRACTION} (marrowscope.imaging); "
                 "retrain it with the serving padding"
             )
+        if self.config.get("crop_mode", "image") != "image":
+            # fields' crops are box crops, but a single-cell case resizes each image whole
+            # (marrowscope.case.single_cell_crop): the gateway cannot learn another mode from
+            # the OIP metadata, so serving such a typer would type crops it never learned
+            raise ModelNotReady(
+                f"celltype model {local_dir} learned {self.config['crop_mode']!r} crops of "
+                "single-cell images, but the gateway cuts them whole ('image'); only "
+                "crop_mode 'image' typers are served"
+            )
         self.names: tuple[str, ...] = tuple(self.config["outputs"])
         # per loaded model: ModelMetadata must show this version's crop size
         self.inputs = (TensorSpec("CROPS", "UINT8", (-1, size, size, 3)),)  # type: ignore[misc]

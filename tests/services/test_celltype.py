@@ -182,3 +182,19 @@ def test_a_broken_or_mismatched_domain_reference_keeps_the_version_from_loading(
     handler = CelltypeHandler(model_dir, settings)
     with pytest.raises(ModelNotReady, match="reads .*-d embeddings"):
         handler.load()
+
+
+def test_a_typer_of_another_crop_mode_is_not_served(tmp_path):
+    """A `cell_box` typer (marrowscope.case.CROP_MODES) would get single-cell images cut
+    whole by the gateway: the version does not load, and says why."""
+    from marrowscope.errors import ModelNotReady
+    from services.celltype.config import CelltypeSettings
+    from services.celltype.model import CelltypeHandler
+
+    model_dir = make_tiny_model_dir(
+        "celltype", tmp_path / "m", crop_size=CROP, crop_mode="cell_box"
+    )
+    with pytest.raises(ModelNotReady, match="'cell_box' crops"):
+        CelltypeHandler(model_dir, CelltypeSettings(model_uri=str(model_dir)))
+    image_mode = make_tiny_model_dir("celltype", tmp_path / "i", crop_size=CROP)
+    CelltypeHandler(image_mode, CelltypeSettings(model_uri=str(image_mode)))  # loads
