@@ -35,13 +35,22 @@ def audit(stack: Stack, kind: str) -> list[dict[str, Any]]:
     return [e for e in reversed(r.json()) if e["resource"] == resource and e["action"] != "report"]
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0) -> Any:
+def wait_for(condition: Any, what: str, timeout: float = 60.0, *, page: Any = None) -> Any:
+    """Poll `condition` until it is truthy. With `page`, the pauses are the page's own
+    (`page.wait_for_timeout`): Playwright's sync API dispatches its events (a `response`
+    listener, the page's URL after navigation) only while one of its calls runs, so a
+    condition fed by events never changes across `time.sleep`. It passed while the tiles
+    arrived during the call before; on a loaded machine they arrived after, and the wait
+    timed out with the tiles loaded."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        if page is None:
+            time.sleep(0.1)
+        else:
+            page.wait_for_timeout(100)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -381,7 +390,7 @@ def test_the_slide_case_pans_and_zooms_over_the_slide(
         page.goto(case_url(stack, "slide"))
         page.wait_for_selector("#slide-viewer[data-ready=true]")
         assert page.locator("#slide-viewer canvas").count() >= 1
-        wait_for(lambda: tiles, "the first tiles")
+        wait_for(lambda: tiles, "the first tiles", page=page)
         marks = page.locator("#slide-viewer .region-mark.on-slide")
         assert marks.count() == len(regions)
         assert marks.first.inner_text().strip() == "1"
@@ -396,12 +405,16 @@ def test_the_slide_case_pans_and_zooms_over_the_slide(
         before = deepest()
         for _ in range(3):
             page.get_by_role("button", name="Zoom in").click()
-        wait_for(lambda: deepest() > before, "tiles of a finer level after zooming in")
+        wait_for(lambda: deepest() > before, "tiles of a finer level after zooming in", page=page)
         page.wait_for_load_state("networkidle")
         page.screenshot(path=str(artefacts / "case-slide-zoomed.png"))
         page.get_by_role("button", name="Whole slide").click()
         marks.first.click()
-        wait_for(lambda: page.url.endswith(f"#field-{regions[0]['index']}"), "the region's cells")
+        wait_for(
+            lambda: page.url.endswith(f"#field-{regions[0]['index']}"),
+            "the region's cells",
+            page=page,
+        )
         assert context.script_errors == [] and console == [], (context.script_errors, console)
     finally:
         context.close()
