@@ -280,8 +280,10 @@ def _validate_celltype(config: dict[str, Any]) -> None:
         _fail(
             config, f"stain_norm must be none, background or instance, got {config['stain_norm']!r}"
         )
-    if config.get("crop_mode", "image") not in ("image", "cell_box"):
-        _fail(config, f"crop_mode must be image or cell_box, got {config['crop_mode']!r}")
+    from marrowscope.case import CROP_MODES
+
+    if config.get("crop_mode", "image") not in CROP_MODES:
+        _fail(config, f"crop_mode must be one of {CROP_MODES}, got {config['crop_mode']!r}")
     bias = config.get("logit_bias") or {}
     if not isinstance(bias, dict) or any(
         k not in outputs or k in ATTRIBUTE_CODES or not isinstance(v, int | float) or v != v
